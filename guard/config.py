@@ -1,0 +1,627 @@
+"""Configuration: one YAML file that ops teams edit, validated by key path.
+
+``GuardConfig.load`` accepts a path, a mapping or a ``GuardConfig``. Every
+problem is reported with its dotted key path (``policies[0].detectors[1].action``):
+unknown keys and wrong types are errors, never silently ignored. With no config
+at all, :meth:`GuardConfig.default` gives safe defaults: payload validation on
+every well-known inference route, metrics at ``/metrics``, the audit log on
+stderr, ``fail_open``.
+
+The file format is documented in README.md ("Configuration reference").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from guard.decisions import Action, FailureMode
+from guard.errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "AuditConfig",
+    "DegradeConfig",
+    "DetectorSpec",
+    "GuardConfig",
+    "IdentityConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "PolicyConfig",
+    "StateConfig",
+]
+
+#: the inference routes of the protocols the guard understands (see PROTOCOLS.md)
+DEFAULT_ROUTES: tuple[str, ...] = (
+    "/v2/models/*/infer",
+    "/v2/models/*/versions/*/infer",
+    "/v1/models/*:predict",
+    "/v1/models/*:classify",
+    "/v1/models/*:regress",
+    "/invocations",
+    "/v1/chat/completions",
+    "/v1/completions",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """How a client is identified. Raw keys are only ever kept as keyed hashes."""
+
+    #: headers that carry an API key, checked in order
+    api_key_headers: tuple[str, ...] = ("x-api-key",)
+    #: use ``Authorization: Bearer <token>`` when no API-key header is present
+    bearer: bool = True
+    #: environment variable holding the secret for hashing client ids (HMAC-SHA256)
+    hash_key_env: str = "GUARD_HASH_KEY"
+    #: CIDRs of reverse proxies whose forwarded header is honoured
+    trusted_proxies: tuple[str, ...] = ()
+    #: the forwarded-for header to read from trusted proxies
+    forwarded_header: str = "x-forwarded-for"
+    #: answer 400 when a peer that is not a trusted proxy sends the forwarded header
+    reject_untrusted_forwarded: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on what the guard will parse. Past them, a clear 4xx."""
+
+    max_body_bytes: int = 1 << 20  #: larger bodies get 413
+    max_json_depth: int = 32  #: deeper nesting gets 400
+    max_rows: int = 1024  #: more rows in one request get 413
+    max_features: int = 1 << 16  #: wider rows get 400
+    max_text_chars: int = 100_000  #: longer prompts (all texts together) get 413
+    max_response_bytes: int = 8 << 20  #: answers larger than this are not parsed (passed through)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics."""
+
+    enabled: bool = True
+    #: path the middleware serves the exposition on; empty string disables the endpoint
+    path: str = "/metrics"
+    #: histogram buckets for guard_overhead_seconds
+    overhead_buckets: tuple[float, ...] = (
+        1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit log: one JSON line per non-allow decision."""
+
+    enabled: bool = True
+    #: file path, or ``-`` for stderr
+    path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where per-client state lives (rate counters, quarantine, detector history)."""
+
+    #: ``memory://`` (per process) or ``redis://host:port/db`` / ``rediss://`` (shared)
+    store: str = "memory://"
+    #: memory store: most keys tracked before least-recently-used eviction
+    max_keys: int = 100_000
+    #: prefix for every key the guard writes to a shared store
+    key_prefix: str = "guard:"
+    #: seconds a store operation may take before it counts as failed
+    timeout_s: float = 0.05
+    #: consecutive failures that open the circuit breaker
+    breaker_failures: int = 5
+    #: seconds the breaker stays open before one trial request
+    breaker_reset_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DegradeConfig:
+    """How answers are coarsened when a policy degrades them."""
+
+    #: round probabilities to this many decimals (``None``: keep them)
+    decimals: int | None = 2
+    #: keep only the k most probable classes (``None``: all)
+    top_k: int | None = None
+    #: drop probabilities altogether, answer labels only
+    labels_only: bool = False
+    #: degrade every answer of this policy, not only flagged clients'
+    always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSpec:
+    """One detector in a policy."""
+
+    #: registered detector type (``rate``, ``mahalanobis``, ...)
+    type: str
+    #: instance name, used in metrics and the audit log; defaults to ``type``
+    name: str
+    #: what the policy does when this detector fires
+    action: Action = Action.FLAG
+    #: the detector's own parameters, validated by its factory
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: key path of this spec in the config file, for the factory's error messages
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Route patterns, the detectors that guard them, and what happens when they fire."""
+
+    name: str
+    #: path patterns: ``*`` matches within one path segment, ``**`` across segments
+    routes: tuple[str, ...] = DEFAULT_ROUTES
+    #: HTTP methods the policy applies to
+    methods: tuple[str, ...] = ("POST",)
+    #: check payloads (content type, JSON, shapes, NaN/Inf, limits) before the model
+    validate: bool = True
+    detectors: tuple[DetectorSpec, ...] = ()
+    #: record what would have happened, but allow everything
+    shadow: bool = False
+    #: seconds a blocked client stays blocked (0: no quarantine)
+    quarantine_s: float = 0.0
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    #: overrides the global failure mode for this policy
+    failure_mode: FailureMode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """The whole configuration. Build it with :meth:`load`, :meth:`from_dict` or :meth:`default`."""
+
+    policies: tuple[PolicyConfig, ...] = (PolicyConfig(name="inference"),)
+    client_identity: IdentityConfig = field(default_factory=IdentityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    failure_mode: FailureMode = FailureMode.FAIL_OPEN
+    #: directory of calibrated detector files (``guard calibrate --out``)
+    calibration_dir: str | None = None
+
+    @classmethod
+    def default(cls) -> GuardConfig:
+        return cls()
+
+    @classmethod
+    def load(cls, source: str | os.PathLike[str] | Mapping[str, Any] | GuardConfig | None) -> GuardConfig:
+        """Build a config from a YAML path, a mapping, an existing config, or ``None`` (defaults)."""
+        if source is None:
+            return cls.default()
+        if isinstance(source, GuardConfig):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        return cls.from_file(source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> GuardConfig:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigurationError("", f"config file {str(p)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError("", f"cannot read config file {str(p)!r}: {exc}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigurationError("", f"{str(p)!r} is not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigurationError("", "the top level of the config must be a mapping")
+        cfg = cls.from_dict(data)
+        if cfg.calibration_dir is not None and not Path(cfg.calibration_dir).is_absolute():
+            # relative calibration paths are relative to the config file, not the cwd
+            resolved = str((p.parent / cfg.calibration_dir).resolve())
+            cfg = _replace(cfg, calibration_dir=resolved)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GuardConfig:
+        """Validate a mapping; raise one :class:`ConfigurationError` listing every problem."""
+        v = _Validator()
+        cfg = v.guard(data)
+        if v.problems:
+            key, problem = v.problems[0]
+            raise ConfigurationError(key, problem, problems=v.problems)
+        assert cfg is not None  # no problems means every section parsed
+        return cfg
+
+
+def _replace(cfg: GuardConfig, **changes: Any) -> GuardConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+# --------------------------------------------------------------------------- validation
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+        list: "a list", dict: "a mapping", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+class _Validator:
+    """Walks the raw mapping, collecting every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def fail(self, key: str, problem: str) -> None:
+        self.problems.append((key, problem))
+
+    # -- scalar readers: return the default (and record a problem) on a bad value
+
+    def mapping(self, raw: object, key: str, allowed: set[str]) -> Mapping[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            self.fail(key or "<top>", f"must be a mapping, got {_type_name(raw)}")
+            return {}
+        for k in raw:
+            if not isinstance(k, str):
+                self.fail(key or "<top>", f"keys must be strings, got {k!r}")
+            elif k not in allowed:
+                self.fail(_join(key, k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return raw
+
+    def boolean(self, m: Mapping[str, Any], key: str, name: str, default: bool) -> bool:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.fail(_join(key, name), f"must be true or false, got {_type_name(value)}")
+            return default
+        return value
+
+    def integer(
+        self, m: Mapping[str, Any], key: str, name: str, default: int, *, minimum: int = 0
+    ) -> int:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(_join(key, name), f"must be an integer, got {_type_name(value)}")
+            return default
+        if value < minimum:
+            self.fail(_join(key, name), f"must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def number(
+        self, m: Mapping[str, Any], key: str, name: str, default: float, *, minimum: float = 0.0
+    ) -> float:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(_join(key, name), f"must be a number, got {_type_name(value)}")
+            return default
+        if not (float(value) >= minimum) or float(value) == float("inf"):
+            self.fail(_join(key, name), f"must be a finite number >= {minimum}, got {value}")
+            return default
+        return float(value)
+
+    def string(
+        self, m: Mapping[str, Any], key: str, name: str, default: str, *, nonempty: bool = False
+    ) -> str:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.fail(_join(key, name), f"must be a string, got {_type_name(value)}")
+            return default
+        if nonempty and not value.strip():
+            self.fail(_join(key, name), "must not be empty")
+            return default
+        return value
+
+    def strings(
+        self, m: Mapping[str, Any], key: str, name: str, default: tuple[str, ...],
+        *, check: Callable[[str, str], str | None] | None = None, nonempty: bool = False,
+    ) -> tuple[str, ...]:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            self.fail(_join(key, name), f"must be a list of strings, got {_type_name(value)}")
+            return default
+        out: list[str] = []
+        for i, item in enumerate(value):
+            item_key = f"{_join(key, name)}[{i}]"
+            if not isinstance(item, str):
+                self.fail(item_key, f"must be a string, got {_type_name(item)}")
+                continue
+            if check is not None:
+                problem = check(item_key, item)
+                if problem:
+                    self.fail(item_key, problem)
+                    continue
+            out.append(item)
+        if nonempty and not out and not any(k == _join(key, name) for k, _ in self.problems):
+            self.fail(_join(key, name), "must not be empty")
+        return tuple(out)
+
+    def choice(self, m: Mapping[str, Any], key: str, name: str, enum: type[T], default: T) -> T:
+        value = m.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        try:
+            return enum(value)  # type: ignore[call-arg]
+        except (ValueError, TypeError):
+            allowed = ", ".join(str(e) for e in enum)  # type: ignore[attr-defined]
+            self.fail(_join(key, name), f"must be one of {allowed}, got {value!r}")
+            return default
+
+    # -- sections
+
+    def guard(self, data: Mapping[str, Any]) -> GuardConfig | None:
+        top = self.mapping(
+            data, "",
+            {"policies", "client_identity", "limits", "metrics", "audit", "state",
+             "failure_mode", "calibration_dir"},
+        )
+        identity = self.identity(top.get("client_identity"), "client_identity")
+        limits = self.limits(top.get("limits"), "limits")
+        metrics = self.metrics(top.get("metrics"), "metrics")
+        audit = self.audit(top.get("audit"), "audit")
+        state = self.state(top.get("state"), "state")
+        failure_mode = self.choice(top, "", "failure_mode", FailureMode, FailureMode.FAIL_OPEN)
+        calibration_dir = top.get("calibration_dir")
+        if calibration_dir is not None and not isinstance(calibration_dir, str):
+            self.fail("calibration_dir", f"must be a string, got {_type_name(calibration_dir)}")
+            calibration_dir = None
+        if "policies" in top:
+            policies = self.policies(top["policies"], "policies")
+        else:
+            policies = (PolicyConfig(name="inference"),)
+        if state.store.startswith(("redis://", "rediss://")) and not os.environ.get(
+            identity.hash_key_env
+        ):
+            # with a shared store every worker must hash a client to the same id
+            self.fail(
+                "client_identity.hash_key_env",
+                f"environment variable {identity.hash_key_env} must be set when state.store is "
+                "shared (redis), so that every worker and replica hashes clients alike",
+            )
+        return GuardConfig(
+            policies=policies, client_identity=identity, limits=limits, metrics=metrics,
+            audit=audit, state=state, failure_mode=failure_mode, calibration_dir=calibration_dir,
+        )
+
+    def identity(self, raw: object, key: str) -> IdentityConfig:
+        m = self.mapping(
+            raw, key,
+            {"api_key_headers", "bearer", "hash_key_env", "trusted_proxies", "forwarded_header",
+             "reject_untrusted_forwarded"},
+        )
+        d = IdentityConfig()
+        headers = self.strings(m, key, "api_key_headers", d.api_key_headers, check=_check_header)
+        return IdentityConfig(
+            api_key_headers=tuple(h.lower() for h in headers),
+            bearer=self.boolean(m, key, "bearer", d.bearer),
+            hash_key_env=self.string(m, key, "hash_key_env", d.hash_key_env, nonempty=True),
+            trusted_proxies=self.strings(m, key, "trusted_proxies", d.trusted_proxies, check=_check_cidr),
+            forwarded_header=self.string(
+                m, key, "forwarded_header", d.forwarded_header, nonempty=True
+            ).lower(),
+            reject_untrusted_forwarded=self.boolean(
+                m, key, "reject_untrusted_forwarded", d.reject_untrusted_forwarded
+            ),
+        )
+
+    def limits(self, raw: object, key: str) -> LimitsConfig:
+        m = self.mapping(
+            raw, key,
+            {"max_body_bytes", "max_json_depth", "max_rows", "max_features", "max_text_chars",
+             "max_response_bytes"},
+        )
+        d = LimitsConfig()
+        return LimitsConfig(
+            max_body_bytes=self.integer(m, key, "max_body_bytes", d.max_body_bytes, minimum=1),
+            max_json_depth=self.integer(m, key, "max_json_depth", d.max_json_depth, minimum=2),
+            max_rows=self.integer(m, key, "max_rows", d.max_rows, minimum=1),
+            max_features=self.integer(m, key, "max_features", d.max_features, minimum=1),
+            max_text_chars=self.integer(m, key, "max_text_chars", d.max_text_chars, minimum=1),
+            max_response_bytes=self.integer(
+                m, key, "max_response_bytes", d.max_response_bytes, minimum=0
+            ),
+        )
+
+    def metrics(self, raw: object, key: str) -> MetricsConfig:
+        m = self.mapping(raw, key, {"enabled", "path", "overhead_buckets"})
+        d = MetricsConfig()
+        path = self.string(m, key, "path", d.path)
+        if path and not path.startswith("/"):
+            self.fail(_join(key, "path"), "must start with '/' (or be empty to disable)")
+            path = d.path
+        buckets = d.overhead_buckets
+        raw_b = m.get("overhead_buckets", _MISSING)
+        if raw_b is not _MISSING:
+            if (
+                not isinstance(raw_b, list) or not raw_b
+                or any(isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in raw_b)
+                or sorted(raw_b) != raw_b
+            ):
+                self.fail(_join(key, "overhead_buckets"), "must be a non-empty increasing list of positive numbers")
+            else:
+                buckets = tuple(float(b) for b in raw_b)
+        return MetricsConfig(
+            enabled=self.boolean(m, key, "enabled", d.enabled), path=path, overhead_buckets=buckets
+        )
+
+    def audit(self, raw: object, key: str) -> AuditConfig:
+        m = self.mapping(raw, key, {"enabled", "path"})
+        d = AuditConfig()
+        return AuditConfig(
+            enabled=self.boolean(m, key, "enabled", d.enabled),
+            path=self.string(m, key, "path", d.path, nonempty=True),
+        )
+
+    def state(self, raw: object, key: str) -> StateConfig:
+        m = self.mapping(
+            raw, key,
+            {"store", "max_keys", "key_prefix", "timeout_s", "breaker_failures", "breaker_reset_s"},
+        )
+        d = StateConfig()
+        store = self.string(m, key, "store", d.store, nonempty=True)
+        if not store.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            self.fail(_join(key, "store"), f"scheme must be memory://, redis:// or rediss://, got {store!r}")
+            store = d.store
+        return StateConfig(
+            store=store,
+            max_keys=self.integer(m, key, "max_keys", d.max_keys, minimum=1),
+            key_prefix=self.string(m, key, "key_prefix", d.key_prefix),
+            timeout_s=self.number(m, key, "timeout_s", d.timeout_s, minimum=0.001),
+            breaker_failures=self.integer(m, key, "breaker_failures", d.breaker_failures, minimum=1),
+            breaker_reset_s=self.number(m, key, "breaker_reset_s", d.breaker_reset_s, minimum=0.0),
+        )
+
+    def policies(self, raw: object, key: str) -> tuple[PolicyConfig, ...]:
+        if not isinstance(raw, list):
+            self.fail(key, f"must be a list of policies, got {_type_name(raw)}")
+            return ()
+        out: list[PolicyConfig] = []
+        seen: set[str] = set()
+        for i, item in enumerate(raw):
+            pk = f"{key}[{i}]"
+            policy = self.policy(item, pk)
+            if policy is None:
+                continue
+            if policy.name in seen:
+                self.fail(_join(pk, "name"), f"duplicate policy name {policy.name!r}")
+            seen.add(policy.name)
+            out.append(policy)
+        return tuple(out)
+
+    def policy(self, raw: object, key: str) -> PolicyConfig | None:
+        if not isinstance(raw, Mapping):
+            self.fail(key, f"must be a mapping, got {_type_name(raw)}")
+            return None
+        m = self.mapping(
+            raw, key,
+            {"name", "routes", "methods", "validate", "detectors", "shadow", "quarantine_s",
+             "degrade", "failure_mode"},
+        )
+        name = self.string(m, key, "name", "", nonempty=True)
+        if "name" not in m:
+            self.fail(_join(key, "name"), "is required")
+        elif name and not _is_label(name):
+            self.fail(_join(key, "name"), "must be 1-64 characters of letters, digits, '_' or '-'")
+        methods = self.strings(m, key, "methods", ("POST",), nonempty=True)
+        detectors_raw = m.get("detectors", [])
+        detectors: list[DetectorSpec] = []
+        if not isinstance(detectors_raw, list):
+            self.fail(_join(key, "detectors"), f"must be a list, got {_type_name(detectors_raw)}")
+        else:
+            names: set[str] = set()
+            for j, d in enumerate(detectors_raw):
+                spec = self.detector(d, f"{_join(key, 'detectors')}[{j}]")
+                if spec is None:
+                    continue
+                if spec.name in names:
+                    self.fail(f"{_join(key, 'detectors')}[{j}].name", f"duplicate detector name {spec.name!r}")
+                names.add(spec.name)
+                detectors.append(spec)
+        fm_raw = m.get("failure_mode")
+        failure_mode = (
+            None if fm_raw is None else self.choice(m, key, "failure_mode", FailureMode, FailureMode.FAIL_OPEN)
+        )
+        return PolicyConfig(
+            name=name,
+            routes=self.strings(m, key, "routes", DEFAULT_ROUTES, check=_check_route, nonempty=True),
+            methods=tuple(x.upper() for x in methods),
+            validate=self.boolean(m, key, "validate", True),
+            detectors=tuple(detectors),
+            shadow=self.boolean(m, key, "shadow", False),
+            quarantine_s=self.number(m, key, "quarantine_s", 0.0),
+            degrade=self.degrade(m.get("degrade"), _join(key, "degrade")),
+            failure_mode=failure_mode,
+        )
+
+    def degrade(self, raw: object, key: str) -> DegradeConfig:
+        m = self.mapping(raw, key, {"decimals", "top_k", "labels_only", "always"})
+        d = DegradeConfig()
+        decimals: int | None = d.decimals
+        if "decimals" in m:
+            decimals = None if m["decimals"] is None else self.integer(m, key, "decimals", 2, minimum=0)
+        top_k: int | None = None
+        if m.get("top_k") is not None:
+            top_k = self.integer(m, key, "top_k", 1, minimum=1)
+        return DegradeConfig(
+            decimals=decimals, top_k=top_k,
+            labels_only=self.boolean(m, key, "labels_only", d.labels_only),
+            always=self.boolean(m, key, "always", d.always),
+        )
+
+    def detector(self, raw: object, key: str) -> DetectorSpec | None:
+        if isinstance(raw, str):
+            raw = {"type": raw}
+        if not isinstance(raw, Mapping):
+            self.fail(key, f"must be a mapping (or a detector type name), got {_type_name(raw)}")
+            return None
+        m = self.mapping(raw, key, {"type", "name", "action", "params"})
+        if "type" not in m:
+            self.fail(_join(key, "type"), "is required")
+            return None
+        dtype = self.string(m, key, "type", "", nonempty=True)
+        if not dtype:
+            return None
+        name = self.string(m, key, "name", dtype, nonempty=True)
+        if not _is_label(name):
+            self.fail(_join(key, "name"), "must be 1-64 characters of letters, digits, '_' or '-'")
+        params = m.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
+            self.fail(_join(key, "params"), f"must be a mapping, got {_type_name(params)}")
+            params = {}
+        return DetectorSpec(
+            type=dtype, name=name,
+            action=self.choice(m, key, "action", Action, Action.FLAG),
+            params=dict(params), key=key,
+        )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_label(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in value)
+
+
+def _check_cidr(_key: str, value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP network (CIDR)"
+    return None
+
+
+def _check_header(_key: str, value: str) -> str | None:
+    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+        return f"{value!r} is not a valid header name"
+    return None
+
+
+def _check_route(_key: str, value: str) -> str | None:
+    if not value.startswith("/"):
+        return f"route pattern {value!r} must start with '/'"
+    return None

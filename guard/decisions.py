@@ -1,0 +1,69 @@
+"""Actions and decisions: the values the policy returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from detectors.base import DetectorResult
+
+__all__ = ["Action", "Decision", "FailureMode"]
+
+
+class Action(StrEnum):
+    """What the guard does with a request. Ordered by severity."""
+
+    ALLOW = "allow"  #: pass to the model, record nothing
+    FLAG = "flag"  #: pass to the model, record in metrics and the audit log
+    DEGRADE = "degrade"  #: pass, then coarsen the model's outputs
+    THROTTLE = "throttle"  #: answer 429 with Retry-After
+    BLOCK = "block"  #: answer 403 (and optionally quarantine the client)
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+
+_SEVERITY = {
+    Action.ALLOW: 0,
+    Action.FLAG: 1,
+    Action.DEGRADE: 2,
+    Action.THROTTLE: 3,
+    Action.BLOCK: 4,
+}
+
+
+class FailureMode(StrEnum):
+    """What happens to a request when the guard itself fails."""
+
+    FAIL_OPEN = "fail_open"  #: let it through, log and count the failure
+    FAIL_CLOSED = "fail_closed"  #: answer 503, log and count the failure
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's verdict on one request."""
+
+    #: what the guard enforces (``allow`` in shadow mode whatever was intended)
+    action: Action
+    #: what the policy would have done; differs from ``action`` only in shadow mode
+    intended: Action
+    #: name of the policy that decided
+    policy: str
+    #: every detector result, fired or not
+    results: tuple[DetectorResult, ...] = ()
+    #: the detectors that fired, with the action each one asked for
+    fired: tuple[tuple[str, Action], ...] = ()
+    #: seconds the client should wait (throttle)
+    retry_after: float | None = None
+    #: extra response headers (rate-limit fields), sent whatever the action
+    headers: tuple[tuple[str, str], ...] = ()
+    #: the client is (now) quarantined
+    quarantined: bool = False
+    #: shadow mode: recorded, not enforced
+    shadow: bool = False
+
+    @property
+    def recorded(self) -> bool:
+        """Whether this decision goes into the audit log."""
+        return self.intended is not Action.ALLOW or self.quarantined
