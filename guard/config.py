@@ -89,7 +89,18 @@ class MetricsConfig:
     path: str = "/metrics"
     #: histogram buckets for guard_overhead_seconds
     overhead_buckets: tuple[float, ...] = (
-        1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1,
+        1e-5,
+        2.5e-5,
+        5e-5,
+        1e-4,
+        2.5e-4,
+        5e-4,
+        1e-3,
+        2.5e-3,
+        5e-3,
+        1e-2,
+        2.5e-2,
+        0.1,
     )
 
 
@@ -190,8 +201,10 @@ class GuardConfig:
         return cls()
 
     @classmethod
-    def load(cls, source: str | os.PathLike[str] | Mapping[str, Any] | GuardConfig | None) -> GuardConfig:
-        """Build a config from a YAML path, a mapping, an existing config, or ``None`` (defaults)."""
+    def load(
+        cls, source: str | os.PathLike[str] | Mapping[str, Any] | GuardConfig | None
+    ) -> GuardConfig:
+        """Build a config from a YAML path, a mapping, a config, or ``None`` (defaults)."""
         if source is None:
             return cls.default()
         if isinstance(source, GuardConfig):
@@ -250,8 +263,13 @@ _MISSING = object()
 
 def _type_name(value: object) -> str:
     return {
-        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-        list: "a list", dict: "a mapping", type(None): "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
     }.get(type(value), type(value).__name__)
 
 
@@ -331,8 +349,14 @@ class _Validator:
         return value
 
     def strings(
-        self, m: Mapping[str, Any], key: str, name: str, default: tuple[str, ...],
-        *, check: Callable[[str, str], str | None] | None = None, nonempty: bool = False,
+        self,
+        m: Mapping[str, Any],
+        key: str,
+        name: str,
+        default: tuple[str, ...],
+        *,
+        check: Callable[[str, str], str | None] | None = None,
+        nonempty: bool = False,
     ) -> tuple[str, ...]:
         value = m.get(name, _MISSING)
         if value is _MISSING:
@@ -373,9 +397,18 @@ class _Validator:
 
     def guard(self, data: Mapping[str, Any]) -> GuardConfig | None:
         top = self.mapping(
-            data, "",
-            {"policies", "client_identity", "limits", "metrics", "audit", "state",
-             "failure_mode", "calibration_dir"},
+            data,
+            "",
+            {
+                "policies",
+                "client_identity",
+                "limits",
+                "metrics",
+                "audit",
+                "state",
+                "failure_mode",
+                "calibration_dir",
+            },
         )
         identity = self.identity(top.get("client_identity"), "client_identity")
         limits = self.limits(top.get("limits"), "limits")
@@ -401,15 +434,28 @@ class _Validator:
                 "shared (redis), so that every worker and replica hashes clients alike",
             )
         return GuardConfig(
-            policies=policies, client_identity=identity, limits=limits, metrics=metrics,
-            audit=audit, state=state, failure_mode=failure_mode, calibration_dir=calibration_dir,
+            policies=policies,
+            client_identity=identity,
+            limits=limits,
+            metrics=metrics,
+            audit=audit,
+            state=state,
+            failure_mode=failure_mode,
+            calibration_dir=calibration_dir,
         )
 
     def identity(self, raw: object, key: str) -> IdentityConfig:
         m = self.mapping(
-            raw, key,
-            {"api_key_headers", "bearer", "hash_key_env", "trusted_proxies", "forwarded_header",
-             "reject_untrusted_forwarded"},
+            raw,
+            key,
+            {
+                "api_key_headers",
+                "bearer",
+                "hash_key_env",
+                "trusted_proxies",
+                "forwarded_header",
+                "reject_untrusted_forwarded",
+            },
         )
         d = IdentityConfig()
         headers = self.strings(m, key, "api_key_headers", d.api_key_headers, check=_check_header)
@@ -417,7 +463,9 @@ class _Validator:
             api_key_headers=tuple(h.lower() for h in headers),
             bearer=self.boolean(m, key, "bearer", d.bearer),
             hash_key_env=self.string(m, key, "hash_key_env", d.hash_key_env, nonempty=True),
-            trusted_proxies=self.strings(m, key, "trusted_proxies", d.trusted_proxies, check=_check_cidr),
+            trusted_proxies=self.strings(
+                m, key, "trusted_proxies", d.trusted_proxies, check=_check_cidr
+            ),
             forwarded_header=self.string(
                 m, key, "forwarded_header", d.forwarded_header, nonempty=True
             ).lower(),
@@ -428,9 +476,16 @@ class _Validator:
 
     def limits(self, raw: object, key: str) -> LimitsConfig:
         m = self.mapping(
-            raw, key,
-            {"max_body_bytes", "max_json_depth", "max_rows", "max_features", "max_text_chars",
-             "max_response_bytes"},
+            raw,
+            key,
+            {
+                "max_body_bytes",
+                "max_json_depth",
+                "max_rows",
+                "max_features",
+                "max_text_chars",
+                "max_response_bytes",
+            },
         )
         d = LimitsConfig()
         return LimitsConfig(
@@ -455,11 +510,17 @@ class _Validator:
         raw_b = m.get("overhead_buckets", _MISSING)
         if raw_b is not _MISSING:
             if (
-                not isinstance(raw_b, list) or not raw_b
-                or any(isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in raw_b)
+                not isinstance(raw_b, list)
+                or not raw_b
+                or any(
+                    isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in raw_b
+                )
                 or sorted(raw_b) != raw_b
             ):
-                self.fail(_join(key, "overhead_buckets"), "must be a non-empty increasing list of positive numbers")
+                self.fail(
+                    _join(key, "overhead_buckets"),
+                    "must be a non-empty increasing list of positive numbers",
+                )
             else:
                 buckets = tuple(float(b) for b in raw_b)
         return MetricsConfig(
@@ -476,20 +537,26 @@ class _Validator:
 
     def state(self, raw: object, key: str) -> StateConfig:
         m = self.mapping(
-            raw, key,
+            raw,
+            key,
             {"store", "max_keys", "key_prefix", "timeout_s", "breaker_failures", "breaker_reset_s"},
         )
         d = StateConfig()
         store = self.string(m, key, "store", d.store, nonempty=True)
         if not store.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            self.fail(_join(key, "store"), f"scheme must be memory://, redis:// or rediss://, got {store!r}")
+            self.fail(
+                _join(key, "store"),
+                f"scheme must be memory://, redis:// or rediss://, got {store!r}",
+            )
             store = d.store
         return StateConfig(
             store=store,
             max_keys=self.integer(m, key, "max_keys", d.max_keys, minimum=1),
             key_prefix=self.string(m, key, "key_prefix", d.key_prefix),
             timeout_s=self.number(m, key, "timeout_s", d.timeout_s, minimum=0.001),
-            breaker_failures=self.integer(m, key, "breaker_failures", d.breaker_failures, minimum=1),
+            breaker_failures=self.integer(
+                m, key, "breaker_failures", d.breaker_failures, minimum=1
+            ),
             breaker_reset_s=self.number(m, key, "breaker_reset_s", d.breaker_reset_s, minimum=0.0),
         )
 
@@ -515,9 +582,19 @@ class _Validator:
             self.fail(key, f"must be a mapping, got {_type_name(raw)}")
             return None
         m = self.mapping(
-            raw, key,
-            {"name", "routes", "methods", "validate", "detectors", "shadow", "quarantine_s",
-             "degrade", "failure_mode"},
+            raw,
+            key,
+            {
+                "name",
+                "routes",
+                "methods",
+                "validate",
+                "detectors",
+                "shadow",
+                "quarantine_s",
+                "degrade",
+                "failure_mode",
+            },
         )
         name = self.string(m, key, "name", "", nonempty=True)
         if "name" not in m:
@@ -536,16 +613,23 @@ class _Validator:
                 if spec is None:
                     continue
                 if spec.name in names:
-                    self.fail(f"{_join(key, 'detectors')}[{j}].name", f"duplicate detector name {spec.name!r}")
+                    self.fail(
+                        f"{_join(key, 'detectors')}[{j}].name",
+                        f"duplicate detector name {spec.name!r}",
+                    )
                 names.add(spec.name)
                 detectors.append(spec)
         fm_raw = m.get("failure_mode")
         failure_mode = (
-            None if fm_raw is None else self.choice(m, key, "failure_mode", FailureMode, FailureMode.FAIL_OPEN)
+            None
+            if fm_raw is None
+            else self.choice(m, key, "failure_mode", FailureMode, FailureMode.FAIL_OPEN)
         )
         return PolicyConfig(
             name=name,
-            routes=self.strings(m, key, "routes", DEFAULT_ROUTES, check=_check_route, nonempty=True),
+            routes=self.strings(
+                m, key, "routes", DEFAULT_ROUTES, check=_check_route, nonempty=True
+            ),
             methods=tuple(x.upper() for x in methods),
             validate=self.boolean(m, key, "validate", True),
             detectors=tuple(detectors),
@@ -560,12 +644,15 @@ class _Validator:
         d = DegradeConfig()
         decimals: int | None = d.decimals
         if "decimals" in m:
-            decimals = None if m["decimals"] is None else self.integer(m, key, "decimals", 2, minimum=0)
+            decimals = (
+                None if m["decimals"] is None else self.integer(m, key, "decimals", 2, minimum=0)
+            )
         top_k: int | None = None
         if m.get("top_k") is not None:
             top_k = self.integer(m, key, "top_k", 1, minimum=1)
         return DegradeConfig(
-            decimals=decimals, top_k=top_k,
+            decimals=decimals,
+            top_k=top_k,
             labels_only=self.boolean(m, key, "labels_only", d.labels_only),
             always=self.boolean(m, key, "always", d.always),
         )
@@ -593,9 +680,11 @@ class _Validator:
             self.fail(_join(key, "params"), f"must be a mapping, got {_type_name(params)}")
             params = {}
         return DetectorSpec(
-            type=dtype, name=name,
+            type=dtype,
+            name=name,
             action=self.choice(m, key, "action", Action, Action.FLAG),
-            params=dict(params), key=key,
+            params=dict(params),
+            key=key,
         )
 
 

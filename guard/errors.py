@@ -38,7 +38,9 @@ class ConfigurationError(GuardError, ValueError):
     def __init__(self, key: str, problem: str, *, problems: list[tuple[str, str]] | None = None):
         self.key = key
         self.problem = problem
-        self.problems: list[tuple[str, str]] = problems if problems is not None else [(key, problem)]
+        self.problems: list[tuple[str, str]] = (
+            problems if problems is not None else [(key, problem)]
+        )
         if len(self.problems) > 1:
             text = "; ".join(f"{k}: {p}" for k, p in self.problems)
             super().__init__(f"{len(self.problems)} configuration problems: {text}")
@@ -91,7 +93,9 @@ class StateError(GuardError):
     def __init__(self, backend: str, operation: str, message: str = ""):
         self.backend = backend
         self.operation = operation
-        super().__init__(f"{backend} store: {operation} failed" + (f": {message}" if message else ""))
+        super().__init__(
+            f"{backend} store: {operation} failed" + (f": {message}" if message else "")
+        )
 
 
 class ModelFileError(GuardError):

@@ -91,7 +91,8 @@ def build_detector(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     if factory is None:
         raise ConfigurationError(
             f"{spec.key}.type" if spec.key else "type",
-            f"unknown detector type {spec.type!r} (known: {', '.join(sorted(_FACTORIES)) or 'none'})",
+            f"unknown detector type {spec.type!r} "
+            f"(known: {', '.join(sorted(_FACTORIES)) or 'none'})",
         )
     try:
         return factory(spec, ctx)

@@ -1,8 +1,21 @@
-"""State stores: ``memory://`` (per process, bounded) and ``redis://`` (shared)."""
+"""State stores: ``memory://`` (per process, bounded) and ``redis://`` (shared).
+
+``guard.stores.redis.RedisStore`` is imported lazily by :func:`store_from_uri`.
+"""
 
 from __future__ import annotations
 
 from guard.stores.base import Store, store_from_uri
 from guard.stores.memory import MemoryStore
+from guard.stores.rate import RateLimitStore
+from guard.stores.resilient import BreakerState, CircuitBreaker, ResilientStore
 
-__all__ = ["MemoryStore", "Store", "store_from_uri"]
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "MemoryStore",
+    "RateLimitStore",
+    "ResilientStore",
+    "Store",
+    "store_from_uri",
+]

@@ -40,9 +40,7 @@ class Store(ABC):
         """Release connections."""
 
 
-def store_from_uri(
-    config: StateConfig, *, clock: Callable[[], float] = time.monotonic
-) -> Store:
+def store_from_uri(config: StateConfig, *, clock: Callable[[], float] = time.monotonic) -> Store:
     """Build the store named by ``config.store`` (``memory://``, ``redis://``, ``rediss://``)."""
     uri = config.store
     if uri.startswith("memory://"):
@@ -53,6 +51,8 @@ def store_from_uri(
         try:
             from guard.stores.redis import RedisStore
         except ImportError as exc:  # pragma: no cover - redis is a dependency
-            raise ConfigurationError("state.store", f"redis support is not available: {exc}") from exc
+            raise ConfigurationError(
+                "state.store", f"redis support is not available: {exc}"
+            ) from exc
         return RedisStore(config)
     raise ConfigurationError("state.store", f"unsupported store URI scheme in {uri!r}")

@@ -2,42 +2,80 @@
 
 An attacker controls how many client ids we see, so the store holds at most
 ``max_keys`` keys; past that the least recently used key is evicted (and
-counted in :attr:`evictions`). Expired keys are dropped when touched and swept
-in small steps on writes, so memory stays bounded without a background task.
+counted in :attr:`MemoryStore.evictions`). Expired keys are dropped when touched
+and swept in small steps on writes, so memory stays bounded without a
+background task.
+
+Rate-limit state lives in the same bounded table (an evicted client simply
+starts with a fresh budget), timed by the injected clock. Every method runs to
+completion without awaiting, so each call is atomic with respect to the other
+tasks of the event loop; the store is not meant to be shared across threads.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from detectors.store import GcraLimit, RateCheck, RateState
+from guard.errors import StateError
+from guard.stores._ratemath import check_acquire, gcra_step, window_step
 from guard.stores.base import Store
+from guard.stores.rate import RateLimitStore
 
 __all__ = ["MemoryStore"]
 
 _NEVER = float("inf")
 
 
-class MemoryStore(Store):
+@dataclass(slots=True)
+class _Tat:
+    """GCRA state: the theoretical arrival time."""
+
+    at: float
+
+
+@dataclass(slots=True)
+class _Window:
+    """Sliding-window state: window index, its count, the previous window's count."""
+
+    index: int
+    current: int
+    previous: int
+
+
+_Value = bytes | int | _Tat | _Window
+
+
+class MemoryStore(Store, RateLimitStore):
     """Per-process store. Not shared across workers: use Redis for that."""
 
     backend = "memory"
 
-    def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, str], None] | None = None,
+    ):
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
         self.max_keys = max_keys
         self._clock = clock
+        #: called as ``on_event("eviction", "memory")`` for every eviction (metrics)
+        self.on_event = on_event
         # key -> (expires_at, value); order is recency of use (last = most recent)
-        self._data: OrderedDict[str, tuple[float, bytes | int]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, _Value]] = OrderedDict()
         #: keys evicted because the store was full (exported as a metric)
         self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def _live(self, key: str, now: float) -> tuple[float, bytes | int] | None:
+    def _live(self, key: str, now: float) -> tuple[float, _Value] | None:
         item = self._data.get(key)
         if item is None:
             return None
@@ -47,7 +85,7 @@ class MemoryStore(Store):
         self._data.move_to_end(key)
         return item
 
-    def _put(self, key: str, expires: float, value: bytes | int) -> None:
+    def _put(self, key: str, expires: float, value: _Value) -> None:
         data = self._data
         data[key] = (expires, value)
         data.move_to_end(key)
@@ -56,6 +94,8 @@ class MemoryStore(Store):
             while len(data) > self.max_keys:
                 data.popitem(last=False)
                 self.evictions += 1
+                if self.on_event is not None:
+                    self.on_event("eviction", self.backend)
 
     def _sweep(self, budget: int = 64) -> None:
         # drop expired keys among the least recently used, a bounded amount of work
@@ -74,7 +114,11 @@ class MemoryStore(Store):
         if item is None:
             return None
         value = item[1]
-        return str(value).encode() if isinstance(value, int) else value
+        if isinstance(value, int):
+            return str(value).encode()
+        if isinstance(value, bytes):
+            return value
+        raise StateError(self.backend, "get", "the key holds rate-limit state")
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         now = self._clock()
@@ -91,6 +135,39 @@ class MemoryStore(Store):
             self._put(key, self._expiry(now, ttl), new)
             return new
         old = item[1]
-        new = (int(old) if isinstance(old, bytes) else old) + amount
+        if isinstance(old, _Tat | _Window):
+            raise StateError(self.backend, "incr", "the key holds rate-limit state")
+        try:
+            new = (int(old) if isinstance(old, bytes) else old) + amount
+        except ValueError as exc:
+            raise StateError(self.backend, "incr", "the value is not an integer") from exc
         self._data[key] = (item[0], new)
         return new
+
+    async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
+        """Check every limit, then consume ``cost`` from all of them only if all admit."""
+        check_acquire(checks, cost)
+        now = self._clock()
+        states: list[RateState] = []
+        writes: list[tuple[str, float, _Value]] = []
+        for key, limit in checks:
+            item = self._live(key, now)
+            stored = None if item is None else item[1]
+            if isinstance(limit, GcraLimit):
+                tat = stored.at if isinstance(stored, _Tat) else None
+                state, new_tat = gcra_step(tat, now, limit, cost)
+                if new_tat > now:
+                    writes.append((key, new_tat, _Tat(new_tat)))
+            else:
+                prior = (
+                    (stored.index, stored.current, stored.previous)
+                    if isinstance(stored, _Window)
+                    else None
+                )
+                state, (index, cur, prev), expires = window_step(prior, now, limit, cost)
+                writes.append((key, expires, _Window(index, cur, prev)))
+            states.append(state)
+        if all(state.allowed for state in states):
+            for key, expires, value in writes:
+                self._put(key, expires, value)
+        return tuple(states)

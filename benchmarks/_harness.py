@@ -1,0 +1,148 @@
+"""Shared benchmark plumbing: servers, a lean HTTP client, wrk, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import http.client
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def today() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(factory: str, *, env: dict[str, str] | None = None, workers: int = 1,
+          ready: str = "/healthz") -> Iterator[str]:
+    """Run ``uvicorn --factory benchmarks.apps:<factory>`` on 127.0.0.1; yield its base URL."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", str(workers), "--log-level", "error",
+           "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{factory} exited with {proc.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", ready)
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{factory} did not start")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def latencies(url: str, path: str, body: bytes, n: int,
+              headers: dict[str, str] | None = None) -> list[float]:
+    """Sequential round trips over one keep-alive connection; seconds each."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        resp.read()
+        out.append(time.perf_counter() - t0)
+        if resp.status != 200:
+            raise RuntimeError(f"{url}{path} answered {resp.status}")
+    conn.close()
+    return out
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def wrk(url: str, path: str, body: bytes, *, seconds: int, connections: int,
+        threads: int = 1) -> tuple[float, float, float] | None:
+    """(requests/s, p50 s, p99 s) from wrk, or None when wrk is not installed."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        return None
+    script = ROOT / "benchmarks" / ".wrk-post.lua"
+    lua_body = body.decode().replace("\\", "\\\\").replace('"', '\\"')
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{lua_body}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    try:
+        out = subprocess.run(
+            [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+             "-s", str(script), url + path],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        script.unlink(missing_ok=True)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _wrk_time(re.search(r"50%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _wrk_time(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
+    return rps, p50, p99
+
+
+def _wrk_time(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise ValueError(text)
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        current = before + block + ("\n" + after if after else "")
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    RESULTS.write_text(current)

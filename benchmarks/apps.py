@@ -1,0 +1,48 @@
+"""App factories the benchmarks serve with ``uvicorn --factory``.
+
+Each variant wraps the same digits model app, so differences are the wrapper's.
+``BENCH_CONFIG`` (a path) overrides the guard config where a variant takes one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from middleware.asgi import GuardMiddleware
+from middleware.demo import build_model_app
+from middleware.types import ASGIApp
+
+#: metrics only: no body parsing, no detectors, no degrade; requests are counted
+METRICS_ONLY: dict[str, Any] = {
+    "policies": [{"name": "inference", "validate": False}],
+    "audit": {"enabled": False},
+}
+
+
+def bare() -> ASGIApp:
+    """The model app with nothing in front."""
+    return build_model_app()
+
+
+def guarded() -> ASGIApp:
+    """The guard with payload validation on (the defaults), or ``BENCH_CONFIG``."""
+    return GuardMiddleware(build_model_app(), config=os.environ.get("BENCH_CONFIG") or None,
+                           registry=CollectorRegistry())
+
+
+def metrics_only() -> ASGIApp:
+    """The guard counting requests into Prometheus, nothing else."""
+    return GuardMiddleware(build_model_app(), config=METRICS_ONLY, registry=CollectorRegistry())
+
+
+def starlette_exporter() -> ASGIApp:
+    """The same app instrumented by starlette_exporter's PrometheusMiddleware."""
+    from starlette_exporter import PrometheusMiddleware, handle_metrics
+
+    app = build_model_app()
+    app.add_middleware(PrometheusMiddleware, app_name="digits", group_paths=True)
+    app.add_route("/metrics", handle_metrics)
+    return app

@@ -1,0 +1,117 @@
+"""The ``guard`` command: ``demo``, ``check-config``, ``calibrate``, ``simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from guard.config import GuardConfig
+from guard.errors import ConfigurationError, GuardError
+
+__all__ = ["main"]
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """Validate a config file, including every detector's parameters and calibration files."""
+    from guard.registry import BuildContext, build_detector
+    from guard.stores.memory import MemoryStore
+
+    try:
+        config = GuardConfig.from_file(args.file)
+    except ConfigurationError as exc:
+        for key, problem in exc.problems:
+            print(f"{args.file}: {key or '<file>'}: {problem}", file=sys.stderr)
+        return 1
+    problems: list[tuple[str, str]] = []
+    ctx = BuildContext(
+        store=MemoryStore(max_keys=16),
+        calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
+        limits=config.limits,
+    )
+    for policy in config.policies:
+        for spec in policy.detectors:
+            try:
+                build_detector(spec, ctx)
+            except ConfigurationError as exc:
+                problems.extend(exc.problems)
+            except GuardError as exc:
+                problems.append((spec.key, str(exc)))
+    if problems:
+        for key, problem in problems:
+            print(f"{args.file}: {key}: {problem}", file=sys.stderr)
+        return 1
+    n = sum(len(p.detectors) for p in config.policies)
+    print(f"{args.file}: OK ({len(config.policies)} policies, {n} detectors)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    demo = importlib.import_module("middleware.demo")
+    try:
+        app = demo.build_demo_app(args.config)
+    except ConfigurationError as exc:
+        for key, problem in exc.problems:
+            print(f"config: {key or '<file>'}: {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"inference-guard demo: digits classifier behind the guard on http://{args.host}:{args.port}\n"
+        f"  POST /v2/models/digits/infer   POST /v1/models/digits:predict\n"
+        f"  GET  /v2/models/digits   GET /healthz   GET /metrics",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _optional(module: str, name: str) -> object | None:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guard", description="inference-guard: a security-first runtime guard for model APIs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="serve a digits classifier behind the guard")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", default=None, help="guard config (YAML); default: the demo policy")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 0 if valid, 1 if not")
+    p.add_argument("file")
+    p.set_defaults(func=_check_config)
+
+    for name, module, help_text in (
+        ("calibrate", "guard.calibrate", "fit input-anomaly detectors on reference data"),
+        ("simulate", "guard.simulate", "run an attack client against a deployment"),
+    ):
+        add = _optional(module, "add_arguments")
+        run = _optional(module, "run")
+        if add is None or run is None:
+            continue
+        p = sub.add_parser(name, help=help_text)
+        add(p)  # type: ignore[operator]
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Client identity: who is asking, as a keyed hash.
+
+A client is its API key (from a configured header, or an ``Authorization:
+Bearer`` token) or, failing that, its IP address. The raw key never leaves this
+module: it is turned at once into ``HMAC-SHA256(secret, kind + ":" + value)``,
+truncated to 128 bits. The secret comes from the environment variable named by
+``client_identity.hash_key_env``; it must be the same on every worker and
+replica that share state, and if it is unset a random per-process secret is used
+(with a warning), which is right for a single process only.
+
+``X-Forwarded-For`` is honoured only when the TCP peer is a configured trusted
+proxy; the client is then the right-most address in the chain that is not
+itself a trusted proxy. A peer that is not trusted but sends the header is
+spoofing (or an unconfigured proxy) and, by default, gets a 400.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from guard.config import IdentityConfig
+from guard.errors import PayloadError
+
+__all__ = ["ClientId", "ClientIdentifier"]
+
+log = logging.getLogger("guard.identity")
+
+_MAX_KEY_LEN = 4096
+_MAX_FORWARDED_LEN = 2048
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ClientId:
+    """A client, as the rest of the guard knows it."""
+
+    #: hex keyed hash; safe for logs and state-store keys (never a metric label)
+    id: str
+    #: where the identity came from: ``api_key``, ``bearer`` or ``ip`` (a metric label)
+    source: str
+
+
+class ClientIdentifier:
+    """Turns request headers and the peer address into a :class:`ClientId`."""
+
+    def __init__(self, config: IdentityConfig, *, secret: bytes | None = None) -> None:
+        self.config = config
+        if secret is None:
+            env = os.environ.get(config.hash_key_env, "")
+            if env:
+                secret = env.encode("utf-8")
+            else:
+                log.warning(
+                    "%s is not set: client ids are hashed with a random per-process secret, "
+                    "so workers and replicas will not agree on them; set it when state is shared",
+                    config.hash_key_env,
+                )
+                secret = secrets.token_bytes(32)
+        self._secret = secret
+        self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
+        self._forwarded = config.forwarded_header.encode("latin-1")
+        self._trusted: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies
+        )
+
+    def hash(self, kind: str, value: str | bytes) -> str:
+        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        return hmac.new(self._secret, kind.encode() + b":" + raw, hashlib.sha256).hexdigest()[:32]
+
+    def identify(self, headers: Mapping[bytes, bytes], peer: str | None) -> ClientId:
+        """Identify the client; raise PayloadError(400, "bad_header") for spoofed or bad headers.
+
+        ``headers`` maps lower-case header names to values; repeated headers must
+        already be joined (the middleware rejects conflicting repeats).
+        """
+        for name in self._headers:
+            value = headers.get(name)
+            if value is not None:
+                return ClientId(self.hash("key", self._check_key(value, name.decode())), "api_key")
+        if self.config.bearer:
+            auth = headers.get(b"authorization")
+            if auth is not None and auth[:7].lower() == b"bearer ":
+                token = self._check_key(auth[7:].strip(), "authorization")
+                return ClientId(self.hash("key", token), "bearer")
+        return ClientId(self.hash("ip", self.client_ip(headers, peer)), "ip")
+
+    def client_ip(self, headers: Mapping[bytes, bytes], peer: str | None) -> str:
+        peer_ip = peer or "unknown"
+        forwarded = headers.get(self._forwarded)
+        if forwarded is None:
+            return peer_ip
+        if not self._is_trusted(peer_ip):
+            if self.config.reject_untrusted_forwarded:
+                raise PayloadError(
+                    400,
+                    "bad_header",
+                    f"{self.config.forwarded_header} is not accepted from this peer",
+                )
+            return peer_ip
+        if len(forwarded) > _MAX_FORWARDED_LEN:
+            raise PayloadError(400, "bad_header", f"{self.config.forwarded_header} is too long")
+        try:
+            chain = [p.strip() for p in forwarded.decode("ascii").split(",")]
+            addrs = [ipaddress.ip_address(p) for p in chain]
+        except (UnicodeDecodeError, ValueError):
+            raise PayloadError(
+                400, "bad_header", f"{self.config.forwarded_header} is not a list of IP addresses"
+            ) from None
+        # walk from the nearest hop back; the first untrusted address is the client
+        for addr in reversed(addrs):
+            if not any(addr in net for net in self._trusted):
+                return str(addr)
+        return str(addrs[0]) if addrs else peer_ip
+
+    def _is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    @staticmethod
+    def _check_key(value: bytes, header: str) -> bytes:
+        if not value or len(value) > _MAX_KEY_LEN or not value.isascii():
+            raise PayloadError(400, "bad_header", f"malformed credential in {header}")
+        return value

@@ -1,0 +1,159 @@
+"""Prometheus metrics, in one object built around an injectable registry.
+
+Nothing is registered at import time. Each :class:`GuardMetrics` registers its
+families in the registry it is given (a fresh ``CollectorRegistry`` by
+default), so two guards in one process, or one per test, never collide.
+
+Label values come from closed sets only: policy and detector names come from
+the config file (validated as short identifiers), decisions, actions, reasons,
+components and backends from enums in code. Client ids and paths never become
+labels.
+
+Multiprocess mode (``uvicorn --workers N``): set ``PROMETHEUS_MULTIPROC_DIR``
+to an empty directory before the workers start. Every worker then writes its
+samples there and ``/metrics`` on any worker aggregates all of them (see
+:func:`exposition`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["DECISIONS", "GuardMetrics", "exposition"]
+
+#: values of the ``decision`` label: the actions, plus ``invalid`` (bad input
+#: refused with a 4xx) and ``error`` (the guard failed, failure mode applied)
+DECISIONS = ("allow", "flag", "degrade", "throttle", "block", "invalid", "error")
+
+#: margin buckets for guard_detector_score: score minus threshold, < 0 means fired
+SCORE_BUCKETS = (-100.0, -10.0, -3.0, -1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+
+
+class GuardMetrics:
+    """Every metric the guard exports. Pass ``registry`` to control where they live."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        overhead_buckets: Iterable[float] = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1),
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "guard_requests",
+            "Requests seen by a policy, by decision.",
+            ("policy", "decision"),
+            registry=r,
+        )
+        self.rows = Counter(
+            "guard_rows",
+            "Rows (or prompts) seen by a policy, by decision.",
+            ("policy", "decision"),
+            registry=r,
+        )
+        self.detections = Counter(
+            "guard_detections",
+            "Detector firings, by the action they asked for.",
+            ("policy", "detector", "action"),
+            registry=r,
+        )
+        self.score = Histogram(
+            "guard_detector_score",
+            "Detector score minus its threshold (below 0: the detector fired).",
+            ("detector",),
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "guard_overhead_seconds",
+            "Time the guard adds to a request (excluding the model).",
+            ("policy",),
+            buckets=tuple(overhead_buckets),
+            registry=r,
+        )
+        self.errors = Counter(
+            "guard_errors",
+            "Failures inside the guard, by component.",
+            ("component",),
+            registry=r,
+        )
+        self.invalid = Counter(
+            "guard_invalid_requests",
+            "Requests refused as malformed, by reason.",
+            ("policy", "reason"),
+            registry=r,
+        )
+        self.payloads = Counter(
+            "guard_payloads",
+            "Request payloads by recognised format (unknown passes through).",
+            ("policy", "format"),
+            registry=r,
+        )
+        self.degraded = Counter(
+            "guard_degraded_responses",
+            "Answers the degrade action touched, by outcome.",
+            ("policy", "outcome"),
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "guard_quarantines",
+            "Clients put in quarantine.",
+            ("policy",),
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "guard_store_errors",
+            "State store operations that failed.",
+            ("backend",),
+            registry=r,
+        )
+        self.store_fallback = Counter(
+            "guard_store_fallback",
+            "Decisions taken without the shared store (failure mode or memory fallback).",
+            ("backend",),
+            registry=r,
+        )
+        self.store_evictions = Counter(
+            "guard_store_evictions",
+            "Keys evicted from a bounded store.",
+            ("backend",),
+            registry=r,
+        )
+        self.audit_dropped = Counter(
+            "guard_audit_dropped",
+            "Audit lines dropped because the writer fell behind.",
+            registry=r,
+        )
+
+    def store_event(self, kind: str, backend: str) -> None:
+        """Callback for the resilient store: ``error``, ``fallback`` or ``eviction``."""
+        if kind == "error":
+            self.store_errors.labels(backend).inc()
+        elif kind == "fallback":
+            self.store_fallback.labels(backend).inc()
+        elif kind == "eviction":
+            self.store_evictions.labels(backend).inc()
+
+
+def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:
+    """The text exposition and its content type.
+
+    In multiprocess mode the samples of every worker are read from
+    ``PROMETHEUS_MULTIPROC_DIR`` instead of from ``registry``.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST

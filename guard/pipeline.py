@@ -1,0 +1,294 @@
+"""The guard's engine: config in, decisions out. Knows nothing of ASGI.
+
+:class:`Guard` builds everything once (store, identity, metrics, audit log,
+policies with their detectors) and offers the three calls the middleware makes
+per request: :meth:`Guard.match`, :meth:`Guard.decide` (before the model) and
+:meth:`Guard.observe` (after it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.store import KeyValueStore
+from guard.audit import AuditLog
+from guard.config import GuardConfig
+from guard.decisions import Action, Decision, FailureMode
+from guard.errors import StateError
+from guard.identity import ClientIdentifier
+from guard.metrics import GuardMetrics
+from guard.policy import CompiledPolicy
+from guard.registry import BuildContext, build_detector
+from guard.stores.base import Store, store_from_uri
+
+__all__ = ["FailClosed", "Guard"]
+
+log = logging.getLogger("guard")
+
+_QUARANTINE_PREFIX = "quarantine:"
+
+
+class FailClosed(Exception):
+    """The guard failed on a policy whose failure mode is ``fail_closed`` (answer 503)."""
+
+    def __init__(self, component: str):
+        self.component = component
+        super().__init__(component)
+
+
+class Guard:
+    """Ties config, detectors, store, metrics and audit log together."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        store: KeyValueStore | None = None,
+        identity_secret: bytes | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = GuardMetrics(registry, overhead_buckets=config.metrics.overhead_buckets)
+        self.metrics_enabled = config.metrics.enabled
+        self.store: KeyValueStore = store if store is not None else self._build_store()
+        self.identifier = ClientIdentifier(config.client_identity, secret=identity_secret)
+        self.audit = AuditLog(config.audit, on_drop=self.metrics.audit_dropped.inc)
+        ctx = BuildContext(
+            store=self.store,
+            clock=clock,
+            calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
+            limits=config.limits,
+        )
+        self.techniques: dict[str, str] = {}
+        policies: list[CompiledPolicy] = []
+        for pc in config.policies:
+            built: list[tuple[Detector, Action]] = []
+            for spec in pc.detectors:
+                det = build_detector(spec, ctx)
+                self.techniques[det.name] = det.technique
+                built.append((det, spec.action))
+            policies.append(CompiledPolicy.build(pc, tuple(built), config.failure_mode))
+        self.policies = tuple(policies)
+        self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _build_store(self) -> KeyValueStore:
+        base: Store = store_from_uri(self.config.state, clock=self.clock)
+        try:
+            from guard.stores.resilient import ResilientStore
+        except ImportError:  # pragma: no cover - until the resilient wrapper exists
+            return base
+        return ResilientStore.from_config(  # type: ignore[no-any-return]
+            base, self.config.state, clock=self.clock, on_event=self.metrics.store_event
+        )
+
+    # ------------------------------------------------------------------ matching
+
+    def match(self, method: str, path: str) -> CompiledPolicy | None:
+        """The first policy whose methods and routes match, or ``None``."""
+        for policy in self.policies:
+            if policy.matches(method, path):
+                return policy
+        return None
+
+    # ------------------------------------------------------------------ before the model
+
+    async def decide(self, policy: CompiledPolicy, query: Query) -> Decision:
+        """Run the policy's detectors on a request and combine their verdicts.
+
+        Raises :class:`FailClosed` when a detector or the store fails and the
+        policy's failure mode is ``fail_closed``; under ``fail_open`` the failing
+        detector is skipped (and counted).
+        """
+        quarantined = False
+        if self.quarantine_enabled:
+            try:
+                quarantined = await self.store.get(_QUARANTINE_PREFIX + query.client) is not None
+            except StateError:
+                self._failed(policy, "store")
+        results: list[DetectorResult] = []
+        fired: list[tuple[str, Action]] = []
+        intended = Action.BLOCK if quarantined else Action.ALLOW
+        retry_after: float | None = None
+        headers: list[tuple[str, str]] = []
+        if not quarantined:
+            for det, action in policy.detectors:
+                try:
+                    result = await det.inspect(query)
+                except StateError:
+                    self._failed(policy, "store")
+                    continue
+                except Exception:
+                    log.exception("detector %s failed", det.name)
+                    self._failed(policy, "detector")
+                    continue
+                results.append(result)
+                if result.headers:
+                    headers.extend(result.headers)
+                if result.anomalous:
+                    fired.append((det.name, action))
+                    if action.severity > intended.severity:
+                        intended = action
+                    if action is Action.THROTTLE and result.retry_after is not None:
+                        retry_after = max(retry_after or 0.0, result.retry_after)
+        if intended is Action.BLOCK and not quarantined and policy.config.quarantine_s > 0:
+            quarantined = await self.quarantine(policy, query.client)
+        shadow = policy.config.shadow
+        decision = Decision(
+            action=Action.ALLOW if shadow else intended,
+            intended=intended,
+            policy=policy.name,
+            results=tuple(results),
+            fired=tuple(fired),
+            retry_after=retry_after if intended is Action.THROTTLE else None,
+            headers=tuple(headers),
+            quarantined=quarantined,
+            shadow=shadow,
+        )
+        self._record(policy, decision, query.n_rows)
+        return decision
+
+    def _failed(self, policy: CompiledPolicy, component: str) -> None:
+        self.count_error(component)
+        if policy.failure_mode is FailureMode.FAIL_CLOSED:
+            raise FailClosed(component)
+        if component == "store":
+            backend = getattr(self.store, "backend", "unknown")
+            self._child(self.metrics.store_fallback, str(backend)).inc()
+
+    async def quarantine(self, policy: CompiledPolicy, client: str) -> bool:
+        """Quarantine ``client`` for the policy's TTL; False if the store failed."""
+        try:
+            await self.store.set(_QUARANTINE_PREFIX + client, b"1", policy.config.quarantine_s)
+        except StateError:
+            self.count_error("store")
+            return False
+        self._child(self.metrics.quarantined, policy.name).inc()
+        return True
+
+    # ------------------------------------------------------------------ after the model
+
+    async def observe(
+        self, policy: CompiledPolicy, query: Query, answer: Answer, *, client_source: str
+    ) -> None:
+        """Let stateful detectors learn from the answer; record any that fire.
+
+        The answer has already gone to the client, so failures here are counted
+        and logged but cannot change this request (fail-open by necessity); a
+        detector that fires here changes the decision on the client's next request.
+        """
+        fired: list[tuple[str, Action]] = []
+        results: list[DetectorResult] = []
+        for det, action in policy.detectors:
+            if not det.observes_answers:
+                continue
+            try:
+                result = await det.observe(query, answer)
+            except StateError:
+                self.count_error("store")
+                continue
+            except Exception:
+                log.exception("detector %s failed in observe", det.name)
+                self.count_error("detector")
+                continue
+            if result is None:
+                continue
+            results.append(result)
+            if result.anomalous:
+                fired.append((det.name, action))
+        if not fired:
+            return
+        intended = max((a for _, a in fired), key=lambda a: a.severity)
+        quarantined = False
+        if intended is Action.BLOCK and policy.config.quarantine_s > 0:
+            quarantined = await self.quarantine(policy, query.client)
+        decision = Decision(
+            action=intended,
+            intended=intended,
+            policy=policy.name,
+            results=tuple(results),
+            fired=tuple(fired),
+            quarantined=quarantined,
+            shadow=policy.config.shadow,
+        )
+        for name, action in fired:
+            self._child(self.metrics.detections, policy.name, name, str(action)).inc()
+        self.audit.record(
+            decision,
+            request_id=query.request_id,
+            client=query.client,
+            client_source=client_source,
+            techniques=self.techniques,
+            n_rows=query.n_rows,
+            reason="after_answer",
+        )
+
+    # ------------------------------------------------------------------ metrics
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's .labels() validates and hashes on every call; cache the children
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            self._children[key] = child
+        return child
+
+    def _record(self, policy: CompiledPolicy, decision: Decision, n_rows: int) -> None:
+        if not self.metrics_enabled:
+            return
+        m = self.metrics
+        label = str(decision.action)
+        self._child(m.requests, policy.name, label).inc()
+        self._child(m.rows, policy.name, label).inc(n_rows)
+        for name, action in decision.fired:
+            self._child(m.detections, policy.name, name, str(action)).inc()
+        for r in decision.results:
+            margin = r.score - r.threshold
+            if margin == margin:  # skip NaN
+                self._child(m.score, r.detector).observe(margin)
+
+    def record_outcome(self, policy: str, decision: str, n_rows: int) -> None:
+        """Count a request that ended without a detector decision (``invalid``, ``error``)."""
+        if not self.metrics_enabled:
+            return
+        self._child(self.metrics.requests, policy, decision).inc()
+        self._child(self.metrics.rows, policy, decision).inc(n_rows)
+
+    def count_error(self, component: str) -> None:
+        self._child(self.metrics.errors, component).inc()
+
+    def count_invalid(self, policy: str, reason: str) -> None:
+        self._child(self.metrics.invalid, policy, reason).inc()
+
+    def count_payload(self, policy: str, fmt: str) -> None:
+        if self.metrics_enabled:
+            self._child(self.metrics.payloads, policy, fmt).inc()
+
+    def count_degraded(self, policy: str, outcome: str) -> None:
+        self._child(self.metrics.degraded, policy, outcome).inc()
+
+    def observe_overhead(self, policy: str, seconds: float) -> None:
+        if self.metrics_enabled:
+            self._child(self.metrics.overhead, policy).observe(seconds)
+
+    async def aclose(self) -> None:
+        for policy in self.policies:
+            for det, _ in policy.detectors:
+                try:
+                    await det.aclose()
+                except Exception:
+                    log.exception("closing detector %s failed", det.name)
+        close = getattr(self.store, "aclose", None)
+        if close is not None:
+            await close()
+        self.audit.close()

@@ -1,0 +1,113 @@
+"""The rate arithmetic, one step per limit, shared by the memory backend.
+
+``guard/stores/lua/acquire.lua`` is the same arithmetic in Lua for Redis; keep
+the two in step (the shared test suite runs every case against both). A step
+reads the limit's stored state and returns what the limit answers plus the state
+to store if the request is admitted; nothing is written on a rejection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
+
+__all__ = ["MAX_COST", "check_acquire", "gcra_step", "window_step"]
+
+#: float slack, in units, so that rounding never turns an exact fit into a rejection
+_EPS = 1e-9
+#: largest cost accepted (doubles, in Lua too, hold integers exactly up to 2**53)
+MAX_COST = 1 << 40
+
+
+def check_acquire(checks: Sequence[RateCheck], cost: int) -> None:
+    """Reject malformed acquire calls (programming errors, not backend failures)."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST:
+        raise ValueError(f"cost must be an integer in [0, {MAX_COST}], got {cost!r}")
+    if not checks:
+        raise ValueError("acquire needs at least one limit")
+    keys = [key for key, _ in checks]
+    if len(set(keys)) != len(keys):
+        raise ValueError("acquire keys must be distinct")
+    for _, limit in checks:
+        if not isinstance(limit, GcraLimit | WindowLimit):
+            raise TypeError(f"unsupported limit {limit!r}")
+
+
+def gcra_step(
+    tat: float | None, now: float, limit: GcraLimit, cost: int
+) -> tuple[RateState, float]:
+    """One GCRA check. ``tat`` is the stored theoretical arrival time (``None``: fresh).
+
+    Returns the answer and the new arrival time, which is also the moment the
+    bucket is full again (the state's expiry).
+    """
+    t = limit.interval
+    cap = limit.burst
+    base = now if tat is None or tat < now else tat
+    # units in the bucket now: capacity less what is still owed
+    avail = cap - (base - now) / t
+    if cost <= avail + _EPS:
+        new_tat = base + cost * t
+        state = RateState(True, max(0, math.floor(avail - cost + _EPS)), 0.0, new_tat - now, cap)
+        return state, new_tat
+    need = min(cost, cap)
+    retry = max(0.0, (need - avail) * t)
+    state = RateState(False, max(0, math.floor(avail + _EPS)), retry, base - now, cap)
+    return state, base
+
+
+def window_step(
+    stored: tuple[int, int, int] | None, now: float, limit: WindowLimit, cost: int
+) -> tuple[RateState, tuple[int, int, int], float]:
+    """One sliding-window check (weighted two-window approximation).
+
+    ``stored`` is ``(window index, count in that window, count in the one before)``.
+    Returns the answer, the state to store if admitted, and its expiry time.
+    """
+    period = limit.period
+    cap = limit.limit
+    index = math.floor(now / period)
+    cur = prev = 0
+    if stored is not None:
+        w, c, p = stored
+        if w == index:
+            cur, prev = c, p
+        elif w == index - 1:
+            prev = c
+    frac = now / period - index
+    est = prev * (1.0 - frac) + cur
+    expires = (index + 2) * period
+    if est + cost <= cap + _EPS:
+        cur += cost
+        state = RateState(
+            True, max(0, math.floor(cap - est - cost + _EPS)), 0.0,
+            _window_reset(cur, prev, frac, period), cap,
+        )
+        return state, (index, cur, prev), expires
+    need = min(cost, cap)
+    if est + need <= cap + _EPS:
+        # only for a cost above capacity: the limit is already as free as it gets
+        retry = 0.0
+    elif cur + need <= cap:
+        # the previous window's weight must fade: prev * (1 - f) <= cap - cur - need
+        f = 1.0 - (cap - cur - need) / prev
+        retry = (f - frac) * period
+    else:
+        # wait for the next window, then for this window's weight to fade there
+        f = 1.0 - (cap - need) / cur
+        retry = (1.0 - frac) * period + f * period
+    state = RateState(
+        False, max(0, math.floor(cap - est + _EPS)), max(0.0, retry),
+        _window_reset(cur, prev, frac, period), cap,
+    )
+    return state, (index, cur, prev), expires
+
+
+def _window_reset(cur: int, prev: int, frac: float, period: float) -> float:
+    if cur > 0:
+        return (2.0 - frac) * period
+    if prev > 0:
+        return (1.0 - frac) * period
+    return 0.0

@@ -1,0 +1,43 @@
+"""The rate-limit capability of a store (after ``limits.storage.MovingWindowSupport``).
+
+A backend that can enforce rate limits atomically subclasses both
+:class:`~guard.stores.base.Store` and :class:`RateLimitStore`, and implements
+:meth:`RateLimitStore.acquire`; the single-limit helpers come for free. The rate
+detector's factory checks the capability when the detector is built, not on the
+first request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
+
+__all__ = ["RateLimitStore"]
+
+
+class RateLimitStore(ABC):
+    """Atomic GCRA and sliding-window checks; implements :class:`detectors.store.RateStore`.
+
+    :meth:`acquire` checks several limits in one atomic step and consumes the
+    cost from all of them only when every one admits the request, so a request
+    refused by a daily quota does not eat into the per-second budget. A refused
+    request consumes nothing.
+    """
+
+    @abstractmethod
+    async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
+        """One :class:`RateState` per check, in order; consume ``cost`` only if all admit."""
+
+    async def gcra(
+        self, key: str, *, rate: float, period: float, burst: int, cost: int
+    ) -> RateState:
+        """GCRA (token bucket): ``rate`` units per ``period`` seconds, ``burst`` at once."""
+        (state,) = await self.acquire(((key, GcraLimit(rate, period, burst)),), cost=cost)
+        return state
+
+    async def window(self, key: str, *, limit: int, period: float, cost: int) -> RateState:
+        """Sliding window: at most ``limit`` units in any ``period`` seconds (approximated)."""
+        (state,) = await self.acquire(((key, WindowLimit(limit, period)),), cost=cost)
+        return state

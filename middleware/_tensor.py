@@ -1,0 +1,146 @@
+"""Turning decoded JSON lists into validated float64 row matrices.
+
+Type checks run on whole nesting levels at once (``set(map(type, level))``) and the
+conversion is one ``np.asarray`` call, so no Python loop touches the scalars. The
+types are checked *before* numpy sees the data: numpy would otherwise parse
+``"1.5"`` as a number, turn ``null`` into NaN, and size a string array by its
+longest element (a memory bomb for a list of many short strings and one long one).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.config import LimitsConfig
+from middleware._request import check_rows, check_texts, fail
+
+__all__ = ["Classified", "Leaves", "check_finite", "classify", "finish_rows", "leaves", "to_float"]
+
+_NUMBER = frozenset({int, float})
+_NUMBER_OR_BOOL = frozenset({int, float, bool})
+
+
+class Leaves(NamedTuple):
+    """The innermost level of a nest of lists."""
+
+    #: exact Python types found at the innermost level
+    types: frozenset[type]
+    #: nesting depth of the lists (a flat list is 1)
+    ndim: int
+    #: the innermost values, flattened in row-major order
+    values: list[Any]
+
+
+def leaves(data: list[Any]) -> Leaves:
+    """Flatten ``data`` level by level; 400 ``bad_shape`` if lists and scalars are mixed."""
+    level = data
+    ndim = 1
+    while True:
+        types = frozenset(map(type, level))
+        if list not in types:
+            return Leaves(types, ndim, level)
+        if len(types) != 1:
+            fail(400, "bad_shape", "rows mix nested lists with scalars")
+        level = list(chain.from_iterable(level))
+        ndim += 1
+
+
+def to_float(data: list[Any], found: Leaves, *, allow_bool: bool, what: str) -> NDArray[np.float64]:
+    """Convert numeric nested lists to a finite float64 array of their own shape.
+
+    Raises 400 ``bad_type`` for leaves that are not numbers (bools only when
+    ``allow_bool``), ``bad_shape`` for ragged rows, ``non_finite`` for values
+    that overflow float64.
+    """
+    allowed = _NUMBER_OR_BOOL if allow_bool else _NUMBER
+    if not found.types <= allowed:
+        fail(400, "bad_type", f"{what} must hold numbers only")
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except ValueError:
+        fail(400, "bad_shape", f"{what} has rows of different lengths")
+    except OverflowError:
+        fail(400, "non_finite", f"{what} holds a number too large for float64")
+    check_finite(arr, what)
+    return arr
+
+
+def check_finite(arr: NDArray[np.float64], what: str) -> None:
+    """400 ``non_finite`` when ``arr`` holds NaN or an infinity (e.g. from ``1e999``)."""
+    if not np.isfinite(arr).all():
+        fail(400, "non_finite", f"{what} holds NaN or infinite values")
+
+
+def finish_rows(
+    arr: NDArray[np.float64], limits: LimitsConfig, *, one_d_is_row: bool, what: str
+) -> NDArray[np.float64]:
+    """Shape a numeric array as ``(n_rows, n_features)`` and apply the row/feature limits.
+
+    The first axis is the batch; further axes are flattened into features. A
+    1-D array is one row when ``one_d_is_row`` (a plain JSON array, an OIP tensor
+    of shape ``[k]``), else a batch of single-feature rows (``instances: [1, 2]``).
+    """
+    if arr.ndim == 0:
+        arr = arr.reshape(1, 1)
+    elif arr.ndim == 1:
+        arr = arr.reshape(1, -1) if one_d_is_row else arr.reshape(-1, 1)
+    elif arr.ndim > 2:
+        arr = arr.reshape(arr.shape[0], -1)
+    n_rows, n_features = arr.shape
+    if n_rows > limits.max_rows:
+        fail(413, "too_many_rows", f"the request carries more than {limits.max_rows} rows")
+    if n_rows < 1:
+        fail(400, "bad_shape", "the request carries no rows")
+    if n_features > limits.max_features:
+        fail(400, "too_many_features", f"rows are wider than {limits.max_features} features")
+    if n_features < 1:
+        fail(400, "bad_shape", f"{what} has rows without features")
+    return np.ascontiguousarray(arr)
+
+
+class Classified(NamedTuple):
+    """What an untyped list (instances, a column, a JSON array) turned out to hold."""
+
+    #: float matrix when every leaf is a number or a bool
+    rows: NDArray[np.float64] | None
+    #: the strings, when the list is a flat list of strings
+    texts: tuple[str, ...]
+    #: length of the outer list
+    n_rows: int
+
+
+def classify(
+    data: list[Any], limits: LimitsConfig, *, one_d_is_row: bool, strict: bool, what: str
+) -> Classified:
+    """Classify an untyped list: numbers → rows, strings → texts, objects → opaque.
+
+    With ``strict`` (KServe v1 instances, TF columns, JSON arrays) a mixture of
+    numbers with strings, nulls or objects is 400 ``bad_type``: a model server's
+    lenient coercion (``"1.5"`` → 1.5) must not let rows slip past the detectors.
+    Without it (MLflow data frames, whose columns legitimately mix types) such a
+    list is opaque: ``rows`` is ``None`` and only the row count is kept.
+    """
+    if len(data) > limits.max_rows and (isinstance(data[0], list) or not one_d_is_row):
+        # fail before converting a huge batch; a flat list that is one row is
+        # bounded by max_features instead
+        fail(413, "too_many_rows", f"the request carries more than {limits.max_rows} rows")
+    found = leaves(data)
+    if not found.values:
+        fail(400, "bad_shape", f"{what} is empty")
+    if found.types <= _NUMBER_OR_BOOL:
+        arr = to_float(data, found, allow_bool=True, what=what)
+        rows = finish_rows(arr, limits, one_d_is_row=one_d_is_row, what=what)
+        return Classified(rows, (), rows.shape[0])
+    if found.types == {str}:
+        check_rows(len(data), limits)
+        texts = tuple(found.values) if found.ndim == 1 else ()
+        check_texts(texts, limits)
+        return Classified(None, texts, len(data))
+    if found.types == {dict} or not strict:
+        check_rows(len(data), limits)
+        return Classified(None, (), len(data))
+    fail(400, "bad_type", f"{what} mixes numbers with strings, nulls or objects")

@@ -1,0 +1,361 @@
+"""``GuardMiddleware``: the pure-ASGI face of inference-guard.
+
+Wrap any ASGI app (Starlette, FastAPI, a proxy)::
+
+    app = GuardMiddleware(app, config="guard.yaml")
+    # or, with Starlette / FastAPI:
+    app.add_middleware(GuardMiddleware, config="guard.yaml")
+
+Per request on a policy route: identify the client, read the body under a cap,
+parse it into rows or texts (refusing bad input with a 4xx), let the policy's
+detectors decide, then block, throttle, or pass the request on (replaying the
+body unchanged) and watch or degrade the answer. Everything else (non-http
+scopes, routes no policy matches) passes straight through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from detectors.base import Answer, Query
+from guard.config import DegradeConfig, GuardConfig
+from guard.decisions import Action, Decision
+from guard.errors import PayloadError
+from guard.identity import ClientId
+from guard.pipeline import FailClosed, Guard
+from guard.policy import CompiledPolicy
+from middleware._body import BodyReader, ClientDisconnected
+from middleware._responder import Responder
+from middleware._responses import send_error
+from middleware.adapters import ParsedRequest, parse_request, parse_response
+from middleware.degrade import degrade_response
+from middleware.metrics_endpoint import serve_metrics
+from middleware.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["GuardMiddleware"]
+
+log = logging.getLogger("guard")
+
+_CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
+
+
+class GuardMiddleware:
+    """Pure-ASGI inference guard.
+
+    Parameters
+    ----------
+    app:
+        The ASGI application to protect.
+    config:
+        A path to a YAML file, a mapping, a :class:`~guard.config.GuardConfig`,
+        or ``None`` for the safe defaults.
+    registry:
+        Prometheus registry for the guard's metrics (a fresh one by default).
+    clock:
+        Monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: str | os.PathLike[str] | Mapping[str, Any] | GuardConfig | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Any = time.monotonic,
+        guard: Guard | None = None,
+    ) -> None:
+        self.app = app
+        self.config = GuardConfig.load(config)
+        self.guard = (
+            guard if guard is not None else Guard(self.config, registry=registry, clock=clock)
+        )
+        self._clock = clock
+        self._metrics_path = self.config.metrics.path if self.config.metrics.enabled else ""
+        self._limits = self.config.limits
+        self._identity_headers = (
+            frozenset(h.encode("latin-1") for h in self.config.client_identity.api_key_headers)
+            | frozenset(_CREDENTIAL_LIKE)
+            | {self.config.client_identity.forwarded_header.encode("latin-1")}
+        )
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid_counter = 0
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.guard.metrics.registry
+
+    def _request_id(self) -> str:
+        # unique per process without a syscall per request: random prefix + counter
+        self._rid_counter += 1
+        return f"{self._rid_prefix}{os.getpid() & 0xFFFF:04x}{self._rid_counter:010x}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == self._metrics_path and method in ("GET", "HEAD"):
+            await serve_metrics(self.guard.metrics.registry, send)
+            return
+        policy = self.guard.match(method, path)
+        request_id = self._request_id()
+        if policy is None:
+            await self.app(scope, receive, _with_request_id(send, request_id))
+            return
+        await self._guarded(policy, scope, receive, send, request_id)
+
+    async def _guarded(
+        self, policy: CompiledPolicy, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        started = time.perf_counter()
+        guard = self.guard
+        reader = BodyReader(receive, self._limits.max_body_bytes)
+        client: ClientId | None = None
+        parsed: ParsedRequest | None = None
+        try:
+            headers = self._headers(scope)
+            client = guard.identifier.identify(headers, _peer(scope))
+            if policy.passthrough:
+                decision = await guard.decide(policy, self._query(policy, client, None, request_id))
+            else:
+                length = headers.get(b"content-length")
+                if length is not None and (not length.isdigit() or int(length) > reader.limit):
+                    raise PayloadError(
+                        413 if length.isdigit() else 400,
+                        "body_too_large" if length.isdigit() else "bad_header",
+                        f"request body exceeds {reader.limit} bytes"
+                        if length.isdigit()
+                        else "malformed content-length",
+                    )
+                body = await reader.read()
+                parsed = self._parse(policy, body, path=scope["path"], headers=headers)
+                guard.count_payload(policy.name, parsed.fmt)
+                query = self._query(policy, client, parsed, request_id)
+                decision = await guard.decide(policy, query)
+        except PayloadError as exc:
+            await self._refuse_invalid(policy, exc, client, request_id, send, started)
+            return
+        except ClientDisconnected:
+            return
+        except FailClosed as exc:
+            guard.record_outcome(policy.name, "error", 1)
+            log.warning(
+                "guard failure (%s) on policy %s: failing closed", exc.component, policy.name
+            )
+            await send_error(send, 503, request_id)
+            return
+        except Exception:
+            guard.count_error("internal")
+            guard.record_outcome(policy.name, "error", 1)
+            log.exception("guard failure on policy %s", policy.name)
+            if policy.failure_mode == "fail_closed":
+                await send_error(send, 503, request_id)
+                return
+            # fail open: the request goes on, with whatever body was consumed replayed
+            await self.app(scope, reader.replay(), _with_request_id(send, request_id))
+            return
+
+        if decision.recorded:
+            guard.audit.record(
+                decision,
+                request_id=request_id,
+                client=client.id,
+                client_source=client.source,
+                techniques=guard.techniques,
+                n_rows=parsed.n_rows if parsed else 1,
+            )
+        if decision.action is Action.BLOCK:
+            guard.observe_overhead(policy.name, time.perf_counter() - started)
+            await send_error(send, 403, request_id, headers=decision.headers)
+            return
+        if decision.action is Action.THROTTLE:
+            guard.observe_overhead(policy.name, time.perf_counter() - started)
+            await send_error(
+                send,
+                429,
+                request_id,
+                headers=decision.headers,
+                retry_after=decision.retry_after if decision.retry_after is not None else 1.0,
+            )
+            return
+        app_receive = reader.replay() if reader.complete else receive
+        await self._forward(
+            policy, scope, app_receive, send, request_id, decision, parsed, client, started
+        )
+
+    async def _forward(
+        self,
+        policy: CompiledPolicy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        decision: Decision,
+        parsed: ParsedRequest | None,
+        client: ClientId,
+        started: float,
+    ) -> None:
+        guard = self.guard
+        degrade = self._degrade_spec(policy, decision)
+        observe = policy.observes and parsed is not None
+        extra = [(b"x-request-id", request_id.encode())]
+        extra.extend(
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers
+        )
+        fmt = parsed.fmt if parsed is not None else "unknown"
+        rewrite = None
+        if degrade is not None:
+            rewrite = partial(_degrade, fmt=fmt, spec=degrade)
+        responder = Responder(
+            send, extra, capture=observe, rewrite=rewrite, limit=self._limits.max_response_bytes
+        )
+        before = time.perf_counter() - started
+        await self.app(scope, receive, responder.send)
+        after_started = time.perf_counter()
+        if degrade is not None:
+            guard.count_degraded(
+                policy.name,
+                "degraded"
+                if responder.degraded
+                else ("unparsed" if responder.rewrite_failed else "passed_through"),
+            )
+        if observe and parsed is not None:
+            body = responder.body
+            answer: Answer | None = None
+            if body is not None:
+                try:
+                    answer = parse_response(body, fmt=fmt, content_type=responder.content_type)
+                except Exception:
+                    guard.count_error("response")
+                    answer = None
+            if answer is None:
+                answer = Answer(status=responder.status)
+            elif answer.status != responder.status:
+                answer = Answer(responder.status, answer.labels, answer.probabilities)
+            if 200 <= responder.status < 300:
+                await guard.observe(
+                    policy,
+                    self._query(policy, client, parsed, request_id),
+                    answer,
+                    client_source=client.source,
+                )
+        guard.observe_overhead(policy.name, before + (time.perf_counter() - after_started))
+
+    def _degrade_spec(self, policy: CompiledPolicy, decision: Decision) -> DegradeConfig | None:
+        spec = policy.config.degrade
+        if decision.action is Action.DEGRADE or spec.always:
+            return spec
+        return None
+
+    def _parse(
+        self, policy: CompiledPolicy, body: bytes, *, path: str, headers: Mapping[bytes, bytes]
+    ) -> ParsedRequest:
+        str_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        ctype = str_headers.get("content-type")
+        if not policy.config.validate:
+            try:
+                return parse_request(
+                    body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
+                )
+            except PayloadError:
+                return ParsedRequest(fmt="unknown", rows=None)
+        return parse_request(
+            body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
+        )
+
+    def _headers(self, scope: Scope) -> dict[bytes, bytes]:
+        headers: dict[bytes, bytes] = {}
+        identity = self._identity_headers
+        for name, value in scope.get("headers", ()):
+            if name in headers:
+                if name in identity and headers[name] != value:
+                    # two different credentials (or forwarding chains) in one request
+                    raise PayloadError(400, "bad_header", f"conflicting {name.decode()} headers")
+                if name not in identity:
+                    headers[name] = headers[name] + b", " + value
+                continue
+            headers[name] = value
+        return headers
+
+    def _query(
+        self,
+        policy: CompiledPolicy,
+        client: ClientId,
+        parsed: ParsedRequest | None,
+        request_id: str,
+    ) -> Query:
+        if parsed is None:
+            return Query(
+                client=client.id,
+                policy=policy.name,
+                rows=None,
+                n_rows=1,
+                now=self._clock(),
+                request_id=request_id,
+            )
+        return Query(
+            client=client.id,
+            policy=policy.name,
+            rows=parsed.rows,
+            texts=parsed.texts,
+            n_rows=parsed.n_rows,
+            fmt=parsed.fmt,
+            now=self._clock(),
+            request_id=request_id,
+            extra=parsed.extra,
+        )
+
+    async def _refuse_invalid(
+        self,
+        policy: CompiledPolicy,
+        exc: PayloadError,
+        client: ClientId | None,
+        request_id: str,
+        send: Send,
+        started: float,
+    ) -> None:
+        guard = self.guard
+        guard.count_invalid(policy.name, exc.reason)
+        guard.record_outcome(policy.name, "invalid", 1)
+        guard.audit.record_invalid(
+            policy=policy.name,
+            request_id=request_id,
+            client=client.id if client else "unidentified",
+            client_source=client.source if client else "none",
+            status=exc.status,
+            reason=exc.reason,
+        )
+        guard.observe_overhead(policy.name, time.perf_counter() - started)
+        await send_error(send, exc.status, request_id, message=exc.message)
+
+
+def _degrade(
+    body: bytes, content_type: str | None, *, fmt: str, spec: DegradeConfig
+) -> bytes | None:
+    return degrade_response(body, fmt=fmt, content_type=content_type, spec=spec)
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    if client:
+        return str(client[0])
+    return None
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    header = (b"x-request-id", request_id.encode())
+
+    async def wrapped(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return wrapped
