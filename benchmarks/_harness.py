@@ -22,8 +22,10 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def today() -> str:
@@ -37,14 +39,28 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(factory: str, *, env: dict[str, str] | None = None, workers: int = 1,
-          ready: str = "/healthz") -> Iterator[str]:
+def serve(
+    factory: str, *, env: dict[str, str] | None = None, workers: int = 1, ready: str = "/healthz"
+) -> Iterator[str]:
     """Run ``uvicorn --factory benchmarks.apps:<factory>`` on 127.0.0.1; yield its base URL."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", str(workers), "--log-level", "error",
-           "--no-access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        factory,
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "error",
+        "--no-access-log",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
     try:
         deadline = time.monotonic() + 60
@@ -71,8 +87,9 @@ def serve(factory: str, *, env: dict[str, str] | None = None, workers: int = 1,
             proc.kill()
 
 
-def latencies(url: str, path: str, body: bytes, n: int,
-              headers: dict[str, str] | None = None) -> list[float]:
+def latencies(
+    url: str, path: str, body: bytes, n: int, headers: dict[str, str] | None = None
+) -> list[float]:
     """Sequential round trips over one keep-alive connection; seconds each."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -99,8 +116,9 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def wrk(url: str, path: str, body: bytes, *, seconds: int, connections: int,
-        threads: int = 1) -> tuple[float, float, float] | None:
+def wrk(
+    url: str, path: str, body: bytes, *, seconds: int, connections: int, threads: int = 1
+) -> tuple[float, float, float] | None:
     """(requests/s, p50 s, p99 s) from wrk, or None when wrk is not installed."""
     exe = shutil.which("wrk")
     if exe is None:
@@ -114,9 +132,19 @@ def wrk(url: str, path: str, body: bytes, *, seconds: int, connections: int,
     )
     try:
         out = subprocess.run(
-            [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-             "-s", str(script), url + path],
-            capture_output=True, text=True, check=True,
+            [
+                exe,
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                str(script),
+                url + path,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     finally:
         script.unlink(missing_ok=True)

@@ -29,8 +29,11 @@ def bare() -> ASGIApp:
 
 def guarded() -> ASGIApp:
     """The guard with payload validation on (the defaults), or ``BENCH_CONFIG``."""
-    return GuardMiddleware(build_model_app(), config=os.environ.get("BENCH_CONFIG") or None,
-                           registry=CollectorRegistry())
+    return GuardMiddleware(
+        build_model_app(),
+        config=os.environ.get("BENCH_CONFIG") or None,
+        registry=CollectorRegistry(),
+    )
 
 
 def metrics_only() -> ASGIApp:

@@ -26,16 +26,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
 from benchmarks import apps
 from benchmarks._harness import (
-    latencies, machine, median, pct, serve, today, wrk, write_section,
+    latencies,
+    machine,
+    median,
+    pct,
+    serve,
+    today,
+    write_section,
+    wrk,
 )
 from middleware.asgi import GuardMiddleware
 from middleware.demo import build_model_app, train_digits_model
@@ -48,8 +58,9 @@ VARIANTS = ("bare", "guarded", "metrics_only", "starlette_exporter")
 def request_body() -> bytes:
     model = train_digits_model()
     row = model.X_test[0].astype(float).tolist()
-    return json.dumps({"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32",
-                                   "data": row}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": row}]}
+    ).encode()
 
 
 def in_process_apps() -> dict[str, ASGIApp]:
@@ -60,21 +71,36 @@ def in_process_apps() -> dict[str, ASGIApp]:
     exporter.add_middleware(PrometheusMiddleware, app_name="digits", group_paths=True)
     return {
         "bare": build_model_app(model),
-        "guarded": GuardMiddleware(build_model_app(model), registry=CollectorRegistry(),
-                                   config={"audit": {"enabled": False}}),
-        "metrics_only": GuardMiddleware(build_model_app(model), config=apps.METRICS_ONLY,
-                                        registry=CollectorRegistry()),
+        "guarded": GuardMiddleware(
+            build_model_app(model),
+            registry=CollectorRegistry(),
+            config={"audit": {"enabled": False}},
+        ),
+        "metrics_only": GuardMiddleware(
+            build_model_app(model), config=apps.METRICS_ONLY, registry=CollectorRegistry()
+        ),
         "starlette_exporter": exporter,
     }
 
 
 async def _call_times(app: ASGIApp, body: bytes, n: int) -> list[float]:
     scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": PATH, "raw_path": PATH.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
     }
     status: list[int] = []
 
@@ -98,7 +124,7 @@ async def _call_times(app: ASGIApp, body: bytes, n: int) -> list[float]:
 def in_process(body: bytes, rounds: int, n: int) -> dict[str, list[float]]:
     built = in_process_apps()
     times: dict[str, list[float]] = {k: [] for k in built}
-    for k, app in built.items():  # warm-up
+    for app in built.values():  # warm-up
         asyncio.run(_call_times(app, body, 200))
     for _ in range(rounds):
         for k, app in built.items():
@@ -106,17 +132,24 @@ def in_process(body: bytes, rounds: int, n: int) -> dict[str, list[float]]:
     return times
 
 
-def over_http(body: bytes, rounds: int, n: int, wrk_seconds: int) -> tuple[
-        dict[str, list[float]], dict[str, list[tuple[float, float, float]]]]:
+def over_http(
+    body: bytes, rounds: int, n: int, wrk_seconds: int
+) -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float, float]]]]:
     lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
     thr: dict[str, list[tuple[float, float, float]]] = {k: [] for k in VARIANTS}
     env = {"PROMETHEUS_MULTIPROC_DIR": ""}
-    with serve("benchmarks.apps:bare", env=env) as bare, \
-         serve("benchmarks.apps:guarded", env=env) as guarded, \
-         serve("benchmarks.apps:metrics_only", env=env) as metrics_only, \
-         serve("benchmarks.apps:starlette_exporter", env=env) as exporter:
-        urls = {"bare": bare, "guarded": guarded, "metrics_only": metrics_only,
-                "starlette_exporter": exporter}
+    with (
+        serve("benchmarks.apps:bare", env=env) as bare,
+        serve("benchmarks.apps:guarded", env=env) as guarded,
+        serve("benchmarks.apps:metrics_only", env=env) as metrics_only,
+        serve("benchmarks.apps:starlette_exporter", env=env) as exporter,
+    ):
+        urls = {
+            "bare": bare,
+            "guarded": guarded,
+            "metrics_only": metrics_only,
+            "starlette_exporter": exporter,
+        }
         for url in urls.values():
             latencies(url, PATH, body, 200)  # warm-up
         for _ in range(rounds):
@@ -161,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|",
     ]
     for k in proc:
-        lines.append(f"| {k} | {us(pm[k])} | {us(pct(proc[k], 0.99))} | "
-                     f"{us(pm[k] - pm['bare']) if k != 'bare' else '—'} |")
+        lines.append(
+            f"| {k} | {us(pm[k])} | {us(pct(proc[k], 0.99))} | "
+            f"{us(pm[k] - pm['bare']) if k != 'bare' else '—'} |"
+        )
     lines += [
         "",
         "### Over real HTTP (uvicorn, 1 worker each, sequential keep-alive client)",
@@ -173,8 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     hm = {k: median(v) for k, v in lat.items()}
     for k in VARIANTS:
         rps = f"{median([t[0] for t in thr[k]]):.0f}" if thr[k] else "n/a (wrk not installed)"
-        lines.append(f"| {k} | {us(hm[k])} | {us(pct(lat[k], 0.99))} | "
-                     f"{us(hm[k] - hm['bare']) if k != 'bare' else '—'} | {rps} |")
+        lines.append(
+            f"| {k} | {us(hm[k])} | {us(pct(lat[k], 0.99))} | "
+            f"{us(hm[k] - hm['bare']) if k != 'bare' else '—'} | {rps} |"
+        )
     added = pm["guarded"] - pm["bare"]
     mo, se = pm["metrics_only"] - pm["bare"], pm["starlette_exporter"] - pm["bare"]
     lines += [

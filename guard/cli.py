@@ -71,7 +71,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _optional(module: str, name: str) -> object | None:
     try:
-        return getattr(importlib.import_module(module), name)
+        value: object = getattr(importlib.import_module(module), name)
+        return value
     except (ImportError, AttributeError):
         return None
 

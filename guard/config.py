@@ -367,6 +367,7 @@ class _Validator:
             self.fail(_join(key, name), f"must be a list of strings, got {_type_name(value)}")
             return default
         out: list[str] = []
+        before = len(self.problems)
         for i, item in enumerate(value):
             item_key = f"{_join(key, name)}[{i}]"
             if not isinstance(item, str):
@@ -378,7 +379,7 @@ class _Validator:
                     self.fail(item_key, problem)
                     continue
             out.append(item)
-        if nonempty and not out and not any(k == _join(key, name) for k, _ in self.problems):
+        if nonempty and not out and len(self.problems) == before:
             self.fail(_join(key, name), "must not be empty")
         return tuple(out)
 

@@ -33,6 +33,7 @@ __all__ = ["ClientId", "ClientIdentifier"]
 log = logging.getLogger("guard.identity")
 
 _MAX_KEY_LEN = 4096
+_MEMO_SIZE = 4096
 _MAX_FORWARDED_LEN = 2048
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,6 +66,8 @@ class ClientIdentifier:
                 )
                 secret = secrets.token_bytes(32)
         self._secret = secret
+        # hashing costs microseconds; clients repeat, so keep a bounded memo of recent ids
+        self._memo: dict[tuple[str, bytes | str], str] = {}
         self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
         self._forwarded = config.forwarded_header.encode("latin-1")
         self._trusted: tuple[IPNetwork, ...] = tuple(
@@ -72,8 +75,19 @@ class ClientIdentifier:
         )
 
     def hash(self, kind: str, value: str | bytes) -> str:
+        """``HMAC-SHA256(secret, kind:value)``, hex, truncated to 128 bits."""
+        memo_key = (kind, value)
+        cached = self._memo.get(memo_key)
+        if cached is not None:
+            return cached
         raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-        return hmac.new(self._secret, kind.encode() + b":" + raw, hashlib.sha256).hexdigest()[:32]
+        digest = hmac.new(self._secret, kind.encode() + b":" + raw, hashlib.sha256).hexdigest()
+        memo = self._memo
+        if len(memo) >= _MEMO_SIZE:
+            # bounded: drop the oldest entry (dicts keep insertion order)
+            del memo[next(iter(memo))]
+        memo[memo_key] = digest[:32]
+        return digest[:32]
 
     def identify(self, headers: Mapping[bytes, bytes], peer: str | None) -> ClientId:
         """Identify the client; raise PayloadError(400, "bad_header") for spoofed or bad headers.

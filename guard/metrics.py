@@ -150,7 +150,7 @@ def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST
     if registry is None:
         from prometheus_client import REGISTRY

@@ -87,7 +87,7 @@ class Guard:
             from guard.stores.resilient import ResilientStore
         except ImportError:  # pragma: no cover - until the resilient wrapper exists
             return base
-        return ResilientStore.from_config(  # type: ignore[no-any-return]
+        return ResilientStore.from_config(
             base, self.config.state, clock=self.clock, on_event=self.metrics.store_event
         )
 
@@ -262,7 +262,8 @@ class Guard:
         if not self.metrics_enabled:
             return
         self._child(self.metrics.requests, policy, decision).inc()
-        self._child(self.metrics.rows, policy, decision).inc(n_rows)
+        if n_rows:
+            self._child(self.metrics.rows, policy, decision).inc(n_rows)
 
     def count_error(self, component: str) -> None:
         self._child(self.metrics.errors, component).inc()

@@ -21,10 +21,11 @@ from middleware._request import fail
 __all__ = ["is_json_media_type", "json_depth_exceeds", "load_json", "load_json_lenient"]
 
 _BOM = b"\xef\xbb\xbf"
-#: a JSON string literal (valid JSON only), unrolled so that it never backtracks
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: every byte but the brackets and the quote, for ``bytes.translate(None, delete)``
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+#: a string literal once escapes are gone and only structure bytes are left
+_STRING = re.compile(rb'"[^"]*"')
 _OPEN = (ord("["), ord("{"))
-_CLOSE = (ord("]"), ord("}"))
 
 
 class _NonFinite(Exception):
@@ -55,19 +56,24 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     """True when the (valid) JSON document ``body`` nests deeper than ``limit``.
 
     Depth counts containers: ``[[1]]`` has depth 2. When the document holds no
-    more brackets than ``limit`` the answer is known without looking further;
-    otherwise string literals are cut out with one regex pass and the bracket
-    depth is a cumulative sum in numpy.
+    more brackets than ``limit`` the answer is known without looking further.
+    Otherwise every pass is a C loop over the bytes: drop escaped backslashes,
+    then escaped quotes (in valid JSON a backslash always starts an escape, so
+    left-to-right pairing is exact), keep only brackets and quotes, cut out the
+    string literals, and take the running bracket depth in numpy.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    stripped = _STRING.sub(b"", body) if b'"' in body else body
-    arr = np.frombuffer(stripped, dtype=np.uint8)
-    opens = (arr == _OPEN[0]) | (arr == _OPEN[1])
-    closes = (arr == _CLOSE[0]) | (arr == _CLOSE[1])
-    idx = np.flatnonzero(opens | closes)
-    steps = np.where(opens[idx], 1, -1).astype(np.int64)
-    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = body.translate(None, _NOT_STRUCTURE)
+    if b'"' in structure:
+        structure = _STRING.sub(b"", structure)
+    arr = np.frombuffer(structure, dtype=np.uint8)
+    if not arr.size:
+        return False
+    steps = np.where((arr == _OPEN[0]) | (arr == _OPEN[1]), 1, -1)
+    return int(np.cumsum(steps).max()) > limit
 
 
 def load_json(body: bytes, *, max_depth: int) -> Any:
@@ -109,7 +115,9 @@ def load_json_lenient(body: bytes, content_type: str | None) -> Any | None:
     """Decode a model's answer; ``None`` for anything that is not a JSON document."""
     if not is_json_media_type(content_type):
         return None
+    if body.startswith(_BOM):
+        body = body[len(_BOM):]
     try:
-        return _LENIENT.decode(body.decode("utf-8-sig"))
+        return _LENIENT.decode(body.decode("utf-8"))
     except (ValueError, RecursionError, MemoryError):
         return None

@@ -110,6 +110,13 @@ class GuardMiddleware:
         if policy is None:
             await self.app(scope, receive, _with_request_id(send, request_id))
             return
+        if policy.passthrough and not self.guard.quarantine_enabled:
+            # metrics only: nothing to parse or decide; count and pass on untouched
+            started = time.perf_counter()
+            self.guard.record_outcome(policy.name, "allow", 0)
+            self.guard.observe_overhead(policy.name, time.perf_counter() - started)
+            await self.app(scope, receive, _with_request_id(send, request_id))
+            return
         await self._guarded(policy, scope, receive, send, request_id)
 
     async def _guarded(

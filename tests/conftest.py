@@ -70,8 +70,19 @@ def run_server(
     full_env = {**os.environ, "GUARD_TEST_CONFIG": str(cfg_path), "PYTHONPATH": str(ROOT)}
     full_env.update(env or {})
     cmd = [
-        sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -29,19 +29,30 @@ def stream_app() -> ASGIApp:
         if scope["type"] != "http":
             return
         if scope["path"] == "/healthz":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/plain")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/plain")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"ok"})
             return
         while True:  # drain the request body
             msg = await receive()
             if not msg.get("more_body"):
                 break
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         for i in range(3):
-            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(),
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True}
+            )
             await asyncio.sleep(0.3)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 

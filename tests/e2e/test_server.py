@@ -17,8 +17,16 @@ V2 = "/v2/models/digits/infer"
 
 
 def v2(rows: list[list[float]]) -> dict[str, object]:
-    return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP32",
-                        "data": [x for r in rows for x in r]}]}
+    return {
+        "inputs": [
+            {
+                "name": "input-0",
+                "shape": [len(rows), len(rows[0])],
+                "datatype": "FP32",
+                "data": [x for r in rows for x in r],
+            }
+        ]
+    }
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -41,11 +49,15 @@ def test_guarded_demo_over_real_http(tmp_path: Path) -> None:
         bad = c.post(V2, content=b"{nope", headers={"content-type": "application/json"})
         assert bad.status_code == 400
         assert bad.json()["error"]["code"] == "invalid_request"
-        nan = c.post(V2, content=b'{"inputs":[{"name":"x","shape":[1,1],"datatype":"FP32",'
-                                 b'"data":[NaN]}]}', headers={"content-type": "application/json"})
+        nan = c.post(
+            V2,
+            content=b'{"inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[NaN]}]}',
+            headers={"content-type": "application/json"},
+        )
         assert nan.status_code == 400
-        big = c.post(V2, content=b"[" + b"1," * 600_000 + b"1]",
-                     headers={"content-type": "application/json"})
+        big = c.post(
+            V2, content=b"[" + b"1," * 600_000 + b"1]", headers={"content-type": "application/json"}
+        )
         assert big.status_code == 413
         text = c.get("/metrics").text
         assert metric(text, "guard_requests_total", policy="inference", decision="allow") == 1
@@ -83,8 +95,10 @@ def test_multiprocess_metrics_aggregate_across_workers(tmp_path: Path) -> None:
                 r = httpx.post(srv.url + V2, json=v2([[1.0] * 64]), timeout=10)
                 assert r.status_code == 200
                 pids.add(r.headers["x-request-id"][8:12])
-            totals = [metric(c.get("/metrics").text, "guard_requests_total", decision="allow")
-                      for _ in range(6)]
+            totals = [
+                metric(c.get("/metrics").text, "guard_requests_total", decision="allow")
+                for _ in range(6)
+            ]
         assert len(pids) == 2, "both workers should have served requests"
         # whichever worker answers /metrics, it reports every worker's requests
         assert set(totals) == {40.0}

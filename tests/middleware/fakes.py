@@ -30,8 +30,13 @@ class FixedDetector(Detector):
         if self.fire_at is not None and query.rows is not None and query.rows.size:
             fire = bool(query.rows[:, 0].max() >= self.fire_at)
         return DetectorResult(
-            self.name, score=-1.0 if fire else 1.0, threshold=0.0, anomalous=fire,
-            reason="fixed", rows_flagged=int(fire), retry_after=self.retry_after,
+            self.name,
+            score=-1.0 if fire else 1.0,
+            threshold=0.0,
+            anomalous=fire,
+            reason="fixed",
+            rows_flagged=int(fire),
+            retry_after=self.retry_after,
             headers=(("RateLimit", '"fake";r=1;t=1'),),
         )
 
@@ -77,7 +82,8 @@ register_detector(
     "test-observe", lambda s, c: ObservingDetector(s.name, bool(s.params.get("fire"))), replace=True
 )
 register_detector(
-    "test-broken", lambda s, c: BrokenDetector(s.name, str(s.params.get("kind", "bug"))),
+    "test-broken",
+    lambda s, c: BrokenDetector(s.name, str(s.params.get("kind", "bug"))),
     replace=True,
 )
 
@@ -88,7 +94,9 @@ V2_ANSWER = {
     "outputs": [
         {"name": "label", "shape": [2], "datatype": "INT64", "data": [1, 0]},
         {
-            "name": "probabilities", "shape": [2, 3], "datatype": "FP32",
+            "name": "probabilities",
+            "shape": [2, 3],
+            "datatype": "FP32",
             "data": [0.1234567, 0.7654321, 0.1111112, 0.5, 0.25, 0.25],
         },
     ],
@@ -113,9 +121,14 @@ class EchoApp:
                 break
         self.bodies.append(body)
         payload = json.dumps(self.answer).encode()
-        await send({
-            "type": "http.response.start", "status": 200,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode())],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})

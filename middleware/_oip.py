@@ -1,0 +1,141 @@
+"""Open Inference Protocol (KServe v2, Triton, MLServer) requests.
+
+Every input tensor is validated: its ``shape`` must be non-negative integers whose
+product equals the number of data elements, and numeric datatypes must carry
+numbers only (``BOOL`` may carry ``true``/``false``). The feature matrix comes
+from the **first numeric input** (``FP*``, ``BF16``, ``INT*``, ``UINT*``, ``BOOL``);
+the others are validated but not returned. ``BYTES`` inputs of strings become
+texts (in a binary request only their byte count is checked); inputs of an
+unknown datatype are passed through unparsed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.config import LimitsConfig
+from middleware._binary import NUMPY_DTYPES, decode_tensor
+from middleware._request import ParsedRequest, check_rows, check_texts, fail
+from middleware._tensor import finish_rows, leaves, to_float
+
+__all__ = ["parse_oip"]
+
+_MAX_DIMS = 32
+
+
+def _dims(shape: object) -> list[int]:
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        fail(400, "bad_shape", f"an input's 'shape' must be a list of at most {_MAX_DIMS} integers")
+    for d in shape:
+        if type(d) is not int or d < 0:
+            fail(400, "bad_shape", "an input's 'shape' must hold non-negative integers")
+    return shape
+
+
+def _binary_size(tensor: dict[str, Any]) -> int | None:
+    params = tensor.get("parameters")
+    if not isinstance(params, dict) or "binary_data_size" not in params:
+        return None
+    size = params["binary_data_size"]
+    if type(size) is not int or size < 0:
+        fail(400, "bad_shape", "binary_data_size must be a non-negative integer")
+    return size
+
+
+def _json_tensor(data: object, dims: list[int], count: int, datatype: str) -> NDArray[np.float64]:
+    if not isinstance(data, list):
+        fail(400, "bad_type", "an input's 'data' must be a list")
+    found = leaves(data)
+    if len(found.values) != count:
+        fail(400, "bad_shape", "an input's data does not match its shape")
+    arr = to_float(data, found, allow_bool=datatype == "BOOL", what=f"a {datatype} input")
+    return arr.reshape(dims)
+
+
+def _json_strings(data: object, count: int) -> tuple[str, ...] | None:
+    """The strings of a ``BYTES`` input, or ``None`` when they are not plain strings."""
+    if isinstance(data, str):
+        return (data,)
+    if not isinstance(data, list):
+        return None
+    found = leaves(data)
+    if len(found.values) != count:
+        fail(400, "bad_shape", "an input's data does not match its shape")
+    return tuple(found.values) if found.types == {str} else None
+
+
+def _asks_binary_output(doc: dict[str, Any]) -> bool:
+    params = doc.get("parameters")
+    if isinstance(params, dict) and params.get("binary_data_output") is True:
+        return True
+    outputs = doc.get("outputs")
+    return isinstance(outputs, list) and any(
+        isinstance(o, dict)
+        and isinstance(o.get("parameters"), dict)
+        and o["parameters"].get("binary_data") is True
+        for o in outputs
+    )
+
+
+def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) -> ParsedRequest:
+    """Parse an OIP v2 request document (``binary``: the tensor section of a binary request)."""
+    if not isinstance(doc, dict):
+        fail(400, "bad_type", "the request body must be a JSON object")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        fail(400, "bad_shape", "'inputs' must be a non-empty list of tensors")
+    rows: NDArray[np.float64] | None = None
+    n_rows: int | None = None
+    texts: list[str] = []
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            fail(400, "bad_type", "each input must be a JSON object")
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str):
+            fail(400, "bad_type", "each input needs a string 'datatype'")
+        dims = _dims(tensor.get("shape"))
+        count = math.prod(dims)
+        size = _binary_size(tensor) if binary is not None else None
+        numeric = datatype in NUMPY_DTYPES
+        arr: NDArray[np.float64] | None = None
+        if size is not None:
+            assert binary is not None  # _binary_size only runs for binary requests
+            if "data" in tensor:
+                fail(400, "bad_shape", "an input carries both 'data' and binary data")
+            if offset + size > len(binary):
+                fail(400, "bad_shape", "binary_data_size runs past the end of the body")
+            if numeric:
+                arr = decode_tensor(binary, offset, size, datatype, count).reshape(dims)
+            offset += size
+        elif "data" not in tensor:
+            fail(400, "bad_shape", "an input has no 'data'")
+        elif numeric:
+            arr = _json_tensor(tensor["data"], dims, count, datatype)
+        elif datatype == "BYTES":
+            strings = _json_strings(tensor["data"], count)
+            texts.extend(strings or ())
+        if arr is not None:
+            matrix = finish_rows(arr, limits, one_d_is_row=True, what="an input tensor")
+            if rows is None:
+                rows, n_rows = matrix, matrix.shape[0]
+        elif n_rows is None:
+            n_rows = dims[0] if dims else 1
+    if binary is not None and offset != len(binary):
+        fail(400, "bad_shape", "the binary data does not match the inputs' binary_data_size")
+    assert n_rows is not None  # inputs is non-empty
+    if rows is None:
+        check_rows(n_rows, limits)
+    text_tuple = tuple(texts)
+    if text_tuple:
+        check_texts(text_tuple, limits)
+    extra: dict[str, Any] = {}
+    if binary is not None:
+        extra["binary"] = True
+    if ("parameters" in doc or "outputs" in doc) and _asks_binary_output(doc):
+        extra["binary_output"] = True
+    return ParsedRequest("oip_v2", rows, text_tuple, n_rows, extra)

@@ -1,0 +1,189 @@
+"""Output coarsening: rewrite a model's JSON answer so that it leaks less.
+
+Rounding probabilities to 2-3 decimals weakens equation-solving extraction;
+top-k and labels-only answers cut what each query tells an attacker; dropping
+an LLM's ``logprobs`` removes its probability vector (THREAT_MODEL.md, "Output
+coarsening"). Only what :mod:`middleware._answers` recognises as probabilities
+is touched, so a regression output passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.config import DegradeConfig
+from middleware._answers import Found, from_list, from_named, from_v2_outputs
+from middleware._json import load_json_lenient
+
+__all__ = ["coarsen", "degrade_response"]
+
+_OPENAI = ("openai_chat", "openai_completion")
+
+
+def coarsen(probs: NDArray[np.float64], spec: DegradeConfig) -> NDArray[np.float64]:
+    """Keep the ``top_k`` largest probabilities per row (the rest become 0.0), then round.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from guard.config import DegradeConfig
+    >>> coarsen(np.array([[0.123, 0.654, 0.223]]), DegradeConfig(decimals=1, top_k=2)).tolist()
+    [[0.0, 0.7, 0.2]]
+    """
+    out = np.array(probs, dtype=np.float64)
+    k = spec.top_k
+    if k is not None and k < out.shape[1]:
+        drop = np.argpartition(-out, k - 1, axis=1)[:, k:]
+        np.put_along_axis(out, drop, 0.0, axis=1)
+    if spec.decimals is not None:
+        out = np.round(out, spec.decimals)
+    return out + 0.0  # no -0.0 in the JSON
+
+
+def _argmax(probs: NDArray[np.float64]) -> list[int]:
+    return [int(i) for i in probs.argmax(axis=1)]
+
+
+def _nested_like(original: object, values: NDArray[np.float64]) -> list[Any]:
+    """``values`` as nested lists, or flat when the original data was flat (OIP)."""
+    if isinstance(original, list) and original and not isinstance(original[0], list):
+        return [float(v) for v in values.ravel()]
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def _degrade_v2(outputs: list[Any], found: Found, spec: DegradeConfig) -> bool:
+    if found.probs is None:
+        return False
+    i = found.prob_at
+    if not spec.labels_only:
+        outputs[i]["data"] = _nested_like(outputs[i]["data"], coarsen(found.probs, spec))
+        return True
+    labels = _argmax(found.probs)
+    del outputs[i]
+    names = {o.get("name") for o in outputs if isinstance(o, dict)}
+    if found.label_at is None and "label" not in names:
+        outputs.append(
+            {"name": "label", "datatype": "INT64", "shape": [len(labels)], "data": labels}
+        )
+    return True
+
+
+def _degrade_list(value: list[Any], spec: DegradeConfig) -> bool:
+    """Degrade a list of predictions in place: probability vectors or records."""
+    found = from_list(value)
+    if found.probs is None:
+        return False
+    labels = _argmax(found.probs)
+    if found.prob_at is None:  # a plain list of probability vectors
+        value[:] = labels if spec.labels_only else coarsen(found.probs, spec).tolist()
+        return True
+    key = found.prob_at
+    rows = coarsen(found.probs, spec).tolist()
+    for record, row, label in zip(value, rows, labels, strict=True):
+        if spec.labels_only:
+            del record[key]
+            if found.label_at is None:
+                record.setdefault("label", label)
+        else:
+            record[key] = row
+    return True
+
+
+def _degrade_named(value: dict[str, Any], spec: DegradeConfig) -> bool:
+    found = from_named(value)
+    if found.probs is None:
+        return False
+    key = found.prob_at
+    if spec.labels_only:
+        del value[key]
+        if found.label_at is None:
+            value.setdefault("label", _argmax(found.probs))
+    else:
+        value[key] = coarsen(found.probs, spec).tolist()
+    return True
+
+
+def _degrade_openai(doc: dict[str, Any]) -> bool:
+    changed = False
+    for holder in [doc, *doc["choices"]]:
+        if not isinstance(holder, dict):
+            continue
+        for key in ("logprobs", "prompt_logprobs"):
+            if holder.get(key) is not None:
+                holder[key] = None
+                changed = True
+    return changed
+
+
+def _degrade_doc(doc: Any, fmt: str, spec: DegradeConfig) -> bool | None:
+    """Rewrite ``doc`` in place; ``None`` when its format is not understood."""
+    if isinstance(doc, list):
+        return _degrade_list(doc, spec) if doc else None
+    if not isinstance(doc, dict):
+        return None
+    if fmt in _OPENAI or isinstance(doc.get("choices"), list):
+        return _degrade_openai(doc) if isinstance(doc.get("choices"), list) else None
+    outputs = doc.get("outputs")
+    if isinstance(outputs, list) and outputs and all(isinstance(o, dict) for o in outputs) and any(
+        "data" in o for o in outputs
+    ):
+        return _degrade_v2(outputs, from_v2_outputs(outputs), spec)
+    for key in ("predictions", "outputs"):
+        value = doc.get(key)
+        if isinstance(value, list):
+            return _degrade_list(value, spec)
+        if isinstance(value, dict):
+            return _degrade_named(value, spec)
+    return None
+
+
+def degrade_response(
+    body: bytes, *, fmt: str, content_type: str | None, spec: DegradeConfig
+) -> bytes | None:
+    """Coarsen the probabilities in a model's JSON answer.
+
+    Parameters
+    ----------
+    body
+        The complete response body.
+    fmt
+        The request's format (:attr:`~middleware.adapters.ParsedRequest.fmt`).
+    content_type
+        The response's ``Content-Type``; only JSON is rewritten.
+    spec
+        ``decimals`` to round to, ``top_k`` classes to keep (the others become
+        0.0, so every shape stays valid), ``labels_only`` to replace probabilities
+        with the argmax class. OpenAI answers lose their ``logprobs`` whatever
+        the spec.
+
+    Returns
+    -------
+    bytes or None
+        The re-serialised answer; ``body`` itself when the format is understood
+        but holds nothing to coarsen (labels, regression values); ``None`` when
+        the body is not a JSON answer of a known format (the caller passes it
+        through and counts it). Never raises.
+
+    Examples
+    --------
+    >>> from guard.config import DegradeConfig
+    >>> degrade_response(b'{"predictions": [[0.1234, 0.8766]]}', fmt="kserve_v1",
+    ...                  content_type="application/json", spec=DegradeConfig(decimals=2))
+    b'{"predictions":[[0.12,0.88]]}'
+    """
+    try:
+        doc = load_json_lenient(body, content_type)
+        if doc is None:
+            return None
+        changed = _degrade_doc(doc, fmt, spec)
+        if changed is None:
+            return None
+        if not changed:
+            return body
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    except Exception:  # an odd answer is passed through, never turned into a 500
+        return None

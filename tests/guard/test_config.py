@@ -1,0 +1,154 @@
+"""Config loading and validation: every problem named by its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guard.config import DEFAULT_ROUTES, GuardConfig
+from guard.decisions import Action, FailureMode
+from guard.errors import ConfigurationError
+from guard.policy import compile_routes
+
+
+def problems(data: object) -> dict[str, str]:
+    with pytest.raises(ConfigurationError) as info:
+        GuardConfig.from_dict(data)  # type: ignore[arg-type]
+    return dict(info.value.problems)
+
+
+def test_defaults_are_safe() -> None:
+    cfg = GuardConfig.load(None)
+    assert cfg.failure_mode is FailureMode.FAIL_OPEN
+    assert cfg.limits.max_body_bytes == 1 << 20
+    assert cfg.policies[0].validate is True
+    assert cfg.policies[0].routes == DEFAULT_ROUTES
+    assert cfg.metrics.path == "/metrics"
+    assert cfg.state.store == "memory://"
+
+
+def test_full_config_parses() -> None:
+    cfg = GuardConfig.from_dict(
+        {
+            "failure_mode": "fail_closed",
+            "client_identity": {"api_key_headers": ["X-Key"], "trusted_proxies": ["10.0.0.0/8"]},
+            "limits": {"max_rows": 10, "max_json_depth": 8},
+            "audit": {"path": "/tmp/a.jsonl"},
+            "policies": [
+                {
+                    "name": "p1",
+                    "routes": ["/a/*"],
+                    "methods": ["post", "put"],
+                    "shadow": True,
+                    "quarantine_s": 3600,
+                    "degrade": {"decimals": 3, "top_k": 2},
+                    "detectors": [
+                        "rate",
+                        {"type": "knn", "name": "k1", "action": "block", "params": {"k": 5}},
+                    ],
+                }
+            ],
+        }
+    )
+    p = cfg.policies[0]
+    assert cfg.failure_mode is FailureMode.FAIL_CLOSED
+    assert cfg.client_identity.api_key_headers == ("x-key",)
+    assert p.methods == ("POST", "PUT")
+    assert p.degrade.decimals == 3 and p.degrade.top_k == 2
+    assert [(d.type, d.name, d.action) for d in p.detectors] == [
+        ("rate", "rate", Action.FLAG),
+        ("knn", "k1", Action.BLOCK),
+    ]
+    assert p.detectors[1].params == {"k": 5}
+    assert p.detectors[1].key == "policies[0].detectors[1]"
+
+
+def test_unknown_keys_and_wrong_types_are_named_by_key_path() -> None:
+    found = problems(
+        {
+            "limits": {"max_rows": "many", "max_bodybytes": 5},
+            "policies": [
+                {"name": "ok", "detectors": [{"type": "rate", "action": "deny"}, {"name": "x"}]},
+                {"name": "bad name!", "routes": ["no-slash"], "shadow": "yes"},
+            ],
+            "client_identity": {"trusted_proxies": ["300.1.2.3/8"]},
+            "failure_mode": "sometimes",
+            "extra": 1,
+        }
+    )
+    assert set(found) == {
+        "limits.max_rows",
+        "limits.max_bodybytes",
+        "policies[0].detectors[0].action",
+        "policies[0].detectors[1].type",
+        "policies[1].name",
+        "policies[1].routes[0]",
+        "policies[1].shadow",
+        "client_identity.trusted_proxies[0]",
+        "failure_mode",
+        "extra",
+    }
+    assert "integer" in found["limits.max_rows"]
+    assert "unknown key" in found["extra"]
+
+
+def test_duplicate_names_are_refused() -> None:
+    found = problems({"policies": [{"name": "a", "detectors": ["rate", "rate"]}, {"name": "a"}]})
+    assert "policies[0].detectors[1].name" in found
+    assert "policies[1].name" in found
+
+
+def test_negative_and_non_finite_numbers_are_refused() -> None:
+    found = problems(
+        {
+            "limits": {"max_body_bytes": 0},
+            "policies": [{"name": "a", "quarantine_s": -1}],
+            "state": {"timeout_s": float("inf")},
+        }
+    )
+    assert set(found) == {"limits.max_body_bytes", "policies[0].quarantine_s", "state.timeout_s"}
+
+
+def test_shared_store_requires_hash_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GUARD_HASH_KEY", raising=False)
+    assert "client_identity.hash_key_env" in problems({"state": {"store": "redis://localhost"}})
+    monkeypatch.setenv("GUARD_HASH_KEY", "s3cret")
+    assert GuardConfig.from_dict({"state": {"store": "redis://localhost"}}).state.store
+
+
+def test_yaml_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        GuardConfig.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policies: [\n")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        GuardConfig.from_file(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigurationError, match="mapping"):
+        GuardConfig.from_file(listy)
+
+
+def test_calibration_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "conf" / "g.yaml"
+    f.parent.mkdir()
+    f.write_text("calibration_dir: cal\n")
+    assert GuardConfig.from_file(f).calibration_dir == str(tmp_path / "conf" / "cal")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "match"),
+    [
+        ("/v2/models/*/infer", "/v2/models/digits/infer", True),
+        ("/v2/models/*/infer", "/v2/models/a/b/infer", False),
+        ("/v2/models/{name}/infer", "/v2/models/digits/infer", True),
+        ("/v1/models/*:predict", "/v1/models/digits:predict", True),
+        ("/v1/models/*:predict", "/v1/models/digits:explain", False),
+        ("/api/**", "/api/a/b/c", True),
+        ("/invocations", "/invocations/", True),
+        ("/invocations", "/invocationsX", False),
+    ],
+)
+def test_route_patterns(pattern: str, path: str, match: bool) -> None:
+    assert (compile_routes((pattern,)).match(path) is not None) is match

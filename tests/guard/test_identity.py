@@ -1,0 +1,61 @@
+"""Client identity: keyed hashes, bearer tokens, trusted proxies, spoofing."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.config import IdentityConfig
+from guard.errors import PayloadError
+from guard.identity import ClientIdentifier
+
+SECRET = b"test-secret"
+
+
+def ident(**kw: object) -> ClientIdentifier:
+    return ClientIdentifier(IdentityConfig(**kw), secret=SECRET)  # type: ignore[arg-type]
+
+
+def test_api_key_is_hashed_with_the_secret() -> None:
+    c = ident().identify({b"x-api-key": b"sk-live-abc"}, "1.2.3.4")
+    assert c.source == "api_key"
+    assert "sk-live-abc" not in c.id and len(c.id) == 32
+    assert c.id == ident().identify({b"x-api-key": b"sk-live-abc"}, "9.9.9.9").id
+    other = ClientIdentifier(IdentityConfig(), secret=b"other").identify(
+        {b"x-api-key": b"sk-live-abc"}, None
+    )
+    assert other.id != c.id
+
+
+def test_bearer_token_and_same_key_in_header_agree() -> None:
+    a = ident().identify({b"authorization": b"Bearer tok123"}, None)
+    b = ident().identify({b"x-api-key": b"tok123"}, None)
+    assert a.source == "bearer" and a.id == b.id
+
+
+def test_falls_back_to_ip() -> None:
+    c = ident().identify({}, "203.0.113.5")
+    assert c.source == "ip" and c.id == ident().hash("ip", "203.0.113.5")
+
+
+@pytest.mark.parametrize("value", [b"", b"x" * 5000, "schlüssel".encode()])
+def test_malformed_credentials_are_refused(value: bytes) -> None:
+    with pytest.raises(PayloadError) as info:
+        ident().identify({b"x-api-key": value}, None)
+    assert info.value.status == 400 and info.value.reason == "bad_header"
+
+
+def test_forwarded_for_needs_a_trusted_peer() -> None:
+    with pytest.raises(PayloadError):
+        ident().identify({b"x-forwarded-for": b"1.1.1.1"}, "203.0.113.5")
+    lenient = ident(reject_untrusted_forwarded=False)
+    assert lenient.client_ip({b"x-forwarded-for": b"1.1.1.1"}, "203.0.113.5") == "203.0.113.5"
+
+
+def test_forwarded_chain_takes_rightmost_untrusted_hop() -> None:
+    i = ident(trusted_proxies=("10.0.0.0/8",))
+    headers = {b"x-forwarded-for": b"6.6.6.6, 192.0.2.1, 10.1.1.1"}
+    # 6.6.6.6 could be forged by the client; 192.0.2.1 is what our proxy saw
+    assert i.client_ip(headers, "10.0.0.2") == "192.0.2.1"
+    assert i.client_ip({b"x-forwarded-for": b"10.2.2.2"}, "10.0.0.2") == "10.2.2.2"
+    with pytest.raises(PayloadError):
+        i.client_ip({b"x-forwarded-for": b"1.2.3.4, garbage"}, "10.0.0.2")
