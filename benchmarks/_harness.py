@@ -45,6 +45,9 @@ def serve(
     """Run ``uvicorn --factory benchmarks.apps:<factory>`` on 127.0.0.1; yield its base URL."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if not full_env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # even an empty value switches prometheus_client into multiprocess mode
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     cmd = [
         sys.executable,
         "-m",

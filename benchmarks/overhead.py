@@ -137,7 +137,7 @@ def over_http(
 ) -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float, float]]]]:
     lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
     thr: dict[str, list[tuple[float, float, float]]] = {k: [] for k in VARIANTS}
-    env = {"PROMETHEUS_MULTIPROC_DIR": ""}
+    env: dict[str, str] = {}
     with (
         serve("benchmarks.apps:bare", env=env) as bare,
         serve("benchmarks.apps:guarded", env=env) as guarded,
