@@ -1,3 +1,117 @@
-"""Factories for the rate detectors (registered on import)."""
+"""Factories for the rate detectors (registered on import).
+
+``type: rate`` builds a :class:`detectors.rate.RateLimitDetector`::
+
+    - type: rate
+      action: throttle
+      params:
+        key: client            # client | client_policy | policy
+        cost: rows             # rows | constant | tokens
+        cost_constant: 1       # only with cost: constant
+        limits:
+          - {rate: 20, per: 1s, burst: 40}                       # GCRA
+          - {limit: 10000, per: 1d, algorithm: sliding_window}
+        fallback: none         # none | memory
+
+``fallback: memory`` keeps limiting per process, in a bounded memory store,
+while the shared store is unavailable (instead of applying the policy's failure
+mode).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from detectors.base import Detector
+from detectors.rate import (
+    COST_MODES,
+    KEY_MODES,
+    MAX_COST,
+    LimitSpecError,
+    NamedLimit,
+    RateLimitDetector,
+)
+from detectors.rate import parse_limits as _parse_limits
+from detectors.store import RateStore
+from guard.config import DetectorSpec
+from guard.errors import ConfigurationError
+from guard.registry import BuildContext, register_detector
+from guard.stores.base import Store
+from guard.stores.resilient import CircuitBreaker, ResilientStore
+
+__all__ = ["build_rate"]
+
+_PARAMS = frozenset({"key", "cost", "cost_constant", "limits", "fallback"})
+_FALLBACKS = ("none", "memory")
+
+
+def _choice(
+    params: Mapping[str, Any],
+    name: str,
+    allowed: tuple[str, ...],
+    base: str,
+    problems: list[tuple[str, str]],
+) -> str:
+    value = params.get(name, allowed[0])
+    if value not in allowed:
+        problems.append((f"{base}.{name}", f"must be one of {', '.join(allowed)}, got {value!r}"))
+        return allowed[0]
+    return str(value)
+
+
+def _rate_store(store: object, fallback: str, base: str) -> RateStore:
+    if fallback == "memory":
+        if isinstance(store, ResilientStore):
+            store = store.with_memory_fallback()
+        elif isinstance(store, Store) and store.backend != "memory":
+            # no breaker was set up by the caller: give this detector its own
+            store = ResilientStore(
+                store, breaker=CircuitBreaker(backend=store.backend)
+            ).with_memory_fallback()
+    if not isinstance(store, RateStore):
+        raise ConfigurationError(base, "the configured state store does not support rate limits")
+    return store
+
+
+def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
+    """Build a :class:`RateLimitDetector` from ``spec``, or raise ConfigurationError."""
+    base = f"{spec.key}.params" if spec.key else "params"
+    params = spec.params
+    problems: list[tuple[str, str]] = []
+    for name in params:
+        if name not in _PARAMS:
+            problems.append(
+                (f"{base}.{name}", f"unknown key (allowed: {', '.join(sorted(_PARAMS))})")
+            )
+    key = _choice(params, "key", KEY_MODES, base, problems)
+    cost = _choice(params, "cost", COST_MODES, base, problems)
+    fallback = _choice(params, "fallback", _FALLBACKS, base, problems)
+    cost_constant = 1
+    if "cost_constant" in params:
+        value = params["cost_constant"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COST:
+            problems.append(
+                (f"{base}.cost_constant", f"must be an integer in [1, {MAX_COST}], got {value!r}")
+            )
+        elif cost != "constant":
+            problems.append((f"{base}.cost_constant", "is only used with cost: constant"))
+        else:
+            cost_constant = value
+    limits: tuple[NamedLimit, ...] = ()
+    if "limits" not in params:
+        problems.append((f"{base}.limits", "is required (a list of limits)"))
+    else:
+        try:
+            limits = _parse_limits(params["limits"], default_name=spec.name)
+        except LimitSpecError as exc:
+            problems += [(f"{base}.{path}", problem) for path, problem in exc.problems]
+    if problems:
+        raise ConfigurationError(problems[0][0], problems[0][1], problems=problems)
+    store = _rate_store(ctx.store, fallback, base)
+    return RateLimitDetector(
+        spec.name, store=store, limits=limits, key=key, cost=cost, cost_constant=cost_constant
+    )
+
+
+register_detector("rate", build_rate)

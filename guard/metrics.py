@@ -124,6 +124,11 @@ class GuardMetrics:
             ("backend",),
             registry=r,
         )
+        self.breaker = Counter(
+            "guard_store_breaker_transitions",
+            "Circuit-breaker state changes of the shared store (open, half_open, closed).",
+            ("backend", "state"), registry=r,
+        )
         self.audit_dropped = Counter(
             "guard_audit_dropped",
             "Audit lines dropped because the writer fell behind.",
@@ -138,6 +143,8 @@ class GuardMetrics:
             self.store_fallback.labels(backend).inc()
         elif kind == "eviction":
             self.store_evictions.labels(backend).inc()
+        elif kind in ("open", "half_open", "closed"):
+            self.breaker.labels(backend, kind).inc()
 
 
 def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:

@@ -27,6 +27,7 @@ from guard.metrics import GuardMetrics
 from guard.policy import CompiledPolicy
 from guard.registry import BuildContext, build_detector
 from guard.stores.base import Store, store_from_uri
+from guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard"]
 
@@ -82,10 +83,10 @@ class Guard:
         self._children: dict[tuple[str, ...], Any] = {}
 
     def _build_store(self) -> KeyValueStore:
-        base: Store = store_from_uri(self.config.state, clock=self.clock)
-        try:
-            from guard.stores.resilient import ResilientStore
-        except ImportError:  # pragma: no cover - until the resilient wrapper exists
+        base: Store = store_from_uri(
+            self.config.state, clock=self.clock, on_event=self.metrics.store_event
+        )
+        if base.backend == "memory":
             return base
         return ResilientStore.from_config(
             base, self.config.state, clock=self.clock, on_event=self.metrics.store_event

@@ -82,8 +82,11 @@ def window_step(
     if est + cost <= cap + _EPS:
         cur += cost
         state = RateState(
-            True, max(0, math.floor(cap - est - cost + _EPS)), 0.0,
-            _window_reset(cur, prev, frac, period), cap,
+            True,
+            max(0, math.floor(cap - est - cost + _EPS)),
+            0.0,
+            _window_reset(cur, prev, frac, period),
+            cap,
         )
         return state, (index, cur, prev), expires
     need = min(cost, cap)
@@ -99,8 +102,11 @@ def window_step(
         f = 1.0 - (cap - need) / cur
         retry = (1.0 - frac) * period + f * period
     state = RateState(
-        False, max(0, math.floor(cap - est + _EPS)), max(0.0, retry),
-        _window_reset(cur, prev, frac, period), cap,
+        False,
+        max(0, math.floor(cap - est + _EPS)),
+        max(0.0, retry),
+        _window_reset(cur, prev, frac, period),
+        cap,
     )
     return state, (index, cur, prev), expires
 

@@ -40,13 +40,18 @@ class Store(ABC):
         """Release connections."""
 
 
-def store_from_uri(config: StateConfig, *, clock: Callable[[], float] = time.monotonic) -> Store:
+def store_from_uri(
+    config: StateConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_event: Callable[[str, str], None] | None = None,
+) -> Store:
     """Build the store named by ``config.store`` (``memory://``, ``redis://``, ``rediss://``)."""
     uri = config.store
     if uri.startswith("memory://"):
         from guard.stores.memory import MemoryStore
 
-        return MemoryStore(max_keys=config.max_keys, clock=clock)
+        return MemoryStore(max_keys=config.max_keys, clock=clock, on_event=on_event)
     if uri.startswith(("redis://", "rediss://", "unix://")):
         try:
             from guard.stores.redis import RedisStore

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detectors.store import GcraLimit, RateCheck, RateState
+from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
 from guard.errors import StateError
 from guard.stores._ratemath import check_acquire, gcra_step, window_step
 from guard.stores.base import Store
@@ -151,23 +151,31 @@ class MemoryStore(Store, RateLimitStore):
         states: list[RateState] = []
         writes: list[tuple[str, float, _Value]] = []
         for key, limit in checks:
-            item = self._live(key, now)
-            stored = None if item is None else item[1]
-            if isinstance(limit, GcraLimit):
-                tat = stored.at if isinstance(stored, _Tat) else None
-                state, new_tat = gcra_step(tat, now, limit, cost)
-                if new_tat > now:
-                    writes.append((key, new_tat, _Tat(new_tat)))
-            else:
-                prior = (
-                    (stored.index, stored.current, stored.previous)
-                    if isinstance(stored, _Window)
-                    else None
-                )
-                state, (index, cur, prev), expires = window_step(prior, now, limit, cost)
-                writes.append((key, expires, _Window(index, cur, prev)))
+            state, write = self._step(key, limit, now, cost)
             states.append(state)
+            if write is not None:
+                writes.append((key, *write))
         if all(state.allowed for state in states):
             for key, expires, value in writes:
                 self._put(key, expires, value)
-        return tuple(states)
+            return tuple(states)
+        # refused: the limits that would have admitted it report their state untouched
+        return tuple(
+            state if not state.allowed else self._step(key, limit, now, 0)[0]
+            for state, (key, limit) in zip(states, checks, strict=True)
+        )
+
+    def _step(
+        self, key: str, limit: RateLimit, now: float, cost: int
+    ) -> tuple[RateState, tuple[float, _Value] | None]:
+        item = self._live(key, now)
+        stored = None if item is None else item[1]
+        if isinstance(limit, GcraLimit):
+            tat = stored.at if isinstance(stored, _Tat) else None
+            state, new_tat = gcra_step(tat, now, limit, cost)
+            return state, ((new_tat, _Tat(new_tat)) if new_tat > now else None)
+        prior = (
+            (stored.index, stored.current, stored.previous) if isinstance(stored, _Window) else None
+        )
+        state, (index, cur, prev), expires = window_step(prior, now, limit, cost)
+        return state, (expires, _Window(index, cur, prev))

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from detectors.store import GcraLimit, RateCheck, RateState
 from guard.config import StateConfig
-from guard.errors import StateError
+from guard.errors import ConfigurationError, StateError
 from guard.stores._ratemath import check_acquire
 from guard.stores.base import Store
 from guard.stores.rate import RateLimitStore
@@ -63,14 +63,18 @@ class RedisStore(Store, RateLimitStore):
             raise ValueError("max_connections must be >= 1")
         self.prefix = config.key_prefix
         self.timeout = config.timeout_s
-        pool = BlockingConnectionPool.from_url(
-            config.store,
-            max_connections=max_connections,
-            timeout=config.timeout_s,
-            socket_timeout=config.timeout_s,
-            socket_connect_timeout=config.timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        try:
+            pool = BlockingConnectionPool.from_url(
+                config.store,
+                max_connections=max_connections,
+                timeout=config.timeout_s,
+                socket_timeout=config.timeout_s,
+                socket_connect_timeout=config.timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:
+            # never echo the URL: it may carry a password
+            raise ConfigurationError("state.store", f"not a usable Redis URL: {exc}") from None
         self._client = Redis.from_pool(pool)
         self._acquire = self._client.register_script(load_script("acquire"))
         self._incr = self._client.register_script(load_script("incr"))
@@ -80,8 +84,11 @@ class RedisStore(Store, RateLimitStore):
             async with asyncio.timeout(self.timeout):
                 return await call()
         except (RedisError, OSError, TimeoutError) as exc:
-            # the message names host and port at most, never credentials or keys
-            detail = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            # redis-py messages name host and port at most, never credentials or keys
+            if isinstance(exc, TimeoutError):
+                detail = "timed out"
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
             raise StateError(self.backend, operation, detail) from exc
 
     async def get(self, key: str) -> bytes | None:
@@ -117,8 +124,11 @@ class RedisStore(Store, RateLimitStore):
         try:
             return tuple(
                 RateState(
-                    bool(int(raw[i])), int(raw[i + 1]), float(raw[i + 2]),
-                    float(raw[i + 3]), int(raw[i + 4]),
+                    bool(int(raw[i])),
+                    int(raw[i + 1]),
+                    float(raw[i + 2]),
+                    float(raw[i + 3]),
+                    int(raw[i + 4]),
                 )
                 for i in range(0, 5 * len(checks), 5)
             )

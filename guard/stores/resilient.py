@@ -43,7 +43,9 @@ EventCallback = Callable[[str, str], None]
 #: the event kinds: a backend call failed; a call was served by the fallback;
 #: a call failed fast because the breaker was open; the breaker changed state;
 #: a bounded memory store evicted a key
-EVENTS = frozenset({"error", "fallback", "short_circuit", "open", "half_open", "close", "eviction"})
+EVENTS = frozenset(
+    {"error", "fallback", "short_circuit", "open", "half_open", "closed", "eviction"}
+)
 
 
 class BreakerState(StrEnum):

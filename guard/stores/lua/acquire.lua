@@ -13,7 +13,8 @@
 -- Returns 5 values per limit: allowed (1/0), remaining, retry_after,
 -- reset_after, capacity. Floats are returned as strings (Lua numbers would be
 -- truncated to integers). The cost is consumed from every limit only when
--- every limit admits it; a refused request writes nothing.
+-- every limit admits it; a refused request writes nothing, and every limit
+-- then reports its state as it stands.
 
 if redis.replicate_commands then
   redis.replicate_commands()  -- Redis < 5: TIME before writes needs effects replication
@@ -28,7 +29,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-local function gcra(key, interval, cap)
+local function gcra(key, interval, cap, cost)
   local tat = tonumber(redis.call('GET', key))
   local base = now
   if tat ~= nil and tat > now then
@@ -60,7 +61,7 @@ local function window_reset(cur, prev, frac, period)
   return 0
 end
 
-local function window(key, period, cap)
+local function window(key, period, cap, cost)
   local index = math.floor(now / period)
   local cur, prev = 0, 0
   local stored = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -103,9 +104,9 @@ for i = 1, #KEYS do
   local b = tonumber(ARGV[3 * i + 1])
   local res, write, ttl
   if kind == 'g' then
-    res, write = gcra(KEYS[i], a, b)
+    res, write = gcra(KEYS[i], a, b, cost)
   elseif kind == 'w' then
-    res, write, ttl = window(KEYS[i], a, b)
+    res, write, ttl = window(KEYS[i], a, b, cost)
   else
     return redis.error_reply('unknown limit kind ' .. tostring(kind))
   end
@@ -125,6 +126,24 @@ if all_allowed then
     redis.call(unpack(item[1]))
     if item[2] ~= nil then
       redis.call('PEXPIRE', item[3], item[2])
+    end
+  end
+  return out
+end
+
+-- refused: limits that would have admitted it report their state untouched
+for i = 1, #KEYS do
+  if out[5 * i - 4] == 1 then
+    local a = tonumber(ARGV[3 * i])
+    local b = tonumber(ARGV[3 * i + 1])
+    local res
+    if ARGV[3 * i - 1] == 'g' then
+      res = gcra(KEYS[i], a, b, 0)
+    else
+      res = window(KEYS[i], a, b, 0)
+    end
+    for j = 1, 5 do
+      out[5 * i - 5 + j] = res[j]
     end
   end
 end

@@ -1,0 +1,557 @@
+"""The state stores: one suite run against every backend, then what is backend-specific.
+
+Backends come from the ``backend`` fixture (``tests/stores_fixture.py``): memory
+on a fake clock, and a real Redis when ``GUARD_TEST_REDIS_URL`` is set. Redis
+cases use real, short periods; the assertions that need exact timings read
+the timing back from the store's own answers instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from urllib.parse import urlsplit
+
+import pytest
+from redis.asyncio import Redis
+
+from detectors.store import (
+    GcraLimit,
+    KeyValueStore,
+    RateCheck,
+    RateLimit,
+    RateStore,
+    WindowLimit,
+)
+from guard.config import StateConfig
+from guard.errors import StateError
+from guard.stores import BreakerState, CircuitBreaker, MemoryStore, ResilientStore, store_from_uri
+from guard.stores.redis import RedisStore, load_script
+from tests.stores_fixture import (
+    REDIS_SKIP,
+    REDIS_URL,
+    Backend,
+    FakeClock,
+    delete_prefix,
+    redis_prefix,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: nothing listens there: connections are refused at once
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+#: long enough that refill during a test is negligible
+HOUR = 3600.0
+
+
+# ---------------------------------------------------------------- shared suite: key-value
+
+
+async def test_backends_satisfy_the_protocols(backend: Backend) -> None:
+    assert isinstance(backend.store, KeyValueStore)
+    assert isinstance(backend.store, RateStore)
+    assert backend.store.backend == backend.name
+
+
+async def test_set_get_delete(backend: Backend) -> None:
+    store = backend.store
+    assert await store.get("absent") is None
+    await store.set("k", b"\x00value")
+    assert await store.get("k") == b"\x00value"
+    await store.delete("k")
+    assert await store.get("k") is None
+    await store.delete("k")  # deleting an absent key is fine
+
+
+async def test_ttl_expiry(backend: Backend) -> None:
+    store = backend.store
+    await store.set("short", b"1", ttl=0.25)
+    await store.set("forever", b"2")
+    assert await store.get("short") == b"1"
+    await backend.advance(0.3)
+    assert await store.get("short") is None
+    assert await store.get("forever") == b"2"
+
+
+async def test_incr_sets_the_ttl_only_when_it_creates_the_key(backend: Backend) -> None:
+    store = backend.store
+    assert await store.incr("n", 2, ttl=0.4) == 2
+    await backend.advance(0.1)
+    assert await store.incr("n", 3, ttl=0.4) == 5  # does not push the expiry back
+    await backend.advance(0.35)
+    assert await store.get("n") is None
+    assert await store.incr("n", 1, ttl=0.4) == 1
+
+
+# ---------------------------------------------------------------- shared suite: GCRA
+
+
+async def test_gcra_burst_then_steady_rate(backend: Backend) -> None:
+    store = backend.store
+    # 4 per second (one unit every 0.25 s), 3 at once
+    states = [await store.gcra("g", rate=4, period=1.0, burst=3, cost=1) for _ in range(4)]
+    assert [s.allowed for s in states] == [True, True, True, False]
+    assert [s.remaining for s in states] == [2, 1, 0, 0]
+    assert all(s.limit == 3 for s in states)
+    refused = states[3]
+    assert 0.0 < refused.retry_after <= 0.25 + 1e-6
+    assert 0.5 < refused.reset_after <= 0.75 + 1e-6
+    if backend.exact:
+        assert refused.retry_after == pytest.approx(0.25)
+        assert refused.reset_after == pytest.approx(0.75)
+    # steady state: one unit per interval, no more (real time for Redis: one round)
+    for _ in range(20 if backend.exact else 1):
+        await backend.advance(0.25 if backend.exact else 0.3)
+        assert (await store.gcra("g", rate=4, period=1.0, burst=3, cost=1)).allowed
+        assert not (await store.gcra("g", rate=4, period=1.0, burst=3, cost=1)).allowed
+
+
+async def test_gcra_refills_to_the_burst_and_no_further(backend: Backend) -> None:
+    store = backend.store
+    assert (await store.gcra("g", rate=20, period=1.0, burst=2, cost=2)).allowed
+    await backend.advance(0.15)  # 3 units' worth of time, but the bucket holds 2
+    state = await store.gcra("g", rate=20, period=1.0, burst=2, cost=1)
+    assert state.allowed and state.remaining == 1
+
+
+async def test_gcra_refused_request_consumes_nothing(backend: Backend) -> None:
+    store = backend.store
+    first = await store.gcra("g", rate=1.0, period=HOUR, burst=5, cost=3)
+    assert first.allowed and first.remaining == 2
+    second = await store.gcra("g", rate=1.0, period=HOUR, burst=5, cost=3)
+    assert not second.allowed and second.remaining == 2
+    assert second.retry_after == pytest.approx(HOUR, rel=0.01)  # one unit per hour
+    third = await store.gcra("g", rate=1.0, period=HOUR, burst=5, cost=2)
+    assert third.allowed and third.remaining == 0
+
+
+async def test_gcra_cost_above_the_burst_never_fits(backend: Backend) -> None:
+    store = backend.store
+    state = await store.gcra("g", rate=10, period=1.0, burst=5, cost=6)
+    assert not state.allowed and state.remaining == 5
+    assert state.retry_after == 0.0  # already as full as it gets
+    assert (await store.gcra("g", rate=10, period=1.0, burst=5, cost=5)).allowed
+
+
+async def test_cost_is_charged_in_units(backend: Backend) -> None:
+    store = backend.store
+    state = await store.gcra("g", rate=4, period=1.0, burst=40, cost=40)
+    assert state.allowed and state.remaining == 0
+    assert state.reset_after == pytest.approx(10.0)
+    assert not (await store.gcra("g", rate=4, period=1.0, burst=40, cost=1)).allowed
+
+
+# ---------------------------------------------------------------- shared suite: sliding window
+
+
+async def test_window_counts_and_refuses(backend: Backend) -> None:
+    store = backend.store
+    states = [await store.window("w", limit=5, period=HOUR, cost=2) for _ in range(3)]
+    assert [s.allowed for s in states] == [True, True, False]
+    assert [s.remaining for s in states] == [3, 1, 1]
+    assert (await store.window("w", limit=5, period=HOUR, cost=1)).allowed
+    assert not (await store.window("w", limit=5, period=HOUR, cost=1)).allowed
+
+
+async def test_window_weighted_two_window_approximation(backend: Backend) -> None:
+    """The previous window counts in proportion to its overlap with the sliding one.
+
+    The store's own ``reset_after`` tells where in the window ``now`` is, so the
+    arithmetic is checked exactly on real (Redis) time too.
+    """
+    store = backend.store
+    period, cap = 0.5, 100
+    first = await store.window("w", limit=cap, period=period, cost=60)
+    assert first.allowed and first.remaining == 40
+    frac0 = 2.0 - first.reset_after / period  # where in its window the first request fell
+    # sleep into the next window, a quarter of the way in
+    await backend.advance((1.0 - frac0) * period + 0.25 * period)
+    state = await store.window("w", limit=cap, period=period, cost=1)
+    assert state.allowed
+    frac = 2.0 - state.reset_after / period
+    assert 0.0 < frac < 0.9
+    expected = math.floor(cap - 60 * (1.0 - frac) - 1)
+    assert abs(state.remaining - expected) <= 1
+    if backend.exact:
+        assert frac == pytest.approx(0.25)
+        assert state.remaining == 54
+    # 60 more do not fit until enough of the previous window has slid out
+    refused = await store.window("w", limit=cap, period=period, cost=60)
+    assert not refused.allowed
+    frac = 2.0 - refused.reset_after / period
+    expected_retry = (1.0 - (cap - 1 - 60) / 60 - frac) * period
+    assert refused.retry_after == pytest.approx(expected_retry, abs=1e-6)
+    await backend.advance(refused.retry_after + 0.01)
+    assert (await store.window("w", limit=cap, period=period, cost=60)).allowed
+
+
+async def test_window_frees_up_after_two_periods(backend: Backend) -> None:
+    store = backend.store
+    assert (await store.window("w", limit=3, period=0.1, cost=3)).allowed
+    refused = await store.window("w", limit=3, period=0.1, cost=1)
+    assert not refused.allowed and 0.0 < refused.retry_after <= 0.2
+    await backend.advance(0.21)
+    state = await store.window("w", limit=3, period=0.1, cost=3)
+    assert state.allowed and state.remaining == 0
+
+
+# ---------------------------------------------------------------- shared suite: several limits
+
+
+async def test_multi_limit_consumes_only_when_every_limit_admits(backend: Backend) -> None:
+    store = backend.store
+    burst = GcraLimit(rate=1.0, period=HOUR / 10, burst=10)  # refill negligible here
+    daily = WindowLimit(limit=3, period=HOUR)
+    checks: list[RateCheck] = [("burst", burst), ("day", daily)]
+    for expected_daily in (2, 1, 0):
+        g, w = await store.acquire(checks, cost=1)
+        assert g.allowed and w.allowed and w.remaining == expected_daily
+    g, w = await store.acquire(checks, cost=1)
+    assert g.allowed and not w.allowed  # the daily limit refuses ...
+    assert g.remaining == 7  # ... so the burst budget was not touched
+    state = await store.gcra("burst", rate=1.0, period=HOUR / 10, burst=10, cost=7)
+    assert state.allowed and state.remaining == 0
+
+
+async def test_acquire_rejects_bad_arguments(backend: Backend) -> None:
+    store = backend.store
+    limit = WindowLimit(limit=3, period=1.0)
+    with pytest.raises(ValueError, match="distinct"):
+        await store.acquire([("k", limit), ("k", limit)], cost=1)
+    with pytest.raises(ValueError, match="cost"):
+        await store.acquire([("k", limit)], cost=-1)
+    with pytest.raises(ValueError, match="at least one"):
+        await store.acquire([], cost=1)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_window"])
+async def test_concurrent_acquisitions_are_exact(backend: Backend, algorithm: str) -> None:
+    """500 concurrent requests against a limit of 100: exactly 100 get through."""
+    store = backend.store
+    limit: RateLimit = (
+        GcraLimit(rate=100, period=HOUR, burst=100)
+        if algorithm == "gcra"
+        else WindowLimit(limit=100, period=HOUR)
+    )
+    results = await asyncio.gather(*(store.acquire([("hot", limit)], cost=1) for _ in range(500)))
+    assert sum(state.allowed for (state,) in results) == 100
+    (after,) = await store.acquire([("hot", limit)], cost=1)
+    assert not after.allowed and after.remaining == 0
+
+
+async def test_rate_state_expires_once_it_no_longer_matters(backend: Backend) -> None:
+    store = backend.store
+    await store.acquire(
+        [("g", GcraLimit(rate=4, period=1.0, burst=2)), ("w", WindowLimit(limit=5, period=0.2))],
+        cost=2,
+    )
+    if isinstance(store, RedisStore):
+        assert REDIS_URL is not None
+        client = Redis.from_url(REDIS_URL)
+        try:
+            for key in ("g", "w"):  # written under the prefix, and never immortal
+                assert 0 < await client.pttl(backend.prefix + key) <= 500
+        finally:
+            await client.aclose()
+    await backend.advance(0.55)
+    assert await store.get("g") is None
+    assert await store.get("w") is None
+
+
+# ---------------------------------------------------------------- memory only
+
+
+async def test_memory_store_stays_bounded_under_a_flood_of_clients() -> None:
+    events: list[tuple[str, str]] = []
+    store = MemoryStore(max_keys=50, clock=FakeClock(), on_event=lambda k, b: events.append((k, b)))
+    limit = GcraLimit(rate=1, period=HOUR, burst=5)
+    for i in range(1000):
+        (state,) = await store.acquire([(f"client-{i}", limit)], cost=1)
+        assert state.allowed
+    assert len(store) == 50
+    assert store.evictions == 950
+    assert events == [("eviction", "memory")] * 950
+    # the most recent clients are the ones kept
+    (state,) = await store.acquire([("client-999", limit)], cost=1)
+    assert state.remaining == 3
+
+
+async def test_memory_store_sweeps_expired_keys_before_evicting() -> None:
+    clock = FakeClock()
+    store = MemoryStore(max_keys=10, clock=clock)
+    for i in range(10):
+        await store.set(f"old-{i}", b"x", ttl=1.0)
+    clock.advance(2.0)
+    await store.set("new", b"y")
+    assert store.evictions == 0
+    assert len(store) == 1
+
+
+async def test_memory_store_refuses_to_mix_counters_and_rate_state() -> None:
+    store = MemoryStore(clock=FakeClock())
+    await store.gcra("g", rate=1, period=1.0, burst=1, cost=1)
+    with pytest.raises(StateError):
+        await store.incr("g")
+    with pytest.raises(StateError):
+        await store.get("g")
+
+
+# ---------------------------------------------------------------- store_from_uri, scripts
+
+
+def test_store_from_uri_picks_the_backend() -> None:
+    assert isinstance(store_from_uri(StateConfig()), MemoryStore)
+    redis_store = store_from_uri(StateConfig(store=DEAD_REDIS))
+    assert isinstance(redis_store, RedisStore)
+    assert redis_store.backend == "redis"
+
+
+def test_lua_scripts_ship_with_the_package() -> None:
+    assert "redis.call('TIME')" in load_script("acquire")
+    assert "INCRBY" in load_script("incr")
+
+
+async def test_redis_errors_are_wrapped_once_into_state_error() -> None:
+    store = RedisStore(StateConfig(store=DEAD_REDIS, timeout_s=0.5))
+    try:
+        with pytest.raises(StateError) as info:
+            await store.acquire([("k", WindowLimit(limit=1, period=1.0))], cost=1)
+        assert info.value.backend == "redis" and info.value.operation == "acquire"
+        assert info.value.__cause__ is not None
+        assert not isinstance(info.value.__cause__, StateError)
+        assert await store.ping() is False
+    finally:
+        await store.aclose()
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    clock = FakeClock()
+    events: list[str] = []
+    breaker = CircuitBreaker(
+        backend="redis",
+        failures=3,
+        reset_s=5.0,
+        clock=clock,
+        on_event=lambda kind, backend: events.append(kind),
+    )
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert _state(breaker) is BreakerState.CLOSED
+    assert breaker.allow()
+    breaker.success()  # a success resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.failure()
+    assert _state(breaker) is BreakerState.OPEN
+    assert not breaker.allow()
+    clock.advance(4.9)
+    assert not breaker.allow()
+    clock.advance(0.1)
+    assert breaker.allow()  # the one trial
+    assert _state(breaker) is BreakerState.HALF_OPEN
+    assert not breaker.allow()  # only one at a time
+    breaker.failure()  # the trial failed: open again, for another reset_s
+    assert _state(breaker) is BreakerState.OPEN
+    clock.advance(5.0)
+    assert breaker.allow()
+    breaker.abandon()  # a cancelled trial frees the slot without a verdict
+    assert breaker.allow()
+    breaker.success()
+    assert _state(breaker) is BreakerState.CLOSED
+    assert breaker.errors == 6
+    assert events == [
+        "error",
+        "error",
+        "error",
+        "error",
+        "error",
+        "open",
+        "half_open",
+        "error",
+        "open",
+        "half_open",
+        "closed",
+    ]
+
+
+def _state(thing: CircuitBreaker | ResilientStore) -> BreakerState:
+    # a call, so that mypy does not narrow the state across awaits
+    return thing.state
+
+
+def _dead_store(
+    clock: FakeClock, events: list[tuple[str, str]], failures: int = 3
+) -> ResilientStore:
+    config = StateConfig(
+        store=DEAD_REDIS, timeout_s=0.5, breaker_failures=failures, breaker_reset_s=5.0
+    )
+    return ResilientStore.from_config(
+        store_from_uri(config),
+        config,
+        clock=clock,
+        on_event=lambda kind, backend: events.append((kind, backend)),
+    )
+
+
+async def test_breaker_fails_fast_while_redis_is_down() -> None:
+    clock = FakeClock()
+    events: list[tuple[str, str]] = []
+    store = _dead_store(clock, events)
+    try:
+        for _ in range(3):
+            with pytest.raises(StateError) as info:
+                await store.incr("n")
+            assert info.value.__cause__ is not None  # the real connection error
+        assert _state(store) is BreakerState.OPEN
+        assert store.errors == 3
+        with pytest.raises(StateError, match="circuit breaker open"):
+            await store.acquire([("k", WindowLimit(limit=1, period=1.0))], cost=1)
+        assert store.errors == 3 and store.short_circuits == 1
+        clock.advance(5.0)
+        with pytest.raises(StateError):  # the trial goes to Redis, and fails
+            await store.get("k")
+        assert store.errors == 4 and _state(store) is BreakerState.OPEN
+        assert events == [("error", "redis")] * 3 + [
+            ("open", "redis"),
+            ("short_circuit", "redis"),
+            ("half_open", "redis"),
+            ("error", "redis"),
+            ("open", "redis"),
+        ]
+    finally:
+        await store.aclose()
+
+
+async def test_breaker_ignores_caller_errors() -> None:
+    events: list[tuple[str, str]] = []
+    store = _dead_store(FakeClock(), events, failures=1)
+    try:
+        with pytest.raises(ValueError):
+            await store.acquire([], cost=1)
+        assert _state(store) is BreakerState.CLOSED and store.errors == 0 and events == []
+    finally:
+        await store.aclose()
+
+
+async def test_memory_fallback_serves_while_redis_is_down() -> None:
+    clock = FakeClock()
+    events: list[tuple[str, str]] = []
+    store = _dead_store(clock, events)
+    view = store.with_memory_fallback()
+    assert view.with_memory_fallback().fallback is view.fallback  # one shared memory store
+    assert isinstance(view.fallback, MemoryStore)
+    try:
+        limit = GcraLimit(rate=1, period=HOUR, burst=4)
+        states = [(await view.acquire([("k", limit)], cost=1))[0] for _ in range(5)]
+        assert [s.allowed for s in states] == [True, True, True, True, False]
+        assert view.errors == 3  # then the breaker opened: no more trips to Redis
+        assert view.fallbacks == 5
+        assert _state(store) is BreakerState.OPEN  # the views share one breaker
+        with pytest.raises(StateError):  # the view without a fallback still raises
+            await store.get("k")
+        assert [k for k, _ in events].count("fallback") == 5
+        assert ("open", "redis") in events
+    finally:
+        await store.aclose()
+
+
+async def test_memory_needs_no_fallback() -> None:
+    config = StateConfig()
+    store = ResilientStore.from_config(store_from_uri(config), config)
+    assert store.with_memory_fallback() is store
+    assert store.backend == "memory"
+    assert (await store.gcra("k", rate=1, period=1.0, burst=1, cost=1)).allowed
+
+
+class TcpProxy:
+    """A real TCP relay to Redis that can be cut and restored (no mocks)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        self._writers.clear()
+        self._tasks.clear()
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_breaker_recovers_when_redis_comes_back() -> None:
+    assert REDIS_URL is not None
+    parts = urlsplit(REDIS_URL)
+    if parts.scheme != "redis":
+        pytest.skip("the relay speaks plain TCP: needs a redis:// URL")
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    auth = parts.netloc.rpartition("@")[0]
+    url = f"redis://{auth + '@' if auth else ''}127.0.0.1:{proxy.port}{parts.path}"
+    prefix = redis_prefix()
+    config = StateConfig(
+        store=url, key_prefix=prefix, timeout_s=1.0, breaker_failures=2, breaker_reset_s=5.0
+    )
+    clock = FakeClock()
+    events: list[str] = []
+    store = ResilientStore.from_config(
+        store_from_uri(config), config, clock=clock, on_event=lambda kind, _: events.append(kind)
+    )
+    try:
+        await store.set("k", b"v")
+        assert await store.get("k") == b"v"
+        await proxy.stop()  # Redis "goes away"
+        for _ in range(2):
+            with pytest.raises(StateError):
+                await store.get("k")
+        assert _state(store) is BreakerState.OPEN
+        with pytest.raises(StateError, match="circuit breaker open"):
+            await store.get("k")
+        await proxy.start()  # ... and comes back on the same address
+        clock.advance(5.0)
+        assert await store.get("k") == b"v"  # the trial succeeds
+        assert _state(store) is BreakerState.CLOSED
+        assert events == ["error", "error", "open", "short_circuit", "half_open", "closed"]
+    finally:
+        await store.aclose()
+        await proxy.stop()
+        await delete_prefix(REDIS_URL, prefix)
