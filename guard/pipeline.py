@@ -160,11 +160,12 @@ class Guard:
 
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
         self.count_error(component)
-        if policy.failure_mode is FailureMode.FAIL_CLOSED:
-            raise FailClosed(component)
         if component == "store":
+            # a decision taken without the store, whichever way the failure mode goes
             backend = getattr(self.store, "backend", "unknown")
             self._child(self.metrics.store_fallback, str(backend)).inc()
+        if policy.failure_mode is FailureMode.FAIL_CLOSED:
+            raise FailClosed(component)
 
     async def quarantine(self, policy: CompiledPolicy, client: str) -> bool:
         """Quarantine ``client`` for the policy's TTL; False if the store failed."""
