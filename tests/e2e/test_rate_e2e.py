@@ -10,9 +10,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import threading
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -192,7 +192,7 @@ def own_redis() -> Iterator[OwnRedis]:
 def test_redis_outage_follows_failure_mode_and_recovers(
     tmp_path: Path, own_redis: OwnRedis
 ) -> None:
-    """Redis dies mid-load: no 500s; fail_open lets through, fail_closed answers 503; it recovers."""
+    """Redis dies mid-load: no 5xx on fail_open, 503 on fail_closed; then it recovers."""
     hourly5 = [{"rate": 5, "per": "1h", "burst": 5}]
     config = {
         "state": {
