@@ -223,7 +223,23 @@ def test_redis_outage_follows_failure_mode_and_recovers(
         assert Counter(send(V2, "k1") for _ in range(8)) == Counter({200: 5, 429: 3})
         assert Counter(send(V1, "k1") for _ in range(8)) == Counter({200: 5, 429: 3})
 
-        # Redis down, under load: never a 5xx on the fail_open route
+        # background load on the fail_open route that runs across the outage
+        stop = threading.Event()
+        background: list[int] = []
+
+        def load() -> None:
+            with httpx.Client(base_url=srv.url, timeout=10) as lc:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    r = lc.post(V2, json=V2_BODY, headers={"x-api-key": f"bg-{i}"})
+                    background.append(r.status_code)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(0.3)
+
+        # Redis down, mid-load: never a 5xx on the fail_open route
         own_redis.stop()
         statuses_open = Counter(send(V2, f"down-{i % 3}") for i in range(30))
         statuses_closed = Counter(send(V1, f"down-{i % 3}") for i in range(30))
@@ -238,6 +254,11 @@ def test_redis_outage_follows_failure_mode_and_recovers(
 
         # Redis back (empty: it keeps nothing): decisions recover on their own
         own_redis.start()
+        time.sleep(0.3)
+        stop.set()
+        loader.join(30)
+        # every background client was new and sent one row: admitted, Redis or not
+        assert len(background) > 20 and set(background) == {200}, Counter(background)
         deadline = time.monotonic() + 15
         while send(V1, "probe") == 503:
             if time.monotonic() > deadline:
