@@ -143,6 +143,10 @@ class DegradeConfig:
     labels_only: bool = False
     #: degrade every answer of this policy, not only flagged clients'
     always: bool = False
+    #: standard deviation of random noise added to probabilities before the argmax, so
+    #: answers near the decision boundary flip at random (breaks decision-based attacks
+    #: such as HopSkipJump and Boundary); 0 disables it
+    noise: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,7 +645,7 @@ class _Validator:
         )
 
     def degrade(self, raw: object, key: str) -> DegradeConfig:
-        m = self.mapping(raw, key, {"decimals", "top_k", "labels_only", "always"})
+        m = self.mapping(raw, key, {"decimals", "top_k", "labels_only", "always", "noise"})
         d = DegradeConfig()
         decimals: int | None = d.decimals
         if "decimals" in m:
@@ -656,6 +660,7 @@ class _Validator:
             top_k=top_k,
             labels_only=self.boolean(m, key, "labels_only", d.labels_only),
             always=self.boolean(m, key, "always", d.always),
+            noise=min(self.number(m, key, "noise", d.noise), 1.0),
         )
 
     def detector(self, raw: object, key: str) -> DetectorSpec | None:

@@ -19,13 +19,32 @@ from guard.config import DegradeConfig
 from middleware._answers import Found, from_list, from_named, from_v2_outputs
 from middleware._json import load_json_lenient
 
-__all__ = ["coarsen", "degrade_response"]
+__all__ = ["coarsen", "degrade_response", "perturb"]
 
 _OPENAI = ("openai_chat", "openai_completion")
 
 
+_RNG = np.random.default_rng()  # unseeded on purpose: the attacker must not predict it
+
+
+def perturb(probs: NDArray[np.float64], spec: DegradeConfig) -> NDArray[np.float64]:
+    """Add ``spec.noise`` (standard deviation) Gaussian noise, clip at 0, renormalise.
+
+    Rows whose top two classes are close (the points a decision-based attack
+    probes) then change their argmax at random, while confident rows keep it.
+    """
+    if spec.noise <= 0.0:
+        return probs
+    noisy = np.clip(probs + _RNG.normal(0.0, spec.noise, size=probs.shape), 0.0, None)
+    sums = noisy.sum(axis=1, keepdims=True)
+    sums[sums == 0.0] = 1.0
+    return np.asarray(noisy / sums, dtype=np.float64)
+
+
 def coarsen(probs: NDArray[np.float64], spec: DegradeConfig) -> NDArray[np.float64]:
     """Keep the ``top_k`` largest probabilities per row (the rest become 0.0), then round.
+
+    ``probs`` should already be :func:`perturb`-ed when the spec asks for noise.
 
     Examples
     --------
@@ -59,10 +78,15 @@ def _degrade_v2(outputs: list[Any], found: Found, spec: DegradeConfig) -> bool:
     if found.probs is None:
         return False
     i = found.prob_at
+    probs = perturb(found.probs, spec)
+    coarse = coarsen(probs, spec)
+    # labels agree with what the client sees (perturbed, and ties after rounding)
+    labels = _argmax(probs if spec.labels_only else coarse)
+    if spec.noise > 0.0 and found.label_at is not None:
+        outputs[found.label_at]["data"] = labels
     if not spec.labels_only:
-        outputs[i]["data"] = _nested_like(outputs[i]["data"], coarsen(found.probs, spec))
+        outputs[i]["data"] = _nested_like(outputs[i]["data"], coarse)
         return True
-    labels = _argmax(found.probs)
     del outputs[i]
     names = {o.get("name") for o in outputs if isinstance(o, dict)}
     if found.label_at is None and "label" not in names:
@@ -77,13 +101,17 @@ def _degrade_list(value: list[Any], spec: DegradeConfig) -> bool:
     found = from_list(value)
     if found.probs is None:
         return False
-    labels = _argmax(found.probs)
+    probs = perturb(found.probs, spec)
+    coarse = coarsen(probs, spec)
+    labels = _argmax(probs if spec.labels_only else coarse)
     if found.prob_at is None:  # a plain list of probability vectors
-        value[:] = labels if spec.labels_only else coarsen(found.probs, spec).tolist()
+        value[:] = labels if spec.labels_only else coarse.tolist()
         return True
     key = found.prob_at
-    rows = coarsen(found.probs, spec).tolist()
+    rows = coarse.tolist()
     for record, row, label in zip(value, rows, labels, strict=True):
+        if spec.noise > 0.0 and found.label_at is not None:
+            record[found.label_at] = label
         if spec.labels_only:
             del record[key]
             if found.label_at is None:
@@ -98,12 +126,17 @@ def _degrade_named(value: dict[str, Any], spec: DegradeConfig) -> bool:
     if found.probs is None:
         return False
     key = found.prob_at
+    probs = perturb(found.probs, spec)
+    coarse = coarsen(probs, spec)
+    labels = _argmax(probs if spec.labels_only else coarse)
+    if spec.noise > 0.0 and found.label_at is not None:
+        value[found.label_at] = labels
     if spec.labels_only:
         del value[key]
         if found.label_at is None:
-            value.setdefault("label", _argmax(found.probs))
+            value.setdefault("label", labels)
     else:
-        value[key] = coarsen(found.probs, spec).tolist()
+        value[key] = coarse.tolist()
     return True
 
 
@@ -128,8 +161,11 @@ def _degrade_doc(doc: Any, fmt: str, spec: DegradeConfig) -> bool | None:
     if fmt in _OPENAI or isinstance(doc.get("choices"), list):
         return _degrade_openai(doc) if isinstance(doc.get("choices"), list) else None
     outputs = doc.get("outputs")
-    if isinstance(outputs, list) and outputs and all(isinstance(o, dict) for o in outputs) and any(
-        "data" in o for o in outputs
+    if (
+        isinstance(outputs, list)
+        and outputs
+        and all(isinstance(o, dict) for o in outputs)
+        and any("data" in o for o in outputs)
     ):
         return _degrade_v2(outputs, from_v2_outputs(outputs), spec)
     for key in ("predictions", "outputs"):

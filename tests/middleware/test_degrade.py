@@ -28,8 +28,12 @@ def v2_answer() -> dict[str, Any]:
         "model_name": "iris",
         "id": "42",
         "outputs": [
-            {"name": "probabilities", "shape": [2, 3], "datatype": "FP32",
-             "data": [0.1234, 0.6543, 0.2223, 0.5, 0.25, 0.25]},
+            {
+                "name": "probabilities",
+                "shape": [2, 3],
+                "datatype": "FP32",
+                "data": [0.1234, 0.6543, 0.2223, 0.5, 0.25, 0.25],
+            },
         ],
     }
 
@@ -80,9 +84,7 @@ def test_v2_top_k() -> None:
 
 def test_v2_labels_only_creates_label_output() -> None:
     out = degrade(v2_answer(), LABELS, "oip_v2")
-    assert out["outputs"] == [
-        {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]}
-    ]
+    assert out["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]}]
 
 
 def test_v2_labels_only_keeps_existing_label_output() -> None:
@@ -94,8 +96,9 @@ def test_v2_labels_only_keeps_existing_label_output() -> None:
 
 
 def test_v2_without_probabilities_is_returned_unchanged() -> None:
-    body = json.dumps({"outputs": [{"name": "y", "shape": [1, 2], "datatype": "FP32",
-                                    "data": [12.5, -3.0]}]}).encode()
+    body = json.dumps(
+        {"outputs": [{"name": "y", "shape": [1, 2], "datatype": "FP32", "data": [12.5, -3.0]}]}
+    ).encode()
     assert degrade_response(body, fmt="oip_v2", content_type=JSON, spec=ROUND2) is body
 
 
@@ -110,11 +113,17 @@ def test_v1_probability_vectors() -> None:
 
 
 def test_v1_records() -> None:
-    doc = {"predictions": [{"label": 1, "probabilities": [0.2222, 0.7778]},
-                           {"label": 0, "probabilities": [0.9111, 0.0889]}]}
+    doc = {
+        "predictions": [
+            {"label": 1, "probabilities": [0.2222, 0.7778]},
+            {"label": 0, "probabilities": [0.9111, 0.0889]},
+        ]
+    }
     assert degrade(doc, ROUND2, "kserve_v1") == {
-        "predictions": [{"label": 1, "probabilities": [0.22, 0.78]},
-                        {"label": 0, "probabilities": [0.91, 0.09]}]
+        "predictions": [
+            {"label": 1, "probabilities": [0.22, 0.78]},
+            {"label": 0, "probabilities": [0.91, 0.09]},
+        ]
     }
     assert degrade(doc, LABELS, "kserve_v1") == {"predictions": [{"label": 1}, {"label": 0}]}
 
@@ -126,8 +135,9 @@ def test_records_without_label_get_one() -> None:
 
 def test_tf_named_outputs() -> None:
     doc = {"outputs": {"scores": [[0.111, 0.889]], "classes": [1]}}
-    assert degrade(doc, ROUND2, "tf_columns") == {"outputs": {"scores": [[0.11, 0.89]],
-                                                             "classes": [1]}}
+    assert degrade(doc, ROUND2, "tf_columns") == {
+        "outputs": {"scores": [[0.11, 0.89]], "classes": [1]}
+    }
     assert degrade(doc, LABELS, "tf_columns") == {"outputs": {"classes": [1]}}
     assert degrade({"outputs": {"probabilities": [[0.4, 0.6]]}}, LABELS, "tf_columns") == {
         "outputs": {"label": [1]}
@@ -140,8 +150,11 @@ def test_mlflow_predictions() -> None:
 
 
 def test_v1_labels_and_regression_are_unchanged() -> None:
-    for doc in ({"predictions": [1, 0, 1]}, {"predictions": [12.5, 40.1]},
-                {"predictions": [[3.5, 7.25]]}):
+    for doc in (
+        {"predictions": [1, 0, 1]},
+        {"predictions": [12.5, 40.1]},
+        {"predictions": [[3.5, 7.25]]},
+    ):
         body = json.dumps(doc).encode()
         assert degrade_response(body, fmt="kserve_v1", content_type=JSON, spec=ROUND2) is body
 
@@ -160,10 +173,14 @@ def test_plain_list() -> None:
 
 def test_openai_logprobs_dropped() -> None:
     doc = {
-        "id": "c1", "object": "chat.completion",
+        "id": "c1",
+        "object": "chat.completion",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hi"},
-             "logprobs": {"content": [{"token": "hi", "logprob": -0.1, "top_logprobs": []}]}},
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "logprobs": {"content": [{"token": "hi", "logprob": -0.1, "top_logprobs": []}]},
+            },
             {"index": 1, "message": {"role": "assistant", "content": "yo"}, "logprobs": None},
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
@@ -206,8 +223,12 @@ def test_not_understood_is_none(body: bytes, content_type: str) -> None:
 
 
 def test_output_is_valid_compact_json() -> None:
-    out = degrade_response(b'{"predictions": [[0.1234, 0.8766]]}', fmt="kserve_v1",
-                           content_type="application/json; charset=utf-8", spec=ROUND2)
+    out = degrade_response(
+        b'{"predictions": [[0.1234, 0.8766]]}',
+        fmt="kserve_v1",
+        content_type="application/json; charset=utf-8",
+        spec=ROUND2,
+    )
     assert out == b'{"predictions":[[0.12,0.88]]}'
 
 
@@ -222,19 +243,95 @@ def test_fuzz_degrade_never_raises() -> None:
             return rng.choice(scalars)
         if r < 0.75:
             return [rand(depth + 1) for _ in range(rng.randint(0, 4))]
-        keys = ["predictions", "outputs", "data", "shape", "datatype", "name", "probabilities",
-                "label", "choices", "logprobs"]
+        keys = [
+            "predictions",
+            "outputs",
+            "data",
+            "shape",
+            "datatype",
+            "name",
+            "probabilities",
+            "label",
+            "choices",
+            "logprobs",
+        ]
         return {rng.choice(keys): rand(depth + 1) for _ in range(rng.randint(0, 4))}
 
     for _ in range(2000):
-        doc = rng.choice([
-            rand(),
-            {"predictions": rand()},
-            {"outputs": [{"name": "probs", "datatype": "FP32", "shape": rand(), "data": rand()}]},
-            {"predictions": [{"probabilities": rand(), "label": rand()}, {"probabilities": [0.5]}]},
-        ])
+        doc = rng.choice(
+            [
+                rand(),
+                {"predictions": rand()},
+                {
+                    "outputs": [
+                        {"name": "probs", "datatype": "FP32", "shape": rand(), "data": rand()}
+                    ]
+                },
+                {
+                    "predictions": [
+                        {"probabilities": rand(), "label": rand()},
+                        {"probabilities": [0.5]},
+                    ]
+                },
+            ]
+        )
         body = json.dumps(doc).encode()
-        out = degrade_response(body, fmt=rng.choice(["oip_v2", "kserve_v1", "unknown"]),
-                               content_type=JSON, spec=rng.choice(specs))
+        out = degrade_response(
+            body,
+            fmt=rng.choice(["oip_v2", "kserve_v1", "unknown"]),
+            content_type=JSON,
+            spec=rng.choice(specs),
+        )
         if out is not None:
             json.loads(out)
+
+
+def test_noise_flips_close_calls_and_keeps_labels_consistent() -> None:
+    """Noise breaks decision-based attacks: near-ties flip at random, confident rows don't."""
+    import json as _json
+
+    from guard.config import DegradeConfig as _Spec
+    from middleware.degrade import degrade_response as _degrade
+
+    rows = [[0.501, 0.499, 0.0]] * 200 + [[0.98, 0.01, 0.01]] * 200
+    doc = {
+        "outputs": [
+            {"name": "label", "shape": [400], "datatype": "INT64", "data": [0] * 400},
+            {
+                "name": "probabilities",
+                "shape": [400, 3],
+                "datatype": "FP32",
+                "data": [x for r in rows for x in r],
+            },
+        ]
+    }
+    out = _degrade(
+        _json.dumps(doc).encode(),
+        fmt="oip_v2",
+        content_type="application/json",
+        spec=_Spec(decimals=3, noise=0.05),
+    )
+    assert out is not None
+    res = _json.loads(out)["outputs"]
+    labels = res[0]["data"]
+    probs = [res[1]["data"][i * 3 : (i + 1) * 3] for i in range(400)]
+    # labels agree with the degraded probabilities, row by row
+    assert labels == [max(range(3), key=p.__getitem__) for p in probs]
+    close, confident = labels[:200], labels[200:]
+    assert 40 < sum(1 for x in close if x == 1) < 160  # near-ties are a coin toss
+    assert set(confident) == {0}
+    assert all(abs(sum(p) - 1.0) < 0.01 for p in probs)
+
+
+def test_no_noise_leaves_argmax_alone() -> None:
+    import json as _json
+
+    from guard.config import DegradeConfig as _Spec
+    from middleware.degrade import degrade_response as _degrade
+
+    body = _json.dumps({"predictions": [[0.501, 0.499]] * 50}).encode()
+    out = _degrade(
+        body, fmt="kserve_v1", content_type="application/json", spec=_Spec(decimals=None)
+    )
+    assert out is not None
+    assert all(p[0] > p[1] for p in _json.loads(out)["predictions"])
