@@ -161,6 +161,9 @@ class DetectorSpec:
     action: Action = Action.FLAG
     #: the detector's own parameters, validated by its factory
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: stronger actions for lower scores: ``(score_below, action)``, e.g. degrade when
+    #: the detector fires, quarantine (``block``) once its score falls below -5
+    escalate: tuple[tuple[float, Action], ...] = ()
     #: key path of this spec in the config file, for the factory's error messages
     key: str = ""
 
@@ -669,7 +672,7 @@ class _Validator:
         if not isinstance(raw, Mapping):
             self.fail(key, f"must be a mapping (or a detector type name), got {_type_name(raw)}")
             return None
-        m = self.mapping(raw, key, {"type", "name", "action", "params"})
+        m = self.mapping(raw, key, {"type", "name", "action", "params", "escalate"})
         if "type" not in m:
             self.fail(_join(key, "type"), "is required")
             return None
@@ -691,7 +694,28 @@ class _Validator:
             action=self.choice(m, key, "action", Action, Action.FLAG),
             params=dict(params),
             key=key,
+            escalate=self.escalate(m.get("escalate"), _join(key, "escalate")),
         )
+
+    def escalate(self, raw: object, key: str) -> tuple[tuple[float, Action], ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.fail(key, f"must be a list of {{score_below, action}}, got {_type_name(raw)}")
+            return ()
+        out: list[tuple[float, Action]] = []
+        for i, item in enumerate(raw):
+            ik = f"{key}[{i}]"
+            m = self.mapping(item, ik, {"score_below", "action"})
+            if "score_below" not in m or "action" not in m:
+                self.fail(ik, "needs both score_below and action")
+                continue
+            below = m["score_below"]
+            if isinstance(below, bool) or not isinstance(below, int | float):
+                self.fail(_join(ik, "score_below"), f"must be a number, got {_type_name(below)}")
+                continue
+            out.append((float(below), self.choice(m, ik, "action", Action, Action.FLAG)))
+        return tuple(sorted(out))
 
 
 def _join(prefix: str, name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.base import Answer, DetectorResult, Query
 from detectors.store import KeyValueStore
 from guard.audit import AuditLog
 from guard.config import GuardConfig
@@ -24,7 +24,7 @@ from guard.decisions import Action, Decision, FailureMode
 from guard.errors import StateError
 from guard.identity import ClientIdentifier
 from guard.metrics import GuardMetrics
-from guard.policy import CompiledPolicy
+from guard.policy import Armed, CompiledPolicy
 from guard.registry import BuildContext, build_detector
 from guard.stores.base import Store, store_from_uri
 from guard.stores.resilient import ResilientStore
@@ -72,11 +72,11 @@ class Guard:
         self.techniques: dict[str, str] = {}
         policies: list[CompiledPolicy] = []
         for pc in config.policies:
-            built: list[tuple[Detector, Action]] = []
+            built: list[Armed] = []
             for spec in pc.detectors:
                 det = build_detector(spec, ctx)
                 self.techniques[det.name] = det.technique
-                built.append((det, spec.action))
+                built.append(Armed(det, spec.action, spec.escalate))
             policies.append(CompiledPolicy.build(pc, tuple(built), config.failure_mode))
         self.policies = tuple(policies)
         self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
@@ -122,7 +122,8 @@ class Guard:
         retry_after: float | None = None
         headers: list[tuple[str, str]] = []
         if not quarantined:
-            for det, action in policy.detectors:
+            for armed in policy.detectors:
+                det = armed.detector
                 try:
                     result = await det.inspect(query)
                 except StateError:
@@ -136,6 +137,7 @@ class Guard:
                 if result.headers:
                     headers.extend(result.headers)
                 if result.anomalous:
+                    action = armed.action_for(result)
                     fired.append((det.name, action))
                     if action.severity > intended.severity:
                         intended = action
@@ -190,7 +192,8 @@ class Guard:
         """
         fired: list[tuple[str, Action]] = []
         results: list[DetectorResult] = []
-        for det, action in policy.detectors:
+        for armed in policy.detectors:
+            det = armed.detector
             if not det.observes_answers:
                 continue
             try:
@@ -206,7 +209,7 @@ class Guard:
                 continue
             results.append(result)
             if result.anomalous:
-                fired.append((det.name, action))
+                fired.append((det.name, armed.action_for(result)))
         if not fired:
             return
         intended = max((a for _, a in fired), key=lambda a: a.severity)
@@ -286,11 +289,11 @@ class Guard:
 
     async def aclose(self) -> None:
         for policy in self.policies:
-            for det, _ in policy.detectors:
+            for armed in policy.detectors:
                 try:
-                    await det.aclose()
+                    await armed.detector.aclose()
                 except Exception:
-                    log.exception("closing detector %s failed", det.name)
+                    log.exception("closing detector %s failed", armed.detector.name)
         close = getattr(self.store, "aclose", None)
         if close is not None:
             await close()

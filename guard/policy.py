@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from detectors.base import Detector
+from detectors.base import Detector, DetectorResult
 from guard.config import PolicyConfig
 from guard.decisions import Action, FailureMode
 
-__all__ = ["CompiledPolicy", "compile_routes"]
+__all__ = ["Armed", "CompiledPolicy", "compile_routes"]
+
+
+class Armed(NamedTuple):
+    """A built detector with the action it triggers and its escalation ladder."""
+
+    detector: Detector
+    #: the action when the detector fires
+    action: Action
+    #: ``(score_below, action)`` pairs, ascending: lower scores, stronger actions
+    escalate: tuple[tuple[float, Action], ...] = ()
+
+    def action_for(self, result: DetectorResult) -> Action:
+        """The action a firing result asks for, escalated by how low its score is."""
+        action = self.action
+        for below, stronger in self.escalate:
+            if result.score < below and stronger.severity > action.severity:
+                action = stronger
+        return action
 
 
 def compile_routes(patterns: tuple[str, ...]) -> re.Pattern[str]:
@@ -52,7 +71,7 @@ class CompiledPolicy:
     routes: re.Pattern[str]
     methods: frozenset[str]
     #: (detector, action) in config order
-    detectors: tuple[tuple[Detector, Action], ...]
+    detectors: tuple[Armed, ...]
     failure_mode: FailureMode
     #: some detector learns from answers, so answers must be parsed
     observes: bool
@@ -63,10 +82,13 @@ class CompiledPolicy:
     def build(
         cls,
         config: PolicyConfig,
-        detectors: tuple[tuple[Detector, Action], ...],
+        detectors: tuple[Armed, ...],
         default_failure_mode: FailureMode,
     ) -> CompiledPolicy:
-        degrade_possible = config.degrade.always or any(a is Action.DEGRADE for _, a in detectors)
+        degrade_possible = config.degrade.always or any(
+            a.action is Action.DEGRADE or any(e is Action.DEGRADE for _, e in a.escalate)
+            for a in detectors
+        )
         return cls(
             config=config,
             name=config.name,
@@ -74,7 +96,7 @@ class CompiledPolicy:
             methods=frozenset(config.methods),
             detectors=detectors,
             failure_mode=config.failure_mode or default_failure_mode,
-            observes=any(d.observes_answers for d, _ in detectors),
+            observes=any(a.detector.observes_answers for a in detectors),
             passthrough=not (config.validate or detectors or degrade_possible),
         )
 

@@ -571,3 +571,31 @@ def test_config_path_and_dict_and_object_are_equivalent(tmp_path: Path) -> None:
     ):
         mw = GuardMiddleware(EchoApp(), config=source, registry=CollectorRegistry())
         assert mw.config.limits.max_rows == 7
+
+
+@pytest.mark.parametrize(("below", "status"), [(-0.5, 403), (-2.0, 200)])
+def test_escalation_by_score(
+    tmp_path: Path, registry: CollectorRegistry, below: float, status: int
+) -> None:
+    """A firing detector's score (here -1) picks the rung of its escalation ladder."""
+    client, _, _, _ = make(
+        tmp_path,
+        registry,
+        policy={
+            "detectors": [
+                {
+                    "type": "test-fixed",
+                    "name": "fx",
+                    "action": "flag",
+                    "params": {"fire_at": 5},
+                    "escalate": [{"score_below": below, "action": "block"}],
+                }
+            ]
+        },
+    )
+    assert client.post(V2, json=v2_body([[9.0]])).status_code == status
+    action = "block" if status == 403 else "flag"
+    assert (
+        sample(registry, "guard_detections_total", policy="inference", detector="fx", action=action)
+        == 1
+    )
