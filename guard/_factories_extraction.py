@@ -1,3 +1,443 @@
-"""Factories for the extraction detectors (registered on import)."""
+"""Factories for the extraction and query-attack detectors (registered on import).
+
+Types ``prada`` (:class:`detectors.prada.PradaDetector`), ``near_duplicate``
+(:class:`detectors.fingerprint.NearDuplicateDetector`) and ``boundary``
+(:class:`detectors.boundary.BoundaryDetector`). Every parameter is optional
+except ``near_duplicate``'s ``feature_range``; the defaults are the ones
+documented on each class (chosen on the digits demo: re-calibrate them on your
+own traffic)::
+
+    policies:
+      - name: digits
+        detectors:
+          - type: prada
+            action: degrade
+            params:
+              delta: 0.90              # flag when Shapiro-Wilk W < delta
+              min_distances: 100
+              test_every: 10
+              max_set: 200             # rows per class set
+              max_set_rows: 2000       # rows per client, all classes
+              max_distances: 1000
+              proj_dim: 32
+              outlier_sigma: 3.0
+              max_clients: 1000
+              flag_ttl_s: 3600         # null: flags never expire
+          - type: near_duplicate
+            action: degrade
+            params:
+              feature_range: [0, 16]   # required
+              salt_env: GUARD_FINGERPRINT_SALT
+              levels: 8
+              window: 5
+              fingerprint_size: 50
+              match_fraction: 0.5
+              threshold: 0.7
+              recent_rows: 50
+              min_rows: 10
+              run_scale: 20
+              max_rows: 20000
+              max_rows_per_client: 256
+              bucket_size: 8
+              max_clients: 10000
+              flag_ttl_s: 3600
+          - type: boundary
+            action: flag
+            params:
+              window: 100
+              p_low: 0.6
+              feature_range: [0, 16]   # enables the coverage signal
+              bins: 8
+              n_classes: 10            # only needed when answers carry labels alone
+              threshold: -6.0
+              signals: [low_confidence, class_concentration, coverage, anomaly_rate]
+              baseline: {coverage: [0.6645, 0.0087]}   # merged over the defaults
+              anomaly_rate_source: mahalanobis          # a row detector with track_rate
+              anomaly_rate_window_s: 60
+              max_clients: 10000
+              flag_ttl_s: 3600
+
+The fingerprint salt is a secret, read from the environment variable named by
+``salt_env`` and never logged. Without it each process draws a random salt and
+logs a warning: fingerprints then differ between workers, which matters as soon
+as anything compares them across processes.
+"""
 
 from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from detectors.base import Detector
+from detectors.boundary import DEFAULT_BASELINE, SIGNALS, BoundaryDetector
+from detectors.fingerprint import NearDuplicateDetector
+from detectors.prada import PradaDetector
+from guard.config import DetectorSpec
+from guard.errors import ConfigurationError
+from guard.registry import BuildContext, register_detector
+
+__all__ = ["DEFAULT_SALT_ENV", "build_boundary", "build_near_duplicate", "build_prada"]
+
+log = logging.getLogger(__name__)
+
+#: environment variable the fingerprint salt is read from, unless ``salt_env`` names another
+DEFAULT_SALT_ENV: Final = "GUARD_FINGERPRINT_SALT"
+_MIN_SALT_BYTES: Final = 16
+_MAX_INDEX_ROWS: Final = 1 << 20
+
+
+class _Params:
+    """Reads ``spec.params`` one name at a time, collecting every problem with its key path."""
+
+    def __init__(self, spec: DetectorSpec, allowed: frozenset[str]) -> None:
+        self.params: Mapping[str, Any] = spec.params
+        self.base = f"{spec.key}.params" if spec.key else "params"
+        self.problems: list[tuple[str, str]] = [
+            (self.key(str(name)), f"unknown parameter (allowed: {', '.join(sorted(allowed))})")
+            for name in spec.params
+            if name not in allowed
+        ]
+
+    def key(self, name: str) -> str:
+        return f"{self.base}.{name}"
+
+    def fail(self, name: str, problem: str) -> None:
+        self.problems.append((self.key(name), problem))
+
+    def _read(self, name: str, default: Any, ok: Callable[[Any], bool], what: str) -> Any:
+        value = self.params.get(name, default)
+        if value is default or ok(value):
+            return value
+        self.fail(name, f"must be {what}, got {value!r}")
+        return default
+
+    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        return int(
+            self._read(
+                name,
+                default,
+                lambda v: _is_int(v) and v >= low and (high is None or v <= high),
+                what,
+            )
+        )
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        low: float,
+        high: float = math.inf,
+        low_open: bool = False,
+    ) -> float:
+        bracket = "(" if low_open else "["
+        what = (
+            f"a number in {bracket}{low}, {high}]"
+            if high < math.inf
+            else (f"a number {'>' if low_open else '>='} {low}")
+        )
+
+        def ok(v: Any) -> bool:
+            return _is_num(v) and (v > low if low_open else v >= low) and v <= high
+
+        return float(self._read(name, default, ok, what))
+
+    def finite(self, name: str, default: float) -> float:
+        return float(self._read(name, default, _is_num, "a finite number"))
+
+    def ttl(self, name: str, default: float | None) -> float | None:
+        value = self._read(
+            name,
+            default,
+            lambda v: v is None or (_is_num(v) and v > 0),
+            "a number of seconds > 0 or null",
+        )
+        return None if value is None else float(value)
+
+    def optional_integer(self, name: str, low: int) -> int | None:
+        value = self._read(
+            name,
+            None,
+            lambda v: v is None or (_is_int(v) and v >= low),
+            f"an integer >= {low} or null",
+        )
+        return None if value is None else int(value)
+
+    def seed(self, name: str, default: int | None) -> int | None:
+        value = self._read(
+            name,
+            default,
+            lambda v: v is None or (_is_int(v) and v >= 0),
+            "an integer >= 0 or null",
+        )
+        return None if value is None else int(value)
+
+    def string(self, name: str, default: str) -> str:
+        return str(
+            self._read(
+                name,
+                default,
+                lambda v: isinstance(v, str) and bool(v.strip()),
+                "a non-empty string",
+            )
+        )
+
+    def range(self, name: str) -> tuple[float, float] | None:
+        value = self.params.get(name)
+        if value is None:
+            return None
+        if (
+            isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(_is_num(v) for v in value)
+            and value[0] < value[1]
+        ):
+            return float(value[0]), float(value[1])
+        self.fail(name, f"must be [low, high] with finite low < high, got {value!r}")
+        return None
+
+    def done(self) -> None:
+        if self.problems:
+            key, problem = self.problems[0]
+            raise ConfigurationError(key, problem, problems=self.problems)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------- prada
+
+_PRADA_PARAMS: Final = frozenset(
+    {
+        "delta",
+        "min_distances",
+        "test_every",
+        "max_set",
+        "max_set_rows",
+        "max_distances",
+        "proj_dim",
+        "outlier_sigma",
+        "max_clients",
+        "flag_ttl_s",
+        "seed",
+    }
+)
+
+
+def build_prada(spec: DetectorSpec, ctx: BuildContext) -> Detector:
+    """Build a :class:`PradaDetector` from ``spec``, or raise ConfigurationError."""
+    p = _Params(spec, _PRADA_PARAMS)
+    delta = p.number("delta", 0.90, low=0.0, high=1.0, low_open=True)
+    min_distances = p.integer("min_distances", 100, 3, 5000)
+    max_distances = p.integer("max_distances", max(1000, min_distances), 3, 5000)
+    if max_distances < min_distances:
+        p.fail("max_distances", f"must be >= min_distances ({min_distances}), got {max_distances}")
+    kwargs: dict[str, Any] = {
+        "delta": delta,
+        "min_distances": min_distances,
+        "max_distances": max_distances,
+        "test_every": p.integer("test_every", 10, 1),
+        "max_set": p.integer("max_set", 200, 1),
+        "max_set_rows": p.integer("max_set_rows", 2000, 1),
+        "proj_dim": p.integer("proj_dim", 32, 1, 4096),
+        "outlier_sigma": p.number("outlier_sigma", 3.0, low=0.0, low_open=True),
+        "max_clients": p.integer("max_clients", 1000, 1),
+        "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
+        "seed": p.seed("seed", ctx.seed),
+    }
+    p.done()
+    return PradaDetector(spec.name, store=ctx.store, **kwargs)
+
+
+# ---------------------------------------------------------------------------- near_duplicate
+
+_ND_PARAMS: Final = frozenset(
+    {
+        "feature_range",
+        "salt_env",
+        "levels",
+        "window",
+        "fingerprint_size",
+        "match_fraction",
+        "threshold",
+        "recent_rows",
+        "min_rows",
+        "run_scale",
+        "max_rows",
+        "max_rows_per_client",
+        "bucket_size",
+        "max_clients",
+        "flag_ttl_s",
+    }
+)
+
+
+def _salt(env_name: str, name: str, key: str) -> bytes:
+    raw = os.environ.get(env_name, "")
+    if raw:
+        salt = raw.encode("utf-8")
+        if len(salt) < _MIN_SALT_BYTES:
+            # the message names the variable, never its value
+            raise ConfigurationError(
+                key, f"environment variable {env_name} must hold at least {_MIN_SALT_BYTES} bytes"
+            )
+        return salt
+    log.warning(
+        "near_duplicate detector %r: environment variable %s is not set; using a random "
+        "per-process salt. Set it (to the same secret on every worker and replica) so that "
+        "fingerprints agree across processes.",
+        name,
+        env_name,
+    )
+    return secrets.token_bytes(32)
+
+
+def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
+    """Build a :class:`NearDuplicateDetector` from ``spec``, or raise ConfigurationError."""
+    p = _Params(spec, _ND_PARAMS)
+    feature_range = p.range("feature_range")
+    if feature_range is None and "feature_range" not in spec.params:
+        p.fail("feature_range", "is required: [low, high], the features' usual range")
+    salt_env = p.string("salt_env", DEFAULT_SALT_ENV)
+    bucket_size = p.integer("bucket_size", 8, 1, 128)
+    if bucket_size & (bucket_size - 1):
+        p.fail("bucket_size", f"must be a power of two, got {bucket_size}")
+    kwargs: dict[str, Any] = {
+        "levels": p.integer("levels", 8, 1, 1 << 16),
+        "window": p.integer("window", 5, 1, 32),
+        "fingerprint_size": p.integer("fingerprint_size", 50, 1, 4096),
+        "match_fraction": p.number("match_fraction", 0.5, low=0.0, high=1.0, low_open=True),
+        "threshold": p.number("threshold", 0.7, low=0.0, high=1.0, low_open=True),
+        "recent_rows": p.integer("recent_rows", 50, 1, 100_000),
+        "min_rows": p.integer("min_rows", 10, 1),
+        "run_scale": p.integer("run_scale", 20, 1),
+        "max_rows": p.integer("max_rows", 20_000, 1, _MAX_INDEX_ROWS),
+        "max_rows_per_client": p.integer("max_rows_per_client", 256, 1, _MAX_INDEX_ROWS),
+        "bucket_size": bucket_size,
+        "max_clients": p.integer("max_clients", 10_000, 1),
+        "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
+    }
+    p.done()
+    if feature_range is None:  # not reached: done() raised for it
+        raise ConfigurationError(p.key("feature_range"), "is required")
+    low, high = feature_range
+    salt = _salt(salt_env, spec.name, p.key("salt_env"))
+    return NearDuplicateDetector(
+        spec.name, store=ctx.store, salt=salt, low=low, high=high, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------- boundary
+
+_BOUNDARY_PARAMS: Final = frozenset(
+    {
+        "window",
+        "p_low",
+        "feature_range",
+        "bins",
+        "max_coverage_features",
+        "n_classes",
+        "max_classes",
+        "threshold",
+        "signals",
+        "baseline",
+        "anomaly_rate_source",
+        "anomaly_rate_window_s",
+        "max_clients",
+        "flag_ttl_s",
+        "seed",
+    }
+)
+
+
+def _signals(p: _Params) -> tuple[str, ...]:
+    value = p.params.get("signals", list(SIGNALS))
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(not isinstance(v, str) or v not in SIGNALS for v in value)
+    ):
+        p.fail("signals", f"must be a non-empty list of {', '.join(SIGNALS)}; got {value!r}")
+        return SIGNALS
+    return tuple(value)
+
+
+def _baseline(p: _Params, signals: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    baseline = dict(DEFAULT_BASELINE)
+    raw = p.params.get("baseline", {})
+    if not isinstance(raw, Mapping):
+        p.fail("baseline", f"must be a mapping of signal -> [mean, std], got {raw!r}")
+        raw = {}
+    for name, pair in raw.items():
+        key = f"baseline.{name}"
+        if name not in SIGNALS:
+            p.fail(key, f"unknown signal (known: {', '.join(SIGNALS)})")
+        elif (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(_is_num(v) for v in pair)
+            or pair[1] < 0
+        ):
+            p.fail(key, f"must be [mean, std] with std >= 0, got {pair!r}")
+        else:
+            baseline[name] = (float(pair[0]), float(pair[1]))
+    return {name: baseline[name] for name in signals}
+
+
+def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
+    """Build a :class:`BoundaryDetector` from ``spec``, or raise ConfigurationError."""
+    p = _Params(spec, _BOUNDARY_PARAMS)
+    feature_range = p.range("feature_range")
+    signals = _signals(p)
+    baseline = _baseline(p, signals)
+    source = p.params.get("anomaly_rate_source")
+    if source is not None and (not isinstance(source, str) or not source or ":" in source):
+        p.fail("anomaly_rate_source", f"must be a detector name, got {source!r}")
+        source = None
+    rate_window = p.number("anomaly_rate_window_s", 60.0, low=0.0, low_open=True)
+    kwargs: dict[str, Any] = {
+        "window": p.integer("window", 100, 2, 1_000_000),
+        "p_low": p.number("p_low", 0.6, low=0.0, high=1.0, low_open=True),
+        "bins": p.integer("bins", 8, 1, 1024),
+        "max_coverage_features": p.integer("max_coverage_features", 256, 1, 65_536),
+        "max_classes": p.integer("max_classes", 1024, 1, 1 << 20),
+        "n_classes": p.optional_integer("n_classes", 2),
+        "threshold": p.finite("threshold", -6.0),
+        "max_clients": p.integer("max_clients", 10_000, 1),
+        "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
+        "seed": p.seed("seed", ctx.seed),
+    }
+    p.done()
+    tracker = None
+    if source is not None:
+        # imported here: the anomaly family is optional for the extraction detectors
+        from detectors.anomaly_rate import AnomalyRateTracker
+
+        tracker = AnomalyRateTracker(
+            ctx.store, namespace=source, window_s=rate_window, clock=ctx.clock
+        )
+    low, high = feature_range if feature_range is not None else (None, None)
+    return BoundaryDetector(
+        spec.name,
+        store=ctx.store,
+        low=low,
+        high=high,
+        baseline=baseline,
+        anomaly_rate=tracker,
+        **kwargs,
+    )
+
+
+register_detector("prada", build_prada, replace=True)
+register_detector("near_duplicate", build_near_duplicate, replace=True)
+register_detector("boundary", build_boundary, replace=True)

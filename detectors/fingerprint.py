@@ -1,0 +1,527 @@
+"""Near-duplicate query detection with salted fingerprints (Blacklight-style).
+
+After Li et al., *Blacklight: Scalable Defense for Neural Networks against
+Query-Based Black-Box Attacks* (USENIX Security 2022), and the stateful
+detection of Chen, Carlini and Wagner (2019); our own implementation.
+Query-based evasion attacks (HopSkipJump, Boundary, Square, SimBA) send long
+runs of near-identical rows around one input. Each row is
+
+1. shifted by a secret per-feature offset derived from the deployment's salt,
+   and quantized with a step of ``(high - low) / levels``, so that tiny
+   perturbations land in the same bins while the bin edges stay unknown to
+   the attacker;
+2. cut into every sliding window of ``window`` consecutive quantized values,
+   each hashed with a polynomial hash whose coefficients are also derived from
+   the salt (vectorised numpy, no per-window Python);
+3. summarised by its top-``fingerprint_size`` distinct hash values: its fingerprint.
+
+Two rows are near-duplicates when they share at least ``match_fraction`` of
+the larger of their two fingerprints. An inverted index maps each hash to the
+earlier rows that had it, so a lookup costs ``O(fingerprint_size)`` whatever
+the history. The index is **global**: a row is matched against every
+client's earlier rows, so an attacker who spreads one attack over many API
+keys is still seen. Matches are chained into *runs*: a row that matches an
+earlier row extends that row's run by one, whoever sent either.
+
+A client's score is ``1 - max(share, run / run_scale)``, where ``share`` is
+the fraction of its recent rows that matched an earlier row (taken over at
+least ``min_rows`` rows, so one chance match on a first query does not flag)
+and ``run`` the longest near-duplicate run its recent rows belong to. The run
+term is what catches a Sybil attack thinly spread over many keys: each key
+sends too few rows for its own share to mean anything, but every key's rows
+belong to one long run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from detectors._lru import ClientMap
+from detectors._standing import SharedStanding
+from detectors.base import Detector, DetectorResult, Query
+from detectors.store import KeyValueStore
+
+__all__ = ["Fingerprinter", "NearDuplicateDetector"]
+
+_U64 = NDArray[np.uint64]
+# index entries: tag (high 32 bits of the hash) | slot | generation of the slot's row
+_SLOT_BITS = 20
+_GEN_BITS = 12
+_TAG_SHIFT = np.uint64(32)
+_TAG_MASK = np.uint64(0xFFFFFFFF00000000)
+_SLOT_MASK = np.uint64((1 << _SLOT_BITS) - 1)
+_GEN_MASK = np.uint64((1 << _GEN_BITS) - 1)
+# generations cycle through 0..4094; 4095 marks an empty entry (slot 0), never live
+_GEN_CYCLE = (1 << _GEN_BITS) - 1
+_EMPTY = np.uint64(0xFFFFFFFF00000000 | _GEN_CYCLE)
+# window hashes are exact integers in float64 arithmetic: |q| <= 2**20, coefficients < 2**27,
+# at most 32 terms, so every sum stays below 2**53
+_Q_LIMIT = float(1 << 20)
+_COEF_LIMIT = 1 << 27
+_MAX_WINDOW = 32
+_MAX_WIDTHS = 4  # per-width offsets kept for this many row widths (a model has one)
+
+
+def _spread(h: _U64) -> _U64:
+    """Spread the bits of a < 2**53 value over the word (in place): tag and bucket both vary."""
+    h *= np.uint64(0x9E3779B97F4A7C15)  # odd: a bijection mod 2**64, low bits move up
+    h ^= h >> np.uint64(29)  # and high bits come back down
+    return h
+
+
+class Fingerprinter:
+    """Salted quantize-and-hash fingerprints of rows.
+
+    Parameters
+    ----------
+    salt : bytes
+        The deployment's secret; every derived constant depends on it.
+        It is not kept (only a keyed digest of it is).
+    low, high : float
+        The features' usual range; ``(high - low) / levels`` is the quantization step.
+    levels : int
+        Quantization bins across the range.
+    window : int
+        Consecutive quantized values hashed together (at most 32).
+    size : int
+        Hashes kept per fingerprint (the largest ``size`` distinct ones).
+
+    Notes
+    -----
+    A window's hash is ``sum(c_j * q_j)`` with secret integer coefficients
+    ``c_j``, computed exactly in float64 by one matrix product over a gather
+    of all windows, then xored with a secret word and bit-spread. Different
+    windows collide with probability about ``2**-27``; a near-duplicate match
+    needs half a fingerprint, so chance collisions do not make one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fp = Fingerprinter(b"secret salt 0123", low=0.0, high=16.0, levels=8, window=5, size=50)
+    >>> x = np.random.default_rng(0).uniform(0, 16, size=(1, 64))
+    >>> a, b = fp.fingerprints(np.vstack([x, x + 0.01]))
+    >>> len(np.intersect1d(a, b)) >= len(a) // 2
+    True
+    """
+
+    def __init__(
+        self, salt: bytes, *, low: float, high: float, levels: int, window: int, size: int
+    ) -> None:
+        if not isinstance(salt, bytes) or len(salt) < 8:
+            raise ValueError("salt must be at least 8 bytes")
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+            raise ValueError(f"need finite low < high, got {low!r} and {high!r}")
+        for pname, value in (("levels", levels), ("window", window), ("size", size)):
+            if value < 1:
+                raise ValueError(f"{pname} must be >= 1, got {value!r}")
+        if window > _MAX_WINDOW:
+            raise ValueError(f"window must be <= {_MAX_WINDOW}, got {window!r}")
+        self.low = float(low)
+        self.inv_step = levels / (float(high) - float(low))
+        self.window = window
+        self.size = size
+        key = hashlib.blake2b(salt, digest_size=32, person=b"ig-fingerprint").digest()
+        self._key = int.from_bytes(key, "little")
+        rng = np.random.default_rng([self._key, 0])
+        self._coef = rng.integers(1, _COEF_LIMIT, size=window).astype(np.float64)
+        # xored in before spreading: no hash value (not even an all-zero window's) is public
+        self._mask = np.uint64(int(rng.integers(0, 1 << 63)) << 1 | 1)
+        self._layouts: OrderedDict[int, tuple[NDArray[np.float64], NDArray[np.intp]]] = (
+            OrderedDict()
+        )
+
+    def _layout(self, width: int) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+        """Per row width: the quantization bias and the feature indices of every window."""
+        layout = self._layouts.get(width)
+        if layout is None:
+            # a secret offset in [0, 1) bins per feature: bin edges unknown to the client
+            offset = np.random.default_rng([self._key, 1, width]).random(width)
+            w = min(self.window, width)
+            windows = np.arange(width - w + 1)[:, None] + np.arange(w)[None, :]
+            layout = (offset - self.low * self.inv_step, windows)
+            self._layouts[width] = layout
+            if len(self._layouts) > _MAX_WIDTHS:
+                self._layouts.popitem(last=False)
+        return layout
+
+    def hashes(self, rows: NDArray[np.float64]) -> _U64:
+        """``(n_rows, n_windows)`` salted hashes of every sliding window."""
+        bias, windows = self._layout(rows.shape[1])
+        q = rows * self.inv_step
+        q += bias
+        # clip to +-2**20; fmax also maps NaN (refused by the guard anyway) to the low end
+        np.fmax(q, -_Q_LIMIT, out=q)
+        np.fmin(q, _Q_LIMIT, out=q)
+        np.floor(q, out=q)
+        h = q[:, windows] @ self._coef[: windows.shape[1]]
+        return _spread(h.astype(np.int64).view(np.uint64) ^ self._mask)
+
+    def fingerprints(self, rows: NDArray[np.float64]) -> list[_U64]:
+        """One fingerprint per row: its largest ``size`` distinct window hashes, ascending."""
+        h = np.sort(self.hashes(rows), axis=1)
+        keep = np.ones(h.shape, dtype=bool)
+        keep[:, 1:] = h[:, 1:] != h[:, :-1]
+        return [row[k][-self.size :] for row, k in zip(h, keep, strict=True)]
+
+
+class _Probe(NamedTuple):
+    """A fingerprint's view of the index: its buckets, tags, and what they hold."""
+
+    #: bucket of each hash
+    buckets: NDArray[np.intp]
+    #: each hash's tag, in the entry's high 32 bits
+    tags: _U64
+    #: ``(n_hashes, bucket_size)`` current entries of those buckets
+    entries: _U64
+    #: which of them still point at an indexed row
+    live: NDArray[np.bool_]
+
+
+class _Index:
+    """Global inverted index: hash -> recent rows, in fixed memory.
+
+    Rows live in ``max_rows`` slots; a new row takes the next slot in FIFO
+    order (or, for a client at its cap, its own oldest slot). The index is a
+    table of ``n_buckets x bucket_size`` 64-bit entries: a hash goes to bucket
+    ``h mod n_buckets`` as ``tag (32 bits) | slot (20 bits) | generation (12
+    bits)``, the tag being the hash's high 32 bits. An entry is live while its
+    slot still holds the row of that generation, so evicting a row drops its
+    entries at once without touching the table, and new entries take dead
+    positions first. (A stale entry whose slot is back at the same generation,
+    one chance in 4095, adds one shared hash to an unrelated row; a match
+    needs ``match_fraction`` of a fingerprint.) A very common hash keeps only
+    its ``bucket_size`` most recent rows, which bounds a lookup's cost.
+    """
+
+    MAX_ROWS: ClassVar[int] = 1 << _SLOT_BITS
+
+    def __init__(self, max_rows: int, size: int, bucket_size: int) -> None:
+        if max_rows > self.MAX_ROWS:
+            raise ValueError(f"max_rows must be <= {self.MAX_ROWS}, got {max_rows!r}")
+        if bucket_size & (bucket_size - 1):
+            raise ValueError(f"bucket_size must be a power of two, got {bucket_size!r}")
+        self.max_rows = max_rows
+        self.size = size
+        n_buckets = 1 << max(4, math.ceil(math.log2(2 * max_rows * size / bucket_size)))
+        self.bucket_mask = np.uint64(n_buckets - 1)
+        self.pos_mask = np.uint8(bucket_size - 1)
+        self.entries = np.full((n_buckets, bucket_size), _EMPTY, dtype=np.uint64)
+        self.cursor = np.zeros(n_buckets, dtype=np.uint8)
+        self.slot_gen = np.full(max_rows, -1, dtype=np.int64)
+        self.slot_size = np.zeros(max_rows, dtype=np.int64)
+        self.slot_run = np.zeros(max_rows, dtype=np.int64)
+        self.slot_owner: list[str | None] = [None] * max_rows
+        self.next_slot = 0
+        self.generation = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index (the owner list counted at 8 bytes per slot)."""
+        arrays = (self.entries, self.cursor, self.slot_gen, self.slot_size, self.slot_run)
+        return sum(a.nbytes for a in arrays) + 8 * self.max_rows
+
+    def probe(self, fp: _U64) -> _Probe:
+        """Where a fingerprint's hashes go, and what those buckets hold now."""
+        buckets = (fp & self.bucket_mask).astype(np.intp)
+        entries = self.entries[buckets]
+        slots = ((entries >> _GEN_BITS) & _SLOT_MASK).astype(np.intp)
+        live = self.slot_gen[slots] == (entries & _GEN_MASK).astype(np.int64)
+        return _Probe(buckets, (fp >> _TAG_SHIFT) << _TAG_SHIFT, entries, live)
+
+    def best_match(self, probe: _Probe, fraction: float) -> tuple[int, str | None]:
+        """The longest run among near-duplicates of a fingerprint, and that row's owner.
+
+        ``(0, None)`` when no indexed row shares ``fraction`` of the larger fingerprint.
+        """
+        found = probe.entries[probe.live & ((probe.entries & _TAG_MASK) == probe.tags[:, None])]
+        n = probe.buckets.shape[0]
+        m = found.shape[0]
+        need = math.ceil(fraction * n)  # shared hashes any match needs, at the least
+        if m < need:
+            return 0, None
+        slots = np.sort(((found >> _GEN_BITS) & _SLOT_MASK).astype(np.intp))
+        # the common, cheap case: no slot appears ``need`` times
+        if not (slots[need - 1 :] == slots[: m - need + 1]).any():
+            return 0, None
+        uniq, counts = np.unique(slots, return_counts=True)
+        ok = counts >= np.ceil(fraction * np.maximum(self.slot_size[uniq], n))
+        if not ok.any():
+            return 0, None
+        winners = uniq[ok]
+        runs = self.slot_run[winners]
+        best = int(np.argmax(runs))
+        return int(runs[best]), self.slot_owner[int(winners[best])]
+
+    def new_slot(self) -> int:
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % self.max_rows
+        return slot
+
+    def insert(self, probe: _Probe, slot: int, owner: str, run: int) -> int:
+        """Store a fingerprint in ``slot`` (evicting what was there); its generation.
+
+        In each bucket the entry goes to a dead position (empty, or a row since
+        evicted) when there is one, else over the oldest: live entries are only
+        lost when a bucket holds ``bucket_size`` live rows, so a client that
+        recycles its own slots does not churn other clients' entries out.
+        """
+        gen = (int(self.slot_gen[slot]) + 1) % _GEN_CYCLE
+        self.slot_gen[slot] = gen
+        self.slot_size[slot] = probe.buckets.shape[0]
+        self.slot_run[slot] = run
+        self.slot_owner[slot] = owner
+        buckets = probe.buckets
+        full = probe.live.all(axis=1)
+        pos = np.where(full, self.cursor[buckets] & self.pos_mask, np.argmin(probe.live, axis=1))
+        # two hashes of one row in one bucket: the second write wins (rare: ~S^2/2B)
+        self.entries[buckets, pos] = probe.tags | np.uint64((slot << _GEN_BITS) | gen)
+        self.cursor[buckets[full]] += np.uint8(1)
+        return gen
+
+    def holds(self, slot: int, gen: int) -> bool:
+        return int(self.slot_gen[slot]) == gen
+
+
+class _Client:
+    """A client's recent rows: their slots in the index and their match history."""
+
+    __slots__ = ("matched", "n", "own_gen", "own_head", "own_n", "own_slot", "pos", "runs")
+
+    def __init__(self, cap: int, window: int) -> None:
+        self.own_slot = np.zeros(cap, dtype=np.int32)
+        self.own_gen = np.zeros(cap, dtype=np.int16)  # generations are < 4095
+        self.own_head = 0
+        self.own_n = 0
+        self.matched = np.zeros(window, dtype=bool)
+        self.runs = np.zeros(window, dtype=np.int32)
+        self.pos = 0
+        self.n = 0
+
+
+class NearDuplicateDetector(Detector):
+    """Flags clients whose rows are near-duplicates of earlier rows (any client's).
+
+    Scores in :meth:`inspect`, before the model runs: it needs no answer.
+
+    Parameters
+    ----------
+    name : str
+        Instance name (metrics, audit log).
+    store : KeyValueStore
+        Where the standing of flagged clients is shared.
+    salt : bytes
+        Secret per deployment (at least 8 bytes); never logged. Set the same
+        salt on every worker so fingerprints agree.
+    low, high : float
+        The features' usual range (pixels 0..16 for the digits demo). There
+        is no default: a range much wider than the data's would put every row
+        in the same bins and make all rows near-duplicates.
+    levels : int, default=8
+        Quantization bins across the range; the step is ``(high - low) / levels``.
+    window : int, default=5
+        Consecutive quantized values hashed together.
+    fingerprint_size : int, default=50
+        Hashes kept per row (Blacklight's S).
+    match_fraction : float, default=0.5
+        Share of the larger fingerprint two rows must have in common.
+    threshold : float, default=0.7
+        Flag a client whose score falls below this (its share of matched recent
+        rows is above 0.3, or it belongs to a run longer than
+        ``0.3 * run_scale`` rows).
+    recent_rows : int, default=50
+        The window of a client's rows over which its share is measured.
+    min_rows : int, default=10
+        The share is taken over at least this many rows.
+    run_scale : int, default=20
+        A near-duplicate run of this many rows counts as full evidence.
+    max_rows : int, default=20000
+        Rows indexed, all clients together (FIFO eviction).
+    max_rows_per_client : int, default=256
+        Rows one client may hold in the index; past it the client's new rows
+        replace its own oldest, so one client cannot flush the others' history.
+    bucket_size : int, default=8
+        Rows remembered per hash bucket.
+    max_clients : int, default=10000
+        Clients tracked per process (least recently used evicted).
+    flag_ttl_s : float or None, default=3600
+        Seconds a flag lasts in the shared store after it was last confirmed.
+
+    Notes
+    -----
+    Memory: the index holds at least ``2 * fingerprint_size`` entries of 8
+    bytes per indexed row (buckets rounded up to a power of two) plus 28 bytes
+    of slot bookkeeping: 884 bytes per row with the defaults, 17.7 MB for
+    20 000 rows, allocated once. A tracked client costs
+    ``6 * max_rows_per_client + 5 * recent_rows`` bytes of arrays plus Python
+    objects: 2.4 KB measured with the defaults.
+
+    The defaults were chosen on the digits data (64 features, 0..16): 1.6 % of
+    natural held-out rows have a near-duplicate among the other 1 196 (mean
+    over five salts), while a row perturbed by Gaussian noise of standard
+    deviation 0.1 per feature matches its original 99.8 % of the time (88 % at
+    0.2). Per client, the lowest score of 230 benign clients (50 natural rows
+    each, all interleaved through one index) was 0.94; HopSkipJump-like runs
+    were flagged after 6 to 8 rows. The threshold keeps a wide margin above
+    that benign minimum; calibrate it on your own traffic.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> import numpy as np
+    >>> from detectors.base import Query
+    >>> from detectors.fingerprint import NearDuplicateDetector
+    >>> class Store:
+    ...     backend = "dict"
+    ...     def __init__(self): self.d = {}
+    ...     async def get(self, k): return self.d.get(k)
+    ...     async def set(self, k, v, ttl=None): self.d[k] = v
+    ...     async def delete(self, k): self.d.pop(k, None)
+    ...     async def incr(self, k, amount=1, ttl=None): return 0
+    >>> det = NearDuplicateDetector(
+    ...     "nd", store=Store(), salt=b"0123456789abcdef", low=0.0, high=16.0, max_rows=1000
+    ... )
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.uniform(0, 16, size=(1, 64))
+    >>> async def probe():  # tiny perturbations around one input
+    ...     for _ in range(20):
+    ...         r = await det.inspect(Query("c1", "p", x + rng.normal(0, 0.05, size=x.shape)))
+    ...     return r
+    >>> asyncio.run(probe()).anomalous
+    True
+    """
+
+    technique: ClassVar[str] = "AML.T0043"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        store: KeyValueStore,
+        salt: bytes,
+        low: float,
+        high: float,
+        levels: int = 8,
+        window: int = 5,
+        fingerprint_size: int = 50,
+        match_fraction: float = 0.5,
+        threshold: float = 0.7,
+        recent_rows: int = 50,
+        min_rows: int = 10,
+        run_scale: int = 20,
+        max_rows: int = 20_000,
+        max_rows_per_client: int = 256,
+        bucket_size: int = 8,
+        max_clients: int = 10_000,
+        flag_ttl_s: float | None = 3600.0,
+    ) -> None:
+        super().__init__(name)
+        if not 0.0 < match_fraction <= 1.0:
+            raise ValueError(f"match_fraction must be in (0, 1], got {match_fraction!r}")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        for pname, value in (
+            ("recent_rows", recent_rows),
+            ("min_rows", min_rows),
+            ("run_scale", run_scale),
+            ("max_rows", max_rows),
+            ("max_rows_per_client", max_rows_per_client),
+            ("bucket_size", bucket_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{pname} must be >= 1, got {value!r}")
+        self.fingerprinter = Fingerprinter(
+            salt, low=low, high=high, levels=levels, window=window, size=fingerprint_size
+        )
+        self.match_fraction = float(match_fraction)
+        self.threshold = float(threshold)
+        self.recent_rows = recent_rows
+        self.min_rows = min_rows
+        self.run_scale = run_scale
+        self.max_rows_per_client = max_rows_per_client
+        self._index = _Index(max_rows, fingerprint_size, bucket_size)
+        self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
+        self._standing = SharedStanding(store, f"near_duplicate:{name}", flag_ttl_s)
+
+    def __repr__(self) -> str:  # never show derived key material
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    @property
+    def clients(self) -> ClientMap[_Client]:
+        """The per-process client map (its ``len`` and ``evictions`` are metrics)."""
+        return self._clients
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the global index (fixed at construction)."""
+        return self._index.nbytes
+
+    def _new_client(self) -> _Client:
+        return _Client(self.max_rows_per_client, self.recent_rows)
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        rows = query.rows
+        matched = cross = 0
+        if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
+            state = self._clients.get_or_create(query.client)
+            for fp in self.fingerprinter.fingerprints(rows):
+                run, other = self._row(state, fp, query.client)
+                matched += run > 0
+                cross += other
+            local = self._score(state)
+            if local < self.threshold:
+                await self._standing.flag(query.policy, query.client, local)
+        else:
+            peeked = self._clients.peek(query.client)
+            local = 1.0 if peeked is None else self._score(peeked)
+        resolved = await self._standing.resolve(query.policy, query.client, local, self.threshold)
+        score = local if resolved is None else resolved
+        if score >= self.threshold:
+            return DetectorResult(self.name, score, self.threshold, False)
+        return DetectorResult(
+            self.name,
+            score,
+            self.threshold,
+            True,
+            reason=f"near-duplicate queries: score {score:.2f} < {self.threshold}; "
+            f"{matched} of {query.n_rows} rows matched, {cross} of them other clients' rows",
+            rows_flagged=matched,
+        )
+
+    def _row(self, state: _Client, fp: NDArray[np.uint64], client: str) -> tuple[int, bool]:
+        """Match one fingerprint, index it, record it for the client.
+
+        Returns the run it extends (0: no near-duplicate) and whether the
+        matched row was another client's.
+        """
+        index = self._index
+        probe = index.probe(fp)
+        run, owner = index.best_match(probe, self.match_fraction)
+        cap = self.max_rows_per_client
+        head = state.own_head
+        slot = -1
+        if state.own_n == cap and index.holds(int(state.own_slot[head]), int(state.own_gen[head])):
+            slot = int(state.own_slot[head])  # at its cap, a client recycles its own oldest slot
+        if slot < 0:
+            slot = index.new_slot()
+        state.own_gen[head] = index.insert(probe, slot, client, run + 1)
+        state.own_slot[head] = slot
+        state.own_head = (head + 1) % cap
+        state.own_n = min(state.own_n + 1, cap)
+        state.matched[state.pos] = run > 0
+        state.runs[state.pos] = run
+        state.pos = (state.pos + 1) % self.recent_rows
+        state.n = min(state.n + 1, self.recent_rows)
+        return run, owner is not None and owner != client
+
+    def _score(self, state: _Client) -> float:
+        if state.n == 0:
+            return 1.0
+        share = float(state.matched.sum()) / max(state.n, self.min_rows)
+        run = float(state.runs.max()) / self.run_scale
+        return max(0.0, 1.0 - max(share, run))
