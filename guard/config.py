@@ -133,20 +133,26 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class DegradeConfig:
-    """How answers are coarsened when a policy degrades them."""
+    """How answers are coarsened.
+
+    With ``always`` (the default) every answer of the policy is coarsened
+    (``decimals``, ``top_k``, ``labels_only``): rounding to 2-3 decimals is what
+    keeps equation-solving extraction from exact agreement. Clients a detector
+    asked to ``degrade`` get the same coarsening plus ``noise``.
+    """
 
     #: round probabilities to this many decimals (``None``: keep them)
-    decimals: int | None = 2
+    decimals: int | None = 3
     #: keep only the k most probable classes (``None``: all)
     top_k: int | None = None
     #: drop probabilities altogether, answer labels only
     labels_only: bool = False
-    #: degrade every answer of this policy, not only flagged clients'
-    always: bool = False
-    #: standard deviation of random noise added to probabilities before the argmax, so
-    #: answers near the decision boundary flip at random (breaks decision-based attacks
-    #: such as HopSkipJump and Boundary); 0 disables it
-    noise: float = 0.0
+    #: coarsen every answer of this policy, not only degraded clients'
+    always: bool = True
+    #: for degraded clients only: standard deviation of random noise added to the
+    #: probabilities before the argmax, so answers near the decision boundary flip at
+    #: random (breaks decision-based attacks such as HopSkipJump and Boundary); 0: none
+    noise: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)

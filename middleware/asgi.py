@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -84,6 +85,10 @@ class GuardMiddleware:
             | frozenset(_CREDENTIAL_LIKE)
             | {self.config.client_identity.forwarded_header.encode("latin-1")}
         )
+        # everyone's answers are coarsened without the noise kept for degraded clients
+        self._always_specs = {
+            p.name: replace(p.degrade, noise=0.0) for p in self.config.policies
+        }
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
 
@@ -258,8 +263,10 @@ class GuardMiddleware:
 
     def _degrade_spec(self, policy: CompiledPolicy, decision: Decision) -> DegradeConfig | None:
         spec = policy.config.degrade
-        if decision.action is Action.DEGRADE or spec.always:
+        if decision.action is Action.DEGRADE:
             return spec
+        if spec.always:
+            return self._always_specs[policy.name]
         return None
 
     def _parse(

@@ -208,7 +208,7 @@ def degrade_response(
     --------
     >>> from guard.config import DegradeConfig
     >>> degrade_response(b'{"predictions": [[0.1234, 0.8766]]}', fmt="kserve_v1",
-    ...                  content_type="application/json", spec=DegradeConfig(decimals=2))
+    ...                  content_type="application/json", spec=DegradeConfig(decimals=2, noise=0.0))
     b'{"predictions":[[0.12,0.88]]}'
     """
     try:

@@ -13,9 +13,9 @@ from guard.config import DegradeConfig
 from middleware.degrade import coarsen, degrade_response
 
 JSON = "application/json"
-ROUND2 = DegradeConfig(decimals=2)
-TOP1 = DegradeConfig(decimals=None, top_k=1)
-LABELS = DegradeConfig(labels_only=True)
+ROUND2 = DegradeConfig(decimals=2, noise=0.0)
+TOP1 = DegradeConfig(decimals=None, top_k=1, noise=0.0)
+LABELS = DegradeConfig(labels_only=True, noise=0.0)
 
 
 def degrade(doc: Any, spec: DegradeConfig, fmt: str = "unknown", content_type: str = JSON) -> Any:
@@ -146,7 +146,7 @@ def test_tf_named_outputs() -> None:
 
 def test_mlflow_predictions() -> None:
     doc = {"predictions": [[0.3333, 0.6667]]}
-    assert degrade(doc, DegradeConfig(decimals=1), "mlflow") == {"predictions": [[0.3, 0.7]]}
+    assert degrade(doc, DegradeConfig(decimals=1, noise=0.0), "mlflow") == {"predictions": [[0.3, 0.7]]}
 
 
 def test_v1_labels_and_regression_are_unchanged() -> None:
@@ -235,7 +235,7 @@ def test_output_is_valid_compact_json() -> None:
 def test_fuzz_degrade_never_raises() -> None:
     rng = random.Random(5)
     scalars: list[Any] = [0, 1, 0.5, 0.25, 2.5, -1, None, "a", True, [], {}]
-    specs = [ROUND2, TOP1, LABELS, DegradeConfig(decimals=0, top_k=2)]
+    specs = [ROUND2, TOP1, LABELS, DegradeConfig(decimals=0, top_k=2, noise=0.0)]
 
     def rand(depth: int = 0) -> Any:
         r = rng.random()
@@ -331,7 +331,7 @@ def test_no_noise_leaves_argmax_alone() -> None:
 
     body = _json.dumps({"predictions": [[0.501, 0.499]] * 50}).encode()
     out = _degrade(
-        body, fmt="kserve_v1", content_type="application/json", spec=_Spec(decimals=None)
+        body, fmt="kserve_v1", content_type="application/json", spec=_Spec(decimals=None, noise=0.0)
     )
     assert out is not None
     assert all(p[0] > p[1] for p in _json.loads(out)["predictions"])

@@ -46,7 +46,12 @@ def make(
     **top: Any,
 ) -> tuple[TestClient, GuardMiddleware, EchoApp, Path]:
     audit = tmp_path / "audit.jsonl"
-    pol = {"name": "inference", "routes": ["/v2/models/*/infer", "/v1/models/*:predict"]}
+    # answers untouched unless a test asks for degradation (the default rounds them)
+    pol: dict[str, Any] = {
+        "name": "inference",
+        "routes": ["/v2/models/*/infer", "/v1/models/*:predict"],
+        "degrade": {"always": False},
+    }
     pol.update(policy or {})
     cfg = {"policies": [pol], "audit": {"path": str(audit)}, **top}
     echo = app or EchoApp()
@@ -255,7 +260,7 @@ def test_degrade_rounds_probabilities(tmp_path: Path, registry: CollectorRegistr
         tmp_path,
         registry,
         policy={
-            "degrade": {"decimals": 1},
+            "degrade": {"decimals": 1, "always": False, "noise": 0.0},
             "detectors": [{"type": "test-fixed", "action": "degrade", "params": {"fire_at": 5}}],
         },
     )
@@ -278,6 +283,29 @@ def test_always_degrade_applies_to_every_answer(
     client, _, _, _ = make(tmp_path, registry, policy={"degrade": {"always": True, "decimals": 2}})
     probs = client.post(V2, json=v2_body([[1.0]])).json()["outputs"][1]["data"]
     assert probs[:2] == pytest.approx([0.12, 0.77])
+
+
+def test_default_output_policy_rounds_everyone_and_adds_noise_only_when_degrading(
+    registry: CollectorRegistry,
+) -> None:
+    """No degrade config: 3 decimals for all; degraded clients also get noise."""
+    answer = {"predictions": [[0.5004, 0.4996]] * 400}
+    mw = GuardMiddleware(
+        EchoApp(answer),
+        registry=registry,
+        config={"audit": {"enabled": False}, "policies": [{
+            "name": "inference", "routes": ["/v1/models/*:predict"],
+            "detectors": [{"type": "test-fixed", "action": "degrade", "params": {"fire_at": 5}}],
+        }]},
+    )
+    client = TestClient(mw)
+    plain = client.post("/v1/models/m:predict", json={"instances": [[1.0]]}).json()
+    assert plain["predictions"][0] == [0.5, 0.5]
+    assert all(p == [0.5, 0.5] for p in plain["predictions"])
+    flagged = client.post("/v1/models/m:predict", json={"instances": [[9.0]]}).json()
+    firsts = [p[0] for p in flagged["predictions"]]
+    # noise (sd 0.1) moves near-ties both ways; rounding alone never would
+    assert sum(1 for x in firsts if x > 0.5) > 50 and sum(1 for x in firsts if x < 0.5) > 50
 
 
 def test_observing_detector_sees_parsed_answer(tmp_path: Path, registry: CollectorRegistry) -> None:
