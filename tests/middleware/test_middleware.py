@@ -293,10 +293,18 @@ def test_default_output_policy_rounds_everyone_and_adds_noise_only_when_degradin
     mw = GuardMiddleware(
         EchoApp(answer),
         registry=registry,
-        config={"audit": {"enabled": False}, "policies": [{
-            "name": "inference", "routes": ["/v1/models/*:predict"],
-            "detectors": [{"type": "test-fixed", "action": "degrade", "params": {"fire_at": 5}}],
-        }]},
+        config={
+            "audit": {"enabled": False},
+            "policies": [
+                {
+                    "name": "inference",
+                    "routes": ["/v1/models/*:predict"],
+                    "detectors": [
+                        {"type": "test-fixed", "action": "degrade", "params": {"fire_at": 5}}
+                    ],
+                }
+            ],
+        },
     )
     client = TestClient(mw)
     plain = client.post("/v1/models/m:predict", json={"instances": [[1.0]]}).json()
@@ -627,3 +635,26 @@ def test_escalation_by_score(
         sample(registry, "guard_detections_total", policy="inference", detector="fx", action=action)
         == 1
     )
+
+
+def test_starlette_add_middleware(tmp_path: Path) -> None:
+    """``app.add_middleware(GuardMiddleware, config=...)`` works as documented."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def predict(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse({"predictions": [[0.25, 0.75]] * len(body["instances"])})
+
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text("audit: {enabled: false}\nlimits: {max_rows: 2}\n")
+    app = Starlette(routes=[Route("/v1/models/m:predict", predict, methods=["POST"])])
+    app.add_middleware(GuardMiddleware, config=str(cfg))
+    client = TestClient(app)
+    ok = client.post("/v1/models/m:predict", json={"instances": [[1.0], [2.0]]})
+    assert ok.status_code == 200 and ok.json() == {"predictions": [[0.25, 0.75]] * 2}
+    assert ok.headers["x-request-id"]
+    assert client.post("/v1/models/m:predict", json={"instances": [[1.0]] * 3}).status_code == 413
+    assert "guard_requests_total" in client.get("/metrics").text
