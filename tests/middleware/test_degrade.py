@@ -146,7 +146,9 @@ def test_tf_named_outputs() -> None:
 
 def test_mlflow_predictions() -> None:
     doc = {"predictions": [[0.3333, 0.6667]]}
-    assert degrade(doc, DegradeConfig(decimals=1, noise=0.0), "mlflow") == {"predictions": [[0.3, 0.7]]}
+    assert degrade(doc, DegradeConfig(decimals=1, noise=0.0), "mlflow") == {
+        "predictions": [[0.3, 0.7]]
+    }
 
 
 def test_v1_labels_and_regression_are_unchanged() -> None:
