@@ -112,17 +112,18 @@ class OutlierBase(ABC, Generic[InputT]):
     # -- parameters (the subset of BaseEstimator that clone() and users need)
 
     @classmethod
-    def _param_names(cls) -> list[str]:
+    def param_names(cls) -> list[str]:
+        """The names of the constructor's (keyword-only) parameters."""
         sig = inspect.signature(cls.__init__)
         return sorted(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor parameters, as given."""
-        return {name: getattr(self, name) for name in self._param_names()}
+        return {name: getattr(self, name) for name in self.param_names()}
 
     def set_params(self, **params: Any) -> Self:
         """Set constructor parameters (validated at the next ``fit``)."""
-        valid = set(self._param_names())
+        valid = set(self.param_names())
         for key, value in params.items():
             if key not in valid:
                 raise ValueError(
@@ -174,6 +175,10 @@ class OutlierBase(ABC, Generic[InputT]):
         self.calibration_size_ = int(scores.size)
 
     # -- the outlier API
+
+    @abstractmethod
+    def fit(self, X: InputT, y: object = None) -> Self:
+        """Fit on benign reference data and set ``offset_``; returns ``self``."""
 
     @abstractmethod
     def score_samples(self, X: InputT) -> FloatArray:
@@ -240,9 +245,8 @@ class RowOutlierBase(OutlierBase[ArrayLike]):
         self._validate_params()
         arr = as_matrix(X)
         train, held = self._split(arr.shape[0])
-        for attr in ("offset_",):  # refitting: stay "not fitted" until done
-            if hasattr(self, attr):
-                delattr(self, attr)
+        if hasattr(self, "offset_"):  # refitting: "not fitted" until it succeeds
+            del self.offset_
         self._fit(arr[train])
         self.n_features_in_ = int(arr.shape[1])
         scores = self._training_scores(arr[train]) if held is None else self._score(arr[held])

@@ -65,8 +65,9 @@ class FeatureEnvelope(RowOutlierBase):
     >>> env = FeatureEnvelope(target_fpr=0.01).fit(X)
     >>> env.predict([[3.0, 4.0, 5.0, 6.0], [3.0, 4.0, 5.5, 40.0]]).tolist()
     [1, -1]
+    >>> # 5.5 is not an integer (1.0); 40 is (40 - 16.8) / 16 = 1.45 ranges above the bound
     >>> float(env.score_samples([[3.0, 4.0, 5.5, 40.0]])[0])
-    -2.4375
+    -2.45
     """
 
     kind = "envelope"
@@ -100,7 +101,7 @@ class FeatureEnvelope(RowOutlierBase):
         span = hi - lo
         self.constant_ = span == 0
         self.integer_ = (
-            (X == np.round(X)).all(axis=0)
+            (np.round(X) == X).all(axis=0)
             if self.check_integer
             else np.zeros(X.shape[1], dtype=bool)
         )

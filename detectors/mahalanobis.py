@@ -83,7 +83,9 @@ class MahalanobisOutlier(RowOutlierBase):
 
     def _validate_params(self) -> None:
         if self.shrinkage not in _SHRINKAGE:
-            raise ValueError(f"shrinkage must be one of {', '.join(_SHRINKAGE)}, got {self.shrinkage!r}")
+            raise ValueError(
+                f"shrinkage must be one of {', '.join(_SHRINKAGE)}, got {self.shrinkage!r}"
+            )
 
     def _fit(self, X: FloatArray) -> None:
         if not (X.max(axis=0) > X.min(axis=0)).any():

@@ -1,0 +1,199 @@
+"""Online input-anomaly detectors: a fitted row or text model, scored per request.
+
+:class:`RowAnomalyDetector` wraps any fitted row model (envelope, Mahalanobis,
+Isolation Forest, k-NN) and :class:`TextAnomalyDetector` a fitted
+:class:`~detectors.text.TextOutlier`. Per request:
+
+* the score is the *lowest* row score (the request is as anomalous as its
+  worst row) and the threshold is the model's calibrated ``offset_``;
+* ``rows_flagged`` counts the rows below the threshold, so batching anomalous
+  rows among benign ones changes nothing;
+* with an :class:`~detectors.anomaly_rate.AnomalyRateTracker`, the verdicts
+  (flagged rows, rows) are added to the client's counts.
+
+Design decisions for inputs the model was not calibrated for:
+
+* **no rows** (a text or unparsed payload): nothing to score; the result is
+  normal, with the reason ``"no rows"``;
+* **another width**: payload validation normally refuses it first; when it
+  reaches the detector, the model says nothing about such rows, and an
+  attacker must not get past the detector by sending one feature more.
+  ``on_width_mismatch="flag"`` (default) flags every row with reason
+  ``"width"``; ``"skip"`` passes it as normal (for a policy that serves
+  several models on one route);
+* **NaN or infinity** in a row (possible only when payload validation is
+  off): the row is flagged, never silently passed (``NaN < threshold`` is false).
+
+Unscorable rows get :data:`UNSCORABLE` (a large negative, finite number: the
+audit log stays valid JSON) as their score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from detectors.anomaly_rate import AnomalyRateTracker
+from detectors.base import Detector, DetectorResult, Query
+
+__all__ = ["UNSCORABLE", "RowAnomalyDetector", "RowModel", "TextAnomalyDetector", "TextModel"]
+
+#: score given to rows that cannot be scored (wrong width, NaN, infinity)
+UNSCORABLE = -1e9
+
+
+class RowModel(Protocol):
+    """What :class:`RowAnomalyDetector` needs from a fitted row model."""
+
+    offset_: float
+    n_features_in_: int
+
+    def score_samples(self, X: ArrayLike) -> NDArray[np.float64]: ...
+
+
+class TextModel(Protocol):
+    """What :class:`TextAnomalyDetector` needs from a fitted text model."""
+
+    offset_: float
+
+    def score_samples(self, X: Sequence[str]) -> NDArray[np.float64]: ...
+
+
+class RowAnomalyDetector(Detector):
+    """Scores each request's rows with a fitted, calibrated row model.
+
+    Parameters
+    ----------
+    name : str
+        Detector name (metrics, audit log).
+    model : RowModel
+        A fitted model: ``score_samples``, ``offset_``, ``n_features_in_``.
+    on_width_mismatch : {"flag", "skip"}, default="flag"
+        What to do with rows of another width (see the module docstring).
+    tracker : AnomalyRateTracker, optional
+        Per-client counts of rows and flagged rows to update.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> import numpy as np
+    >>> from detectors.base import Query
+    >>> from detectors.mahalanobis import MahalanobisOutlier
+    >>> X = np.random.default_rng(0).normal(size=(1000, 4))
+    >>> det = RowAnomalyDetector("maha", MahalanobisOutlier().fit(X))
+    >>> rows = np.array([[0.0, 0.0, 0.0, 0.0], [9.0, 9.0, -9.0, 9.0]])
+    >>> result = asyncio.run(det.inspect(Query(client="c", policy="p", rows=rows, n_rows=2)))
+    >>> result.anomalous, result.rows_flagged
+    (True, 1)
+    """
+
+    technique = "AML.T0015"
+
+    def __init__(
+        self,
+        name: str,
+        model: RowModel,
+        *,
+        on_width_mismatch: str = "flag",
+        tracker: AnomalyRateTracker | None = None,
+    ) -> None:
+        super().__init__(name)
+        if on_width_mismatch not in ("flag", "skip"):
+            raise ValueError(
+                f"on_width_mismatch must be 'flag' or 'skip', got {on_width_mismatch!r}"
+            )
+        if not hasattr(model, "offset_"):
+            raise ValueError("the model is not fitted (no offset_)")
+        self.model = model
+        self.on_width_mismatch = on_width_mismatch
+        self.tracker = tracker
+        self.threshold = float(model.offset_)
+        self.n_features = int(model.n_features_in_)
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        rows = query.rows
+        threshold = self.threshold
+        if rows is None or rows.size == 0:
+            return DetectorResult(self.name, threshold, threshold, False, reason="no rows")
+        n = rows.shape[0] if rows.ndim == 2 else 1
+        if rows.ndim != 2 or rows.shape[1] != self.n_features:
+            if self.on_width_mismatch == "skip":
+                return DetectorResult(
+                    self.name, threshold, threshold, False, reason="width skipped"
+                )
+            await self._record(query, n, n)
+            return DetectorResult(
+                self.name, min(UNSCORABLE, threshold - 1.0), threshold, True,
+                reason=f"width {rows.shape[-1]} != {self.n_features}", rows_flagged=n,
+            )
+        finite = np.isfinite(rows).all(axis=1)
+        if finite.all():
+            scores = self.model.score_samples(rows)
+            flagged = int(np.count_nonzero(scores < threshold))
+            worst = float(scores.min())
+            reason = f"{flagged}/{n} rows below threshold" if flagged else ""
+        else:
+            bad = int(n - np.count_nonzero(finite))
+            scores = self.model.score_samples(rows[finite]) if bad < n else np.zeros(0)
+            flagged = bad + int(np.count_nonzero(scores < threshold))
+            worst = min(UNSCORABLE, threshold - 1.0)
+            reason = f"{flagged}/{n} rows flagged ({bad} non-finite)"
+        await self._record(query, flagged, n)
+        return DetectorResult(self.name, worst, threshold, flagged > 0, reason, flagged)
+
+    async def _record(self, query: Query, flagged: int, total: int) -> None:
+        if self.tracker is not None:
+            await self.tracker.record(query.client, anomalous=flagged, total=total)
+
+
+class TextAnomalyDetector(Detector):
+    """Scores each prompt of a chat/completions request with a fitted text model.
+
+    Parameters
+    ----------
+    name : str
+        Detector name (metrics, audit log).
+    model : TextModel
+        A fitted :class:`~detectors.text.TextOutlier` (``score_samples``, ``offset_``).
+    tracker : AnomalyRateTracker, optional
+        Per-client counts of prompts and flagged prompts to update.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> from detectors.base import Query
+    >>> from detectors.prompt_corpus import benign_prompts
+    >>> from detectors.text import TextOutlier
+    >>> det = TextAnomalyDetector("text", TextOutlier().fit(benign_prompts(2000)))
+    >>> q = Query(client="c", policy="chat", rows=None, texts=("Hello\\u202eevil",))
+    >>> asyncio.run(det.inspect(q)).anomalous
+    True
+    """
+
+    technique = "AML.T0051"
+
+    def __init__(
+        self, name: str, model: TextModel, *, tracker: AnomalyRateTracker | None = None
+    ) -> None:
+        super().__init__(name)
+        if not hasattr(model, "offset_"):
+            raise ValueError("the model is not fitted (no offset_)")
+        self.model = model
+        self.tracker = tracker
+        self.threshold = float(model.offset_)
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        texts = query.texts
+        threshold = self.threshold
+        if not texts:
+            return DetectorResult(self.name, threshold, threshold, False, reason="no texts")
+        scores = self.model.score_samples(texts)
+        flagged = int(np.count_nonzero(scores < threshold))
+        if self.tracker is not None:
+            await self.tracker.record(query.client, anomalous=flagged, total=len(texts))
+        reason = f"{flagged}/{len(texts)} texts below threshold" if flagged else ""
+        worst = float(scores.min())
+        return DetectorResult(self.name, worst, threshold, flagged > 0, reason, flagged)

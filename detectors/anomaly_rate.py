@@ -1,0 +1,201 @@
+"""Per-client share of anomalous rows over a time window.
+
+One anomalous row is a data-quality event; a client whose rows are
+anomalous *again and again* is probing, extracting with synthetic queries,
+or fuzzing. Two pieces, so that one count serves several readers:
+
+* :class:`AnomalyRateTracker` keeps, per client and window, two counters in the
+  guard's :class:`~detectors.store.KeyValueStore` (memory or Redis): rows
+  seen and rows flagged. A row detector (:class:`~detectors.anomaly.RowAnomalyDetector`,
+  :class:`~detectors.anomaly.TextAnomalyDetector`) built with a tracker adds
+  its verdicts after scoring each request.
+* :class:`AnomalyRateDetector` reads the counts for the requesting client and
+  fires when the share of anomalous rows exceeds ``max_rate`` over at least
+  ``min_rows`` rows. Other detectors (extraction) read the same counts through
+  :meth:`AnomalyRateTracker.rate`.
+
+Counts live in fixed windows of ``window_s`` seconds; :meth:`~AnomalyRateTracker.rate`
+blends the current window with the previous one weighted by how much of it
+still overlaps the last ``window_s`` seconds (the sliding-window counter
+approximation), so the rate neither resets to zero at a window boundary nor
+remembers more than two windows. Keys are
+``anomaly_rate:<namespace>:<window>:<client>:<bucket>:{all,bad}``; the namespace
+is the name of the row detector that counts, so several row detectors in one
+policy do not add up each other's rows, and the window length is part of the
+key, so a reader configured with another window reads nothing rather than
+misreading.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from detectors.base import Detector, DetectorResult, Query
+from detectors.store import KeyValueStore
+
+__all__ = ["AnomalyRateDetector", "AnomalyRateTracker"]
+
+
+class AnomalyRateTracker:
+    """Counts rows seen and rows flagged per client, in the given store.
+
+    Parameters
+    ----------
+    store : KeyValueStore
+        Where the counters live (``incr`` with a TTL of two windows).
+    namespace : str
+        Which row detector's verdicts these are (its configured name).
+    window_s : float, default=60.0
+        Window length in seconds.
+    clock : callable, default=time.time
+        Seconds; with a store shared between hosts it must be wall-clock time
+        so that every worker agrees on the window boundaries.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> class DictStore:  # the guard passes its memory:// or redis:// store
+    ...     backend = "dict"
+    ...     def __init__(self): self.data = {}
+    ...     async def get(self, key):
+    ...         return str(self.data[key]).encode() if key in self.data else None
+    ...     async def incr(self, key, amount=1, ttl=None):
+    ...         self.data[key] = self.data.get(key, 0) + amount
+    ...         return self.data[key]
+    >>> tracker = AnomalyRateTracker(DictStore(), namespace="knn", clock=lambda: 0.0)
+    >>> async def demo():
+    ...     await tracker.record("client-a", anomalous=3, total=10)
+    ...     return await tracker.rate("client-a")
+    >>> asyncio.run(demo())
+    (3, 10)
+    """
+
+    def __init__(
+        self,
+        store: KeyValueStore,
+        *,
+        namespace: str,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not namespace or ":" in namespace:
+            raise ValueError(f"namespace must be non-empty and contain no ':', got {namespace!r}")
+        if not (math.isfinite(window_s) and window_s > 0):
+            raise ValueError(f"window_s must be a finite number > 0, got {window_s!r}")
+        self.store = store
+        self.namespace = namespace
+        self.window_s = float(window_s)
+        self._clock = clock
+        self._prefix = f"anomaly_rate:{namespace}:{self.window_s:g}:"
+
+    def _keys(self, client: str, bucket: int) -> tuple[str, str]:
+        base = f"{self._prefix}{client}:{bucket}"
+        return f"{base}:all", f"{base}:bad"
+
+    async def record(self, client: str, *, anomalous: int, total: int) -> None:
+        """Add ``total`` rows, ``anomalous`` of them flagged, to ``client``'s current window."""
+        if total <= 0:
+            return
+        bucket = math.floor(self._clock() / self.window_s)
+        all_key, bad_key = self._keys(client, bucket)
+        # two windows of TTL: a bucket is read while current and while previous
+        ttl = 2.0 * self.window_s
+        await self.store.incr(all_key, total, ttl=ttl)
+        if anomalous > 0:
+            await self.store.incr(bad_key, min(anomalous, total), ttl=ttl)
+
+    async def rate(self, client: str) -> tuple[int, int]:
+        """``(anomalous rows, total rows)`` for ``client`` over about the last window."""
+        position = self._clock() / self.window_s
+        bucket = math.floor(position)
+        weight_prev = 1.0 - (position - bucket)
+        cur_all, cur_bad = self._keys(client, bucket)
+        prev_all, prev_bad = self._keys(client, bucket - 1)
+        values = [await self._get_int(k) for k in (cur_all, cur_bad, prev_all, prev_bad)]
+        total = values[0] + weight_prev * values[2]
+        bad = values[1] + weight_prev * values[3]
+        return round(bad), round(total)
+
+    async def _get_int(self, key: str) -> int:
+        raw = await self.store.get(key)
+        if raw is None:
+            return 0
+        try:
+            return max(int(raw), 0)
+        except ValueError:
+            return 0
+
+
+class AnomalyRateDetector(Detector):
+    """Fires for a client whose share of anomalous rows exceeds ``max_rate``.
+
+    The score keeps the guard's convention (higher is more normal): it is
+    ``-rate`` with threshold ``-max_rate``, so the detector fires exactly when
+    ``rate > max_rate``. Below ``min_rows`` rows in the window the evidence is
+    too thin and the score is 0 (normal).
+
+    With a row false-positive rate ``p`` (the row detector's ``target_fpr``), a
+    benign client's flagged count over ``n`` rows is Binomial(n, p); choose
+    ``max_rate`` and ``min_rows`` so that its tail above ``max_rate * n`` is
+    negligible (p = 1%, n = 20, max_rate = 0.2: P ≈ 4e-6).
+
+    Parameters
+    ----------
+    name : str
+        Detector name (metrics, audit log).
+    tracker : AnomalyRateTracker
+        The counts to read (the namespace of the row detector that writes them).
+    max_rate : float, default=0.2
+        Share of anomalous rows above which the client is flagged.
+    min_rows : int, default=20
+        Rows the window must hold before the detector may fire.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> from detectors.base import Query
+    >>> class DictStore:  # the guard passes its memory:// or redis:// store
+    ...     backend = "dict"
+    ...     def __init__(self): self.data = {}
+    ...     async def get(self, key):
+    ...         return str(self.data[key]).encode() if key in self.data else None
+    ...     async def incr(self, key, amount=1, ttl=None):
+    ...         self.data[key] = self.data.get(key, 0) + amount
+    ...         return self.data[key]
+    >>> tracker = AnomalyRateTracker(DictStore(), namespace="knn", clock=lambda: 0.0)
+    >>> det = AnomalyRateDetector("knn-rate", tracker, max_rate=0.2, min_rows=20)
+    >>> async def demo():
+    ...     await tracker.record("c1", anomalous=8, total=25)
+    ...     return await det.inspect(Query(client="c1", policy="p", rows=None))
+    >>> result = asyncio.run(demo())
+    >>> result.anomalous, result.score, result.threshold
+    (True, -0.32, -0.2)
+    """
+
+    technique = "AML.T0015"
+
+    def __init__(
+        self, name: str, tracker: AnomalyRateTracker, *, max_rate: float = 0.2, min_rows: int = 20
+    ) -> None:
+        super().__init__(name)
+        if not (0.0 <= max_rate < 1.0):
+            raise ValueError(f"max_rate must be in [0, 1), got {max_rate!r}")
+        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+            raise ValueError(f"min_rows must be an integer >= 1, got {min_rows!r}")
+        self.tracker = tracker
+        self.max_rate = float(max_rate)
+        self.min_rows = min_rows
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        bad, total = await self.tracker.rate(query.client)
+        threshold = -self.max_rate
+        if total < self.min_rows:
+            return DetectorResult(
+                self.name, 0.0, threshold, False, reason=f"{total} rows < min_rows"
+            )
+        rate = bad / total
+        anomalous = -rate < threshold
+        reason = f"{bad}/{total} rows anomalous" if anomalous else ""
+        return DetectorResult(self.name, -rate, threshold, anomalous, reason=reason)
