@@ -156,7 +156,7 @@ def _tracker(spec: DetectorSpec, ctx: BuildContext) -> AnomalyRateTracker | None
         return None
     window = _get(spec, "rate_window_s", 60.0, _is_positive, "a number of seconds > 0")
     return AnomalyRateTracker(
-        ctx.store, namespace=spec.name, window_s=float(window), clock=ctx.clock
+        ctx.store, namespace=spec.name, window_s=float(window), clock=ctx.wall_clock
     )
 
 
@@ -201,7 +201,7 @@ def _rate_factory(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "an integer >= 1",
     )
     tracker = AnomalyRateTracker(
-        ctx.store, namespace=source, window_s=float(window), clock=ctx.clock
+        ctx.store, namespace=source, window_s=float(window), clock=ctx.wall_clock
     )
     return AnomalyRateDetector(spec.name, tracker, max_rate=float(max_rate), min_rows=min_rows)
 

@@ -424,7 +424,7 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         from detectors.anomaly_rate import AnomalyRateTracker
 
         tracker = AnomalyRateTracker(
-            ctx.store, namespace=source, window_s=rate_window, clock=ctx.clock
+            ctx.store, namespace=source, window_s=rate_window, clock=ctx.wall_clock
         )
     low, high = feature_range if feature_range is not None else (None, None)
     return BoundaryDetector(

@@ -53,6 +53,7 @@ class Guard:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         store: KeyValueStore | None = None,
         identity_secret: bytes | None = None,
     ) -> None:
@@ -66,6 +67,7 @@ class Guard:
         ctx = BuildContext(
             store=self.store,
             clock=clock,
+            wall_clock=wall_clock,
             calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
             limits=config.limits,
         )

@@ -35,8 +35,10 @@ class BuildContext:
 
     #: the state store (memory or Redis), for stateful detectors
     store: KeyValueStore
-    #: the clock, injectable for tests
+    #: the monotonic clock, injectable for tests (durations, per-process state)
     clock: Callable[[], float] = time.monotonic
+    #: the wall clock, for time buckets that workers and hosts must agree on
+    wall_clock: Callable[[], float] = time.time
     #: directory of calibrated detector files, if configured
     calibration_dir: Path | None = None
     #: the parsing limits (a detector may size buffers from them)
