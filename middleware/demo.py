@@ -55,15 +55,21 @@ app.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import yaml
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from starlette.applications import Starlette
@@ -441,14 +447,37 @@ def build_model_app(model: DigitsModel | None = None) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
+def demo_config(calibration_dir: str | Path, *, model: DigitsModel | None = None) -> dict[str, Any]:
+    """The demo policy (``guard/demo.yaml``), its anomaly detectors calibrated into a directory.
+
+    The row detectors are fitted on the model's own training split, at a 0.1 %
+    target false-positive rate (about a second).
+    """
+    from guard.calibrate import calibrate_digits
+
+    model = model if model is not None else train_digits_model()
+    calibrate_digits(calibration_dir, X=model.X_train, target_fpr=0.001)
+    text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
+    config: dict[str, Any] = yaml.safe_load(text)
+    config["calibration_dir"] = str(calibration_dir)
+    return config
+
+
 def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> ASGIApp:
     """The digits model server behind :class:`~middleware.asgi.GuardMiddleware`.
 
     ``config`` is whatever ``GuardMiddleware`` accepts (a ``GuardConfig``, a
-    mapping, a YAML path, or ``None`` for the defaults). The guard is imported here,
-    not at module level, so the bare model server never depends on it.
+    mapping, a YAML path). ``None`` runs the demo policy (:func:`demo_config`),
+    calibrated at start-up into a temporary directory removed at exit. The guard
+    is imported here, not at module level, so the bare model server never
+    depends on it.
     """
     from middleware.asgi import GuardMiddleware
 
+    model = model if model is not None else train_digits_model()
+    if config is None:
+        tmp = tempfile.mkdtemp(prefix="guard-demo-calibration-")
+        atexit.register(shutil.rmtree, tmp, True)
+        config = demo_config(tmp, model=model)
     guarded: ASGIApp = GuardMiddleware(build_model_app(model), config=config)
     return guarded
