@@ -17,7 +17,7 @@ from middleware.types import ASGIApp
 
 #: metrics only: no body parsing, no detectors, no degrade; requests are counted
 METRICS_ONLY: dict[str, Any] = {
-    "policies": [{"name": "inference", "validate": False}],
+    "policies": [{"name": "inference", "validate": False, "degrade": {"always": False}}],
     "audit": {"enabled": False},
 }
 
@@ -48,4 +48,28 @@ def starlette_exporter() -> ASGIApp:
     app = build_model_app()
     app.add_middleware(PrometheusMiddleware, app_name="digits", group_paths=True)
     app.add_route("/metrics", handle_metrics)
+    return app
+
+
+def slowapi_rate() -> ASGIApp:
+    """The model app behind slowapi's pure-ASGI middleware: one default limit per client IP.
+
+    ``BENCH_SLOWAPI_LIMIT`` is the limit (``10/hour``; default ``10000000/minute``) and
+    ``BENCH_SLOWAPI_STORAGE`` the ``limits`` storage URI (default ``memory://``).
+    slowapi's defaults otherwise: fixed-window strategy, no rate-limit headers.
+    """
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIASGIMiddleware
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=[os.environ.get("BENCH_SLOWAPI_LIMIT") or "10000000/minute"],
+        storage_uri=os.environ.get("BENCH_SLOWAPI_STORAGE") or "memory://",
+    )
+    app = build_model_app()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    app.add_middleware(SlowAPIASGIMiddleware)
     return app

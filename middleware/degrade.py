@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.config import DegradeConfig
-from middleware._answers import Found, from_list, from_named, from_v2_outputs
+from middleware._answers import Found, from_list, from_named, from_v2_outputs, is_prob_name
 from middleware._json import load_json_lenient
 
 __all__ = ["coarsen", "degrade_response", "perturb"]
@@ -96,6 +96,30 @@ def _degrade_v2(outputs: list[Any], found: Found, spec: DegradeConfig) -> bool:
     return True
 
 
+def _round_v2_fast(outputs: list[Any], spec: DegradeConfig) -> bool:
+    """Rounding only (the default output policy): round a named, flat probability tensor.
+
+    The hot path of every answer, so plain Python on the flat list instead of the
+    general numpy route; anything unusual falls back to the general route.
+    """
+    if spec.noise > 0.0 or spec.labels_only or spec.top_k is not None or spec.decimals is None:
+        return False
+    for out in outputs:
+        if not is_prob_name(out.get("name")):
+            continue
+        data = out.get("data")
+        if not isinstance(data, list) or not data:
+            return False
+        if not all(type(x) is float or type(x) is int for x in data):
+            return False  # nested, or not numbers: the general route validates it
+        if not all(0.0 <= x <= 1.0 for x in data):
+            return False  # not probabilities (scores, logits): left alone as before
+        d = spec.decimals
+        out["data"] = [round(x, d) + 0.0 for x in data]
+        return True
+    return False
+
+
 def _degrade_list(value: list[Any], spec: DegradeConfig) -> bool:
     """Degrade a list of predictions in place: probability vectors or records."""
     found = from_list(value)
@@ -167,6 +191,8 @@ def _degrade_doc(doc: Any, fmt: str, spec: DegradeConfig) -> bool | None:
         and all(isinstance(o, dict) for o in outputs)
         and any("data" in o for o in outputs)
     ):
+        if _round_v2_fast(outputs, spec):
+            return True
         return _degrade_v2(outputs, from_v2_outputs(outputs), spec)
     for key in ("predictions", "outputs"):
         value = doc.get(key)
