@@ -22,6 +22,18 @@ METRICS_ONLY: dict[str, Any] = {
 }
 
 
+#: payload validation on, answers untouched (the 50 µs target's configuration)
+VALIDATION: dict[str, Any] = {
+    "policies": [{"name": "inference", "degrade": {"always": False}}],
+    "audit": {"enabled": False},
+}
+
+
+def validation() -> ASGIApp:
+    """The guard validating payloads, leaving answers as the model wrote them."""
+    return GuardMiddleware(build_model_app(), config=VALIDATION, registry=CollectorRegistry())
+
+
 def bare() -> ASGIApp:
     """The model app with nothing in front."""
     return build_model_app()

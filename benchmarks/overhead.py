@@ -5,8 +5,10 @@ Run: ``python benchmarks/overhead.py [--quick]``
 Variants, all around the same digits model app (``benchmarks/apps.py``):
 
 * ``bare``: the model app alone;
-* ``guarded``: the guard with its defaults (payload validation, identity, metrics,
-  audit log);
+* ``guarded``: the guard with payload validation on, answers untouched
+  (identity, validation, metrics, audit log);
+* ``guarded_defaults``: the guard with no config at all: validation plus the default
+  output policy, which rounds every answer's probabilities to 3 decimals;
 * ``metrics_only``: the guard counting requests into Prometheus and nothing else;
 * ``starlette_exporter``: starlette_exporter's PrometheusMiddleware on the same app.
 
@@ -52,7 +54,7 @@ from middleware.demo import build_model_app, train_digits_model
 from middleware.types import ASGIApp
 
 PATH = "/v2/models/digits/infer"
-VARIANTS = ("bare", "guarded", "metrics_only", "starlette_exporter")
+VARIANTS = ("bare", "guarded", "guarded_defaults", "metrics_only", "starlette_exporter")
 
 
 def request_body() -> bytes:
@@ -72,10 +74,9 @@ def in_process_apps() -> dict[str, ASGIApp]:
     return {
         "bare": build_model_app(model),
         "guarded": GuardMiddleware(
-            build_model_app(model),
-            registry=CollectorRegistry(),
-            config={"audit": {"enabled": False}},
+            build_model_app(model), config=apps.VALIDATION, registry=CollectorRegistry()
         ),
+        "guarded_defaults": GuardMiddleware(build_model_app(model), registry=CollectorRegistry()),
         "metrics_only": GuardMiddleware(
             build_model_app(model), config=apps.METRICS_ONLY, registry=CollectorRegistry()
         ),
@@ -140,13 +141,15 @@ def over_http(
     env: dict[str, str] = {}
     with (
         serve("benchmarks.apps:bare", env=env) as bare,
-        serve("benchmarks.apps:guarded", env=env) as guarded,
+        serve("benchmarks.apps:validation", env=env) as guarded,
+        serve("benchmarks.apps:guarded", env=env) as guarded_defaults,
         serve("benchmarks.apps:metrics_only", env=env) as metrics_only,
         serve("benchmarks.apps:starlette_exporter", env=env) as exporter,
     ):
         urls = {
             "bare": bare,
             "guarded": guarded,
+            "guarded_defaults": guarded_defaults,
             "metrics_only": metrics_only,
             "starlette_exporter": exporter,
         }
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{us(hm[k] - hm['bare']) if k != 'bare' else '—'} | {rps} |"
         )
     added = pm["guarded"] - pm["bare"]
+    added_defaults = pm["guarded_defaults"] - pm["bare"]
     mo, se = pm["metrics_only"] - pm["bare"], pm["starlette_exporter"] - pm["bare"]
     lines += [
         "",
@@ -221,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- guard with validation, median added per request (in process): **{us(added)} µs** "
         f"(target ≤ 50 µs: {'met' if added <= 50e-6 else 'NOT met'}); over HTTP: "
         f"{us(hm['guarded'] - hm['bare'])} µs",
+        f"- guard with its defaults, i.e. validation plus the default output policy that "
+        f"rounds every answer to 3 decimals (issue 5): **{us(added_defaults)} µs** in process; "
+        f"over HTTP: {us(hm['guarded_defaults'] - hm['bare'])} µs",
         f"- metrics only vs starlette_exporter, added per request (in process): "
         f"**{us(mo)} µs vs {us(se)} µs** (ratio {mo / se:.2f}; target: cheaper — "
         f"{'met' if mo < se else 'NOT met'})",

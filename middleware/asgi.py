@@ -45,6 +45,10 @@ __all__ = ["GuardMiddleware"]
 log = logging.getLogger("guard")
 
 _CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
+_ADAPTER_HEADERS = (
+    ("content-type", b"content-type"),
+    ("inference-header-content-length", b"inference-header-content-length"),
+)
 
 
 class GuardMiddleware:
@@ -272,7 +276,12 @@ class GuardMiddleware:
     def _parse(
         self, policy: CompiledPolicy, body: bytes, *, path: str, headers: Mapping[bytes, bytes]
     ) -> ParsedRequest:
-        str_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        # the adapters read two headers at most: decode only those
+        str_headers = {
+            name: value.decode("latin-1")
+            for name, raw in _ADAPTER_HEADERS
+            if (value := headers.get(raw)) is not None
+        }
         ctype = str_headers.get("content-type")
         if not policy.config.validate:
             try:
