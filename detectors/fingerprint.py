@@ -217,13 +217,22 @@ class _Index:
         self.slot_size = np.zeros(max_rows, dtype=np.int64)
         self.slot_run = np.zeros(max_rows, dtype=np.int64)
         self.slot_owner: list[str | None] = [None] * max_rows
+        #: digest of each indexed row's exact bytes: exact copies are not near-duplicates
+        self.slot_digest = np.zeros(max_rows, dtype=np.int64)
         self.next_slot = 0
         self.generation = 0
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the index (the owner list counted at 8 bytes per slot)."""
-        arrays = (self.entries, self.cursor, self.slot_gen, self.slot_size, self.slot_run)
+        arrays = (
+            self.entries,
+            self.cursor,
+            self.slot_gen,
+            self.slot_size,
+            self.slot_run,
+            self.slot_digest,
+        )
         return sum(a.nbytes for a in arrays) + 8 * self.max_rows
 
     def probe(self, fp: _U64) -> _Probe:
@@ -234,10 +243,14 @@ class _Index:
         live = self.slot_gen[slots] == (entries & _GEN_MASK).astype(np.int64)
         return _Probe(buckets, (fp >> _TAG_SHIFT) << _TAG_SHIFT, entries, live)
 
-    def best_match(self, probe: _Probe, fraction: float) -> tuple[int, str | None]:
+    def best_match(self, probe: _Probe, fraction: float, digest: int) -> tuple[int, str | None]:
         """The longest run among near-duplicates of a fingerprint, and that row's owner.
 
-        ``(0, None)`` when no indexed row shares ``fraction`` of the larger fingerprint.
+        ``(0, None)`` when no indexed row shares ``fraction`` of the larger
+        fingerprint. Exact copies of the row (same ``digest``) do not count: a
+        repeated input, a retry or a popular public example teaches an attacker
+        nothing new, and counting them flagged benign clients who share inputs.
+        Probing attacks send *perturbed* rows, which still match.
         """
         found = probe.entries[probe.live & ((probe.entries & _TAG_MASK) == probe.tags[:, None])]
         n = probe.buckets.shape[0]
@@ -254,6 +267,9 @@ class _Index:
         if not ok.any():
             return 0, None
         winners = uniq[ok]
+        winners = winners[self.slot_digest[winners] != digest]
+        if winners.shape[0] == 0:
+            return 0, None
         runs = self.slot_run[winners]
         best = int(np.argmax(runs))
         return int(runs[best]), self.slot_owner[int(winners[best])]
@@ -263,7 +279,7 @@ class _Index:
         self.next_slot = (slot + 1) % self.max_rows
         return slot
 
-    def insert(self, probe: _Probe, slot: int, owner: str, run: int) -> int:
+    def insert(self, probe: _Probe, slot: int, owner: str, run: int, digest: int) -> int:
         """Store a fingerprint in ``slot`` (evicting what was there); its generation.
 
         In each bucket the entry goes to a dead position (empty, or a row since
@@ -276,6 +292,7 @@ class _Index:
         self.slot_size[slot] = probe.buckets.shape[0]
         self.slot_run[slot] = run
         self.slot_owner[slot] = owner
+        self.slot_digest[slot] = digest
         buckets = probe.buckets
         full = probe.live.all(axis=1)
         pos = np.where(full, self.cursor[buckets] & self.pos_mask, np.argmin(probe.live, axis=1))
@@ -469,8 +486,8 @@ class NearDuplicateDetector(Detector):
         matched = cross = 0
         if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
             state = self._clients.get_or_create(query.client)
-            for fp in self.fingerprinter.fingerprints(rows):
-                run, other = self._row(state, fp, query.client)
+            for row, fp in zip(rows, self.fingerprinter.fingerprints(rows), strict=True):
+                run, other = self._row(state, fp, query.client, hash(row.tobytes()))
                 matched += run > 0
                 cross += other
             local = self._score(state)
@@ -493,7 +510,9 @@ class NearDuplicateDetector(Detector):
             rows_flagged=matched,
         )
 
-    def _row(self, state: _Client, fp: NDArray[np.uint64], client: str) -> tuple[int, bool]:
+    def _row(
+        self, state: _Client, fp: NDArray[np.uint64], client: str, digest: int
+    ) -> tuple[int, bool]:
         """Match one fingerprint, index it, record it for the client.
 
         Returns the run it extends (0: no near-duplicate) and whether the
@@ -501,7 +520,7 @@ class NearDuplicateDetector(Detector):
         """
         index = self._index
         probe = index.probe(fp)
-        run, owner = index.best_match(probe, self.match_fraction)
+        run, owner = index.best_match(probe, self.match_fraction, digest)
         cap = self.max_rows_per_client
         head = state.own_head
         slot = -1
@@ -509,7 +528,7 @@ class NearDuplicateDetector(Detector):
             slot = int(state.own_slot[head])  # at its cap, a client recycles its own oldest slot
         if slot < 0:
             slot = index.new_slot()
-        state.own_gen[head] = index.insert(probe, slot, client, run + 1)
+        state.own_gen[head] = index.insert(probe, slot, client, run + 1, digest)
         state.own_slot[head] = slot
         state.own_head = (head + 1) % cap
         state.own_n = min(state.own_n + 1, cap)

@@ -114,6 +114,39 @@ def test_benign_clients_replaying_disjoint_natural_rows_are_not_flagged() -> Non
     assert min(lowest.values()) >= 0.9 > det.threshold
 
 
+def test_clients_sharing_the_same_natural_rows_are_not_flagged() -> None:
+    """Exact copies (a shared pool, a popular example, retries) are not near-duplicates."""
+    pool = digits()[0][:60]
+    rng = np.random.default_rng(2)
+    det = detector()
+
+    async def run() -> float:
+        lowest = 1.0
+        for _ in range(40):  # 200 clients, each replaying rows drawn from one small pool
+            for c in range(200):
+                rows = pool[rng.integers(0, len(pool), size=int(rng.integers(1, 4)))]
+                result = await det.inspect(Query(f"b{c}", "p", rows, n_rows=len(rows)))
+                lowest = min(lowest, result.score)
+        return lowest
+
+    assert asyncio.run(run()) >= det.threshold
+
+
+def test_exact_repeats_do_not_hide_a_probe() -> None:
+    """Interleaving exact repeats does not dilute a probing run below the threshold."""
+    held_out = digits()[0]
+    det = detector()
+    x0 = held_out[0]
+    rng = np.random.default_rng(3)
+
+    def batches() -> Iterator[Rows]:
+        for probe in hop_skip_jump(x0, rng, 200):
+            yield np.vstack([probe, np.repeat(x0[None], len(probe), axis=0)])
+
+    seen = asyncio.run(rows_until_flagged(det, batches()))
+    assert seen is not None and seen <= 80
+
+
 @pytest.mark.parametrize("delta", [0.05, 0.1, 0.2])
 def test_hop_skip_jump_is_flagged_within_about_twenty_rows(delta: float) -> None:
     held_out = digits()[0]

@@ -1,0 +1,782 @@
+"""Extraction and query-attack clients against the bare and the guarded digits demo.
+
+Run: ``python benchmarks/attacks/run.py [--quick]``
+
+Every client talks to a real uvicorn server over HTTP (OIP v2 JSON, its own
+``x-api-key``). Servers:
+
+* ``bare``: the model app alone (one server for every attack: it keeps no state);
+* ``guarded``: the protective policy below (:func:`protective_config`), a
+  **fresh server per scenario** so that no detector state (PRADA sets, the
+  global near-duplicate index, boundary windows, quarantines) carries over
+  from one attack, or from the benign population, to the next;
+* ``decimals N``: no detectors, every answer rounded (``degrade: {always: true,
+  decimals: N}``), for the equation-solving precision trade-off.
+
+Scenarios: JbDA, Knockoff (uniform, natural), equation solving, HopSkipJump,
+Boundary (ART), HopSkipJump spread over 10 API keys round-robin (Sybil), and
+a benign population of 200+ clients replaying natural held-out rows.
+
+When a client was flagged comes from the guard's audit log (``audit.path``, a
+temp file): every line carries the ``request_id`` the client also got in
+``x-request-id``, and the keyed client hash, computed here with the same
+secret (``GUARD_HASH_KEY``) as ``HMAC-SHA256(secret, b"key:" + api_key)[:32]``.
+"Rows until first flag" is the client's rows sent up to and including the
+request whose audit line first shows a non-allow decision; "rows until
+quarantine" the same for the first line with ``quarantined: true``.
+
+Results go to benchmarks/RESULTS.md (section ``attacks``) and the plot to
+benchmarks/attacks/attacks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+import numpy as np
+
+from benchmarks._harness import machine, serve, today, write_section
+from benchmarks.attacks import benign, evasion, extraction
+from benchmarks.attacks._data import digits
+from benchmarks.attacks._http import Oracle, Sent
+
+HERE = Path(__file__).resolve().parent
+PLOT = HERE / "attacks.png"
+HASH_SECRET = "bench-attacks-client-hash-secret-0001"
+FINGERPRINT_SALT = "bench-attacks-fingerprint-salt-0001"
+ENV = {"GUARD_HASH_KEY": HASH_SECRET, "GUARD_FINGERPRINT_SALT": FINGERPRINT_SALT}
+ROUTES = ["/v2/models/*/infer", "/v2/models/*/versions/*/infer", "/v1/models/*:predict"]
+
+#: the output policy: every answer rounded to 3 decimals (the guard's default), and
+#: degraded (flagged) clients' probabilities also get Gaussian noise before the argmax
+DEGRADE = {"always": True, "decimals": 3, "noise": 0.15}
+#: escalation to quarantine (block, quarantine_s) below these scores
+ESCALATE = {"prada": 0.80, "near_duplicate": 0.30, "boundary": -12.0}
+QUARANTINE_S = 3600
+
+
+def protective_config(audit: str, without: Sequence[str] = ()) -> dict[str, Any]:
+    """The guard under test: three extraction detectors, degrade, then quarantine.
+
+    ``without`` leaves detector types out (a diagnostic for the benign population).
+    """
+
+    def ladder(name: str) -> list[dict[str, Any]]:
+        return [{"score_below": ESCALATE[name], "action": "block"}]
+
+    return {
+        "audit": {"path": audit},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": ROUTES,
+                "quarantine_s": QUARANTINE_S,
+                "degrade": DEGRADE,
+                "detectors": [
+                    d
+                    for d in (
+                        {"type": "prada", "action": "degrade", "escalate": ladder("prada")},
+                        {
+                            "type": "near_duplicate",
+                            "action": "degrade",
+                            "params": {"feature_range": [0, 16]},
+                            "escalate": ladder("near_duplicate"),
+                        },
+                        {
+                            "type": "boundary",
+                            "action": "degrade",
+                            "params": {"feature_range": [0, 16]},
+                            "escalate": ladder("boundary"),
+                        },
+                    )
+                    if d["type"] not in without
+                ],
+            }
+        ],
+    }
+
+
+def decimals_config(audit: str, decimals: int | None) -> dict[str, Any]:
+    """No detectors; every answer rounded to ``decimals`` (None: full float32 precision)."""
+    return {
+        "audit": {"path": audit},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": ROUTES,
+                "degrade": {"always": True, "decimals": decimals},
+            }
+        ],
+    }
+
+
+def client_hash(api_key: str) -> str:
+    """The guard's client id for an API key (guard/identity.py ``hash("key", ...)``)."""
+    mac = hmac.new(HASH_SECRET.encode(), b"key:" + api_key.encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+@dataclass
+class Server:
+    """A guarded server: its URL, then (once it has exited) its audit lines."""
+
+    url: str
+    audit: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def guarded(config_for: Callable[[str], dict[str, Any]]) -> Iterator[Server]:
+    """A fresh guarded server; its audit log is read into ``audit`` when it exits."""
+    with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
+        audit = Path(tmp) / "audit.jsonl"
+        cfg = Path(tmp) / "guard.json"
+        cfg.write_text(json.dumps(config_for(str(audit))))
+        with serve("benchmarks.apps:guarded", env={**ENV, "BENCH_CONFIG": str(cfg)}) as url:
+            srv = Server(url)
+            yield srv
+            # the writer thread flushes whenever its queue empties; give the last lines time
+            time.sleep(0.3)
+        text = audit.read_text() if audit.exists() else ""
+        srv.audit = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@dataclass
+class Detection:
+    """When the guard noticed one client (or one attacker's keys)."""
+
+    #: rows sent until the first non-allow decision (None: never)
+    first_flag: int | None = None
+    #: rows sent until the first quarantine (None: never)
+    quarantine: int | None = None
+    #: per detector, rows sent until it first fired
+    by_detector: dict[str, int] = field(default_factory=dict)
+    #: keys (of the attacker's) that were ever flagged
+    keys_flagged: int = 0
+    #: keys that were quarantined
+    keys_quarantined: int = 0
+    #: rows sent until the last of the client's keys was quarantined (None: some never were)
+    all_quarantined: int | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.first_flag is not None
+
+
+def detection(log: Sequence[Sent], lines: Sequence[dict[str, Any]]) -> Detection:
+    """Match a client's request log with the audit log (by request id and client hash)."""
+    rows_at = {s.request_id: s.cum_rows for s in log}
+    hashes = {client_hash(k) for k in {s.key for s in log}}
+    det = Detection()
+    flagged_keys: set[str] = set()
+    quarantined: dict[str, int] = {}
+    for line in lines:
+        if line.get("client") not in hashes or line.get("decision") in ("allow", "invalid"):
+            continue
+        rows = rows_at.get(line.get("request_id", ""))
+        if rows is None:
+            continue
+        flagged_keys.add(line["client"])
+        det.first_flag = rows if det.first_flag is None else min(det.first_flag, rows)
+        if line.get("quarantined"):
+            det.quarantine = rows if det.quarantine is None else min(det.quarantine, rows)
+            quarantined[line["client"]] = min(quarantined.get(line["client"], rows), rows)
+        for name in line.get("fired", []):
+            det.by_detector[name] = min(det.by_detector.get(name, rows), rows)
+    det.keys_flagged = len(flagged_keys)
+    det.keys_quarantined = len(quarantined)
+    if quarantined and len(quarantined) == len(hashes):
+        det.all_quarantined = max(quarantined.values())
+    return det
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Run:
+    """One client run: what it sent and what it achieved."""
+
+    oracle: Oracle
+    result: Any
+    seconds: float
+
+
+@dataclass
+class Scenario:
+    """An attack, bare and guarded."""
+
+    name: str
+    kind: str  # extraction | evasion
+    params: str
+    bare: Run | None = None
+    guard: Run | None = None
+    det: Detection | None = None
+    keys: int = 1
+    #: label for the plot
+    short: str = ""
+
+
+def _run(url: str, keys: Sequence[str], attack: Callable[[Oracle], Any]) -> Run:
+    # with several keys the attacker rotates away from a quarantined one
+    oracle = Oracle(
+        url, list(keys), drop_blocked=len(keys) > 1, reference=digits().model.predict_proba
+    )
+    t0 = time.perf_counter()
+    try:
+        result = attack(oracle)
+    finally:
+        oracle.close()
+    return Run(oracle, result, time.perf_counter() - t0)
+
+
+def scenarios(quick: bool, seed: int) -> list[tuple[Scenario, Callable[[Oracle], Any]]]:
+    n_inputs = 3 if quick else 10
+    ku_rows = 500 if quick else 1000
+    hsj = dict(n_inputs=n_inputs, seed=seed)
+    return [
+        (
+            Scenario(
+                "JbDA (Papernot), lambda 1.6",
+                "extraction",
+                "10 seed rows, lambda 1.6 (the paper's 0.1 of the range), 6 rounds, 640 rows",
+                short="JbDA\nλ 1.6",
+            ),
+            lambda o: extraction.jbda(o, rows=640, seed=seed, n_seed=10, lam=1.6),
+        ),
+        (
+            Scenario(
+                "JbDA (Papernot), lambda 4",
+                "extraction",
+                "20 seed rows, lambda 4 (best substitute), 5 rounds, 640 rows",
+                short="JbDA\nλ 4",
+            ),
+            lambda o: extraction.jbda(o, rows=640, seed=seed, n_seed=20, lam=4.0),
+        ),
+        (
+            Scenario(
+                "Knockoff, uniform",
+                "extraction",
+                f"{ku_rows} uniform rows in [0,16]^64",
+                short="Knockoff\nuniform",
+            ),
+            lambda o: extraction.knockoff_uniform(o, rows=ku_rows, seed=seed),
+        ),
+        (
+            Scenario(
+                "Knockoff, natural",
+                "extraction",
+                "180 unseen natural rows",
+                short="Knockoff\nnatural",
+            ),
+            lambda o: extraction.knockoff_natural(o, rows=180, seed=seed),
+        ),
+        (
+            Scenario(
+                "Equation solving (Tramer)",
+                "extraction",
+                "130 = 2(d+1) uniform rows",
+                short="Equation\nsolving",
+            ),
+            lambda o: extraction.equation_solving(o, rows=130, seed=seed),
+        ),
+        (
+            Scenario(
+                "HopSkipJump (ART)",
+                "evasion",
+                f"{n_inputs} inputs; max_iter 40, init_eval 10, max_eval 100",
+                short="HopSkipJump",
+            ),
+            lambda o: evasion.hopskipjump(o, **hsj),
+        ),
+        (
+            Scenario(
+                "Boundary (ART)",
+                "evasion",
+                f"{n_inputs} inputs; max_iter 60, num_trial 10, sample_size 20",
+                short="Boundary",
+            ),
+            lambda o: evasion.boundary(o, **hsj),
+        ),
+        (
+            Scenario(
+                "HopSkipJump, 10 keys round-robin",
+                "evasion",
+                f"{n_inputs} inputs, as above; one key per request in turn, a key answered "
+                "403 is dropped and the request resent with the next",
+                short="HopSkipJump\n10 keys",
+                keys=10,
+            ),
+            lambda o: evasion.hopskipjump(o, **hsj),
+        ),
+    ]
+
+
+def attacker_keys(i: int, n: int) -> list[str]:
+    return [f"attacker-{i}-{k}" for k in range(n)]
+
+
+def run_attacks(quick: bool, seed: int) -> list[Scenario]:
+    todo = scenarios(quick, seed)
+    with serve("benchmarks.apps:bare") as url:
+        for i, (sc, attack) in enumerate(todo):
+            sc.bare = _run(url, attacker_keys(i, sc.keys), attack)
+            print(f"  bare     {sc.name}: {_summary(sc.bare)}", flush=True)
+    for i, (sc, attack) in enumerate(todo):
+        with guarded(protective_config) as srv:
+            sc.guard = _run(srv.url, attacker_keys(i, sc.keys), attack)
+        sc.det = detection(sc.guard.oracle.log, srv.audit)
+        print(f"  guarded  {sc.name}: {_summary(sc.guard)}; {sc.det}", flush=True)
+    return [sc for sc, _ in todo]
+
+
+def _summary(run: Run) -> str:
+    r = run.result
+    if isinstance(r, extraction.ExtractionResult):
+        what = f"agreement {r.agreement:.3f}"
+    else:
+        what = f"success {r.success_rate:.2f}, median L2 {r.median_l2:.2f}"
+    return f"{what}, {run.oracle.rows} rows, {run.seconds:.1f} s"
+
+
+# --------------------------------------------------------------------------- benign
+
+
+@dataclass
+class BenignOutcome:
+    policy: str
+    clients: int
+    rows: int
+    requests: int
+    flagged: int
+    degraded_clients: int
+    blocked_clients: int
+    by_detector: Counter[str]
+    tested_prada: int
+    #: rows the plans would send if nobody were blocked
+    planned_rows: int
+    seconds: float
+    flagged_rows: list[int]
+    coarse_answers: int
+    perturbed_answers: int
+    #: flagged clients whose first near-duplicate flag matched other clients' rows
+    cross_client: int
+
+
+def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOutcome:
+    plans = benign.plan(200 if quick else 240, seed=seed)
+    scale = 0.25 if quick else 1.0
+    t0 = time.perf_counter()
+    with guarded(lambda audit: protective_config(audit, without)) as srv:
+        oracles = benign.run_population(srv.url, plans, time_scale=scale)
+    seconds = time.perf_counter() - t0
+    lines = srv.audit
+    by_client: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_client.setdefault(line.get("client", ""), []).append(line)
+    flagged = degraded = blocked = 0
+    by_detector: Counter[str] = Counter()
+    flagged_rows: list[int] = []
+    cross = 0
+    for p, o in zip(plans, oracles, strict=True):
+        mine = [x for x in by_client.get(client_hash(p.key), []) if x["decision"] != "invalid"]
+        if mine:
+            flagged += 1
+            cross += _cross_client(mine)
+            det = detection(o.log, mine)
+            if det.first_flag is not None:
+                flagged_rows.append(det.first_flag)
+            by_detector.update({n for x in mine for n in x.get("fired", [])})
+        degraded += any(x["enforced"] == "degrade" for x in mine)
+        blocked += any(x["enforced"] == "block" for x in mine) or o.statuses.get(403, 0) > 0
+    return BenignOutcome(
+        policy="protective" + (f", without {', '.join(without)}" if without else ""),
+        clients=len(plans),
+        rows=sum(o.rows for o in oracles),
+        requests=sum(o.requests for o in oracles),
+        flagged=flagged,
+        degraded_clients=degraded,
+        blocked_clients=blocked,
+        by_detector=by_detector,
+        tested_prada=sum(p.n_rows > 110 for p in plans),
+        planned_rows=sum(p.n_rows for p in plans),
+        seconds=seconds,
+        flagged_rows=flagged_rows,
+        coarse_answers=sum(o.coarse for o in oracles),
+        perturbed_answers=sum(o.perturbed for o in oracles),
+        cross_client=cross,
+    )
+
+
+_CROSS = re.compile(r"(\d+) of them other clients' rows")
+
+
+def _cross_client(lines: Sequence[dict[str, Any]]) -> bool:
+    """The client's first near-duplicate flag came with matches to other clients' rows."""
+    for line in lines:
+        for d in line.get("detectors", []):
+            if d.get("anomalous") and (m := _CROSS.search(d.get("reason", ""))):
+                return int(m.group(1)) > 0
+    return False
+
+
+# --------------------------------------------------------------------------- precision
+
+
+DECIMALS: tuple[int | None, ...] = (None, 4, 3, 2, 1)
+
+
+Precision = dict[int | None, dict[int, extraction.ExtractionResult]]
+
+
+def run_precision(seed: int, budgets: Sequence[int]) -> Precision:
+    out: Precision = {}
+    for dec in DECIMALS:
+        out[dec] = {}
+        with guarded(lambda audit, dec=dec: decimals_config(audit, dec)) as srv:
+            for rows in budgets:
+                run = _run(
+                    srv.url,
+                    [f"tramer-{dec}-{rows}"],
+                    lambda o, rows=rows: extraction.equation_solving(o, rows=rows, seed=seed),
+                )
+                out[dec][rows] = run.result
+        cells = {r: (round(x.agreement, 3), x.param_error) for r, x in out[dec].items()}
+        print(f"  decimals {dec}: (agreement, parameter error) {cells}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt_rows(v: int | None) -> str:
+    return "—" if v is None else str(v)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _result_cell(r: Any) -> str:
+    if isinstance(r, extraction.ExtractionResult):
+        return f"agreement {r.agreement:.3f}"
+    l2 = "—" if math.isnan(r.median_l2) else f"{r.median_l2:.1f}"
+    return f"success {_pct(r.success_rate)}, median L2 {l2}"
+
+
+def report(
+    args: argparse.Namespace,
+    attacks: list[Scenario],
+    benigns: list[BenignOutcome],
+    precision: Precision,
+    budgets: Sequence[int],
+    seconds: float,
+) -> str:
+    cmd = "python benchmarks/attacks/run.py" + (" --quick" if args.quick else "")
+    lines = [
+        "## Extraction and query-attack clients (issue 5)",
+        "",
+        f"- command: `{cmd}`",
+        f"- machine: {machine()}; numpy {np.__version__}",
+        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}",
+        "- victim: the demo digits model (multinomial logistic regression, 64 pixels in 0..16, "
+        "10 classes) over real HTTP (uvicorn, 1 worker), OIP v2 JSON, one `x-api-key` per client",
+        "- data: the demo's 360 held-out rows; attackers draw natural rows from one half "
+        "(180), stolen models are scored on the other half (180, never queried); benign "
+        "clients replay all 360",
+        "- guarded policy: `prada`, `near_duplicate` (feature_range [0, 16]) and `boundary` "
+        "(feature_range [0, 16]) with their default thresholds, each `action: degrade` and "
+        "`escalate` to `block` (quarantine_s 3600) below "
+        + ", ".join(f"{k} {v:g}" for k, v in ESCALATE.items())
+        + f"; output policy `degrade: {{always: true, decimals: {DEGRADE['decimals']}, "
+        f"noise: {DEGRADE['noise']}}}`: every answer rounded to {DEGRADE['decimals']} decimals "
+        "(the guard's default), degraded clients' answers also perturbed by the noise; no rate "
+        "limit; GUARD_FINGERPRINT_SALT and GUARD_HASH_KEY set",
+        "- each guarded scenario runs in a **fresh server** (fresh detector state and global "
+        "near-duplicate index); the benign population runs in its own server too",
+        "- rows: every count is in rows (a request carries 1 to 64); flags and quarantines "
+        "come from the audit log, matched by request id and keyed client hash",
+        "- evasion success: the returned row is misclassified by the real model and within "
+        f"{evasion.MAX_RATIO:g}x the smallest L2 change that can flip that input's label "
+        "(exact for the linear victim); median L2 over misclassified rows (pixel units)",
+        "",
+        "### Attacks, bare and guarded",
+        "",
+        "| attack | parameters | flagged | rows to first flag | rows to quarantine | "
+        "first flag by detector (rows) | bare: result (rows) | guarded: result (rows) |",
+        "|---|---|---|---:|---:|---|---|---|",
+    ]
+    for sc in attacks:
+        assert sc.bare is not None and sc.guard is not None and sc.det is not None
+        det = sc.det
+        by = ", ".join(f"{k} {v}" for k, v in sorted(det.by_detector.items(), key=lambda x: x[1]))
+        flagged = "yes" if det.flagged else "**no**"
+        if sc.keys > 1:
+            flagged += (
+                f" ({det.keys_flagged}/{sc.keys} keys flagged, {det.keys_quarantined} "
+                "quarantined"
+                + (f", the last after {det.all_quarantined} rows" if det.all_quarantined else "")
+                + ")"
+            )
+        lines.append(
+            f"| {sc.name} | {sc.params} | {flagged} | {_fmt_rows(det.first_flag)} | "
+            f"{_fmt_rows(det.quarantine)} | {by or '—'} | {_result_cell(sc.bare.result)} "
+            f"({sc.bare.oracle.rows}) | {_result_cell(sc.guard.result)} "
+            f"({sc.guard.oracle.rows}; {_statuses(sc.guard.oracle)}) |"
+        )
+    lines += [
+        "",
+        "Guarded result cells also give the statuses the attacker saw (requests) and how many "
+        "answers were *perturbed*: further from the real model's probabilities than their "
+        "3-decimal rounding explains, i.e. degraded with noise (the client cannot tell from "
+        "one answer; this check needs the real model).",
+        "",
+        "### Benign clients",
+        "",
+        f"{benigns[0].clients} clients, each with its own key, replaying held-out rows in its own "
+        "order: 3 to 40 requests, 1 to 32 rows per request, 1 to 40 requests/s, 10 % of rows "
+        "resent; run concurrently (48 at a time) in a fresh server per row of the table. "
+        f"{benigns[0].tested_prada} clients send more than 110 rows (enough for PRADA's first test "
+        "and a full boundary window). The 360 held-out rows recur across clients "
+        f"(the plans send {benigns[0].planned_rows} rows: each row about "
+        f"{benigns[0].planned_rows / 360:.0f} times). The second row leaves `near_duplicate` out "
+        "(a diagnostic: with it on, flagged clients are quarantined early and the other "
+        "detectors see less of their traffic).",
+        "",
+        "| policy | rows (requests) | ever flagged | degraded | blocked or quarantined | "
+        "flagged by detector | first near-duplicate flag matched other clients' rows | "
+        "rows sent when first flagged (median, min-max) | perturbed answers |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for b in benigns:
+        fr = b.flagged_rows
+        rows_cell = f"{statistics.median(fr):.0f} ({min(fr)}-{max(fr)})" if fr else "—"
+        lines.append(
+            f"| {b.policy} | {b.rows} ({b.requests}) | "
+            f"**{b.flagged} ({_pct(b.flagged / b.clients)})** | {b.degraded_clients} | "
+            f"{b.blocked_clients} | "
+            + (", ".join(f"{k} {v}" for k, v in b.by_detector.most_common()) or "—")
+            + f" | {b.cross_client} | {rows_cell} | {b.perturbed_answers} |"
+        )
+    lines += [
+        "",
+        "### Equation solving vs output precision",
+        "",
+        "No detectors; every answer rounded by `degrade: {always: true, decimals: N}`; "
+        "uniform random query rows. Agreement of the solved model with the real one on the "
+        "180 eval rows, and the relative error of the recovered parameters "
+        "(|theta - theta_real| / |theta_real|, both shifted so class 0 is zero):",
+        "",
+        "| decimals | "
+        + " | ".join(f"agreement, {b} rows | parameter error, {b} rows" for b in budgets)
+        + " |",
+        "|---|" + "---:|---:|" * len(budgets),
+    ]
+    for dec, by_rows in precision.items():
+        label = "full (float32)" if dec is None else str(dec)
+        cells = [f"{by_rows[b].agreement:.3f} | {by_rows[b].param_error or 0:.3f}" for b in budgets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ben = benigns[0]
+    lines += ["", "### Against the targets", ""]
+    lines += targets(attacks, ben)
+    lines += ["", "Plot: `benchmarks/attacks/attacks.png`."]
+    return "\n".join(lines)
+
+
+def _statuses(o: Oracle) -> str:
+    parts = [f"{v}x {k}" for k, v in sorted(o.statuses.items())]
+    return ", ".join(parts) + f"; {o.perturbed} perturbed"
+
+
+def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
+    out: list[str] = []
+    single = [sc for sc in attacks if sc.keys == 1]
+    all_flagged = all(sc.det is not None and sc.det.flagged for sc in attacks)
+    missed = [sc.name for sc in attacks if sc.det is not None and not sc.det.flagged]
+    out.append(
+        f"- every attack flagged: **{'met' if all_flagged else 'NOT met'}**"
+        + (f" (missed: {', '.join(missed)})" if missed else "")
+    )
+    ext = [sc.det.first_flag for sc in single if sc.kind == "extraction" and sc.det]
+    ext_med = _median_rows(ext)
+    out.append(
+        f"- median rows until detection, extraction ≤ 100: **{_fmt_med(ext_med)}** "
+        f"({'met' if ext_med is not None and ext_med <= 100 else 'NOT met'}; a missed attack "
+        "counts as never)"
+    )
+    for sc in single:
+        if sc.kind != "evasion" or sc.det is None:
+            continue
+        v = sc.det.first_flag
+        out.append(
+            f"- {sc.name}, rows until detection ≤ 20: **{_fmt_rows(v)}** "
+            f"({'met' if v is not None and v <= 20 else 'NOT met'})"
+        )
+        g = sc.guard.result if sc.guard else None
+        if g is not None:
+            out.append(
+                f"- {sc.name} succeeds on ≤ 10 % of inputs with the guard on: "
+                f"**{_pct(g.success_rate)}** ({'met' if g.success_rate <= 0.10 else 'NOT met'})"
+            )
+    for sc in attacks:
+        if sc.keys == 1 or sc.det is None or sc.guard is None:
+            continue
+        g = sc.guard.result
+        out.append(
+            f"- {sc.name} (cross-client): first flag after **{_fmt_rows(sc.det.first_flag)}** "
+            f"rows; {sc.det.keys_flagged}/{sc.keys} keys flagged, {sc.det.keys_quarantined} "
+            f"quarantined; success with the guard on {_pct(g.success_rate)}"
+        )
+    rate = ben.flagged / ben.clients
+    out.append(
+        f"- benign clients flagged ≤ 0.5 %: **{_pct(rate)}** "
+        f"({'met' if rate <= 0.005 else 'NOT met'})"
+    )
+    return out
+
+
+def _median_rows(values: Sequence[int | None]) -> float | None:
+    if not values:
+        return None
+    # a missed attack is "never": it sorts after every number
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    mid = ordered[len(ordered) // 2] if len(ordered) % 2 else None
+    if len(ordered) % 2 == 0:
+        a, b = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
+        return None if a is None or b is None else (a + b) / 2
+    return None if mid is None else float(mid)
+
+
+def _fmt_med(v: float | None) -> str:
+    return "never" if v is None else f"{v:.0f} rows"
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(attacks: list[Scenario], precision: Precision, budgets: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
+    names = [sc.short for sc in attacks]
+    x = np.arange(len(attacks))
+    rows = [sc.guard.oracle.rows for sc in attacks if sc.guard is not None]
+    never = 1.5 * max([*rows, 100])
+    for off, attr, label, color in (
+        (-0.2, "first_flag", "first flag", "tab:orange"),
+        (0.2, "quarantine", "quarantine", "tab:red"),
+    ):
+        vals = [getattr(sc.det, attr) if sc.det else None for sc in attacks]
+        heights = [never if v is None else v for v in vals]
+        bars = ax1.bar(x + off, heights, 0.4, label=label, color=color)
+        for bar, v in zip(bars, vals, strict=True):
+            if v is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.35)
+                ax1.text(
+                    bar.get_x() + bar.get_width() / 2,
+                    math.sqrt(bar.get_height() * 10),
+                    "never",
+                    ha="center",
+                    va="center",
+                    rotation=90,
+                    fontsize=8,
+                )
+            else:
+                ax1.text(
+                    bar.get_x() + bar.get_width() / 2,
+                    bar.get_height(),
+                    str(v),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax1.axhline(100, ls="--", color="grey", lw=1, label="target, extraction (100)")
+    ax1.axhline(20, ls=":", color="grey", lw=1, label="target, evasion (20)")
+    ax1.set_yscale("log")
+    ax1.set_xticks(x, names, fontsize=8)
+    ax1.set_ylabel("rows the attacker had sent (log scale)")
+    ax1.set_title("Rows until the guard flagged / quarantined the attacker")
+    ax1.legend(fontsize=7, loc="upper right")
+    labels = ["full" if d is None else str(d) for d in precision]
+    for b, color in zip(budgets, ("tab:blue", "tab:green", "tab:purple"), strict=False):
+        ax2.plot(
+            labels,
+            [precision[d][b].agreement for d in precision],
+            marker="o",
+            color=color,
+            label=f"agreement, {b} rows",
+        )
+        ax2.plot(
+            labels,
+            [precision[d][b].param_error or 0.0 for d in precision],
+            marker="s",
+            ls="--",
+            color=color,
+            label=f"parameter error, {b} rows",
+        )
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("decimals in every answer (degrade: always)")
+    ax2.set_title("Equation solving vs output rounding (no detectors)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer inputs and clients")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    np.seterr(all="ignore")
+    started = time.time()
+    budgets = (130, 650)
+    print("attacks:", flush=True)
+    attacks = run_attacks(args.quick, args.seed)
+    print("benign population:", flush=True)
+    benigns = [
+        run_benign(args.quick, args.seed),
+        run_benign(args.quick, args.seed, ["near_duplicate"]),
+    ]
+    for ben in benigns:
+        print(
+            f"  {ben.policy}: flagged {ben.flagged} of {ben.clients}, {ben.by_detector}", flush=True
+        )
+    print("precision trade-off:", flush=True)
+    precision = run_precision(args.seed, budgets)
+    text = report(args, attacks, benigns, precision, budgets, time.time() - started)
+    plot(attacks, precision, budgets)
+    print(text)
+    write_section("attacks", text)
+
+
+if __name__ == "__main__":
+    main()
