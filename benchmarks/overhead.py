@@ -8,7 +8,7 @@ Variants, all around the same digits model app (``benchmarks/apps.py``):
 * ``guarded``: the guard with payload validation on, answers untouched
   (identity, validation, metrics, audit log);
 * ``guarded_defaults``: the guard with no config at all: validation plus the default
-  output policy, which rounds every answer's probabilities to 3 decimals;
+  output policy, which rounds every answer's probabilities to 2 decimals;
 * ``metrics_only``: the guard counting requests into Prometheus and nothing else;
 * ``starlette_exporter``: starlette_exporter's PrometheusMiddleware on the same app.
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(target ≤ 50 µs: {'met' if added <= 50e-6 else 'NOT met'}); over HTTP: "
         f"{us(hm['guarded'] - hm['bare'])} µs",
         f"- guard with its defaults, i.e. validation plus the default output policy that "
-        f"rounds every answer to 3 decimals (issue 5): **{us(added_defaults)} µs** in process; "
+        f"rounds every answer to 2 decimals (issue 5): **{us(added_defaults)} µs** in process; "
         f"over HTTP: {us(hm['guarded_defaults'] - hm['bare'])} µs",
         f"- metrics only vs starlette_exporter, added per request (in process): "
         f"**{us(mo)} µs vs {us(se)} µs** (ratio {mo / se:.2f}; target: cheaper — "

@@ -123,8 +123,11 @@ class StateConfig:
     max_keys: int = 100_000
     #: prefix for every key the guard writes to a shared store
     key_prefix: str = "guard:"
-    #: seconds a store operation may take before it counts as failed
-    timeout_s: float = 0.05
+    #: seconds a store operation may take before it counts as failed (queueing
+    #: included); a failure is a fail-open bypass or a fail-closed refusal, so
+    #: this sits well above a loaded host's latency spikes. A dead store costs it
+    #: only until the circuit breaker opens.
+    timeout_s: float = 0.25
     #: consecutive failures that open the circuit breaker
     breaker_failures: int = 5
     #: seconds the breaker stays open before one trial request
@@ -136,13 +139,14 @@ class DegradeConfig:
     """How answers are coarsened.
 
     With ``always`` (the default) every answer of the policy is coarsened
-    (``decimals``, ``top_k``, ``labels_only``): rounding to 2-3 decimals is what
-    keeps equation-solving extraction from exact agreement. Clients a detector
+    (``decimals``, ``top_k``, ``labels_only``): rounding to 2 decimals is what
+    keeps equation-solving extraction from exact agreement in the rows it gets
+    before the extraction detectors step in (benchmarks/RESULTS.md, "attacks"). Clients a detector
     asked to ``degrade`` get the same coarsening plus ``noise``.
     """
 
     #: round probabilities to this many decimals (``None``: keep them)
-    decimals: int | None = 3
+    decimals: int | None = 2
     #: keep only the k most probable classes (``None``: all)
     top_k: int | None = None
     #: drop probabilities altogether, answer labels only

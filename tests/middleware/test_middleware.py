@@ -288,7 +288,7 @@ def test_always_degrade_applies_to_every_answer(
 def test_default_output_policy_rounds_everyone_and_adds_noise_only_when_degrading(
     registry: CollectorRegistry,
 ) -> None:
-    """No degrade config: 3 decimals for all; degraded clients also get noise."""
+    """No degrade config: 2 decimals for all; degraded clients also get noise."""
     answer = {"predictions": [[0.5004, 0.4996]] * 400}
     mw = GuardMiddleware(
         EchoApp(answer),
