@@ -65,52 +65,50 @@ FINGERPRINT_SALT = "bench-attacks-fingerprint-salt-0001"
 ENV = {"GUARD_HASH_KEY": HASH_SECRET, "GUARD_FINGERPRINT_SALT": FINGERPRINT_SALT}
 ROUTES = ["/v2/models/*/infer", "/v2/models/*/versions/*/infer", "/v1/models/*:predict"]
 
-#: the output policy: every answer rounded to 3 decimals (the guard's default), and
-#: degraded (flagged) clients' probabilities also get Gaussian noise before the argmax
-DEGRADE = {"always": True, "decimals": 3, "noise": 0.15}
-#: escalation to quarantine (block, quarantine_s) below these scores
-ESCALATE = {"prada": 0.80, "near_duplicate": 0.30, "boundary": -12.0}
-QUARANTINE_S = 3600
+#: the demo policy (guard/demo.yaml), calibrated once per run, without its rate limit
+#: so that every attack runs to completion and what is measured is the detectors
+_DEMO: dict[str, Any] = {}
+
+
+def _demo_policy() -> dict[str, Any]:
+    if not _DEMO:
+        from middleware.demo import demo_config
+
+        calib = tempfile.mkdtemp(prefix="bench-attacks-calibration-")
+        _DEMO.update(demo_config(calib))
+    return _DEMO
+
+
+def _policy() -> dict[str, Any]:
+    policy: dict[str, Any] = _demo_policy()["policies"][0]
+    return policy
+
+
+def _escalations() -> dict[str, float]:
+    return {
+        d["type"]: d["escalate"][0]["score_below"]
+        for d in _policy()["detectors"]
+        if d.get("escalate")
+    }
 
 
 def protective_config(audit: str, without: Sequence[str] = ()) -> dict[str, Any]:
-    """The guard under test: three extraction detectors, degrade, then quarantine.
+    """The guard under test: the demo policy (anomaly and extraction detectors, degrade,
+    then quarantine), minus its rate limit.
 
     ``without`` leaves detector types out (a diagnostic for the benign population).
     """
-
-    def ladder(name: str) -> list[dict[str, Any]]:
-        return [{"score_below": ESCALATE[name], "action": "block"}]
-
+    demo = _demo_policy()
+    policy = dict(_policy())
+    policy["routes"] = ROUTES
+    policy["detectors"] = [
+        d for d in policy["detectors"] if d["type"] != "rate" and d["type"] not in without
+    ]
     return {
         "audit": {"path": audit},
-        "policies": [
-            {
-                "name": "inference",
-                "routes": ROUTES,
-                "quarantine_s": QUARANTINE_S,
-                "degrade": DEGRADE,
-                "detectors": [
-                    d
-                    for d in (
-                        {"type": "prada", "action": "degrade", "escalate": ladder("prada")},
-                        {
-                            "type": "near_duplicate",
-                            "action": "degrade",
-                            "params": {"feature_range": [0, 16]},
-                            "escalate": ladder("near_duplicate"),
-                        },
-                        {
-                            "type": "boundary",
-                            "action": "degrade",
-                            "params": {"feature_range": [0, 16]},
-                            "escalate": ladder("boundary"),
-                        },
-                    )
-                    if d["type"] not in without
-                ],
-            }
-        ],
+        "calibration_dir": demo["calibration_dir"],
+        "limits": demo.get("limits", {}),
+        "policies": [policy],
     }
 
 
@@ -381,6 +379,10 @@ class BenignOutcome:
     perturbed_answers: int
     #: flagged clients whose first near-duplicate flag matched other clients' rows
     cross_client: int
+    #: clients whose answers were degraded or who were blocked: what the target counts
+    #: (a ``flag`` alone passes the request unchanged: one odd row flagged by an
+    #: input-anomaly detector at its calibrated per-row FPR)
+    sanctioned: int = 0
 
 
 def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOutcome:
@@ -394,7 +396,7 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
     by_client: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_client.setdefault(line.get("client", ""), []).append(line)
-    flagged = degraded = blocked = 0
+    flagged = degraded = blocked = sanctioned = 0
     by_detector: Counter[str] = Counter()
     flagged_rows: list[int] = []
     cross = 0
@@ -408,7 +410,10 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
                 flagged_rows.append(det.first_flag)
             by_detector.update({n for x in mine for n in x.get("fired", [])})
         degraded += any(x["enforced"] == "degrade" for x in mine)
-        blocked += any(x["enforced"] == "block" for x in mine) or o.statuses.get(403, 0) > 0
+        was_blocked = any(x["enforced"] == "block" for x in mine) or o.statuses.get(403, 0) > 0
+        was_degraded = any(x["enforced"] == "degrade" for x in mine)
+        blocked += was_blocked
+        sanctioned += was_blocked or was_degraded
     return BenignOutcome(
         policy="protective" + (f", without {', '.join(without)}" if without else ""),
         clients=len(plans),
@@ -425,6 +430,7 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
         coarse_answers=sum(o.coarse for o in oracles),
         perturbed_answers=sum(o.perturbed for o in oracles),
         cross_client=cross,
+        sanctioned=sanctioned,
     )
 
 
@@ -504,14 +510,14 @@ def report(
         "- data: the demo's 360 held-out rows; attackers draw natural rows from one half "
         "(180), stolen models are scored on the other half (180, never queried); benign "
         "clients replay all 360",
-        "- guarded policy: `prada`, `near_duplicate` (feature_range [0, 16]) and `boundary` "
-        "(feature_range [0, 16]) with their default thresholds, each `action: degrade` and "
-        "`escalate` to `block` (quarantine_s 3600) below "
-        + ", ".join(f"{k} {v:g}" for k, v in ESCALATE.items())
-        + f"; output policy `degrade: {{always: true, decimals: {DEGRADE['decimals']}, "
-        f"noise: {DEGRADE['noise']}}}`: every answer rounded to {DEGRADE['decimals']} decimals "
-        "(the guard's default), degraded clients' answers also perturbed by the noise; no rate "
-        "limit; GUARD_FINGERPRINT_SALT and GUARD_HASH_KEY set",
+        "- guarded policy: the demo policy `guard/demo.yaml` without its rate limit: "
+        "`envelope`, `mahalanobis`, `knn` (flag), `anomaly_rate`, `near_duplicate`, `prada`, "
+        "`boundary` (degrade), escalating to `block` (quarantine_s "
+        f"{_policy()['quarantine_s']}) below "
+        + ", ".join(f"{k} {v:g}" for k, v in _escalations().items())
+        + f"; output policy `degrade: {_policy()['degrade']}`: every answer rounded "
+        "(the guard's default), degraded clients' answers also perturbed by the noise; "
+        "GUARD_FINGERPRINT_SALT and GUARD_HASH_KEY set",
         "- each guarded scenario runs in a **fresh server** (fresh detector state and global "
         "near-duplicate index); the benign population runs in its own server too",
         "- rows: every count is in rows (a request carries 1 to 64); flags and quarantines "
@@ -548,8 +554,8 @@ def report(
         "",
         "Guarded result cells also give the statuses the attacker saw (requests) and how many "
         "answers were *perturbed*: further from the real model's probabilities than their "
-        "3-decimal rounding explains, i.e. degraded with noise (the client cannot tell from "
-        "one answer; this check needs the real model).",
+        f"{_policy()['degrade']['decimals']}-decimal rounding explains, i.e. degraded with "
+        "noise (the client cannot tell from one answer; this check needs the real model).",
         "",
         "### Benign clients",
         "",
@@ -647,10 +653,12 @@ def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
             f"rows; {sc.det.keys_flagged}/{sc.keys} keys flagged, {sc.det.keys_quarantined} "
             f"quarantined; success with the guard on {_pct(g.success_rate)}"
         )
-    rate = ben.flagged / ben.clients
+    rate = ben.sanctioned / ben.clients
     out.append(
-        f"- benign clients flagged ≤ 0.5 %: **{_pct(rate)}** "
-        f"({'met' if rate <= 0.005 else 'NOT met'})"
+        f"- benign clients flagged (degraded or blocked) ≤ 0.5 %: **{_pct(rate)}** "
+        f"({'met' if rate <= 0.005 else 'NOT met'}); clients with at least one row flagged "
+        f"(passed unchanged) by the per-row input-anomaly detectors: "
+        f"{_pct(ben.flagged / ben.clients)}"
     )
     return out
 
