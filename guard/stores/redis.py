@@ -1,15 +1,22 @@
 """``redis://`` / ``rediss://`` / ``unix://``: state shared by every worker and replica.
 
-Built on ``redis.asyncio`` with a bounded, blocking connection pool: nothing
-here blocks the event loop. Every key is prefixed with ``StateConfig.key_prefix``.
-Updates that must be atomic are Lua scripts shipped in ``guard/stores/lua/``,
-registered once (``register_script``: ``EVALSHA``, reloaded if Redis forgot it).
+Built on ``redis.asyncio`` connections: nothing here blocks the event loop.
+Every key is prefixed with ``StateConfig.key_prefix``. Updates that must be
+atomic are Lua scripts shipped in ``guard/stores/lua/``, run by ``EVALSHA``
+(and loaded again if Redis forgot them).
+
+Commands are pipelined automatically (:mod:`guard.stores._batch`): everything
+the process asks of Redis in one turn of the event loop leaves in one write and
+comes back in one round trip, on one of a few connections, and while those are
+busy the next commands queue up into the next batch. Each command still runs
+on its own in Redis, each Lua script atomically, so batching changes the cost
+per request, not the answers. A script error fails only its own caller.
 
 Rate limits are timed by the Redis server's ``TIME`` inside the script, so every
 worker and replica agrees on time whatever their own clocks say; the injected
 clock is not used here.
 
-Each operation has ``StateConfig.timeout_s`` seconds in total (pool wait,
+Each operation has ``StateConfig.timeout_s`` seconds in total (queueing,
 connect, round trip); past that, or on any Redis or socket error, it raises
 :class:`~guard.errors.StateError` from the cause. The client does not retry:
 the circuit breaker (:mod:`guard.stores.resilient`) decides what happens next.
@@ -17,27 +24,25 @@ the circuit breaker (:mod:`guard.stores.resilient`) decides what happens next.
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from detectors.store import GcraLimit, RateCheck, RateState
+from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
 from guard.config import StateConfig
 from guard.errors import ConfigurationError, StateError
+from guard.stores._batch import AutoPipeline, Command, Script
 from guard.stores._ratemath import check_acquire
 from guard.stores.base import Store
 from guard.stores.rate import RateLimitStore
 
 __all__ = ["RedisStore", "load_script"]
-
-T = TypeVar("T")
 
 
 def load_script(name: str) -> str:
@@ -49,40 +54,54 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-class RedisStore(Store, RateLimitStore):
-    """A store in Redis; one instance (one connection pool) per process.
+def _limit_args(limit: RateLimit) -> tuple[bytes, str, int]:
+    if isinstance(limit, GcraLimit):
+        return (b"g", repr(limit.interval), limit.burst)
+    return (b"w", repr(limit.period), limit.limit)
 
-    ``max_connections`` bounds the pool; a request that finds every connection
-    busy waits for one within the operation's time budget.
+
+class RedisStore(Store, RateLimitStore):
+    """A store in Redis; one instance (one set of connections) per process and event loop.
+
+    At most ``max_connections`` connections carry batches at once; a batch
+    holds at most ``max_batch`` commands. Commands beyond that wait for the
+    next batch, within their time budget.
     """
 
     backend = "redis"
 
-    def __init__(self, config: StateConfig, *, max_connections: int = 64) -> None:
+    def __init__(
+        self, config: StateConfig, *, max_connections: int = 4, max_batch: int = 128
+    ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.prefix = config.key_prefix
         self.timeout = config.timeout_s
         try:
-            pool = BlockingConnectionPool.from_url(
+            # only a factory of connections: the pipeline owns and times them
+            factory = ConnectionPool.from_url(
                 config.store,
-                max_connections=max_connections,
-                timeout=config.timeout_s,
-                socket_timeout=config.timeout_s,
+                socket_timeout=None,
                 socket_connect_timeout=config.timeout_s,
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as exc:
             # never echo the URL: it may carry a password
             raise ConfigurationError("state.store", f"not a usable Redis URL: {exc}") from None
-        self._client = Redis.from_pool(pool)
-        self._acquire = self._client.register_script(load_script("acquire"))
-        self._incr = self._client.register_script(load_script("incr"))
+        self._pipeline = AutoPipeline(
+            factory.make_connection,
+            timeout=config.timeout_s,
+            lanes=max_connections,
+            max_batch=max_batch,
+        )
+        self._acquire = Script(load_script("acquire"))
+        self._incr = Script(load_script("incr"))
 
-    async def _run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: str, command: Command, script: Script | None = None) -> Any:
         try:
-            async with asyncio.timeout(self.timeout):
-                return await call()
+            return await self._pipeline.submit(command, script)
         except (RedisError, OSError, TimeoutError) as exc:
             # redis-py messages name host and port at most, never credentials or keys
             if isinstance(exc, TimeoutError):
@@ -92,35 +111,37 @@ class RedisStore(Store, RateLimitStore):
             raise StateError(self.backend, operation, detail) from exc
 
     async def get(self, key: str) -> bytes | None:
-        value: Any = await self._run("get", lambda: self._client.get(self.prefix + key))
+        value = await self._call("get", (b"GET", self.prefix + key))
         return None if value is None else bytes(value)
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        px = None if ttl is None else _ms(ttl)
-        await self._run("set", lambda: self._client.set(self.prefix + key, value, px=px))
+        command: Command = (b"SET", self.prefix + key, value)
+        if ttl is not None:
+            command += (b"PX", _ms(ttl))
+        await self._call("set", command)
 
     async def delete(self, key: str) -> None:
-        await self._run("delete", lambda: self._client.delete(self.prefix + key))
+        await self._call("delete", (b"DEL", self.prefix + key))
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         px = 0 if ttl is None else _ms(ttl)
-        value: Any = await self._run(
-            "incr", lambda: self._incr(keys=[self.prefix + key], args=[amount, px])
+        script = self._incr
+        value = await self._call(
+            "incr", (b"EVALSHA", script.sha, 1, self.prefix + key, amount, px), script
         )
         return int(value)
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Check every limit in one Lua script; consume ``cost`` only if all admit."""
         check_acquire(checks, cost)
-        keys: list[str] = []
-        args: list[str | int] = [cost]
+        script = self._acquire
+        prefix = self.prefix
+        keys: list[Any] = [b"EVALSHA", script.sha, len(checks)]
+        args: list[Any] = [cost]
         for key, limit in checks:
-            keys.append(self.prefix + key)
-            if isinstance(limit, GcraLimit):
-                args += ["g", repr(limit.interval), limit.burst]
-            else:
-                args += ["w", repr(limit.period), limit.limit]
-        raw: Any = await self._run("acquire", lambda: self._acquire(keys=keys, args=args))
+            keys.append(prefix + key)
+            args += _limit_args(limit)
+        raw = await self._call("acquire", (*keys, *args), script)
         try:
             return tuple(
                 RateState(
@@ -138,10 +159,11 @@ class RedisStore(Store, RateLimitStore):
     async def ping(self) -> bool:
         """Whether Redis answers ``PING`` within the time budget."""
         try:
-            return bool(await self._run("ping", self._client.ping))
+            reply = await self._call("ping", (b"PING",))
         except StateError:
             return False
+        return reply in (b"PONG", "PONG", True)
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the connections; calls still waiting fail with :class:`StateError`."""
+        await self._pipeline.aclose()

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from detectors.store import (
     GcraLimit,
     KeyValueStore,
     RateCheck,
     RateLimit,
+    RateState,
     RateStore,
     WindowLimit,
 )
@@ -555,3 +558,276 @@ async def test_breaker_recovers_when_redis_comes_back() -> None:
         await store.aclose()
         await proxy.stop()
         await delete_prefix(REDIS_URL, prefix)
+
+
+# ---------------------------------------------------------------- redis only: automatic pipelining
+
+
+@contextlib.asynccontextmanager
+async def _redis_store(
+    url: str | None = None, *, timeout_s: float = 2.0, **kwargs: int
+) -> AsyncIterator[RedisStore]:
+    """A Redis store under a fresh prefix, closed and cleaned up afterwards."""
+    assert REDIS_URL is not None
+    prefix = redis_prefix()
+    store = RedisStore(
+        StateConfig(store=url or REDIS_URL, key_prefix=prefix, timeout_s=timeout_s), **kwargs
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await delete_prefix(REDIS_URL, prefix)
+
+
+def _proxied(proxy: TcpProxy) -> str:
+    """``REDIS_URL`` through ``proxy`` (credentials and database kept)."""
+    assert REDIS_URL is not None
+    parts = urlsplit(REDIS_URL)
+    if parts.scheme != "redis":
+        pytest.skip("the relay speaks plain TCP: needs a redis:// URL")
+    auth = parts.netloc.rpartition("@")[0]
+    return f"redis://{auth + '@' if auth else ''}127.0.0.1:{proxy.port}{parts.path}"
+
+
+class SilentServer:
+    """Accepts connections and never answers: Redis hung, or a black hole."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_window"])
+@pytest.mark.parametrize("lanes", [1, 4])
+async def test_concurrent_acquisitions_are_batched_and_exact(algorithm: str, lanes: int) -> None:
+    """500 acquisitions in one loop turn leave in full batches; exactly 100 of 100 admitted."""
+    limit: RateLimit = (
+        GcraLimit(rate=100, period=HOUR, burst=100)
+        if algorithm == "gcra"
+        else WindowLimit(limit=100, period=HOUR)
+    )
+    async with _redis_store(max_connections=lanes) as store:
+        results = await asyncio.gather(
+            *(store.acquire([("hot", limit)], cost=1) for _ in range(500))
+        )
+        assert sum(state.allowed for (state,) in results) == 100
+        pipeline = store._pipeline
+        assert pipeline.commands == 500
+        assert pipeline.batches == 4  # 128 + 128 + 128 + 116, never one round trip each
+        assert pipeline.largest_batch == 128
+        (after,) = await store.acquire([("hot", limit)], cost=1)
+        assert not after.allowed and after.remaining == 0
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_a_failing_command_fails_only_its_own_caller() -> None:
+    async with _redis_store() as store:
+        await store.window("w", limit=10, period=HOUR, cost=1)  # a hash
+        await store.set("text", b"not a number")
+        good = WindowLimit(limit=10, period=HOUR)
+        batches = store._pipeline.batches
+        results = await asyncio.gather(
+            store.gcra("w", rate=1, period=HOUR, burst=5, cost=1),  # GET on a hash: WRONGTYPE
+            *(store.acquire([(f"k{i}", good)], cost=1) for i in range(10)),
+            store.incr("text"),  # INCRBY on text
+            store.get("text"),
+            return_exceptions=True,
+        )
+        assert store._pipeline.batches == batches + 1  # all in one round trip
+        wrong_type, *admitted, not_a_number, text = results
+        assert isinstance(wrong_type, StateError) and wrong_type.operation == "acquire"
+        assert isinstance(wrong_type.__cause__, ResponseError)
+        assert isinstance(not_a_number, StateError) and not_a_number.operation == "incr"
+        assert isinstance(not_a_number.__cause__, ResponseError)
+        for r in admitted:
+            assert isinstance(r, tuple) and isinstance(r[0], RateState)
+            assert r[0].allowed and r[0].remaining == 9
+        assert text == b"not a number"
+        # the connection stays in step: later answers go to the right callers
+        state, value = await asyncio.gather(
+            store.window("w", limit=10, period=HOUR, cost=1), store.get("text")
+        )
+        assert state.allowed and state.remaining == 8 and value == b"not a number"
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_a_lost_connection_fails_every_waiting_caller_then_reconnects() -> None:
+    assert REDIS_URL is not None
+    parts = urlsplit(REDIS_URL)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    try:
+        async with _redis_store(_proxied(proxy), timeout_s=1.0) as store:
+            await store.set("k", b"v")  # connected
+            await proxy.stop()  # the connection drops under the store's feet
+            batches = store._pipeline.batches
+            limit = WindowLimit(limit=100, period=HOUR)
+            results = await asyncio.gather(
+                *(store.acquire([(f"k{i}", limit)], cost=1) for i in range(50)),
+                store.get("k"),
+                return_exceptions=True,
+            )
+            assert store._pipeline.batches == batches + 1
+            assert all(isinstance(r, StateError) for r in results)
+            errors = [r for r in results if isinstance(r, StateError)]
+            assert all(e.__cause__ is not None for e in errors)
+            assert {e.operation for e in errors} == {"acquire", "get"}
+            assert len({id(e.__cause__) for e in errors}) == len(errors)  # one cause each
+            await proxy.start()
+            assert await store.get("k") == b"v"  # a fresh connection
+    finally:
+        await proxy.stop()
+
+
+async def test_a_refused_connection_fails_every_waiting_caller() -> None:
+    store = RedisStore(StateConfig(store=DEAD_REDIS, timeout_s=0.5))
+    try:
+        limit = WindowLimit(limit=1, period=1.0)
+        results = await asyncio.gather(
+            *(store.acquire([(f"k{i}", limit)], cost=1) for i in range(20)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StateError) and r.__cause__ is not None for r in results)
+        assert store._pipeline.batches == 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_silent_server_times_out_every_caller_within_the_budget() -> None:
+    """Queued commands count their wait: 200 commands, 1 connection, 16 a batch, one budget."""
+    async with SilentServer() as url:
+        store = RedisStore(StateConfig(store=url, timeout_s=0.2), max_connections=1, max_batch=16)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            limit = WindowLimit(limit=1, period=1.0)
+            results = await asyncio.gather(
+                *(store.acquire([(f"k{i}", limit)], cost=1) for i in range(200)),
+                return_exceptions=True,
+            )
+            elapsed = loop.time() - started
+            assert all(isinstance(r, StateError) and "timed out" in str(r) for r in results)
+            assert 0.19 <= elapsed < 0.6
+            assert store._pipeline.batches == 1  # the rest timed out in the queue, unsent
+        finally:
+            await store.aclose()
+
+
+async def test_closing_fails_the_calls_in_flight() -> None:
+    async with SilentServer() as url:
+        store = RedisStore(StateConfig(store=url, timeout_s=5.0))
+        limit = WindowLimit(limit=1, period=1.0)
+        calls = asyncio.gather(
+            *(store.acquire([(f"k{i}", limit)], cost=1) for i in range(5)),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.05)  # sent, waiting for an answer that never comes
+        started = asyncio.get_running_loop().time()
+        await store.aclose()
+        results = await calls
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert all(isinstance(r, StateError) and "closed" in str(r) for r in results)
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_a_cancelled_caller_is_not_sent() -> None:
+    async with _redis_store() as store:
+        limit = WindowLimit(limit=100, period=HOUR)
+        tasks = [asyncio.create_task(store.acquire([("k", limit)], cost=1)) for _ in range(10)]
+        await asyncio.sleep(0)  # every task has queued its command; none has left yet
+        tasks[3].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[3], asyncio.CancelledError)
+        assert store._pipeline.commands == 9
+        (after,) = await store.acquire([("k", limit)], cost=1)
+        assert after.remaining == 100 - 10  # nine before it, and this one
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_scripts_are_reloaded_after_script_flush() -> None:
+    assert REDIS_URL is not None
+    async with _redis_store() as store:
+        limit = WindowLimit(limit=100, period=HOUR)
+        await store.acquire([("k", limit)], cost=1)
+        assert await store.incr("n") == 1
+        client = Redis.from_url(REDIS_URL)
+        try:
+            await client.script_flush()  # Redis forgets every script (as after a restart)
+            shas = (store._acquire.sha.decode(), store._incr.sha.decode())
+            assert await client.script_exists(*shas) == [False, False]
+            acquired, counts = await asyncio.gather(  # all in the same loop turn
+                asyncio.gather(*(store.acquire([("k", limit)], cost=1) for _ in range(150))),
+                asyncio.gather(store.incr("n"), store.incr("n")),
+            )
+            assert sum(state.allowed for (state,) in acquired) == 99  # still exact
+            assert sorted(counts) == [2, 3]
+            assert await client.script_exists(*shas) == [True, True]
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+def test_one_store_serves_successive_event_loops() -> None:
+    """A store closed in one loop works again in the next (the guard's tests start many)."""
+    assert REDIS_URL is not None
+    prefix = redis_prefix()
+    store = RedisStore(StateConfig(store=REDIS_URL, key_prefix=prefix, timeout_s=2.0))
+    limit = WindowLimit(limit=10, period=HOUR)
+
+    async def use() -> int:
+        try:
+            (state,) = await store.acquire([("k", limit)], cost=1)
+            return state.remaining
+        finally:
+            await store.aclose()
+
+    try:
+        assert [asyncio.run(use()) for _ in range(3)] == [9, 8, 7]
+    finally:
+        asyncio.run(delete_prefix(REDIS_URL, prefix))
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+@pytest.mark.parametrize("turns", [1, 2], ids=["queued", "lane-not-started"])
+async def test_closing_before_the_batch_leaves_fails_it_and_frees_the_lane(turns: int) -> None:
+    """Closed while the commands wait in the queue, or in a lane that has not run yet."""
+    async with _redis_store(max_connections=1) as store:
+        limit = WindowLimit(limit=10, period=HOUR)
+        calls = asyncio.gather(
+            *(store.acquire([("k", limit)], cost=1) for _ in range(5)), return_exceptions=True
+        )
+        for _ in range(turns):
+            await asyncio.sleep(0)  # 1: queued; 2: handed to a lane task not yet started
+        await store.aclose()
+        results = await calls
+        assert all(isinstance(r, StateError) and "closed" in str(r) for r in results)
+        (state,) = await store.acquire([("k", limit)], cost=1)  # the one lane is free again
+        assert state.allowed and state.remaining == 9  # nothing of the closed batch was sent

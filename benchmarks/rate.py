@@ -1,0 +1,455 @@
+"""The rate detector against slowapi, memory and Redis stores, side by side.
+
+Run: ``python benchmarks/rate.py [--quick]`` (needs Redis at 127.0.0.1:6379 and ``wrk``)
+
+Variants, all around the same digits model app (``benchmarks/apps.py``), one
+uvicorn worker each, every limit keyed by the client's IP (no API key is sent):
+
+* ``bare``: the model app alone (the baseline);
+* ``guard-memory`` / ``guard-redis``: the guard with one policy, ``validate:
+  false`` and only a ``rate`` detector (``action: throttle``, cost ``rows``: the
+  body is still parsed for its row count, parse errors ignored), audit log off,
+  metrics on (the guard's default); state ``memory://`` or
+  ``redis://127.0.0.1:6379/14`` with a key prefix unique to the run;
+* ``slowapi-memory`` / ``slowapi-redis``: slowapi 0.1.x's pure-ASGI
+  ``SlowAPIASGIMiddleware`` with one default limit keyed by
+  ``get_remote_address``, storage ``memory://`` or ``redis://127.0.0.1:6379/14``.
+
+Two scenarios:
+
+a. ``admitted``: 10 000 000 requests per minute, so every request is admitted
+   (200) and what is measured is the cost of the check;
+b. ``over``: 10 requests per hour; after a warm-up every request is refused
+   (429) by the limiter, never reaching the model (``bare`` still answers 200
+   and is shown for reference).
+
+Each scenario interleaves the variants in rounds (the order rotates each round):
+sequential round trips over one keep-alive connection (p50/p99), then ``wrk -t1
+-c16`` for a few seconds (throughput, p99, and the count of non-2xx answers,
+which must be 0 in (a) and every request in (b)). Before measuring, each
+variant is checked with ``http.client`` to answer the expected status.
+
+**Redis database 14 is reserved for this benchmark**: it is flushed at the
+start and at the end of the run (slowapi's ``limits`` keys have no prefix we
+control); the guard's keys, under the run's unique prefix, are counted and
+deleted first.
+
+Results go to benchmarks/RESULTS.md (section ``rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+import yaml
+
+from benchmarks._harness import (
+    _wrk_time,
+    machine,
+    median,
+    pct,
+    serve,
+    today,
+    write_section,
+)
+from benchmarks.overhead import request_body
+
+PATH = "/v2/models/digits/infer"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+VARIANTS = ("bare", "guard-memory", "guard-redis", "slowapi-memory", "slowapi-redis")
+HASH_KEY = "rate-benchmark-hash-key-not-a-secret"
+
+
+class Scenario(NamedTuple):
+    name: str
+    #: the guard's limit (GCRA, its default algorithm)
+    guard_limit: dict[str, Any]
+    #: the same limit in slowapi's notation (fixed window, its default strategy)
+    slowapi_limit: str
+    #: what every limited variant must answer once warmed up
+    status: int
+
+
+SCENARIOS = (
+    Scenario("admitted", {"rate": 10_000_000, "per": "1m"}, "10000000/minute", 200),
+    Scenario("over", {"rate": 10, "per": "1h", "burst": 10}, "10/hour", 429),
+)
+
+
+class WrkRun(NamedTuple):
+    rps: float
+    p50: float
+    p99: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+
+def guard_config(scenario: Scenario, store: str, prefix: str) -> dict[str, Any]:
+    return {
+        "policies": [
+            {
+                "name": "inference",
+                "validate": False,
+                # answers as the model wrote them: slowapi does not touch them either
+                "degrade": {"always": False},
+                "detectors": [
+                    {
+                        "type": "rate",
+                        "action": "throttle",
+                        "params": {
+                            "key": "client",
+                            "cost": "rows",
+                            "limits": [scenario.guard_limit],
+                        },
+                    }
+                ],
+            }
+        ],
+        "audit": {"enabled": False},
+        "state": {"store": store, "key_prefix": prefix},
+    }
+
+
+def servers(scenario: Scenario, prefix: str, tmp: Path) -> list[tuple[str, str, dict[str, str]]]:
+    """(variant, factory, env) for every variant of ``scenario``."""
+    out: list[tuple[str, str, dict[str, str]]] = [("bare", "benchmarks.apps:bare", {})]
+    for store_name, uri in (("memory", "memory://"), ("redis", REDIS_URL)):
+        path = tmp / f"guard-{scenario.name}-{store_name}.yaml"
+        path.write_text(yaml.safe_dump(guard_config(scenario, uri, prefix)))
+        env = {"BENCH_CONFIG": str(path), "GUARD_HASH_KEY": HASH_KEY}
+        out.append((f"guard-{store_name}", "benchmarks.apps:guarded", env))
+    for store_name, uri in (("memory", "memory://"), ("redis", REDIS_URL)):
+        env = {"BENCH_SLOWAPI_LIMIT": scenario.slowapi_limit, "BENCH_SLOWAPI_STORAGE": uri}
+        out.append((f"slowapi-{store_name}", "benchmarks.apps:slowapi_rate", env))
+    return out
+
+
+def latencies(url: str, body: bytes, n: int, *, expect: int = 200) -> list[float]:
+    """Sequential round trips over one keep-alive connection; each must answer ``expect``."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    hdrs = {"content-type": "application/json"}
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", PATH, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        resp.read()
+        out.append(time.perf_counter() - t0)
+        if resp.status != expect:
+            raise RuntimeError(f"{url}{PATH} answered {resp.status}, expected {expect}")
+    conn.close()
+    return out
+
+
+def statuses(url: str, body: bytes, n: int) -> list[int]:
+    """Status codes of ``n`` requests, each on a fresh connection."""
+    host, port = url.removeprefix("http://").split(":")
+    out: list[int] = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", PATH, body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        out.append(resp.status)
+        conn.close()
+    return out
+
+
+def wrk(url: str, body: bytes, *, seconds: int, connections: int, script: Path) -> WrkRun:
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise RuntimeError("wrk is not installed")
+    lua_body = body.decode().replace("\\", "\\\\").replace('"', '\\"')
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{lua_body}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        [
+            exe,
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url + PATH,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def grab(pattern: str) -> str:
+        m = re.search(pattern, out)
+        if m is None:
+            raise RuntimeError(f"unexpected wrk output (no {pattern!r}):\n{out}")
+        return m.group(1)
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkRun(
+        rps=float(grab(r"Requests/sec:\s+([\d.]+)")),
+        p50=_wrk_time(grab(r"50%\s+([\d.]+\w+)")),
+        p99=_wrk_time(grab(r"99%\s+([\d.]+\w+)")),
+        requests=int(grab(r"(\d+) requests in")),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(x) for x in sock.groups()) if sock else 0,
+    )
+
+
+def guard_errors(url: str) -> dict[str, float]:
+    """The guard's store and error counters from its /metrics (summed over labels)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for name in ("guard_store_errors_total", "guard_errors_total", "guard_store_fallback_total"):
+        out[name] = sum(
+            float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        )
+    return out
+
+
+class Measured(NamedTuple):
+    lat: dict[str, list[float]]
+    thr: dict[str, list[WrkRun]]
+    #: the guard's error counters after the warm-up and status check
+    warm_errors: dict[str, dict[str, float]]
+    #: and at the end of the scenario
+    errors: dict[str, dict[str, float]]
+    checked: dict[str, list[int]]
+
+
+def run_scenario(
+    scenario: Scenario, body: bytes, prefix: str, tmp: Path, rounds: int, n: int, wrk_s: int
+) -> Measured:
+    lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    thr: dict[str, list[WrkRun]] = {k: [] for k in VARIANTS}
+    checked: dict[str, list[int]] = {}
+    script = tmp / "post.lua"
+    with ExitStack() as stack:
+        urls = {
+            name: stack.enter_context(serve(factory, env=env))
+            for name, factory, env in servers(scenario, prefix, tmp)
+        }
+        for name, url in urls.items():
+            expect = 200 if name == "bare" else scenario.status
+            statuses(url, body, 20)  # warm-up; in (b) this spends the 10 allowed
+            checked[name] = statuses(url, body, 5)
+            if any(s != expect for s in checked[name]):
+                raise RuntimeError(f"{scenario.name}: {name} answered {checked[name]}")
+            latencies(url, body, 100, expect=expect)  # warm-up
+        guarded = ("guard-memory", "guard-redis")
+        warm_errors = {k: guard_errors(urls[k]) for k in guarded}
+        for r in range(rounds):
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            for name in order:
+                expect = 200 if name == "bare" else scenario.status
+                lat[name].extend(latencies(urls[name], body, n, expect=expect))
+                thr[name].append(
+                    wrk(urls[name], body, seconds=wrk_s, connections=16, script=script)
+                )
+        errors = {k: guard_errors(urls[k]) for k in guarded}
+    return Measured(lat, thr, warm_errors, errors, checked)
+
+
+def us(x: float) -> str:
+    return f"{x * 1e6:.0f}"
+
+
+def table(scenario: Scenario, m: Measured) -> list[str]:
+    rps = {k: median([t.rps for t in m.thr[k]]) for k in VARIANTS}
+    lines = [
+        "| variant | expected | wrk req/s (median) | rounds min..max | vs bare | "
+        "wrk p99 µs (median) | non-2xx / requests (wrk, all rounds) | socket errors | "
+        "seq p50 µs | seq p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in VARIANTS:
+        expect = 200 if k == "bare" else scenario.status
+        non2 = sum(t.non_2xx for t in m.thr[k])
+        total = sum(t.requests for t in m.thr[k])
+        lines.append(
+            f"| {k} | {expect} | {rps[k]:.0f} | {min(t.rps for t in m.thr[k]):.0f}.."
+            f"{max(t.rps for t in m.thr[k]):.0f} | {rps[k] / rps['bare']:.2f} | "
+            f"{us(median([t.p99 for t in m.thr[k]]))} | {non2} / {total} | "
+            f"{sum(t.socket_errors for t in m.thr[k])} | {us(median(m.lat[k]))} | "
+            f"{us(pct(m.lat[k], 0.99))} |"
+        )
+    return lines
+
+
+def paired(m: Measured, store: str) -> str:
+    """Guard / slowapi throughput in each round: ``median [min..max]``."""
+    ratios = [
+        g.rps / s.rps
+        for g, s in zip(m.thr[f"guard-{store}"], m.thr[f"slowapi-{store}"], strict=True)
+    ]
+    return f"{median(ratios):.2f} [{min(ratios):.2f}..{max(ratios):.2f}]"
+
+
+def sane(scenario: Scenario, m: Measured) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the run; problems are empty when every variant answered as expected.
+
+    A guard request admitted under ``fail_open`` because a store operation failed
+    (``guard_store_fallback_total``) is a finding to report, not a broken run.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    for k in VARIANTS:
+        non2 = sum(t.non_2xx for t in m.thr[k])
+        total = sum(t.requests for t in m.thr[k])
+        if total == 0 or min(t.rps for t in m.thr[k]) <= 0:
+            problems.append(f"{scenario.name}/{k}: no throughput")
+        want_refused = k != "bare" and scenario.status != 200
+        wrong = total - non2 if want_refused else non2
+        fallbacks = m.errors.get(k, {}).get("guard_store_fallback_total", 0.0) - (
+            m.warm_errors.get(k, {}).get("guard_store_fallback_total", 0.0)
+        )
+        if wrong and want_refused and wrong <= fallbacks:
+            notes.append(
+                f"{scenario.name}/{k}: {wrong} of {total} requests admitted (200) fail-open "
+                f"after {fallbacks:.0f} store failures while measured"
+            )
+        elif wrong:
+            kind = "2xx" if want_refused else "non-2xx"
+            problems.append(f"{scenario.name}/{k}: {wrong} of {total} wrk answers were {kind}")
+        if sum(t.socket_errors for t in m.thr[k]):
+            problems.append(f"{scenario.name}/{k}: wrk socket errors")
+    for k, errs in m.errors.items():
+        if any(errs.values()):
+            warm = m.warm_errors[k]
+            notes.append(
+                f"{scenario.name}/{k}: "
+                + ", ".join(f"{n} {v:.0f} ({warm[n]:.0f} in the warm-up)" for n, v in errs.items())
+                + " (the guard's default `state.timeout_s` is 0.25 s)"
+            )
+    return problems, notes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
+    args = parser.parse_args(argv)
+    rounds, n_seq, wrk_s = (1, 100, 1) if args.quick else (4, 300, 3)
+    body = request_body()
+    started = time.time()
+    run_id = uuid.uuid4().hex[:12]
+    db = redis.Redis.from_url(REDIS_URL)
+    db.flushdb()  # db 14 is reserved for this benchmark
+    results: dict[str, Measured] = {}
+    keys: dict[str, tuple[int, int]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            for scenario in SCENARIOS:
+                prefix = f"bench-rate:{run_id}:{scenario.name}:"
+                results[scenario.name] = run_scenario(
+                    scenario, body, prefix, Path(tmpdir), rounds, n_seq, wrk_s
+                )
+                guard_keys = list(db.scan_iter(match=prefix + "*"))
+                keys[scenario.name] = (len(guard_keys), int(db.dbsize()) - len(guard_keys))
+                if guard_keys:
+                    db.delete(*guard_keys)
+                db.flushdb()  # slowapi's keys
+    finally:
+        for key in db.scan_iter(match=f"bench-rate:{run_id}:*"):
+            db.delete(key)
+        db.flushdb()
+        db.close()
+
+    cmd = f"python benchmarks/rate.py{' --quick' if args.quick else ''}"
+    lines = [
+        "## Rate limiting: the guard's rate detector vs slowapi",
+        "",
+        f"- command: `{cmd}`",
+        f"- machine: {machine()}; Redis at 127.0.0.1:6379 (db 14) on the same machine",
+        f"- date: {today()}; took {time.time() - started:.0f} s",
+        "- request: one 64-feature row, OIP v2 JSON, `POST /v2/models/digits/infer`, "
+        "no API key (every limit is keyed by the client IP)",
+        "- guard: one policy, `validate: false`, `degrade: {always: false}` (answers untouched, "
+        "as with slowapi), only a `rate` detector (throttle, cost rows, "
+        "GCRA), audit log off, metrics on; slowapi: `SlowAPIASGIMiddleware`, one default "
+        "limit, `get_remote_address`, fixed window, headers off (its defaults)",
+        f"- method: uvicorn, 1 worker per variant, all variants up at once; {rounds} rounds, "
+        f"variant order rotated each round; per round and variant {n_seq} sequential "
+        f"keep-alive round trips, then `wrk -t1 -c16 -d{wrk_s}s`; throughput and wrk p99 are "
+        "medians of the rounds, sequential p50/p99 pooled over the rounds",
+    ]
+    problems: list[str] = []
+    notes: list[str] = []
+    for scenario in SCENARIOS:
+        m = results[scenario.name]
+        title = (
+            "(a) all admitted: 10 000 000 per minute"
+            if scenario.status == 200
+            else "(b) over the limit: 10 per hour, every request refused after warm-up"
+        )
+        ours, theirs = keys[scenario.name]
+        lines += [
+            "",
+            f"### {title}",
+            "",
+            *table(scenario, m),
+            "",
+            "- status check (`http.client`, 5 requests after a 20-request warm-up): "
+            + ", ".join(f"{k} {sorted(set(v))}" for k, v in m.checked.items()),
+            f"- Redis db 14 after the scenario: {ours} guard keys under the run's prefix, "
+            f"{theirs} other (slowapi) keys; all deleted (a GCRA key expires as soon as "
+            "its bucket is full again)",
+            "- guard counters at the end (in the warm-up): "
+            + "; ".join(
+                f"{k}: "
+                + ", ".join(f"{n} {v:.0f} ({m.warm_errors[k][n]:.0f})" for n, v in errs.items())
+                for k, errs in m.errors.items()
+            ),
+        ]
+        found, noted = sane(scenario, m)
+        problems += found
+        notes += noted
+
+    lines += ["", "### Against the target", ""]
+    for scenario in SCENARIOS:
+        m = results[scenario.name]
+        rps = {k: median([t.rps for t in m.thr[k]]) for k in VARIANTS}
+        mem, red = (
+            rps["guard-memory"] / rps["slowapi-memory"],
+            rps["guard-redis"] / rps["slowapi-redis"],
+        )
+        verdict = "met" if mem > 1 and red > 1 else "NOT met"
+        lines.append(
+            f"- ahead of slowapi on both stores, scenario {scenario.name}: guard-memory / "
+            f"slowapi-memory **{mem:.2f}**, guard-redis / slowapi-redis **{red:.2f}** "
+            f"(ratios of median throughputs): {verdict}; per-round ratios (same round, same "
+            f"noise): memory {paired(m, 'memory')}, redis {paired(m, 'redis')}"
+        )
+    lines.append(
+        "- sanity: "
+        + ("every variant answered as expected" if not problems else "; ".join(problems))
+    )
+    lines += [f"- note: {n}" for n in notes]
+    text = "\n".join(lines)
+    print(text)
+    write_section("rate", text)
+    if problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
