@@ -131,18 +131,25 @@ class RowAnomalyDetector(Detector):
             )
         finite = np.isfinite(rows).all(axis=1)
         if finite.all():
-            scores = self.model.score_samples(rows)
+            scores = self._scores(rows)
             flagged = int(np.count_nonzero(scores < threshold))
             worst = float(scores.min())
             reason = f"{flagged}/{n} rows below threshold" if flagged else ""
         else:
             bad = int(n - np.count_nonzero(finite))
-            scores = self.model.score_samples(rows[finite]) if bad < n else np.zeros(0)
+            scores = self._scores(rows[finite]) if bad < n else np.zeros(0)
             flagged = bad + int(np.count_nonzero(scores < threshold))
             worst = min(UNSCORABLE, threshold - 1.0)
             reason = f"{flagged}/{n} rows flagged ({bad} non-finite)"
         await self._record(query, flagged, n)
         return DetectorResult(self.name, worst, threshold, flagged > 0, reason, flagged)
+
+    def _scores(self, rows: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Row scores; rows too extreme to score (finite input, overflowing arithmetic,
+        e.g. 1e308) get the unscorable sentinel: flagged, never silently passed."""
+        with np.errstate(all="ignore"):
+            scores = np.asarray(self.model.score_samples(rows), dtype=np.float64)
+        return np.where(np.isfinite(scores), scores, UNSCORABLE)
 
     async def _record(self, query: Query, flagged: int, total: int) -> None:
         if self.tracker is not None:

@@ -12,8 +12,11 @@ without bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -23,10 +26,13 @@ from typing import IO, Any
 
 from guard.config import AuditConfig
 from guard.decisions import Decision
+from guard.errors import ConfigurationError
 
 __all__ = ["AuditLog"]
 
 _STOP = object()
+
+log = logging.getLogger("guard.audit")
 
 
 def _num(x: float) -> float | str | None:
@@ -55,6 +61,14 @@ class AuditLog:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=maxsize)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._out: IO[str] | None = None
+        self._failed_open = False
+        if self.enabled and self.path != "-":
+            # try it now: a bad audit path is a start-up error, not lines silently lost later
+            try:
+                open(self.path, "a", encoding="utf-8").close()
+            except OSError as exc:
+                raise ConfigurationError("audit.path", f"cannot open for appending: {exc}") from exc
 
     def record(
         self,
@@ -144,27 +158,44 @@ class AuditLog:
                 self._thread = t
 
     def _run(self) -> None:
-        out: IO[str]
-        own = self.path != "-"
-        out = open(self.path, "a", encoding="utf-8") if own else sys.stderr  # noqa: SIM115
-        try:
-            while True:
-                item = self._queue.get()
-                if item is _STOP:
-                    break
+        out: IO[str] = sys.stderr
+        if self.path != "-":
+            try:
+                out = self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError:
+                log.exception("cannot open the audit log; dropping lines")
+                out = self._out = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+                self._failed_open = True
+        failing = False
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            try:
+                if self._failed_open:
+                    raise OSError("audit log is not open")
                 out.write(json.dumps(item, separators=(",", ":"), allow_nan=False) + "\n")
                 if self._queue.empty():
                     out.flush()
-        finally:
+                failing = False
+            except (OSError, ValueError):
+                # disk full, file gone: count the line as dropped and keep draining
+                if not failing:
+                    log.exception("audit log write failed; dropping lines until it recovers")
+                failing = True
+                if self._on_drop is not None:
+                    self._on_drop()
+        with contextlib.suppress(OSError, ValueError):
             out.flush()
-            if own:
-                out.close()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush queued lines and stop the writer thread."""
+        """Flush queued lines and stop the writer thread (waits at most ``timeout``)."""
         thread = self._thread
-        if thread is None:
-            return
-        self._queue.put(_STOP)
-        thread.join(timeout)
-        self._thread = None
+        if thread is not None:
+            with contextlib.suppress(queue.Full):  # a stuck writer must not hang shutdown
+                self._queue.put(_STOP, timeout=timeout)
+            thread.join(timeout)
+            self._thread = None
+        if self._out is not None and (thread is None or not thread.is_alive()):
+            self._out.close()
+            self._out = None

@@ -65,7 +65,11 @@ def _demo(args: argparse.Namespace) -> int:
         f"  GET  /v2/models/digits   GET /healthz   GET /metrics",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # the guard itself decides whom to believe about X-Forwarded-For (trusted_proxies);
+    # uvicorn's own proxy handling would rewrite the peer address before the guard sees it
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=False
+    )
     return 0
 
 

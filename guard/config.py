@@ -564,7 +564,7 @@ class _Validator:
         if not store.startswith(("memory://", "redis://", "rediss://", "unix://")):
             self.fail(
                 _join(key, "store"),
-                f"scheme must be memory://, redis:// or rediss://, got {store!r}",
+                "scheme must be memory://, redis:// or rediss://",
             )
             store = d.store
         return StateConfig(

@@ -8,6 +8,7 @@ per request: :meth:`Guard.match`, :meth:`Guard.decide` (before the model) and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -105,49 +106,65 @@ class Guard:
 
     # ------------------------------------------------------------------ before the model
 
+    async def check_quarantine(self, policy: CompiledPolicy, client: str) -> Decision | None:
+        """A block decision when ``client`` is in quarantine, else ``None``.
+
+        Called right after the client is identified, before the body is read or
+        parsed, so a quarantined client costs almost nothing and no parser path
+        can let it through. Shadow policies neither quarantine nor enforce it.
+        """
+        if not self.quarantine_enabled or policy.config.shadow:
+            return None
+        try:
+            if await self.store.get(_QUARANTINE_PREFIX + client) is None:
+                return None
+        except StateError:
+            self._failed(policy, "store")
+            return None
+        decision = Decision(
+            action=Action.BLOCK, intended=Action.BLOCK, policy=policy.name, quarantined=True
+        )
+        self._record(policy, decision, 1)
+        return decision
+
     async def decide(self, policy: CompiledPolicy, query: Query) -> Decision:
         """Run the policy's detectors on a request and combine their verdicts.
 
         Raises :class:`FailClosed` when a detector or the store fails and the
         policy's failure mode is ``fail_closed``; under ``fail_open`` the failing
-        detector is skipped (and counted).
+        detector is skipped (and counted). Quarantine is checked before, by
+        :meth:`check_quarantine`.
         """
         quarantined = False
-        if self.quarantine_enabled:
-            try:
-                quarantined = await self.store.get(_QUARANTINE_PREFIX + query.client) is not None
-            except StateError:
-                self._failed(policy, "store")
         results: list[DetectorResult] = []
         fired: list[tuple[str, Action]] = []
-        intended = Action.BLOCK if quarantined else Action.ALLOW
+        intended = Action.ALLOW
         retry_after: float | None = None
         headers: list[tuple[str, str]] = []
-        if not quarantined:
-            for armed in policy.detectors:
-                det = armed.detector
-                try:
-                    result = await det.inspect(query)
-                except StateError:
-                    self._failed(policy, "store")
-                    continue
-                except Exception:
-                    log.exception("detector %s failed", det.name)
-                    self._failed(policy, "detector")
-                    continue
-                results.append(result)
-                if result.headers:
-                    headers.extend(result.headers)
-                if result.anomalous:
-                    action = armed.action_for(result)
-                    fired.append((det.name, action))
-                    if action.severity > intended.severity:
-                        intended = action
-                    if action is Action.THROTTLE and result.retry_after is not None:
-                        retry_after = max(retry_after or 0.0, result.retry_after)
-        if intended is Action.BLOCK and not quarantined and policy.config.quarantine_s > 0:
-            quarantined = await self.quarantine(policy, query.client)
+        for armed in policy.detectors:
+            det = armed.detector
+            try:
+                result = await det.inspect(query)
+            except StateError:
+                self._failed(policy, "store")
+                continue
+            except Exception:
+                log.exception("detector %s failed", det.name)
+                self._failed(policy, "detector")
+                continue
+            results.append(result)
+            if result.headers:
+                headers.extend(result.headers)
+            if result.anomalous:
+                action = armed.action_for(result)
+                fired.append((det.name, action))
+                if action.severity > intended.severity:
+                    intended = action
+                if action is Action.THROTTLE and result.retry_after is not None:
+                    retry_after = max(retry_after or 0.0, result.retry_after)
         shadow = policy.config.shadow
+        if intended is Action.BLOCK and not shadow and policy.config.quarantine_s > 0:
+            quarantined = await self.quarantine(policy, query.client)
         decision = Decision(
             action=Action.ALLOW if shadow else intended,
             intended=intended,
@@ -216,7 +233,7 @@ class Guard:
             return
         intended = max((a for _, a in fired), key=lambda a: a.severity)
         quarantined = False
-        if intended is Action.BLOCK and policy.config.quarantine_s > 0:
+        if intended is Action.BLOCK and not policy.config.shadow and policy.config.quarantine_s > 0:
             quarantined = await self.quarantine(policy, query.client)
         decision = Decision(
             action=intended,
@@ -299,4 +316,4 @@ class Guard:
         close = getattr(self.store, "aclose", None)
         if close is not None:
             await close()
-        self.audit.close()
+        await asyncio.to_thread(self.audit.close)

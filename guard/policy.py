@@ -77,6 +77,8 @@ class CompiledPolicy:
     observes: bool
     #: the policy never needs the body (no validation, no detectors, no degrade)
     passthrough: bool
+    #: answers may be rewritten (rounding for everyone, or a degrade action)
+    rewrites: bool = False
 
     @classmethod
     def build(
@@ -98,6 +100,7 @@ class CompiledPolicy:
             failure_mode=config.failure_mode or default_failure_mode,
             observes=any(a.detector.observes_answers for a in detectors),
             passthrough=not (config.validate or detectors or degrade_possible),
+            rewrites=degrade_possible,
         )
 
     def matches(self, method: str, path: str) -> bool:

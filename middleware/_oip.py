@@ -100,6 +100,9 @@ def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) ->
             fail(400, "bad_type", "each input needs a string 'datatype'")
         dims = _dims(tensor.get("shape"))
         count = math.prod(dims)
+        if count == 0:
+            # numpy cannot reshape an empty buffer to [0, 2**62]; and no rows is no request
+            fail(400, "bad_shape", "an input tensor has no elements")
         size = _binary_size(tensor) if binary is not None else None
         numeric = datatype in NUMPY_DTYPES
         arr: NDArray[np.float64] | None = None

@@ -82,7 +82,9 @@ class Responder:
             await self._send(message)
 
     async def _start(self, message: Message) -> None:
-        headers = list(message.get("headers", ()))
+        # the guard's request id (and rate headers) replace any the app set
+        own = {name for name, _ in self._extra}
+        headers = [h for h in message.get("headers", ()) if h[0] not in own]
         headers.extend(self._extra)
         message["headers"] = headers
         self.status = message["status"]

@@ -93,6 +93,8 @@ def finish_rows(
     1-D array is one row when ``one_d_is_row`` (a plain JSON array, an OIP tensor
     of shape ``[k]``), else a batch of single-feature rows (``instances: [1, 2]``).
     """
+    if arr.size == 0:
+        fail(400, "bad_shape", "the request carries no values")
     if arr.ndim == 0:
         arr = arr.reshape(1, 1)
     elif arr.ndim == 1:

@@ -139,20 +139,18 @@ class GuardMiddleware:
         try:
             headers = self._headers(scope)
             client = guard.identifier.identify(headers, _peer(scope))
-            if policy.passthrough:
+            quarantined = await guard.check_quarantine(policy, client.id)
+            if quarantined is not None:
+                # before any parsing: nothing a quarantined client sends is looked at
+                decision = quarantined
+            elif policy.passthrough:
                 decision = await guard.decide(policy, self._query(policy, client, None, request_id))
             else:
-                length = headers.get(b"content-length")
-                if length is not None and (not length.isdigit() or int(length) > reader.limit):
-                    raise PayloadError(
-                        413 if length.isdigit() else 400,
-                        "body_too_large" if length.isdigit() else "bad_header",
-                        f"request body exceeds {reader.limit} bytes"
-                        if length.isdigit()
-                        else "malformed content-length",
-                    )
+                _check_length(headers.get(b"content-length"), reader.limit)
                 body = await reader.read()
                 parsed = self._parse(policy, body, path=scope["path"], headers=headers)
+                if policy.rewrites or policy.observes:
+                    _check_readable_answer(parsed)
                 guard.count_payload(policy.name, parsed.fmt)
                 query = self._query(policy, client, parsed, request_id)
                 decision = await guard.decide(policy, query)
@@ -233,6 +231,8 @@ class GuardMiddleware:
         responder = Responder(
             send, extra, capture=observe, rewrite=rewrite, limit=self._limits.max_response_bytes
         )
+        if degrade is not None or observe:
+            scope = _identity_encoding(scope)
         before = time.perf_counter() - started
         await self.app(scope, receive, responder.send)
         after_started = time.perf_counter()
@@ -257,13 +257,23 @@ class GuardMiddleware:
             elif answer.status != responder.status:
                 answer = Answer(responder.status, answer.labels, answer.probabilities)
             if 200 <= responder.status < 300:
-                await guard.observe(
+                await self._observe(
                     policy,
                     self._query(policy, client, parsed, request_id),
                     answer,
                     client_source=client.source,
                 )
         guard.observe_overhead(policy.name, before + (time.perf_counter() - after_started))
+
+    async def _observe(
+        self, policy: CompiledPolicy, query: Query, answer: Answer, *, client_source: str
+    ) -> None:
+        # the answer is on its way already: a failure here is counted, never raised
+        try:
+            await self.guard.observe(policy, query, answer, client_source=client_source)
+        except Exception:
+            self.guard.count_error("internal")
+            log.exception("guard failure after the answer on policy %s", policy.name)
 
     def _degrade_spec(self, policy: CompiledPolicy, decision: Decision) -> DegradeConfig | None:
         spec = policy.config.degrade
@@ -283,16 +293,21 @@ class GuardMiddleware:
             if (value := headers.get(raw)) is not None
         }
         ctype = str_headers.get("content-type")
-        if not policy.config.validate:
-            try:
-                return parse_request(
-                    body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
-                )
-            except PayloadError:
+        try:
+            return parse_request(
+                body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
+            )
+        except PayloadError:
+            if not policy.config.validate:
                 return ParsedRequest(fmt="unknown", rows=None)
-        return parse_request(
-            body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
-        )
+            raise
+        except Exception:
+            # an adapter bug; the input is what provoked it, so it is refused, not let through
+            self.guard.count_error("parse")
+            log.warning("payload adapter failed on policy %s", policy.name, exc_info=True)
+            if not policy.config.validate:
+                return ParsedRequest(fmt="unknown", rows=None)
+            raise PayloadError(400, "bad_shape", "the payload could not be interpreted") from None
 
     def _headers(self, scope: Scope) -> dict[bytes, bytes]:
         headers: dict[bytes, bytes] = {}
@@ -360,10 +375,52 @@ class GuardMiddleware:
         await send_error(send, exc.status, request_id, message=exc.message)
 
 
+def _check_length(length: bytes | None, limit: int) -> None:
+    """Refuse a declared body size over the cap before reading a byte of it."""
+    if length is None:
+        return
+    if not length.isdigit():
+        raise PayloadError(400, "bad_header", "malformed content-length")
+    if len(length) > 19 or int(length) > limit:
+        raise PayloadError(413, "body_too_large", f"request body exceeds {limit} bytes")
+
+
+def _check_readable_answer(parsed: ParsedRequest) -> None:
+    """Refuse request options whose answers the guard could not round, degrade or watch.
+
+    Triton's binary outputs and streamed log-probabilities would otherwise carry
+    full-precision probabilities past the output policy.
+    """
+    extra = parsed.extra
+    if extra.get("binary_output"):
+        raise PayloadError(
+            400, "bad_type", "binary outputs are not available on this route; ask for JSON outputs"
+        )
+    if extra.get("stream") and (extra.get("logprobs") or extra.get("top_logprobs")):
+        raise PayloadError(400, "bad_type", "log-probabilities cannot be streamed on this route")
+
+
 def _degrade(
     body: bytes, content_type: str | None, *, fmt: str, spec: DegradeConfig
 ) -> bytes | None:
     return degrade_response(body, fmt=fmt, content_type=content_type, spec=spec)
+
+
+def _identity_encoding(scope: Scope) -> Scope:
+    """The scope with ``accept-encoding: identity``, so answers arrive readable.
+
+    A compressed answer could be neither rounded, degraded nor watched: asking
+    the app for an uncompressed one closes that bypass. Compression, where
+    wanted, belongs outside the guard.
+    """
+    headers = scope.get("headers", ())
+    if not any(name == b"accept-encoding" for name, _ in headers):
+        return scope
+    scope = dict(scope)
+    scope["headers"] = [(n, v) for n, v in headers if n != b"accept-encoding"] + [
+        (b"accept-encoding", b"identity")
+    ]
+    return scope
 
 
 def _peer(scope: Scope) -> str | None:
@@ -378,7 +435,10 @@ def _with_request_id(send: Send, request_id: str) -> Send:
 
     async def wrapped(message: Any) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), header]
+            message["headers"] = [
+                *(h for h in message.get("headers", ()) if h[0] != b"x-request-id"),
+                header,
+            ]
         await send(message)
 
     return wrapped

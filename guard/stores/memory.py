@@ -14,6 +14,7 @@ tasks of the event loop; the store is not meant to be shared across threads.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -101,7 +102,7 @@ class MemoryStore(Store, RateLimitStore):
         # drop expired keys among the least recently used, a bounded amount of work
         now = self._clock()
         data = self._data
-        for key in list(data.keys())[:budget]:
+        for key in list(itertools.islice(data, budget)):
             if data[key][0] <= now:
                 del data[key]
 

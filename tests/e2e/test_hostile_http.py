@@ -34,13 +34,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
     config: dict[str, Any] = {
         "audit": {"path": str(audit)},
         "limits": {"max_body_bytes": 65536},
-        "policies": [{
-            "name": "inference",
-            "routes": [V2, V1],
-            "quarantine_s": 600,
-            "detectors": [{"type": "rate", "action": "block",
-                           "params": {"limits": [{"rate": 1, "per": "1h", "burst": 2}]}}],
-        }],
+        "policies": [
+            {
+                "name": "inference",
+                "routes": [V2, V1],
+                "quarantine_s": 600,
+                "detectors": [
+                    {
+                        "type": "rate",
+                        "action": "block",
+                        "params": {"limits": [{"rate": 1, "per": "1h", "burst": 2}]},
+                    }
+                ],
+            }
+        ],
     }
     with run_server(tmp, config=config) as srv:
         yield srv, audit
@@ -101,8 +108,9 @@ def test_chunked_body_over_the_cap_gets_413(server: tuple[Server, Path]) -> None
             yield b"[1.0],"
         yield b"[1.0]]}"
 
-    r = httpx.post(srv.url + V1, content=chunks(), headers={**JSON, "x-api-key": "chunky"},
-                   timeout=10)
+    r = httpx.post(
+        srv.url + V1, content=chunks(), headers={**JSON, "x-api-key": "chunky"}, timeout=10
+    )
     assert r.status_code == 413
     error_shape(r)
 
@@ -128,17 +136,16 @@ def test_guard_counts_refusals_and_no_errors(server: tuple[Server, Path]) -> Non
     assert metric(text, "guard_errors_total", component="internal") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a zero-element [0, 1, 1] tensor crashes the OIP parser (numpy reshape), the "
-    "guard fails open before decide(), and a quarantined client's request reaches the model",
-)
 def test_quarantine_holds_against_a_zero_element_tensor(server: tuple[Server, Path]) -> None:
     srv, _ = server
     key = {**JSON, "x-api-key": "quarantined-attacker"}
     ok = {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
-    trojan = {"inputs": [{"name": "pad", "shape": [0, 1, 1], "datatype": "FP32", "data": []},
-                         *ok["inputs"]]}
+    trojan = {
+        "inputs": [
+            {"name": "pad", "shape": [0, 1, 1], "datatype": "FP32", "data": []},
+            *ok["inputs"],
+        ]
+    }
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         statuses = [c.post(V2, content=json.dumps(ok), headers=key).status_code for _ in range(3)]
         assert statuses == [200, 200, 403]  # burst of 2, then blocked and quarantined
@@ -150,15 +157,18 @@ def test_quarantine_holds_against_a_zero_element_tensor(server: tuple[Server, Pa
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: under uvicorn's defaults (proxy_headers on, forwarded_allow_ips 127.0.0.1, as "
-    "`guard demo` runs it) the server has already replaced scope['client'] with the "
-    "X-Forwarded-For address, so the guard takes the real client for an untrusted peer and "
-    "answers 400 to every request a trusted proxy on localhost forwards (identity.py:114)",
+    reason="KNOWN LIMITATION: under uvicorn's defaults (proxy_headers on) the server has already "
+    "replaced scope['client'] with the X-Forwarded-For address, so the guard takes the real "
+    "client for an untrusted peer; the README says to run uvicorn with --no-proxy-headers "
+    "(guard demo does). Detecting uvicorn's rewrite from inside ASGI is future work.",
 )
 def test_trusted_local_proxy_is_honoured_under_uvicorn_defaults(tmp_path: Path) -> None:
-    config = {"audit": {"enabled": False},
-              "client_identity": {"trusted_proxies": ["127.0.0.1/32"]}}
+    config = {"audit": {"enabled": False}, "client_identity": {"trusted_proxies": ["127.0.0.1/32"]}}
     with run_server(tmp_path, config=config) as srv:
-        r = httpx.post(srv.url + V1, json={"instances": [ROW]},
-                       headers={"x-forwarded-for": "203.0.113.5"}, timeout=10)
+        r = httpx.post(
+            srv.url + V1,
+            json={"instances": [ROW]},
+            headers={"x-forwarded-for": "203.0.113.5"},
+            timeout=10,
+        )
     assert r.status_code == 200, r.text
