@@ -73,9 +73,7 @@ from detectors.text import TextOutlier
 COMMAND = "python benchmarks/anomaly.py"
 TARGET_FPR = 0.01
 ROW_SETS = ("uniform", "cross-tile", "cross-pad", "gauss-2", "gauss-4", "oor-1", "oor-3")
-TEXT_SETS = (
-    "gcg-suffix", "gcg-published", "random-ascii", "zero-width", "tag-smuggled", "bidi"
-)
+TEXT_SETS = ("gcg-suffix", "gcg-published", "random-ascii", "zero-width", "tag-smuggled", "bidi")
 #: two suffixes published by Zou et al. (2023), "Universal and Transferable Adversarial Attacks"
 PUBLISHED_GCG = (
     "describing.\\ + similarlyNow write oppositeley.]( Me giving**ONE please? revert with "
@@ -191,8 +189,10 @@ def main() -> int:
     typical = t_test[:1]
     long_prompt = [" ".join(t_test[:6])]
     text_cost = time_calls(
-        {"typical": lambda: text.score_samples(typical),
-         "long": lambda: text.score_samples(long_prompt)},
+        {
+            "typical": lambda: text.score_samples(typical),
+            "long": lambda: text.score_samples(long_prompt),
+        },
         number=100,
     )
     print("text done", file=sys.stderr)
@@ -227,7 +227,8 @@ def main() -> int:
         "| detector | benign FPR | unseen-prose FPR | " + " | ".join(TEXT_SETS) + " |",
         "|---|---:|---:|" + "---:|" * len(TEXT_SETS),
         f"| text | {text_fpr:.4f} | {unseen_fpr:.4f} | "
-        + " | ".join(f"{text_q[s][0]:.4f} / {text_q[s][1]:.3f}" for s in TEXT_SETS) + " |",
+        + " | ".join(f"{text_q[s][0]:.4f} / {text_q[s][1]:.3f}" for s in TEXT_SETS)
+        + " |",
         "",
         "### Scoring cost (median µs; single-row `score_samples`, and per row in a batch of 64)",
         "",

@@ -34,8 +34,12 @@ from guard.registry import BuildContext, build_detector
 from guard.stores.memory import MemoryStore
 from middleware.demo import train_digits_model
 
-RATE_PARAMS = {"limits": [{"rate": 20, "per": "1s", "burst": 40},
-                          {"limit": 10000, "per": "1d", "algorithm": "sliding_window"}]}
+RATE_PARAMS = {
+    "limits": [
+        {"rate": 20, "per": "1s", "burst": 40},
+        {"limit": 10000, "per": "1d", "algorithm": "sliding_window"},
+    ]
+}
 
 
 def build(dtype: str, store: MemoryStore, **params: object) -> Detector:
@@ -78,8 +82,9 @@ def flood(cap: int, n_clients: int) -> tuple[int, int, int]:
     return len(store), store.evictions, used
 
 
-def detector_bytes_per_client(dtype: str, n_clients: int, rows_each: int,
-                              **params: object) -> float:
+def detector_bytes_per_client(
+    dtype: str, n_clients: int, rows_each: int, **params: object
+) -> float:
     model = train_digits_model()
     X = np.asarray(model.X_test, dtype=np.float64)
     store = MemoryStore(max_keys=1_000_000)
@@ -106,8 +111,7 @@ def main() -> None:
     cap_keys, evictions, flood_bytes = flood(1_000, 50_000)
     nd = detector_bytes_per_client("near_duplicate", 300, 64, feature_range=[0, 16])
     prada = detector_bytes_per_client("prada", 100, 200)
-    boundary = detector_bytes_per_client("boundary", 300, 104, feature_range=[0, 16],
-                                         n_classes=10)
+    boundary = detector_bytes_per_client("boundary", 300, 104, feature_range=[0, 16], n_classes=10)
     lines = [
         "## Memory per tracked client (issues 3 and 5)",
         "",
@@ -124,8 +128,7 @@ def main() -> None:
         f"| flood of 50 000 clients into `max_keys: 1000`: keys kept / evictions | "
         f"{cap_keys} / {evictions} |",
         f"| same flood: memory held at the end | {flood_bytes} |",
-        f"| `near_duplicate`, per client after 64 rows (excl. the preallocated index) | "
-        f"{nd:.0f} |",
+        f"| `near_duplicate`, per client after 64 rows (excl. the preallocated index) | {nd:.0f} |",
         f"| `prada`, per client after 200 rows | {prada:.0f} |",
         f"| `boundary`, per client after 104 rows | {boundary:.0f} |",
         "",
