@@ -29,6 +29,9 @@ __all__ = ["DECISIONS", "GuardMetrics", "exposition"]
 #: refused with a 4xx) and ``error`` (the guard failed, failure mode applied)
 DECISIONS = ("allow", "flag", "degrade", "throttle", "block", "invalid", "error")
 
+#: values of the ``component`` label of guard_errors_total
+COMPONENTS = ("detector", "store", "internal", "parse", "response")
+
 #: margin buckets for guard_detector_score: score minus threshold, < 0 means fired
 SCORE_BUCKETS = (-100.0, -10.0, -3.0, -1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 
@@ -40,7 +43,9 @@ class GuardMetrics:
         self,
         registry: CollectorRegistry | None = None,
         *,
-        overhead_buckets: Iterable[float] = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1),
+        overhead_buckets: Iterable[float] = (
+            1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1,
+        ),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -134,6 +139,11 @@ class GuardMetrics:
             "Audit lines dropped because the writer fell behind.",
             registry=r,
         )
+
+        # series that alerts watch exist from the start at 0, so that increase() sees
+        # the very first error instead of a series appearing already at 1
+        for component in COMPONENTS:
+            self.errors.labels(component)
 
     def store_event(self, kind: str, backend: str) -> None:
         """Callback for the resilient store: ``error``, ``fallback`` or ``eviction``."""
