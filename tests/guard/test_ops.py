@@ -261,7 +261,7 @@ def alert_rules() -> list[dict[str, Any]]:
         ("sum by (client) (rate(guard_requests_total[5m]))", "has no label 'client'"),
         ("sum by (policy) (rate(guard_errors_total[5m]))", "has no label 'policy'"),
         ('sum(rate(guard_errors_total{policy="p"}[5m]))', "has no label 'policy'"),
-        ('sum(rate(guard_overhead_seconds_bucket{le="0.005"}[5m]))', "no bucket le='0.005'"),
+        ('sum(rate(guard_overhead_seconds_bucket{le="0.003"}[5m]))', "no bucket le='0.003'"),
         ('sum(rate(guard_overhead_seconds_count{le="0.01"}[5m]))', "has no label 'le'"),
         ("sum(guard_requests_total)", "must be read through rate() or increase()"),
         ("guard_quarantines_total > 0", "must be read through rate() or increase()"),
