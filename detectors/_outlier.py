@@ -266,6 +266,15 @@ class RowOutlierBase(OutlierBase[ArrayLike]):
             raise ValueError("X contains NaN or infinity")
         return self._score(arr)
 
+    def score_validated(self, X: FloatArray) -> FloatArray:
+        """:meth:`score_samples` for rows the caller has already checked.
+
+        ``X`` must be a finite ``(n, n_features_in_)`` float64 matrix; the
+        online wrapper checks exactly that before scoring, so the hot path does
+        not check twice.
+        """
+        return self._score(X)
+
     @abstractmethod
     def _validate_params(self) -> None:
         """Raise ``ValueError`` for an invalid parameter."""

@@ -30,6 +30,7 @@ audit log stays valid JSON) as their score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -38,6 +39,9 @@ from numpy.typing import ArrayLike, NDArray
 
 from detectors.anomaly_rate import AnomalyRateTracker
 from detectors.base import Detector, DetectorResult, Query
+
+#: inputs are clipped to this magnitude before scoring (no overflow anywhere)
+_CLIP = 1e12
 
 __all__ = ["UNSCORABLE", "RowAnomalyDetector", "RowModel", "TextAnomalyDetector", "TextModel"]
 
@@ -108,6 +112,8 @@ class RowAnomalyDetector(Detector):
         if not hasattr(model, "offset_"):
             raise ValueError("the model is not fitted (no offset_)")
         self.model = model
+        # rows are checked here (width, finite) before scoring: skip the model's own checks
+        self._score_checked = getattr(model, "score_validated", model.score_samples)
         self.on_width_mismatch = on_width_mismatch
         self.tracker = tracker
         self.threshold = float(model.offset_)
@@ -129,13 +135,27 @@ class RowAnomalyDetector(Detector):
                 self.name, min(UNSCORABLE, threshold - 1.0), threshold, True,
                 reason=f"width {rows.shape[-1]} != {self.n_features}", rows_flagged=n,
             )
-        finite = np.isfinite(rows).all(axis=1)
-        if finite.all():
+        # one reduction tells finite-and-modest rows apart (NaN fails the comparison)
+        if float(np.abs(rows).max()) <= _CLIP:
+            scores = np.asarray(self._score_checked(rows), dtype=np.float64)
+            if n == 1:  # the hot path: plain floats, no more reductions
+                worst = float(scores[0])
+                if not math.isfinite(worst):
+                    worst = UNSCORABLE
+                flagged = int(worst < threshold)
+            else:
+                if not np.isfinite(scores).all():
+                    scores = np.where(np.isfinite(scores), scores, UNSCORABLE)
+                flagged = int(np.count_nonzero(scores < threshold))
+                worst = float(scores.min())
+            reason = f"{flagged}/{n} rows below threshold" if flagged else ""
+        elif np.isfinite(rows).all():  # finite, but large enough to overflow a model
             scores = self._scores(rows)
             flagged = int(np.count_nonzero(scores < threshold))
             worst = float(scores.min())
             reason = f"{flagged}/{n} rows below threshold" if flagged else ""
         else:
+            finite = np.isfinite(rows).all(axis=1)
             bad = int(n - np.count_nonzero(finite))
             scores = self._scores(rows[finite]) if bad < n else np.zeros(0)
             flagged = bad + int(np.count_nonzero(scores < threshold))
@@ -145,11 +165,19 @@ class RowAnomalyDetector(Detector):
         return DetectorResult(self.name, worst, threshold, flagged > 0, reason, flagged)
 
     def _scores(self, rows: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Row scores; rows too extreme to score (finite input, overflowing arithmetic,
-        e.g. 1e308) get the unscorable sentinel: flagged, never silently passed."""
-        with np.errstate(all="ignore"):
-            scores = np.asarray(self.model.score_samples(rows), dtype=np.float64)
-        return np.where(np.isfinite(scores), scores, UNSCORABLE)
+        """Row scores, safe for any finite input.
+
+        Values beyond ``±_CLIP`` (1e308 is valid JSON) are clipped first, so no
+        model's arithmetic overflows; such a row is still far outside any
+        calibration and scores as anomalous. A non-finite score would never
+        compare below the threshold, so it becomes the unscorable sentinel.
+        """
+        if float(np.abs(rows).max()) > _CLIP:
+            rows = np.clip(rows, -_CLIP, _CLIP)
+        scores = np.asarray(self.model.score_samples(rows), dtype=np.float64)
+        if not np.isfinite(scores).all():
+            scores = np.where(np.isfinite(scores), scores, UNSCORABLE)
+        return scores
 
     async def _record(self, query: Query, flagged: int, total: int) -> None:
         if self.tracker is not None:
