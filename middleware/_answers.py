@@ -32,8 +32,18 @@ __all__ = [
 FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
 INT_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 _LABEL_NAMES = frozenset(
-    {"label", "labels", "class", "classes", "class_ids", "predictions", "prediction",
-     "predicted_label", "output_label", "predict"}
+    {
+        "label",
+        "labels",
+        "class",
+        "classes",
+        "class_ids",
+        "predictions",
+        "prediction",
+        "predicted_label",
+        "output_label",
+        "predict",
+    }
 )
 
 
@@ -130,7 +140,9 @@ def from_list(value: list[Any]) -> Found:
         if label_key is not None:
             labels = label_vector([r.get(label_key) for r in value])
         return Found(
-            probs, labels, prob_key if probs is not None else None,
+            probs,
+            labels,
+            prob_key if probs is not None else None,
             label_key if labels is not None else None,
         )
     if isinstance(value[0], list):

@@ -20,9 +20,19 @@ __all__ = ["NUMPY_DTYPES", "decode_tensor", "split_body"]
 NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
     name: np.dtype(code)
     for name, code in {
-        "BOOL": "|u1", "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-        "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-        "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BF16": "<u2",
+        "BOOL": "|u1",
+        "INT8": "|i1",
+        "INT16": "<i2",
+        "INT32": "<i4",
+        "INT64": "<i8",
+        "UINT8": "|u1",
+        "UINT16": "<u2",
+        "UINT32": "<u4",
+        "UINT64": "<u8",
+        "FP16": "<f2",
+        "FP32": "<f4",
+        "FP64": "<f8",
+        "BF16": "<u2",
     }.items()
 }
 _MAX_HEADER_DIGITS = 19

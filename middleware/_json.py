@@ -92,7 +92,7 @@ def load_json(body: bytes, *, max_depth: int) -> Any:
         The decoded document (``dict``, ``list``, or a scalar).
     """
     if body.startswith(_BOM):
-        body = body[len(_BOM):]
+        body = body[len(_BOM) :]
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -116,7 +116,7 @@ def load_json_lenient(body: bytes, content_type: str | None) -> Any | None:
     if not is_json_media_type(content_type):
         return None
     if body.startswith(_BOM):
-        body = body[len(_BOM):]
+        body = body[len(_BOM) :]
     try:
         return _LENIENT.decode(body.decode("utf-8"))
     except (ValueError, RecursionError, MemoryError):

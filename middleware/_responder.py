@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from middleware._responses import send_error
 from middleware.types import Message, Send
 
 __all__ = ["Responder"]
@@ -25,10 +26,13 @@ Rewriter = Callable[[bytes, str | None], bytes | None]
 class Responder:
     __slots__ = (
         "_chunks",
+        "_discard",
         "_extra",
         "_held",
         "_limit",
+        "_request_id",
         "_rewrite",
+        "_rewrite_limit",
         "_send",
         "_size",
         "capture",
@@ -37,6 +41,7 @@ class Responder:
         "rewrite_failed",
         "status",
         "streaming",
+        "too_large",
     )
 
     def __init__(
@@ -47,12 +52,19 @@ class Responder:
         capture: bool,
         rewrite: Rewriter | None,
         limit: int,
+        rewrite_limit: int | None = None,
+        request_id: str = "",
     ) -> None:
         self._send = send
         self._extra = extra_headers
         self.capture = capture or rewrite is not None
         self._rewrite = rewrite
         self._limit = limit
+        # an answer the output policy must rewrite is held whatever its size, up to this
+        self._rewrite_limit = rewrite_limit if rewrite_limit is not None else 16 * limit
+        self._request_id = request_id
+        self._discard = False
+        self.too_large = False
         self._chunks: list[bytes] = []
         self._size = 0
         self._held: Message | None = None
@@ -71,6 +83,8 @@ class Responder:
 
     async def send(self, message: Message) -> None:
         mtype = message["type"]
+        if self._discard:  # the answer was replaced by an error: swallow the rest
+            return
         if mtype == "http.response.start":
             await self._start(message)
         elif mtype == "http.response.body" and self.capture and not self.streaming:
@@ -99,22 +113,37 @@ class Responder:
                 elif name == b"content-type":
                     self.content_type = value.decode("latin-1")
             ctype = (self.content_type or "").lower()
-            if (
-                length < 0
-                or length > self._limit
-                or "json" not in ctype
-                or ctype.startswith("text/event-stream")
-                or not 200 <= self.status < 300
-            ):
-                self.streaming = True
-            elif self._rewrite is not None:
+            readable = (
+                "json" in ctype
+                and not ctype.startswith("text/event-stream")
+                and 200 <= self.status < 300
+            )
+            if readable and self._rewrite is not None and length >= 0:
+                # the output policy must apply: never let size decide to skip it (an
+                # answer streamed without a length is a stream, and streams pass)
+                self._limit = self._rewrite_limit
                 self._held = message
                 return
+            if not readable or length < 0 or length > self._limit:
+                self.streaming = True
         await self._send(message)
 
     async def _body(self, message: Message) -> None:
         chunk = message.get("body", b"")
         self._size += len(chunk)
+        if self._size > self._limit and self._held is not None:
+            # too large to rewrite, and not to be passed on unrewritten: answer an error
+            self.too_large = True
+            self._discard = True
+            self._held = None
+            self._chunks.clear()
+            await send_error(
+                self._send,
+                502,
+                self._request_id,
+                message="the answer is too large for this route's output policy",
+            )
+            return
         if self._size > self._limit:  # content-length lied: stop capturing
             self.streaming = True
             self._chunks.clear()
@@ -143,9 +172,9 @@ class Responder:
             self.degraded = True
         held = self._held
         self._held = None
-        held["headers"] = [
-            (k, str(len(new)).encode() if k == b"content-length" else v) for k, v in held["headers"]
-        ]
+        length = str(len(new)).encode()
+        held["headers"] = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+        held["headers"].append((b"content-length", length))
         await self._send(held)
         await self._send({"type": "http.response.body", "body": new, "more_body": False})
 

@@ -16,6 +16,7 @@ ERROR_CODES: dict[int, tuple[str, str]] = {
     413: ("payload_too_large", "the request is too large"),
     415: ("unsupported_media_type", "the content type is not supported"),
     429: ("rate_limited", "too many requests; retry later"),
+    502: ("bad_gateway", "the model's answer could not be delivered"),
     503: ("unavailable", "the service is temporarily unavailable"),
 }
 

@@ -181,8 +181,11 @@ def _found(doc: object, fmt: str) -> Found | None:
     if not isinstance(doc, dict):
         return None
     outputs = doc.get("outputs")
-    if isinstance(outputs, list) and outputs and all(isinstance(o, dict) for o in outputs) and any(
-        "data" in o for o in outputs
+    if (
+        isinstance(outputs, list)
+        and outputs
+        and all(isinstance(o, dict) for o in outputs)
+        and any("data" in o for o in outputs)
     ):
         return from_v2_outputs(outputs)
     for key in ("predictions", "outputs"):

@@ -90,9 +90,7 @@ class GuardMiddleware:
             | {self.config.client_identity.forwarded_header.encode("latin-1")}
         )
         # everyone's answers are coarsened without the noise kept for degraded clients
-        self._always_specs = {
-            p.name: replace(p.degrade, noise=0.0) for p in self.config.policies
-        }
+        self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
 
@@ -229,7 +227,12 @@ class GuardMiddleware:
         if degrade is not None:
             rewrite = partial(_degrade, fmt=fmt, spec=degrade)
         responder = Responder(
-            send, extra, capture=observe, rewrite=rewrite, limit=self._limits.max_response_bytes
+            send,
+            extra,
+            capture=observe,
+            rewrite=rewrite,
+            limit=self._limits.max_response_bytes,
+            request_id=request_id,
         )
         if degrade is not None or observe:
             scope = _identity_encoding(scope)
@@ -241,6 +244,8 @@ class GuardMiddleware:
                 policy.name,
                 "degraded"
                 if responder.degraded
+                else "too_large"
+                if responder.too_large
                 else ("unparsed" if responder.rewrite_failed else "passed_through"),
             )
         if observe and parsed is not None:

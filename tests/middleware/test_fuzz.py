@@ -1218,10 +1218,16 @@ def guarded(app: Any, registry: CollectorRegistry, **config: Any) -> GuardMiddle
 
 
 def test_huge_json_answer_passes_through_unbuffered(registry: CollectorRegistry) -> None:
+    """Where nothing must be rewritten, an answer over the cap is not even buffered."""
     chunks = [b'{"predictions": [' + b"[0.1, 0.9]," * 20] + [b"[0.1, 0.9],"] * 50 + [b"[0.1,0.9]]}"]
     size = sum(map(len, chunks))
     app = responder_app(json_start(b"", length=size), chunks)
-    mw = guarded(app, registry, limits={"max_response_bytes": 200})
+    mw = guarded(
+        app,
+        registry,
+        limits={"max_response_bytes": 200},
+        policies=[{"name": "p", "degrade": {"always": False}}],
+    )
     res = request(mw, V1, b'{"instances": [[1]]}', headers=[JSON_CT])
     assert res.status == 200
     assert [m.get("body") for m in res.messages[1:]] == chunks  # chunk for chunk
@@ -1484,12 +1490,6 @@ def test_binary_output_request_does_not_bypass_output_rounding(
     assert res.status >= 400 or probs.tobytes() not in res.body, "raw float32 probabilities leaked"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the client picks the batch size, so it can make the answer larger than "
-    "max_response_bytes (8 MiB: 1024 rows of ~400+ classes), and such answers pass through "
-    "unrounded and undegraded (_responder.py:100-107)",
-)
 def test_oversized_answer_does_not_bypass_output_rounding(registry: CollectorRegistry) -> None:
     classes = 100
 
@@ -1587,3 +1587,29 @@ def test_audit_close_returns_when_writes_fail(tmp_path: Path) -> None:
     closer.join(3.0)
     assert not closer.is_alive(), "AuditLog.close() hung"
     assert len(drops) >= 20  # every line that could not be written is counted
+
+
+def test_answer_too_large_even_to_rewrite_is_refused_not_leaked(
+    registry: CollectorRegistry,
+) -> None:
+    """Past the rewrite cap (16 x max_response_bytes) the client gets a 502, never raw floats."""
+
+    async def model(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        out = json.dumps({"predictions": [[1 / 3, 2 / 3]] * 20_000}).encode()  # ~0.8 MB
+        await send(json_start(out, length=len(out)))
+        for i in range(0, len(out), 65536):
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": out[i : i + 65536],
+                    "more_body": i + 65536 < len(out),
+                }
+            )
+
+    mw = guarded(model, registry, limits={"max_response_bytes": 16 * 1024})
+    res = request(mw, V1, dumps({"instances": [[1.0]]}), headers=[JSON_CT])
+    assert res.status == 502
+    assert b"0.3333" not in res.body
+    assert total(registry, "guard_degraded_responses", outcome="too_large") == 1
