@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -91,17 +92,16 @@ class GuardMiddleware:
         )
         # everyone's answers are coarsened without the noise kept for degraded clients
         self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
-        self._rid_prefix = os.urandom(4).hex()
-        self._rid_counter = 0
+        # request ids must not count requests for the client (a counter leaks volume);
+        # a PRNG seeded from the OS is unpredictable enough for an id and costs no syscall
+        self._rid_random = random.Random(os.urandom(16))
 
     @property
     def registry(self) -> CollectorRegistry:
         return self.guard.metrics.registry
 
     def _request_id(self) -> str:
-        # unique per process without a syscall per request: random prefix + counter
-        self._rid_counter += 1
-        return f"{self._rid_prefix}{os.getpid() & 0xFFFF:04x}{self._rid_counter:010x}"
+        return f"{self._rid_random.getrandbits(96):024x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
