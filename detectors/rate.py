@@ -381,16 +381,31 @@ class RateLimitDetector(Detector):
         self._policy_header = ", ".join(
             f'"{n.name}";q={n.limit.capacity};w={max(1, math.ceil(n.limit.window))}' for n in named
         )
+        # per-request constants: the key's fixed prefix, and for the usual single
+        # limit its state-key suffix and the quoted name of its RateLimit item
+        if key == "client":
+            self._key_prefix = f"rate:{{{name}:c:"
+        elif key == "client_policy":
+            self._key_prefix = f"rate:{{{name}:cp:"
+        else:
+            self._key_prefix = f"rate:{{{name}:p:"
+        self._single = len(named) == 1
+        self._suffix0, self._limit0 = self._suffixes[0]
+        self._item0 = f'"{named[0].name}";r='
 
     def _base_key(self, query: Query) -> str:
         # the {...} hash tag keeps a client's keys in one Redis Cluster slot
         if self.key == "client":
-            return f"rate:{{{self.name}:c:{query.client}}}"
+            return self._key_prefix + query.client + "}"
         if self.key == "client_policy":
-            return f"rate:{{{self.name}:cp:{query.policy}:{query.client}}}"
-        return f"rate:{{{self.name}:p:{query.policy}}}"
+            return self._key_prefix + query.policy + ":" + query.client + "}"
+        return self._key_prefix + query.policy + "}"
 
     def _headers(self, states: Sequence[RateState]) -> tuple[tuple[str, str], ...]:
+        if self._single:
+            s = states[0]
+            current = f"{self._item0}{s.remaining};t={math.ceil(s.reset_after)}"
+            return (("RateLimit-Policy", self._policy_header), ("RateLimit", current))
         current = ", ".join(
             f'"{n.name}";r={s.remaining};t={math.ceil(s.reset_after)}'
             for n, s in zip(self.limits, states, strict=True)
@@ -399,12 +414,25 @@ class RateLimitDetector(Detector):
 
     async def inspect(self, query: Query) -> DetectorResult:
         """Check the request against every limit, consuming its cost only if all admit it."""
-        cost = request_cost(query, self.cost, self.cost_constant)
+        if self.cost == "rows":
+            n_rows = query.n_rows
+            cost = n_rows if 1 <= n_rows <= MAX_COST else min(max(1, n_rows), MAX_COST)
+        else:
+            cost = request_cost(query, self.cost, self.cost_constant)
         base = self._base_key(query)
-        states = await self.store.acquire(
-            [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
-        )
-        headers = self._headers(states)
+        if self._single:
+            states = await self.store.acquire(((base + self._suffix0, self._limit0),), cost=cost)
+            headers = self._headers(states)
+            state = states[0]
+            if state.allowed:
+                return DetectorResult(
+                    self.name, state.remaining / state.limit, 0.0, False, headers=headers
+                )
+        else:
+            states = await self.store.acquire(
+                [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
+            )
+            headers = self._headers(states)
         if all(s.allowed for s in states):
             score = min(s.remaining / s.limit for s in states)
             return DetectorResult(self.name, score, 0.0, False, headers=headers)

@@ -84,6 +84,11 @@ class Guard:
         self.policies = tuple(policies)
         self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
         self._children: dict[tuple[str, ...], Any] = {}
+        # pre-bound children for the per-request metrics, keyed without the metric name
+        self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._score_children: dict[str, Any] = {}
+        self._overhead_children: dict[str, Any] = {}
+        self._payload_children: dict[tuple[str, str], Any] = {}
 
     def _build_store(self) -> KeyValueStore:
         base: Store = store_from_uri(
@@ -267,27 +272,41 @@ class Guard:
             self._children[key] = child
         return child
 
+    def _outcome(self, policy: str, decision: str) -> tuple[Any, Any]:
+        key = (policy, decision)
+        pair = self._outcome_children.get(key)
+        if pair is None:
+            label = str(decision)
+            m = self.metrics
+            pair = (self._child(m.requests, policy, label), self._child(m.rows, policy, label))
+            self._outcome_children[key] = pair
+        return pair
+
     def _record(self, policy: CompiledPolicy, decision: Decision, n_rows: int) -> None:
         if not self.metrics_enabled:
             return
-        m = self.metrics
-        label = str(decision.action)
-        self._child(m.requests, policy.name, label).inc()
-        self._child(m.rows, policy.name, label).inc(n_rows)
+        requests, rows = self._outcome(policy.name, decision.action)
+        requests.inc()
+        rows.inc(n_rows)
         for name, action in decision.fired:
-            self._child(m.detections, policy.name, name, str(action)).inc()
+            self._child(self.metrics.detections, policy.name, name, str(action)).inc()
+        scores = self._score_children
         for r in decision.results:
             margin = r.score - r.threshold
             if margin == margin:  # skip NaN
-                self._child(m.score, r.detector).observe(margin)
+                child = scores.get(r.detector)
+                if child is None:
+                    child = scores[r.detector] = self._child(self.metrics.score, r.detector)
+                child.observe(margin)
 
     def record_outcome(self, policy: str, decision: str, n_rows: int) -> None:
         """Count a request that ended without a detector decision (``invalid``, ``error``)."""
         if not self.metrics_enabled:
             return
-        self._child(self.metrics.requests, policy, decision).inc()
+        requests, rows = self._outcome(policy, decision)
+        requests.inc()
         if n_rows:
-            self._child(self.metrics.rows, policy, decision).inc(n_rows)
+            rows.inc(n_rows)
 
     def count_error(self, component: str) -> None:
         self._child(self.metrics.errors, component).inc()
@@ -297,14 +316,25 @@ class Guard:
 
     def count_payload(self, policy: str, fmt: str) -> None:
         if self.metrics_enabled:
-            self._child(self.metrics.payloads, policy, fmt).inc()
+            key = (policy, fmt)
+            child = self._payload_children.get(key)
+            if child is None:
+                child = self._payload_children[key] = self._child(
+                    self.metrics.payloads, policy, fmt
+                )
+            child.inc()
 
     def count_degraded(self, policy: str, outcome: str) -> None:
         self._child(self.metrics.degraded, policy, outcome).inc()
 
     def observe_overhead(self, policy: str, seconds: float) -> None:
         if self.metrics_enabled:
-            self._child(self.metrics.overhead, policy).observe(seconds)
+            child = self._overhead_children.get(policy)
+            if child is None:
+                child = self._overhead_children[policy] = self._child(
+                    self.metrics.overhead, policy
+                )
+            child.observe(seconds)
 
     async def aclose(self) -> None:
         for policy in self.policies:

@@ -51,6 +51,9 @@ _ADAPTER_HEADERS = (
     ("inference-header-content-length", b"inference-header-content-length"),
 )
 
+#: encoded names of the detectors' response headers (a handful, from code: RateLimit...)
+_HEADER_NAMES: dict[str, bytes] = {}
+
 
 class GuardMiddleware:
     """Pure-ASGI inference guard.
@@ -137,7 +140,11 @@ class GuardMiddleware:
         try:
             headers = self._headers(scope)
             client = guard.identifier.identify(headers, _peer(scope))
-            quarantined = await guard.check_quarantine(policy, client.id)
+            quarantined = (
+                await guard.check_quarantine(policy, client.id)
+                if guard.quarantine_enabled
+                else None
+            )
             if quarantined is not None:
                 # before any parsing: nothing a quarantined client sends is looked at
                 decision = quarantined
@@ -219,9 +226,15 @@ class GuardMiddleware:
         degrade = self._degrade_spec(policy, decision)
         observe = policy.observes and parsed is not None
         extra = [(b"x-request-id", request_id.encode())]
-        extra.extend(
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers
-        )
+        if decision.headers:
+            names = _HEADER_NAMES
+            for k, v in decision.headers:
+                name = names.get(k)
+                if name is None:
+                    name = k.lower().encode("latin-1")
+                    if len(names) < 64:
+                        names[k] = name
+                extra.append((name, v.encode("latin-1")))
         fmt = parsed.fmt if parsed is not None else "unknown"
         rewrite = None
         if degrade is not None:

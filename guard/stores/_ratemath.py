@@ -23,15 +23,18 @@ MAX_COST = 1 << 40
 
 def check_acquire(checks: Sequence[RateCheck], cost: int) -> None:
     """Reject malformed acquire calls (programming errors, not backend failures)."""
-    if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST:
+    if (type(cost) is not int or not 0 <= cost <= MAX_COST) and (
+        isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST
+    ):
         raise ValueError(f"cost must be an integer in [0, {MAX_COST}], got {cost!r}")
     if not checks:
         raise ValueError("acquire needs at least one limit")
-    keys = [key for key, _ in checks]
-    if len(set(keys)) != len(keys):
-        raise ValueError("acquire keys must be distinct")
+    if len(checks) > 1:
+        keys = [key for key, _ in checks]
+        if len(set(keys)) != len(keys):
+            raise ValueError("acquire keys must be distinct")
     for _, limit in checks:
-        if not isinstance(limit, GcraLimit | WindowLimit):
+        if type(limit) is not GcraLimit and not isinstance(limit, GcraLimit | WindowLimit):
             raise TypeError(f"unsupported limit {limit!r}")
 
 

@@ -149,6 +149,13 @@ class MemoryStore(Store, RateLimitStore):
         """Check every limit, then consume ``cost`` from all of them only if all admit."""
         check_acquire(checks, cost)
         now = self._clock()
+        if len(checks) == 1:
+            # one limit: admitted or refused, its own state is the whole answer
+            key, limit = checks[0]
+            state, write = self._step(key, limit, now, cost)
+            if state.allowed and write is not None:
+                self._put(key, *write)
+            return (state,)
         states: list[RateState] = []
         writes: list[tuple[str, float, _Value]] = []
         for key, limit in checks:
