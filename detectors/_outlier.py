@@ -275,6 +275,18 @@ class RowOutlierBase(OutlierBase[ArrayLike]):
         """
         return self._score(X)
 
+    def score_row_validated(self, x: FloatArray) -> float:
+        """The score of one already-checked row, as a float (the online hot path).
+
+        ``x`` must be a finite float64 vector of ``n_features_in_`` values; the
+        result equals ``score_validated(x[None])[0]``.
+        """
+        return self._score_row(x)
+
+    def _score_row(self, x: FloatArray) -> float:
+        """Score one validated row (a vector); detectors override it with a cheaper path."""
+        return float(self._score(x[None, :])[0])
+
     @abstractmethod
     def _validate_params(self) -> None:
         """Raise ``ValueError`` for an invalid parameter."""

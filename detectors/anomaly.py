@@ -114,6 +114,8 @@ class RowAnomalyDetector(Detector):
         self.model = model
         # rows are checked here (width, finite) before scoring: skip the model's own checks
         self._score_checked = getattr(model, "score_validated", model.score_samples)
+        # and a single row is scored as a vector, straight to a float, where the model can
+        self._score_row = getattr(model, "score_row_validated", None)
         self.on_width_mismatch = on_width_mismatch
         self.tracker = tracker
         self.threshold = float(model.offset_)
@@ -135,6 +137,23 @@ class RowAnomalyDetector(Detector):
                 self.name, min(UNSCORABLE, threshold - 1.0), threshold, True,
                 reason=f"width {rows.shape[-1]} != {self.n_features}", rows_flagged=n,
             )
+        if n == 1 and self._score_row is not None and rows.dtype == np.float64:
+            # the hot path: a finite, modest row (NaN fails the comparison; other
+            # rows take the careful path below) is scored as a vector, to a float
+            row = rows[0]
+            if float(np.abs(row).max()) <= _CLIP:
+                worst = float(self._score_row(row))
+                if not math.isfinite(worst):
+                    worst = UNSCORABLE
+                if worst < threshold:
+                    if self.tracker is not None:
+                        await self.tracker.record(query.client, anomalous=1, total=1)
+                    return DetectorResult(
+                        self.name, worst, threshold, True, "1/1 rows below threshold", 1
+                    )
+                if self.tracker is not None:
+                    await self.tracker.record(query.client, anomalous=0, total=1)
+                return DetectorResult(self.name, worst, threshold, False, "", 0)
         # one reduction tells finite-and-modest rows apart (NaN fails the comparison)
         if float(np.abs(rows).max()) <= _CLIP:
             scores = np.asarray(self._score_checked(rows), dtype=np.float64)

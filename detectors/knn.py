@@ -16,6 +16,7 @@ about 1e-6 of a typical neighbour distance.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Self
 
 import numpy as np
@@ -127,11 +128,34 @@ class KNNOutlier(RowOutlierBase):
         self._k = int(self.n_neighbors)
 
     def _score(self, X: FloatArray) -> FloatArray:
+        if X.shape[0] == 1:
+            return np.array([self._score_row(X[0])])
         if X.shape[0] <= _BLOCK:
             return self._score_block(X, None)
         return np.concatenate(
             [self._score_block(X[i : i + _BLOCK], None) for i in range(0, X.shape[0], _BLOCK)]
         )
+
+    def _score_row(self, x: FloatArray) -> float:
+        """Score of one validated row (a vector): the block computation for one row.
+
+        The same float32 products and float64 arithmetic as :meth:`_score_block`
+        (so the same score), with an in-place partial sort and the ``k``
+        distances summed as Python floats.
+        """
+        t = x - self.center_
+        t *= self._inv_scale
+        z = t.astype(np.float32)
+        half = self._half_sq - self._ref32 @ z
+        k = self._k
+        half.partition(k - 1)
+        zz = float(np.einsum("i,i->", z, z))
+        total = 0.0
+        for h in half[:k].tolist():
+            d2 = 2.0 * h + zz
+            if d2 > 0.0:
+                total += math.sqrt(d2)
+        return -(total / k)
 
     def _score_block(self, X: FloatArray, exclude: NDArray[np.intp] | None) -> FloatArray:
         z = ((X - self.center_) * self._inv_scale).astype(np.float32)

@@ -98,9 +98,16 @@ class MahalanobisOutlier(RowOutlierBase):
         self.whitener_ = _whitener(self.covariance_)
 
     def _score(self, X: FloatArray) -> FloatArray:
+        if X.shape[0] == 1:
+            return np.array([self._score_row(X[0])])
         z = (X - self.location_) @ self.whitener_
         scores: FloatArray = -np.einsum("ij,ij->i", z, z)
         return scores
+
+    def _score_row(self, x: FloatArray) -> float:
+        """Score of one validated row (a vector): three numpy calls."""
+        z = (x - self.location_) @ self.whitener_
+        return -float(z @ z)
 
     def export_state(self) -> dict[str, NDArray[Any]]:
         return {
