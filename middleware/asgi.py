@@ -148,8 +148,10 @@ class GuardMiddleware:
             if quarantined is not None:
                 # before any parsing: nothing a quarantined client sends is looked at
                 decision = quarantined
+                query = self._query(policy, client, None, request_id)
             elif policy.passthrough:
-                decision = await guard.decide(policy, self._query(policy, client, None, request_id))
+                query = self._query(policy, client, None, request_id)
+                decision = await guard.decide(policy, query)
             else:
                 _check_length(headers.get(b"content-length"), reader.limit)
                 body = await reader.read()
@@ -207,7 +209,7 @@ class GuardMiddleware:
             return
         app_receive = reader.replay() if reader.complete else receive
         await self._forward(
-            policy, scope, app_receive, send, request_id, decision, parsed, client, started
+            policy, scope, app_receive, send, request_id, decision, parsed, query, client, started
         )
 
     async def _forward(
@@ -219,6 +221,7 @@ class GuardMiddleware:
         request_id: str,
         decision: Decision,
         parsed: ParsedRequest | None,
+        query: Query,
         client: ClientId,
         started: float,
     ) -> None:
@@ -277,7 +280,7 @@ class GuardMiddleware:
             if 200 <= responder.status < 300:
                 await self._observe(
                     policy,
-                    self._query(policy, client, parsed, request_id),
+                    query,
                     answer,
                     client_source=client.source,
                 )
