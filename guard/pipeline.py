@@ -35,6 +35,8 @@ __all__ = ["FailClosed", "Guard"]
 log = logging.getLogger("guard")
 
 _QUARANTINE_PREFIX = "quarantine:"
+#: (method, path) pairs whose matching policy is remembered
+_MATCH_MEMO = 1024
 
 
 class FailClosed(Exception):
@@ -62,6 +64,7 @@ class Guard:
         self.clock = clock
         self.metrics = GuardMetrics(registry, overhead_buckets=config.metrics.overhead_buckets)
         self.metrics_enabled = config.metrics.enabled
+        self._tally = self.metrics.tally
         self.store: KeyValueStore = store if store is not None else self._build_store()
         self.identifier = ClientIdentifier(config.client_identity, secret=identity_secret)
         self.audit = AuditLog(config.audit, on_drop=self.metrics.audit_dropped.inc)
@@ -84,6 +87,7 @@ class Guard:
         self.policies = tuple(policies)
         self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
         self._children: dict[tuple[str, ...], Any] = {}
+        self._match_memo: dict[tuple[str, str], CompiledPolicy | None] = {}
         # pre-bound children for the per-request metrics, keyed without the metric name
         self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._score_children: dict[str, Any] = {}
@@ -103,11 +107,24 @@ class Guard:
     # ------------------------------------------------------------------ matching
 
     def match(self, method: str, path: str) -> CompiledPolicy | None:
-        """The first policy whose methods and routes match, or ``None``."""
+        """The first policy whose methods and routes match, or ``None``.
+
+        Answers are remembered for up to :data:`_MATCH_MEMO` distinct (method,
+        path) pairs; paths are client-chosen, so past that the memo stops
+        growing and further paths are matched afresh.
+        """
+        key = (method, path)
+        memo = self._match_memo
+        if key in memo:
+            return memo[key]
+        found = None
         for policy in self.policies:
             if policy.matches(method, path):
-                return policy
-        return None
+                found = policy
+                break
+        if len(memo) < _MATCH_MEMO:
+            memo[key] = found
+        return found
 
     # ------------------------------------------------------------------ before the model
 
@@ -140,6 +157,9 @@ class Guard:
         detector is skipped (and counted). Quarantine is checked before, by
         :meth:`check_quarantine`.
         """
+        if policy.allow is not None:  # no detectors: one immutable decision for all
+            self._record(policy, policy.allow, query.n_rows)
+            return policy.allow
         quarantined = False
         results: list[DetectorResult] = []
         fired: list[tuple[str, Action]] = []
@@ -182,6 +202,18 @@ class Guard:
             shadow=shadow,
         )
         self._record(policy, decision, query.n_rows)
+        return decision
+
+    def allow(self, policy: CompiledPolicy, n_rows: int) -> Decision:
+        """The fixed verdict of a policy without detectors, counted like any other.
+
+        What :meth:`decide` returns for such a policy, without building a
+        :class:`Query` that nothing would read.
+        """
+        decision = policy.allow
+        if decision is None:
+            raise ValueError(f"policy {policy.name!r} has detectors: use decide()")
+        self._record(policy, decision, n_rows)
         return decision
 
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
@@ -273,40 +305,47 @@ class Guard:
         return child
 
     def _outcome(self, policy: str, decision: str) -> tuple[Any, Any]:
+        # the bound inc() of the two children, for the tally
         key = (policy, decision)
         pair = self._outcome_children.get(key)
         if pair is None:
             label = str(decision)
             m = self.metrics
-            pair = (self._child(m.requests, policy, label), self._child(m.rows, policy, label))
+            pair = (
+                self._child(m.requests, policy, label).inc,
+                self._child(m.rows, policy, label).inc,
+            )
             self._outcome_children[key] = pair
         return pair
 
     def _record(self, policy: CompiledPolicy, decision: Decision, n_rows: int) -> None:
         if not self.metrics_enabled:
             return
+        add = self._tally.add
         requests, rows = self._outcome(policy.name, decision.action)
-        requests.inc()
-        rows.inc(n_rows)
+        add(requests, 1.0)
+        add(rows, n_rows)
         for name, action in decision.fired:
-            self._child(self.metrics.detections, policy.name, name, str(action)).inc()
+            add(self._child(self.metrics.detections, policy.name, name, str(action)).inc, 1.0)
         scores = self._score_children
         for r in decision.results:
             margin = r.score - r.threshold
             if margin == margin:  # skip NaN
-                child = scores.get(r.detector)
-                if child is None:
-                    child = scores[r.detector] = self._child(self.metrics.score, r.detector)
-                child.observe(margin)
+                observe = scores.get(r.detector)
+                if observe is None:
+                    observe = scores[r.detector] = self._child(
+                        self.metrics.score, r.detector
+                    ).observe
+                add(observe, margin)
 
     def record_outcome(self, policy: str, decision: str, n_rows: int) -> None:
         """Count a request that ended without a detector decision (``invalid``, ``error``)."""
         if not self.metrics_enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        requests.inc()
+        self._tally.add(requests, 1.0)
         if n_rows:
-            rows.inc(n_rows)
+            self._tally.add(rows, n_rows)
 
     def count_error(self, component: str) -> None:
         self._child(self.metrics.errors, component).inc()
@@ -317,24 +356,24 @@ class Guard:
     def count_payload(self, policy: str, fmt: str) -> None:
         if self.metrics_enabled:
             key = (policy, fmt)
-            child = self._payload_children.get(key)
-            if child is None:
-                child = self._payload_children[key] = self._child(
+            inc = self._payload_children.get(key)
+            if inc is None:
+                inc = self._payload_children[key] = self._child(
                     self.metrics.payloads, policy, fmt
-                )
-            child.inc()
+                ).inc
+            self._tally.add(inc, 1.0)
 
     def count_degraded(self, policy: str, outcome: str) -> None:
-        self._child(self.metrics.degraded, policy, outcome).inc()
+        self._tally.add(self._child(self.metrics.degraded, policy, outcome).inc, 1.0)
 
     def observe_overhead(self, policy: str, seconds: float) -> None:
         if self.metrics_enabled:
-            child = self._overhead_children.get(policy)
-            if child is None:
-                child = self._overhead_children[policy] = self._child(
+            observe = self._overhead_children.get(policy)
+            if observe is None:
+                observe = self._overhead_children[policy] = self._child(
                     self.metrics.overhead, policy
-                )
-            child.observe(seconds)
+                ).observe
+            self._tally.add(observe, seconds)
 
     async def aclose(self) -> None:
         for policy in self.policies:
@@ -343,6 +382,7 @@ class Guard:
                     await armed.detector.aclose()
                 except Exception:
                     log.exception("closing detector %s failed", armed.detector.name)
+        self.metrics.tally.flush()
         close = getattr(self.store, "aclose", None)
         if close is not None:
             await close()

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from detectors.base import Detector, DetectorResult
 from guard.config import PolicyConfig
-from guard.decisions import Action, FailureMode
+from guard.decisions import Action, Decision, FailureMode
 
 __all__ = ["Armed", "CompiledPolicy", "compile_routes"]
 
@@ -79,6 +79,8 @@ class CompiledPolicy:
     passthrough: bool
     #: answers may be rewritten (rounding for everyone, or a degrade action)
     rewrites: bool = False
+    #: the decision on every request when there are no detectors (immutable, shared)
+    allow: Decision | None = None
 
     @classmethod
     def build(
@@ -101,6 +103,14 @@ class CompiledPolicy:
             observes=any(a.detector.observes_answers for a in detectors),
             passthrough=not (config.validate or detectors or degrade_possible),
             rewrites=degrade_possible,
+            allow=None
+            if detectors
+            else Decision(
+                action=Action.ALLOW,
+                intended=Action.ALLOW,
+                policy=config.name,
+                shadow=config.shadow,
+            ),
         )
 
     def matches(self, method: str, path: str) -> bool:

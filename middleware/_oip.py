@@ -20,7 +20,13 @@ from numpy.typing import NDArray
 from guard.config import LimitsConfig
 from middleware._binary import NUMPY_DTYPES, decode_tensor
 from middleware._request import ParsedRequest, check_rows, check_texts, fail
-from middleware._tensor import finish_rows, leaves, to_float
+from middleware._tensor import (
+    check_matrix_shape,
+    finish_rows,
+    leaves,
+    to_float,
+    valid_without_numpy,
+)
 
 __all__ = ["parse_oip"]
 
@@ -56,6 +62,26 @@ def _json_tensor(data: object, dims: list[int], count: int, datatype: str) -> ND
     return arr.reshape(dims)
 
 
+def _json_tensor_rows(
+    data: object, dims: list[int], count: int, datatype: str, limits: LimitsConfig
+) -> int:
+    """Validate a JSON tensor as :func:`_json_tensor` does, without numpy; its row count."""
+    if not isinstance(data, list):
+        fail(400, "bad_type", "an input's 'data' must be a list")
+    found = leaves(data)
+    if len(found.values) != count:
+        fail(400, "bad_shape", "an input's data does not match its shape")
+    what = f"a {datatype} input"
+    if not valid_without_numpy(data, found, allow_bool=datatype == "BOOL", what=what):
+        arr = to_float(data, found, allow_bool=datatype == "BOOL", what=what).reshape(dims)
+        return int(finish_rows(arr, limits, one_d_is_row=True, what="an input tensor").shape[0])
+    # the shape finish_rows would give: 0-D is one value, 1-D one row, else batch x rest
+    n_rows = dims[0] if len(dims) >= 2 else 1
+    n_features = count // n_rows if len(dims) >= 2 else count
+    check_matrix_shape(n_rows, n_features, limits, "an input tensor")
+    return n_rows
+
+
 def _json_strings(data: object, count: int) -> tuple[str, ...] | None:
     """The strings of a ``BYTES`` input, or ``None`` when they are not plain strings."""
     if isinstance(data, str):
@@ -81,8 +107,15 @@ def _asks_binary_output(doc: dict[str, Any]) -> bool:
     )
 
 
-def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) -> ParsedRequest:
-    """Parse an OIP v2 request document (``binary``: the tensor section of a binary request)."""
+def parse_oip(
+    doc: object, limits: LimitsConfig, binary: bytes | None = None, *, want_rows: bool = True
+) -> ParsedRequest:
+    """Parse an OIP v2 request document (``binary``: the tensor section of a binary request).
+
+    With ``want_rows=False`` JSON tensors are validated exactly as otherwise but
+    no matrix is built (``rows`` is ``None``, ``n_rows`` is still counted): for
+    policies with no detector to look at the rows.
+    """
     if not isinstance(doc, dict):
         fail(400, "bad_type", "the request body must be a JSON object")
     inputs = doc.get("inputs")
@@ -90,6 +123,7 @@ def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) ->
         fail(400, "bad_shape", "'inputs' must be a non-empty list of tensors")
     rows: NDArray[np.float64] | None = None
     n_rows: int | None = None
+    counted = False  # n_rows taken from a numeric input
     texts: list[str] = []
     offset = 0
     for tensor in inputs:
@@ -117,6 +151,10 @@ def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) ->
             offset += size
         elif "data" not in tensor:
             fail(400, "bad_shape", "an input has no 'data'")
+        elif numeric and not want_rows:
+            tensor_rows = _json_tensor_rows(tensor["data"], dims, count, datatype, limits)
+            if not counted:  # the row count comes from the first numeric input, as below
+                n_rows, counted = tensor_rows, True
         elif numeric:
             arr = _json_tensor(tensor["data"], dims, count, datatype)
         elif datatype == "BYTES":
@@ -124,8 +162,8 @@ def parse_oip(doc: object, limits: LimitsConfig, binary: bytes | None = None) ->
             texts.extend(strings or ())
         if arr is not None:
             matrix = finish_rows(arr, limits, one_d_is_row=True, what="an input tensor")
-            if rows is None:
-                rows, n_rows = matrix, matrix.shape[0]
+            if rows is None and not counted:
+                rows, n_rows, counted = matrix, matrix.shape[0], True
         elif n_rows is None:
             n_rows = dims[0] if dims else 1
     if binary is not None and offset != len(binary):

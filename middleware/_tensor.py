@@ -19,7 +19,17 @@ from numpy.typing import NDArray
 from guard.config import LimitsConfig
 from middleware._request import check_rows, check_texts, fail
 
-__all__ = ["Classified", "Leaves", "check_finite", "classify", "finish_rows", "leaves", "to_float"]
+__all__ = [
+    "Classified",
+    "Leaves",
+    "check_finite",
+    "check_matrix_shape",
+    "classify",
+    "finish_rows",
+    "leaves",
+    "to_float",
+    "valid_without_numpy",
+]
 
 _NUMBER = frozenset({int, float})
 _NUMBER_OR_BOOL = frozenset({int, float, bool})
@@ -102,6 +112,12 @@ def finish_rows(
     elif arr.ndim > 2:
         arr = arr.reshape(arr.shape[0], -1)
     n_rows, n_features = arr.shape
+    check_matrix_shape(n_rows, n_features, limits, what)
+    return np.ascontiguousarray(arr)
+
+
+def check_matrix_shape(n_rows: int, n_features: int, limits: LimitsConfig, what: str) -> None:
+    """The row and feature limits on a ``(n_rows, n_features)`` matrix (see :func:`finish_rows`)."""
     if n_rows > limits.max_rows:
         fail(413, "too_many_rows", f"the request carries more than {limits.max_rows} rows")
     if n_rows < 1:
@@ -110,7 +126,36 @@ def finish_rows(
         fail(400, "too_many_features", f"rows are wider than {limits.max_features} features")
     if n_features < 1:
         fail(400, "bad_shape", f"{what} has rows without features")
-    return np.ascontiguousarray(arr)
+
+
+def valid_without_numpy(data: list[Any], found: Leaves, *, allow_bool: bool, what: str) -> bool:
+    """Prove, without building an array, that :func:`to_float` would accept ``data``.
+
+    Raises what :func:`to_float` raises for wrong leaf types. Returns ``False``
+    when the cheap proof does not go through (ragged nesting, an overflowing
+    or non-finite sum): the caller then runs :func:`to_float` itself, which
+    gives the exact verdict. Used when no detector will look at the rows, so
+    that validation alone costs no numpy call.
+    """
+    allowed = _NUMBER_OR_BOOL if allow_bool else _NUMBER
+    if not found.types <= allowed:
+        fail(400, "bad_type", f"{what} must hold numbers only")
+    try:
+        if not math.isfinite(sum(found.values)):
+            return False
+    except OverflowError:
+        return False
+    return found.ndim == 1 or _rectangular(data, found.ndim)
+
+
+def _rectangular(data: list[Any], ndim: int) -> bool:
+    """True when every list at each nesting level has the same length (numpy's rule)."""
+    level = data
+    for _ in range(ndim - 1):
+        if len(set(map(len, level))) != 1:
+            return False
+        level = list(chain.from_iterable(level))
+    return True
 
 
 class Classified(NamedTuple):

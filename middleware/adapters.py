@@ -48,6 +48,8 @@ _PATHS = re.compile(
     r"/?\Z"
 )
 _HEADER = "inference-header-content-length"
+_FORMAT_MEMO: dict[str, str | None] = {}
+_FORMAT_MEMO_SIZE = 1024
 _OCTET = "application/octet-stream"
 _OPENAI = ("openai_chat", "openai_completion")
 
@@ -73,8 +75,14 @@ def detect_format(path: str) -> str | None:
     >>> detect_format("/healthz") is None
     True
     """
+    memo = _FORMAT_MEMO
+    if path in memo:
+        return memo[path]
     m = _PATHS.search(path)
-    return m.lastgroup if m is not None else None
+    fmt = m.lastgroup if m is not None else None
+    if len(memo) < _FORMAT_MEMO_SIZE:  # paths are client-chosen: the memo stops growing
+        memo[path] = fmt
+    return fmt
 
 
 def _body_format(doc: object) -> str:
@@ -110,6 +118,7 @@ def parse_request(
     content_type: str | None,
     headers: Mapping[str, str],
     limits: LimitsConfig,
+    want_rows: bool = True,
 ) -> ParsedRequest:
     """Validate and parse one inference request body.
 
@@ -128,6 +137,11 @@ def parse_request(
         ``inference-header-content-length`` is read.
     limits
         Body, nesting, row, feature and text bounds.
+    want_rows
+        ``False`` when nothing will look at the feature matrix (a policy with no
+        detectors): the payload is validated exactly as otherwise, but an OIP v2
+        JSON request's matrix is not built (``rows`` is ``None``), which keeps
+        numpy off the guard's cheapest path.
 
     Returns
     -------
@@ -172,6 +186,8 @@ def parse_request(
             return parse_json_array(doc, limits)
         if fmt == "unknown":
             return ParsedRequest("unknown", None)
+    if fmt == "oip_v2" and not want_rows:
+        return parse_oip(doc, limits, want_rows=False)
     return _PARSERS[fmt](doc, limits)
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -46,10 +47,10 @@ __all__ = ["GuardMiddleware"]
 log = logging.getLogger("guard")
 
 _CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
-_ADAPTER_HEADERS = (
-    ("content-type", b"content-type"),
-    ("inference-header-content-length", b"inference-header-content-length"),
-)
+#: the one header an adapter reads besides the content type (Triton's binary extension)
+_BINARY_HEADER_STR = "inference-header-content-length"
+_BINARY_HEADER = _BINARY_HEADER_STR.encode()
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 #: encoded names of the detectors' response headers (a handful, from code: RateLimit...)
 _HEADER_NAMES: dict[str, bytes] = {}
@@ -97,14 +98,14 @@ class GuardMiddleware:
         self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
         # request ids must not count requests for the client (a counter leaks volume);
         # a PRNG seeded from the OS is unpredictable enough for an id and costs no syscall
-        self._rid_random = random.Random(os.urandom(16))
+        self._rid_bits = random.Random(os.urandom(16)).getrandbits
 
     @property
     def registry(self) -> CollectorRegistry:
         return self.guard.metrics.registry
 
     def _request_id(self) -> str:
-        return f"{self._rid_random.getrandbits(96):024x}"
+        return self._rid_bits(96).to_bytes(12, "big").hex()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,6 +114,8 @@ class GuardMiddleware:
         path: str = scope["path"]
         method: str = scope["method"]
         if path == self._metrics_path and method in ("GET", "HEAD"):
+            # this process's deferred updates first (a multiprocess scrape reads files)
+            self.guard.metrics.tally.flush()
             await serve_metrics(self.guard.metrics.registry, send)
             return
         policy = self.guard.match(method, path)
@@ -137,6 +140,7 @@ class GuardMiddleware:
         reader = BodyReader(receive, self._limits.max_body_bytes)
         client: ClientId | None = None
         parsed: ParsedRequest | None = None
+        query: Query | None
         try:
             headers = self._headers(scope)
             client = guard.identifier.identify(headers, _peer(scope))
@@ -159,8 +163,13 @@ class GuardMiddleware:
                 if policy.rewrites or policy.observes:
                     _check_readable_answer(parsed)
                 guard.count_payload(policy.name, parsed.fmt)
-                query = self._query(policy, client, parsed, request_id)
-                decision = await guard.decide(policy, query)
+                if policy.allow is not None:
+                    # no detectors: nothing reads a Query, and the verdict is fixed
+                    query = None
+                    decision = guard.allow(policy, parsed.n_rows)
+                else:
+                    query = self._query(policy, client, parsed, request_id)
+                    decision = await guard.decide(policy, query)
         except PayloadError as exc:
             await self._refuse_invalid(policy, exc, client, request_id, send, started)
             return
@@ -184,7 +193,7 @@ class GuardMiddleware:
             await self.app(scope, reader.replay(), _with_request_id(send, request_id))
             return
 
-        if decision.recorded:
+        if decision is not policy.allow and decision.recorded:
             guard.audit.record(
                 decision,
                 request_id=request_id,
@@ -208,6 +217,12 @@ class GuardMiddleware:
             )
             return
         app_receive = reader.replay() if reader.complete else receive
+        if decision is policy.allow and not policy.rewrites and not policy.observes:
+            # no detectors and nothing to rewrite: only the request id to add (the lean lane)
+            before = time.perf_counter() - started
+            await self.app(scope, app_receive, _with_request_id(send, request_id))
+            guard.observe_overhead(policy.name, before)
+            return
         await self._forward(
             policy, scope, app_receive, send, request_id, decision, parsed, query, client, started
         )
@@ -221,13 +236,19 @@ class GuardMiddleware:
         request_id: str,
         decision: Decision,
         parsed: ParsedRequest | None,
-        query: Query,
+        query: Query | None,
         client: ClientId,
         started: float,
     ) -> None:
         guard = self.guard
         degrade = self._degrade_spec(policy, decision)
-        observe = policy.observes and parsed is not None
+        observe = policy.observes and parsed is not None and query is not None
+        if degrade is None and not observe and not decision.headers:
+            # nothing to watch, rewrite or add but the request id
+            before = time.perf_counter() - started
+            await self.app(scope, receive, _with_request_id(send, request_id))
+            guard.observe_overhead(policy.name, before)
+            return
         extra = [(b"x-request-id", request_id.encode())]
         if decision.headers:
             names = _HEADER_NAMES
@@ -264,7 +285,7 @@ class GuardMiddleware:
                 if responder.too_large
                 else ("unparsed" if responder.rewrite_failed else "passed_through"),
             )
-        if observe and parsed is not None:
+        if observe and parsed is not None and query is not None:
             body = responder.body
             answer: Answer | None = None
             if body is not None:
@@ -308,15 +329,22 @@ class GuardMiddleware:
         self, policy: CompiledPolicy, body: bytes, *, path: str, headers: Mapping[bytes, bytes]
     ) -> ParsedRequest:
         # the adapters read two headers at most: decode only those
-        str_headers = {
-            name: value.decode("latin-1")
-            for name, raw in _ADAPTER_HEADERS
-            if (value := headers.get(raw)) is not None
-        }
-        ctype = str_headers.get("content-type")
+        raw_ctype = headers.get(b"content-type")
+        ctype = raw_ctype.decode("latin-1") if raw_ctype is not None else None
+        binary_header = headers.get(_BINARY_HEADER)
+        str_headers = (
+            {_BINARY_HEADER_STR: binary_header.decode("latin-1")}
+            if binary_header is not None
+            else _NO_HEADERS
+        )
         try:
             return parse_request(
-                body, path=path, content_type=ctype, headers=str_headers, limits=self._limits
+                body,
+                path=path,
+                content_type=ctype,
+                headers=str_headers,
+                limits=self._limits,
+                want_rows=bool(policy.detectors),
             )
         except PayloadError:
             if not policy.config.validate:
@@ -456,10 +484,9 @@ def _with_request_id(send: Send, request_id: str) -> Send:
 
     async def wrapped(message: Any) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [
-                *(h for h in message.get("headers", ()) if h[0] != b"x-request-id"),
-                header,
-            ]
+            headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
+            headers.append(header)
+            message["headers"] = headers
         await send(message)
 
     return wrapped

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
+from guard.metrics import FLUSH_AFTER_S
 from tests.conftest import run_server
 
 pytestmark = pytest.mark.e2e
@@ -93,6 +94,15 @@ def test_multiprocess_metrics_aggregate_across_workers(tmp_path: Path) -> None:
                 # a fresh connection per request so both workers get traffic
                 r = httpx.post(srv.url + V2, json=v2([[1.0] * 64]), timeout=10)
                 assert r.status_code == 200
+            # per-request updates reach the shared files within FLUSH_AFTER_S (guard.metrics
+            # Tally): the worker that answers a scrape flushes its own first, the other's
+            # timer fires within a second of its last request
+            deadline = time.monotonic() + 5 * FLUSH_AFTER_S
+            while time.monotonic() < deadline:
+                text = c.get("/metrics").text
+                if metric(text, "guard_requests_total", decision="allow") == 40:
+                    break
+                time.sleep(0.1)
             totals = [
                 metric(c.get("/metrics").text, "guard_requests_total", decision="allow")
                 for _ in range(6)

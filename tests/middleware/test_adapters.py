@@ -883,3 +883,139 @@ def test_fuzz_parse_response_never_raises() -> None:
         result = parse_response(body, fmt=rng.choice(["oip_v2", "kserve_v1", "unknown"]),
                                 content_type=JSON)
         assert result is None or result.status == 200
+
+
+# --------------------------------------------------------------------------- want_rows=False
+
+
+def _outcome(body: bytes, *, want_rows: bool) -> tuple[Any, ...]:
+    """What parse_request makes of ``body`` on the OIP route, rows left out."""
+    try:
+        req = parse_request(
+            body,
+            path="/v2/models/m/infer",
+            content_type="application/json",
+            headers={},
+            limits=LimitsConfig(max_rows=8, max_features=100),
+            want_rows=want_rows,
+        )
+    except PayloadError as exc:
+        return ("refused", exc.status, exc.reason)
+    return ("parsed", req.fmt, req.n_rows, req.texts, tuple(sorted(req.extra.items())))
+
+
+def _oip_variants(r: random.Random) -> list[Any]:
+    """OIP documents around every check the rows-free path must reproduce."""
+    big = [r.uniform(0, 16) for _ in range(64)]
+    bases = [
+        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": big}]},
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 3], "datatype": "FP64", "data": [[1, 2, 3], [4, 5, 6]]}
+            ]
+        },
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 3], "datatype": "FP64", "data": [[1, 2, 3], [4, 5]]}
+            ]
+        },
+        {"inputs": [{"name": "x", "shape": [5], "datatype": "INT8", "data": [1, 2, 3, 4, 5]}]},
+        {"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [7]}]},
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 2, 2],
+                    "datatype": "FP32",
+                    "data": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]],
+                }
+            ]
+        },
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 2, 2],
+                    "datatype": "FP32",
+                    "data": [[[1, 2], [3]], [[5, 6], [7, 8, 9]]],
+                }
+            ]
+        },
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]}]},
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [True, 1.0]}]},
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1e308, 1e308]}]},
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [10**400, 1]}]},
+        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": ["1", 2]}]},
+        {"inputs": [{"name": "x", "shape": [9, 1], "datatype": "FP32", "data": list(range(9))}]},
+        {"inputs": [{"name": "x", "shape": [1, 101], "datatype": "FP32", "data": [0] * 101}]},
+        {"inputs": [{"name": "x", "shape": [3, 0], "datatype": "FP32", "data": []}]},
+        {
+            "inputs": [
+                {"name": "t", "shape": [3], "datatype": "BYTES", "data": ["a", "b", "c"]},
+                {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                {"name": "y", "shape": [1, 2], "datatype": "FP32", "data": [1, "x"]},
+            ]
+        },
+        {
+            "inputs": [
+                {"name": "t", "shape": [3], "datatype": "BYTES", "data": ["a", "b", "c"]},
+                {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                {"name": "y", "shape": [4, 1], "datatype": "INT32", "data": [1, 2, 3, 4]},
+            ],
+            "parameters": {"binary_data_output": True},
+        },
+    ]
+    out: list[Any] = list(bases)
+    for base in bases:
+        for _ in range(15):
+            out.append(_mutated(r, base))
+    return out
+
+
+def _mutated(r: random.Random, doc: Any) -> Any:
+    scalars = [0, -1, 1.5, 1e308, 10**30, True, None, "x", [], {}, [1, [2]], 2**64]
+    if isinstance(doc, dict) and doc and r.random() < 0.85:
+        key = r.choice(list(doc))
+        out = dict(doc)
+        out[key] = _mutated(r, doc[key]) if r.random() < 0.7 else r.choice(scalars)
+        return out
+    if isinstance(doc, list) and doc and r.random() < 0.85:
+        items = list(doc)
+        i = r.randrange(len(items))
+        items[i] = _mutated(r, items[i]) if r.random() < 0.7 else r.choice(scalars)
+        if r.random() < 0.2:
+            items.pop()
+        return items
+    return r.choice(scalars)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_free_oip_parse_reaches_the_same_verdict(seed: int) -> None:
+    """``want_rows=False`` (policies without detectors) must accept and refuse exactly alike."""
+    r = random.Random(seed)
+    verdicts = set()
+    for doc in _oip_variants(r):
+        body = json.dumps(doc).encode()
+        full = _outcome(body, want_rows=True)
+        light = _outcome(body, want_rows=False)
+        assert light == full, doc
+        verdicts.add(full[0] if full[0] == "parsed" else full[2])
+    # the corpus exercises acceptance and each refusal the matrix path can give
+    assert {"parsed", "bad_type", "bad_shape", "non_finite", "too_many_rows"} <= verdicts
+    assert "too_many_features" in verdicts
+
+
+def test_rows_free_oip_parse_builds_no_matrix() -> None:
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
+    ).encode()
+    kw: dict[str, Any] = dict(
+        path="/v2/models/m/infer",
+        content_type="application/json",
+        headers={},
+        limits=LimitsConfig(),
+    )
+    light = parse_request(body, want_rows=False, **kw)
+    full = parse_request(body, **kw)
+    assert light.rows is None and light.n_rows == 2
+    assert full.rows is not None and full.rows.shape == (2, 3)

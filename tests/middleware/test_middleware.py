@@ -530,7 +530,12 @@ def test_internal_error_fails_open_with_body_replayed(
     async def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug in the guard")
 
+    def boom_sync(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("bug in the guard")
+
+    # with detectors the verdict comes from decide(), without them from allow()
     monkeypatch.setattr(mw.guard, "decide", boom)
+    monkeypatch.setattr(mw.guard, "allow", boom_sync)
     raw = json.dumps(v2_body([[1.0, 2.0]])).encode()
     r = client.post(V2, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 200

@@ -1,0 +1,146 @@
+"""The deferred per-request metric updates (guard.metrics.Tally): nothing lost, nothing late."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+import guard.metrics as gm
+from guard.metrics import GuardMetrics, Tally
+
+
+def raw(metric: Counter) -> float:
+    """The counter's value as it stands, read without collecting the registry (no flush)."""
+    return next(s.value for s in metric.collect()[0].samples if s.name.endswith("_total"))
+
+
+def _counter() -> tuple[CollectorRegistry, Counter]:
+    registry = CollectorRegistry()
+    return registry, Counter("things", "things counted", registry=registry)
+
+
+def test_outside_an_event_loop_updates_apply_at_once() -> None:
+    _, counter = _counter()
+    tally = Tally()
+    tally.add(counter.inc, 2.0)
+    assert raw(counter) == 2.0
+
+
+def test_inside_a_loop_updates_wait_until_the_registry_is_collected() -> None:
+    metrics = GuardMetrics(CollectorRegistry())
+    child = metrics.requests.labels("p", "allow")
+
+    async def scenario() -> tuple[float, float | None]:
+        for _ in range(5):
+            metrics.tally.add(child.inc, 1.0)
+        pending = raw(metrics.requests)
+        # a scrape (collect) applies what is pending before reading the samples
+        seen = metrics.registry.get_sample_value(
+            "guard_requests_total", {"policy": "p", "decision": "allow"}
+        )
+        return pending, seen
+
+    pending, seen = asyncio.run(scenario())
+    assert pending == 0.0
+    assert seen == 5.0
+
+
+def test_timer_applies_updates_within_flush_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gm, "FLUSH_AFTER_S", 0.05)
+    _, counter = _counter()
+    tally = Tally()
+
+    async def scenario() -> tuple[float, float]:
+        tally.add(counter.inc, 1.0)
+        tally.add(counter.inc, 1.0)
+        before = raw(counter)
+        await asyncio.sleep(0.2)
+        return before, raw(counter)
+
+    before, after = asyncio.run(scenario())
+    assert (before, after) == (0.0, 2.0)
+
+
+def test_timer_is_rearmed_on_a_new_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gm, "FLUSH_AFTER_S", 0.05)
+    _, counter = _counter()
+    tally = Tally()
+
+    async def add_and_leave() -> None:
+        tally.add(counter.inc, 1.0)  # the loop ends before its timer fires
+
+    async def add_and_wait() -> None:
+        tally.add(counter.inc, 1.0)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(add_and_leave())
+    assert raw(counter) == 0.0
+    asyncio.run(add_and_wait())
+    assert raw(counter) == 2.0
+
+
+def test_a_full_batch_applies_at_once() -> None:
+    _, counter = _counter()
+    tally = Tally()
+
+    async def scenario() -> list[float]:
+        seen = []
+        for _ in range(gm.FLUSH_AT):
+            tally.add(counter.inc, 1.0)
+            seen.append(raw(counter))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-2] == 0.0
+    assert seen[-1] == float(gm.FLUSH_AT)
+
+
+def test_histogram_observations_keep_their_values() -> None:
+    metrics = GuardMetrics(CollectorRegistry())
+    child = metrics.overhead.labels("p")
+
+    async def scenario() -> None:
+        for v in (1e-6, 3e-5, 2e-3):
+            metrics.tally.add(child.observe, v)
+
+    asyncio.run(scenario())
+    sample = metrics.registry.get_sample_value
+    assert sample("guard_overhead_seconds_count", {"policy": "p"}) == 3
+    assert sample("guard_overhead_seconds_sum", {"policy": "p"}) == pytest.approx(2.031e-3)
+    assert sample("guard_overhead_seconds_bucket", {"policy": "p", "le": "2.5e-05"}) == 1
+
+
+def test_concurrent_scrapes_lose_and_double_nothing() -> None:
+    """A scrape thread flushing while the loop adds: every update lands exactly once."""
+    _, counter = _counter()
+    tally = Tally()
+    stop = threading.Event()
+
+    def scraper() -> None:
+        while not stop.is_set():
+            tally.collect()
+
+    n = 20_000
+
+    async def scenario() -> None:
+        for i in range(n):
+            tally.add(counter.inc, 1.0)
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+
+    thread = threading.Thread(target=scraper)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: make races likely
+    thread.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    tally.flush()
+    assert raw(counter) == float(n)
