@@ -35,6 +35,9 @@ FLUSH_AFTER_S = 1.0
 #: deferred updates held at most; reaching it applies them at once
 FLUSH_AT = 256
 
+#: the running event loop or None, without raising (asyncio's low-level accessor, in C)
+_running_loop = asyncio.events._get_running_loop
+
 
 class Tally:
     """Per-request metric updates, applied to prometheus_client in batches.
@@ -73,21 +76,17 @@ class Tally:
         if len(pending) >= FLUSH_AT:
             self.flush()
             return
-        loop = self._timer_loop
-        if loop is None or loop.is_closed():
-            self._arm()
+        loop = _running_loop()  # one C call
+        if loop is None:
+            self.flush()  # no event loop would come back to apply it later
+        elif self._timer_loop is not loop:
+            # none armed, the last one fired, or it was armed on a loop since closed
+            self._timer_loop = loop
+            loop.call_later(FLUSH_AFTER_S, self._on_timer, loop)
 
-    def _arm(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()  # nothing would come back to apply it later
-            return
-        self._timer_loop = loop
-        loop.call_later(FLUSH_AFTER_S, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer_loop = None
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer_loop is loop:
+            self._timer_loop = None
         self.flush()
 
     def flush(self) -> None:

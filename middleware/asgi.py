@@ -143,7 +143,8 @@ class GuardMiddleware:
         query: Query | None
         try:
             headers = self._headers(scope)
-            client = guard.identifier.identify(headers, _peer(scope))
+            peer = scope.get("client")
+            client = guard.identifier.identify(headers, str(peer[0]) if peer else None)
             quarantined = (
                 await guard.check_quarantine(policy, client.id)
                 if guard.quarantine_enabled
@@ -470,13 +471,6 @@ def _identity_encoding(scope: Scope) -> Scope:
         (b"accept-encoding", b"identity")
     ]
     return scope
-
-
-def _peer(scope: Scope) -> str | None:
-    client = scope.get("client")
-    if client:
-        return str(client[0])
-    return None
 
 
 def _with_request_id(send: Send, request_id: str) -> Send:
