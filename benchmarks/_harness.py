@@ -110,6 +110,38 @@ def latencies(
     return out
 
 
+def alternating_latencies(
+    url: str, paths: dict[str, str], body: bytes, n: int, headers: dict[str, str] | None = None
+) -> dict[str, list[float]]:
+    """Sequential round trips that alternate between ``paths``, one keep-alive connection each.
+
+    Iteration ``i`` sends one request to every path, starting at a rotating
+    offset so that no variant always follows the same one. Machine drift then
+    hits every variant alike, request by request. Seconds per round trip.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    names = list(paths)
+    conns = {k: http.client.HTTPConnection(host, int(port), timeout=10) for k in names}
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    out: dict[str, list[float]] = {k: [] for k in names}
+    try:
+        for i in range(n):
+            for j in range(len(names)):
+                k = names[(i + j) % len(names)]
+                conn = conns[k]
+                t0 = time.perf_counter()
+                conn.request("POST", paths[k], body=body, headers=hdrs)
+                resp = conn.getresponse()
+                resp.read()
+                out[k].append(time.perf_counter() - t0)
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}{paths[k]} answered {resp.status}")
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return out
+
+
 def pct(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]

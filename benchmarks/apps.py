@@ -113,6 +113,86 @@ def starlette_exporter() -> ASGIApp:
     return app
 
 
+class PrefixRouter:
+    """One server, several variants: ``/<variant>/<path>`` goes to ``variants[variant]``.
+
+    The variant sees ``<path>`` (the prefix is cut from ``path`` and ``raw_path``),
+    so every variant gets the same dispatch cost. Serving all of them from one
+    process is what makes their latencies comparable: two *identical* apps
+    served by two uvicorn processes on this machine differed by up to 40 µs at
+    the median, more than the guard's whole cost, while inside one process the
+    variants share the interpreter, allocator, caches and core.
+    """
+
+    def __init__(self, variants: dict[str, ASGIApp], default: str) -> None:
+        self.variants = {f"/{name}".encode(): app for name, app in variants.items()}
+        self.default = variants[default]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.default(scope, receive, send)
+            return
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        cut = raw.find(b"/", 1)
+        app = self.variants.get(raw[:cut]) if cut > 0 else None
+        if app is None:
+            await self.default(scope, receive, send)
+            return
+        scope = dict(scope)
+        scope["raw_path"] = raw[cut:]
+        scope["path"] = scope["path"][cut:]
+        await app(scope, receive, send)
+
+
+#: the variants :func:`side_by_side` serves, each under ``/<name>/``
+SIDE_BY_SIDE: tuple[str, ...] = (
+    "bare",
+    "bare_again",
+    "guarded",
+    "guarded_defaults",
+    "anomaly",
+    "metrics_only",
+    "starlette_exporter",
+)
+
+
+def side_by_side() -> ASGIApp:
+    """Overhead variants in one process, each under ``/<variant>/`` (see PrefixRouter).
+
+    ``BENCH_VARIANTS`` (comma-separated names from :data:`SIDE_BY_SIDE`) picks
+    which; default all. ``bare_again`` is a second, identical bare app: its
+    latency against ``bare`` is the method's own noise floor.
+    """
+    from middleware.demo import train_digits_model
+
+    wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v] or list(SIDE_BY_SIDE)
+    unknown = set(wanted) - set(SIDE_BY_SIDE)
+    if unknown:
+        raise ValueError(f"unknown BENCH_VARIANTS: {sorted(unknown)}")
+    model = train_digits_model()
+
+    def build(name: str) -> ASGIApp:
+        if name in ("bare", "bare_again"):
+            return build_model_app(model)
+        if name == "starlette_exporter":
+            from starlette_exporter import PrometheusMiddleware
+
+            exporter = build_model_app(model)
+            exporter.add_middleware(PrometheusMiddleware, app_name="digits", group_paths=True)
+            return exporter
+        config: dict[str, Any] | None = {
+            "guarded": VALIDATION,
+            "guarded_defaults": None,
+            "metrics_only": METRICS_ONLY,
+        }.get(name)
+        if name == "anomaly":
+            config = anomaly_config(tempfile.mkdtemp(prefix="bench-anomaly-"))
+        return GuardMiddleware(build_model_app(model), config=config, registry=CollectorRegistry())
+
+    variants = {name: build(name) for name in wanted}
+    return PrefixRouter(variants, default=wanted[0])
+
+
 def slowapi_rate() -> ASGIApp:
     """The model app behind slowapi's pure-ASGI middleware: one default limit per client IP.
 

@@ -4,24 +4,36 @@ Run: ``python benchmarks/overhead.py [--quick]``
 
 Variants, all around the same digits model app (``benchmarks/apps.py``):
 
-* ``bare``: the model app alone;
+* ``bare``: the model app alone (``bare_again``: a second, identical one);
 * ``guarded``: the guard with payload validation on, answers untouched
   (identity, validation, metrics, audit log);
 * ``guarded_defaults``: the guard with no config at all: validation plus the default
   output policy, which rounds every answer's probabilities to 2 decimals;
 * ``anomaly``: validation plus the demo's row input-anomaly detectors (envelope,
   Mahalanobis, k-NN; calibrated);
-* ``full_demo``: the whole demo policy (guard/demo.yaml) with its rate limit raised;
+* ``full_demo``: the whole demo policy (guard/demo.yaml) with its rate limit raised
+  (in process only: one client replaying one row would rightly be quarantined);
 * ``metrics_only``: the guard counting requests into Prometheus and nothing else;
 * ``starlette_exporter``: starlette_exporter's PrometheusMiddleware on the same app.
 
-Two measurements, each interleaved in rounds so machine noise hits every variant
-alike:
+Two measurements:
 
-1. in process: the ASGI app called directly (no sockets), median per call — the
-   cleanest view of the guard's own cost;
-2. over real HTTP: uvicorn on 127.0.0.1, sequential keep-alive round trips
-   (p50/p99), and throughput from ``wrk`` (if installed) with 16 connections.
+1. in process: the ASGI app called directly (no sockets), median per call,
+   variants interleaved in rounds: the guard's own cost with hot caches;
+2. over real HTTP (uvicorn, 1 worker, 127.0.0.1), per comparison group: one
+   server process serves the group's variants under ``/<variant>/``
+   (``benchmarks.apps.side_by_side``), so that they share interpreter, allocator,
+   caches and core. Two *identical* bare apps in two uvicorn processes differed by
+   up to 40 µs at the median on this machine, more than the guard costs; in one
+   process ``bare_again`` against ``bare`` shows the method's noise floor. Per group:
+
+   * a sequential Python client that alternates between the variants request by
+     request (one keep-alive connection each): p50, p99, and the median of the
+     per-request differences to ``bare``. The client's own time leaves the server
+     idle between requests, so caches are cold: the harshest view;
+   * ``wrk -t1 -c1``: sequential keep-alive requests from a C client, the
+     variants taking turns in rounds: p50 and p99;
+   * ``wrk -t1 -c16``: throughput, the variants taking turns in rounds.
 
 Results go to benchmarks/RESULTS.md (section ``overhead``).
 """
@@ -44,7 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from benchmarks import apps
 from benchmarks._harness import (
-    latencies,
+    alternating_latencies,
     machine,
     median,
     pct,
@@ -58,18 +70,13 @@ from middleware.demo import build_model_app, train_digits_model
 from middleware.types import ASGIApp
 
 PATH = "/v2/models/digits/infer"
-VARIANTS = (
-    "bare",
-    "guarded",
-    "guarded_defaults",
-    "anomaly",
-    "full_demo",
-    "metrics_only",
-    "starlette_exporter",
-)
-#: over HTTP the load comes from one client: the full demo policy would (rightly) quarantine
-#: a single client replaying one row thousands of times, so it is measured in process only
-HTTP_VARIANTS = tuple(v for v in VARIANTS if v != "full_demo")
+#: over HTTP each group is served by its own process (see the module docstring)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "validation": ("bare", "bare_again", "guarded"),
+    "defaults": ("bare", "guarded_defaults"),
+    "anomaly": ("bare", "anomaly"),
+    "metrics": ("bare", "metrics_only", "starlette_exporter"),
+}
 
 
 def request_body() -> bytes:
@@ -163,39 +170,55 @@ def in_process(body: bytes, rounds: int, n: int) -> dict[str, list[float]]:
     return times
 
 
+class HttpGroup:
+    """One comparison group's figures over HTTP."""
+
+    def __init__(self, variants: tuple[str, ...]) -> None:
+        self.variants = variants
+        #: Python client, alternating: seconds per round trip
+        self.lat: dict[str, list[float]] = {v: [] for v in variants}
+        #: per-request difference to ``bare`` in the same alternation cycle
+        self.paired: dict[str, list[float]] = {v: [] for v in variants}
+        #: wrk -c1 rounds: (p50 s, p99 s)
+        self.seq: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        #: wrk -c16 rounds: requests/s
+        self.rps: dict[str, list[float]] = {v: [] for v in variants}
+
+    def added(self, v: str) -> float:
+        return median(self.lat[v]) - median(self.lat["bare"])
+
+    def added_seq(self, v: str) -> float | None:
+        if not self.seq[v]:
+            return None
+        return median([p for p, _ in self.seq[v]]) - median([p for p, _ in self.seq["bare"]])
+
+
 def over_http(
-    body: bytes, rounds: int, n: int, wrk_seconds: int
-) -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float, float]]]]:
-    lat: dict[str, list[float]] = {k: [] for k in HTTP_VARIANTS}
-    thr: dict[str, list[tuple[float, float, float]]] = {k: [] for k in HTTP_VARIANTS}
-    env: dict[str, str] = {}
-    with (
-        serve("benchmarks.apps:bare", env=env) as bare,
-        serve("benchmarks.apps:validation", env=env) as guarded,
-        serve("benchmarks.apps:guarded", env=env) as guarded_defaults,
-        serve("benchmarks.apps:anomaly", env=env) as anomaly,
-        serve("benchmarks.apps:metrics_only", env=env) as metrics_only,
-        serve("benchmarks.apps:starlette_exporter", env=env) as exporter,
-    ):
-        urls = {
-            "bare": bare,
-            "guarded": guarded,
-            "guarded_defaults": guarded_defaults,
-            "anomaly": anomaly,
-            "metrics_only": metrics_only,
-            "starlette_exporter": exporter,
-        }
-        for url in urls.values():
-            latencies(url, PATH, body, 200)  # warm-up
-        for _ in range(rounds):
-            for k, url in urls.items():
-                lat[k].extend(latencies(url, PATH, body, n))
-        for _ in range(2):
-            for k, url in urls.items():
-                res = wrk(url, PATH, body, seconds=wrk_seconds, connections=16)
-                if res is not None:
-                    thr[k].append(res)
-    return lat, thr
+    body: bytes, rounds: int, n: int, wrk_rounds: int, wrk_seconds: int
+) -> dict[str, HttpGroup]:
+    out: dict[str, HttpGroup] = {}
+    for group, variants in GROUPS.items():
+        res = out[group] = HttpGroup(variants)
+        paths = {v: f"/{v}{PATH}" for v in variants}
+        with serve(
+            "benchmarks.apps:side_by_side", env={"BENCH_VARIANTS": ",".join(variants)}
+        ) as url:
+            alternating_latencies(url, paths, body, 300)  # warm-up
+            for _ in range(rounds):
+                lat = alternating_latencies(url, paths, body, n)
+                for v in variants:
+                    res.lat[v].extend(lat[v])
+                    res.paired[v].extend(a - b for a, b in zip(lat[v], lat["bare"], strict=True))
+            for _ in range(wrk_rounds):
+                for v in variants:
+                    one = wrk(url, paths[v], body, seconds=wrk_seconds, connections=1)
+                    if one is not None:
+                        res.seq[v].append((one[1], one[2]))
+                for v in variants:
+                    many = wrk(url, paths[v], body, seconds=wrk_seconds, connections=16)
+                    if many is not None:
+                        res.rps[v].append(many[0])
+    return out
 
 
 def us(x: float) -> str:
@@ -206,22 +229,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     args = parser.parse_args(argv)
-    rounds, n_proc, n_http, wrk_s = (2, 300, 200, 2) if args.quick else (5, 2000, 600, 5)
+    rounds, n_proc, n_http, wrk_rounds, wrk_s = (
+        (2, 300, 200, 1, 1) if args.quick else (5, 2000, 600, 3, 3)
+    )
     body = request_body()
     started = time.time()
 
     proc = in_process(body, rounds, n_proc)
-    lat, thr = over_http(body, rounds, n_http, wrk_s)
+    http = over_http(body, rounds, n_http, wrk_rounds, wrk_s)
 
     pm = {k: median(v) for k, v in proc.items()}
     lines = [
         "## Guard overhead (issue 2)",
         "",
         f"- command: `python benchmarks/overhead.py{' --quick' if args.quick else ''}`",
-        f"- machine: {machine()}",
+        f"- machine: {machine()}; uvicorn {_uvicorn_stack()}",
         f"- date: {today()}; took {time.time() - started:.0f} s",
         "- request: one 64-feature row, OIP v2 JSON, `POST /v2/models/digits/infer`",
-        f"- method: variants interleaved in {rounds} rounds; medians over all rounds",
+        f"- method: see the script's docstring; in process {rounds} interleaved rounds of "
+        f"{n_proc} calls; over HTTP per group {rounds} x {n_http} alternating requests per "
+        f"variant, {wrk_rounds} wrk rounds of {wrk_s} s per variant and client count",
         "",
         "### In process (ASGI call, no sockets)",
         "",
@@ -235,49 +262,91 @@ def main(argv: list[str] | None = None) -> None:
         )
     lines += [
         "",
-        "### Over real HTTP (uvicorn, 1 worker each, sequential keep-alive client)",
+        "### Over real HTTP (uvicorn, 1 worker; one server per group)",
         "",
-        "| variant | p50 µs | p99 µs | added p50 vs bare (µs) | throughput req/s (wrk -c16) |",
-        "|---|---:|---:|---:|---:|",
+        "Python client alternating request by request (cold caches between requests), and "
+        "wrk (C client): `-c1` sequential latency, `-c16` throughput. *Added* is the "
+        "variant's p50 minus bare's p50 in the same server; *paired* is the median of the "
+        "per-request differences to the bare request of the same alternation cycle.",
+        "",
+        "| group | variant | p50 µs | p99 µs | added p50 µs | paired µs | wrk -c1 p50 µs "
+        "| wrk -c1 p99 µs | added wrk -c1 p50 µs | req/s (wrk -c16) | vs bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    hm = {k: median(v) for k, v in lat.items()}
-    for k in HTTP_VARIANTS:
-        rps = f"{median([t[0] for t in thr[k]]):.0f}" if thr[k] else "n/a (wrk not installed)"
-        lines.append(
-            f"| {k} | {us(hm[k])} | {us(pct(lat[k], 0.99))} | "
-            f"{us(hm[k] - hm['bare']) if k != 'bare' else '—'} | {rps} |"
-        )
+    for group, res in http.items():
+        base_rps = median(res.rps["bare"]) if res.rps["bare"] else None
+        for v in res.variants:
+            seq50 = f"{us(median([p for p, _ in res.seq[v]]))}" if res.seq[v] else "n/a"
+            seq99 = f"{us(median([p for _, p in res.seq[v]]))}" if res.seq[v] else "n/a"
+            a_seq = res.added_seq(v)
+            rps = median(res.rps[v]) if res.rps[v] else None
+            bare = v == "bare"
+            lines.append(
+                f"| {group} | {v} | {us(median(res.lat[v]))} | {us(pct(res.lat[v], 0.99))} | "
+                f"{'—' if bare else us(res.added(v))} | "
+                f"{'—' if bare else us(median(res.paired[v]))} | {seq50} | {seq99} | "
+                f"{'—' if bare or a_seq is None else us(a_seq)} | "
+                f"{'n/a' if rps is None else f'{rps:.0f}'} | "
+                f"{'—' if bare or rps is None or not base_rps else f'{rps / base_rps:.2f}'} |"
+            )
+    val, mets = http["validation"], http["metrics"]
+    added_py = median(val.paired["guarded"])
+    added_wrk = val.added_seq("guarded")
+    noise = median(val.paired["bare_again"])
+    mo_py, se_py = median(mets.paired["metrics_only"]), median(mets.paired["starlette_exporter"])
+    mo_wrk, se_wrk = mets.added_seq("metrics_only"), mets.added_seq("starlette_exporter")
+    rps = {v: median(mets.rps[v]) for v in mets.variants if mets.rps[v]}
     added = pm["guarded"] - pm["bare"]
-    added_defaults = pm["guarded_defaults"] - pm["bare"]
-    added_anomaly = pm["anomaly"] - pm["bare"]
-    added_demo = pm["full_demo"] - pm["bare"]
     mo, se = pm["metrics_only"] - pm["bare"], pm["starlette_exporter"] - pm["bare"]
+
+    rps_pair = " vs ".join(
+        f"{rps[v]:.0f}" for v in ("metrics_only", "starlette_exporter") if v in rps
+    )
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    http_ok = added_py <= 50e-6 and (added_wrk is None or added_wrk <= 50e-6)
+    cheaper = mo_py < se_py and (mo_wrk is None or se_wrk is None or mo_wrk < se_wrk)
+    if len(rps) == 3:
+        cheaper = cheaper and rps["metrics_only"] > rps["starlette_exporter"]
     lines += [
         "",
         "### Against the targets",
         "",
-        f"- guard with validation, median added per request (in process): **{us(added)} µs** "
-        f"(target ≤ 50 µs: {'met' if added <= 50e-6 else 'NOT met'}); over HTTP: "
-        f"{us(hm['guarded'] - hm['bare'])} µs",
-        f"- guard with its defaults, i.e. validation plus the default output policy that "
-        f"rounds every answer to 2 decimals (issue 5): **{us(added_defaults)} µs** in process; "
-        f"over HTTP: {us(hm['guarded_defaults'] - hm['bare'])} µs",
+        f"- guard with validation, median added per request over HTTP: **{us(added_py)} µs** "
+        f"with the alternating Python client (paired), **"
+        f"{'n/a' if added_wrk is None else us(added_wrk)} µs** with wrk -c1 "
+        f"(target ≤ 50 µs: {met(http_ok)}); noise floor (bare_again vs bare): "
+        f"{us(noise)} µs; in process: {us(added)} µs",
+        f"- metrics only vs starlette_exporter, added per request over HTTP: "
+        f"**{us(mo_py)} vs {us(se_py)} µs** (Python client, paired), "
+        f"{'n/a' if mo_wrk is None or se_wrk is None else f'{us(mo_wrk)} vs {us(se_wrk)} µs'}"
+        f" (wrk -c1); throughput "
+        f"{rps_pair} req/s; in process {us(mo)} vs {us(se)} µs (target: cheaper — {met(cheaper)})",
+        f"- guard with its defaults (validation plus rounding every answer to 2 decimals, "
+        f"issue 5): {us(median(http['defaults'].paired['guarded_defaults']))} µs over HTTP "
+        f"(paired); {us(pm['guarded_defaults'] - pm['bare'])} µs in process",
         f"- guard with the demo's input-anomaly detectors (envelope, Mahalanobis, k-NN), "
-        f"single-row requests: **{us(added_anomaly)} µs** in process (issue 4 target "
-        f"≤ 100 µs: {'met' if added_anomaly <= 100e-6 else 'NOT met'}); over HTTP: "
-        f"{us(hm['anomaly'] - hm['bare'])} µs",
+        f"single-row requests: {us(median(http['anomaly'].paired['anomaly']))} µs over HTTP "
+        f"(paired); **{us(pm['anomaly'] - pm['bare'])} µs** in process (issue 4 target "
+        f"≤ 100 µs in process: {met(pm['anomaly'] - pm['bare'] <= 100e-6)})",
         f"- guard with the whole demo policy (rate, anomaly, extraction detectors, output "
-        f"rounding), 500 clients taking turns: **{us(added_demo)} µs** in process",
-        f"- metrics only vs starlette_exporter, added per request (in process): "
-        f"**{us(mo)} µs vs {us(se)} µs** (ratio {mo / se:.2f}; target: cheaper — "
-        f"{'met' if mo < se else 'NOT met'})",
+        f"rounding), 500 clients taking turns: {us(pm['full_demo'] - pm['bare'])} µs in process",
     ]
-    if thr["bare"] and thr["guarded"]:
-        ratio = median([t[0] for t in thr["guarded"]]) / median([t[0] for t in thr["bare"]])
-        lines.append(f"- guarded throughput / bare throughput: {ratio:.2f}")
     text = "\n".join(lines)
     print(text)
     write_section("overhead", text)
+
+
+def _uvicorn_stack() -> str:
+    import importlib.util
+
+    import uvicorn
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{uvicorn.__version__} ({http}, {loop})"
 
 
 if __name__ == "__main__":
