@@ -28,11 +28,14 @@ from types import ModuleType
 
 __all__ = ["ATTACKS", "add_arguments", "clients_dir", "load_clients", "run"]
 
-#: the attack clients, by name (``benign`` replays natural held-out rows)
+#: the attack clients, by name (``benign`` replays natural held-out rows; ``knockoff-natural``
+#: queries held-out rows of the victim's own distribution, ``knockoff-open-world`` patches of
+#: natural photos)
 ATTACKS: tuple[str, ...] = (
     "jbda",
     "knockoff-uniform",
     "knockoff-natural",
+    "knockoff-open-world",
     "equation-solving",
     "hopskipjump",
     "boundary",

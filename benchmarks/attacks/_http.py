@@ -5,11 +5,12 @@ rows in one ``POST /v2/models/digits/infer`` per call, with its own
 ``x-api-key`` (or a list of keys used round-robin, one per request, for a
 Sybil attacker), and records each request: the ``x-request-id`` the guard
 returns (which is also the audit line's ``request_id``), how many rows it
-carried, the rows sent so far, the status, whether the answer was rounded
-(every probability a round number; a float32 answer almost never is) and,
-given the model the deployment is known to serve (``reference``), whether it
-was *perturbed*: further from the model's own probabilities than its rounding
-explains, which is how the guard's silent ``degrade`` noise shows.
+carried, the rows sent so far, the status, the labels it got, whether the
+answer was rounded (every probability a round number; a float32 answer almost
+never is) and, given the model the deployment is known to serve
+(``reference``), whether it was *perturbed*: further from the model's own
+probabilities than its rounding explains, which is how the guard's silent
+``degrade`` noise shows.
 
 Stdlib ``http.client`` only, so ``guard simulate`` works without the bench extra.
 """
@@ -60,6 +61,8 @@ class Sent:
     coarse: bool
     #: the answer differed from the reference model's beyond its rounding
     perturbed: bool = False
+    #: the labels the answer gave, one per row (empty when it was refused)
+    labels: tuple[int, ...] = ()
 
 
 @dataclass
@@ -169,7 +172,8 @@ class Oracle:
                 and self.reference is not None
                 and _perturbed(probs, self.reference(X))
             )
-            self.log.append(Sent(request_id, key, n, self.rows, status, coarse, perturbed))
+            got = () if labels is None else tuple(int(v) for v in labels)
+            self.log.append(Sent(request_id, key, n, self.rows, status, coarse, perturbed, got))
             if labels is not None and probs is not None:
                 return labels, probs
             if status == 403 and self.drop_blocked and len(self._live) > 1:

@@ -14,6 +14,8 @@ Each client has its own API key and a seeded plan:
 The held-out set is small (360 rows), so over hundreds of clients the *same*
 rows recur across clients many times; :func:`run_population` runs the clients
 concurrently on a thread pool so their requests interleave as real traffic does.
+:func:`sent_rows` and :func:`received` read back, from a client's request log,
+which rows it sent and what it was told about them: what it could learn.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from numpy.typing import NDArray
 from ._data import digits
 from ._http import Oracle, Refused
 
-__all__ = ["BenignPlan", "plan", "run_client", "run_population"]
+__all__ = ["BenignPlan", "plan", "received", "run_client", "run_population", "sent_rows"]
 
 _HABITS = ((1, 2), (1, 8), (8, 32))
 _HABIT_P = (0.4, 0.35, 0.25)
@@ -112,3 +114,31 @@ def run_population(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(run_client, url, p, time_scale=time_scale) for p in plans]
         return [f.result() for f in futures]
+
+
+def sent_rows(p: BenignPlan, oracle: Oracle) -> tuple[int, ...]:
+    """Indices (into the benign pool) of the rows the client sent, refused requests included."""
+    return p.rows[: oracle.rows]
+
+
+def received(p: BenignPlan, oracle: Oracle) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The rows the client got answers for (pool indices) and the labels it was given.
+
+    Reads ``oracle.log`` against the plan: :func:`run_client` sends one request per
+    batch, in order, and stops at the first refusal.
+    """
+    idx: list[int] = []
+    labels: list[int] = []
+    at = 0
+    for sent in oracle.log:
+        if at + sent.rows > p.n_rows:
+            raise ValueError(f"the log sends more rows than the plan's {p.n_rows}: another client")
+        if sent.status == 200:
+            if len(sent.labels) != sent.rows:
+                raise ValueError(
+                    f"request {sent.request_id!r}: {sent.rows} rows, labels for {len(sent.labels)}"
+                )
+            idx.extend(p.rows[at : at + sent.rows])
+            labels.extend(sent.labels)
+        at += sent.rows
+    return np.asarray(idx, dtype=np.int64), np.asarray(labels, dtype=np.int64)

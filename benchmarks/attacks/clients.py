@@ -5,6 +5,10 @@
 saying what the attacker achieved. Agreement and evasion success are measured
 against the demo's digits model, so they mean something only when the target
 serves that model.
+
+``knockoff-natural`` queries held-out rows of the victim's own distribution
+(closed world); ``knockoff-open-world`` queries 8x8 patches of natural photos,
+data from another distribution, and needs Pillow to load them (bench extra).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ NAMES: tuple[str, ...] = (
     "jbda",
     "knockoff-uniform",
     "knockoff-natural",
+    "knockoff-open-world",
     "equation-solving",
     "hopskipjump",
     "boundary",
@@ -37,6 +42,7 @@ DEFAULT_ROWS: dict[str, int] = {
     "jbda": 640,
     "knockoff-uniform": 1000,
     "knockoff-natural": 180,
+    "knockoff-open-world": 1000,
     "equation-solving": 130,
     "hopskipjump": 4000,
     "boundary": 4000,
@@ -89,6 +95,7 @@ def simulate(
                 "jbda": extraction.jbda,
                 "knockoff-uniform": extraction.knockoff_uniform,
                 "knockoff-natural": extraction.knockoff_natural,
+                "knockoff-open-world": extraction.knockoff_open_world,
                 "equation-solving": extraction.equation_solving,
             }[name](oracle, rows=budget, seed=seed)
             result = (

@@ -1,4 +1,4 @@
-"""Model-extraction clients: JbDA, Knockoff (uniform and natural), equation solving.
+"""Model-extraction clients: JbDA, Knockoff (uniform, natural, open world), equation solving.
 
 Each client steals the digits model through an :class:`~._http.Oracle` with at
 most ``rows`` query rows, then reports its stolen model's agreement with the
@@ -12,10 +12,14 @@ already has, as a real attacker would.
   ``x + lambda * sign(grad_x p_label(x))`` on the substitute (analytic for a
   linear softmax model), each new row labelled by the oracle; ``lambda`` flips
   sign every ``tau`` rounds as in the paper.
-* :func:`knockoff_uniform` / :func:`knockoff_natural`: Orekondy et al.,
-  *Knockoff Nets* (2019), random strategy: query rows drawn uniformly from the
-  input box, or natural rows the victim was not trained on, and fit a
-  substitute on the answers' labels.
+* :func:`knockoff_uniform` / :func:`knockoff_natural` /
+  :func:`knockoff_open_world`: Orekondy et al., *Knockoff Nets* (2019), random
+  strategy: query rows drawn uniformly from the input box; natural rows of the
+  victim's own distribution it was not trained on (a *closed-world* attacker,
+  who holds held-out data like the victim's: benign clients send the same
+  rows); or, the paper's main setting, natural images from another, public
+  distribution (*open world*: 8x8 patches of photos, ``_data.photo_patches``).
+  Each fits a substitute on the answers' labels (:func:`substitute_agreement`).
 * :func:`equation_solving`: Tramer et al., *Stealing Machine Learning Models
   via Prediction APIs* (2016). For a multinomial logistic model,
   ``log(p_k / p_r) = (w_k - w_r) . x + (b_k - b_r)`` is linear in ``x``: with a
@@ -34,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.linear_model import LogisticRegression
 
-from ._data import HIGH, LOW, agreement, digits
+from ._data import HIGH, LOW, agreement, digits, photo_patches
 from ._http import Oracle, Refused
 
 __all__ = [
@@ -42,8 +46,10 @@ __all__ = [
     "equation_solving",
     "jbda",
     "knockoff_natural",
+    "knockoff_open_world",
     "knockoff_uniform",
     "solve_softmax",
+    "substitute_agreement",
 ]
 
 F64 = NDArray[np.float64]
@@ -155,16 +161,25 @@ def jbda(
     )
 
 
+def substitute_agreement(X: F64, y: I64) -> float:
+    """Agreement on ``eval`` of the substitute a Knockoff attacker fits on rows ``X``, labels ``y``.
+
+    Also what any client that holds answers (a benign one included) could learn from them.
+    """
+    data = digits()
+    pred = (
+        _Substitute(X, y).predict(data.eval)
+        if y.shape[0]
+        else np.zeros(data.eval.shape[0], dtype=np.int64)
+    )
+    return agreement(pred, data)
+
+
 def _knockoff(oracle: Oracle, X: F64, batch: int) -> ExtractionResult:
     start = oracle.rows
     y, stopped = _labels(oracle, X, batch)
-    answered = X[: y.shape[0]]
-    pred = (
-        _Substitute(answered, y).predict(digits().eval)
-        if y.shape[0]
-        else np.zeros(digits().eval.shape[0], dtype=np.int64)
-    )
-    return ExtractionResult(agreement(pred), oracle.rows - start, int(y.shape[0]), stopped)
+    score = substitute_agreement(X[: y.shape[0]], y)
+    return ExtractionResult(score, oracle.rows - start, int(y.shape[0]), stopped)
 
 
 def knockoff_uniform(
@@ -182,6 +197,19 @@ def knockoff_natural(
     rng = np.random.default_rng(seed)
     pool = digits().pool
     return _knockoff(oracle, pool[rng.permutation(pool.shape[0])[:rows]], batch)
+
+
+def knockoff_open_world(
+    oracle: Oracle, *, rows: int = 1000, seed: int = 0, batch: int = 32
+) -> ExtractionResult:
+    """Knockoff with natural data from another distribution: ``rows`` photo patches.
+
+    The open-world attacker of Knockoff Nets does not hold the victim's data; it
+    queries natural images it can get (here, random 16 to 128 px crops of the two
+    scikit-learn sample photos, made into 8x8 rows in 0..16 like digits: see
+    ``_data.photo_patches``). Needs Pillow to load the photos.
+    """
+    return _knockoff(oracle, np.array(photo_patches(rows, seed)), batch)
 
 
 def solve_softmax(X: F64, P: F64) -> tuple[F64, F64]:

@@ -13,9 +13,17 @@ Every client talks to a real uvicorn server over HTTP (OIP v2 JSON, its own
 * ``decimals N``: no detectors, every answer rounded (``degrade: {always: true,
   decimals: N}``), for the equation-solving precision trade-off.
 
-Scenarios: JbDA, Knockoff (uniform, natural), equation solving, HopSkipJump,
-Boundary (ART), HopSkipJump spread over 10 API keys round-robin (Sybil), and
-a benign population of 200+ clients replaying natural held-out rows.
+Scenarios: JbDA, Knockoff (uniform; natural rows of the victim's own
+distribution, a closed-world attacker; natural photo patches, the paper's open
+world), equation solving, HopSkipJump, Boundary (ART), HopSkipJump spread over
+10 API keys round-robin (Sybil), and a benign population of 200+ clients
+replaying natural held-out rows.
+
+The closed-world natural Knockoff cannot be flagged without flagging benign
+clients: its queries are distinct held-out rows that benign clients send too.
+The report says so with figures from the same run's benign population (how
+many benign clients sent as many distinct rows, and what the largest of them
+could learn from its own answers), computed from their request logs.
 
 When a client was flagged comes from the guard's audit log (``audit.path``, a
 temp file): every line carries the ``request_id`` the client also got in
@@ -52,6 +60,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import numpy as np
+from numpy.typing import NDArray
 
 from benchmarks._harness import machine, serve, today, write_section
 from benchmarks.attacks import benign, evasion, extraction
@@ -233,6 +242,9 @@ class Scenario:
     keys: int = 1
     #: label for the plot
     short: str = ""
+    #: False: its traffic is what benign clients send too, so the "every attack
+    #: flagged" target leaves it out and the report backs that with figures
+    flaggable: bool = True
 
 
 def _run(url: str, keys: Sequence[str], attack: Callable[[Oracle], Any]) -> Run:
@@ -282,12 +294,25 @@ def scenarios(quick: bool, seed: int) -> list[tuple[Scenario, Callable[[Oracle],
         ),
         (
             Scenario(
-                "Knockoff, natural",
+                "Knockoff, natural (victim's own distribution)",
                 "extraction",
-                "180 unseen natural rows",
-                short="Knockoff\nnatural",
+                "180 unseen natural rows: the attacker's half of the held-out digits "
+                "(closed world)",
+                short="Knockoff\nown data",
+                flaggable=False,
             ),
             lambda o: extraction.knockoff_natural(o, rows=180, seed=seed),
+        ),
+        (
+            Scenario(
+                "Knockoff, natural (open world: photo patches)",
+                "extraction",
+                f"{ku_rows} 8x8 patches of scikit-learn's 2 sample photos: random 16-128 px "
+                "square crops, grayscale, area-averaged, inverted, stretched to 0..16 "
+                "(median to 0), rounded",
+                short="Knockoff\nphotos",
+            ),
+            lambda o: extraction.knockoff_open_world(o, rows=ku_rows, seed=seed),
         ),
         (
             Scenario(
@@ -360,6 +385,24 @@ def _summary(run: Run) -> str:
 # --------------------------------------------------------------------------- benign
 
 
+@dataclass(frozen=True)
+class BenignLearner:
+    """A substitute fitted on one benign client's answers, as a Knockoff attacker fits its own.
+
+    One row per distinct input (its first answer), like the attacker's transfer
+    set, and only rows outside the eval half (on which it is scored), i.e. rows
+    of the attacker's half. The client also holds the answers for the eval rows
+    it sent, so this understates what it learnt.
+    """
+
+    #: distinct rows the client got answers for
+    distinct: int
+    #: distinct answered rows outside the eval half: the substitute's data
+    trained: int
+    #: the substitute's agreement with the real model on the eval half
+    agreement: float
+
+
 @dataclass
 class BenignOutcome:
     policy: str
@@ -383,6 +426,33 @@ class BenignOutcome:
     #: (a ``flag`` alone passes the request unchanged: one odd row flagged by an
     #: input-anomaly detector at its calibrated per-row FPR)
     sanctioned: int = 0
+    #: per client, distinct held-out rows it sent
+    distinct_rows: list[int] = field(default_factory=list)
+    #: what the client with the most distinct answered rows could learn from its answers
+    learner: BenignLearner | None = None
+
+
+def benign_learner(
+    plans: Sequence[benign.BenignPlan], oracles: Sequence[Oracle]
+) -> BenignLearner | None:
+    """What the benign client with the most distinct answered rows learnt (no extra traffic)."""
+    best: tuple[int, NDArray[np.int64], NDArray[np.int64]] | None = None
+    for p, o in zip(plans, oracles, strict=True):
+        idx, labels = benign.received(p, o)
+        n = int(np.unique(idx).shape[0])
+        if best is None or n > best[0]:
+            best = (n, idx, labels)
+    if best is None:
+        return None
+    n, idx, labels = best
+    data = digits()
+    keep = ~np.isin(idx, data.eval_index)
+    rows, first = np.unique(idx[keep], return_index=True)
+    return BenignLearner(
+        distinct=n,
+        trained=int(rows.shape[0]),
+        agreement=extraction.substitute_agreement(data.benign[rows], labels[keep][first]),
+    )
 
 
 def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOutcome:
@@ -431,6 +501,10 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
         perturbed_answers=sum(o.perturbed for o in oracles),
         cross_client=cross,
         sanctioned=sanctioned,
+        distinct_rows=[
+            len(set(benign.sent_rows(p, o))) for p, o in zip(plans, oracles, strict=True)
+        ],
+        learner=benign_learner(plans, oracles),
     )
 
 
@@ -509,7 +583,9 @@ def report(
         "10 classes) over real HTTP (uvicorn, 1 worker), OIP v2 JSON, one `x-api-key` per client",
         "- data: the demo's 360 held-out rows; attackers draw natural rows from one half "
         "(180), stolen models are scored on the other half (180, never queried); benign "
-        "clients replay all 360",
+        "clients replay all 360. The open-world Knockoff attacker holds none of them: it "
+        "queries 8x8 patches cut from scikit-learn's two sample photos (china.jpg, "
+        "flower.jpg), seeded",
         "- guarded policy: the demo policy `guard/demo.yaml` without its rate limit: "
         "`envelope`, `mahalanobis`, `knn` (flag), `anomaly_rate`, `near_duplicate`, `prada`, "
         "`boundary` (degrade), escalating to `block` (quarantine_s "
@@ -617,18 +693,36 @@ def _statuses(o: Oracle) -> str:
 def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
     out: list[str] = []
     single = [sc for sc in attacks if sc.keys == 1]
-    all_flagged = all(sc.det is not None and sc.det.flagged for sc in attacks)
-    missed = [sc.name for sc in attacks if sc.det is not None and not sc.det.flagged]
+    judged = [sc for sc in attacks if sc.flaggable and sc.det is not None]
+    caught = [sc for sc in judged if sc.det is not None and sc.det.flagged]
     out.append(
-        f"- every attack flagged: **{'met' if all_flagged else 'NOT met'}**"
-        + (f" (missed: {', '.join(missed)})" if missed else "")
+        f"- every attack flagged: **{'met' if len(caught) == len(judged) else 'NOT met'}** "
+        f"({len(caught)} of {len(judged)} flagged; the closed-world natural Knockoff is "
+        "judged on its own line below):"
     )
-    ext = [sc.det.first_flag for sc in single if sc.kind == "extraction" and sc.det]
-    ext_med = _median_rows(ext)
+    for sc in judged:
+        assert sc.det is not None
+        out.append(
+            f"  - {sc.name}: "
+            + (f"flagged after {sc.det.first_flag} rows" if sc.det.flagged else "**missed**")
+        )
+    for sc in attacks:
+        if not sc.flaggable:
+            out.append(_unflaggable(sc, ben))
+    ext = [sc for sc in single if sc.kind == "extraction" and sc.det is not None]
+    ext_med = _median_rows([sc.det.first_flag for sc in ext if sc.det is not None])
+    flaggable_med = _median_rows(
+        [sc.det.first_flag for sc in ext if sc.det is not None and sc.flaggable]
+    )
     out.append(
         f"- median rows until detection, extraction ≤ 100: **{_fmt_med(ext_med)}** "
-        f"({'met' if ext_med is not None and ext_med <= 100 else 'NOT met'}; a missed attack "
-        "counts as never)"
+        f"({'met' if ext_med is not None and ext_med <= 100 else 'NOT met'}; over the "
+        f"{len(ext)} extraction attacks: "
+        + "; ".join(
+            f"{sc.name}: {_fmt_never(sc.det.first_flag)}" for sc in ext if sc.det is not None
+        )
+        + "; a missed attack counts as never; without the closed-world natural Knockoff: "
+        f"{_fmt_med(flaggable_med)})"
     )
     for sc in single:
         if sc.kind != "evasion" or sc.det is None:
@@ -661,6 +755,48 @@ def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
         f"{_pct(ben.flagged / ben.clients)}"
     )
     return out
+
+
+def _unflaggable(sc: Scenario, ben: BenignOutcome) -> str:
+    """The closed-world natural Knockoff: why no detector can flag it, in measured figures."""
+    assert sc.bare is not None and sc.guard is not None and sc.det is not None
+    sent = sc.bare.oracle.rows
+    as_many = sum(n >= sent for n in ben.distinct_rows)
+    largest = max(ben.distinct_rows, default=0)
+    seen = (
+        f"flagged in this run after {sc.det.first_flag} rows"
+        if sc.det.flagged
+        else "not flagged in this run"
+    )
+    line = (
+        f"- {sc.name}: **not flaggable by construction** ({seen}). Its {sent} queries are "
+        "distinct held-out rows of the victim's own distribution, the rows benign clients "
+        f"send too: **{as_many} of {ben.clients}** benign clients sent at least {sent} "
+        f"distinct rows (the most: {largest})."
+    )
+    lrn = ben.learner
+    if lrn is not None:
+        attacker = float(sc.bare.result.agreement)
+        gap = lrn.agreement - attacker
+        line += (
+            " A substitute fitted as the Knockoff attacker fits its own, on the answers the "
+            f"benign client with the most distinct answered rows ({lrn.distinct}) got for the "
+            f"{lrn.trained} distinct rows it sent from the attacker's half (of "
+            f"{digits().pool.shape[0]}; one answer per row, eval rows left out), "
+            f"agrees with the real model on **{_pct(lrn.agreement)}** of the eval rows; the "
+            f"attacker's own substitute: {_pct(attacker)} bare, "
+            f"{_pct(sc.guard.result.agreement)} guarded: that benign client learnt "
+            + (
+                "at least as much as the attacker."
+                if gap >= 0
+                else f"{100 * -gap:.1f} points less than the attacker."
+            )
+        )
+    return line
+
+
+def _fmt_never(v: int | None) -> str:
+    return "never" if v is None else f"{v} rows"
 
 
 def _median_rows(values: Sequence[int | None]) -> float | None:

@@ -16,6 +16,8 @@ def test_clients_are_found_in_the_checkout() -> None:
     clients = load_clients()
     assert clients is not None
     assert tuple(clients.NAMES) == ATTACKS
+    assert {"knockoff-natural", "knockoff-open-world"} <= set(ATTACKS)
+    assert set(clients.DEFAULT_ROWS) == set(ATTACKS)
 
 
 @pytest.mark.e2e
@@ -43,6 +45,23 @@ def test_rounded_answers_are_reported(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "answers with rounded probabilities: 2 of 2" in out
     assert "answers perturbed beyond rounding (degraded; vs the demo model): 0 of 2" in out
     assert "stolen model agrees with the demo model" in out
+
+
+@pytest.mark.e2e
+def test_open_world_knockoff_queries_photo_patches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("PIL", reason="the sample photos need Pillow (test and bench extras)")
+    with run_server(tmp_path) as srv:
+        code = main(["simulate", "knockoff-open-world", "--target", srv.url, "--rows", "64"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "attack: knockoff-open-world against" in out
+    assert "rows sent: 64 in 2 requests" in out
+    assert "status codes: 200: 2" in out
+    assert "stolen model agrees with the demo model" in out
+    assert "(learnt from 64 answered rows)" in out
+    assert "Traceback" not in srv.output()
 
 
 def test_unknown_attack_exits_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
