@@ -172,8 +172,13 @@ def guarded(config_for: Callable[[str], dict[str, Any]]) -> Iterator[Server]:
 class Detection:
     """When the guard noticed one client (or one attacker's keys)."""
 
-    #: rows sent until the first non-allow decision (None: never)
+    #: rows sent until the first non-allow decision, a single row flagged by a per-row
+    #: input-anomaly detector included (None: never)
     first_flag: int | None = None
+    #: rows sent until the first decision on the client as a whole (None: never): a
+    #: per-client detector fired (ROW_DETECTORS aside), or the answer was degraded,
+    #: throttled or blocked. Attacks and benign clients are judged on this
+    first_detection: int | None = None
     #: rows sent until the first quarantine (None: never)
     quarantine: int | None = None
     #: per detector, rows sent until it first fired
@@ -187,7 +192,23 @@ class Detection:
 
     @property
     def flagged(self) -> bool:
-        return self.first_flag is not None
+        """Detected as a client (see ``first_detection``), the targets' sense of flagged."""
+        return self.first_detection is not None
+
+
+#: the per-row input-anomaly detectors: each judges one row at a calibrated per-row
+#: false-positive rate (about 1 %), so one of them firing on one row says nothing about
+#: the client; their per-client aggregate is ``anomaly_rate``
+ROW_DETECTORS = frozenset({"envelope", "mahalanobis", "iforest", "knn", "text"})
+
+
+def _client_level(line: dict[str, Any]) -> bool:
+    """An audit line that is a decision on the client, not one odd row."""
+    if line.get("enforced") in ("degrade", "throttle", "block") or line.get("quarantined"):
+        return True
+    if line.get("decision") in ("degrade", "throttle", "block"):
+        return True  # shadow mode: what would have been enforced
+    return any(name not in ROW_DETECTORS for name in line.get("fired", []))
 
 
 def detection(log: Sequence[Sent], lines: Sequence[dict[str, Any]]) -> Detection:
@@ -203,8 +224,12 @@ def detection(log: Sequence[Sent], lines: Sequence[dict[str, Any]]) -> Detection
         rows = rows_at.get(line.get("request_id", ""))
         if rows is None:
             continue
-        flagged_keys.add(line["client"])
         det.first_flag = rows if det.first_flag is None else min(det.first_flag, rows)
+        if _client_level(line):
+            flagged_keys.add(line["client"])
+            det.first_detection = (
+                rows if det.first_detection is None else min(det.first_detection, rows)
+            )
         if line.get("quarantined"):
             det.quarantine = rows if det.quarantine is None else min(det.quarantine, rows)
             quarantined[line["client"]] = min(quarantined.get(line["client"], rows), rows)
@@ -426,6 +451,9 @@ class BenignOutcome:
     #: (a ``flag`` alone passes the request unchanged: one odd row flagged by an
     #: input-anomaly detector at its calibrated per-row FPR)
     sanctioned: int = 0
+    #: clients detected as clients (Detection.flagged): what the target counts, in the
+    #: same sense as for the attacks
+    detected: int = 0
     #: per client, distinct held-out rows it sent
     distinct_rows: list[int] = field(default_factory=list)
     #: what the client with the most distinct answered rows could learn from its answers
@@ -466,7 +494,7 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
     by_client: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_client.setdefault(line.get("client", ""), []).append(line)
-    flagged = degraded = blocked = sanctioned = 0
+    flagged = degraded = blocked = sanctioned = detected = 0
     by_detector: Counter[str] = Counter()
     flagged_rows: list[int] = []
     cross = 0
@@ -478,6 +506,7 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
             det = detection(o.log, mine)
             if det.first_flag is not None:
                 flagged_rows.append(det.first_flag)
+            detected += det.flagged
             by_detector.update({n for x in mine for n in x.get("fired", [])})
         degraded += any(x["enforced"] == "degrade" for x in mine)
         was_blocked = any(x["enforced"] == "block" for x in mine) or o.statuses.get(403, 0) > 0
@@ -501,6 +530,7 @@ def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOut
         perturbed_answers=sum(o.perturbed for o in oracles),
         cross_client=cross,
         sanctioned=sanctioned,
+        detected=detected,
         distinct_rows=[
             len(set(benign.sent_rows(p, o))) for p, o in zip(plans, oracles, strict=True)
         ],
@@ -604,9 +634,17 @@ def report(
         "",
         "### Attacks, bare and guarded",
         "",
-        "| attack | parameters | flagged | rows to first flag | rows to quarantine | "
-        "first flag by detector (rows) | bare: result (rows) | guarded: result (rows) |",
-        "|---|---|---|---:|---:|---|---|---|",
+        "*Detected* means a decision on the client as a whole: a per-client detector "
+        "fired (anomaly_rate, near_duplicate, prada, boundary, rate) or its answers were "
+        "degraded, throttled or blocked. A single row flagged by a per-row input-anomaly "
+        f"detector ({', '.join(sorted(ROW_DETECTORS))}; each at its calibrated ~1 % per-row "
+        "false-positive rate) is not a detection of the client; rows until the first such "
+        "row flag are given too. Benign clients below are judged the same way.",
+        "",
+        "| attack | parameters | detected | rows to detection | rows to first row flag | "
+        "rows to quarantine | first firing by detector (rows) | bare: result (rows) | "
+        "guarded: result (rows) |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for sc in attacks:
         assert sc.bare is not None and sc.guard is not None and sc.det is not None
@@ -615,13 +653,14 @@ def report(
         flagged = "yes" if det.flagged else "**no**"
         if sc.keys > 1:
             flagged += (
-                f" ({det.keys_flagged}/{sc.keys} keys flagged, {det.keys_quarantined} "
+                f" ({det.keys_flagged}/{sc.keys} keys detected, {det.keys_quarantined} "
                 "quarantined"
                 + (f", the last after {det.all_quarantined} rows" if det.all_quarantined else "")
                 + ")"
             )
         lines.append(
-            f"| {sc.name} | {sc.params} | {flagged} | {_fmt_rows(det.first_flag)} | "
+            f"| {sc.name} | {sc.params} | {flagged} | {_fmt_rows(det.first_detection)} | "
+            f"{_fmt_rows(det.first_flag)} | "
             f"{_fmt_rows(det.quarantine)} | {by or '—'} | {_result_cell(sc.bare.result)} "
             f"({sc.bare.oracle.rows}) | {_result_cell(sc.guard.result)} "
             f"({sc.guard.oracle.rows}; {_statuses(sc.guard.oracle)}) |"
@@ -645,18 +684,19 @@ def report(
         "(a diagnostic: with it on, flagged clients are quarantined early and the other "
         "detectors see less of their traffic).",
         "",
-        "| policy | rows (requests) | ever flagged | degraded | blocked or quarantined | "
-        "flagged by detector | first near-duplicate flag matched other clients' rows | "
-        "rows sent when first flagged (median, min-max) | perturbed answers |",
-        "|---|---:|---:|---:|---:|---|---:|---|---:|",
+        "| policy | rows (requests) | detected | degraded | blocked or quarantined | "
+        "with a row flagged | flagged by detector | first near-duplicate flag matched other "
+        "clients' rows | rows sent when a row was first flagged (median, min-max) | "
+        "perturbed answers |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for b in benigns:
         fr = b.flagged_rows
         rows_cell = f"{statistics.median(fr):.0f} ({min(fr)}-{max(fr)})" if fr else "—"
         lines.append(
             f"| {b.policy} | {b.rows} ({b.requests}) | "
-            f"**{b.flagged} ({_pct(b.flagged / b.clients)})** | {b.degraded_clients} | "
-            f"{b.blocked_clients} | "
+            f"**{b.detected} ({_pct(b.detected / b.clients)})** | {b.degraded_clients} | "
+            f"{b.blocked_clients} | {b.flagged} ({_pct(b.flagged / b.clients)}) | "
             + (", ".join(f"{k} {v}" for k, v in b.by_detector.most_common()) or "—")
             + f" | {b.cross_client} | {rows_cell} | {b.perturbed_answers} |"
         )
@@ -697,29 +737,30 @@ def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
     caught = [sc for sc in judged if sc.det is not None and sc.det.flagged]
     out.append(
         f"- every attack flagged: **{'met' if len(caught) == len(judged) else 'NOT met'}** "
-        f"({len(caught)} of {len(judged)} flagged; the closed-world natural Knockoff is "
+        f"({len(caught)} of {len(judged)} detected as clients; the closed-world natural "
+        "Knockoff is "
         "judged on its own line below):"
     )
     for sc in judged:
         assert sc.det is not None
         out.append(
             f"  - {sc.name}: "
-            + (f"flagged after {sc.det.first_flag} rows" if sc.det.flagged else "**missed**")
+            + (f"detected after {sc.det.first_detection} rows" if sc.det.flagged else "**missed**")
         )
     for sc in attacks:
         if not sc.flaggable:
             out.append(_unflaggable(sc, ben))
     ext = [sc for sc in single if sc.kind == "extraction" and sc.det is not None]
-    ext_med = _median_rows([sc.det.first_flag for sc in ext if sc.det is not None])
+    ext_med = _median_rows([sc.det.first_detection for sc in ext if sc.det is not None])
     flaggable_med = _median_rows(
-        [sc.det.first_flag for sc in ext if sc.det is not None and sc.flaggable]
+        [sc.det.first_detection for sc in ext if sc.det is not None and sc.flaggable]
     )
     out.append(
         f"- median rows until detection, extraction ≤ 100: **{_fmt_med(ext_med)}** "
         f"({'met' if ext_med is not None and ext_med <= 100 else 'NOT met'}; over the "
         f"{len(ext)} extraction attacks: "
         + "; ".join(
-            f"{sc.name}: {_fmt_never(sc.det.first_flag)}" for sc in ext if sc.det is not None
+            f"{sc.name}: {_fmt_never(sc.det.first_detection)}" for sc in ext if sc.det is not None
         )
         + "; a missed attack counts as never; without the closed-world natural Knockoff: "
         f"{_fmt_med(flaggable_med)})"
@@ -727,7 +768,7 @@ def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
     for sc in single:
         if sc.kind != "evasion" or sc.det is None:
             continue
-        v = sc.det.first_flag
+        v = sc.det.first_detection
         out.append(
             f"- {sc.name}, rows until detection ≤ 20: **{_fmt_rows(v)}** "
             f"({'met' if v is not None and v <= 20 else 'NOT met'})"
@@ -743,16 +784,20 @@ def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
             continue
         g = sc.guard.result
         out.append(
-            f"- {sc.name} (cross-client): first flag after **{_fmt_rows(sc.det.first_flag)}** "
+            f"- {sc.name} (cross-client): first detection after "
+            f"**{_fmt_rows(sc.det.first_detection)}** "
             f"rows; {sc.det.keys_flagged}/{sc.keys} keys flagged, {sc.det.keys_quarantined} "
             f"quarantined; success with the guard on {_pct(g.success_rate)}"
         )
-    rate = ben.sanctioned / ben.clients
+    rate = ben.detected / ben.clients
     out.append(
-        f"- benign clients flagged (degraded or blocked) ≤ 0.5 %: **{_pct(rate)}** "
-        f"({'met' if rate <= 0.005 else 'NOT met'}); clients with at least one row flagged "
-        f"(passed unchanged) by the per-row input-anomaly detectors: "
-        f"{_pct(ben.flagged / ben.clients)}"
+        f"- benign clients flagged ≤ 0.5 %: **{_pct(rate)}** detected as clients, in the "
+        f"attacks' sense ({'met' if rate <= 0.005 else 'NOT met'}; degraded "
+        f"{_pct(ben.degraded_clients / ben.clients)}, blocked "
+        f"{_pct(ben.blocked_clients / ben.clients)}). Clients with at least one row "
+        f"flagged by a per-row input-anomaly detector (passed unchanged, audit only): "
+        f"{_pct(ben.flagged / ben.clients)}, as expected of detectors calibrated to ~1 % of "
+        "rows for clients sending tens to hundreds of rows"
     )
     return out
 
@@ -764,7 +809,7 @@ def _unflaggable(sc: Scenario, ben: BenignOutcome) -> str:
     as_many = sum(n >= sent for n in ben.distinct_rows)
     largest = max(ben.distinct_rows, default=0)
     seen = (
-        f"flagged in this run after {sc.det.first_flag} rows"
+        f"detected in this run after {sc.det.first_detection} rows"
         if sc.det.flagged
         else "not flagged in this run"
     )
@@ -830,7 +875,7 @@ def plot(attacks: list[Scenario], precision: Precision, budgets: Sequence[int]) 
     rows = [sc.guard.oracle.rows for sc in attacks if sc.guard is not None]
     never = 1.5 * max([*rows, 100])
     for off, attr, label, color in (
-        (-0.2, "first_flag", "first flag", "tab:orange"),
+        (-0.2, "first_detection", "detection", "tab:orange"),
         (0.2, "quarantine", "quarantine", "tab:red"),
     ):
         vals = [getattr(sc.det, attr) if sc.det else None for sc in attacks]
@@ -863,7 +908,7 @@ def plot(attacks: list[Scenario], precision: Precision, budgets: Sequence[int]) 
     ax1.set_yscale("log")
     ax1.set_xticks(x, names, fontsize=8)
     ax1.set_ylabel("rows the attacker had sent (log scale)")
-    ax1.set_title("Rows until the guard flagged / quarantined the attacker")
+    ax1.set_title("Rows until the guard detected / quarantined the attacker")
     ax1.legend(fontsize=7, loc="upper right")
     labels = ["full" if d is None else str(d) for d in precision]
     for b, color in zip(budgets, ("tab:blue", "tab:green", "tab:purple"), strict=False):

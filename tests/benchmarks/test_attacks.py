@@ -123,18 +123,27 @@ def test_the_closed_world_knockoff_is_reported_against_benign_figures() -> None:
     X = data.benign[pool_index]
     assert everything.agreement == extraction.substitute_agreement(X, data.model.predict(X))
 
-    def scenario(name: str, first_flag: int | None, flaggable: bool = True) -> run.Scenario:
+    def scenario(name: str, detected: int | None, flaggable: bool = True) -> run.Scenario:
         result = extraction.ExtractionResult(0.8, 180, 180)
         ran = run.Run(cast(Oracle, SimpleNamespace(rows=180)), result, 1.0)
         sc = run.Scenario(name, "extraction", "", flaggable=flaggable, bare=ran, guard=ran)
-        sc.det = run.Detection(first_flag=first_flag)
+        # a row flag earlier than the detection must not count as one
+        first = None if detected is None else max(1, detected - 10)
+        sc.det = run.Detection(first_flag=first, first_detection=detected)
         return sc
 
     distinct = [len(set(p.rows)) for p in plans]
     ben = cast(
         run.BenignOutcome,
         SimpleNamespace(
-            clients=len(plans), distinct_rows=distinct, learner=learner, sanctioned=0, flagged=0
+            clients=len(plans),
+            distinct_rows=distinct,
+            learner=learner,
+            sanctioned=0,
+            flagged=3,
+            detected=0,
+            degraded_clients=0,
+            blocked_clients=0,
         ),
     )
     attacks = [
@@ -144,8 +153,8 @@ def test_the_closed_world_knockoff_is_reported_against_benign_figures() -> None:
     ]
     lines = run.targets(attacks, ben)
     text = "\n".join(lines)
-    assert "every attack flagged: **NOT met** (1 of 2 flagged" in text
-    assert "  - A: flagged after 40 rows" in text
+    assert "every attack flagged: **NOT met** (1 of 2 detected as clients" in text
+    assert "  - A: detected after 40 rows" in text
     assert "  - B: **missed**" in text
     closed = next(line for line in lines if line.startswith("- Closed:"))
     assert "not flaggable by construction" in closed
@@ -154,4 +163,55 @@ def test_the_closed_world_knockoff_is_reported_against_benign_figures() -> None:
     assert "over the 3 extraction attacks: A: 40 rows; Closed: never; B: never" in text
     assert "without the closed-world natural Knockoff: never" in text
     lines = run.targets([scenario("A", 40), scenario("Closed", None, flaggable=False)], ben)
-    assert "every attack flagged: **met** (1 of 1 flagged" in "\n".join(lines)
+    assert "every attack flagged: **met** (1 of 1 detected as clients" in "\n".join(lines)
+    assert "benign clients flagged ≤ 0.5 %: **0.0 %** detected as clients" in "\n".join(lines)
+
+
+def test_detection_counts_client_level_decisions_not_single_row_flags() -> None:
+    """A per-row anomaly flag is not a detection of the client; a per-client detector is."""
+    from benchmarks.attacks import run
+    log = [Sent(f"r{i}", "k", 10, 10 * (i + 1), 200, False) for i in range(5)]
+    h = run.client_hash("k")
+    lines = [
+        {"client": h, "request_id": "r0", "decision": "flag", "enforced": "flag", "fired": ["knn"]},
+        {
+            "client": h,
+            "request_id": "r1",
+            "decision": "flag",
+            "enforced": "flag",
+            "fired": ["envelope", "mahalanobis"],
+        },
+        {
+            "client": h,
+            "request_id": "r2",
+            "decision": "degrade",
+            "enforced": "degrade",
+            "fired": ["anomaly_rate"],
+        },
+        {
+            "client": h,
+            "request_id": "r4",
+            "decision": "block",
+            "enforced": "block",
+            "fired": ["near_duplicate"],
+            "quarantined": True,
+        },
+    ]
+    det = run.detection(log, lines)
+    assert det.first_flag == 10
+    assert det.first_detection == 30
+    assert det.quarantine == 50
+    assert det.flagged and det.keys_flagged == 1
+    row_only = run.detection(log, lines[:2])
+    assert row_only.first_flag == 10 and not row_only.flagged and row_only.keys_flagged == 0
+    # a per-client detector whose action is only 'flag' still detects the client
+    watch = [
+        {
+            "client": h,
+            "request_id": "r3",
+            "decision": "flag",
+            "enforced": "flag",
+            "fired": ["prada"],
+        }
+    ]
+    assert run.detection(log, watch).first_detection == 40
