@@ -71,16 +71,19 @@ class Tally:
 
     def add(self, update: Callable[[float], Any], value: float) -> None:
         """Defer ``update(value)`` (a bound ``inc`` or ``observe``)."""
+        self.add_all(((update, value),))
+
+    def add_all(self, updates: tuple[tuple[Callable[[float], Any], float], ...]) -> None:
+        """Defer several updates at once (one request's), as :meth:`add` does each."""
         pending = self._pending
-        pending.append((update, value))
+        pending.extend(updates)
         if len(pending) >= FLUSH_AT:
             self.flush()
             return
-        loop = _running_loop()  # one C call
+        loop = _running_loop()
         if loop is None:
-            self.flush()  # no event loop would come back to apply it later
+            self.flush()
         elif self._timer_loop is not loop:
-            # none armed, the last one fired, or it was armed on a loop since closed
             self._timer_loop = loop
             loop.call_later(FLUSH_AFTER_S, self._on_timer, loop)
 

@@ -204,16 +204,23 @@ class Guard:
         self._record(policy, decision, query.n_rows)
         return decision
 
-    def allow(self, policy: CompiledPolicy, n_rows: int) -> Decision:
+    def allow(self, policy: CompiledPolicy, n_rows: int, fmt: str | None = None) -> Decision:
         """The fixed verdict of a policy without detectors, counted like any other.
 
         What :meth:`decide` returns for such a policy, without building a
-        :class:`Query` that nothing would read.
+        :class:`Query` that nothing would read. With ``fmt`` the payload format
+        is counted too (what :meth:`count_payload` does), in the same batch.
         """
         decision = policy.allow
         if decision is None:
             raise ValueError(f"policy {policy.name!r} has detectors: use decide()")
-        self._record(policy, decision, n_rows)
+        if self.metrics_enabled:
+            requests, rows = self._outcome(policy.name, decision.action)
+            if fmt is None:
+                self._tally.add_all(((requests, 1.0), (rows, n_rows)))
+            else:
+                payload = self._payload_inc(policy.name, fmt)
+                self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
         return decision
 
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
@@ -355,13 +362,14 @@ class Guard:
 
     def count_payload(self, policy: str, fmt: str) -> None:
         if self.metrics_enabled:
-            key = (policy, fmt)
-            inc = self._payload_children.get(key)
-            if inc is None:
-                inc = self._payload_children[key] = self._child(
-                    self.metrics.payloads, policy, fmt
-                ).inc
-            self._tally.add(inc, 1.0)
+            self._tally.add(self._payload_inc(policy, fmt), 1.0)
+
+    def _payload_inc(self, policy: str, fmt: str) -> Any:
+        key = (policy, fmt)
+        inc = self._payload_children.get(key)
+        if inc is None:
+            inc = self._payload_children[key] = self._child(self.metrics.payloads, policy, fmt).inc
+        return inc
 
     def count_degraded(self, policy: str, outcome: str) -> None:
         self._tally.add(self._child(self.metrics.degraded, policy, outcome).inc, 1.0)

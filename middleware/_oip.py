@@ -31,6 +31,8 @@ from middleware._tensor import (
 __all__ = ["parse_oip"]
 
 _MAX_DIMS = 32
+_NUMBER = frozenset({int, float})
+_NUMBER_OR_BOOL = frozenset({int, float, bool})
 
 
 def _dims(shape: object) -> list[int]:
@@ -68,6 +70,16 @@ def _json_tensor_rows(
     """Validate a JSON tensor as :func:`_json_tensor` does, without numpy; its row count."""
     if not isinstance(data, list):
         fail(400, "bad_type", "an input's 'data' must be a list")
+    if len(data) == count and set(map(type, data)) <= (
+        _NUMBER_OR_BOOL if datatype == "BOOL" else _NUMBER
+    ):
+        # the usual encoding, a flat list of finite numbers: decided in three C calls
+        try:
+            finite = math.isfinite(sum(data))
+        except OverflowError:
+            finite = False
+        if finite:
+            return _rows_of(dims, count, limits)
     found = leaves(data)
     if len(found.values) != count:
         fail(400, "bad_shape", "an input's data does not match its shape")
@@ -75,6 +87,11 @@ def _json_tensor_rows(
     if not valid_without_numpy(data, found, allow_bool=datatype == "BOOL", what=what):
         arr = to_float(data, found, allow_bool=datatype == "BOOL", what=what).reshape(dims)
         return int(finish_rows(arr, limits, one_d_is_row=True, what="an input tensor").shape[0])
+    return _rows_of(dims, count, limits)
+
+
+def _rows_of(dims: list[int], count: int, limits: LimitsConfig) -> int:
+    """The row count of a valid tensor, under the limits finish_rows applies."""
     # the shape finish_rows would give: 0-D is one value, 1-D one row, else batch x rest
     n_rows = dims[0] if len(dims) >= 2 else 1
     n_features = count // n_rows if len(dims) >= 2 else count

@@ -163,12 +163,12 @@ class GuardMiddleware:
                 parsed = self._parse(policy, body, path=scope["path"], headers=headers)
                 if policy.rewrites or policy.observes:
                     _check_readable_answer(parsed)
-                guard.count_payload(policy.name, parsed.fmt)
                 if policy.allow is not None:
                     # no detectors: nothing reads a Query, and the verdict is fixed
                     query = None
-                    decision = guard.allow(policy, parsed.n_rows)
+                    decision = guard.allow(policy, parsed.n_rows, parsed.fmt)
                 else:
+                    guard.count_payload(policy.name, parsed.fmt)
                     query = self._query(policy, client, parsed, request_id)
                     decision = await guard.decide(policy, query)
         except PayloadError as exc:
