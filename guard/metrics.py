@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import threading
 import weakref
@@ -29,6 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["DECISIONS", "FLUSH_AFTER_S", "FLUSH_AT", "GuardMetrics", "Tally", "exposition"]
+
+log = logging.getLogger("guard")
 
 #: longest a deferred per-request update waits before it reaches its metric (seconds)
 FLUSH_AFTER_S = 1.0
@@ -102,7 +105,10 @@ class Tally:
             batch = pending[:n]
             del pending[:n]
             for update, value in batch:
-                update(value)
+                try:
+                    update(value)
+                except Exception:  # one bad value must not cost the others, nor a request
+                    log.exception("metric update %r(%r) failed", update, value)
 
     # the Collector protocol: collecting the registry applies what is pending first
     def collect(self) -> list[Any]:

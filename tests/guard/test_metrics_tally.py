@@ -144,3 +144,24 @@ def test_concurrent_scrapes_lose_and_double_nothing() -> None:
         sys.setswitchinterval(interval)
     tally.flush()
     assert raw(counter) == float(n)
+
+
+def test_a_failing_update_is_logged_and_the_rest_still_apply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, counter = _counter()
+    tally = Tally()
+
+    def broken(_value: float) -> None:
+        raise ValueError("bad sample")
+
+    async def scenario() -> None:
+        tally.add(counter.inc, 1.0)
+        tally.add(broken, 1.0)
+        tally.add(counter.inc, 1.0)
+
+    asyncio.run(scenario())
+    with caplog.at_level("ERROR", logger="guard"):
+        tally.flush()
+    assert raw(counter) == 2.0
+    assert any("metric update" in r.getMessage() for r in caplog.records)
