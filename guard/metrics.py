@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -76,7 +76,7 @@ class Tally:
         """Defer ``update(value)`` (a bound ``inc`` or ``observe``)."""
         self.add_all(((update, value),))
 
-    def add_all(self, updates: tuple[tuple[Callable[[float], Any], float], ...]) -> None:
+    def add_all(self, updates: Sequence[tuple[Callable[[float], Any], float]]) -> None:
         """Defer several updates at once (one request's), as :meth:`add` does each."""
         pending = self._pending
         pending.extend(updates)

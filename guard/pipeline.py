@@ -328,12 +328,11 @@ class Guard:
     def _record(self, policy: CompiledPolicy, decision: Decision, n_rows: int) -> None:
         if not self.metrics_enabled:
             return
-        add = self._tally.add
         requests, rows = self._outcome(policy.name, decision.action)
-        add(requests, 1.0)
-        add(rows, n_rows)
+        updates: list[tuple[Any, float]] = [(requests, 1.0), (rows, n_rows)]
         for name, action in decision.fired:
-            add(self._child(self.metrics.detections, policy.name, name, str(action)).inc, 1.0)
+            inc = self._child(self.metrics.detections, policy.name, name, str(action)).inc
+            updates.append((inc, 1.0))
         scores = self._score_children
         for r in decision.results:
             margin = r.score - r.threshold
@@ -343,7 +342,8 @@ class Guard:
                     observe = scores[r.detector] = self._child(
                         self.metrics.score, r.detector
                     ).observe
-                add(observe, margin)
+                updates.append((observe, margin))
+        self._tally.add_all(updates)  # one request's updates in one batch
 
     def record_outcome(self, policy: str, decision: str, n_rows: int) -> None:
         """Count a request that ended without a detector decision (``invalid``, ``error``)."""
