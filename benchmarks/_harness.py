@@ -40,9 +40,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    factory: str, *, env: dict[str, str] | None = None, workers: int = 1, ready: str = "/healthz"
+    factory: str,
+    *,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    ready: str = "/healthz",
+    cwd: Path | None = None,
 ) -> Iterator[str]:
-    """Run ``uvicorn --factory benchmarks.apps:<factory>`` on 127.0.0.1; yield its base URL."""
+    """Run ``uvicorn --factory <factory>`` on 127.0.0.1; yield its base URL.
+
+    ``cwd`` defaults to the repository root, which ``python -m`` puts first on
+    ``sys.path``: pass another directory to serve code from elsewhere.
+    """
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if not full_env.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -64,7 +73,7 @@ def serve(
         "error",
         "--no-access-log",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env)
     try:
         deadline = time.monotonic() + 60
         while True:

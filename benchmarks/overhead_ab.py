@@ -1,0 +1,140 @@
+"""The guard's added latency at two git revisions, measured side by side in one run.
+
+Run: ``python benchmarks/overhead_ab.py --base REV [--head REV] [--quick]``
+
+On this shared host the same code measures 40-100 µs apart from one hour to the
+next, so a before/after claim needs both revisions measured in the same run.
+Each revision is checked out into a temporary git worktree (``--head`` defaults
+to the working tree itself) and served by its own uvicorn process on 127.0.0.1.
+Each server holds ``bare``, ``bare_again`` and ``guarded`` (payload validation on,
+answers untouched) under ``/<variant>/``. The served factory is
+``benchmarks/_ab_app.py``, which imports nothing from the repository but the
+revision's own ``middleware.asgi.GuardMiddleware`` and ``middleware.demo``, so an
+old revision needs no benchmark code of its own.
+
+Rounds alternate between the two servers. In each round a sequential Python client
+alternates between the variants request by request, and every guarded request is
+paired with the bare request of the same cycle. Reported per revision:
+
+* the median paired difference ("added");
+* the range of the per-round medians;
+* ``bare_again``'s paired difference: the noise floor.
+
+Results go to benchmarks/RESULTS.md (section ``overhead-ab``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import (
+    ROOT,
+    alternating_latencies,
+    machine,
+    median,
+    serve,
+    today,
+    write_section,
+)
+from benchmarks.overhead import PATH, request_body
+
+VARIANTS = ("bare", "bare_again", "guarded")
+@contextlib.contextmanager
+def checkout(rev: str | None) -> Iterator[tuple[Path, str]]:
+    """A directory holding ``rev`` (``None``: the working tree), and its short hash."""
+    if rev is None:
+        short = _git("rev-parse", "--short", "HEAD")
+        dirty = " + uncommitted changes" if _git("status", "--porcelain") else ""
+        yield ROOT, f"working tree ({short}{dirty})"
+        return
+    short = _git("rev-parse", "--short", rev)
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        where = Path(tmp) / "tree"
+        _git("worktree", "add", "--detach", str(where), rev)
+        try:
+            yield where, short
+        finally:
+            _git("worktree", "remove", "--force", str(where))
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the earlier revision (any git rev)")
+    parser.add_argument("--head", default=None, help="the later revision (default: working tree)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args(argv)
+    rounds, n = (2, 200) if args.quick else (6, 500)
+    body = request_body()
+    started = time.time()
+    paths = {v: f"/{v}{PATH}" for v in VARIANTS}
+    bench_dir = str(Path(__file__).resolve().parent)
+    added: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
+    per_round: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+        for rev in (args.base, args.head):
+            tree, label = stack.enter_context(checkout(rev))
+            # the revision's own packages first; this file's directory for the factory
+            env = {
+                "PYTHONPATH": os.pathsep.join([str(tree), bench_dir]),
+                "BENCH_AB_TREE": str(tree.resolve()),
+            }
+            # from a neutral directory: python -m puts the cwd first on sys.path
+            urls[label] = stack.enter_context(
+                serve("_ab_app:app", env=env, cwd=Path(tempfile.gettempdir()))
+            )
+        for label, url in urls.items():
+            alternating_latencies(url, paths, body, 300)  # warm-up
+            added[label], noise[label], per_round[label] = [], [], []
+        for _ in range(rounds):
+            for label, url in urls.items():
+                lat = alternating_latencies(url, paths, body, n)
+                diffs = [g - b for g, b in zip(lat["guarded"], lat["bare"], strict=True)]
+                added[label].extend(diffs)
+                per_round[label].append(median(diffs))
+                noise[label].extend(
+                    a - b for a, b in zip(lat["bare_again"], lat["bare"], strict=True)
+                )
+    lines = [
+        "## Guard overhead at two revisions (A/B)",
+        "",
+        f"- command: `python benchmarks/overhead_ab.py --base {args.base}"
+        f"{f' --head {args.head}' if args.head else ''}{' --quick' if args.quick else ''}`",
+        f"- machine: {machine()}",
+        f"- date: {today()}; took {time.time() - started:.0f} s",
+        f"- method: see the script's docstring; {rounds} rounds of {n} alternating requests "
+        "per variant and revision; the guard validates payloads and leaves answers untouched",
+        "",
+        "| revision | added p50 over HTTP, paired (µs) | per-round medians (µs) "
+        "| noise floor (µs) |",
+        "|---|---:|---|---:|",
+    ]
+    for label in added:
+        lines.append(
+            f"| {label} | **{median(added[label]) * 1e6:.1f}** | "
+            f"{', '.join(f'{r * 1e6:.1f}' for r in per_round[label])} | "
+            f"{median(noise[label]) * 1e6:.1f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    write_section("overhead-ab", text)
+
+
+if __name__ == "__main__":
+    main()
