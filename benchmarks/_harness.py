@@ -7,6 +7,7 @@ import datetime as dt
 import http.client
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -124,19 +125,21 @@ def alternating_latencies(
 ) -> dict[str, list[float]]:
     """Sequential round trips that alternate between ``paths``, one keep-alive connection each.
 
-    Iteration ``i`` sends one request to every path, starting at a rotating
-    offset so that no variant always follows the same one. Machine drift then
-    hits every variant alike, request by request. Seconds per round trip.
+    Each cycle sends one request to every path, in a fresh seeded random order,
+    so that every variant follows every other equally often (a fixed rotation
+    let ``bare_again`` always follow ``bare`` and find its caches warm, a bias
+    of several µs). Machine drift then hits every variant alike, request by
+    request. Seconds per round trip.
     """
     host, port = url.removeprefix("http://").split(":")
     names = list(paths)
     conns = {k: http.client.HTTPConnection(host, int(port), timeout=10) for k in names}
     hdrs = {"content-type": "application/json", **(headers or {})}
     out: dict[str, list[float]] = {k: [] for k in names}
+    order = random.Random(len(names) * 1_000_003 + n)
     try:
-        for i in range(n):
-            for j in range(len(names)):
-                k = names[(i + j) % len(names)]
+        for _ in range(n):
+            for k in order.sample(names, len(names)):
                 conn = conns[k]
                 t0 = time.perf_counter()
                 conn.request("POST", paths[k], body=body, headers=hdrs)
@@ -149,6 +152,77 @@ def alternating_latencies(
         for conn in conns.values():
             conn.close()
     return out
+
+
+def raw_alternating_latencies(
+    url: str, paths: dict[str, str], body: bytes, n: int
+) -> dict[str, list[float]]:
+    """As :func:`alternating_latencies`, from a minimal raw-socket HTTP/1.1 client.
+
+    Each request is pre-built bytes sent with one ``sendall``; the answer is read
+    up to its ``content-length``. Between two requests the client spends a few
+    µs instead of http.client's ~150, so the server is rarely idle and its
+    caches stay warm: the view of a server with steady traffic, where
+    :func:`alternating_latencies` shows one that idles between requests.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    names = list(paths)
+    requests = {
+        k: (
+            f"POST {paths[k]} HTTP/1.1\r\nhost: {host}:{port}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for k in names
+    }
+    socks = {k: socket.create_connection((host, int(port)), timeout=10) for k in names}
+    for sock in socks.values():
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    order = random.Random(len(names) * 1_000_003 + n)
+    try:
+        for _ in range(n):
+            for k in order.sample(names, len(names)):
+                sock = socks[k]
+                t0 = time.perf_counter()
+                sock.sendall(requests[k])
+                status = _read_response(sock)
+                out[k].append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"{url}{paths[k]} answered {status}")
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return out
+
+
+def _read_response(sock: socket.socket) -> int:
+    """Read one HTTP/1.1 response with a content-length; its status code."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed mid-response")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = next(
+        (
+            int(v)
+            for k, _, v in (x.partition(b":") for x in lines[1:])
+            if k.lower() == b"content-length"
+        ),
+        None,
+    )
+    if length is None:
+        raise RuntimeError("response without content-length")
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed mid-body")
+        rest += chunk
+    return status
 
 
 def pct(values: Sequence[float], q: float) -> float:
