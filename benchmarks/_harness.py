@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,26 +132,20 @@ def alternating_latencies(
     request. Seconds per round trip.
     """
     host, port = url.removeprefix("http://").split(":")
-    names = list(paths)
-    conns = {k: http.client.HTTPConnection(host, int(port), timeout=10) for k in names}
+    conns = {k: http.client.HTTPConnection(host, int(port), timeout=10) for k in paths}
     hdrs = {"content-type": "application/json", **(headers or {})}
-    out: dict[str, list[float]] = {k: [] for k in names}
-    order = random.Random(len(names) * 1_000_003 + n)
+
+    def trip(k: str) -> int:
+        conns[k].request("POST", paths[k], body=body, headers=hdrs)
+        resp = conns[k].getresponse()
+        resp.read()
+        return resp.status
+
     try:
-        for _ in range(n):
-            for k in order.sample(names, len(names)):
-                conn = conns[k]
-                t0 = time.perf_counter()
-                conn.request("POST", paths[k], body=body, headers=hdrs)
-                resp = conn.getresponse()
-                resp.read()
-                out[k].append(time.perf_counter() - t0)
-                if resp.status != 200:
-                    raise RuntimeError(f"{url}{paths[k]} answered {resp.status}")
+        return _alternate(url, paths, n, trip)
     finally:
         for conn in conns.values():
             conn.close()
-    return out
 
 
 def raw_alternating_latencies(
@@ -166,33 +160,43 @@ def raw_alternating_latencies(
     :func:`alternating_latencies` shows one that idles between requests.
     """
     host, port = url.removeprefix("http://").split(":")
-    names = list(paths)
     requests = {
         k: (
             f"POST {paths[k]} HTTP/1.1\r\nhost: {host}:{port}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode()
         + body
-        for k in names
+        for k in paths
     }
-    socks = {k: socket.create_connection((host, int(port)), timeout=10) for k in names}
+    socks = {k: socket.create_connection((host, int(port)), timeout=10) for k in paths}
     for sock in socks.values():
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    out: dict[str, list[float]] = {k: [] for k in names}
-    order = random.Random(len(names) * 1_000_003 + n)
+
+    def trip(k: str) -> int:
+        socks[k].sendall(requests[k])
+        return _read_response(socks[k])
+
     try:
-        for _ in range(n):
-            for k in order.sample(names, len(names)):
-                sock = socks[k]
-                t0 = time.perf_counter()
-                sock.sendall(requests[k])
-                status = _read_response(sock)
-                out[k].append(time.perf_counter() - t0)
-                if status != 200:
-                    raise RuntimeError(f"{url}{paths[k]} answered {status}")
+        return _alternate(url, paths, n, trip)
     finally:
         for sock in socks.values():
             sock.close()
+
+
+def _alternate(
+    url: str, paths: dict[str, str], n: int, trip: Callable[[str], int]
+) -> dict[str, list[float]]:
+    """``n`` cycles of one timed ``trip(variant)`` per variant, in a seeded shuffled order."""
+    names = list(paths)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    order = random.Random(len(names) * 1_000_003 + n)
+    for _ in range(n):
+        for k in order.sample(names, len(names)):
+            t0 = time.perf_counter()
+            status = trip(k)
+            out[k].append(time.perf_counter() - t0)
+            if status != 200:
+                raise RuntimeError(f"{url}{paths[k]} answered {status}")
     return out
 
 

@@ -23,6 +23,7 @@ from middleware._request import ParsedRequest, check_rows, check_texts, fail
 from middleware._tensor import (
     check_matrix_shape,
     finish_rows,
+    finite_sum,
     leaves,
     to_float,
     valid_without_numpy,
@@ -70,16 +71,10 @@ def _json_tensor_rows(
     """Validate a JSON tensor as :func:`_json_tensor` does, without numpy; its row count."""
     if not isinstance(data, list):
         fail(400, "bad_type", "an input's 'data' must be a list")
-    if len(data) == count and set(map(type, data)) <= (
-        _NUMBER_OR_BOOL if datatype == "BOOL" else _NUMBER
-    ):
+    allowed = _NUMBER_OR_BOOL if datatype == "BOOL" else _NUMBER
+    if len(data) == count and set(map(type, data)) <= allowed and finite_sum(data):
         # the usual encoding, a flat list of finite numbers: decided in three C calls
-        try:
-            finite = math.isfinite(sum(data))
-        except OverflowError:
-            finite = False
-        if finite:
-            return _rows_of(dims, count, limits)
+        return _rows_of(dims, count, limits)
     found = leaves(data)
     if len(found.values) != count:
         fail(400, "bad_shape", "an input's data does not match its shape")
