@@ -223,6 +223,22 @@ class Guard:
                 self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
         return decision
 
+    def allowed_updates(self, policy: CompiledPolicy, fmt: str) -> tuple[Any, ...]:
+        """The metric updates of a request a policy without detectors lets through.
+
+        ``(requests_inc, rows_inc, payload_inc, overhead_observe)``: the bound
+        methods that :meth:`allow` (with ``fmt``) and :meth:`observe_overhead`
+        defer to the tally, for a caller that defers them itself (the
+        middleware's lean lane); ``()`` when metrics are off.
+        """
+        if policy.allow is None:
+            raise ValueError(f"policy {policy.name!r} has detectors: use decide()")
+        if not self.metrics_enabled:
+            return ()
+        requests, rows = self._outcome(policy.name, policy.allow.action)
+        overhead = self._child(self.metrics.overhead, policy.name).observe
+        return (requests, rows, self._payload_inc(policy.name, fmt), overhead)
+
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
         self.count_error(component)
         if component == "store":

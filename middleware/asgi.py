@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
@@ -35,12 +34,13 @@ from guard.identity import ClientId
 from guard.pipeline import FailClosed, Guard
 from guard.policy import CompiledPolicy
 from middleware._body import BodyReader, ClientDisconnected
+from middleware._oip import plain_rows
 from middleware._responder import Responder
 from middleware._responses import send_error
-from middleware.adapters import ParsedRequest, parse_request, parse_response
+from middleware.adapters import ParsedRequest, detect_format, parse_request, parse_response
 from middleware.degrade import degrade_response
 from middleware.metrics_endpoint import serve_metrics
-from middleware.types import ASGIApp, Receive, Scope, Send
+from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["GuardMiddleware"]
 
@@ -51,6 +51,7 @@ _CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
 _BINARY_HEADER_STR = "inference-header-content-length"
 _BINARY_HEADER = _BINARY_HEADER_STR.encode()
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_JSON = b"application/json"
 
 #: encoded names of the detectors' response headers (a handful, from code: RateLimit...)
 _HEADER_NAMES: dict[str, bytes] = {}
@@ -96,16 +97,24 @@ class GuardMiddleware:
         )
         # everyone's answers are coarsened without the noise kept for degraded clients
         self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
-        # request ids must not count requests for the client (a counter leaks volume);
-        # a PRNG seeded from the OS is unpredictable enough for an id and costs no syscall
-        self._rid_bits = random.Random(os.urandom(16)).getrandbits
+        # request ids must not count requests for the client (a counter leaks volume)
+        self._request_id = _request_ids().__next__
+        # policies whose every request is either refused or let through untouched: no
+        # detectors, no quarantine, answers neither rewritten nor watched (see _lean)
+        self._tally = self.guard.metrics.tally
+        self._lean_updates: dict[str, tuple[Any, ...]] = {}
+        self._lean_policies = frozenset(
+            p.name
+            for p in self.guard.policies
+            if p.allow is not None
+            and p.config.validate
+            and not (p.rewrites or p.observes or p.passthrough)
+            and not self.guard.quarantine_enabled
+        )
 
     @property
     def registry(self) -> CollectorRegistry:
         return self.guard.metrics.registry
-
-    def _request_id(self) -> str:
-        return self._rid_bits(96).to_bytes(12, "big").hex()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,12 +139,92 @@ class GuardMiddleware:
             self.guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, receive, _with_request_id(send, request_id))
             return
+        if policy.name in self._lean_policies and detect_format(path) == "oip_v2":
+            await self._lean(policy, scope, receive, send, request_id)
+            return
         await self._guarded(policy, scope, receive, send, request_id)
 
-    async def _guarded(
+    async def _lean(
         self, policy: CompiledPolicy, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
+        """A policy without detectors on an OIP v2 route: the plain request's lane.
+
+        A plain request (one JSON message, no repeated or identity headers, a
+        flat numeric tensor under the limits: see :func:`plain_rows`) is
+        accepted here in a handful of C calls and passed on untouched, the
+        consumed message replayed as it came. Every other request, valid or
+        not, goes to :meth:`_guarded`, which gives the exact verdict; so this
+        lane only ever accepts, and what it accepts :meth:`_guarded` would too.
+        Client identity is not needed to accept (nothing here is per client),
+        and a request carrying identity headers takes the full path, so a
+        malformed or conflicting credential is refused as ever.
+        """
         started = time.perf_counter()
+        # the headers leave nothing to check or refuse: no repeated header (that is
+        # _headers' call), no credential or forwarding header, JSON or no content
+        # type, no binary-extension header, a well-formed declared length under the cap
+        raw: Any = scope.get("headers")
+        try:
+            headers: dict[bytes, bytes] = dict(raw) if type(raw) is list else {}
+        except (TypeError, ValueError):
+            headers = {}
+        length = headers.get(b"content-length", b"0")
+        if not (
+            headers
+            and len(headers) == len(raw)
+            and self._identity_headers.isdisjoint(headers)
+            and headers.get(b"content-type", _JSON) == _JSON
+            and _BINARY_HEADER not in headers
+            and length.isdigit()
+            and len(length) <= 19
+            and int(length) <= self._limits.max_body_bytes
+        ):
+            await self._guarded(policy, scope, receive, send, request_id, started)
+            return
+        message = await receive()
+        n_rows = None
+        if message.get("type") == "http.request" and not message.get("more_body", False):
+            try:
+                n_rows = plain_rows(message.get("body", b""), self._limits)
+            except Exception:  # an adapter bug: counted, and the full path decides
+                self.guard.count_error("parse")
+                log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
+        replay = _replay_first(message, receive)
+        if n_rows is None:
+            await self._guarded(policy, scope, replay, send, request_id, started)
+            return
+        try:
+            updates = self._lean_updates.get(policy.name)
+            if updates is None:
+                updates = self._lean_updates[policy.name] = self.guard.allowed_updates(
+                    policy, "oip_v2"
+                )
+            if updates:
+                requests, rows, payload, overhead = updates
+                self._tally.add_all(
+                    (
+                        (requests, 1.0),
+                        (rows, n_rows),
+                        (payload, 1.0),
+                        (overhead, time.perf_counter() - started),
+                    )
+                )
+        except Exception:
+            await self._internal_failure(policy, scope, replay, send, request_id)
+            return
+        await self.app(scope, replay, _with_request_id(send, request_id))
+
+    async def _guarded(
+        self,
+        policy: CompiledPolicy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        started: float | None = None,
+    ) -> None:
+        if started is None:
+            started = time.perf_counter()
         guard = self.guard
         reader = BodyReader(receive, self._limits.max_body_bytes)
         client: ClientId | None = None
@@ -184,14 +273,7 @@ class GuardMiddleware:
             await send_error(send, 503, request_id)
             return
         except Exception:
-            guard.count_error("internal")
-            guard.record_outcome(policy.name, "error", 1)
-            log.exception("guard failure on policy %s", policy.name)
-            if policy.failure_mode == "fail_closed":
-                await send_error(send, 503, request_id)
-                return
-            # fail open: the request goes on, with whatever body was consumed replayed
-            await self.app(scope, reader.replay(), _with_request_id(send, request_id))
+            await self._internal_failure(policy, scope, reader.replay(), send, request_id)
             return
 
         if decision is not policy.allow and decision.recorded:
@@ -227,6 +309,22 @@ class GuardMiddleware:
         await self._forward(
             policy, scope, app_receive, send, request_id, decision, parsed, query, client, started
         )
+
+    async def _internal_failure(
+        self, policy: CompiledPolicy, scope: Scope, replay: Receive, send: Send, request_id: str
+    ) -> None:
+        """A bug in the guard: count and log it, then apply the policy's failure mode.
+
+        ``replay`` gives the app whatever body was consumed, then the live stream.
+        """
+        self.guard.count_error("internal")
+        self.guard.record_outcome(policy.name, "error", 1)
+        log.exception("guard failure on policy %s", policy.name)
+        if policy.failure_mode == "fail_closed":
+            await send_error(send, 503, request_id)
+            return
+        # fail open: the request goes on, nothing lost
+        await self.app(scope, replay, _with_request_id(send, request_id))
 
     async def _forward(
         self,
@@ -473,12 +571,53 @@ def _identity_encoding(scope: Scope) -> Scope:
     return scope
 
 
+def _replay_first(first: Message, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``first`` (already consumed) once, then the live stream."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return first
+
+    return replay
+
+
+#: bumped in a child process after ``os.fork()``, so that it draws its own request ids
+_FORKS = [0]
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+_RID_BATCH = 512
+
+
+def _request_ids() -> Iterator[str]:
+    """Unpredictable request ids (96 bits, hex), drawn from the OS 512 at a time.
+
+    One ``os.urandom`` call per batch keeps the per-request cost to a slice. A
+    forked child (a pre-forking server) discards the batch it inherited, so two
+    workers never hand out the same ids.
+    """
+    while True:
+        forks = _FORKS[0]
+        pool = os.urandom(12 * _RID_BATCH).hex()
+        for start in range(0, 24 * _RID_BATCH, 24):
+            if _FORKS[0] != forks:
+                break
+            yield pool[start : start + 24]
+
+
+_RID = b"x-request-id"
+
+
 def _with_request_id(send: Send, request_id: str) -> Send:
-    header = (b"x-request-id", request_id.encode())
+    header = (_RID, request_id.encode())
 
     async def wrapped(message: Any) -> None:
         if message["type"] == "http.response.start":
-            headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
+            headers = list(message.get("headers", ()))
+            if _RID in dict(headers):  # the app's own id gives way to the guard's
+                headers = [h for h in headers if h[0] != _RID]
             headers.append(header)
             message["headers"] = headers
         await send(message)

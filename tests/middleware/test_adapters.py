@@ -1019,3 +1019,100 @@ def test_rows_free_oip_parse_builds_no_matrix() -> None:
     full = parse_request(body, **kw)
     assert light.rows is None and light.n_rows == 2
     assert full.rows is not None and full.rows.shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- plain_rows
+
+
+def _plain_variants(r: random.Random) -> list[bytes]:
+    """Bodies around every check of the lean lane's reading, and byte-level damage."""
+    docs = _oip_variants(r)
+    flat = {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}
+    docs += [
+        {"inputs": [flat]},
+        {"inputs": [dict(flat, shape=[3, 2])]},
+        {"inputs": [dict(flat, shape=[6])]},
+        {"inputs": [dict(flat, shape=[2, 4])]},
+        {"inputs": [dict(flat, data=[1, 2, 3, 4, 5])]},
+        {"inputs": [dict(flat, shape=[9, 1], data=list(range(9)))]},
+        {"inputs": [dict(flat, shape=[1, 101], data=[0.5] * 101)]},
+        {"inputs": [dict(flat, shape=[2, -3])]},
+        {"inputs": [dict(flat, shape=[-2, -3])]},
+        {"inputs": [dict(flat, shape=[2, 3.0])]},
+        {"inputs": [dict(flat, shape=[True, 6])]},
+        {"inputs": [dict(flat, shape=[1] * 33, data=[1])]},
+        {"inputs": [dict(flat, datatype="BOOL", data=[True] * 6)]},
+        {"inputs": [dict(flat, datatype="BYTES", data=["a"] * 6)]},
+        {"inputs": [dict(flat, datatype="FP8")]},
+        {"inputs": [dict(flat, datatype=["FP32"])]},
+        {"inputs": [dict(flat, data=[1, 2, 3, 4, 5, True])]},
+        {"inputs": [dict(flat, data=[1, 2, 3, 4, 5, None])]},
+        {"inputs": [dict(flat, data=[1e308, 1e308, 1, 1, 1, 1])]},
+        {"inputs": [dict(flat, parameters={"a": [[[[[[[[1]]]]]]]]})]},
+        {"inputs": [flat], "id": "r1"},
+        {"inputs": [flat], "deep": [[[[[[[[[[[[1]]]]]]]]]]]]},
+        {"inputs": [flat], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]},
+        {"inputs": [flat], "parameters": {"binary_data_output": True}},
+        {"inputs": [flat, flat]},
+        {"inputs": []},
+        {"inputs": flat},
+        [flat],
+    ]
+    bodies = [json.dumps(d).encode() for d in docs]
+    plain = json.dumps({"inputs": [flat]}).encode()
+    bodies += [
+        b"\xef\xbb\xbf" + plain,
+        plain.replace(b"1, 2", b"1e999, 2"),
+        plain.replace(b"1, 2", b"NaN, 2"),
+        plain.replace(b"1, 2", b"10000000000000000000000000, 2"),
+        plain.replace(b'"x"', b'"\\ud800"'),
+        plain.replace(b'"x"', b'"\xff"'),
+        plain + b" ",
+        b" \n" + plain,
+        plain[:-1],
+        plain.replace(b'"inputs"', b'"inputs": [], "inputs"'),
+    ]
+    for _ in range(200):
+        b = bytearray(plain)
+        i = r.randrange(len(b))
+        b[i] = r.choice(b'0123456789[]{},."e-+ aTx')
+        bodies.append(bytes(b))
+    return bodies
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int) -> None:
+    """The lean lane's reading: an acceptance must be the full parser's, row count included."""
+    from middleware._oip import plain_rows
+
+    limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=8)
+    accepted = refused_by_full = 0
+    for body in _plain_variants(random.Random(seed)):
+        n_rows = plain_rows(body, limits)
+        try:
+            full = parse_request(
+                body, path="/v2/models/m/infer", content_type=JSON, headers={}, limits=limits
+            )
+        except PayloadError:
+            full = None
+        if n_rows is None:
+            refused_by_full += full is None
+            continue
+        accepted += 1
+        assert full is not None, body
+        assert (full.fmt, full.n_rows, full.texts, full.extra) == ("oip_v2", n_rows, (), {}), body
+    # both sides were exercised: plain acceptances, and bodies only the full parser decides
+    assert accepted >= 8 and refused_by_full >= 20
+
+
+def test_plain_rows_takes_the_usual_encodings() -> None:
+    from middleware._oip import plain_rows
+
+    limits = LimitsConfig()
+    for shape, n_rows in (([1, 64], 1), ([4, 16], 4), ([64], 1), ([2, 4, 8], 2)):
+        for datatype in ("FP32", "FP64", "INT64", "UINT8"):
+            data = list(range(64)) if datatype != "FP32" else [x / 3 for x in range(64)]
+            doc = {"inputs": [{"name": "in", "shape": shape, "datatype": datatype, "data": data}]}
+            assert plain_rows(json.dumps(doc).encode(), limits) == n_rows
+    assert plain_rows(b'{"inputs": [{"shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}',
+                      LimitsConfig(max_body_bytes=10)) is None

@@ -604,9 +604,21 @@ async def fuzz(
 # --------------------------------------------------------------------------- fuzzing
 
 
+#: validation only, answers untouched: served by the middleware's lean lane where plain
+VALIDATION_ONLY: dict[str, Any] = {
+    "policies": [{"name": "inference", "degrade": {"always": False}}]
+}
+CONFIGS = pytest.mark.parametrize(
+    "config", [{}, VALIDATION_ONLY], ids=["defaults", "validation_only"]
+)
+
+
+@CONFIGS
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_fuzz_default_config_around_echo_app(registry: CollectorRegistry, seed: int) -> None:
-    mw, echo = echo_guard(registry)
+def test_fuzz_default_config_around_echo_app(
+    registry: CollectorRegistry, seed: int, config: dict[str, Any]
+) -> None:
+    mw, echo = echo_guard(registry, **config)
     statuses = asyncio.run(fuzz(mw, seed, 1200, echo=echo))
     # the generator reaches both sides: refusals and requests passed on
     assert statuses.get(200, 0) > 50 and statuses.get(400, 0) > 200, statuses
@@ -904,6 +916,7 @@ BAD_INPUTS: list[tuple[str, str, bytes, list[tuple[bytes, bytes]], int, str]] = 
 ]
 
 
+@CONFIGS
 @pytest.mark.parametrize(
     ("path", "body", "headers", "status", "reason"),
     [case[1:] for case in BAD_INPUTS],
@@ -916,8 +929,9 @@ def test_each_bad_input_gets_a_clear_4xx_and_a_count(
     headers: list[tuple[bytes, bytes]],
     status: int,
     reason: str,
+    config: dict[str, Any],
 ) -> None:
-    mw, echo = echo_guard(registry)
+    mw, echo = echo_guard(registry, **config)
     res = request(mw, path, body, headers=headers)
     assert res.status == status, res.body
     check_guard_error(res)
