@@ -53,6 +53,15 @@ _BINARY_HEADER = _BINARY_HEADER_STR.encode()
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _JSON = b"application/json"
 
+#: what a request's (method, path) is to the guard (see GuardMiddleware._route)
+_METRICS = "metrics"
+_UNGUARDED = "unguarded"
+_PASSTHROUGH = "passthrough"
+_LEAN = "lean"
+_GUARDED = "guarded"
+#: distinct (method, path) pairs whose route is remembered
+_ROUTE_MEMO = 1024
+
 #: encoded names of the detectors' response headers (a handful, from code: RateLimit...)
 _HEADER_NAMES: dict[str, bytes] = {}
 
@@ -100,8 +109,9 @@ class GuardMiddleware:
         # request ids must not count requests for the client (a counter leaks volume)
         self._request_id = _request_ids().__next__
         # policies whose every request is either refused or let through untouched: no
-        # detectors, no quarantine, answers neither rewritten nor watched (see _lean)
+        # detectors, no quarantine, answers neither rewritten nor watched (lean lane, __call__)
         self._tally = self.guard.metrics.tally
+        self._routes: dict[tuple[str, str], tuple[str, CompiledPolicy | None]] = {}
         self._lean_updates: dict[str, tuple[Any, ...]] = {}
         self._lean_policies = frozenset(
             p.name
@@ -120,99 +130,110 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if path == self._metrics_path and method in ("GET", "HEAD"):
+        key = (scope["method"], scope["path"])
+        kind, policy = self._routes.get(key) or self._route(key)
+        if kind is _METRICS:
             # this process's deferred updates first (a multiprocess scrape reads files)
             self.guard.metrics.tally.flush()
             await serve_metrics(self.guard.metrics.registry, send)
             return
-        policy = self.guard.match(method, path)
         request_id = self._request_id()
         if policy is None:
             await self.app(scope, receive, _with_request_id(send, request_id))
             return
-        if policy.passthrough and not self.guard.quarantine_enabled:
+        if kind is _PASSTHROUGH:
             # metrics only: nothing to parse or decide; count and pass on untouched
             started = time.perf_counter()
             self.guard.record_outcome(policy.name, "allow", 0)
             self.guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, receive, _with_request_id(send, request_id))
             return
-        if policy.name in self._lean_policies and detect_format(path) == "oip_v2":
-            await self._lean(policy, scope, receive, send, request_id)
+        if kind is _LEAN:
+            # The lean lane, inline to spare a coroutine per request. A policy without
+            # detectors, quarantine or rewriting only ever refuses or passes a request
+            # on untouched. A plain request (one JSON message, no repeated or identity
+            # headers, a flat numeric tensor under the limits: see plain_rows) is
+            # accepted here in a few C calls, and the consumed message replayed as it
+            # came. Everything else, valid or not, goes to _guarded for the exact
+            # verdict: this lane only accepts, and only what _guarded accepts. It needs
+            # no client identity (nothing here is per client); a request with identity
+            # headers takes the full path, so a bad credential is refused as ever.
+            started = time.perf_counter()
+            raw: Any = scope.get("headers")
+            try:
+                headers: dict[bytes, bytes] = dict(raw) if type(raw) is list else {}
+            except (TypeError, ValueError):
+                headers = {}
+            length = headers.get(b"content-length", b"0")
+            if not (
+                headers
+                and len(headers) == len(raw)  # a repeated header: _headers' call
+                and self._identity_headers.isdisjoint(headers)
+                and headers.get(b"content-type", _JSON) == _JSON
+                and _BINARY_HEADER not in headers
+                and length.isdigit()
+                and len(length) <= 19
+                and int(length) <= self._limits.max_body_bytes
+            ):
+                await self._guarded(policy, scope, receive, send, request_id, started)
+                return
+            message = await receive()
+            n_rows = None
+            if message.get("type") == "http.request" and not message.get("more_body", False):
+                try:
+                    n_rows = plain_rows(message.get("body", b""), self._limits)
+                except Exception:  # an adapter bug: counted, and the full path decides
+                    self.guard.count_error("parse")
+                    log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
+            replay = _replay_first(message, receive)
+            if n_rows is None:
+                await self._guarded(policy, scope, replay, send, request_id, started)
+                return
+            try:
+                updates = self._lean_updates.get(policy.name)
+                if updates is None:
+                    updates = self._lean_updates[policy.name] = _lean_updates(
+                        self.guard.allowed_updates(policy, "oip_v2")
+                    )
+                if updates:
+                    counted, format_counted, rows, overhead = updates
+                    seconds = time.perf_counter() - started
+                    self._tally.add_all(
+                        (counted, format_counted, (rows, n_rows), (overhead, seconds))
+                    )
+            except Exception:
+                await self._internal_failure(policy, scope, replay, send, request_id)
+                return
+            await self.app(scope, replay, _with_request_id(send, request_id))
             return
         await self._guarded(policy, scope, receive, send, request_id)
 
-    async def _lean(
-        self, policy: CompiledPolicy, scope: Scope, receive: Receive, send: Send, request_id: str
-    ) -> None:
-        """A policy without detectors on an OIP v2 route: the plain request's lane.
+    def _route(self, key: tuple[str, str]) -> tuple[str, CompiledPolicy | None]:
+        """What a ``(method, path)`` is to the guard, and its policy; remembered (bounded).
 
-        A plain request (one JSON message, no repeated or identity headers, a
-        flat numeric tensor under the limits: see :func:`plain_rows`) is
-        accepted here in a handful of C calls and passed on untouched, the
-        consumed message replayed as it came. Every other request, valid or
-        not, goes to :meth:`_guarded`, which gives the exact verdict; so this
-        lane only ever accepts, and what it accepts :meth:`_guarded` would too.
-        Client identity is not needed to accept (nothing here is per client),
-        and a request carrying identity headers takes the full path, so a
-        malformed or conflicting credential is refused as ever.
+        ``metrics`` (the endpoint), ``unguarded`` (no policy), ``passthrough``
+        (count only), ``lean`` (the lean lane first: no detectors, an OIP v2 path)
+        or ``guarded``. Paths are client-chosen: past :data:`_ROUTE_MEMO` entries
+        the memo stops growing and further paths are looked up afresh.
         """
-        started = time.perf_counter()
-        # the headers leave nothing to check or refuse: no repeated header (that is
-        # _headers' call), no credential or forwarding header, JSON or no content
-        # type, no binary-extension header, a well-formed declared length under the cap
-        raw: Any = scope.get("headers")
-        try:
-            headers: dict[bytes, bytes] = dict(raw) if type(raw) is list else {}
-        except (TypeError, ValueError):
-            headers = {}
-        length = headers.get(b"content-length", b"0")
-        if not (
-            headers
-            and len(headers) == len(raw)
-            and self._identity_headers.isdisjoint(headers)
-            and headers.get(b"content-type", _JSON) == _JSON
-            and _BINARY_HEADER not in headers
-            and length.isdigit()
-            and len(length) <= 19
-            and int(length) <= self._limits.max_body_bytes
-        ):
-            await self._guarded(policy, scope, receive, send, request_id, started)
-            return
-        message = await receive()
-        n_rows = None
-        if message.get("type") == "http.request" and not message.get("more_body", False):
-            try:
-                n_rows = plain_rows(message.get("body", b""), self._limits)
-            except Exception:  # an adapter bug: counted, and the full path decides
-                self.guard.count_error("parse")
-                log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
-        replay = _replay_first(message, receive)
-        if n_rows is None:
-            await self._guarded(policy, scope, replay, send, request_id, started)
-            return
-        try:
-            updates = self._lean_updates.get(policy.name)
-            if updates is None:
-                updates = self._lean_updates[policy.name] = self.guard.allowed_updates(
-                    policy, "oip_v2"
-                )
-            if updates:
-                requests, rows, payload, overhead = updates
-                self._tally.add_all(
-                    (
-                        (requests, 1.0),
-                        (rows, n_rows),
-                        (payload, 1.0),
-                        (overhead, time.perf_counter() - started),
-                    )
-                )
-        except Exception:
-            await self._internal_failure(policy, scope, replay, send, request_id)
-            return
-        await self.app(scope, replay, _with_request_id(send, request_id))
+        method, path = key
+        policy: CompiledPolicy | None = None
+        if path == self._metrics_path and method in ("GET", "HEAD"):
+            kind = _METRICS
+        else:
+            policy = self.guard.match(method, path)
+            if policy is None:
+                kind = _UNGUARDED
+            elif policy.passthrough and not self.guard.quarantine_enabled:
+                kind = _PASSTHROUGH
+            elif policy.name in self._lean_policies and detect_format(path) == "oip_v2":
+                kind = _LEAN
+            else:
+                kind = _GUARDED
+        route = (kind, policy)
+        if len(self._routes) < _ROUTE_MEMO:
+            self._routes[key] = route
+        return route
 
     async def _guarded(
         self,
@@ -569,6 +590,14 @@ def _identity_encoding(scope: Scope) -> Scope:
         (b"accept-encoding", b"identity")
     ]
     return scope
+
+
+def _lean_updates(updates: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``allowed_updates`` for the lean lane: its two fixed ``(inc, 1.0)`` pairs prebuilt."""
+    if not updates:
+        return ()
+    requests, rows, payload, overhead = updates
+    return ((requests, 1.0), (payload, 1.0), rows, overhead)
 
 
 def _replay_first(first: Message, receive: Receive) -> Receive:
