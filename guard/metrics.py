@@ -49,7 +49,8 @@ class Tally:
     and takes a lock; the guard makes four or more per request, and on a
     served process (cold caches between requests) they cost more than the
     JSON parse. The hot path therefore only appends ``(update, value)`` here,
-    and the updates are applied, in order and all of them:
+    and the updates are applied, all of them (a counter's increments summed
+    into one ``inc()``, other updates one by one, in order):
 
     * whenever this process's registry is collected (every scrape of
       ``/metrics``, and ``get_sample_value`` in tests): the tally is registered
@@ -104,11 +105,15 @@ class Tally:
                 return
             batch = pending[:n]
             del pending[:n]
+            # a counter's increments add up: one inc() per counter instead of one per update
+            sums: dict[Callable[[float], Any], float] = {}
             for update, value in batch:
-                try:
-                    update(value)
-                except Exception:  # one bad value must not cost the others, nor a request
-                    log.exception("metric update %r(%r) failed", update, value)
+                if type(getattr(update, "__self__", None)) is Counter and value >= 0:
+                    sums[update] = sums.get(update, 0.0) + value
+                else:
+                    _apply(update, value)
+            for update, total in sums.items():
+                _apply(update, total)
 
     # the Collector protocol: collecting the registry applies what is pending first
     def collect(self) -> list[Any]:
@@ -117,6 +122,13 @@ class Tally:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _apply(update: Callable[[float], Any], value: float) -> None:
+    try:
+        update(value)
+    except Exception:  # one bad value must not cost the others, nor a request
+        log.exception("metric update %r(%r) failed", update, value)
 
 
 def _flush_ref(ref: weakref.ref[Tally]) -> None:

@@ -165,3 +165,32 @@ def test_a_failing_update_is_logged_and_the_rest_still_apply(
         tally.flush()
     assert raw(counter) == 2.0
     assert any("metric update" in r.getMessage() for r in caplog.records)
+
+
+def test_a_counters_increments_reach_it_as_one_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush sums each counter's pending increments: one locked inc() per counter."""
+    _, counter = _counter()
+    metrics = GuardMetrics(registry=CollectorRegistry())
+    hist = metrics.overhead.labels("p")
+    calls: list[float] = []
+    value = counter._value
+    real_inc = value.inc
+
+    def counted(amount: float) -> None:
+        calls.append(amount)
+        real_inc(amount)
+
+    monkeypatch.setattr(value, "inc", counted)
+    tally = Tally()
+
+    async def scenario() -> None:
+        for i in range(100):
+            tally.add(counter.inc, 1.0 + i % 2)
+            tally.add(hist.observe, 1e-5)
+
+    asyncio.run(scenario())
+    tally.flush()
+    assert calls == [150.0]
+    assert raw(counter) == 150.0
+    # histogram observations are not summed: each keeps its bucket
+    assert metrics.registry.get_sample_value("guard_overhead_seconds_count", {"policy": "p"}) == 100
