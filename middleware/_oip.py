@@ -39,6 +39,7 @@ _INT = frozenset({int})
 #: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
 _PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
 _PLAIN_DOC_KEYS = frozenset({"inputs", "id"})
+_R, _L = ord("r"), ord("l")
 _PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
 
 
@@ -245,9 +246,10 @@ def plain_rows(body: bytes, limits: LimitsConfig) -> int | None:
             return None
         count = math.prod(shape)
         data: Any = tensor.get("data")
-        if count == 0 or len(data) != count or b"r" in body or b"l" in body:
+        if count == 0 or len(data) != count or _R in body or _L in body:
             # (every JSON true holds an "r" and every false an "l"; a plain document's
-            # keys and numbers hold neither, so a body without both holds no booleans)
+            # keys and numbers hold neither, so a body without both holds no booleans;
+            # an int operand makes the search one memchr)
             return None
         # a string, null, list or object among the numbers raises TypeError; and orjson
         # yields finite numbers only (it refuses 1e999, NaN and Infinity, and reads
