@@ -87,6 +87,17 @@ class MetricsConfig:
     enabled: bool = True
     #: path the middleware serves the exposition on; empty string disables the endpoint
     path: str = "/metrics"
+    #: networks whose clients may scrape ``path``; anyone else finds no endpoint there
+    #: (the request goes on to the app). The metrics name the detectors that fired, so
+    #: they are not for the clients being watched: loopback and private ranges by default
+    allow_from: tuple[str, ...] = (
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    )
     #: histogram buckets for guard_overhead_seconds
     overhead_buckets: tuple[float, ...] = (
         1e-5,
@@ -518,7 +529,7 @@ class _Validator:
         )
 
     def metrics(self, raw: object, key: str) -> MetricsConfig:
-        m = self.mapping(raw, key, {"enabled", "path", "overhead_buckets"})
+        m = self.mapping(raw, key, {"enabled", "path", "overhead_buckets", "allow_from"})
         d = MetricsConfig()
         path = self.string(m, key, "path", d.path)
         if path and not path.startswith("/"):
@@ -542,7 +553,10 @@ class _Validator:
             else:
                 buckets = tuple(float(b) for b in raw_b)
         return MetricsConfig(
-            enabled=self.boolean(m, key, "enabled", d.enabled), path=path, overhead_buckets=buckets
+            enabled=self.boolean(m, key, "enabled", d.enabled),
+            path=path,
+            overhead_buckets=buckets,
+            allow_from=self.strings(m, key, "allow_from", d.allow_from, check=_check_cidr),
         )
 
     def audit(self, raw: object, key: str) -> AuditConfig:

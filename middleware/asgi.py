@@ -15,6 +15,7 @@ scopes, routes no policy matches) passes straight through.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -98,6 +99,9 @@ class GuardMiddleware:
         )
         self._clock = clock
         self._metrics_path = self.config.metrics.path if self.config.metrics.enabled else ""
+        self._metrics_networks = tuple(
+            ipaddress.ip_network(c, strict=False) for c in self.config.metrics.allow_from
+        )
         self._limits = self.config.limits
         self._identity_headers = (
             frozenset(h.encode("latin-1") for h in self.config.client_identity.api_key_headers)
@@ -133,10 +137,13 @@ class GuardMiddleware:
         key = (scope["method"], scope["path"])
         kind, policy = self._routes.get(key) or self._route(key)
         if kind is _METRICS:
-            # this process's deferred updates first (a multiprocess scrape reads files)
-            self.guard.metrics.tally.flush()
-            await serve_metrics(self.guard.metrics.registry, send)
-            return
+            if self._may_scrape(scope):
+                # this process's deferred updates first (a multiprocess scrape reads files)
+                self.guard.metrics.tally.flush()
+                await serve_metrics(self.guard.metrics.registry, send)
+                return
+            # not for this client: as if there were no endpoint here
+            kind, policy = self._policy_route(*key)
         request_id = self._request_id()
         if policy is None:
             await self.app(scope, receive, _with_request_id(send, request_id))
@@ -217,23 +224,45 @@ class GuardMiddleware:
         the memo stops growing and further paths are looked up afresh.
         """
         method, path = key
-        policy: CompiledPolicy | None = None
         if path == self._metrics_path and method in ("GET", "HEAD"):
-            kind = _METRICS
+            route: tuple[str, CompiledPolicy | None] = (_METRICS, None)
         else:
-            policy = self.guard.match(method, path)
-            if policy is None:
-                kind = _UNGUARDED
-            elif policy.passthrough and not self.guard.quarantine_enabled:
-                kind = _PASSTHROUGH
-            elif policy.name in self._lean_policies and detect_format(path) == "oip_v2":
-                kind = _LEAN
-            else:
-                kind = _GUARDED
-        route = (kind, policy)
+            route = self._policy_route(method, path)
         if len(self._routes) < _ROUTE_MEMO:
             self._routes[key] = route
         return route
+
+    def _policy_route(self, method: str, path: str) -> tuple[str, CompiledPolicy | None]:
+        """The route of a request that is not a scrape of the metrics endpoint."""
+        policy = self.guard.match(method, path)
+        if policy is None:
+            return (_UNGUARDED, None)
+        if policy.passthrough and not self.guard.quarantine_enabled:
+            return (_PASSTHROUGH, policy)
+        if policy.name in self._lean_policies and detect_format(path) == "oip_v2":
+            return (_LEAN, policy)
+        return (_GUARDED, policy)
+
+    def _may_scrape(self, scope: Scope) -> bool:
+        """Whether the client may read the metrics: its address is in ``metrics.allow_from``.
+
+        The address is the one client identity uses (``X-Forwarded-For`` only
+        from trusted proxies). A request without a client address (a unix
+        socket) is local. Spoofed or conflicting headers mean no.
+        """
+        peer = scope.get("client")
+        if peer is None:
+            return True
+        try:
+            headers = self._headers(scope)
+            address = ipaddress.ip_address(
+                self.guard.identifier.client_ip(headers, str(peer[0]))
+            )
+        except (PayloadError, ValueError, TypeError, IndexError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self._metrics_networks)
 
     async def _guarded(
         self,

@@ -25,6 +25,8 @@ def test_defaults_are_safe() -> None:
     assert cfg.policies[0].validate is True
     assert cfg.policies[0].routes == DEFAULT_ROUTES
     assert cfg.metrics.path == "/metrics"
+    # scrapes from loopback and private networks only: the metrics name what fired
+    assert "127.0.0.0/8" in cfg.metrics.allow_from and "0.0.0.0/0" not in cfg.metrics.allow_from
     assert cfg.state.store == "memory://"
 
 
@@ -73,6 +75,7 @@ def test_unknown_keys_and_wrong_types_are_named_by_key_path() -> None:
                 {"name": "bad name!", "routes": ["no-slash"], "shadow": "yes"},
             ],
             "client_identity": {"trusted_proxies": ["300.1.2.3/8"]},
+            "metrics": {"allow_from": ["10.0.0.0/8", "everyone"]},
             "failure_mode": "sometimes",
             "extra": 1,
         }
@@ -86,6 +89,7 @@ def test_unknown_keys_and_wrong_types_are_named_by_key_path() -> None:
         "policies[1].routes[0]",
         "policies[1].shadow",
         "client_identity.trusted_proxies[0]",
+        "metrics.allow_from[1]",
         "failure_mode",
         "extra",
     }

@@ -11,7 +11,8 @@ from tests.e2e.test_server import metric
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    return TestClient(build_demo_app())
+    # from the host itself: metrics.allow_from lets loopback scrape /metrics
+    return TestClient(build_demo_app(), client=("127.0.0.1", 50000))
 
 
 def v2(rows: list[list[float]]) -> dict[str, object]:

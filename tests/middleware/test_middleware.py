@@ -597,11 +597,95 @@ def test_streaming_answer_passes_through_unbuffered(registry: CollectorRegistry)
 
 
 def test_metrics_endpoint_serves_guard_metrics(tmp_path: Path, registry: CollectorRegistry) -> None:
-    client, _, _, _ = make(tmp_path, registry)
+    client, mw, _, _ = make(tmp_path, registry)
     client.post(V2, json=v2_body([[1.0]]))
-    r = client.get("/metrics")
+    scraper = TestClient(mw, client=("10.20.30.40", 5000))  # a private address
+    r = scraper.get("/metrics")
     assert r.status_code == 200
     assert 'guard_requests_total{decision="allow",policy="inference"} 1.0' in r.text
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "served"),
+    [
+        ("127.0.0.1", {}, True),
+        ("::1", {}, True),
+        ("::ffff:127.0.0.1", {}, True),
+        ("192.168.7.8", {}, True),
+        ("172.31.0.1", {}, True),
+        ("fd12:3456::1", {}, True),
+        ("203.0.113.7", {}, False),  # a public client: the watched, not the watchers
+        ("2001:db8::1", {}, False),
+        ("172.32.0.1", {}, False),
+        ("testclient", {}, False),  # not an address
+        ("10.0.0.5", {"x-forwarded-for": "203.0.113.7"}, False),  # spoofed: untrusted peer
+        ("10.0.0.5", {"x-api-key": "a"}, True),
+    ],
+)
+def test_metrics_only_for_allowed_networks(
+    tmp_path: Path, registry: CollectorRegistry, peer: str, headers: dict[str, str], served: bool
+) -> None:
+    _, mw, echo, _ = make(tmp_path, registry)
+    r = TestClient(mw, client=(peer, 5000)).get("/metrics", headers=headers)
+    if served:
+        assert r.status_code == 200 and "guard_requests_total" in r.text
+        assert echo.bodies == []
+    else:
+        # no endpoint for this client: the request goes on to the app like any other
+        assert "guard_requests_total" not in r.text
+        assert r.status_code == 200 and echo.bodies == [b""]  # the echo app answered
+
+
+def test_metrics_allow_from_follows_trusted_proxies(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    _, mw, _, _ = make(
+        tmp_path,
+        registry,
+        client_identity={"trusted_proxies": ["10.0.0.0/8"]},
+        metrics={"allow_from": ["192.0.2.0/24"]},
+    )
+    proxy = TestClient(mw, client=("10.0.0.5", 5000))
+    # the proxy's own address is not allowed; the client it names decides
+    assert "guard_requests_total" not in proxy.get("/metrics").text
+    named = proxy.get("/metrics", headers={"x-forwarded-for": "192.0.2.10"})
+    assert "guard_requests_total" in named.text
+    public = proxy.get("/metrics", headers={"x-forwarded-for": "198.51.100.1"})
+    assert "guard_requests_total" not in public.text
+
+
+def test_metrics_from_a_unix_socket_and_for_everyone(registry: CollectorRegistry) -> None:
+    """No client address (a unix socket) is local; ``0.0.0.0/0`` opens the endpoint."""
+
+    async def scrape(mw: GuardMiddleware, client: tuple[str, int] | None) -> bytes:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/metrics",
+            "headers": [],
+            "client": client,
+        }
+        await mw(scope, receive, send)
+        return b"".join(m.get("body", b"") for m in sent)
+
+    echo = EchoApp()
+    closed = GuardMiddleware(echo, config={"audit": {"enabled": False}}, registry=registry)
+    assert b"guard_requests_total" in asyncio.run(scrape(closed, None))
+    assert b"guard_requests_total" not in asyncio.run(scrape(closed, ("198.51.100.1", 1)))
+    opened = GuardMiddleware(
+        echo,
+        config={"audit": {"enabled": False}, "metrics": {"allow_from": ["0.0.0.0/0", "::/0"]}},
+        registry=CollectorRegistry(),
+    )
+    assert b"guard_requests_total" in asyncio.run(scrape(opened, ("198.51.100.1", 1)))
 
 
 def test_config_path_and_dict_and_object_are_equivalent(tmp_path: Path) -> None:
@@ -659,7 +743,7 @@ def test_starlette_add_middleware(tmp_path: Path) -> None:
     cfg.write_text("audit: {enabled: false}\nlimits: {max_rows: 2}\n")
     app = Starlette(routes=[Route("/v1/models/m:predict", predict, methods=["POST"])])
     app.add_middleware(GuardMiddleware, config=str(cfg))
-    client = TestClient(app)
+    client = TestClient(app, client=("127.0.0.1", 5000))
     ok = client.post("/v1/models/m:predict", json={"instances": [[1.0], [2.0]]})
     assert ok.status_code == 200 and ok.json() == {"predictions": [[0.25, 0.75]] * 2}
     assert ok.headers["x-request-id"]
