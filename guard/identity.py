@@ -11,7 +11,9 @@ replica that share state, and if it is unset a random per-process secret is used
 ``X-Forwarded-For`` is honoured only when the TCP peer is a configured trusted
 proxy; the client is then the right-most address in the chain that is not
 itself a trusted proxy. A peer that is not trusted but sends the header is
-spoofing (or an unconfigured proxy) and, by default, gets a 400.
+spoofing (or an unconfigured proxy) and, by default, gets a 400, unless the
+peer is itself one of the chain's addresses: then the server has already
+resolved the chain (uvicorn's ``--proxy-headers``) and the peer is the client.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _MEMO_SIZE = 4096
 _MAX_FORWARDED_LEN = 2048
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ClientId(NamedTuple):
@@ -111,6 +114,8 @@ class ClientIdentifier:
         if forwarded is None:
             return peer_ip
         if not self._is_trusted(peer_ip):
+            if self._resolved_by_server(forwarded, peer_ip):
+                return peer_ip
             if self.config.reject_untrusted_forwarded:
                 raise PayloadError(
                     400,
@@ -118,20 +123,38 @@ class ClientIdentifier:
                     f"{self.config.forwarded_header} is not accepted from this peer",
                 )
             return peer_ip
-        if len(forwarded) > _MAX_FORWARDED_LEN:
-            raise PayloadError(400, "bad_header", f"{self.config.forwarded_header} is too long")
-        try:
-            chain = [p.strip() for p in forwarded.decode("ascii").split(",")]
-            addrs = [ipaddress.ip_address(p) for p in chain]
-        except (UnicodeDecodeError, ValueError):
-            raise PayloadError(
-                400, "bad_header", f"{self.config.forwarded_header} is not a list of IP addresses"
-            ) from None
+        addrs = self._chain(forwarded)
         # walk from the nearest hop back; the first untrusted address is the client
         for addr in reversed(addrs):
             if not any(addr in net for net in self._trusted):
                 return str(addr)
         return str(addrs[0]) if addrs else peer_ip
+
+    def _chain(self, forwarded: bytes) -> list[IPAddress]:
+        if len(forwarded) > _MAX_FORWARDED_LEN:
+            raise PayloadError(400, "bad_header", f"{self.config.forwarded_header} is too long")
+        try:
+            return [ipaddress.ip_address(p.strip()) for p in forwarded.decode("ascii").split(",")]
+        except (UnicodeDecodeError, ValueError):
+            raise PayloadError(
+                400, "bad_header", f"{self.config.forwarded_header} is not a list of IP addresses"
+            ) from None
+
+    def _resolved_by_server(self, forwarded: bytes, peer_ip: str) -> bool:
+        """True when the server has already taken the client from the chain.
+
+        uvicorn (``--proxy-headers``, its default) replaces the peer address with
+        the chain's client when the connection comes from one of its own trusted
+        proxies, and leaves the header in place. The peer is then one of the
+        chain's addresses. Taking the peer as the client in that case gives the
+        sender nothing it chose: the peer is the address the server stands by,
+        whatever else the chain says.
+        """
+        try:
+            peer = ipaddress.ip_address(peer_ip)
+            return peer in self._chain(forwarded)
+        except (PayloadError, ValueError):
+            return False
 
     def _is_trusted(self, ip: str) -> bool:
         if not self._trusted:

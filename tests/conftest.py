@@ -61,8 +61,12 @@ def run_server(
     env: dict[str, str] | None = None,
     ready_path: str = "/healthz",
     timeout: float = 30.0,
+    uvicorn_args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """Start ``uvicorn --factory APP`` with ``config`` (written as YAML-compatible JSON)."""
+    """Start ``uvicorn --factory APP`` with ``config`` (written as YAML-compatible JSON).
+
+    ``uvicorn_args`` go on uvicorn's command line (``--no-proxy-headers``, say).
+    """
     port = free_port()
     cfg_path = tmp_path / f"guard-{port}.json"
     cfg_path.write_text(json.dumps(config or {}))
@@ -83,6 +87,7 @@ def run_server(
         str(workers),
         "--log-level",
         "warning",
+        *uvicorn_args,
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -49,7 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
             }
         ],
     }
-    with run_server(tmp, config=config) as srv:
+    # as guard demo runs: the guard, not uvicorn, reads X-Forwarded-For (see the last test)
+    with run_server(tmp, config=config, uvicorn_args=("--no-proxy-headers",)) as srv:
         yield srv, audit
 
 
@@ -155,20 +156,39 @@ def test_quarantine_holds_against_a_zero_element_tensor(server: tuple[Server, Pa
     assert r.status_code == 403, r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN LIMITATION: under uvicorn's defaults (proxy_headers on) the server has already "
-    "replaced scope['client'] with the X-Forwarded-For address, so the guard takes the real "
-    "client for an untrusted peer; the README says to run uvicorn with --no-proxy-headers "
-    "(guard demo does). Detecting uvicorn's rewrite from inside ASGI is future work.",
-)
 def test_trusted_local_proxy_is_honoured_under_uvicorn_defaults(tmp_path: Path) -> None:
-    config = {"audit": {"enabled": False}, "client_identity": {"trusted_proxies": ["127.0.0.1/32"]}}
-    with run_server(tmp_path, config=config) as srv:
-        r = httpx.post(
-            srv.url + V1,
-            json={"instances": [ROW]},
-            headers={"x-forwarded-for": "203.0.113.5"},
-            timeout=10,
-        )
-    assert r.status_code == 200, r.text
+    """uvicorn (proxy headers on) has already put the forwarded client in the peer address.
+
+    Each forwarded client must then be its own client: its own quota, and no
+    metrics for a public one.
+    """
+    config = {
+        "audit": {"enabled": False},
+        "client_identity": {"trusted_proxies": ["127.0.0.1/32"]},
+        "policies": [
+            {
+                "name": "inference",
+                "degrade": {"always": False},
+                "detectors": [
+                    {
+                        "type": "rate",
+                        "action": "throttle",
+                        "params": {"limits": [{"rate": 1, "per": "1h", "burst": 1}]},
+                    }
+                ],
+            }
+        ],
+    }
+    body = {"instances": [ROW]}
+    with run_server(tmp_path, config=config) as srv, httpx.Client(base_url=srv.url) as c:
+
+        def post(forwarded: str | None) -> int:
+            headers = {"x-forwarded-for": forwarded} if forwarded else {}
+            return c.post(V1, json=body, headers=headers, timeout=10).status_code
+
+        statuses = [post("203.0.113.5"), post("203.0.113.5"), post("203.0.113.6"), post(None)]
+        scrape_public = c.get("/metrics", headers={"x-forwarded-for": "203.0.113.5"}).text
+        scrape_local = c.get("/metrics").text
+    assert statuses == [200, 429, 200, 200]
+    assert "guard_requests_total" not in scrape_public
+    assert metric(scrape_local, "guard_requests_total", decision="throttle") == 1
