@@ -12,8 +12,8 @@ replica that share state, and if it is unset a random per-process secret is used
 proxy; the client is then the right-most address in the chain that is not
 itself a trusted proxy. A peer that is not trusted but sends the header is
 spoofing (or an unconfigured proxy) and, by default, gets a 400, unless the
-peer is itself one of the chain's addresses: then the server has already
-resolved the chain (uvicorn's ``--proxy-headers``) and the peer is the client.
+server reports that it has resolved the chain itself (uvicorn's
+``--proxy-headers``) and the peer is indeed one of the chain's addresses.
 """
 
 from __future__ import annotations
@@ -91,11 +91,15 @@ class ClientIdentifier:
         memo[memo_key] = digest[:32]
         return digest[:32]
 
-    def identify(self, headers: Mapping[bytes, bytes], peer: str | None) -> ClientId:
+    def identify(
+        self, headers: Mapping[bytes, bytes], peer: str | None, *, forwarded_applied: bool = False
+    ) -> ClientId:
         """Identify the client; raise PayloadError(400, "bad_header") for spoofed or bad headers.
 
         ``headers`` maps lower-case header names to values; repeated headers must
         already be joined (the middleware rejects conflicting repeats).
+        ``forwarded_applied``: the server says it took ``peer`` from the forwarded
+        header itself (see :meth:`client_ip`).
         """
         for name in self._headers:
             value = headers.get(name)
@@ -106,15 +110,26 @@ class ClientIdentifier:
             if auth is not None and auth[:7].lower() == b"bearer ":
                 token = self._check_key(auth[7:].strip(), "authorization")
                 return ClientId(self.hash("key", token), "bearer")
-        return ClientId(self.hash("ip", self.client_ip(headers, peer)), "ip")
+        ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
+        return ClientId(self.hash("ip", ip), "ip")
 
-    def client_ip(self, headers: Mapping[bytes, bytes], peer: str | None) -> str:
+    def client_ip(
+        self, headers: Mapping[bytes, bytes], peer: str | None, *, forwarded_applied: bool = False
+    ) -> str:
+        """The client's address: the peer, or from the forwarded chain of a trusted proxy.
+
+        With ``forwarded_applied`` the server reports that it has already taken
+        ``peer`` from the chain (uvicorn's ``--proxy-headers`` marks such a
+        client with port 0): if ``peer`` is indeed one of the chain's addresses,
+        it is the client, and the header is not a spoof. The server's own list
+        of trusted proxies made that call.
+        """
         peer_ip = peer or "unknown"
         forwarded = headers.get(self._forwarded)
         if forwarded is None:
             return peer_ip
         if not self._is_trusted(peer_ip):
-            if self._resolved_by_server(forwarded, peer_ip):
+            if forwarded_applied and self._in_chain(forwarded, peer_ip):
                 return peer_ip
             if self.config.reject_untrusted_forwarded:
                 raise PayloadError(
@@ -140,16 +155,7 @@ class ClientIdentifier:
                 400, "bad_header", f"{self.config.forwarded_header} is not a list of IP addresses"
             ) from None
 
-    def _resolved_by_server(self, forwarded: bytes, peer_ip: str) -> bool:
-        """True when the server has already taken the client from the chain.
-
-        uvicorn (``--proxy-headers``, its default) replaces the peer address with
-        the chain's client when the connection comes from one of its own trusted
-        proxies, and leaves the header in place. The peer is then one of the
-        chain's addresses. Taking the peer as the client in that case gives the
-        sender nothing it chose: the peer is the address the server stands by,
-        whatever else the chain says.
-        """
+    def _in_chain(self, forwarded: bytes, peer_ip: str) -> bool:
         try:
             peer = ipaddress.ip_address(peer_ip)
             return peer in self._chain(forwarded)

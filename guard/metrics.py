@@ -108,7 +108,11 @@ class Tally:
             # a counter's increments add up: one inc() per counter instead of one per update
             sums: dict[Callable[[float], Any], float] = {}
             for update, value in batch:
-                if type(getattr(update, "__self__", None)) is Counter and value >= 0:
+                try:
+                    summable = type(getattr(update, "__self__", None)) is Counter and value >= 0
+                except TypeError:  # not a number: applied alone, so that its failure is logged
+                    summable = False
+                if summable:
                     sums[update] = sums.get(update, 0.0) + value
                 else:
                     _apply(update, value)

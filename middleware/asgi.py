@@ -144,7 +144,10 @@ class GuardMiddleware:
                 return
             # not for this client: as if there were no endpoint here
             kind, policy = self._policy_route(*key)
-        request_id = self._request_id()
+        try:
+            request_id = self._request_id()
+        except ValueError:  # the generator is busy in another thread: draw one alone
+            request_id = os.urandom(12).hex()
         if policy is None:
             await self.app(scope, receive, _with_request_id(send, request_id))
             return
@@ -169,26 +172,36 @@ class GuardMiddleware:
             raw: Any = scope.get("headers")
             try:
                 headers: dict[bytes, bytes] = dict(raw) if type(raw) is list else {}
-            except (TypeError, ValueError):
-                headers = {}
-            length = headers.get(b"content-length", b"0")
-            if not (
-                headers
-                and len(headers) == len(raw)  # a repeated header: _headers' call
-                and self._identity_headers.isdisjoint(headers)
-                and headers.get(b"content-type", _JSON) == _JSON
-                and _BINARY_HEADER not in headers
-                and length.isdigit()
-                and len(length) <= 19
-                and int(length) <= self._limits.max_body_bytes
-            ):
+                length = headers.get(b"content-length", b"0")
+                plain = bool(
+                    headers
+                    and len(headers) == len(raw)  # a repeated header: _headers' call
+                    and self._identity_headers.isdisjoint(headers)
+                    and headers.get(b"content-type", _JSON) == _JSON
+                    and _BINARY_HEADER not in headers
+                    and length.isdigit()
+                    and len(length) <= 19
+                    and int(length) <= self._limits.max_body_bytes
+                )
+            except Exception:  # malformed header pairs: the full path decides
+                plain = False
+            if not plain:
                 await self._guarded(policy, scope, receive, send, request_id, started)
                 return
-            message = await receive()
+            try:
+                message = await receive()
+            except Exception:  # as the full path would: the failure mode decides
+                await self._internal_failure(policy, scope, receive, send, request_id)
+                return
             n_rows = None
-            if message.get("type") == "http.request" and not message.get("more_body", False):
+            if (
+                type(message) is dict
+                and message.get("type") == "http.request"
+                and not message.get("more_body", False)
+                and type(body := message.get("body", b"")) is bytes
+            ):
                 try:
-                    n_rows = plain_rows(message.get("body", b""), self._limits)
+                    n_rows = plain_rows(body, self._limits)
                 except Exception:  # an adapter bug: counted, and the full path decides
                     self.guard.count_error("parse")
                     log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
@@ -248,15 +261,18 @@ class GuardMiddleware:
 
         The address is the one client identity uses (``X-Forwarded-For`` only
         from trusted proxies). A request without a client address (a unix
-        socket) is local. Spoofed or conflicting headers mean no.
+        socket, where anyone behind the front proxy could be asking) and spoofed
+        or conflicting headers mean no.
         """
         peer = scope.get("client")
-        if peer is None:
-            return True
+        if peer is None:  # no address to check (a unix socket): no endpoint
+            return False
         try:
             headers = self._headers(scope)
             address = ipaddress.ip_address(
-                self.guard.identifier.client_ip(headers, str(peer[0]))
+                self.guard.identifier.client_ip(
+                    headers, str(peer[0]), forwarded_applied=_forwarded_applied(peer)
+                )
             )
         except (PayloadError, ValueError, TypeError, IndexError):
             return False
@@ -283,7 +299,11 @@ class GuardMiddleware:
         try:
             headers = self._headers(scope)
             peer = scope.get("client")
-            client = guard.identifier.identify(headers, str(peer[0]) if peer else None)
+            client = guard.identifier.identify(
+                headers,
+                str(peer[0]) if peer else None,
+                forwarded_applied=_forwarded_applied(peer),
+            )
             quarantined = (
                 await guard.check_quarantine(policy, client.id)
                 if guard.quarantine_enabled
@@ -351,10 +371,10 @@ class GuardMiddleware:
             return
         app_receive = reader.replay() if reader.complete else receive
         if decision is policy.allow and not policy.rewrites and not policy.observes:
-            # no detectors and nothing to rewrite: only the request id to add (the lean lane)
-            before = time.perf_counter() - started
+            # no detectors and nothing to rewrite: only the request id to add; the
+            # guard's work is done, so its overhead is counted before the app runs
+            guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, app_receive, _with_request_id(send, request_id))
-            guard.observe_overhead(policy.name, before)
             return
         await self._forward(
             policy, scope, app_receive, send, request_id, decision, parsed, query, client, started
@@ -393,10 +413,9 @@ class GuardMiddleware:
         degrade = self._degrade_spec(policy, decision)
         observe = policy.observes and parsed is not None and query is not None
         if degrade is None and not observe and not decision.headers:
-            # nothing to watch, rewrite or add but the request id
-            before = time.perf_counter() - started
+            # nothing to watch, rewrite or add but the request id: the guard's work is done
+            guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, receive, _with_request_id(send, request_id))
-            guard.observe_overhead(policy.name, before)
             return
         extra = [(b"x-request-id", request_id.encode())]
         if decision.headers:
@@ -619,6 +638,18 @@ def _identity_encoding(scope: Scope) -> Scope:
         (b"accept-encoding", b"identity")
     ]
     return scope
+
+
+def _forwarded_applied(peer: Any) -> bool:
+    """Whether the server took this client address from ``X-Forwarded-For`` itself.
+
+    uvicorn's proxy-headers middleware, having lost the real peer's port,
+    gives such a client port 0, which no TCP peer has.
+    """
+    try:
+        return len(peer) > 1 and peer[1] == 0
+    except TypeError:
+        return False
 
 
 def _lean_updates(updates: tuple[Any, ...]) -> tuple[Any, ...]:

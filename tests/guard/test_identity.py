@@ -64,18 +64,24 @@ def test_forwarded_chain_takes_rightmost_untrusted_hop() -> None:
 def test_chain_the_server_already_resolved_gives_the_peer() -> None:
     """uvicorn's --proxy-headers leaves the header and puts the chain's client in the peer."""
     i = ident(trusted_proxies=["127.0.0.1/32"])
+    applied = {"forwarded_applied": True}
     # the server took 203.0.113.5 from the chain: it is the peer now, and one of the chain's
-    assert i.client_ip({b"x-forwarded-for": b"203.0.113.5"}, "203.0.113.5") == "203.0.113.5"
-    assert i.client_ip({b"x-forwarded-for": b"198.51.100.1, 203.0.113.5"}, "203.0.113.5") == (
+    xff = b"x-forwarded-for"
+    assert i.client_ip({xff: b"203.0.113.5"}, "203.0.113.5", **applied) == "203.0.113.5"
+    assert i.client_ip({xff: b"198.51.100.1, 203.0.113.5"}, "203.0.113.5", **applied) == (
         "203.0.113.5"
     )
-    assert i.client_ip({b"x-forwarded-for": b"2001:db8::1"}, "2001:db8:0::1") == "2001:db8:0::1"
+    assert i.client_ip({xff: b"2001:db8::1"}, "2001:db8:0::1", **applied) == "2001:db8:0::1"
+    # without the server's word, a peer found in the chain is no proof: an unconfigured
+    # proxy passes on whatever its client wrote, its own address included
+    with pytest.raises(PayloadError):
+        i.client_ip({xff: b"10.0.0.5, 203.0.113.5"}, "10.0.0.5")
     # a chain without the peer, from an untrusted peer, is still a spoof
     with pytest.raises(PayloadError):
-        i.client_ip({b"x-forwarded-for": b"198.51.100.1"}, "203.0.113.5")
+        i.client_ip({xff: b"198.51.100.1"}, "203.0.113.5", **applied)
     with pytest.raises(PayloadError):
-        i.client_ip({b"x-forwarded-for": b"203.0.113.5, garbage"}, "203.0.113.5")
-    # whatever the chain says, the identity is the peer's: nothing the sender chose
-    assert i.identify({b"x-forwarded-for": b"10.9.9.9, 203.0.113.5"}, "203.0.113.5") == (
+        i.client_ip({xff: b"203.0.113.5, garbage"}, "203.0.113.5", **applied)
+    # whatever the chain says, the identity is the peer's
+    assert i.identify({xff: b"10.9.9.9, 203.0.113.5"}, "203.0.113.5", **applied) == (
         i.identify({}, "203.0.113.5")
     )

@@ -194,3 +194,21 @@ def test_a_counters_increments_reach_it_as_one_sum(monkeypatch: pytest.MonkeyPat
     assert raw(counter) == 150.0
     # histogram observations are not summed: each keeps its bucket
     assert metrics.registry.get_sample_value("guard_overhead_seconds_count", {"policy": "p"}) == 100
+
+
+def test_a_counter_update_that_is_not_a_number_costs_only_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, counter = _counter()
+    tally = Tally()
+
+    async def scenario() -> None:
+        tally.add(counter.inc, 1.0)
+        tally.add(counter.inc, None)  # type: ignore[arg-type]
+        tally.add(counter.inc, 2.0)
+
+    asyncio.run(scenario())
+    with caplog.at_level("ERROR", logger="guard"):
+        tally.flush()
+    assert raw(counter) == 3.0
+    assert any("metric update" in r.getMessage() for r in caplog.records)

@@ -253,3 +253,91 @@ def test_forked_worker_draws_its_own_request_ids() -> None:
     os.waitpid(pid, 0)
     parent = next(ids)
     assert len(child) == 24 and child != parent
+
+
+def _odd_receive(first: Any) -> Any:
+    """A receive whose first call gives ``first`` (or raises it), then the plain body."""
+    calls = 0
+
+    async def receive() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            if isinstance(first, BaseException):
+                raise first
+            return first
+        return {"type": "http.request", "body": PLAIN, "more_body": False}
+
+    return receive
+
+
+@pytest.mark.parametrize(
+    ("first", "headers", "internal"),
+    [
+        (OSError("connection reset"), [JSON_CT], 1),  # receive() itself fails
+        (None, [JSON_CT], 1),  # not a message
+        ({"type": "http.request", "body": None}, [JSON_CT], 0),  # read as empty: a 400
+        ({"type": "http.request", "body": PLAIN}, [JSON_CT, (b"content-length", 5)], 1),
+        ({"type": "http.request", "body": PLAIN}, [JSON_CT, (b"content-type",)], 1),
+    ],
+    ids=["receive-raises", "none-message", "none-body", "int-length", "one-item-header"],
+)
+def test_broken_server_input_gets_the_full_paths_failure_handling(
+    first: Any, headers: list[Any], internal: int
+) -> None:
+    """What a broken server hands over: the lane must fail exactly as the full path fails."""
+    outcomes = []
+    for mw, echo in lean_and_full():
+        sent: list[Any] = []
+
+        async def send(message: Any, sent: list[Any] = sent) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": V2,
+            "headers": list(headers),
+            "client": ("127.0.0.1", 1),
+        }
+        asyncio.run(mw(scope, _odd_receive(first), send))
+        outcomes.append(
+            (
+                [m.get("status") for m in sent if m["type"] == "http.response.start"],
+                echo.calls,
+                counts(mw.registry),
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][2][("guard_errors", "internal")] == internal  # counted, never raised
+
+
+def test_overhead_is_counted_alike_when_the_app_fails() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("model crashed")
+
+    seen = []
+    for lane in (True, False):
+        mw = GuardMiddleware(failing, config=LEAN, registry=CollectorRegistry())
+        if not lane:
+            mw._lean_policies = frozenset()
+        with pytest.raises(RuntimeError):
+            asyncio.run(drive(mw, V2, PLAIN, headers=[JSON_CT]))
+        seen.append(counts(mw.registry))
+    assert seen[0] == seen[1]
+    assert seen[0][("overhead_count",)] == 1
+
+
+def test_request_id_when_the_generator_is_busy_in_another_thread() -> None:
+    """Two threads on one middleware: the loser draws its id straight from the OS."""
+    (mw, _), _ = lean_and_full()
+
+    def busy() -> str:
+        raise ValueError("generator already executing")
+
+    mw._request_id = busy
+    res = request(mw, V2, PLAIN, headers=[JSON_CT])
+    rid = res.header(b"x-request-id")
+    assert res.status == 200 and len(rid) == 1 and len(rid[0]) == 24
+    int(rid[0], 16)

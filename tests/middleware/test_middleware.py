@@ -655,7 +655,7 @@ def test_metrics_allow_from_follows_trusted_proxies(
 
 
 def test_metrics_from_a_unix_socket_and_for_everyone(registry: CollectorRegistry) -> None:
-    """No client address (a unix socket) is local; ``0.0.0.0/0`` opens the endpoint."""
+    """No client address (a unix socket behind a proxy): no endpoint; ``0.0.0.0/0`` opens it."""
 
     async def scrape(mw: GuardMiddleware, client: tuple[str, int] | None) -> bytes:
         sent: list[Any] = []
@@ -670,7 +670,7 @@ def test_metrics_from_a_unix_socket_and_for_everyone(registry: CollectorRegistry
             "type": "http",
             "method": "GET",
             "path": "/metrics",
-            "headers": [],
+            "headers": [(b"x-forwarded-for", b"203.0.113.5")] if client is None else [],
             "client": client,
         }
         await mw(scope, receive, send)
@@ -678,13 +678,15 @@ def test_metrics_from_a_unix_socket_and_for_everyone(registry: CollectorRegistry
 
     echo = EchoApp()
     closed = GuardMiddleware(echo, config={"audit": {"enabled": False}}, registry=registry)
-    assert b"guard_requests_total" in asyncio.run(scrape(closed, None))
+    assert b"guard_requests_total" in asyncio.run(scrape(closed, ("127.0.0.1", 1)))
+    assert b"guard_requests_total" not in asyncio.run(scrape(closed, None))
     assert b"guard_requests_total" not in asyncio.run(scrape(closed, ("198.51.100.1", 1)))
     opened = GuardMiddleware(
         echo,
         config={"audit": {"enabled": False}, "metrics": {"allow_from": ["0.0.0.0/0", "::/0"]}},
         registry=CollectorRegistry(),
     )
+    assert b"guard_requests_total" not in asyncio.run(scrape(opened, None))
     assert b"guard_requests_total" in asyncio.run(scrape(opened, ("198.51.100.1", 1)))
 
 
