@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import numpy as np
-import orjson
 from numpy.typing import NDArray
 
 from guard.config import LimitsConfig
@@ -30,17 +29,11 @@ from middleware._tensor import (
     valid_without_numpy,
 )
 
-__all__ = ["parse_oip", "plain_rows"]
+__all__ = ["parse_oip"]
 
 _MAX_DIMS = 32
 _NUMBER = frozenset({int, float})
 _NUMBER_OR_BOOL = frozenset({int, float, bool})
-_INT = frozenset({int})
-#: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
-_PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
-_PLAIN_DOC_KEYS = frozenset({"inputs", "id"})
-_R, _L = ord("r"), ord("l")
-_PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
 
 
 def _dims(shape: object) -> list[int]:
@@ -200,65 +193,3 @@ def parse_oip(
         extra["binary_output"] = True
     return ParsedRequest("oip_v2", rows, text_tuple, n_rows, extra)
 
-
-def plain_rows(body: bytes, limits: LimitsConfig) -> int | None:
-    """The row count of a plain OIP v2 JSON request, or ``None``: ask :func:`parse_oip`.
-
-    A plain request is a JSON object holding ``inputs`` (and at most a string
-    ``id``) whose one input tensor has only ``name`` (a string), ``shape``,
-    ``datatype`` (numeric, not ``BOOL``) and ``data``: a flat list of numbers
-    matching the shape, under every limit. That is how OIP clients usually send
-    a batch, and for it the whole verdict takes a few C calls: the middleware's
-    lean lane (a policy without detectors) runs this and nothing else.
-
-    The function only ever *accepts*: for any other body, valid or not, it
-    returns ``None`` and the caller runs the full parser, which gives the exact
-    verdict and refusal reason. Whatever it accepts, ``parse_request`` on an OIP
-    v2 path accepts too, with the same ``n_rows``, no texts and no extras (a
-    differential test holds it to that). It never raises.
-    """
-    # a plain document nests exactly 4 deep (object, inputs, tensor, data)
-    if len(body) > limits.max_body_bytes or limits.max_json_depth < 4:
-        return None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None  # the full reading classifies the refusal (or accepts what only json reads)
-    try:
-        if type(doc) is not dict or not doc.keys() <= _PLAIN_DOC_KEYS:
-            return None
-        inputs = doc.get("inputs")
-        if type(inputs) is not list or len(inputs) != 1:
-            return None
-        tensor = inputs[0]
-        if type(tensor) is not dict or not tensor.keys() <= _PLAIN_TENSOR_KEYS:
-            return None
-        shape = tensor.get("shape")
-        if (
-            tensor.get("datatype") not in _PLAIN_DATATYPES
-            or type(shape) is not list
-            or type(tensor.get("name", "")) is not str
-            or type(doc.get("id", "")) is not str
-            or len(shape) > _MAX_DIMS
-            or not set(map(type, shape)) <= _INT
-            or (shape and min(shape) < 0)
-        ):
-            return None
-        count = math.prod(shape)
-        data: Any = tensor.get("data")
-        if count == 0 or len(data) != count or _R in body or _L in body:
-            # (every JSON true holds an "r" and every false an "l"; a plain document's
-            # keys and numbers hold neither, so a body without both holds no booleans;
-            # an int operand makes the search one memchr)
-            return None
-        # a string, null, list or object among the numbers raises TypeError; and orjson
-        # yields finite numbers only (it refuses 1e999, NaN and Infinity, and reads
-        # integers past 64 bits as floats), so numbers-only data is finite data
-        sum(data)
-        # the matrix finish_rows would build: 0-D is one value, 1-D one row, else batch x rest
-        n_rows: int = shape[0] if len(shape) >= 2 else 1
-        if n_rows > limits.max_rows or count // n_rows > limits.max_features:
-            return None
-        return n_rows
-    except TypeError:  # an unhashable datatype, a string or object where numbers belong
-        return None

@@ -35,7 +35,7 @@ from guard.identity import ClientId
 from guard.pipeline import FailClosed, Guard
 from guard.policy import CompiledPolicy
 from middleware._body import BodyReader, ClientDisconnected
-from middleware._oip import plain_rows
+from middleware._plain import READERS
 from middleware._responder import Responder
 from middleware._responses import send_error
 from middleware.adapters import ParsedRequest, detect_format, parse_request, parse_response
@@ -62,6 +62,8 @@ _LEAN = "lean"
 _GUARDED = "guarded"
 #: distinct (method, path) pairs whose route is remembered
 _ROUTE_MEMO = 1024
+#: a route: its kind, its policy, and on the lean lane the format the path names
+_Route = tuple[str, CompiledPolicy | None, str]
 
 #: encoded names of the detectors' response headers (a handful, from code: RateLimit...)
 _HEADER_NAMES: dict[str, bytes] = {}
@@ -115,8 +117,8 @@ class GuardMiddleware:
         # policies whose every request is either refused or let through untouched: no
         # detectors, no quarantine, answers neither rewritten nor watched (lean lane, __call__)
         self._tally = self.guard.metrics.tally
-        self._routes: dict[tuple[str, str], tuple[str, CompiledPolicy | None]] = {}
-        self._lean_updates: dict[str, tuple[Any, ...]] = {}
+        self._routes: dict[tuple[str, str], _Route] = {}
+        self._lean_updates: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._lean_policies = frozenset(
             p.name
             for p in self.guard.policies
@@ -135,7 +137,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         key = (scope["method"], scope["path"])
-        kind, policy = self._routes.get(key) or self._route(key)
+        kind, policy, fmt = self._routes.get(key) or self._route(key)
         if kind is _METRICS:
             if self._may_scrape(scope):
                 # this process's deferred updates first (a multiprocess scrape reads files)
@@ -143,7 +145,7 @@ class GuardMiddleware:
                 await serve_metrics(self.guard.metrics.registry, send)
                 return
             # not for this client: as if there were no endpoint here
-            kind, policy = self._policy_route(*key)
+            kind, policy, fmt = self._policy_route(*key)
         try:
             request_id = self._request_id()
         except ValueError:  # the generator is busy in another thread: draw one alone
@@ -162,7 +164,7 @@ class GuardMiddleware:
             # The lean lane, inline to spare a coroutine per request. A policy without
             # detectors, quarantine or rewriting only ever refuses or passes a request
             # on untouched. A plain request (one JSON message, no repeated or identity
-            # headers, a flat numeric tensor under the limits: see plain_rows) is
+            # headers, a body one of middleware._plain's readers accepts) is
             # accepted here in a few C calls, and the consumed message replayed as it
             # came. Everything else, valid or not, goes to _guarded for the exact
             # verdict: this lane only accepts, and only what _guarded accepts. It needs
@@ -201,7 +203,7 @@ class GuardMiddleware:
                 and type(body := message.get("body", b"")) is bytes
             ):
                 try:
-                    n_rows = plain_rows(body, self._limits)
+                    n_rows = READERS[fmt](body, self._limits)
                 except Exception:  # an adapter bug: counted, and the full path decides
                     self.guard.count_error("parse")
                     log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
@@ -210,10 +212,10 @@ class GuardMiddleware:
                 await self._guarded(policy, scope, replay, send, request_id, started)
                 return
             try:
-                updates = self._lean_updates.get(policy.name)
+                updates = self._lean_updates.get((policy.name, fmt))
                 if updates is None:
-                    updates = self._lean_updates[policy.name] = _lean_updates(
-                        self.guard.allowed_updates(policy, "oip_v2")
+                    updates = self._lean_updates[(policy.name, fmt)] = _lean_updates(
+                        self.guard.allowed_updates(policy, fmt)
                     )
                 if updates:
                     counted, format_counted, rows, overhead = updates
@@ -228,33 +230,36 @@ class GuardMiddleware:
             return
         await self._guarded(policy, scope, receive, send, request_id)
 
-    def _route(self, key: tuple[str, str]) -> tuple[str, CompiledPolicy | None]:
+    def _route(self, key: tuple[str, str]) -> _Route:
         """What a ``(method, path)`` is to the guard, and its policy; remembered (bounded).
 
         ``metrics`` (the endpoint), ``unguarded`` (no policy), ``passthrough``
-        (count only), ``lean`` (the lean lane first: no detectors, an OIP v2 path)
-        or ``guarded``. Paths are client-chosen: past :data:`_ROUTE_MEMO` entries
+        (count only), ``lean`` (the lean lane first: no detectors, and a path
+        naming a format with a plain reader, given as the third element) or
+        ``guarded``. Paths are client-chosen: past :data:`_ROUTE_MEMO` entries
         the memo stops growing and further paths are looked up afresh.
         """
         method, path = key
         if path == self._metrics_path and method in ("GET", "HEAD"):
-            route: tuple[str, CompiledPolicy | None] = (_METRICS, None)
+            route: _Route = (_METRICS, None, "")
         else:
             route = self._policy_route(method, path)
         if len(self._routes) < _ROUTE_MEMO:
             self._routes[key] = route
         return route
 
-    def _policy_route(self, method: str, path: str) -> tuple[str, CompiledPolicy | None]:
+    def _policy_route(self, method: str, path: str) -> _Route:
         """The route of a request that is not a scrape of the metrics endpoint."""
         policy = self.guard.match(method, path)
         if policy is None:
-            return (_UNGUARDED, None)
+            return (_UNGUARDED, None, "")
         if policy.passthrough and not self.guard.quarantine_enabled:
-            return (_PASSTHROUGH, policy)
-        if policy.name in self._lean_policies and detect_format(path) == "oip_v2":
-            return (_LEAN, policy)
-        return (_GUARDED, policy)
+            return (_PASSTHROUGH, policy, "")
+        if policy.name in self._lean_policies:
+            fmt = detect_format(path)
+            if fmt in READERS:
+                return (_LEAN, policy, fmt)
+        return (_GUARDED, policy, "")
 
     def _may_scrape(self, scope: Scope) -> bool:
         """Whether the client may read the metrics: its address is in ``metrics.allow_from``.

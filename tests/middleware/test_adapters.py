@@ -1093,7 +1093,7 @@ def _plain_variants(r: random.Random) -> list[bytes]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: int) -> None:
     """The lean lane's reading: an acceptance must be the full parser's, row count included."""
-    from middleware._oip import plain_rows
+    from middleware._plain import plain_oip_rows as plain_rows
 
     limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
     accepted = refused_by_full = 0
@@ -1116,7 +1116,7 @@ def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: 
 
 
 def test_plain_rows_takes_the_usual_encodings() -> None:
-    from middleware._oip import plain_rows
+    from middleware._plain import plain_oip_rows as plain_rows
 
     limits = LimitsConfig()
     for shape, n_rows in (([1, 64], 1), ([4, 16], 4), ([64], 1), ([2, 4, 8], 2)):
@@ -1143,3 +1143,73 @@ def test_orjson_yields_finite_numbers_only() -> None:
     # past float64's range an integer is refused, not read as infinity
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(b"[" + b"9" * 400 + b"]")
+
+
+def _kserve_variants(r: random.Random) -> list[bytes]:
+    rows = [[1, 2.5, 3], [4, 5, 6e10]]
+    docs: list[Any] = [
+        {"instances": rows},
+        {"instances": rows[:1]},
+        {"instances": [[0.5] * 100]},
+        {"instances": [[0.5] * 101]},
+        {"instances": [[1.0]] * 8},
+        {"instances": [[1.0]] * 9},
+        {"instances": [[1, 2], [3]]},
+        {"instances": [[]]},
+        {"instances": []},
+        {"instances": [1, 2, 3]},
+        {"instances": [[1, [2]], [3, 4]]},
+        {"instances": [[1, "2"], [3, 4]]},
+        {"instances": [[1, None], [3, 4]]},
+        {"instances": [[1, True], [3, 4]]},
+        {"instances": [["a", "b"]]},
+        {"instances": [{"b64": "AAAA"}]},
+        {"instances": [[1e308, 1e308]]},
+        {"instances": [[[1, 2]], [[3, 4]]]},
+        {"instances": rows, "parameters": {"x": 1}},
+        {"instances": rows, "deep": [[[[[[[[[1]]]]]]]]]},
+        {"instances": rows, "id": "r1"},
+        {"instances": [{"a": 1, "b": 2}, {"a": 1, "b": 2}]},
+        {"instances": ["ab", "cd"]},
+        {"instances": [[True, False]]},
+        {"inputs": rows},
+        {"examples": [1, 2]},
+        [[1, 2]],
+    ]
+    docs += [_mutated(r, d) for d in docs[:6] for _ in range(15)]
+    bodies = [json.dumps(d).encode() for d in docs]
+    plain = json.dumps({"instances": rows}).encode()
+    bodies += [b"\xef\xbb\xbf" + plain, plain.replace(b"2.5", b"1e999"), plain[:-2]]
+    for _ in range(200):
+        b = bytearray(plain)
+        b[r.randrange(len(b))] = r.choice(b'0123456789[]{},."e-+ aTx')
+        bodies.append(bytes(b))
+    return bodies
+
+
+@pytest.mark.parametrize("depth", [8, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
+    seed: int, depth: int
+) -> None:
+    from middleware._plain import plain_kserve_rows
+
+    limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
+    accepted = refused_by_full = 0
+    for body in _kserve_variants(random.Random(seed)):
+        n_rows = plain_kserve_rows(body, limits)
+        try:
+            full = parse_request(
+                body, path="/v1/models/m:predict", content_type=JSON, headers={}, limits=limits
+            )
+        except PayloadError:
+            full = None
+        if n_rows is None:
+            refused_by_full += full is None
+            continue
+        accepted += 1
+        assert full is not None, body
+        assert (full.fmt, full.n_rows, full.texts, full.extra) == ("kserve_v1", n_rows, (), {}), (
+            body
+        )
+    assert accepted >= (5 if depth >= 3 else 0) and refused_by_full >= 20

@@ -24,6 +24,7 @@ from middleware.asgi import GuardMiddleware, _request_ids
 from tests.conftest import sample
 from tests.middleware.test_fuzz import (
     JSON_CT,
+    V1,
     V2,
     Echo,
     Result,
@@ -43,6 +44,7 @@ LEAN: dict[str, Any] = {
 PLAIN = json.dumps(
     {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5.5, 6]}]}
 ).encode()
+PLAIN_V1 = json.dumps({"instances": [[1, 2, 3], [4, 5.5, 6]]}).encode()
 
 
 def lean_and_full() -> tuple[tuple[GuardMiddleware, Echo], tuple[GuardMiddleware, Echo]]:
@@ -101,8 +103,8 @@ def test_lane_gives_the_full_paths_verdict_on_hostile_traffic(seed: int) -> None
     plain_accepted = 0
     for i in range(700):
         method, path, headers, chunks = random_request(r)
-        if r.random() < 0.3:  # more of the lane's own shape, mutated or not
-            path = V2
+        if r.random() < 0.3:  # more of the lane's own shapes, mutated or not
+            path = r.choice([V2, V1])
             headers = [JSON_CT, *r.sample(headers, k=len(headers) // 2)]
         if path == "/metrics":
             continue  # its body holds each guard's own timings
@@ -111,7 +113,7 @@ def test_lane_gives_the_full_paths_verdict_on_hostile_traffic(seed: int) -> None
         context = f"request {i}: {method} {path} {headers!r:.200} {b''.join(chunks)!r:.200}"
         assert answer(a) == answer(b), context
         assert a.receives == b.receives, context
-        plain_accepted += a.status == 200 and path == V2 and len(chunks) == 1
+        plain_accepted += a.status == 200 and path in (V1, V2) and len(chunks) == 1
     assert lean_echo.bodies == full_echo.bodies
     assert counts(lean.registry) == counts(full.registry)
     # the comparison means something only if the lane took part
@@ -142,24 +144,32 @@ def test_plain_request_skips_the_full_parser(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(asgi_module, "parse_request", refuse)
     (lean, echo), _ = lean_and_full()
     assert request(lean, V2, PLAIN, headers=[JSON_CT]).status == 200
-    assert calls == [] and echo.bodies == [PLAIN]
+    assert request(lean, V1, PLAIN_V1, headers=[JSON_CT]).status == 200
+    assert calls == [] and echo.bodies == [PLAIN, PLAIN_V1]
     # not plain: an extra top-level key the lane leaves to the full parser
     with_outputs = json.loads(PLAIN)
     with_outputs["outputs"] = [{"name": "label"}]
     res = request(lean, V2, json.dumps(with_outputs).encode(), headers=[JSON_CT])
-    assert res.status == 400 and calls == ["/v2/models/m/infer"]
+    assert res.status == 400 and calls == [V2]
+    flat = request(lean, V1, b'{"instances": [1, 2]}', headers=[JSON_CT])
+    assert flat.status == 400 and calls == [V2, V1]
 
 
-def test_lane_counts_what_the_full_path_counts() -> None:
-    (lean, echo), _ = lean_and_full()
+@pytest.mark.parametrize(
+    ("path", "body", "fmt"), [(V2, PLAIN, "oip_v2"), (V1, PLAIN_V1, "kserve_v1")]
+)
+def test_lane_counts_what_the_full_path_counts(path: str, body: bytes, fmt: str) -> None:
+    (lean, echo), (full, _) = lean_and_full()
     reg = lean.registry
     for _ in range(3):
-        assert request(lean, V2, PLAIN, headers=[JSON_CT]).status == 200
+        assert request(lean, path, body, headers=[JSON_CT]).status == 200
+        assert request(full, path, body, headers=[JSON_CT]).status == 200
     assert sample(reg, "guard_requests_total", policy="inference", decision="allow") == 3
     assert sample(reg, "guard_rows_total", policy="inference", decision="allow") == 6
-    assert sample(reg, "guard_payloads_total", policy="inference", format="oip_v2") == 3
+    assert sample(reg, "guard_payloads_total", policy="inference", format=fmt) == 3
     assert sample(reg, "guard_overhead_seconds_count", policy="inference") == 3
-    assert echo.bodies == [PLAIN] * 3
+    assert echo.bodies == [body] * 3
+    assert counts(reg) == counts(full.registry)
 
 
 @pytest.mark.parametrize(

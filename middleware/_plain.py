@@ -1,0 +1,133 @@
+"""Plain requests: the few shapes most clients send, read in a few C calls.
+
+The middleware's lean lane (a policy without detectors, quarantine or
+rewriting) runs one of these readers and nothing else on a request whose
+format the path names. A reader only ever *accepts*: for any other body,
+valid or not, it returns ``None`` and the caller runs the full parser
+(:func:`middleware.adapters.parse_request`), which gives the exact verdict and
+refusal reason. Whatever a reader accepts, the full parser accepts too, with
+the same row count, no texts and no extras; differential tests over valid,
+mutated and damaged bodies hold them to that.
+
+Three facts keep the readers short:
+
+* orjson yields finite numbers only (it refuses ``1e999``, ``NaN`` and
+  ``Infinity``, and reads integers past 64 bits as floats; a test pins this),
+  so numbers-only data is finite data;
+* ``sum`` over the data raises ``TypeError`` at the first string, null, list
+  or object among the numbers;
+* every JSON ``true`` holds an ``r`` and every ``false`` an ``l``, and a plain
+  document's keys and numbers hold neither: a body without both bytes holds no
+  booleans (an ``int`` operand makes each search one ``memchr``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from guard.config import LimitsConfig
+from middleware._binary import NUMPY_DTYPES
+
+__all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
+
+_MAX_DIMS = 32  # as middleware._oip
+_INT = frozenset({int})
+#: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
+_PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
+_PLAIN_DOC_KEYS = frozenset({"inputs", "id"})
+_PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_R, _L = ord("r"), ord("l")
+
+
+def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
+    """The row count of a plain OIP v2 JSON request, or ``None``: ask the full parser.
+
+    A plain request is a JSON object holding ``inputs`` (and at most a string
+    ``id``) whose one input tensor has only ``name`` (a string), ``shape``,
+    ``datatype`` (numeric, not ``BOOL``) and ``data``: a flat list of numbers
+    matching the shape, under every limit. That is how OIP clients usually send
+    a batch. Whatever it accepts, ``parse_request`` on an OIP v2 path accepts
+    too, with the same ``n_rows``, no texts and no extras. It never raises.
+    """
+    # a plain document nests exactly 4 deep (object, inputs, tensor, data)
+    if len(body) > limits.max_body_bytes or limits.max_json_depth < 4:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # the full reading classifies the refusal (or accepts what only json reads)
+    try:
+        if type(doc) is not dict or not doc.keys() <= _PLAIN_DOC_KEYS:
+            return None
+        inputs = doc.get("inputs")
+        if type(inputs) is not list or len(inputs) != 1:
+            return None
+        tensor = inputs[0]
+        if type(tensor) is not dict or not tensor.keys() <= _PLAIN_TENSOR_KEYS:
+            return None
+        shape = tensor.get("shape")
+        if (
+            tensor.get("datatype") not in _PLAIN_DATATYPES
+            or type(shape) is not list
+            or type(tensor.get("name", "")) is not str
+            or type(doc.get("id", "")) is not str
+            or len(shape) > _MAX_DIMS
+            or not set(map(type, shape)) <= _INT
+            or (shape and min(shape) < 0)
+        ):
+            return None
+        count = math.prod(shape)
+        data: Any = tensor.get("data")
+        if count == 0 or len(data) != count or _R in body or _L in body:
+            return None  # (no booleans: see the module docstring)
+        sum(data)  # numbers only, hence finite
+        # the matrix finish_rows would build: 0-D is one value, 1-D one row, else batch x rest
+        n_rows: int = shape[0] if len(shape) >= 2 else 1
+        if n_rows > limits.max_rows or count // n_rows > limits.max_features:
+            return None
+        return n_rows
+    except TypeError:  # an unhashable datatype, a string or object where numbers belong
+        return None
+
+
+def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
+    """The row count of a plain KServe v1 request, or ``None``: ask the full parser.
+
+    A plain request is ``{"instances": [[...], ...]}`` and nothing else: a
+    non-empty list of rows of numbers (or booleans), all of one width, within
+    ``max_rows`` and ``max_features``. Whatever it accepts, ``parse_request`` on a KServe v1 path
+    accepts too, as ``kserve_v1`` with the same ``n_rows``. It never raises.
+    """
+    # a plain document nests exactly 3 deep (object, instances, row)
+    if len(body) > limits.max_body_bytes or limits.max_json_depth < 3:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    try:
+        if type(doc) is not dict or len(doc) != 1:
+            return None
+        instances: Any = doc.get("instances")
+        if type(instances) is not list:
+            return None
+        # one width for every row (an empty list has none); a row that is not a list
+        # of numbers (booleans count as numbers here, as the full parser reads them)
+        # makes len or sum raise TypeError
+        widths = set(map(len, instances))
+        n_rows = len(instances)
+        if len(widths) != 1 or n_rows > limits.max_rows:
+            return None
+        (width,) = widths
+        if not 1 <= width <= limits.max_features:
+            return None
+        sum(map(sum, instances))  # numbers only, hence finite
+        return n_rows
+    except TypeError:
+        return None
+
+#: the plain reader of each format that has one
+READERS = {"oip_v2": plain_oip_rows, "kserve_v1": plain_kserve_rows}
