@@ -1,6 +1,6 @@
 """The guard's added latency at two git revisions, measured side by side in one run.
 
-Run: ``python benchmarks/overhead_ab.py --base REV [--head REV] [--quick]``
+Run: ``python benchmarks/overhead_ab.py --base REV [--head REV] [--quick] [--protocol P]``
 
 On this shared host the same code measures 40-100 µs apart from one hour to the
 next, so a before/after claim needs both revisions measured in the same run.
@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +50,20 @@ from benchmarks._harness import (
 from benchmarks.overhead import PATH, request_body
 
 VARIANTS = ("bare", "bare_again", "guarded")
+
+
+def _kserve_request() -> tuple[str, bytes]:
+    from middleware.demo import train_digits_model
+
+    row = train_digits_model().X_test[0].astype(float).tolist()
+    return "/v1/models/digits:predict", json.dumps({"instances": [row]}).encode()
+
+
+#: the request each protocol sends: (path, body)
+PROTOCOLS: dict[str, Callable[[], tuple[str, bytes]]] = {
+    "oip_v2": lambda: (PATH, request_body()),
+    "kserve_v1": _kserve_request,
+}
 @contextlib.contextmanager
 def checkout(rev: str | None) -> Iterator[tuple[Path, str]]:
     """A directory holding ``rev`` (``None``: the working tree), and its short hash."""
@@ -77,11 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", required=True, help="the earlier revision (any git rev)")
     parser.add_argument("--head", default=None, help="the later revision (default: working tree)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="oip_v2",
+        help="the request: OIP v2 (default) or KServe v1, one 64-feature row",
+    )
     args = parser.parse_args(argv)
     rounds, n = (2, 200) if args.quick else (6, 500)
-    body = request_body()
+    path, body = PROTOCOLS[args.protocol]()
     started = time.time()
-    paths = {v: f"/{v}{PATH}" for v in VARIANTS}
+    paths = {v: f"/{v}{path}" for v in VARIANTS}
     bench_dir = str(Path(__file__).resolve().parent)
     added: dict[str, list[float]] = {}
     noise: dict[str, list[float]] = {}
@@ -112,10 +133,13 @@ def main(argv: list[str] | None = None) -> None:
                     a - b for a, b in zip(lat["bare_again"], lat["bare"], strict=True)
                 )
     lines = [
-        "## Guard overhead at two revisions (A/B)",
+        "## Guard overhead at two revisions (A/B"
+        f"{', KServe v1' if args.protocol == 'kserve_v1' else ''})",
         "",
         f"- command: `python benchmarks/overhead_ab.py --base {args.base}"
-        f"{f' --head {args.head}' if args.head else ''}{' --quick' if args.quick else ''}`",
+        f"{f' --head {args.head}' if args.head else ''}{' --quick' if args.quick else ''}"
+        f"{f' --protocol {args.protocol}' if args.protocol != 'oip_v2' else ''}`",
+        f"- request: `POST {path}`, one 64-feature row",
         f"- machine: {machine()}",
         f"- date: {today()}; took {time.time() - started:.0f} s",
         f"- method: see the script's docstring; {rounds} rounds of {n} alternating requests "
@@ -133,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     text = "\n".join(lines)
     print(text)
-    write_section("overhead-ab", text)
+    write_section("overhead-ab" if args.protocol == "oip_v2" else "overhead-ab-kserve", text)
 
 
 if __name__ == "__main__":
