@@ -114,8 +114,9 @@ class GuardMiddleware:
         self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
         # request ids must not count requests for the client (a counter leaks volume)
         self._request_id = _request_ids().__next__
-        # policies whose every request is either refused or let through untouched: no
-        # detectors, no quarantine, answers neither rewritten nor watched (lean lane, __call__)
+        # policies whose every request is either refused or let through (its answer
+        # perhaps rounded): no detectors, no quarantine, answers never watched (the lean
+        # lane in __call__)
         self._tally = self.guard.metrics.tally
         self._routes: dict[tuple[str, str], _Route] = {}
         self._lean_updates: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -124,7 +125,7 @@ class GuardMiddleware:
             for p in self.guard.policies
             if p.allow is not None
             and p.config.validate
-            and not (p.rewrites or p.observes or p.passthrough)
+            and not (p.observes or p.passthrough)
             and not self.guard.quarantine_enabled
         )
 
@@ -162,14 +163,15 @@ class GuardMiddleware:
             return
         if kind is _LEAN:
             # The lean lane, inline to spare a coroutine per request. A policy without
-            # detectors, quarantine or rewriting only ever refuses or passes a request
-            # on untouched. A plain request (one JSON message, no repeated or identity
-            # headers, a body one of middleware._plain's readers accepts) is
-            # accepted here in a few C calls, and the consumed message replayed as it
-            # came. Everything else, valid or not, goes to _guarded for the exact
-            # verdict: this lane only accepts, and only what _guarded accepts. It needs
-            # no client identity (nothing here is per client); a request with identity
-            # headers takes the full path, so a bad credential is refused as ever.
+            # detectors or quarantine only ever refuses a request or passes it on
+            # (its answer rounded, with degrade.always). A plain request (one JSON
+            # message, no repeated or identity headers, a body one of
+            # middleware._plain's readers accepts) is accepted here in a few C calls,
+            # and the consumed message replayed as it came. Everything else, valid or
+            # not, goes to _guarded for the exact verdict: this lane only accepts, and
+            # only what _guarded accepts. It needs no client identity (nothing here is
+            # per client); a request with identity headers takes the full path, so a
+            # bad credential is refused as ever.
             started = time.perf_counter()
             raw: Any = scope.get("headers")
             try:
@@ -219,12 +221,32 @@ class GuardMiddleware:
                     )
                 if updates:
                     counted, format_counted, rows, overhead = updates
-                    seconds = time.perf_counter() - started
-                    self._tally.add_all(
-                        (counted, format_counted, (rows, n_rows), (overhead, seconds))
-                    )
+                    if policy.rewrites:  # the overhead includes rewriting the answer
+                        self._tally.add_all((counted, format_counted, (rows, n_rows)))
+                    else:
+                        seconds = time.perf_counter() - started
+                        self._tally.add_all(
+                            (counted, format_counted, (rows, n_rows), (overhead, seconds))
+                        )
             except Exception:
                 await self._internal_failure(policy, scope, replay, send, request_id)
+                return
+            if policy.rewrites:
+                # every answer rounded (degrade.always): the Responder's work, as ever
+                assert policy.allow is not None  # a lean policy has no detectors
+                parsed = ParsedRequest(fmt, None, n_rows=n_rows)
+                await self._forward(
+                    policy,
+                    scope,
+                    replay,
+                    send,
+                    request_id,
+                    policy.allow,
+                    parsed,
+                    query=None,
+                    client=None,
+                    started=started,
+                )
                 return
             await self.app(scope, replay, _with_request_id(send, request_id))
             return
@@ -411,12 +433,14 @@ class GuardMiddleware:
         decision: Decision,
         parsed: ParsedRequest | None,
         query: Query | None,
-        client: ClientId,
+        client: ClientId | None,
         started: float,
     ) -> None:
         guard = self.guard
         degrade = self._degrade_spec(policy, decision)
-        observe = policy.observes and parsed is not None and query is not None
+        observe = (
+            policy.observes and parsed is not None and query is not None and client is not None
+        )
         if degrade is None and not observe and not decision.headers:
             # nothing to watch, rewrite or add but the request id: the guard's work is done
             guard.observe_overhead(policy.name, time.perf_counter() - started)
@@ -458,7 +482,7 @@ class GuardMiddleware:
                 if responder.too_large
                 else ("unparsed" if responder.rewrite_failed else "passed_through"),
             )
-        if observe and parsed is not None and query is not None:
+        if observe and parsed is not None and query is not None and client is not None:
             body = responder.body
             answer: Answer | None = None
             if body is not None:

@@ -993,7 +993,9 @@ def test_no_raw_secret_or_payload_in_audit_log_or_logs(
                 res = request(mw, path, body, headers=[JSON_CT, credential, *extra])
                 statuses.add(res.status)
                 assert SECRET_KEY not in res.body and SECRET_TOKEN not in res.body
-                assert b"4242" not in res.body or res.status == 200
+                # the payload is never quoted (the random request id is taken out first)
+                quoted = res.body.replace(res.header(b"x-request-id")[0], b"")
+                assert b"4242" not in quoted or res.status == 200
     # once quarantined, a client is refused before its body is parsed: 403, not 400
     assert 200 in statuses and statuses & {403, 429}, statuses
     mw.guard.audit.close()
