@@ -19,6 +19,12 @@ Three facts keep the readers short:
 * every JSON ``true`` holds an ``r`` and every ``false`` an ``l``, and a plain
   document's keys and numbers hold neither: a body without both bytes holds no
   booleans (an ``int`` operand makes each search one ``memchr``).
+
+And one trap: orjson keeps the last of two equal keys, so the decoded document
+need not show all the body holds (``{"instances": [[[...deep...]]],
+"instances": [[1]]}`` decodes as plain). A reader therefore counts the body's
+opening brackets, which must be exactly those of the document it accepted: no
+value it did not see can hide past the nesting limit.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ _PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
 _PLAIN_DOC_KEYS = frozenset({"inputs", "id"})
 _PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
 _R, _L = ord("r"), ord("l")
+_OPEN_LIST, _OPEN_OBJECT = ord("["), ord("{")
 
 
 def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
@@ -88,6 +95,8 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
         n_rows: int = shape[0] if len(shape) >= 2 else 1
         if n_rows > limits.max_rows or count // n_rows > limits.max_features:
             return None
+        if body.count(_OPEN_LIST) != 3 or body.count(_OPEN_OBJECT) != 2:
+            return None  # brackets the document does not show (see the module docstring)
         return n_rows
     except TypeError:  # an unhashable datatype, a string or object where numbers belong
         return None
@@ -125,6 +134,8 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         if not 1 <= width <= limits.max_features:
             return None
         sum(map(sum, instances))  # numbers only, hence finite
+        if body.count(_OPEN_LIST) != 1 + n_rows or body.count(_OPEN_OBJECT) != 1:
+            return None  # brackets the document does not show (see the module docstring)
         return n_rows
     except TypeError:
         return None

@@ -1080,6 +1080,12 @@ def _plain_variants(r: random.Random) -> list[bytes]:
         b" \n" + plain,
         plain[:-1],
         plain.replace(b'"inputs"', b'"inputs": [], "inputs"'),
+        # duplicate keys: orjson keeps the last, the depth limit counts them all
+        plain.replace(b'{"inputs"', b'{"inputs": ' + b"[" * 12 + b"]" * 12 + b', "inputs"'),
+        plain.replace(b'"data"', b'"data": ' + b"[" * 12 + b"]" * 12 + b', "data"'),
+        plain.replace(b'"name"', b'"name": ' + b"{" * 5 + b"}" * 5 + b', "name"'),
+        plain.replace(b'"name"', b'"name": "x", "name"'),
+        plain.replace(b'"x"', b'"x[0]{1}"'),
     ]
     for _ in range(200):
         b = bytearray(plain)
@@ -1180,6 +1186,13 @@ def _kserve_variants(r: random.Random) -> list[bytes]:
     bodies = [json.dumps(d).encode() for d in docs]
     plain = json.dumps({"instances": rows}).encode()
     bodies += [b"\xef\xbb\xbf" + plain, plain.replace(b"2.5", b"1e999"), plain[:-2]]
+    # duplicate keys: orjson keeps the last, the depth limit counts them all
+    deep = b"[" * 12 + b"1" + b"]" * 12
+    bodies += [
+        b'{"instances": ' + deep + b', "instances": [[1, 2]]}',
+        b'{"instances": [[1, 2]], "instances": [[1, 2]]}',
+        b'{"instances": [[1, 2], [3, 4]], "instances": [[1, 2]]}',
+    ]
     for _ in range(200):
         b = bytearray(plain)
         b[r.randrange(len(b))] = r.choice(b'0123456789[]{},."e-+ aTx')

@@ -370,3 +370,37 @@ def test_request_id_when_the_generator_is_busy_in_another_thread() -> None:
     rid = res.header(b"x-request-id")
     assert res.status == 200 and len(rid) == 1 and len(rid[0]) == 24
     int(rid[0], 16)
+
+
+@CONFIGS
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (V1, b'{"instances": ' + b"[" * 1000 + b"]" * 1000 + b', "instances": [[1, 2]]}'),
+        (
+            V2,
+            PLAIN.replace(b'{"inputs"', b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b', "inputs"'),
+        ),
+    ],
+    ids=["kserve_v1", "oip_v2"],
+)
+def test_duplicate_keys_cannot_hide_a_deep_value(
+    path: str, body: bytes, config: dict[str, Any]
+) -> None:
+    """orjson keeps the last of two equal keys; the depth limit still counts the first."""
+    for mw, echo in lean_and_full(config):
+        res = request(mw, path, body, headers=[JSON_CT])
+        assert res.status == 400 and res.json()["error"]["message"].startswith("JSON nesting")
+        assert echo.calls == 0
+
+
+@CONFIGS
+@pytest.mark.parametrize("peer", [5, "127.0.0.1", ()], ids=["int", "str", "empty"])
+def test_a_broken_servers_client_field_meets_the_full_paths_handling(
+    peer: Any, config: dict[str, Any]
+) -> None:
+    outcomes = []
+    for mw, echo in lean_and_full(config):
+        res = asyncio.run(drive(mw, V2, PLAIN, headers=[JSON_CT], client=peer))
+        outcomes.append((res.status, echo.calls, counts(mw.registry)))
+    assert outcomes[0] == outcomes[1]
