@@ -116,12 +116,12 @@ class GuardMiddleware:
         self._always_specs = {p.name: replace(p.degrade, noise=0.0) for p in self.config.policies}
         # request ids must not count requests for the client (a counter leaks volume)
         self._request_id = _request_ids().__next__
-        # policies whose every request is either refused or let through (its answer
-        # perhaps rounded): no detectors, no quarantine, answers never watched (the lean
-        # lane in __call__)
         self._tally = self.guard.metrics.tally
         self._routes: dict[tuple[str, str], _Route] = {}
         self._lean_updates: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # policies whose every request is either refused or let through (its answer
+        # perhaps rounded): no detectors, no quarantine, answers never watched (the lean
+        # lane in __call__)
         self._lean_policies = frozenset(
             p.name
             for p in self.guard.policies
@@ -211,7 +211,9 @@ class GuardMiddleware:
                     n_rows = READERS[fmt](body, self._limits)
                 except Exception:  # an adapter bug: counted, and the full path decides
                     self.guard.count_error("parse")
-                    log.warning("plain OIP reading failed on policy %s", policy.name, exc_info=True)
+                    log.warning(
+                        "plain %s reader failed on policy %s", fmt, policy.name, exc_info=True
+                    )
             replay = _replay_first(message, receive)
             if n_rows is None:
                 await self._guarded(policy, scope, replay, send, request_id, started)
