@@ -107,8 +107,9 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
 
     A plain request is ``{"instances": [[...], ...]}`` and nothing else: a
     non-empty list of rows of numbers (or booleans), all of one width, within
-    ``max_rows`` and ``max_features``. Whatever it accepts, ``parse_request`` on a KServe v1 path
-    accepts too, as ``kserve_v1`` with the same ``n_rows``. It never raises.
+    ``max_rows`` and ``max_features``. Whatever it accepts, ``parse_request`` on
+    a KServe v1 path accepts too, as ``kserve_v1`` with the same ``n_rows``. It
+    never raises.
     """
     # a plain document nests exactly 3 deep (object, instances, row)
     if len(body) > limits.max_body_bytes or limits.max_json_depth < 3:
