@@ -31,14 +31,15 @@ from middleware._tensor import (
 
 __all__ = ["parse_oip"]
 
-_MAX_DIMS = 32
+#: most dimensions an input's shape may have (the plain reader applies it too)
+MAX_DIMS = 32
 _NUMBER = frozenset({int, float})
 _NUMBER_OR_BOOL = frozenset({int, float, bool})
 
 
 def _dims(shape: object) -> list[int]:
-    if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
-        fail(400, "bad_shape", f"an input's 'shape' must be a list of at most {_MAX_DIMS} integers")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        fail(400, "bad_shape", f"an input's 'shape' must be a list of at most {MAX_DIMS} integers")
     for d in shape:
         if type(d) is not int or d < 0:
             fail(400, "bad_shape", "an input's 'shape' must hold non-negative integers")

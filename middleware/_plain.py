@@ -36,10 +36,10 @@ import orjson
 
 from guard.config import LimitsConfig
 from middleware._binary import NUMPY_DTYPES
+from middleware._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
 
-_MAX_DIMS = 32  # as middleware._oip
 _INT = frozenset({int})
 #: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
 _PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
@@ -81,7 +81,7 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
             or type(shape) is not list
             or type(tensor.get("name", "")) is not str
             or type(doc.get("id", "")) is not str
-            or len(shape) > _MAX_DIMS
+            or len(shape) > MAX_DIMS
             or not set(map(type, shape)) <= _INT
             or (shape and min(shape) < 0)
         ):
