@@ -2,12 +2,18 @@
 
 Each variant wraps the same digits model app, so differences are the wrapper's.
 ``BENCH_CONFIG`` (a path) overrides the guard config where a variant takes one.
+
+:func:`build_sklearn_app` serves any fitted scikit-learn classifier the way the
+demo serves its digits model (Open Inference Protocol v2 JSON, outputs
+``label`` and ``probabilities``, the demo's own request parsing and error
+answers): the attack benchmark's deployments.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +34,101 @@ VALIDATION: dict[str, Any] = {
     "policies": [{"name": "inference", "degrade": {"always": False}}],
     "audit": {"enabled": False},
 }
+
+
+def build_sklearn_app(
+    name: str,
+    predict_proba: Callable[[Any], Any],
+    classes: Sequence[int],
+    n_features: int,
+) -> ASGIApp:
+    """A bare model server for any classifier: ``POST /v2/models/<name>/infer`` (OIP v2 JSON).
+
+    The request is read and checked as ``middleware.demo`` reads its digits requests
+    (one numeric input tensor of shape ``[n, n_features]``, finite values, optional
+    ``outputs`` selection); the answer carries ``label`` (INT64, from ``classes``) and
+    ``probabilities`` (FP32, ``[n, len(classes)]``), as the demo's does. Also
+    ``GET /healthz``.
+    """
+    import math
+
+    import numpy as np
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from middleware import demo
+
+    labels_of = np.asarray(classes, dtype=np.int64)
+    k = int(labels_of.shape[0])
+
+    def rows(payload: dict[str, Any]) -> Any:
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise demo._BadRequest("'inputs' must be a list holding exactly one tensor object")
+        tensor = inputs[0]
+        if tensor.get("datatype") not in demo._NUMERIC_DATATYPES:
+            raise demo._BadRequest("input datatype must be a numeric one")
+        shape = tensor.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or shape[1] != n_features
+            or shape[0] == 0
+        ):
+            raise demo._BadRequest(f"input shape must be [n, {n_features}] with n >= 1")
+        arr = demo._to_array(tensor.get("data"), "input data")
+        if arr.size != math.prod(shape):
+            raise demo._BadRequest(f"input data has {arr.size} values, shape {shape} needs more")
+        arr = arr.reshape(shape)
+        if not np.isfinite(arr).all():
+            raise demo._BadRequest("input must contain only finite numbers")
+        return arr
+
+    async def infer(request: Request) -> Response:
+        try:
+            payload = await demo._read_object(request)
+            X = rows(payload)
+            names = demo._v2_output_names(payload)
+            with np.errstate(all="ignore"):
+                probs = np.asarray(predict_proba(X), dtype=np.float64)
+            if not np.isfinite(probs).all():
+                raise demo._BadRequest("input values are too large for the model")
+        except demo._BadRequest as exc:
+            return demo._error(str(exc))
+        n = X.shape[0]
+        tensors = {
+            "label": {
+                "name": "label",
+                "shape": [n],
+                "datatype": "INT64",
+                "data": labels_of[np.argmax(probs, axis=1)].tolist(),
+            },
+            "probabilities": {
+                "name": "probabilities",
+                "shape": [n, k],
+                "datatype": "FP32",
+                "data": probs.astype(np.float32).ravel().tolist(),
+            },
+        }
+        return demo._json_response(
+            {
+                "model_name": name,
+                "model_version": "1",
+                "id": payload.get("id") if isinstance(payload.get("id"), str) else "",
+                "outputs": [tensors[x] for x in names],
+            }
+        )
+
+    ok = demo._static_json({"status": "ok"})
+    routes = [
+        Route(f"/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/healthz", ok, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: demo._http_error})
 
 
 def validation() -> ASGIApp:

@@ -1,7 +1,8 @@
 """The attacker's view of a deployment: an OIP v2 JSON client that counts rows.
 
 Every attack client talks to the model only through :class:`Oracle`. It sends
-rows in one ``POST /v2/models/digits/infer`` per call, with its own
+rows in one ``POST /v2/models/<name>/infer`` per call (over HTTP to a URL, or
+through an in-process ASGI ``transport``, :class:`~._asgi.InProcess`), with its own
 ``x-api-key`` (or a list of keys used round-robin, one per request, for a
 Sybil attacker), and records each request: the ``x-request-id`` the guard
 returns (which is also the audit line's ``request_id``), how many rows it
@@ -13,6 +14,8 @@ probabilities than its rounding explains, which is how the guard's silent
 ``degrade`` noise shows.
 
 Stdlib ``http.client`` only, so ``guard simulate`` works without the bench extra.
+An oracle's keys can be handed over (``keys``) to make one attacker's requests
+look like many clients.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -31,7 +35,6 @@ from numpy.typing import NDArray
 __all__ = ["V2_PATH", "Oracle", "Refused", "Sent"]
 
 V2_PATH = "/v2/models/digits/infer"
-N_CLASSES = 10
 
 
 class Refused(Exception):
@@ -72,7 +75,7 @@ class Oracle:
     Parameters
     ----------
     url
-        Base URL, ``http://host:port``.
+        Base URL, ``http://host:port`` ("" with a ``transport``).
     keys
         API keys sent as ``x-api-key``, one per request, round-robin (one key for a
         normal client; several for an attacker who spreads one attack over keys).
@@ -82,6 +85,9 @@ class Oracle:
     reference
         The served model's ``predict_proba``, when known (the demo's): answers are
         then checked for perturbation.
+    transport
+        An object with ``post(path, body, headers) -> (status, headers, body)``
+        (:class:`~._asgi.InProcess`) used instead of HTTP to ``url``.
     """
 
     url: str
@@ -90,6 +96,7 @@ class Oracle:
     timeout: float = 30.0
     drop_blocked: bool = False
     reference: Callable[[NDArray[np.float64]], NDArray[np.float64]] | None = None
+    transport: Any = None
     log: list[Sent] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     rows: int = 0
@@ -100,6 +107,8 @@ class Oracle:
         if not self.keys:
             raise ValueError("need at least one API key")
         self._live = list(self.keys)
+        if self.transport is not None:
+            return
         parts = urlsplit(self.url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"target must be http://host:port, got {self.url!r}")
@@ -111,6 +120,9 @@ class Oracle:
 
     def _post(self, body: bytes, key: str) -> tuple[int, bytes, str]:
         headers = {"content-type": "application/json", "x-api-key": key}
+        if self.transport is not None:
+            status, got, data = self.transport.post(self.path, body, headers)
+            return status, data, got.get("x-request-id", "")
         for attempt in range(2):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(
@@ -185,7 +197,7 @@ class Oracle:
         """Probabilities for any number of rows, ``batch`` rows per request."""
         X = np.asarray(X, dtype=np.float64)
         out = [self.query(X[i : i + batch])[1] for i in range(0, X.shape[0], batch)]
-        return np.vstack(out) if out else np.empty((0, N_CLASSES))
+        return np.vstack(out) if out else np.empty((0, 0))
 
     def labels(self, X: NDArray[np.floating], batch: int = 64) -> NDArray[np.int64]:
         """Labels for any number of rows, ``batch`` rows per request (the answer's ``label``)."""

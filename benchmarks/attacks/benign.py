@@ -1,4 +1,4 @@
-"""Benign clients: natural held-out digits replayed at varied rates and batch sizes.
+"""Benign clients: natural held-out rows replayed at varied rates and batch sizes.
 
 Each client has its own API key and a seeded plan:
 
@@ -9,11 +9,15 @@ Each client has its own API key and a seeded plan:
   gaps between requests;
 * rows: natural held-out rows the model was never trained on, in a
   client-specific random order, and 10 % of the time a row it sent recently
-  (a retry or a re-check): some repetition, as real traffic has.
+  (a retry or a re-check): some repetition, as real traffic has;
+* a start time, uniform over the first ``start_window`` seconds, so that the
+  population's sessions overlap.
 
-The held-out set is small (360 rows), so over hundreds of clients the *same*
-rows recur across clients many times; :func:`run_population` runs the clients
-concurrently on a thread pool so their requests interleave as real traffic does.
+The held-out sets are small (54 to 540 rows), so over hundreds of clients the
+*same* rows recur across clients many times. :func:`session` turns a plan into
+a timed :class:`~._traffic.Session`; ``_traffic.run_sessions`` interleaves the
+population's requests in time order, as real traffic does (:func:`run_population`
+runs the plans concurrently against a URL instead, for ``guard simulate``).
 :func:`sent_rows` and :func:`received` read back, from a client's request log,
 which rows it sent and what it was told about them: what it could learn.
 """
@@ -29,8 +33,17 @@ from numpy.typing import NDArray
 
 from ._data import digits
 from ._http import Oracle, Refused
+from ._traffic import Session
 
-__all__ = ["BenignPlan", "plan", "received", "run_client", "run_population", "sent_rows"]
+__all__ = [
+    "BenignPlan",
+    "plan",
+    "received",
+    "run_client",
+    "run_population",
+    "sent_rows",
+    "session",
+]
 
 _HABITS = ((1, 2), (1, 8), (8, 32))
 _HABIT_P = (0.4, 0.35, 0.25)
@@ -47,6 +60,8 @@ class BenignPlan:
     gaps: tuple[float, ...]
     #: indices into the benign pool, ``sum(batches)`` of them, in sending order
     rows: tuple[int, ...]
+    #: seconds after the population's start when the first gap begins
+    start: float = 0.0
 
     @property
     def n_rows(self) -> int:
@@ -63,6 +78,7 @@ def plan(
     rate: tuple[float, float] = (1.0, 40.0),
     pool_size: int | None = None,
     repeat_p: float = 0.1,
+    start_window: float = 0.0,
 ) -> list[BenignPlan]:
     """Seeded plans for ``n_clients`` benign clients (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -83,8 +99,20 @@ def plan(
             else:
                 rows.append(int(order[fresh % size]))
                 fresh += 1
-        plans.append(BenignPlan(f"{key_prefix}-{seed}-{c:04d}", batches, gaps, tuple(rows)))
+        start = float(rng.uniform(0.0, start_window)) if start_window > 0 else 0.0
+        plans.append(BenignPlan(f"{key_prefix}-{seed}-{c:04d}", batches, gaps, tuple(rows), start))
     return plans
+
+
+def session(p: BenignPlan, pool: NDArray[np.float64], kind: str = "benign") -> Session:
+    """The plan as a timed session over the rows of ``pool`` (its benign rows)."""
+    times = p.start + np.cumsum(p.gaps)
+    batches: list[NDArray[np.float64]] = []
+    at = 0
+    for n in p.batches:
+        batches.append(pool[list(p.rows[at : at + n])])
+        at += n
+    return Session(p.key, kind, tuple(float(t) for t in times), tuple(batches))
 
 
 def run_client(
@@ -92,7 +120,7 @@ def run_client(
 ) -> Oracle:
     """Send one client's plan; returns its oracle (the request log). Stops if refused."""
     pool = digits().benign if pool is None else pool
-    oracle = Oracle(url, [p.key], reference=digits().model.predict_proba)
+    oracle = Oracle(url, [p.key], reference=digits().predict_proba)
     at = 0
     try:
         for batch, gap in zip(p.batches, p.gaps, strict=True):

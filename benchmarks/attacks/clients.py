@@ -73,7 +73,7 @@ def simulate(
     if name not in NAMES:
         raise ValueError(f"unknown attack {name!r} (choose from {', '.join(NAMES)})")
     budget = DEFAULT_ROWS[name] if rows is None else rows
-    oracle = Oracle(url, list(api_keys), reference=digits().model.predict_proba)
+    oracle = Oracle(url, list(api_keys), reference=digits().predict_proba)
     try:
         if name in ("hopskipjump", "boundary"):
             from . import evasion

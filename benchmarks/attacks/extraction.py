@@ -1,8 +1,11 @@
 """Model-extraction clients: JbDA, Knockoff (uniform, natural, open world), equation solving.
 
-Each client steals the digits model through an :class:`~._http.Oracle` with at
-most ``rows`` query rows, then reports its stolen model's agreement with the
-real one on rows it never queried (``_data.Digits.eval``). A client that gets
+Each client steals a victim (``_data.Victim``; by default the demo's digits
+model) through an :class:`~._http.Oracle` with at most ``rows`` query rows,
+then reports its stolen model's agreement with the real one on rows it never
+queried (``Victim.eval``). Every parameter is relative to the victim's scale:
+the input box is the training rows' per-feature ``[lo, hi]``, JbDA's step is a
+fraction of each feature's span, and substitutes learn on ``(x - lo) / span``. A client that gets
 refused (403 after a quarantine, 429, ...) stops querying and trains on what it
 already has, as a real attacker would.
 
@@ -10,11 +13,11 @@ already has, as a real attacker would.
   Learning* (2017): a few natural seed rows, a local substitute (multinomial
   logistic regression), then rounds of Jacobian-based dataset augmentation
   ``x + lambda * sign(grad_x p_label(x))`` on the substitute (analytic for a
-  linear softmax model), each new row labelled by the oracle; ``lambda`` flips
-  sign every ``tau`` rounds as in the paper.
+  linear softmax model), each new row labelled by the oracle; ``lambda`` (a
+  fraction of each feature's span) flips sign every ``tau`` rounds as in the paper.
 * :func:`knockoff_uniform` / :func:`knockoff_natural` /
   :func:`knockoff_open_world`: Orekondy et al., *Knockoff Nets* (2019), random
-  strategy: query rows drawn uniformly from the input box; natural rows of the
+  strategy: query rows drawn uniformly from the training box; natural rows of the
   victim's own distribution it was not trained on (a *closed-world* attacker,
   who holds held-out data like the victim's: benign clients send the same
   rows); or, the paper's main setting, natural images from another, public
@@ -26,7 +29,9 @@ already has, as a real attacker would.
   few more than ``d + 1`` random rows, least squares on the log-ratios recovers
   ``W`` and ``b`` (up to the softmax's shift). Rounded probabilities lose the
   small ones (0 has no logarithm) and blur the rest, which is what the guard's
-  ``degrade: decimals`` trades on.
+  ``degrade: decimals`` trades on. Against a non-linear victim the same
+  client fits the best softmax-linear model to the answers: its agreement is
+  reported, its parameter error is not (there are no true parameters).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.linear_model import LogisticRegression
 
-from ._data import HIGH, LOW, agreement, digits, photo_patches
+from ._data import Victim, agreement, digits, photo_patches
 from ._http import Oracle, Refused
 
 __all__ = [
@@ -73,20 +78,21 @@ class ExtractionResult:
 
 
 class _Substitute:
-    """A multinomial logistic regression on pixel rows (scaled to [0, 1])."""
+    """A multinomial logistic regression on rows scaled to the victim's unit box."""
 
-    def __init__(self, X: F64, y: I64) -> None:
+    def __init__(self, X: F64, y: I64, v: Victim) -> None:
+        self.v = v
         self.classes = np.unique(y)
         self.model: LogisticRegression | None = None
         if self.classes.shape[0] >= 2:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.model = LogisticRegression(max_iter=1000).fit(X / HIGH, y)
+                self.model = LogisticRegression(max_iter=1000).fit(v.normalize(X), y)
 
     def predict(self, X: F64) -> I64:
         if self.model is None:
             return np.full(X.shape[0], self.classes[0] if self.classes.size else 0, dtype=np.int64)
-        return np.asarray(self.model.predict(X / HIGH), dtype=np.int64)
+        return np.asarray(self.model.predict(self.v.normalize(X)), dtype=np.int64)
 
     def grad_sign(self, X: F64, y: I64) -> F64:
         """``sign(d p_y / d x)`` per row, for the substitute's probability of label ``y``."""
@@ -96,9 +102,10 @@ class _Substitute:
         if W.shape[0] == 1:  # binary: p_1 = sigmoid(w.x + b), d p_0 = -d p_1
             sign = np.where(y == self.classes[1], 1.0, -1.0)[:, None]
             return np.asarray(np.sign(sign * W[0][None, :]), dtype=np.float64)
-        P = self.model.predict_proba(X / HIGH)
+        P = self.model.predict_proba(self.v.normalize(X))
         idx = np.searchsorted(self.classes, y)
-        # d p_y / d x = p_y (w_y - sum_j p_j w_j); the positive factor p_y leaves the sign alone
+        # d p_y / d z = p_y (w_y - sum_j p_j w_j); the positive factor p_y leaves the sign
+        # alone, and so does the positive span between z and x
         grad = W[idx] - P @ W
         return np.asarray(np.sign(grad), dtype=np.float64)
 
@@ -121,95 +128,116 @@ def _cat(parts: list[I64]) -> I64:
 def jbda(
     oracle: Oracle,
     *,
+    victim: Victim | None = None,
     rows: int = 640,
     seed: int = 0,
     n_seed: int = 20,
-    lam: float = 4.0,
+    lam: float = 0.25,
     tau: int = 3,
     batch: int = 32,
 ) -> ExtractionResult:
     """Jacobian-based dataset augmentation (Papernot et al.), at most ``rows`` query rows.
 
     ``n_seed`` natural rows, then rounds that each double the set (20, 40, ...,
-    640 rows after 5 rounds). ``lam`` is the step in pixel units (0..16); the
-    paper's 0.1 on 0..1 pixels would be 1.6, and 4 gave the best substitutes
-    here (agreement about 0.75 after 640 rows, against 0.6 with 1.6).
+    640 rows after 5 rounds). ``lam`` is the step as a fraction of each feature's
+    training span: the paper's 0.1 on 0..1 pixels is 0.1; on the digits 0.25 gave
+    the best substitutes (agreement about 0.75 after 640 rows, against 0.6 with 0.1).
     """
     rng = np.random.default_rng(seed)
-    data = digits()
+    data = victim or digits()
     start = oracle.rows
     S = data.pool[rng.choice(data.pool.shape[0], size=min(n_seed, rows), replace=False)]
     y, stopped = _labels(oracle, S, batch)
     S = S[: y.shape[0]]
     rnd = 0
     while stopped is None and oracle.rows - start < rows and S.shape[0] > 0:
-        sub = _Substitute(S, y)
+        sub = _Substitute(S, y, data)
         budget = rows - (oracle.rows - start)
         pick = rng.permutation(S.shape[0])[: min(S.shape[0], budget)]
-        step = lam * (-1.0) ** (rnd // tau)
-        new = np.clip(S[pick] + step * sub.grad_sign(S[pick], y[pick]), LOW, HIGH)
+        step = lam * (-1.0) ** (rnd // tau) * data.span * data.movable
+        new = np.clip(S[pick] + step * sub.grad_sign(S[pick], y[pick]), data.lo, data.hi)
         y_new, stopped = _labels(oracle, new, batch)
         S = np.vstack([S, new[: y_new.shape[0]]])
         y = np.concatenate([y, y_new])
         rnd += 1
-    stolen = _Substitute(S, y) if S.shape[0] else None
+    stolen = _Substitute(S, y, data) if S.shape[0] else None
     return ExtractionResult(
-        agreement=agreement(stolen.predict(data.eval)) if stolen else 0.0,
+        agreement=agreement(stolen.predict(data.eval), data) if stolen else 0.0,
         rows=oracle.rows - start,
         answered=int(y.shape[0]),
         stopped=stopped,
     )
 
 
-def substitute_agreement(X: F64, y: I64) -> float:
+def substitute_agreement(X: F64, y: I64, victim: Victim | None = None) -> float:
     """Agreement on ``eval`` of the substitute a Knockoff attacker fits on rows ``X``, labels ``y``.
 
     Also what any client that holds answers (a benign one included) could learn from them.
     """
-    data = digits()
+    data = victim or digits()
     pred = (
-        _Substitute(X, y).predict(data.eval)
+        _Substitute(X, y, data).predict(data.eval)
         if y.shape[0]
         else np.zeros(data.eval.shape[0], dtype=np.int64)
     )
     return agreement(pred, data)
 
 
-def _knockoff(oracle: Oracle, X: F64, batch: int) -> ExtractionResult:
+def _knockoff(oracle: Oracle, X: F64, batch: int, victim: Victim | None) -> ExtractionResult:
     start = oracle.rows
     y, stopped = _labels(oracle, X, batch)
-    score = substitute_agreement(X[: y.shape[0]], y)
+    score = substitute_agreement(X[: y.shape[0]], y, victim)
     return ExtractionResult(score, oracle.rows - start, int(y.shape[0]), stopped)
 
 
 def knockoff_uniform(
-    oracle: Oracle, *, rows: int = 1000, seed: int = 0, batch: int = 32
+    oracle: Oracle,
+    *,
+    victim: Victim | None = None,
+    rows: int = 1000,
+    seed: int = 0,
+    batch: int = 32,
 ) -> ExtractionResult:
-    """Knockoff with rows drawn uniformly from the input box [0, 16]^64."""
+    """Knockoff with rows drawn uniformly from the training box ``[lo, hi]``."""
     rng = np.random.default_rng(seed)
-    return _knockoff(oracle, rng.uniform(LOW, HIGH, size=(rows, 64)), batch)
+    data = victim or digits()
+    return _knockoff(oracle, data.uniform(rows, rng), batch, data)
 
 
 def knockoff_natural(
-    oracle: Oracle, *, rows: int = 180, seed: int = 0, batch: int = 16
+    oracle: Oracle,
+    *,
+    victim: Victim | None = None,
+    rows: int = 1000,
+    seed: int = 0,
+    batch: int = 16,
 ) -> ExtractionResult:
-    """Knockoff with natural rows the victim never saw (at most the attacker's pool, 180 rows)."""
+    """Knockoff with natural rows the victim never saw (at most the attacker's pool)."""
     rng = np.random.default_rng(seed)
-    pool = digits().pool
-    return _knockoff(oracle, pool[rng.permutation(pool.shape[0])[:rows]], batch)
+    data = victim or digits()
+    pool = data.pool
+    return _knockoff(oracle, pool[rng.permutation(pool.shape[0])[:rows]], batch, data)
 
 
 def knockoff_open_world(
-    oracle: Oracle, *, rows: int = 1000, seed: int = 0, batch: int = 32
+    oracle: Oracle,
+    *,
+    victim: Victim | None = None,
+    rows: int = 1000,
+    seed: int = 0,
+    batch: int = 32,
 ) -> ExtractionResult:
     """Knockoff with natural data from another distribution: ``rows`` photo patches.
 
     The open-world attacker of Knockoff Nets does not hold the victim's data; it
     queries natural images it can get (here, random 16 to 128 px crops of the two
     scikit-learn sample photos, made into 8x8 rows in 0..16 like digits: see
-    ``_data.photo_patches``). Needs Pillow to load the photos.
+    ``_data.photo_patches``). Digits-shaped victims only; needs Pillow to load the photos.
     """
-    return _knockoff(oracle, np.array(photo_patches(rows, seed)), batch)
+    data = victim or digits()
+    if data.n_features != 64:
+        raise ValueError(f"photo patches are 8x8 digit images, not {data.n_features} features")
+    return _knockoff(oracle, np.array(photo_patches(rows, seed)), batch, data)
 
 
 def solve_softmax(X: F64, P: F64) -> tuple[F64, F64]:
@@ -249,11 +277,18 @@ def solve_softmax(X: F64, P: F64) -> tuple[F64, F64]:
 
 
 def equation_solving(
-    oracle: Oracle, *, rows: int = 130, seed: int = 0, batch: int = 32
+    oracle: Oracle,
+    *,
+    victim: Victim | None = None,
+    rows: int | None = None,
+    seed: int = 0,
+    batch: int = 32,
 ) -> ExtractionResult:
-    """Tramer et al.'s equation solving on ``rows`` uniform random rows (2 (d + 1) by default)."""
+    """Tramer et al.'s equation solving on ``rows`` uniform rows of the box (2 (d + 1) default)."""
     rng = np.random.default_rng(seed)
-    X = rng.uniform(LOW, HIGH, size=(rows, 64))
+    data = victim or digits()
+    rows = 2 * (data.n_features + 1) if rows is None else rows
+    X = data.uniform(rows, rng)
     start = oracle.rows
     probs: list[F64] = []
     stopped = None
@@ -263,17 +298,22 @@ def equation_solving(
         except Refused as exc:
             stopped = f"refused ({exc.status}) after {exc.rows_sent} rows"
             break
-    P = np.vstack(probs) if probs else np.empty((0, 10))
+    P = np.vstack(probs) if probs else np.empty((0, data.n_classes))
     W, b = solve_softmax(X[: P.shape[0]], P)
-    pred = np.argmax(digits().eval @ W.T + b, axis=1)
+    pred = data.classes[np.argmax(data.eval @ W.T + b, axis=1)]
     return ExtractionResult(
-        agreement(pred), oracle.rows - start, int(P.shape[0]), stopped, _param_error(W, b)
+        agreement(pred, data),
+        oracle.rows - start,
+        int(P.shape[0]),
+        stopped,
+        _param_error(W, b, data) if data.linear is not None else None,
     )
 
 
-def _param_error(W: F64, b: F64) -> float:
+def _param_error(W: F64, b: F64, data: Victim) -> float:
     """``|theta - theta_real| / |theta_real|`` with both shifted so that class 0 is zero."""
-    model = digits().model
-    real = np.hstack([model.coef - model.coef[0], (model.intercept - model.intercept[0])[:, None]])
+    assert data.linear is not None
+    coef, intercept = data.linear
+    real = np.hstack([coef - coef[0], (intercept - intercept[0])[:, None]])
     stolen = np.hstack([W - W[0], (b - b[0])[:, None]])
     return float(np.linalg.norm(stolen - real) / np.linalg.norm(real))

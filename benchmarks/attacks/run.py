@@ -1,37 +1,30 @@
-"""Extraction and query-attack clients against the bare and the guarded digits demo.
+"""Attacks, benign clients and hard cases against every deployment, one config recipe.
 
-Run: ``python benchmarks/attacks/run.py [--quick]``
+Run: ``python benchmarks/attacks/run.py [--quick] [--only NAME ...]``
 
-Every client talks to a real uvicorn server over HTTP (OIP v2 JSON, its own
-``x-api-key``). Servers:
+Deployments (:mod:`._data`): three scikit-learn bundled data sets of different
+shapes and scales (digits 64 features in 0..16 and 10 classes; wine 13 features
+spanning ~0.1..1680 and 3 classes; breast cancer 30 features spanning ~0..4250
+and 2 classes), each served by a linear model (StandardScaler +
+LogisticRegression) and a non-linear one (StandardScaler + MLP), fitted on a
+seeded stratified 70 % split. Each is an Open Inference Protocol v2 JSON
+endpoint (``benchmarks.apps.build_sklearn_app``).
 
-* ``bare``: the model app alone (one server for every attack: it keeps no state);
-* ``guarded``: the protective policy below (:func:`protective_config`), a
-  **fresh server per scenario** so that no detector state (PRADA sets, the
-  global near-duplicate index, boundary windows, quarantines) carries over
-  from one attack, or from the benign population, to the next;
-* ``decimals N``: no detectors, every answer rounded (``degrade: {always: true,
-  decimals: N}``), for the equation-solving precision trade-off.
+The recipe, the same for every deployment (:func:`recipe`): the demo policy
+``guard/demo.yaml`` as shipped, minus its rate limit (so that every attack runs
+to completion and what is measured is the detectors), then ``guard calibrate
+--config`` on the deployment's training split with the model's answers on it
+(:func:`calibrate`, the one call that fits the deployment). No per-data-set
+parameter anywhere.
 
-Scenarios: JbDA, Knockoff (uniform; natural rows of the victim's own
-distribution, a closed-world attacker; natural photo patches, the paper's open
-world), equation solving, HopSkipJump, Boundary (ART), HopSkipJump spread over
-10 API keys round-robin (Sybil), and a benign population of 200+ clients
-replaying natural held-out rows.
-
-The closed-world natural Knockoff cannot be flagged without flagging benign
-clients: its queries are distinct held-out rows that benign clients send too.
-The report says so with figures from the same run's benign population (how
-many benign clients sent as many distinct rows, and what the largest of them
-could learn from its own answers), computed from their request logs.
-
-When a client was flagged comes from the guard's audit log (``audit.path``, a
-temp file): every line carries the ``request_id`` the client also got in
-``x-request-id``, and the keyed client hash, computed here with the same
-secret (``GUARD_HASH_KEY``) as ``HMAC-SHA256(secret, b"key:" + api_key)[:32]``.
-"Rows until first flag" is the client's rows sent up to and including the
-request whose audit line first shows a non-allow decision; "rows until
-quarantine" the same for the first line with ``quarantined: true``.
+Every client talks to the real ASGI app (the guard's middleware in front of
+the model app) in-process, with its own ``x-api-key``; the guard sees a
+simulated clock (``_asgi``), so sessions spread over minutes run in seconds.
+Every guard is **fresh** per attack scenario and per population (no detector
+state, near-duplicate index or quarantine carries over). What the guard did
+to a client comes from its audit log (lines matched by keyed client hash and
+``x-request-id``) and the statuses the client saw (``_traffic.outcome``):
+*enforced* is degraded, throttled or blocked; *audited* is any audit line.
 
 Results go to benchmarks/RESULTS.md (section ``attacks``) and the plot to
 benchmarks/attacks/attacks.png.
@@ -41,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
-import hmac
+import io
 import json
 import math
+import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -54,195 +48,238 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import numpy as np
+import yaml
 from numpy.typing import NDArray
 
-from benchmarks._harness import machine, serve, today, write_section
-from benchmarks.attacks import benign, evasion, extraction
-from benchmarks.attacks._data import digits
-from benchmarks.attacks._http import Oracle, Sent
+from benchmarks._harness import machine, today, write_section
+from benchmarks.apps import build_sklearn_app
+from benchmarks.attacks import benign, evasion, extraction, hardcases
+from benchmarks.attacks._asgi import InProcess, SimClock
+from benchmarks.attacks._data import DATASETS, FAMILIES, Victim, victim
+from benchmarks.attacks._http import Oracle
+from benchmarks.attacks._traffic import Outcome, Session, client_hash, outcome, run_sessions
 
 HERE = Path(__file__).resolve().parent
 PLOT = HERE / "attacks.png"
 HASH_SECRET = "bench-attacks-client-hash-secret-0001"
 FINGERPRINT_SALT = "bench-attacks-fingerprint-salt-0001"
 ENV = {"GUARD_HASH_KEY": HASH_SECRET, "GUARD_FINGERPRINT_SALT": FINGERPRINT_SALT}
-ROUTES = ["/v2/models/*/infer", "/v2/models/*/versions/*/infer", "/v1/models/*:predict"]
-
-#: the demo policy (guard/demo.yaml), calibrated once per run, without its rate limit
-#: so that every attack runs to completion and what is measured is the detectors
-_DEMO: dict[str, Any] = {}
-
-
-def _demo_policy() -> dict[str, Any]:
-    if not _DEMO:
-        from middleware.demo import demo_config
-
-        calib = tempfile.mkdtemp(prefix="bench-attacks-calibration-")
-        _DEMO.update(demo_config(calib))
-    return _DEMO
+#: seconds between an attacker's requests (it sends as fast as it gets answers)
+ATTACK_TICK = 0.02
+#: the target false-positive rate given to guard calibrate
+TARGET_FPR = 0.001
+#: parameters of the demo policy that describe one data set (must come from calibration)
+DATA_PARAMS = ("feature_range", "n_classes", "baseline")
 
 
-def _policy() -> dict[str, Any]:
-    policy: dict[str, Any] = _demo_policy()["policies"][0]
-    return policy
+def key_hash(api_key: str) -> str:
+    return client_hash(HASH_SECRET, api_key)
 
 
-def _escalations() -> dict[str, float]:
-    return {
-        d["type"]: d["escalate"][0]["score_below"]
-        for d in _policy()["detectors"]
-        if d.get("escalate")
-    }
+# --------------------------------------------------------------------------- the recipe
 
 
-def protective_config(audit: str, without: Sequence[str] = ()) -> dict[str, Any]:
-    """The guard under test: the demo policy (anomaly and extraction detectors, degrade,
-    then quarantine), minus its rate limit.
+def demo_policy() -> dict[str, Any]:
+    """guard/demo.yaml as shipped."""
+    text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
 
-    ``without`` leaves detector types out (a diagnostic for the benign population).
-    """
-    demo = _demo_policy()
-    policy = dict(_policy())
-    policy["routes"] = ROUTES
-    policy["detectors"] = [
-        d for d in policy["detectors"] if d["type"] != "rate" and d["type"] not in without
+
+def recipe(calibration_dir: str | Path) -> dict[str, Any]:
+    """The demo policy minus its rate limit, pointed at ``calibration_dir``."""
+    cfg = demo_policy()
+    cfg["calibration_dir"] = str(calibration_dir)
+    for policy in cfg["policies"]:
+        policy["detectors"] = [d for d in policy.get("detectors", []) if d["type"] != "rate"]
+    return cfg
+
+
+def data_params_left(cfg: dict[str, Any]) -> list[str]:
+    """Data-dependent parameters still written in the config (``policy.detector.param``)."""
+    return [
+        f"{d['type']}.{name}"
+        for p in cfg["policies"]
+        for d in p.get("detectors", [])
+        for name in DATA_PARAMS
+        if name in (d.get("params") or {})
     ]
-    return {
-        "audit": {"path": audit},
-        "calibration_dir": demo["calibration_dir"],
-        "limits": demo.get("limits", {}),
-        "policies": [policy],
-    }
 
 
-def decimals_config(audit: str, decimals: int | None) -> dict[str, Any]:
-    """No detectors; every answer rounded to ``decimals`` (None: full float32 precision)."""
-    return {
-        "audit": {"path": audit},
-        "policies": [
-            {
-                "name": "inference",
-                "routes": ROUTES,
-                "degrade": {"always": True, "decimals": decimals},
-            }
-        ],
-    }
+def calibrate(v: Victim, config_path: Path, out_dir: Path) -> str:
+    """``guard calibrate --data REF.npz --out DIR --config CONFIG`` on the training split.
+
+    ``REF.npz`` holds ``X`` (the training rows) and ``proba`` (the model's answers
+    on them). The one call that adapts the recipe to a deployment; returns its report.
+    """
+    from guard.cli import main as guard_main
+
+    ref = out_dir.parent / f"{v.name}-reference.npz"
+    np.savez(ref, X=v.X_train, proba=v.predict_proba(v.X_train))
+    args = [
+        "calibrate",
+        "--data",
+        str(ref),
+        "--out",
+        str(out_dir),
+        "--config",
+        str(config_path),
+        "--target-fpr",
+        str(TARGET_FPR),
+    ]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = guard_main(args)
+    if code != 0:
+        raise RuntimeError(f"guard calibrate failed ({code}) for {v.name}:\n{err.getvalue()}")
+    return out.getvalue()
 
 
-def client_hash(api_key: str) -> str:
-    """The guard's client id for an API key (guard/identity.py ``hash("key", ...)``)."""
-    mac = hmac.new(HASH_SECRET.encode(), b"key:" + api_key.encode(), hashlib.sha256)
-    return mac.hexdigest()[:32]
+#: what a stateful detector needs by hand when calibration wrote no profile for it
+_OVERRIDES: dict[str, Callable[[Victim], dict[str, Any]]] = {
+    "near_duplicate": lambda v: {"feature_range": [float(v.lo.min()), float(v.hi.max())]},
+    "prada": lambda v: {"delta": 0.9},
+    "boundary": lambda v: {
+        "threshold": -6.0,
+        "feature_range": [float(v.lo.min()), float(v.hi.max())],
+        "n_classes": v.n_classes,
+    },
+}
+
+
+def interim(cfg: dict[str, Any], v: Victim, calibrated: Path | None = None) -> list[str]:
+    """Until calibration fits the stateful detectors: what it should have supplied, by hand.
+
+    Without ``calibrated``: the demo's own data-dependent parameters (digits values)
+    are replaced by the deployment's. With it: every stateful detector that has no
+    ``<type>.npz`` profile there gets the override it needs. NOT the recipe; the
+    report says so wherever this was used.
+    """
+    notes: list[str] = []
+    for p in cfg["policies"]:
+        for d in p.get("detectors", []):
+            params = d.setdefault("params", {})
+            if calibrated is None:
+                fix = _OVERRIDES.get(d["type"], lambda v: {})(v)
+                for name in DATA_PARAMS:
+                    if name in params and name in fix:
+                        params[name] = fix[name]
+                        notes.append(f"{d['type']}.{name} = {fix[name]}")
+            elif d["type"] in _OVERRIDES and not (calibrated / f"{d['type']}.npz").exists():
+                for name, value in _OVERRIDES[d["type"]](v).items():
+                    if name not in params:
+                        params[name] = value
+                        notes.append(f"{d['type']}.{name} = {value} (no profile)")
+    return notes
 
 
 @dataclass
-class Server:
-    """A guarded server: its URL, then (once it has exited) its audit lines."""
+class Deployment:
+    """A victim, its calibrated recipe config, and what calibration said."""
 
-    url: str
+    v: Victim
+    config: dict[str, Any]
+    workdir: Path
+    calibration: str
+    #: data-dependent parameters the recipe had to fill in by hand (empty: pure recipe)
+    interim: list[str]
+    #: the guard accepts ``exempt:`` (None until tried)
+    exempt_ok: bool | None = None
+
+    @property
+    def name(self) -> str:
+        return self.v.name
+
+
+def prepare(v: Victim, root: Path) -> Deployment:
+    """Calibrate the recipe for ``v`` under ``root``."""
+    work = root / v.name
+    calib = work / "calibration"
+    calib.mkdir(parents=True)
+    cfg = recipe(calib)
+    notes = interim(cfg, v) if data_params_left(cfg) else []
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = calibrate(v, path, calib)
+    notes += interim(cfg, v, calib)
+    return Deployment(v, cfg, work, report, notes)
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def model_app(v: Victim) -> Any:
+    return build_sklearn_app(v.name, v.predict_proba, v.classes.tolist(), v.n_features)
+
+
+@dataclass
+class Guarded:
+    """A fresh guard in front of a deployment's model; its audit lines once closed."""
+
+    transport: InProcess
+    clock: SimClock
     audit: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def guarded(config_for: Callable[[str], dict[str, Any]]) -> Iterator[Server]:
-    """A fresh guarded server; its audit log is read into ``audit`` when it exits."""
+def guarded(
+    dep: Deployment, *, exempt: Sequence[str] = (), tick: float = ATTACK_TICK
+) -> Iterator[Guarded]:
+    """A fresh guard (the deployment's recipe config, audit log to a temp file)."""
+    from prometheus_client import CollectorRegistry
+
+    from guard.config import GuardConfig
+    from guard.pipeline import Guard
+    from middleware.asgi import GuardMiddleware
+
+    cfg = copy.deepcopy(dep.config)
     with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
         audit = Path(tmp) / "audit.jsonl"
-        cfg = Path(tmp) / "guard.json"
-        cfg.write_text(json.dumps(config_for(str(audit))))
-        with serve("benchmarks.apps:guarded", env={**ENV, "BENCH_CONFIG": str(cfg)}) as url:
-            srv = Server(url)
-            yield srv
-            # the writer thread flushes whenever its queue empties; give the last lines time
-            time.sleep(0.3)
-        text = audit.read_text() if audit.exists() else ""
-        srv.audit = [json.loads(line) for line in text.splitlines() if line.strip()]
+        cfg["audit"] = {"path": str(audit)}
+        if exempt:
+            cfg["exempt"] = {
+                "api_keys": [f"sha256:{hashlib.sha256(k.encode()).hexdigest()}" for k in exempt]
+            }
+        clock = SimClock()
+        gcfg = GuardConfig.load(cfg)
+        guard = Guard(gcfg, registry=CollectorRegistry(), clock=clock, wall_clock=clock.wall)
+        app = GuardMiddleware(model_app(dep.v), config=gcfg, guard=guard, clock=clock)
+        g = Guarded(InProcess(app, clock=clock, tick=tick), clock)
+        try:
+            yield g
+        finally:
+            guard.audit.close()
+            g.transport.close()
+            text = audit.read_text() if audit.exists() else ""
+            g.audit = [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------- detection
+def exempt_supported(dep: Deployment) -> bool:
+    """Whether this guard version accepts ``exempt: {api_keys: [...]}``."""
+    from guard.config import GuardConfig
+    from guard.errors import ConfigurationError
+
+    cfg = copy.deepcopy(dep.config)
+    cfg["exempt"] = {"api_keys": ["sha256:" + hashlib.sha256(b"probe").hexdigest()]}
+    try:
+        GuardConfig.load(cfg)
+    except (ConfigurationError, ValueError, TypeError):
+        return False
+    return True
 
 
-@dataclass
-class Detection:
-    """When the guard noticed one client (or one attacker's keys)."""
-
-    #: rows sent until the first non-allow decision, a single row flagged by a per-row
-    #: input-anomaly detector included (None: never)
-    first_flag: int | None = None
-    #: rows sent until the first decision on the client as a whole (None: never): a
-    #: per-client detector fired (ROW_DETECTORS aside), or the answer was degraded,
-    #: throttled or blocked. Attacks and benign clients are judged on this
-    first_detection: int | None = None
-    #: rows sent until the first quarantine (None: never)
-    quarantine: int | None = None
-    #: per detector, rows sent until it first fired
-    by_detector: dict[str, int] = field(default_factory=dict)
-    #: keys (of the attacker's) that were ever flagged
-    keys_flagged: int = 0
-    #: keys that were quarantined
-    keys_quarantined: int = 0
-    #: rows sent until the last of the client's keys was quarantined (None: some never were)
-    all_quarantined: int | None = None
-
-    @property
-    def flagged(self) -> bool:
-        """Detected as a client (see ``first_detection``), the targets' sense of flagged."""
-        return self.first_detection is not None
+def bare(v: Victim) -> InProcess:
+    return InProcess(model_app(v))
 
 
-#: the per-row input-anomaly detectors: each judges one row at a calibrated per-row
-#: false-positive rate (about 1 %), so one of them firing on one row says nothing about
-#: the client; their per-client aggregate is ``anomaly_rate``
-ROW_DETECTORS = frozenset({"envelope", "mahalanobis", "iforest", "knn", "text"})
-
-
-def _client_level(line: dict[str, Any]) -> bool:
-    """An audit line that is a decision on the client, not one odd row."""
-    if line.get("enforced") in ("degrade", "throttle", "block") or line.get("quarantined"):
-        return True
-    if line.get("decision") in ("degrade", "throttle", "block"):
-        return True  # shadow mode: what would have been enforced
-    return any(name not in ROW_DETECTORS for name in line.get("fired", []))
-
-
-def detection(log: Sequence[Sent], lines: Sequence[dict[str, Any]]) -> Detection:
-    """Match a client's request log with the audit log (by request id and client hash)."""
-    rows_at = {s.request_id: s.cum_rows for s in log}
-    hashes = {client_hash(k) for k in {s.key for s in log}}
-    det = Detection()
-    flagged_keys: set[str] = set()
-    quarantined: dict[str, int] = {}
-    for line in lines:
-        if line.get("client") not in hashes or line.get("decision") in ("allow", "invalid"):
-            continue
-        rows = rows_at.get(line.get("request_id", ""))
-        if rows is None:
-            continue
-        det.first_flag = rows if det.first_flag is None else min(det.first_flag, rows)
-        if _client_level(line):
-            flagged_keys.add(line["client"])
-            det.first_detection = (
-                rows if det.first_detection is None else min(det.first_detection, rows)
-            )
-        if line.get("quarantined"):
-            det.quarantine = rows if det.quarantine is None else min(det.quarantine, rows)
-            quarantined[line["client"]] = min(quarantined.get(line["client"], rows), rows)
-        for name in line.get("fired", []):
-            det.by_detector[name] = min(det.by_detector.get(name, rows), rows)
-    det.keys_flagged = len(flagged_keys)
-    det.keys_quarantined = len(quarantined)
-    if quarantined and len(quarantined) == len(hashes):
-        det.all_quarantined = max(quarantined.values())
-    return det
-
-
-# --------------------------------------------------------------------------- scenarios
+# --------------------------------------------------------------------------- attacks
 
 
 @dataclass
@@ -263,205 +300,290 @@ class Scenario:
     params: str
     bare: Run | None = None
     guard: Run | None = None
-    det: Detection | None = None
+    out: Outcome | None = None
     keys: int = 1
-    #: label for the plot
-    short: str = ""
-    #: False: its traffic is what benign clients send too, so the "every attack
-    #: flagged" target leaves it out and the report backs that with figures
+    #: False: its traffic is what benign clients send too (the closed-world Knockoff)
     flaggable: bool = True
+    #: which target it is judged on: extraction | hopskipjump | boundary | signopt | sybil
+    family: str = ""
 
 
-def _run(url: str, keys: Sequence[str], attack: Callable[[Oracle], Any]) -> Run:
-    # with several keys the attacker rotates away from a quarantined one
-    oracle = Oracle(
-        url, list(keys), drop_blocked=len(keys) > 1, reference=digits().model.predict_proba
-    )
-    t0 = time.perf_counter()
-    try:
-        result = attack(oracle)
-    finally:
-        oracle.close()
-    return Run(oracle, result, time.perf_counter() - t0)
+Attack = Callable[[Oracle], Any]
 
 
-def scenarios(quick: bool, seed: int) -> list[tuple[Scenario, Callable[[Oracle], Any]]]:
-    n_inputs = 3 if quick else 10
-    ku_rows = 500 if quick else 1000
-    hsj = dict(n_inputs=n_inputs, seed=seed)
-    return [
+def scenarios(v: Victim, quick: bool, seed: int) -> list[tuple[Scenario, Attack]]:
+    n_in = 2 if quick else 5
+    ku = 300 if quick else 1000
+    eq = 2 * (v.n_features + 1)
+    ev = dict(victim=v, n_inputs=n_in, seed=seed)
+    out: list[tuple[Scenario, Attack]] = [
         (
             Scenario(
-                "JbDA (Papernot), lambda 1.6",
+                "JbDA, lambda 0.1",
                 "extraction",
-                "10 seed rows, lambda 1.6 (the paper's 0.1 of the range), 6 rounds, 640 rows",
-                short="JbDA\nλ 1.6",
+                "10 seed rows, step 0.1 of each feature's span (the paper's), 640 rows",
+                family="extraction",
             ),
-            lambda o: extraction.jbda(o, rows=640, seed=seed, n_seed=10, lam=1.6),
+            lambda o: extraction.jbda(o, victim=v, rows=640, seed=seed, n_seed=10, lam=0.1),
         ),
         (
             Scenario(
-                "JbDA (Papernot), lambda 4",
+                "JbDA, lambda 0.25",
                 "extraction",
-                "20 seed rows, lambda 4 (best substitute), 5 rounds, 640 rows",
-                short="JbDA\nλ 4",
+                "20 seed rows, step 0.25 of each feature's span, 640 rows",
+                family="extraction",
             ),
-            lambda o: extraction.jbda(o, rows=640, seed=seed, n_seed=20, lam=4.0),
+            lambda o: extraction.jbda(o, victim=v, rows=640, seed=seed, n_seed=20, lam=0.25),
         ),
         (
             Scenario(
                 "Knockoff, uniform",
                 "extraction",
-                f"{ku_rows} uniform rows in [0,16]^64",
-                short="Knockoff\nuniform",
+                f"{ku} rows uniform in the training box",
+                family="extraction",
             ),
-            lambda o: extraction.knockoff_uniform(o, rows=ku_rows, seed=seed),
+            lambda o: extraction.knockoff_uniform(o, victim=v, rows=ku, seed=seed),
         ),
         (
             Scenario(
-                "Knockoff, natural (victim's own distribution)",
+                "Knockoff, natural (closed world)",
                 "extraction",
-                "180 unseen natural rows: the attacker's half of the held-out digits "
-                "(closed world)",
-                short="Knockoff\nown data",
+                f"the attacker's {v.pool.shape[0]} held-out rows of the victim's own distribution",
                 flaggable=False,
+                family="extraction",
             ),
-            lambda o: extraction.knockoff_natural(o, rows=180, seed=seed),
+            lambda o: extraction.knockoff_natural(o, victim=v, rows=v.pool.shape[0], seed=seed),
         ),
-        (
-            Scenario(
-                "Knockoff, natural (open world: photo patches)",
-                "extraction",
-                f"{ku_rows} 8x8 patches of scikit-learn's 2 sample photos: random 16-128 px "
-                "square crops, grayscale, area-averaged, inverted, stretched to 0..16 "
-                "(median to 0), rounded",
-                short="Knockoff\nphotos",
-            ),
-            lambda o: extraction.knockoff_open_world(o, rows=ku_rows, seed=seed),
-        ),
+    ]
+    if v.dataset == "digits":
+        out.append(
+            (
+                Scenario(
+                    "Knockoff, open world (photo patches)",
+                    "extraction",
+                    f"{ku} 8x8 patches of scikit-learn's sample photos, digit-like",
+                    family="extraction",
+                ),
+                lambda o: extraction.knockoff_open_world(o, victim=v, rows=ku, seed=seed),
+            )
+        )
+    out += [
         (
             Scenario(
                 "Equation solving (Tramer)",
                 "extraction",
-                "130 = 2(d+1) uniform rows",
-                short="Equation\nsolving",
+                f"{eq} = 2(d+1) uniform rows" + ("" if v.linear else "; non-linear victim"),
+                family="extraction",
             ),
-            lambda o: extraction.equation_solving(o, rows=130, seed=seed),
+            lambda o: extraction.equation_solving(o, victim=v, rows=eq, seed=seed),
         ),
         (
             Scenario(
-                "HopSkipJump (ART)",
+                "HopSkipJump",
                 "evasion",
-                f"{n_inputs} inputs; max_iter 40, init_eval 10, max_eval 100",
-                short="HopSkipJump",
+                f"{n_in} inputs; max_iter 40, init_eval 10, max_eval 100",
+                family="hopskipjump",
             ),
-            lambda o: evasion.hopskipjump(o, **hsj),
+            lambda o: evasion.hopskipjump(o, **ev),  # type: ignore[arg-type]
         ),
         (
             Scenario(
-                "Boundary (ART)",
+                "Boundary",
                 "evasion",
-                f"{n_inputs} inputs; max_iter 60, num_trial 10, sample_size 20",
-                short="Boundary",
+                f"{n_in} inputs; max_iter 60, num_trial 10, sample_size 20",
+                family="boundary",
             ),
-            lambda o: evasion.boundary(o, **hsj),
+            lambda o: evasion.boundary(o, **ev),  # type: ignore[arg-type]
         ),
         (
             Scenario(
-                "HopSkipJump, 10 keys round-robin",
+                "SignOPT",
                 "evasion",
-                f"{n_inputs} inputs, as above; one key per request in turn, a key answered "
-                "403 is dropped and the request resent with the next",
-                short="HopSkipJump\n10 keys",
-                keys=10,
+                f"{n_in} inputs; k 50, query_limit 2000, num_trial 20, untargeted",
+                family="signopt",
             ),
-            lambda o: evasion.hopskipjump(o, **hsj),
+            lambda o: evasion.signopt(o, **ev),  # type: ignore[arg-type]
         ),
     ]
+    if v.dataset == "digits":
+        out.append(
+            (
+                Scenario(
+                    "HopSkipJump, 10 keys round-robin",
+                    "evasion",
+                    f"{n_in} inputs as above; one key per request in turn, a key answered "
+                    "403 is dropped and the rows resent with the next",
+                    keys=10,
+                    family="sybil",
+                ),
+                lambda o: evasion.hopskipjump(o, **ev),  # type: ignore[arg-type]
+            )
+        )
+    return out
 
 
-def attacker_keys(i: int, n: int) -> list[str]:
-    return [f"attacker-{i}-{k}" for k in range(n)]
+def attacker_keys(dep: Deployment, i: int, n: int) -> list[str]:
+    return [f"attacker-{dep.name}-{i}-{k}" for k in range(n)]
 
 
-def run_attacks(quick: bool, seed: int) -> list[Scenario]:
-    todo = scenarios(quick, seed)
-    with serve("benchmarks.apps:bare") as url:
-        for i, (sc, attack) in enumerate(todo):
-            sc.bare = _run(url, attacker_keys(i, sc.keys), attack)
-            print(f"  bare     {sc.name}: {_summary(sc.bare)}", flush=True)
+def _run(transport: InProcess, v: Victim, keys: Sequence[str], attack: Attack) -> Run:
+    oracle = Oracle(
+        "",
+        list(keys),
+        path=v.path,
+        transport=transport,
+        drop_blocked=len(keys) > 1,  # with several keys the attacker rotates away from a 403
+        reference=v.predict_proba,
+    )
+    t0 = time.perf_counter()
+    result = attack(oracle)
+    return Run(oracle, result, time.perf_counter() - t0)
+
+
+def run_attacks(dep: Deployment, quick: bool, seed: int) -> list[Scenario]:
+    v = dep.v
+    todo = scenarios(v, quick, seed)
+    plain = bare(v)
     for i, (sc, attack) in enumerate(todo):
-        with guarded(protective_config) as srv:
-            sc.guard = _run(srv.url, attacker_keys(i, sc.keys), attack)
-        sc.det = detection(sc.guard.oracle.log, srv.audit)
-        print(f"  guarded  {sc.name}: {_summary(sc.guard)}; {sc.det}", flush=True)
+        sc.bare = _run(plain, v, attacker_keys(dep, i, sc.keys), attack)
+    plain.close()
+    _tighten(todo)
+    for i, (sc, attack) in enumerate(todo):
+        with guarded(dep) as g:
+            sc.guard = _run(g.transport, v, attacker_keys(dep, i, sc.keys), attack)
+        keys = attacker_keys(dep, i, sc.keys)
+        sc.out = outcome(sc.guard.oracle.log, g.audit, {k: key_hash(k) for k in keys})
+        print(f"    {sc.name}: {_summary(sc)}", flush=True)
+    _tighten(todo)
     return [sc for sc, _ in todo]
 
 
-def _summary(run: Run) -> str:
-    r = run.result
+def _tighten(todo: Sequence[tuple[Scenario, Attack]]) -> None:
+    """Judge every evasion result against the smallest distance any bare run found."""
+    best: dict[int, float] = {}
+    for sc, _ in todo:
+        if sc.kind == "evasion" and sc.bare is not None:
+            for r in sc.bare.result.inputs:
+                if r.misclassified:
+                    best[r.index] = min(best.get(r.index, math.inf), r.l2)
+    for sc, _ in todo:
+        for run in (sc.bare, sc.guard):
+            if sc.kind == "evasion" and run is not None:
+                run.result = run.result.with_opt(best)
+
+
+def _result(r: Any) -> str:
     if isinstance(r, extraction.ExtractionResult):
-        what = f"agreement {r.agreement:.3f}"
-    else:
-        what = f"success {r.success_rate:.2f}, median L2 {r.median_l2:.2f}"
-    return f"{what}, {run.oracle.rows} rows, {run.seconds:.1f} s"
+        return f"agreement {r.agreement:.3f}"
+    l2 = "—" if math.isnan(r.median_l2) else f"{r.median_l2:.3f}"
+    mis = _pct(r.misclassified_rate)
+    return f"success {_pct(r.success_rate)} (misclassified {mis}, median L2 {l2})"
 
 
-# --------------------------------------------------------------------------- benign
+def _summary(sc: Scenario) -> str:
+    assert sc.bare is not None and sc.guard is not None and sc.out is not None
+    first = sc.out.first_enforced
+    return (
+        f"bare {_result(sc.bare.result)} ({sc.bare.oracle.rows} rows, {sc.bare.seconds:.1f} s); "
+        f"guarded {_result(sc.guard.result)} ({sc.guard.oracle.rows} rows, "
+        f"{sc.guard.seconds:.1f} s); first enforced {first} by {', '.join(sc.out.enforcing)}"
+    )
+
+
+# --------------------------------------------------------------------------- benign traffic
+
+
+@dataclass
+class ClientResult:
+    """A benign or hard-case client: what it sent and what the guard did."""
+
+    session: Session
+    oracle: Oracle
+    out: Outcome
 
 
 @dataclass(frozen=True)
 class BenignLearner:
     """A substitute fitted on one benign client's answers, as a Knockoff attacker fits its own.
 
-    One row per distinct input (its first answer), like the attacker's transfer
-    set, and only rows outside the eval half (on which it is scored), i.e. rows
-    of the attacker's half. The client also holds the answers for the eval rows
-    it sent, so this understates what it learnt.
+    One row per distinct input (its first answer), only rows outside the eval half
+    (on which it is scored): the client also holds answers for eval rows it sent,
+    so this understates what it learnt.
     """
 
-    #: distinct rows the client got answers for
     distinct: int
-    #: distinct answered rows outside the eval half: the substitute's data
     trained: int
-    #: the substitute's agreement with the real model on the eval half
     agreement: float
 
 
 @dataclass
-class BenignOutcome:
-    policy: str
-    clients: int
-    rows: int
-    requests: int
-    flagged: int
-    degraded_clients: int
-    blocked_clients: int
-    by_detector: Counter[str]
-    tested_prada: int
-    #: rows the plans would send if nobody were blocked
-    planned_rows: int
+class Population:
+    """The benign population and the hard cases run beside it, in one guard."""
+
+    benign: list[ClientResult]
+    hard: dict[str, ClientResult]
+    plans: list[benign.BenignPlan]
     seconds: float
-    flagged_rows: list[int]
-    coarse_answers: int
-    perturbed_answers: int
-    #: flagged clients whose first near-duplicate flag matched other clients' rows
-    cross_client: int
-    #: clients whose answers were degraded or who were blocked: what the target counts
-    #: (a ``flag`` alone passes the request unchanged: one odd row flagged by an
-    #: input-anomaly detector at its calibrated per-row FPR)
-    sanctioned: int = 0
-    #: clients detected as clients (Detection.flagged): what the target counts, in the
-    #: same sense as for the attacks
-    detected: int = 0
-    #: per client, distinct held-out rows it sent
-    distinct_rows: list[int] = field(default_factory=list)
-    #: what the client with the most distinct answered rows could learn from its answers
     learner: BenignLearner | None = None
+
+    @property
+    def enforced(self) -> list[ClientResult]:
+        return [c for c in self.benign if c.out.enforced]
+
+    @property
+    def audited(self) -> list[ClientResult]:
+        return [c for c in self.benign if c.out.audited]
+
+
+def _results(
+    sessions: Sequence[Session], oracles: Sequence[Oracle], lines: Sequence[dict[str, Any]]
+) -> list[ClientResult]:
+    by_client: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_client.setdefault(str(line.get("client", "")), []).append(line)
+    out = []
+    for s, o in zip(sessions, oracles, strict=True):
+        h = key_hash(s.key)
+        out.append(ClientResult(s, o, outcome(o.log, by_client.get(h, []), {s.key: h})))
+    return out
+
+
+def run_population(dep: Deployment, quick: bool, seed: int) -> Population:
+    v = dep.v
+    n = 100 if quick else 200
+    plans = benign.plan(
+        n,
+        seed=seed,
+        key_prefix=f"benign-{dep.name}",
+        pool_size=v.benign.shape[0],
+        start_window=60.0,
+    )
+    sessions = [benign.session(p, v.benign) for p in plans]
+    hard = [
+        hardcases.probe(v),
+        hardcases.retrier(v, seed=seed),
+        hardcases.batch_job(v),
+        hardcases.one_class(v, seed=seed),
+        hardcases.what_if(v),
+    ]
+    t0 = time.perf_counter()
+    with guarded(dep, tick=0.0) as g:
+        oracles = run_sessions(
+            g.transport, g.clock, [*sessions, *hard], path=v.path, reference=v.predict_proba
+        )
+    results = _results([*sessions, *hard], oracles, g.audit)
+    pop = Population(
+        benign=results[: len(sessions)],
+        hard={r.session.kind: r for r in results[len(sessions) :]},
+        plans=plans,
+        seconds=time.perf_counter() - t0,
+    )
+    pop.learner = benign_learner(v, plans, [r.oracle for r in pop.benign])
+    return pop
 
 
 def benign_learner(
-    plans: Sequence[benign.BenignPlan], oracles: Sequence[Oracle]
+    v: Victim, plans: Sequence[benign.BenignPlan], oracles: Sequence[Oracle]
 ) -> BenignLearner | None:
     """What the benign client with the most distinct answered rows learnt (no extra traffic)."""
     best: tuple[int, NDArray[np.int64], NDArray[np.int64]] | None = None
@@ -473,256 +595,133 @@ def benign_learner(
     if best is None:
         return None
     n, idx, labels = best
-    data = digits()
-    keep = ~np.isin(idx, data.eval_index)
+    keep = ~np.isin(idx, v.eval_index)
     rows, first = np.unique(idx[keep], return_index=True)
     return BenignLearner(
         distinct=n,
         trained=int(rows.shape[0]),
-        agreement=extraction.substitute_agreement(data.benign[rows], labels[keep][first]),
+        agreement=extraction.substitute_agreement(v.benign[rows], labels[keep][first], v),
     )
 
 
-def run_benign(quick: bool, seed: int, without: Sequence[str] = ()) -> BenignOutcome:
-    plans = benign.plan(200 if quick else 240, seed=seed)
-    scale = 0.25 if quick else 1.0
+@dataclass
+class Monitor:
+    """The looping monitor's 20 keys, in one fresh guard."""
+
+    exempt: bool
+    clients: list[ClientResult]
+    #: the guard rejected ``exempt:`` (not supported yet): the exempt run did not happen
+    unsupported: bool = False
+
+    @property
+    def enforced(self) -> int:
+        return sum(c.out.enforced for c in self.clients)
+
+    @property
+    def audited(self) -> int:
+        return sum(c.out.audited for c in self.clients)
+
+
+def run_monitor(dep: Deployment, seed: int, *, exempt: bool) -> Monitor:
+    v = dep.v
+    sessions = hardcases.monitor(v, seed=seed)
+    if exempt and not dep.exempt_ok:
+        return Monitor(True, [], unsupported=True)
+    keys = [s.key for s in sessions] if exempt else []
+    with guarded(dep, exempt=keys, tick=0.0) as g:
+        oracles = run_sessions(
+            g.transport, g.clock, sessions, path=v.path, reference=v.predict_proba
+        )
+    return Monitor(exempt, _results(sessions, oracles, g.audit))
+
+
+@dataclass
+class Framing:
+    framer: ClientResult
+    victim: ClientResult
+
+
+def run_framing(dep: Deployment, seed: int) -> Framing:
+    v = dep.v
+    framer, victim_s = hardcases.framing(v, seed=seed)
+    with guarded(dep, tick=0.0) as g:
+        oracles = run_sessions(
+            g.transport, g.clock, [framer, victim_s], path=v.path, reference=v.predict_proba
+        )
+    a, b = _results([framer, victim_s], oracles, g.audit)
+    return Framing(a, b)
+
+
+# --------------------------------------------------------------------------- one deployment
+
+
+@dataclass
+class Result:
+    dep: Deployment
+    attacks: list[Scenario]
+    population: Population
+    monitors: list[Monitor]
+    framing: Framing
+    seconds: float
+    accuracy: float
+
+
+def run_deployment(v: Victim, root: Path, quick: bool, seed: int) -> Result:
     t0 = time.perf_counter()
-    with guarded(lambda audit: protective_config(audit, without)) as srv:
-        oracles = benign.run_population(srv.url, plans, time_scale=scale)
-    seconds = time.perf_counter() - t0
-    lines = srv.audit
-    by_client: dict[str, list[dict[str, Any]]] = {}
-    for line in lines:
-        by_client.setdefault(line.get("client", ""), []).append(line)
-    flagged = degraded = blocked = sanctioned = detected = 0
-    by_detector: Counter[str] = Counter()
-    flagged_rows: list[int] = []
-    cross = 0
-    for p, o in zip(plans, oracles, strict=True):
-        mine = [x for x in by_client.get(client_hash(p.key), []) if x["decision"] != "invalid"]
-        if mine:
-            flagged += 1
-            cross += _cross_client(mine)
-            det = detection(o.log, mine)
-            if det.first_flag is not None:
-                flagged_rows.append(det.first_flag)
-            detected += det.flagged
-            by_detector.update({n for x in mine for n in x.get("fired", [])})
-        degraded += any(x["enforced"] == "degrade" for x in mine)
-        was_blocked = any(x["enforced"] == "block" for x in mine) or o.statuses.get(403, 0) > 0
-        was_degraded = any(x["enforced"] == "degrade" for x in mine)
-        blocked += was_blocked
-        sanctioned += was_blocked or was_degraded
-    return BenignOutcome(
-        policy="protective" + (f", without {', '.join(without)}" if without else ""),
-        clients=len(plans),
-        rows=sum(o.rows for o in oracles),
-        requests=sum(o.requests for o in oracles),
-        flagged=flagged,
-        degraded_clients=degraded,
-        blocked_clients=blocked,
-        by_detector=by_detector,
-        tested_prada=sum(p.n_rows > 110 for p in plans),
-        planned_rows=sum(p.n_rows for p in plans),
-        seconds=seconds,
-        flagged_rows=flagged_rows,
-        coarse_answers=sum(o.coarse for o in oracles),
-        perturbed_answers=sum(o.perturbed for o in oracles),
-        cross_client=cross,
-        sanctioned=sanctioned,
-        detected=detected,
-        distinct_rows=[
-            len(set(benign.sent_rows(p, o))) for p, o in zip(plans, oracles, strict=True)
-        ],
-        learner=benign_learner(plans, oracles),
+    dep = prepare(v, root)
+    dep.exempt_ok = exempt_supported(dep)
+    print(
+        f"  {v.name}: calibrated"
+        + (f" (INTERIM, not the recipe: {', '.join(dep.interim)})" if dep.interim else ""),
+        flush=True,
     )
+    attacks = run_attacks(dep, quick, seed)
+    pop = run_population(dep, quick, seed)
+    print(
+        f"    benign: {len(pop.enforced)} of {len(pop.benign)} enforced, "
+        f"{len(pop.audited)} audited; hard cases: "
+        + ", ".join(f"{k} {_fate(c.out)}" for k, c in pop.hard.items()),
+        flush=True,
+    )
+    monitors = [run_monitor(dep, seed, exempt=False), run_monitor(dep, seed, exempt=True)]
+    framing = run_framing(dep, seed)
+    print(
+        f"    monitor: {monitors[0].enforced}/20 keys enforced plain, "
+        f"{monitors[1].enforced}/20 exempt{' (unsupported)' if monitors[1].unsupported else ''}; "
+        f"framed victim {_fate(framing.victim.out)}",
+        flush=True,
+    )
+    return Result(dep, attacks, pop, monitors, framing, time.perf_counter() - t0, _accuracy(v))
 
 
-_CROSS = re.compile(r"(\d+) of them other clients' rows")
+def _accuracy(v: Victim) -> float:
+    """Held-out accuracy: the split's true labels, re-derived from the data set."""
+    from sklearn.model_selection import train_test_split
+
+    X, y = DATASETS[v.dataset]()
+    _, X_te, _, y_te = train_test_split(X, y, test_size=0.3, stratify=y, random_state=0)
+    if v.name == "digits" or X_te.shape != v.benign.shape or not np.array_equal(X_te, v.benign):
+        return math.nan
+    return float(np.mean(v.predict(X_te) == y_te))
 
 
-def _cross_client(lines: Sequence[dict[str, Any]]) -> bool:
-    """The client's first near-duplicate flag came with matches to other clients' rows."""
-    for line in lines:
-        for d in line.get("detectors", []):
-            if d.get("anomalous") and (m := _CROSS.search(d.get("reason", ""))):
-                return int(m.group(1)) > 0
-    return False
-
-
-# --------------------------------------------------------------------------- precision
-
-
-DECIMALS: tuple[int | None, ...] = (None, 4, 3, 2, 1)
-
-
-Precision = dict[int | None, dict[int, extraction.ExtractionResult]]
-
-
-def run_precision(seed: int, budgets: Sequence[int]) -> Precision:
-    out: Precision = {}
-    for dec in DECIMALS:
-        out[dec] = {}
-        with guarded(lambda audit, dec=dec: decimals_config(audit, dec)) as srv:
-            for rows in budgets:
-                run = _run(
-                    srv.url,
-                    [f"tramer-{dec}-{rows}"],
-                    lambda o, rows=rows: extraction.equation_solving(o, rows=rows, seed=seed),
-                )
-                out[dec][rows] = run.result
-        cells = {r: (round(x.agreement, 3), x.param_error) for r, x in out[dec].items()}
-        print(f"  decimals {dec}: (agreement, parameter error) {cells}", flush=True)
-    return out
+def _fate(o: Outcome) -> str:
+    if o.enforced:
+        return f"ENFORCED after {o.first_enforced} rows ({', '.join(o.enforcing)})"
+    if o.audited:
+        return f"audited ({o.lines} lines: {', '.join(sorted(o.by_detector)) or '—'})"
+    return "untouched"
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _fmt_rows(v: int | None) -> str:
-    return "—" if v is None else str(v)
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-def _result_cell(r: Any) -> str:
-    if isinstance(r, extraction.ExtractionResult):
-        return f"agreement {r.agreement:.3f}"
-    l2 = "—" if math.isnan(r.median_l2) else f"{r.median_l2:.1f}"
-    return f"success {_pct(r.success_rate)}, median L2 {l2}"
-
-
-def report(
-    args: argparse.Namespace,
-    attacks: list[Scenario],
-    benigns: list[BenignOutcome],
-    precision: Precision,
-    budgets: Sequence[int],
-    seconds: float,
-) -> str:
-    cmd = "python benchmarks/attacks/run.py" + (" --quick" if args.quick else "")
-    lines = [
-        "## Extraction and query-attack clients (issue 5)",
-        "",
-        f"- command: `{cmd}`",
-        f"- machine: {machine()}; numpy {np.__version__}",
-        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}",
-        "- victim: the demo digits model (multinomial logistic regression, 64 pixels in 0..16, "
-        "10 classes) over real HTTP (uvicorn, 1 worker), OIP v2 JSON, one `x-api-key` per client",
-        "- data: the demo's 360 held-out rows; attackers draw natural rows from one half "
-        "(180), stolen models are scored on the other half (180, never queried); benign "
-        "clients replay all 360. The open-world Knockoff attacker holds none of them: it "
-        "queries 8x8 patches cut from scikit-learn's two sample photos (china.jpg, "
-        "flower.jpg), seeded",
-        "- guarded policy: the demo policy `guard/demo.yaml` without its rate limit: "
-        "`envelope`, `mahalanobis`, `knn` (flag), `anomaly_rate`, `near_duplicate`, `prada`, "
-        "`boundary` (degrade), escalating to `block` (quarantine_s "
-        f"{_policy()['quarantine_s']}) below "
-        + ", ".join(f"{k} {v:g}" for k, v in _escalations().items())
-        + f"; output policy `degrade: {_policy()['degrade']}`: every answer rounded "
-        "(the guard's default), degraded clients' answers also perturbed by the noise; "
-        "GUARD_FINGERPRINT_SALT and GUARD_HASH_KEY set",
-        "- each guarded scenario runs in a **fresh server** (fresh detector state and global "
-        "near-duplicate index); the benign population runs in its own server too",
-        "- rows: every count is in rows (a request carries 1 to 64); flags and quarantines "
-        "come from the audit log, matched by request id and keyed client hash",
-        "- evasion success: the returned row is misclassified by the real model and within "
-        f"{evasion.MAX_RATIO:g}x the smallest L2 change that can flip that input's label "
-        "(exact for the linear victim); median L2 over misclassified rows (pixel units)",
-        "",
-        "### Attacks, bare and guarded",
-        "",
-        "*Detected* means a decision on the client as a whole: a per-client detector "
-        "fired (anomaly_rate, near_duplicate, prada, boundary, rate) or its answers were "
-        "degraded, throttled or blocked. A single row flagged by a per-row input-anomaly "
-        f"detector ({', '.join(sorted(ROW_DETECTORS))}; each at its calibrated ~1 % per-row "
-        "false-positive rate) is not a detection of the client; rows until the first such "
-        "row flag are given too. Benign clients below are judged the same way.",
-        "",
-        "| attack | parameters | detected | rows to detection | rows to first row flag | "
-        "rows to quarantine | first firing by detector (rows) | bare: result (rows) | "
-        "guarded: result (rows) |",
-        "|---|---|---|---:|---:|---:|---|---|---|",
-    ]
-    for sc in attacks:
-        assert sc.bare is not None and sc.guard is not None and sc.det is not None
-        det = sc.det
-        by = ", ".join(f"{k} {v}" for k, v in sorted(det.by_detector.items(), key=lambda x: x[1]))
-        flagged = "yes" if det.flagged else "**no**"
-        if sc.keys > 1:
-            flagged += (
-                f" ({det.keys_flagged}/{sc.keys} keys detected, {det.keys_quarantined} "
-                "quarantined"
-                + (f", the last after {det.all_quarantined} rows" if det.all_quarantined else "")
-                + ")"
-            )
-        lines.append(
-            f"| {sc.name} | {sc.params} | {flagged} | {_fmt_rows(det.first_detection)} | "
-            f"{_fmt_rows(det.first_flag)} | "
-            f"{_fmt_rows(det.quarantine)} | {by or '—'} | {_result_cell(sc.bare.result)} "
-            f"({sc.bare.oracle.rows}) | {_result_cell(sc.guard.result)} "
-            f"({sc.guard.oracle.rows}; {_statuses(sc.guard.oracle)}) |"
-        )
-    lines += [
-        "",
-        "Guarded result cells also give the statuses the attacker saw (requests) and how many "
-        "answers were *perturbed*: further from the real model's probabilities than their "
-        f"{_policy()['degrade']['decimals']}-decimal rounding explains, i.e. degraded with "
-        "noise (the client cannot tell from one answer; this check needs the real model).",
-        "",
-        "### Benign clients",
-        "",
-        f"{benigns[0].clients} clients, each with its own key, replaying held-out rows in its own "
-        "order: 3 to 40 requests, 1 to 32 rows per request, 1 to 40 requests/s, 10 % of rows "
-        "resent; run concurrently (48 at a time) in a fresh server per row of the table. "
-        f"{benigns[0].tested_prada} clients send more than 110 rows (enough for PRADA's first test "
-        "and a full boundary window). The 360 held-out rows recur across clients "
-        f"(the plans send {benigns[0].planned_rows} rows: each row about "
-        f"{benigns[0].planned_rows / 360:.0f} times). The second row leaves `near_duplicate` out "
-        "(a diagnostic: with it on, flagged clients are quarantined early and the other "
-        "detectors see less of their traffic).",
-        "",
-        "| policy | rows (requests) | detected | degraded | blocked or quarantined | "
-        "with a row flagged | flagged by detector | first near-duplicate flag matched other "
-        "clients' rows | rows sent when a row was first flagged (median, min-max) | "
-        "perturbed answers |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
-    ]
-    for b in benigns:
-        fr = b.flagged_rows
-        rows_cell = f"{statistics.median(fr):.0f} ({min(fr)}-{max(fr)})" if fr else "—"
-        lines.append(
-            f"| {b.policy} | {b.rows} ({b.requests}) | "
-            f"**{b.detected} ({_pct(b.detected / b.clients)})** | {b.degraded_clients} | "
-            f"{b.blocked_clients} | {b.flagged} ({_pct(b.flagged / b.clients)}) | "
-            + (", ".join(f"{k} {v}" for k, v in b.by_detector.most_common()) or "—")
-            + f" | {b.cross_client} | {rows_cell} | {b.perturbed_answers} |"
-        )
-    lines += [
-        "",
-        "### Equation solving vs output precision",
-        "",
-        "No detectors; every answer rounded by `degrade: {always: true, decimals: N}`; "
-        "uniform random query rows. Agreement of the solved model with the real one on the "
-        "180 eval rows, and the relative error of the recovered parameters "
-        "(|theta - theta_real| / |theta_real|, both shifted so class 0 is zero):",
-        "",
-        "| decimals | "
-        + " | ".join(f"agreement, {b} rows | parameter error, {b} rows" for b in budgets)
-        + " |",
-        "|---|" + "---:|---:|" * len(budgets),
-    ]
-    for dec, by_rows in precision.items():
-        label = "full (float32)" if dec is None else str(dec)
-        cells = [f"{by_rows[b].agreement:.3f} | {by_rows[b].param_error or 0:.3f}" for b in budgets]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ben = benigns[0]
-    lines += ["", "### Against the targets", ""]
-    lines += targets(attacks, ben)
-    lines += ["", "Plot: `benchmarks/attacks/attacks.png`."]
-    return "\n".join(lines)
+def _rows(v: int | None) -> str:
+    return "—" if v is None else str(v)
 
 
 def _statuses(o: Oracle) -> str:
@@ -730,207 +729,402 @@ def _statuses(o: Oracle) -> str:
     return ", ".join(parts) + f"; {o.perturbed} perturbed"
 
 
-def targets(attacks: list[Scenario], ben: BenignOutcome) -> list[str]:
-    out: list[str] = []
-    single = [sc for sc in attacks if sc.keys == 1]
-    judged = [sc for sc in attacks if sc.flaggable and sc.det is not None]
-    caught = [sc for sc in judged if sc.det is not None and sc.det.flagged]
-    out.append(
-        f"- every attack flagged: **{'met' if len(caught) == len(judged) else 'NOT met'}** "
-        f"({len(caught)} of {len(judged)} detected as clients; the closed-world natural "
-        "Knockoff is "
-        "judged on its own line below):"
+def _detectors(o: Outcome) -> str:
+    return (
+        ", ".join(f"{k} {v}" for k, v in sorted(o.by_detector.items(), key=lambda x: x[1])) or "—"
     )
-    for sc in judged:
-        assert sc.det is not None
-        out.append(
-            f"  - {sc.name}: "
-            + (f"detected after {sc.det.first_detection} rows" if sc.det.flagged else "**missed**")
+
+
+def deployment_report(res: Result) -> list[str]:
+    dep, v = res.dep, res.dep.v
+    acc = "" if math.isnan(res.accuracy) else f", held-out accuracy {res.accuracy:.3f}"
+    lines = [
+        f"### {v.name}",
+        "",
+        f"- {v.dataset}: {v.X_train.shape[0]} training rows x {v.n_features} features "
+        f"(spans {v.span[v.movable].min():.3g} to {v.span.max():.4g}), {v.n_classes} classes; "
+        f"{v.benign.shape[0]} held-out rows ({v.pool.shape[0]} attacker pool, "
+        f"{v.eval.shape[0]} eval); model {v.family}{acc}; took {res.seconds:.0f} s",
+    ]
+    if dep.interim:
+        lines.append(
+            "- **INTERIM config, not the recipe**: calibration does not yet fit the stateful "
+            f"detectors, so these data-dependent values were filled in: {'; '.join(dep.interim)}"
         )
-    for sc in attacks:
-        if not sc.flaggable:
-            out.append(_unflaggable(sc, ben))
-    ext = [sc for sc in single if sc.kind == "extraction" and sc.det is not None]
-    ext_med = _median_rows([sc.det.first_detection for sc in ext if sc.det is not None])
-    flaggable_med = _median_rows(
-        [sc.det.first_detection for sc in ext if sc.det is not None and sc.flaggable]
-    )
-    out.append(
-        f"- median rows until detection, extraction ≤ 100: **{_fmt_med(ext_med)}** "
-        f"({'met' if ext_med is not None and ext_med <= 100 else 'NOT met'}; over the "
-        f"{len(ext)} extraction attacks: "
-        + "; ".join(
-            f"{sc.name}: {_fmt_never(sc.det.first_detection)}" for sc in ext if sc.det is not None
-        )
-        + "; a missed attack counts as never; without the closed-world natural Knockoff: "
-        f"{_fmt_med(flaggable_med)})"
-    )
-    for sc in single:
-        if sc.kind != "evasion" or sc.det is None:
-            continue
-        v = sc.det.first_detection
-        out.append(
-            f"- {sc.name}, rows until detection ≤ 20: **{_fmt_rows(v)}** "
-            f"({'met' if v is not None and v <= 20 else 'NOT met'})"
-        )
-        g = sc.guard.result if sc.guard else None
-        if g is not None:
-            out.append(
-                f"- {sc.name} succeeds on ≤ 10 % of inputs with the guard on: "
-                f"**{_pct(g.success_rate)}** ({'met' if g.success_rate <= 0.10 else 'NOT met'})"
+    lines += [
+        "",
+        "| attack | parameters | enforced after (rows) | quarantined after (rows) | "
+        "detectors, first firing (rows) | bare: result (rows) | guarded: result (rows; statuses) |",
+        "|---|---|---:|---:|---|---|---|",
+    ]
+    for sc in res.attacks:
+        assert sc.bare is not None and sc.guard is not None and sc.out is not None
+        o = sc.out
+        first = _rows(o.first_enforced) if o.enforced else "**never**"
+        if sc.keys > 1:
+            first += (
+                f" ({o.keys_enforced}/{sc.keys} keys enforced, {o.keys_quarantined} quarantined)"
             )
-    for sc in attacks:
-        if sc.keys == 1 or sc.det is None or sc.guard is None:
-            continue
-        g = sc.guard.result
-        out.append(
-            f"- {sc.name} (cross-client): first detection after "
-            f"**{_fmt_rows(sc.det.first_detection)}** "
-            f"rows; {sc.det.keys_flagged}/{sc.keys} keys flagged, {sc.det.keys_quarantined} "
-            f"quarantined; success with the guard on {_pct(g.success_rate)}"
+        lines.append(
+            f"| {sc.name} | {sc.params} | {first} | {_rows(o.quarantine)} | {_detectors(o)} | "
+            f"{_result(sc.bare.result)} ({sc.bare.oracle.rows}) | {_result(sc.guard.result)} "
+            f"({sc.guard.oracle.rows}; {_statuses(sc.guard.oracle)}) |"
         )
-    rate = ben.detected / ben.clients
-    out.append(
-        f"- benign clients flagged ≤ 0.5 %: **{_pct(rate)}** detected as clients, in the "
-        f"attacks' sense ({'met' if rate <= 0.005 else 'NOT met'}; degraded "
-        f"{_pct(ben.degraded_clients / ben.clients)}, blocked "
-        f"{_pct(ben.blocked_clients / ben.clients)}). Clients with at least one row "
-        f"flagged by a per-row input-anomaly detector (passed unchanged, audit only): "
-        f"{_pct(ben.flagged / ben.clients)}, as expected of detectors calibrated to ~1 % of "
-        "rows for clients sending tens to hundreds of rows"
-    )
-    return out
-
-
-def _unflaggable(sc: Scenario, ben: BenignOutcome) -> str:
-    """The closed-world natural Knockoff: why no detector can flag it, in measured figures."""
-    assert sc.bare is not None and sc.guard is not None and sc.det is not None
-    sent = sc.bare.oracle.rows
-    as_many = sum(n >= sent for n in ben.distinct_rows)
-    largest = max(ben.distinct_rows, default=0)
-    seen = (
-        f"detected in this run after {sc.det.first_detection} rows"
-        if sc.det.flagged
-        else "not flagged in this run"
-    )
-    line = (
-        f"- {sc.name}: **not flaggable by construction** ({seen}). Its {sent} queries are "
-        "distinct held-out rows of the victim's own distribution, the rows benign clients "
-        f"send too: **{as_many} of {ben.clients}** benign clients sent at least {sent} "
-        f"distinct rows (the most: {largest})."
-    )
-    lrn = ben.learner
-    if lrn is not None:
-        attacker = float(sc.bare.result.agreement)
-        gap = lrn.agreement - attacker
-        line += (
-            " A substitute fitted as the Knockoff attacker fits its own, on the answers the "
-            f"benign client with the most distinct answered rows ({lrn.distinct}) got for the "
-            f"{lrn.trained} distinct rows it sent from the attacker's half (of "
-            f"{digits().pool.shape[0]}; one answer per row, eval rows left out), "
-            f"agrees with the real model on **{_pct(lrn.agreement)}** of the eval rows; the "
-            f"attacker's own substitute: {_pct(attacker)} bare, "
-            f"{_pct(sc.guard.result.agreement)} guarded: that benign client learnt "
-            + (
-                "at least as much as the attacker."
-                if gap >= 0
-                else f"{100 * -gap:.1f} points less than the attacker."
-            )
+    pop = res.population
+    ben = pop.benign
+    enf_by: Counter[str] = Counter(d for c in pop.enforced for d in c.out.enforcing)
+    aud_by: Counter[str] = Counter(d for c in pop.audited for d in c.out.by_detector)
+    rows = sum(c.oracle.rows for c in ben)
+    lines += [
+        "",
+        f"Benign population: {len(ben)} clients, {rows} rows in "
+        f"{sum(c.oracle.requests for c in ben)} requests over "
+        f"{max((c.session.times[-1] for c in ben), default=0):.0f} s (simulated); "
+        f"**{len(pop.enforced)} enforced ({_pct(len(pop.enforced) / len(ben))})**"
+        + (f" by {', '.join(f'{k} {n}' for k, n in enf_by.most_common())}" if enf_by else "")
+        + f"; **{len(pop.audited)} with an audit line ({_pct(len(pop.audited) / len(ben))})**"
+        + (
+            f" (detectors: {', '.join(f'{k} {n}' for k, n in aud_by.most_common())})"
+            if aud_by
+            else ""
         )
-    return line
+        + ".",
+        "",
+        "| client | rows (requests) | enforced | first enforcing row (detectors) | audit lines | "
+        "detectors, first firing (rows) |",
+        "|---|---:|---|---|---:|---|",
+    ]
+    hard_rows = [
+        *pop.hard.values(),
+    ]
+    for c in hard_rows:
+        lines.append(_client_row(c.session.kind.replace("_", " "), [c]))
+    for m in res.monitors:
+        label = "monitor, 20 keys" + (", exempt" if m.exempt else "")
+        if m.unsupported:
+            lines.append(f"| {label} | — | not run: this guard rejects `exempt:` | — | — | — |")
+        else:
+            lines.append(_client_row(label, m.clients))
+    lines.append(_client_row("framer (throwaway key)", [res.framing.framer]))
+    lines.append(_client_row("framed victim", [res.framing.victim]))
+    fv = res.framing.victim.out
+    lines += [
+        "",
+        "- framing: "
+        + (
+            f"**the victim was enforced against** after {fv.first_enforced} rows "
+            f"({', '.join(fv.enforcing)}; {'; '.join(fv.reasons)})"
+            if fv.enforced
+            else "the victim was never degraded or blocked"
+            + (f" (audited: {_detectors(fv)})" if fv.audited else "")
+        )
+        + f"; the framer: {_fate(res.framing.framer.out)}",
+        "",
+    ]
+    return lines
 
 
-def _fmt_never(v: int | None) -> str:
-    return "never" if v is None else f"{v} rows"
+def _client_row(label: str, clients: Sequence[ClientResult]) -> str:
+    rows = sum(c.oracle.rows for c in clients)
+    reqs = sum(c.oracle.requests for c in clients)
+    enforced = [c for c in clients if c.out.enforced]
+    audited = sum(c.out.lines for c in clients)
+    if len(clients) > 1:
+        bold = "**" if enforced else ""
+        enf = f"{bold}{len(enforced)}/{len(clients)} keys{bold}"
+    else:
+        enf = "**yes**" if enforced else "no"
+    first = (
+        "; ".join(f"{c.out.first_enforced} ({', '.join(c.out.enforcing)})" for c in enforced[:3])
+        + (" …" if len(enforced) > 3 else "")
+        if enforced
+        else "—"
+    )
+    by: dict[str, int] = {}
+    for c in clients:
+        for k, v in c.out.by_detector.items():
+            by[k] = min(by.get(k, v), v)
+    dets = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda x: x[1])) or "—"
+    return f"| {label} | {rows} ({reqs}) | {enf} | {first} | {audited} | {dets} |"
 
 
-def _median_rows(values: Sequence[int | None]) -> float | None:
+def _median(values: Sequence[int | None]) -> float | None:
+    """Median with ``None`` (never) sorting after every number."""
     if not values:
         return None
-    # a missed attack is "never": it sorts after every number
-    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
-    mid = ordered[len(ordered) // 2] if len(ordered) % 2 else None
-    if len(ordered) % 2 == 0:
-        a, b = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
-        return None if a is None or b is None else (a + b) / 2
-    return None if mid is None else float(mid)
+    ordered = sorted(values, key=lambda x: math.inf if x is None else x)
+    n = len(ordered)
+    if n % 2:
+        mid = ordered[n // 2]
+        return None if mid is None else float(mid)
+    a, b = ordered[n // 2 - 1], ordered[n // 2]
+    return None if a is None or b is None else (a + b) / 2
 
 
 def _fmt_med(v: float | None) -> str:
     return "never" if v is None else f"{v:.0f} rows"
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def targets(results: Sequence[Result], quotas: dict[str, Any]) -> list[str]:
+    """The issue's targets, aggregated over every deployment."""
+    out: list[str] = []
+    scs = [(r.dep.name, sc) for r in results for sc in r.attacks]
+    judged = [(n, sc) for n, sc in scs if sc.flaggable and sc.out is not None]
+    missed = [(n, sc) for n, sc in judged if sc.out is not None and not sc.out.enforced]
+    out.append(
+        f"- every attack enforced against (closed-world natural Knockoff aside): "
+        f"{_met(not missed)} ({len(judged) - len(missed)} of {len(judged)})"
+        + (": missed " + "; ".join(f"{n} {sc.name}" for n, sc in missed) if missed else "")
+    )
+    ev = [(n, sc) for n, sc in scs if sc.kind == "evasion" and sc.guard is not None]
+    over = [(n, sc) for n, sc in ev if sc.guard is not None and sc.guard.result.success_rate > 0.10]
+    worst = max((sc.guard.result.success_rate for _, sc in ev if sc.guard), default=0.0)
+    out.append(
+        f"- evasion success with the guard ≤ 10 %: {_met(not over)} (worst {_pct(worst)}"
+        + (
+            "; over: "
+            + "; ".join(
+                f"{n} {sc.name} {_pct(sc.guard.result.success_rate)}" for n, sc in over if sc.guard
+            )
+            if over
+            else ""
+        )
+        + ")"
+    )
+    for fam, label, limit in (
+        ("hopskipjump", "HopSkipJump", 50),
+        ("boundary", "Boundary", 50),
+        ("signopt", "SignOPT", 50),
+        ("extraction", "extraction attacks (closed-world Knockoff aside)", 100),
+    ):
+        vals = [
+            sc.out.first_enforced
+            for _, sc in scs
+            if sc.family == fam and sc.flaggable and sc.out is not None and sc.keys == 1
+        ]
+        med = _median(vals)
+        out.append(
+            f"- median rows to first enforcement, {label} ≤ {limit}: "
+            f"{_met(med is not None and med <= limit)} ({_fmt_med(med)} over {len(vals)} runs; "
+            f"per run: {', '.join(_rows(x) if x is not None else 'never' for x in vals)})"
+        )
+    for n, sc in scs:
+        if sc.family == "sybil" and sc.out is not None and sc.guard is not None:
+            out.append(
+                f"- {n} {sc.name}: first enforcement after {_rows(sc.out.first_enforced)} rows; "
+                f"{sc.out.keys_enforced}/{sc.keys} keys enforced, {sc.out.keys_quarantined} "
+                f"quarantined; success with the guard {_pct(sc.guard.result.success_rate)}"
+            )
+    pops = [r.population for r in results]
+    n_ben = sum(len(p.benign) for p in pops)
+    n_enf = sum(len(p.enforced) for p in pops)
+    n_aud = sum(len(p.audited) for p in pops)
+    per = "; ".join(
+        f"{r.dep.name} {len(r.population.enforced)}/{len(r.population.audited)}" for r in results
+    )
+    out.append(
+        f"- benign clients enforced against ≤ 0.5 %: {_met(n_enf / n_ben <= 0.005)} "
+        f"({n_enf} of {n_ben}, {_pct(n_enf / n_ben)})"
+    )
+    out.append(
+        f"- benign clients with any audit line ≤ 5 %: {_met(n_aud / n_ben <= 0.05)} "
+        f"({n_aud} of {n_ben}, {_pct(n_aud / n_ben)}; enforced/audited per deployment: {per})"
+    )
+    bad = [
+        f"{r.dep.name} {k} ({_fate(c.out)})"
+        for r in results
+        for k, c in r.population.hard.items()
+        if k != "what_if" and c.out.enforced
+    ]
+    out.append(
+        "- health probe, retrier, batch job, one-class client never degraded or blocked: "
+        f"{_met(not bad)}" + (": " + "; ".join(bad) if bad else "")
+    )
+    wi = [f"{r.dep.name} {_fate(r.population.hard['what_if'].out)}" for r in results]
+    out.append(f"- what-if sweep (allowed to be flagged): {'; '.join(wi)}")
+    plain = [f"{r.dep.name} {r.monitors[0].enforced}/20" for r in results]
+    out.append(f"- looping monitor, plain (keys enforced): {'; '.join(plain)}")
+    if any(r.monitors[1].unsupported for r in results):
+        out.append(
+            "- looping monitor with its keys in `exempt:`: **NOT measured**: this guard "
+            "rejects the `exempt:` key (not implemented yet)"
+        )
+    else:
+        ex = [r for r in results if r.monitors[1].enforced]
+        out.append(
+            f"- looping monitor with its keys in `exempt:` never enforced: {_met(not ex)} ("
+            + "; ".join(f"{r.dep.name} {r.monitors[1].enforced}/20" for r in results)
+            + ")"
+        )
+    framed = [r for r in results if r.framing.victim.out.enforced]
+    out.append(
+        f"- framed client never degraded or blocked: {_met(not framed)}"
+        + (
+            ": " + "; ".join(f"{r.dep.name} ({_fate(r.framing.victim.out)})" for r in framed)
+            if framed
+            else ""
+        )
+    )
+    interim_deps = [r.dep.name for r in results if r.dep.interim]
+    if interim_deps:
+        out.append(
+            "- **the recipe is not pure yet**: "
+            + ", ".join(interim_deps)
+            + " ran with hand-filled data-dependent parameters (see each deployment)"
+        )
+    out += ["", "Closed-world natural Knockoff (not flaggable: benign clients send the same rows):"]
+    for r in results:
+        out.append(_closed_world(r, quotas))
+    return out
+
+
+def _closed_world(r: Result, quotas: dict[str, Any]) -> str:
+    sc = next(s for s in r.attacks if not s.flaggable)
+    assert sc.bare is not None and sc.guard is not None and sc.out is not None
+    pop = r.population
+    sent = sc.bare.oracle.rows
+    distinct = [
+        len(set(benign.sent_rows(p, c.oracle))) for p, c in zip(pop.plans, pop.benign, strict=True)
+    ]
+    as_many = sum(n >= sent for n in distinct)
+    seen = (
+        f"enforced in this run after {sc.out.first_enforced} rows"
+        if sc.out.enforced
+        else "not enforced in this run"
+    )
+    line = (
+        f"- {r.dep.name}: {sent} queries ({seen}); the substitute agrees with the model on "
+        f"{_pct(sc.bare.result.agreement)} bare, {_pct(sc.guard.result.agreement)} guarded "
+        f"(answers rounded to {quotas['decimals']} decimals: labels are what it learns from, "
+        "rounding leaves them); "
+        f"{as_many} of {len(distinct)} benign clients sent as many distinct rows"
+    )
+    lrn = pop.learner
+    if lrn is not None:
+        line += (
+            f"; the benign client with the most distinct rows ({lrn.distinct}) could fit a "
+            f"substitute agreeing on {_pct(lrn.agreement)} from its own answers"
+        )
+    if quotas.get("per_day"):
+        line += (
+            f"; the demo's row quota ({quotas['per_day']} rows a day per key) lets one key "
+            f"ask {quotas['per_day'] // max(sent, 1)} times this set a day"
+        )
+    return line + "."
+
+
+def quotas() -> dict[str, Any]:
+    """The demo's output rounding and daily row quota (from guard/demo.yaml)."""
+    doc = demo_policy()
+    policy = doc["policies"][0]
+    per_day = None
+    for d in policy.get("detectors", []):
+        if d["type"] == "rate":
+            for lim in (d.get("params") or {}).get("limits", []):
+                if lim.get("per") == "1d" and "limit" in lim:
+                    per_day = int(lim["limit"])
+    return {"decimals": policy.get("degrade", {}).get("decimals"), "per_day": per_day}
+
+
+def report(args: argparse.Namespace, results: Sequence[Result], seconds: float) -> str:
+    cmd = "python benchmarks/attacks/run.py" + (" --quick" if args.quick else "")
+    if args.only:
+        cmd += " --only " + " ".join(args.only)
+    q = quotas()
+    policy = recipe("DIR")["policies"][0]
+    dets = ", ".join(f"`{d['type']}` ({d['action']})" for d in policy["detectors"])
+    lines = [
+        "## Attacks, benign clients and hard cases on six deployments (issue 10)",
+        "",
+        f"- command: `{cmd}`",
+        f"- machine: {machine()}; numpy {np.__version__}",
+        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}",
+        "- deployments: " + ", ".join(r.dep.name for r in results) + " (scikit-learn's bundled "
+        "digits, wine and breast_cancer; StandardScaler + LogisticRegression, StandardScaler + "
+        "MLP(64)); seeded stratified 70/30 split; held-out rows halved into the attacker's "
+        "pool and the eval rows stolen models are scored on; benign clients replay held-out "
+        "rows",
+        "- config recipe, the same for every deployment: `guard/demo.yaml` minus its rate "
+        f"limit ({dets}; output `degrade: {policy['degrade']}`), then `guard calibrate --data "
+        f"REF.npz --out DIR --config CONFIG --target-fpr {TARGET_FPR}` on the training split "
+        "(`X` and the model's `proba`); GUARD_HASH_KEY and GUARD_FINGERPRINT_SALT set",
+        "- every client talks OIP v2 JSON with its own `x-api-key` to the real ASGI app "
+        "(guard middleware + model app), in-process, on a simulated clock (attackers send "
+        f"a request every {ATTACK_TICK} s); a fresh guard per attack scenario, per benign "
+        "population (the hard cases run inside it, beside the benign clients), per monitor "
+        "run and for the framing test",
+        "- *enforced*: an answer degraded, throttled or blocked (audit `enforced`, or 403/429 "
+        "seen by the client); *audit line*: any audit line for the client; rows to first "
+        "enforcement count the client's rows up to and including its first enforcing request",
+        "- attack parameters are relative to each data set's scale: the box is the training "
+        "rows' per-feature [min, max]; JbDA steps are fractions of each feature's span; "
+        "evasion clients work in the unit box `(x - min) / span` and distances are L2 there. "
+        f"Evasion success: misclassified within {evasion.MAX_RATIO:g}x the smallest known "
+        "label-changing distance (exact for linear models; for MLPs the smallest of a line "
+        "search towards every differently-labelled data row and every bare attack's result)",
+        "- benign population: ~200 clients per deployment (100 with --quick), 3 to 40 requests "
+        "of 1 to 32 rows, 1 to 40 requests/s, 10 % of rows resent, starts spread over 60 s. "
+        "Hard cases (one key each): health probe (same row every 0.3 s, 150 requests); "
+        "retrier (60 rows, each sent 3 times in a row); batch job (4 x 64 rows, in order); "
+        "one-class client (~200 rows of one predicted class); what-if sweep (one row, "
+        "features swept one at a time in 8 steps, ≤ 200 rows); looping monitor (one row "
+        "+-1 % noise, 20 keys x 10 requests), plain and with its keys in `exempt:`; framing "
+        "(a throwaway key sends 20 noisy copies of a row in one request, then the victim "
+        "sends that row and an ordinary session)",
+        "",
+        "### Against the targets",
+        "",
+        *targets(results, q),
+        "",
+    ]
+    for r in results:
+        lines += deployment_report(r)
+    lines += ["Plot: `benchmarks/attacks/attacks.png`."]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- plot
 
 
-def plot(attacks: list[Scenario], precision: Precision, budgets: Sequence[int]) -> None:
+def plot(results: Sequence[Result]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
-    names = [sc.short for sc in attacks]
-    x = np.arange(len(attacks))
-    rows = [sc.guard.oracle.rows for sc in attacks if sc.guard is not None]
-    never = 1.5 * max([*rows, 100])
-    for off, attr, label, color in (
-        (-0.2, "first_detection", "detection", "tab:orange"),
-        (0.2, "quarantine", "quarantine", "tab:red"),
-    ):
-        vals = [getattr(sc.det, attr) if sc.det else None for sc in attacks]
+    names = [sc.name for sc in results[0].attacks if sc.flaggable and sc.keys == 1]
+    names = [n for n in names if all(any(s.name == n for s in r.attacks) for r in results)]
+    fig, ax = plt.subplots(figsize=(13, 5))
+    width = 0.8 / len(results)
+    x = np.arange(len(names))
+    cap = 0
+    for r in results:
+        for sc in r.attacks:
+            if sc.guard is not None:
+                cap = max(cap, sc.guard.oracle.rows)
+    never = 1.5 * max(cap, 100)
+    for i, r in enumerate(results):
+        vals = []
+        for n in names:
+            sc = next(s for s in r.attacks if s.name == n)
+            vals.append(sc.out.first_enforced if sc.out and sc.out.enforced else None)
         heights = [never if v is None else v for v in vals]
-        bars = ax1.bar(x + off, heights, 0.4, label=label, color=color)
+        bars = ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, label=r.dep.name)
         for bar, v in zip(bars, vals, strict=True):
             if v is None:
                 bar.set_hatch("//")
                 bar.set_alpha(0.35)
-                ax1.text(
-                    bar.get_x() + bar.get_width() / 2,
-                    math.sqrt(bar.get_height() * 10),
-                    "never",
-                    ha="center",
-                    va="center",
-                    rotation=90,
-                    fontsize=8,
-                )
-            else:
-                ax1.text(
-                    bar.get_x() + bar.get_width() / 2,
-                    bar.get_height(),
-                    str(v),
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
-    ax1.axhline(100, ls="--", color="grey", lw=1, label="target, extraction (100)")
-    ax1.axhline(20, ls=":", color="grey", lw=1, label="target, evasion (20)")
-    ax1.set_yscale("log")
-    ax1.set_xticks(x, names, fontsize=8)
-    ax1.set_ylabel("rows the attacker had sent (log scale)")
-    ax1.set_title("Rows until the guard detected / quarantined the attacker")
-    ax1.legend(fontsize=7, loc="upper right")
-    labels = ["full" if d is None else str(d) for d in precision]
-    for b, color in zip(budgets, ("tab:blue", "tab:green", "tab:purple"), strict=False):
-        ax2.plot(
-            labels,
-            [precision[d][b].agreement for d in precision],
-            marker="o",
-            color=color,
-            label=f"agreement, {b} rows",
-        )
-        ax2.plot(
-            labels,
-            [precision[d][b].param_error or 0.0 for d in precision],
-            marker="s",
-            ls="--",
-            color=color,
-            label=f"parameter error, {b} rows",
-        )
-    ax2.set_ylim(0, 1.05)
-    ax2.set_xlabel("decimals in every answer (degrade: always)")
-    ax2.set_title("Equation solving vs output rounding (no detectors)")
-    ax2.legend(fontsize=8)
+    ax.axhline(100, ls="--", color="grey", lw=1, label="target, extraction (100)")
+    ax.axhline(50, ls=":", color="grey", lw=1, label="target, evasion (50)")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [n.replace(", ", "\n") for n in names], fontsize=8)
+    ax.set_ylabel("rows until first enforcement (log; hatched: never)")
+    ax.set_title("Rows each attacker sent before the guard first enforced, per deployment")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)
@@ -939,33 +1133,39 @@ def plot(attacks: list[Scenario], precision: Precision, budgets: Sequence[int]) 
 # --------------------------------------------------------------------------- main
 
 
+def deployments(only: Sequence[str] | None, seed: int) -> list[Victim]:
+    names = [f"{d}-{f}" for d in DATASETS for f in FAMILIES]
+    if only:
+        unknown = set(only) - set(names)
+        if unknown:
+            raise SystemExit(f"unknown deployments {sorted(unknown)}; choose from {names}")
+        names = [n for n in names if n in only]
+    return [victim(*n.rsplit("-", 1), seed) for n in names]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer inputs and clients")
+    parser.add_argument("--quick", action="store_true", help="fewer inputs, rows and clients")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="deployments to run")
+    parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")
+    os.environ.update(ENV)
     started = time.time()
-    budgets = (130, 650)
-    print("attacks:", flush=True)
-    attacks = run_attacks(args.quick, args.seed)
-    print("benign population:", flush=True)
-    benigns = [
-        run_benign(args.quick, args.seed),
-        run_benign(args.quick, args.seed, ["near_duplicate"]),
-    ]
-    for ben in benigns:
-        print(
-            f"  {ben.policy}: flagged {ben.flagged} of {ben.clients}, {ben.by_detector}", flush=True
-        )
-    print("precision trade-off:", flush=True)
-    precision = run_precision(args.seed, budgets)
-    text = report(args, attacks, benigns, precision, budgets, time.time() - started)
-    plot(attacks, precision, budgets)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
+        for v in deployments(args.only, args.seed):
+            results.append(run_deployment(v, Path(tmp), args.quick, args.seed))
+    text = report(args, results, time.time() - started)
     print(text)
-    write_section("attacks", text)
+    if not args.no_write:
+        plot(results)
+        write_section("attacks", text)
 
+
+_CROSS = re.compile(r"(\d+) of them other clients' rows")
 
 if __name__ == "__main__":
     main()
