@@ -95,6 +95,7 @@ class RowAnomalyDetector(Detector):
     """
 
     technique = "AML.T0015"
+    per_row = True
 
     def __init__(
         self,
@@ -228,6 +229,7 @@ class TextAnomalyDetector(Detector):
     """
 
     technique = "AML.T0051"
+    per_row = True
 
     def __init__(
         self, name: str, model: TextModel, *, tracker: AnomalyRateTracker | None = None

@@ -105,6 +105,9 @@ class Detector(ABC):
     technique: ClassVar[str] = "AML.T0000"
     #: True when :meth:`observe` must see parsed answers (the guard then parses them)
     observes_answers: ClassVar[bool] = False
+    #: True when the verdict is about single rows (input anomalies) at a per-row
+    #: false-positive rate: a ``flag`` from such detectors alone is counted, not audited
+    per_row: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -1,8 +1,10 @@
-"""The audit log: one JSON line per non-allow decision.
+"""The audit log: one JSON line per decision worth a look.
 
 Each line holds the timestamp, request id, hashed client id, policy, decision,
 every detector result and the MITRE ATLAS technique ids of the detectors that
-fired. Never the raw API key, never the payload.
+fired. Never the raw API key, never the payload. Which decisions get a line is
+:attr:`guard.decisions.Decision.recorded`: every one but ``allow``, except a
+``flag`` that only per-row detectors asked for.
 
 Lines are handed to a background thread through a bounded queue, so a slow disk
 never blocks the event loop; if the writer falls that far behind, lines are
@@ -28,7 +30,7 @@ from guard.config import AuditConfig
 from guard.decisions import Decision
 from guard.errors import ConfigurationError
 
-__all__ = ["AuditLog"]
+__all__ = ["AuditLog", "LineWriter"]
 
 _STOP = object()
 
@@ -41,6 +43,118 @@ def _num(x: float) -> float | str | None:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return round(x, 6)
+
+
+class LineWriter:
+    """JSON lines appended to a file (or stderr) by a background thread.
+
+    :meth:`put` never blocks and never raises: past ``maxsize`` queued lines,
+    or when a write fails, the line is dropped and ``on_drop`` called. Items
+    are turned into JSON in the writer thread by ``encode`` (``json.dumps`` of
+    a mapping by default), so the caller pays only for the queueing. With
+    ``mode`` a file that does not exist yet is created with those permissions
+    (0o600 for sensitive data).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        key: str,
+        name: str,
+        on_drop: Callable[[], None] | None = None,
+        maxsize: int = 10_000,
+        mode: int | None = None,
+        encode: Callable[[Any], str] | None = None,
+    ) -> None:
+        self.path = path
+        self._name = name
+        self._on_drop = on_drop
+        self._mode = mode
+        self._encode = encode or _dumps
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=maxsize)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._out: IO[str] | None = None
+        self._failed_open = False
+        if self.path != "-":
+            # try it now: a bad path is a start-up error, not lines silently lost later
+            try:
+                self._open().close()
+            except OSError as exc:
+                raise ConfigurationError(key, f"cannot open for appending: {exc}") from exc
+
+    def _open(self) -> IO[str]:
+        if self._mode is None:
+            return open(self.path, "a", encoding="utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def put(self, item: object) -> None:
+        """Queue one item for writing; never blocks, never raises."""
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if self._on_drop is not None:
+                self._on_drop()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                t = threading.Thread(target=self._run, name=self._name, daemon=True)
+                t.start()
+                self._thread = t
+
+    def _run(self) -> None:
+        out: IO[str] = sys.stderr
+        if self.path != "-":
+            try:
+                out = self._out = self._open()
+            except OSError:
+                log.exception("cannot open %s; dropping lines", self.path)
+                out = self._out = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+                self._failed_open = True
+        failing = False
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            try:
+                if self._failed_open:
+                    raise OSError(f"{self.path} is not open")
+                out.write(self._encode(item) + "\n")
+                if self._queue.empty():
+                    out.flush()
+                failing = False
+            except (OSError, ValueError, TypeError):
+                # disk full, file gone, a value JSON cannot hold: count the line as
+                # dropped and keep draining
+                if not failing:
+                    log.exception("writing %s failed; dropping lines until it recovers", self.path)
+                failing = True
+                if self._on_drop is not None:
+                    self._on_drop()
+        with contextlib.suppress(OSError, ValueError):
+            out.flush()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush queued lines and stop the writer thread (waits at most ``timeout``)."""
+        thread = self._thread
+        if thread is not None:
+            with contextlib.suppress(queue.Full):  # a stuck writer must not hang shutdown
+                self._queue.put(_STOP, timeout=timeout)
+            thread.join(timeout)
+            self._thread = None
+        if self._out is not None and (thread is None or not thread.is_alive()):
+            self._out.close()
+            self._out = None
+
+
+def _dumps(item: Any) -> str:
+    return json.dumps(item, separators=(",", ":"), allow_nan=False)
 
 
 class AuditLog:
@@ -57,18 +171,18 @@ class AuditLog:
         self.enabled = config.enabled
         self.path = config.path
         self._clock = clock
-        self._on_drop = on_drop
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=maxsize)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._out: IO[str] | None = None
-        self._failed_open = False
-        if self.enabled and self.path != "-":
-            # try it now: a bad audit path is a start-up error, not lines silently lost later
-            try:
-                open(self.path, "a", encoding="utf-8").close()
-            except OSError as exc:
-                raise ConfigurationError("audit.path", f"cannot open for appending: {exc}") from exc
+        self._writer = (
+            LineWriter(
+                config.path, key="audit.path", name="guard-audit", on_drop=on_drop, maxsize=maxsize
+            )
+            if self.enabled
+            else None
+        )
+
+    @property
+    def _out(self) -> IO[str] | None:
+        """The writer's open file, if any (tests make it fail under the writer)."""
+        return self._writer._out if self._writer is not None else None
 
     def record(
         self,
@@ -82,7 +196,7 @@ class AuditLog:
         reason: str | None = None,
     ) -> None:
         """Queue one audit line; never blocks, never raises."""
-        if not self.enabled:
+        if self._writer is None:
             return
         line: dict[str, Any] = {
             "ts": round(self._clock(), 6),
@@ -93,6 +207,7 @@ class AuditLog:
             "decision": str(decision.intended),
             "enforced": str(decision.action),
             "shadow": decision.shadow,
+            "exempt": decision.exempt,
             "quarantined": decision.quarantined,
             "rows": n_rows,
             "detectors": [
@@ -111,7 +226,7 @@ class AuditLog:
         }
         if reason is not None:
             line["reason"] = reason
-        self._put(line)
+        self._writer.put(line)
 
     def record_invalid(
         self,
@@ -124,9 +239,9 @@ class AuditLog:
         reason: str,
     ) -> None:
         """Queue an audit line for a request refused as malformed."""
-        if not self.enabled:
+        if self._writer is None:
             return
-        self._put(
+        self._writer.put(
             {
                 "ts": round(self._clock(), 6),
                 "request_id": request_id,
@@ -140,62 +255,7 @@ class AuditLog:
             }
         )
 
-    def _put(self, line: dict[str, Any]) -> None:
-        self._ensure_thread()
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
-            if self._on_drop is not None:
-                self._on_drop()
-
-    def _ensure_thread(self) -> None:
-        if self._thread is not None:
-            return
-        with self._lock:
-            if self._thread is None:
-                t = threading.Thread(target=self._run, name="guard-audit", daemon=True)
-                t.start()
-                self._thread = t
-
-    def _run(self) -> None:
-        out: IO[str] = sys.stderr
-        if self.path != "-":
-            try:
-                out = self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            except OSError:
-                log.exception("cannot open the audit log; dropping lines")
-                out = self._out = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
-                self._failed_open = True
-        failing = False
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            try:
-                if self._failed_open:
-                    raise OSError("audit log is not open")
-                out.write(json.dumps(item, separators=(",", ":"), allow_nan=False) + "\n")
-                if self._queue.empty():
-                    out.flush()
-                failing = False
-            except (OSError, ValueError):
-                # disk full, file gone: count the line as dropped and keep draining
-                if not failing:
-                    log.exception("audit log write failed; dropping lines until it recovers")
-                failing = True
-                if self._on_drop is not None:
-                    self._on_drop()
-        with contextlib.suppress(OSError, ValueError):
-            out.flush()
-
     def close(self, timeout: float = 5.0) -> None:
         """Flush queued lines and stop the writer thread (waits at most ``timeout``)."""
-        thread = self._thread
-        if thread is not None:
-            with contextlib.suppress(queue.Full):  # a stuck writer must not hang shutdown
-                self._queue.put(_STOP, timeout=timeout)
-            thread.join(timeout)
-            self._thread = None
-        if self._out is not None and (thread is None or not thread.is_alive()):
-            self._out.close()
-            self._out = None
+        if self._writer is not None:
+            self._writer.close(timeout)

@@ -73,6 +73,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    """Print ``sha256:<hex>`` of the API key on stdin, for ``exempt.api_keys``."""
+    import hashlib
+
+    key = sys.stdin.buffer.read().strip()
+    if not key:
+        print("hash-key: no key on stdin (printf %s KEY | guard hash-key)", file=sys.stderr)
+        return 1
+    print(f"sha256:{hashlib.sha256(key).hexdigest()}")
+    return 0
+
+
 def _optional(module: str, name: str) -> object | None:
     try:
         value: object = getattr(importlib.import_module(module), name)
@@ -97,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file; exit 0 if valid, 1 if not")
     p.add_argument("file")
     p.set_defaults(func=_check_config)
+
+    p = sub.add_parser(
+        "hash-key", help="print sha256:<hex> of the API key read from stdin (for exempt:)"
+    )
+    p.set_defaults(func=_hash_key)
 
     for name, module, help_text in (
         ("calibrate", "guard.calibrate", "fit input-anomaly detectors on reference data"),

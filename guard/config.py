@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from guard.errors import ConfigurationError
 __all__ = [
     "DEFAULT_ROUTES",
     "AuditConfig",
+    "CaptureConfig",
     "DegradeConfig",
     "DetectorSpec",
+    "ExemptConfig",
     "GuardConfig",
     "IdentityConfig",
     "LimitsConfig",
@@ -122,6 +125,47 @@ class AuditConfig:
     enabled: bool = True
     #: file path, or ``-`` for stderr
     path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class ExemptConfig:
+    """Clients that are counted and logged but never enforced against.
+
+    For synthetic monitors and load tests. Every detector still runs on their
+    requests and is counted; the enforced action is always ``allow``, and they
+    are never quarantined nor refused by an existing quarantine. API keys are
+    listed as ``sha256:<64 hex digits>`` of the raw key, never the key itself
+    (``printf %s KEY | guard hash-key``).
+    """
+
+    #: SHA-256 digests of exempt API keys or bearer tokens, lower-case hex (no prefix)
+    api_keys: tuple[str, ...] = ()
+    #: networks whose clients (the resolved address, as for identity) are exempt
+    cidrs: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.cidrs)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """Recording traffic for ``guard replay``: one JSON line per sampled request.
+
+    Off unless ``path`` is set. The file holds inputs and the model's answers:
+    it is sensitive data, created with permissions 0600.
+    """
+
+    #: the JSON-lines file to append to; ``None``: no capture
+    path: str | None = None
+    #: share of clients recorded (chosen by client, so a session is kept whole)
+    sample: float = 1.0
+    #: lines queued for the writer thread at most; beyond, lines are dropped and counted
+    max_queue: int = 10_000
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None and self.sample > 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +267,10 @@ class GuardConfig:
     failure_mode: FailureMode = FailureMode.FAIL_OPEN
     #: directory of calibrated detector files (``guard calibrate --out``)
     calibration_dir: str | None = None
+    #: clients never enforced against (monitors, load tests)
+    exempt: ExemptConfig = field(default_factory=ExemptConfig)
+    #: traffic recording for ``guard replay`` (off by default)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     @classmethod
     def default(cls) -> GuardConfig:
@@ -437,9 +485,13 @@ class _Validator:
                 "state",
                 "failure_mode",
                 "calibration_dir",
+                "exempt",
+                "capture",
             },
         )
         identity = self.identity(top.get("client_identity"), "client_identity")
+        exempt = self.exempt(top.get("exempt"), "exempt")
+        capture = self.capture(top.get("capture"), "capture")
         limits = self.limits(top.get("limits"), "limits")
         metrics = self.metrics(top.get("metrics"), "metrics")
         audit = self.audit(top.get("audit"), "audit")
@@ -471,6 +523,34 @@ class _Validator:
             state=state,
             failure_mode=failure_mode,
             calibration_dir=calibration_dir,
+            exempt=exempt,
+            capture=capture,
+        )
+
+    def exempt(self, raw: object, key: str) -> ExemptConfig:
+        m = self.mapping(raw, key, {"api_keys", "cidrs"})
+        keys = self.strings(m, key, "api_keys", (), check=_check_key_hash)
+        return ExemptConfig(
+            api_keys=tuple(dict.fromkeys(k.removeprefix("sha256:").lower() for k in keys)),
+            cidrs=self.strings(m, key, "cidrs", (), check=_check_cidr),
+        )
+
+    def capture(self, raw: object, key: str) -> CaptureConfig:
+        m = self.mapping(raw, key, {"path", "sample", "max_queue"})
+        d = CaptureConfig()
+        path: str | None = None
+        if "path" in m and m["path"] is not None:
+            path = self.string(m, key, "path", "", nonempty=True) or None
+        elif m:
+            self.fail(_join(key, "path"), "is required to capture (omit capture: to turn it off)")
+        sample = self.number(m, key, "sample", d.sample)
+        if sample > 1.0:
+            self.fail(_join(key, "sample"), f"must be between 0 and 1, got {sample}")
+            sample = d.sample
+        return CaptureConfig(
+            path=path,
+            sample=sample,
+            max_queue=self.integer(m, key, "max_queue", d.max_queue, minimum=1),
         )
 
     def identity(self, raw: object, key: str) -> IdentityConfig:
@@ -756,6 +836,20 @@ def _check_cidr(_key: str, value: str) -> str | None:
     except ValueError:
         return f"{value!r} is not an IP network (CIDR)"
     return None
+
+
+_KEY_HASH = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def _check_key_hash(_key: str, value: str) -> str | None:
+    if _KEY_HASH.fullmatch(value):
+        return None
+    # never echo the value: it may be a raw API key pasted by mistake
+    return (
+        "must be the SHA-256 of the key, 'sha256:' and 64 hex digits, never the raw key; "
+        "make it with `printf %s KEY | guard hash-key` (or `printf %s KEY | sha256sum` "
+        "and prefix 'sha256:')"
+    )
 
 
 def _check_header(_key: str, value: str) -> str | None:

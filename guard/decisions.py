@@ -62,8 +62,22 @@ class Decision:
     quarantined: bool = False
     #: shadow mode: recorded, not enforced
     shadow: bool = False
+    #: the client is exempt (``exempt:`` in the config): detected and recorded, never enforced
+    exempt: bool = False
+    #: only per-row detectors fired and they asked for ``flag``: counted in the metrics,
+    #: but no audit line (a client's abnormal share of such rows is ``anomaly_rate``'s call)
+    row_flags_only: bool = False
 
     @property
     def recorded(self) -> bool:
-        """Whether this decision goes into the audit log."""
-        return self.intended is not Action.ALLOW or self.quarantined
+        """Whether this decision goes into the audit log.
+
+        Every decision but ``allow``, except a ``flag`` that only per-row
+        detectors asked for: at their calibrated per-row false-positive rate
+        they flag a row of most ordinary clients sooner or later, so such flags
+        live in the metrics, and the client-level ``anomaly_rate`` detector
+        writes the line when a client's share of flagged rows is abnormal.
+        """
+        if self.quarantined:
+            return True
+        return self.intended is not Action.ALLOW and not self.row_flags_only

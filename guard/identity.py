@@ -14,6 +14,11 @@ itself a trusted proxy. A peer that is not trusted but sends the header is
 spoofing (or an unconfigured proxy) and, by default, gets a 400, unless the
 server reports that it has resolved the chain itself (uvicorn's
 ``--proxy-headers``) and the peer is indeed one of the chain's addresses.
+
+Exempt clients (``exempt:`` in the config: monitors, load tests) are marked
+here: a presented key whose SHA-256 is listed, or a resolved address in a
+listed network. Everything is prepared at start-up; per request an exemption
+costs one SHA-256 of a presented key, and only when keys are listed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import secrets
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from guard.config import IdentityConfig
+from guard.config import ExemptConfig, IdentityConfig
 from guard.errors import PayloadError
 
 __all__ = ["ClientId", "ClientIdentifier"]
@@ -49,12 +54,20 @@ class ClientId(NamedTuple):
     id: str
     #: where the identity came from: ``api_key``, ``bearer`` or ``ip`` (a metric label)
     source: str
+    #: listed in ``exempt:``: detected and recorded, never enforced against
+    exempt: bool = False
 
 
 class ClientIdentifier:
     """Turns request headers and the peer address into a :class:`ClientId`."""
 
-    def __init__(self, config: IdentityConfig, *, secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        config: IdentityConfig,
+        *,
+        secret: bytes | None = None,
+        exempt: ExemptConfig | None = None,
+    ) -> None:
         self.config = config
         if secret is None:
             env = os.environ.get(config.hash_key_env, "")
@@ -74,6 +87,11 @@ class ClientIdentifier:
         self._forwarded = config.forwarded_header.encode("latin-1")
         self._trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies
+        )
+        exempt = exempt or ExemptConfig()
+        self._exempt_keys = frozenset(bytes.fromhex(h) for h in exempt.api_keys)
+        self._exempt_nets: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in exempt.cidrs
         )
 
     def hash(self, kind: str, value: str | bytes) -> str:
@@ -101,17 +119,52 @@ class ClientIdentifier:
         ``forwarded_applied``: the server says it took ``peer`` from the forwarded
         header itself (see :meth:`client_ip`).
         """
+        key: bytes | None = None
+        source = "api_key"
         for name in self._headers:
             value = headers.get(name)
             if value is not None:
-                return ClientId(self.hash("key", self._check_key(value, name.decode())), "api_key")
-        if self.config.bearer:
+                key = self._check_key(value, name.decode())
+                break
+        if key is None and self.config.bearer:
             auth = headers.get(b"authorization")
             if auth is not None and auth[:7].lower() == b"bearer ":
-                token = self._check_key(auth[7:].strip(), "authorization")
-                return ClientId(self.hash("key", token), "bearer")
+                key = self._check_key(auth[7:].strip(), "authorization")
+                source = "bearer"
+        if key is not None:
+            if not (self._exempt_keys or self._exempt_nets):
+                return ClientId(self.hash("key", key), source)
+            exempt = hashlib.sha256(key).digest() in self._exempt_keys or (
+                bool(self._exempt_nets) and self._exempt_address(headers, peer, forwarded_applied)
+            )
+            return ClientId(self.hash("key", key), source, exempt)
         ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
+        if self._exempt_nets:
+            return ClientId(self.hash("ip", ip), "ip", self._in_exempt_net(ip))
         return ClientId(self.hash("ip", ip), "ip")
+
+    def _exempt_address(
+        self, headers: Mapping[bytes, bytes], peer: str | None, forwarded_applied: bool
+    ) -> bool:
+        """Whether a key-identified client's address is exempt; a doubtful address is not.
+
+        A keyed client's forwarded header is otherwise ignored, so a spoofed
+        one must not cost it a 400 here: it only fails to exempt.
+        """
+        try:
+            ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
+        except PayloadError:
+            return False
+        return self._in_exempt_net(ip)
+
+    def _in_exempt_net(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._exempt_nets)
 
     def client_ip(
         self, headers: Mapping[bytes, bytes], peer: str | None, *, forwarded_applied: bool = False

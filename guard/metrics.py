@@ -258,6 +258,17 @@ class GuardMetrics:
             "Audit lines dropped because the writer fell behind.",
             registry=r,
         )
+        self.exempt = Counter(
+            "guard_exempt_requests",
+            "Requests from exempt clients (exempt: in the config), decided but never enforced.",
+            ("policy",),
+            registry=r,
+        )
+        self.capture_dropped = Counter(
+            "guard_capture_dropped",
+            "Capture lines dropped because the writer fell behind or could not write.",
+            registry=r,
+        )
 
         # series that alerts watch exist from the start at 0, so that increase() sees
         # the very first error instead of a series appearing already at 1

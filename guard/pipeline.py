@@ -3,7 +3,8 @@
 :class:`Guard` builds everything once (store, identity, metrics, audit log,
 policies with their detectors) and offers the three calls the middleware makes
 per request: :meth:`Guard.match`, :meth:`Guard.decide` (before the model) and
-:meth:`Guard.observe` (after it).
+:meth:`Guard.observe` (after it). :mod:`guard.replay` drives the same calls
+offline, on recorded traffic and recorded time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from detectors.base import Answer, DetectorResult, Query
 from detectors.store import KeyValueStore
 from guard.audit import AuditLog
+from guard.capture import CaptureLog
 from guard.config import GuardConfig
 from guard.decisions import Action, Decision, FailureMode
 from guard.errors import StateError
@@ -62,12 +64,21 @@ class Guard:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.wall_clock = wall_clock
         self.metrics = GuardMetrics(registry, overhead_buckets=config.metrics.overhead_buckets)
         self.metrics_enabled = config.metrics.enabled
         self._tally = self.metrics.tally
         self.store: KeyValueStore = store if store is not None else self._build_store()
-        self.identifier = ClientIdentifier(config.client_identity, secret=identity_secret)
+        self.identifier = ClientIdentifier(
+            config.client_identity, secret=identity_secret, exempt=config.exempt
+        )
         self.audit = AuditLog(config.audit, on_drop=self.metrics.audit_dropped.inc)
+        #: the traffic recorder for ``guard replay``, when ``capture:`` is configured
+        self.capture: CaptureLog | None = (
+            CaptureLog(config.capture, on_drop=self.metrics.capture_dropped.inc)
+            if config.capture.enabled
+            else None
+        )
         ctx = BuildContext(
             store=self.store,
             clock=clock,
@@ -85,6 +96,12 @@ class Guard:
                 built.append(Armed(det, spec.action, spec.escalate))
             policies.append(CompiledPolicy.build(pc, tuple(built), config.failure_mode))
         self.policies = tuple(policies)
+        # per policy, the detectors whose flags are per row: a decision that only they
+        # flagged is counted, not audited (Decision.row_flags_only)
+        self._row_detectors: dict[str, frozenset[str]] = {
+            p.name: frozenset(a.detector.name for a in p.detectors if a.detector.per_row)
+            for p in self.policies
+        }
         self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
         self._children: dict[tuple[str, ...], Any] = {}
         self._match_memo: dict[tuple[str, str], CompiledPolicy | None] = {}
@@ -128,14 +145,17 @@ class Guard:
 
     # ------------------------------------------------------------------ before the model
 
-    async def check_quarantine(self, policy: CompiledPolicy, client: str) -> Decision | None:
+    async def check_quarantine(
+        self, policy: CompiledPolicy, client: str, *, exempt: bool = False
+    ) -> Decision | None:
         """A block decision when ``client`` is in quarantine, else ``None``.
 
         Called right after the client is identified, before the body is read or
         parsed, so a quarantined client costs almost nothing and no parser path
-        can let it through. Shadow policies neither quarantine nor enforce it.
+        can let it through. Shadow policies neither quarantine nor enforce it,
+        and an exempt client is never refused by it.
         """
-        if not self.quarantine_enabled or policy.config.shadow:
+        if not self.quarantine_enabled or policy.config.shadow or exempt:
             return None
         try:
             if await self.store.get(_QUARANTINE_PREFIX + client) is None:
@@ -149,14 +169,20 @@ class Guard:
         self._record(policy, decision, 1)
         return decision
 
-    async def decide(self, policy: CompiledPolicy, query: Query) -> Decision:
+    async def decide(
+        self, policy: CompiledPolicy, query: Query, *, exempt: bool = False
+    ) -> Decision:
         """Run the policy's detectors on a request and combine their verdicts.
 
         Raises :class:`FailClosed` when a detector or the store fails and the
         policy's failure mode is ``fail_closed``; under ``fail_open`` the failing
         detector is skipped (and counted). Quarantine is checked before, by
-        :meth:`check_quarantine`.
+        :meth:`check_quarantine`. For an ``exempt`` client every detector runs
+        and is counted, and the decision records what was intended, but the
+        enforced action is ``allow`` and nothing is quarantined.
         """
+        if exempt and self.metrics_enabled:
+            self._tally.add(self._child(self.metrics.exempt, policy.name).inc, 1.0)
         if policy.allow is not None:  # no detectors: one immutable decision for all
             self._record(policy, policy.allow, query.n_rows)
             return policy.allow
@@ -188,18 +214,24 @@ class Guard:
                 if action is Action.THROTTLE and result.retry_after is not None:
                     retry_after = max(retry_after or 0.0, result.retry_after)
         shadow = policy.config.shadow
-        if intended is Action.BLOCK and not shadow and policy.config.quarantine_s > 0:
+        enforced = not (shadow or exempt)
+        if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
             quarantined = await self.quarantine(policy, query.client)
+        row_detectors = self._row_detectors[policy.name]
         decision = Decision(
-            action=Action.ALLOW if shadow else intended,
+            action=intended if enforced else Action.ALLOW,
             intended=intended,
             policy=policy.name,
             results=tuple(results),
             fired=tuple(fired),
-            retry_after=retry_after if intended is Action.THROTTLE else None,
+            retry_after=retry_after if intended is Action.THROTTLE and enforced else None,
             headers=tuple(headers),
             quarantined=quarantined,
             shadow=shadow,
+            exempt=exempt,
+            row_flags_only=intended is Action.FLAG
+            and bool(row_detectors)
+            and all(name in row_detectors for name, _ in fired),
         )
         self._record(policy, decision, query.n_rows)
         return decision
@@ -261,13 +293,21 @@ class Guard:
     # ------------------------------------------------------------------ after the model
 
     async def observe(
-        self, policy: CompiledPolicy, query: Query, answer: Answer, *, client_source: str
-    ) -> None:
+        self,
+        policy: CompiledPolicy,
+        query: Query,
+        answer: Answer,
+        *,
+        client_source: str,
+        exempt: bool = False,
+    ) -> Decision | None:
         """Let stateful detectors learn from the answer; record any that fire.
 
         The answer has already gone to the client, so failures here are counted
         and logged but cannot change this request (fail-open by necessity); a
-        detector that fires here changes the decision on the client's next request.
+        detector that fires here changes the decision on the client's next request
+        (by quarantine; an ``exempt`` client is never quarantined). Returns the
+        decision that was recorded, or ``None`` when nothing fired.
         """
         fired: list[tuple[str, Action]] = []
         results: list[DetectorResult] = []
@@ -290,19 +330,21 @@ class Guard:
             if result.anomalous:
                 fired.append((det.name, armed.action_for(result)))
         if not fired:
-            return
+            return None
         intended = max((a for _, a in fired), key=lambda a: a.severity)
         quarantined = False
-        if intended is Action.BLOCK and not policy.config.shadow and policy.config.quarantine_s > 0:
+        enforced = not (policy.config.shadow or exempt)
+        if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
             quarantined = await self.quarantine(policy, query.client)
         decision = Decision(
-            action=intended,
+            action=intended if enforced else Action.ALLOW,
             intended=intended,
             policy=policy.name,
             results=tuple(results),
             fired=tuple(fired),
             quarantined=quarantined,
             shadow=policy.config.shadow,
+            exempt=exempt,
         )
         for name, action in fired:
             self._child(self.metrics.detections, policy.name, name, str(action)).inc()
@@ -315,6 +357,7 @@ class Guard:
             n_rows=query.n_rows,
             reason="after_answer",
         )
+        return decision
 
     # ------------------------------------------------------------------ metrics
 
@@ -411,3 +454,5 @@ class Guard:
         if close is not None:
             await close()
         await asyncio.to_thread(self.audit.close)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)

@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from detectors.base import Answer, Query
+from guard.capture import CapturedRequest
 from guard.config import DegradeConfig, GuardConfig
 from guard.decisions import Action, Decision
 from guard.errors import PayloadError
@@ -39,7 +40,7 @@ from middleware._plain import READERS
 from middleware._responder import Responder
 from middleware._responses import send_error
 from middleware.adapters import ParsedRequest, detect_format, parse_request, parse_response
-from middleware.degrade import degrade_response
+from middleware.degrade import RowNoise, degrade_response, noise_key
 from middleware.metrics_endpoint import serve_metrics
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -120,8 +121,8 @@ class GuardMiddleware:
         self._routes: dict[tuple[str, str], _Route] = {}
         self._lean_updates: dict[tuple[str, str], tuple[Any, ...]] = {}
         # policies whose every request is either refused or let through (its answer
-        # perhaps rounded): no detectors, no quarantine, answers never watched (the lean
-        # lane in __call__)
+        # perhaps rounded): no detectors, no quarantine, answers never watched, no
+        # capture (the lean lane in __call__)
         self._lean_policies = frozenset(
             p.name
             for p in self.guard.policies
@@ -129,6 +130,12 @@ class GuardMiddleware:
             and p.config.validate
             and not (p.observes or p.passthrough)
             and not self.guard.quarantine_enabled
+            and self.guard.capture is None
+        )
+        # a degraded client's noise is a keyed function of (client, row): the key, when
+        # some policy can degrade with noise
+        self._noise_key = (
+            noise_key() if any(_noisy_degrade(p) for p in self.guard.policies) else None
         )
 
     @property
@@ -337,7 +344,7 @@ class GuardMiddleware:
                 forwarded_applied=_forwarded_applied(peer),
             )
             quarantined = (
-                await guard.check_quarantine(policy, client.id)
+                await guard.check_quarantine(policy, client.id, exempt=client.exempt)
                 if guard.quarantine_enabled
                 else None
             )
@@ -347,7 +354,7 @@ class GuardMiddleware:
                 query = self._query(policy, client, None, request_id)
             elif policy.passthrough:
                 query = self._query(policy, client, None, request_id)
-                decision = await guard.decide(policy, query)
+                decision = await guard.decide(policy, query, exempt=client.exempt)
             else:
                 _check_length(headers.get(b"content-length"), reader.limit)
                 body = await reader.read()
@@ -361,7 +368,7 @@ class GuardMiddleware:
                 else:
                     guard.count_payload(policy.name, parsed.fmt)
                     query = self._query(policy, client, parsed, request_id)
-                    decision = await guard.decide(policy, query)
+                    decision = await guard.decide(policy, query, exempt=client.exempt)
         except PayloadError as exc:
             await self._refuse_invalid(policy, exc, client, request_id, send, started)
             return
@@ -387,12 +394,21 @@ class GuardMiddleware:
                 techniques=guard.techniques,
                 n_rows=parsed.n_rows if parsed else 1,
             )
+        captured = (
+            None
+            if guard.capture is None
+            else self._captured(policy, scope, client, parsed, request_id)
+        )
         if decision.action is Action.BLOCK:
             guard.observe_overhead(policy.name, time.perf_counter() - started)
+            if captured is not None:
+                self._record_capture(captured, decision, 403, None)
             await send_error(send, 403, request_id, headers=decision.headers)
             return
         if decision.action is Action.THROTTLE:
             guard.observe_overhead(policy.name, time.perf_counter() - started)
+            if captured is not None:
+                self._record_capture(captured, decision, 429, None)
             await send_error(
                 send,
                 429,
@@ -402,15 +418,68 @@ class GuardMiddleware:
             )
             return
         app_receive = reader.replay() if reader.complete else receive
-        if decision is policy.allow and not policy.rewrites and not policy.observes:
+        if (
+            decision is policy.allow
+            and not policy.rewrites
+            and not policy.observes
+            and captured is None
+        ):
             # no detectors and nothing to rewrite: only the request id to add; the
             # guard's work is done, so its overhead is counted before the app runs
             guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, app_receive, _with_request_id(send, request_id))
             return
         await self._forward(
-            policy, scope, app_receive, send, request_id, decision, parsed, query, client, started
+            policy,
+            scope,
+            app_receive,
+            send,
+            request_id,
+            decision,
+            parsed,
+            query,
+            client,
+            started,
+            captured,
         )
+
+    def _captured(
+        self,
+        policy: CompiledPolicy,
+        scope: Scope,
+        client: ClientId,
+        parsed: ParsedRequest | None,
+        request_id: str,
+    ) -> CapturedRequest | None:
+        """The capture line's request half, for a sampled client's parsed request."""
+        capture = self.guard.capture
+        if (
+            capture is None
+            or parsed is None
+            or (parsed.rows is None and not parsed.texts)
+            or not capture.sampled(client.id)
+        ):
+            return None
+        return CapturedRequest(
+            ts=self.guard.wall_clock(),
+            request_id=request_id,
+            client=client.id,
+            exempt=client.exempt,
+            policy=policy.name,
+            route=scope["path"],
+            method=scope["method"],
+            fmt=parsed.fmt,
+            n_rows=parsed.n_rows,
+            rows=parsed.rows,
+            texts=parsed.texts,
+        )
+
+    def _record_capture(
+        self, captured: CapturedRequest, decision: Decision, status: int, answer: Answer | None
+    ) -> None:
+        capture = self.guard.capture
+        if capture is not None:
+            capture.record(captured, decision=str(decision.action), status=status, answer=answer)
 
     async def _internal_failure(
         self, policy: CompiledPolicy, scope: Scope, replay: Receive, send: Send, request_id: str
@@ -440,13 +509,15 @@ class GuardMiddleware:
         query: Query | None,
         client: ClientId | None,
         started: float,
+        captured: CapturedRequest | None = None,
     ) -> None:
         guard = self.guard
         degrade = self._degrade_spec(policy, decision)
         observe = (
             policy.observes and parsed is not None and query is not None and client is not None
         )
-        if degrade is None and not observe and not decision.headers:
+        watch = observe or captured is not None
+        if degrade is None and not watch and not decision.headers:
             # nothing to watch, rewrite or add but the request id: the guard's work is done
             guard.observe_overhead(policy.name, time.perf_counter() - started)
             await self.app(scope, receive, _with_request_id(send, request_id))
@@ -464,16 +535,25 @@ class GuardMiddleware:
         fmt = parsed.fmt if parsed is not None else "unknown"
         rewrite = None
         if degrade is not None:
-            rewrite = partial(_degrade, fmt=fmt, spec=degrade)
+            noise = None
+            if (
+                decision.action is Action.DEGRADE
+                and degrade.noise > 0.0
+                and client is not None
+                and self._noise_key is not None
+            ):
+                rows = parsed.rows if parsed is not None else None
+                noise = RowNoise(self._noise_key, client.id, rows)
+            rewrite = partial(_degrade, fmt=fmt, spec=degrade, noise=noise)
         responder = Responder(
             send,
             extra,
-            capture=observe,
+            capture=watch,
             rewrite=rewrite,
             limit=self._limits.max_response_bytes,
             request_id=request_id,
         )
-        if degrade is not None or observe:
+        if degrade is not None or watch:
             scope = _identity_encoding(scope)
         before = time.perf_counter() - started
         await self.app(scope, receive, responder.send)
@@ -487,34 +567,47 @@ class GuardMiddleware:
                 if responder.too_large
                 else ("unparsed" if responder.rewrite_failed else "passed_through"),
             )
-        if observe and parsed is not None and query is not None and client is not None:
-            body = responder.body
-            answer: Answer | None = None
-            if body is not None:
-                try:
-                    answer = parse_response(body, fmt=fmt, content_type=responder.content_type)
-                except Exception:
-                    guard.count_error("response")
-                    answer = None
-            if answer is None:
-                answer = Answer(status=responder.status)
-            elif answer.status != responder.status:
-                answer = Answer(responder.status, answer.labels, answer.probabilities)
-            if 200 <= responder.status < 300:
+        if watch:
+            answer = self._answer(responder, fmt)
+            ok = 200 <= responder.status < 300
+            if observe and ok and query is not None and client is not None:
                 await self._observe(
-                    policy,
-                    query,
-                    answer,
-                    client_source=client.source,
+                    policy, query, answer, client_source=client.source, exempt=client.exempt
                 )
+            if captured is not None:
+                self._record_capture(captured, decision, responder.status, answer)
         guard.observe_overhead(policy.name, before + (time.perf_counter() - after_started))
 
+    def _answer(self, responder: Responder, fmt: str) -> Answer:
+        """The model's answer as far as it could be read (its status at least)."""
+        body = responder.body
+        answer: Answer | None = None
+        if body is not None:
+            try:
+                answer = parse_response(body, fmt=fmt, content_type=responder.content_type)
+            except Exception:
+                self.guard.count_error("response")
+                answer = None
+        if answer is None:
+            return Answer(status=responder.status)
+        if answer.status != responder.status:
+            return Answer(responder.status, answer.labels, answer.probabilities)
+        return answer
+
     async def _observe(
-        self, policy: CompiledPolicy, query: Query, answer: Answer, *, client_source: str
+        self,
+        policy: CompiledPolicy,
+        query: Query,
+        answer: Answer,
+        *,
+        client_source: str,
+        exempt: bool,
     ) -> None:
         # the answer is on its way already: a failure here is counted, never raised
         try:
-            await self.guard.observe(policy, query, answer, client_source=client_source)
+            await self.guard.observe(
+                policy, query, answer, client_source=client_source, exempt=exempt
+            )
         except Exception:
             self.guard.count_error("internal")
             log.exception("guard failure after the answer on policy %s", policy.name)
@@ -546,7 +639,7 @@ class GuardMiddleware:
                 content_type=ctype,
                 headers=str_headers,
                 limits=self._limits,
-                want_rows=bool(policy.detectors),
+                want_rows=bool(policy.detectors) or self.guard.capture is not None,
             )
         except PayloadError:
             if not policy.config.validate:
@@ -652,9 +745,19 @@ def _check_readable_answer(parsed: ParsedRequest) -> None:
 
 
 def _degrade(
-    body: bytes, content_type: str | None, *, fmt: str, spec: DegradeConfig
+    body: bytes,
+    content_type: str | None,
+    *,
+    fmt: str,
+    spec: DegradeConfig,
+    noise: RowNoise | None,
 ) -> bytes | None:
-    return degrade_response(body, fmt=fmt, content_type=content_type, spec=spec)
+    return degrade_response(body, fmt=fmt, content_type=content_type, spec=spec, noise=noise)
+
+
+def _noisy_degrade(policy: CompiledPolicy) -> bool:
+    """Whether ``policy`` may degrade an answer with noise: it has detectors and noise."""
+    return bool(policy.detectors) and policy.config.degrade.noise > 0.0
 
 
 def _identity_encoding(scope: Scope) -> Scope:

@@ -5,11 +5,22 @@ top-k and labels-only answers cut what each query tells an attacker; dropping
 an LLM's ``logprobs`` removes its probability vector (THREAT_MODEL.md, "Output
 coarsening"). Only what :mod:`middleware._answers` recognises as probabilities
 is touched, so a regression output passes through unchanged.
+
+A degraded client's noise is not drawn afresh per answer: an attacker could
+repeat a row and average it away. It comes from a keyed hash of (client, row)
+(:class:`RowNoise`), so the same client asking the same row gets the same
+perturbed answer, at any batch position; the key is ``GUARD_NOISE_KEY``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,23 +30,112 @@ from guard.config import DegradeConfig
 from middleware._answers import Found, from_list, from_named, from_v2_outputs, is_prob_name
 from middleware._json import load_json_lenient
 
-__all__ = ["coarsen", "degrade_response", "perturb"]
+__all__ = ["NOISE_KEY_ENV", "RowNoise", "coarsen", "degrade_response", "noise_key", "perturb"]
+
+log = logging.getLogger("guard")
 
 _OPENAI = ("openai_chat", "openai_completion")
 
+#: the environment variable holding the secret the degrade noise is derived from
+NOISE_KEY_ENV = "GUARD_NOISE_KEY"
 
 _RNG = np.random.default_rng()  # unseeded on purpose: the attacker must not predict it
+_PROCESS_KEY: list[bytes] = []
+_PROCESS_KEY_LOCK = threading.Lock()
+_TWO_PI = 2.0 * np.pi
 
 
-def perturb(probs: NDArray[np.float64], spec: DegradeConfig) -> NDArray[np.float64]:
+def noise_key(env: str = NOISE_KEY_ENV) -> bytes:
+    """The secret degraded answers' noise is derived from: ``env``, hashed to 64 bytes.
+
+    Like ``GUARD_HASH_KEY`` it must be the same on every worker and replica, or
+    a client could collect one perturbation per process. Unset, one random key
+    per process is drawn and a warning logged once.
+    """
+    value = os.environ.get(env, "")
+    if value:
+        return hashlib.blake2b(value.encode("utf-8")).digest()
+    with _PROCESS_KEY_LOCK:
+        if not _PROCESS_KEY:
+            log.warning(
+                "%s is not set: degraded answers' noise is keyed with a random per-process "
+                "secret, so each worker and replica perturbs a row differently; set it when "
+                "several processes serve one model",
+                env,
+            )
+            _PROCESS_KEY.append(secrets.token_bytes(64))
+        return _PROCESS_KEY[0]
+
+
+@dataclass(frozen=True, slots=True)
+class RowNoise:
+    """Noise for one degraded answer, as a keyed function of (client, row).
+
+    A row is known by its exact float64 bytes when the request has as many
+    rows as the answer has probability rows (``-0.0`` is taken as ``0.0``);
+    otherwise by the model's probability row rounded to 6 decimals. Each row's
+    ``blake2b(key, client, row)`` seeds SHAKE-256, whose output becomes
+    standard normals by Box-Muller: a few microseconds a row, paid only by
+    degraded answers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> noise = RowNoise(b"k" * 64, "client-a", np.array([[1.0, 2.0], [1.0, 2.0]]))
+    >>> z = noise.normals(np.array([[0.4, 0.6], [0.3, 0.7]]))
+    >>> bool((z[0] == z[1]).all())  # one row, one draw, whatever the model said
+    True
+    """
+
+    #: the secret (:func:`noise_key`); at most 64 bytes
+    key: bytes
+    #: the keyed hash of the client
+    client: str
+    #: the request's rows, when parsed
+    rows: NDArray[np.float64] | None = None
+
+    def normals(self, probs: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Standard normals shaped like ``probs``, one fixed draw per (client, row)."""
+        n, k = probs.shape
+        rows = self.rows
+        if rows is not None and rows.ndim == 2 and rows.shape[0] == n:
+            ident, kind = np.asarray(rows, dtype=np.float64) + 0.0, b"r"
+        else:
+            ident, kind = np.round(probs, 6) + 0.0, b"p"
+        ident = np.ascontiguousarray(ident)
+        base = hashlib.blake2b(key=self.key, digest_size=32, person=b"guard-noise")
+        base.update(self.client.encode("utf-8", "surrogateescape") + b"\0" + kind)
+        pairs = (k + 1) // 2
+        stream = bytearray()
+        for i in range(n):
+            h = base.copy()
+            h.update(ident[i].tobytes())
+            stream += hashlib.shake_256(h.digest()).digest(16 * pairs)
+        bits = np.frombuffer(bytes(stream), dtype="<u8").reshape(n, 2 * pairs) >> np.uint64(11)
+        # Box-Muller on 53-bit uniforms: u1 in (0, 1] keeps the log finite
+        u1 = (bits[:, 0::2].astype(np.float64) + 1.0) * 2.0**-53
+        u2 = bits[:, 1::2].astype(np.float64) * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(u1))
+        z = np.empty((n, 2 * pairs), dtype=np.float64)
+        z[:, 0::2] = radius * np.cos(_TWO_PI * u2)
+        z[:, 1::2] = radius * np.sin(_TWO_PI * u2)
+        return z[:, :k]
+
+
+def perturb(
+    probs: NDArray[np.float64], spec: DegradeConfig, noise: RowNoise | None = None
+) -> NDArray[np.float64]:
     """Add ``spec.noise`` (standard deviation) Gaussian noise, clip at 0, renormalise.
 
     Rows whose top two classes are close (the points a decision-based attack
-    probes) then change their argmax at random, while confident rows keep it.
+    probes) then change their argmax, while confident rows keep it. With
+    ``noise`` the draw is a keyed function of (client, row), so repeating a
+    row cannot average it away; without, it is fresh randomness.
     """
     if spec.noise <= 0.0:
         return probs
-    noisy = np.clip(probs + _RNG.normal(0.0, spec.noise, size=probs.shape), 0.0, None)
+    z = noise.normals(probs) if noise is not None else _RNG.standard_normal(size=probs.shape)
+    noisy = np.clip(probs + spec.noise * z, 0.0, None)
     sums = noisy.sum(axis=1, keepdims=True)
     sums[sums == 0.0] = 1.0
     return np.asarray(noisy / sums, dtype=np.float64)
@@ -74,11 +174,13 @@ def _nested_like(original: object, values: NDArray[np.float64]) -> list[Any]:
     return values.tolist()  # type: ignore[no-any-return]
 
 
-def _degrade_v2(outputs: list[Any], found: Found, spec: DegradeConfig) -> bool:
+def _degrade_v2(
+    outputs: list[Any], found: Found, spec: DegradeConfig, noise: RowNoise | None
+) -> bool:
     if found.probs is None:
         return False
     i = found.prob_at
-    probs = perturb(found.probs, spec)
+    probs = perturb(found.probs, spec, noise)
     coarse = coarsen(probs, spec)
     # labels agree with what the client sees (perturbed, and ties after rounding)
     labels = _argmax(probs if spec.labels_only else coarse)
@@ -120,12 +222,12 @@ def _round_v2_fast(outputs: list[Any], spec: DegradeConfig) -> bool:
     return False
 
 
-def _degrade_list(value: list[Any], spec: DegradeConfig) -> bool:
+def _degrade_list(value: list[Any], spec: DegradeConfig, noise: RowNoise | None) -> bool:
     """Degrade a list of predictions in place: probability vectors or records."""
     found = from_list(value)
     if found.probs is None:
         return False
-    probs = perturb(found.probs, spec)
+    probs = perturb(found.probs, spec, noise)
     coarse = coarsen(probs, spec)
     labels = _argmax(probs if spec.labels_only else coarse)
     if found.prob_at is None:  # a plain list of probability vectors
@@ -145,12 +247,12 @@ def _degrade_list(value: list[Any], spec: DegradeConfig) -> bool:
     return True
 
 
-def _degrade_named(value: dict[str, Any], spec: DegradeConfig) -> bool:
+def _degrade_named(value: dict[str, Any], spec: DegradeConfig, noise: RowNoise | None) -> bool:
     found = from_named(value)
     if found.probs is None:
         return False
     key = found.prob_at
-    probs = perturb(found.probs, spec)
+    probs = perturb(found.probs, spec, noise)
     coarse = coarsen(probs, spec)
     labels = _argmax(probs if spec.labels_only else coarse)
     if spec.noise > 0.0 and found.label_at is not None:
@@ -176,10 +278,12 @@ def _degrade_openai(doc: dict[str, Any]) -> bool:
     return changed
 
 
-def _degrade_doc(doc: Any, fmt: str, spec: DegradeConfig) -> bool | None:
+def _degrade_doc(
+    doc: Any, fmt: str, spec: DegradeConfig, noise: RowNoise | None
+) -> bool | None:
     """Rewrite ``doc`` in place; ``None`` when its format is not understood."""
     if isinstance(doc, list):
-        return _degrade_list(doc, spec) if doc else None
+        return _degrade_list(doc, spec, noise) if doc else None
     if not isinstance(doc, dict):
         return None
     if fmt in _OPENAI or isinstance(doc.get("choices"), list):
@@ -193,18 +297,23 @@ def _degrade_doc(doc: Any, fmt: str, spec: DegradeConfig) -> bool | None:
     ):
         if _round_v2_fast(outputs, spec):
             return True
-        return _degrade_v2(outputs, from_v2_outputs(outputs), spec)
+        return _degrade_v2(outputs, from_v2_outputs(outputs), spec, noise)
     for key in ("predictions", "outputs"):
         value = doc.get(key)
         if isinstance(value, list):
-            return _degrade_list(value, spec)
+            return _degrade_list(value, spec, noise)
         if isinstance(value, dict):
-            return _degrade_named(value, spec)
+            return _degrade_named(value, spec, noise)
     return None
 
 
 def degrade_response(
-    body: bytes, *, fmt: str, content_type: str | None, spec: DegradeConfig
+    body: bytes,
+    *,
+    fmt: str,
+    content_type: str | None,
+    spec: DegradeConfig,
+    noise: RowNoise | None = None,
 ) -> bytes | None:
     """Coarsen the probabilities in a model's JSON answer.
 
@@ -221,6 +330,9 @@ def degrade_response(
         0.0, so every shape stays valid), ``labels_only`` to replace probabilities
         with the argmax class. OpenAI answers lose their ``logprobs`` whatever
         the spec.
+    noise
+        Where ``spec.noise`` comes from for a degraded client (:class:`RowNoise`);
+        ``None``: fresh randomness.
 
     Returns
     -------
@@ -241,7 +353,7 @@ def degrade_response(
         doc = load_json_lenient(body, content_type)
         if doc is None:
             return None
-        changed = _degrade_doc(doc, fmt, spec)
+        changed = _degrade_doc(doc, fmt, spec, noise)
         if changed is None:
             return None
         if not changed:

@@ -310,7 +310,9 @@ def test_default_output_policy_rounds_everyone_and_adds_noise_only_when_degradin
     plain = client.post("/v1/models/m:predict", json={"instances": [[1.0]]}).json()
     assert plain["predictions"][0] == [0.5, 0.5]
     assert all(p == [0.5, 0.5] for p in plain["predictions"])
-    flagged = client.post("/v1/models/m:predict", json={"instances": [[9.0]]}).json()
+    # 400 distinct rows: the noise is a keyed function of (client, row), one draw per row
+    rows = [[9.0, float(i)] for i in range(400)]
+    flagged = client.post("/v1/models/m:predict", json={"instances": rows}).json()
     firsts = [p[0] for p in flagged["predictions"]]
     # noise (sd 0.1) moves near-ties both ways; rounding alone never would
     assert sum(1 for x in firsts if x > 0.5) > 50 and sum(1 for x in firsts if x < 0.5) > 50
