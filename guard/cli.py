@@ -1,4 +1,5 @@
-"""The ``guard`` command: ``demo``, ``check-config``, ``calibrate``, ``simulate``."""
+"""The ``guard`` command: ``demo``, ``check-config``, ``calibrate``, ``simulate``, ``replay``,
+``hash-key``."""
 
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("calibrate", "guard.calibrate", "fit input-anomaly detectors on reference data"),
         ("simulate", "guard.simulate", "run an attack client against a deployment"),
+        ("replay", "guard.replay", "run captured or generated traffic through a config, offline"),
     ):
         add = _optional(module, "add_arguments")
         run = _optional(module, "run")
