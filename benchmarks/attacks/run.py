@@ -453,8 +453,9 @@ def run_attacks(dep: Deployment, quick: bool, seed: int) -> list[Scenario]:
             sc.guard = _run(g.transport, v, attacker_keys(dep, i, sc.keys), attack)
         keys = attacker_keys(dep, i, sc.keys)
         sc.out = outcome(sc.guard.oracle.log, g.audit, {k: key_hash(k) for k in keys})
-        print(f"    {sc.name}: {_summary(sc)}", flush=True)
     _tighten(todo)
+    for sc, _ in todo:
+        print(f"    {sc.name}: {_summary(sc)}", flush=True)
     return [sc for sc, _ in todo]
 
 
@@ -474,7 +475,8 @@ def _tighten(todo: Sequence[tuple[Scenario, Attack]]) -> None:
 
 def _result(r: Any) -> str:
     if isinstance(r, extraction.ExtractionResult):
-        return f"agreement {r.agreement:.3f}"
+        err = "" if r.param_error is None else f", parameter error {r.param_error:.3f}"
+        return f"agreement {r.agreement:.3f}{err}"
     l2 = "—" if math.isnan(r.median_l2) else f"{r.median_l2:.3f}"
     mis = _pct(r.misclassified_rate)
     return f"success {_pct(r.success_rate)} (misclassified {mis}, median L2 {l2})"
