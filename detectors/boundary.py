@@ -25,10 +25,22 @@ of ``window`` rows the detector measures:
 
 Each signal is compared with its benign mean and standard deviation
 (:meth:`BoundaryDetector.fit` learns them from benign traffic), and the score is
-``-max_j (signal_j - mean_j) / std_j``: minus the largest one-sided z-score, so
-higher is more normal, and the client is flagged when it falls below
-``threshold``. One-sided on purpose: a client whose answers are *more*
-confident or *more* spread than the baseline is not suspicious for that.
+minus the largest one-sided z-score, so higher is more normal, and the client
+is flagged when it falls below ``threshold``. One-sided on purpose: a client
+whose answers are *more* confident or *more* spread than the baseline is not
+suspicious for that.
+
+Ordinary clients are never judged on what they cannot help:
+
+* ``class_concentration`` only corroborates. A client whose traffic is all of
+  one class (a fraud model's monitor, a two-class model's busy side) is
+  concentrated by nature, so the signal adds at most half of the leading
+  other signal's z-score and never leads.
+* Exact repeats of a client's recent rows (health probes, retries) are left
+  out of its windows: one row sent a hundred times is one row.
+
+The per-feature ranges, the baseline and the threshold come from calibration
+on the deployment's own data (``guard calibrate``), never from constants.
 """
 
 from __future__ import annotations
@@ -39,11 +51,12 @@ from collections.abc import Mapping
 from typing import ClassVar, Protocol, Self
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from detectors._lru import ClientMap
 from detectors._standing import SharedStanding
 from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.repeats import RecentRows
 from detectors.store import KeyValueStore
 
 __all__ = ["DEFAULT_BASELINE", "SIGNALS", "AnomalyRateSource", "BoundaryDetector"]
@@ -51,9 +64,9 @@ __all__ = ["DEFAULT_BASELINE", "SIGNALS", "AnomalyRateSource", "BoundaryDetector
 #: the signals the detector can use, in a fixed order
 SIGNALS: tuple[str, ...] = ("low_confidence", "class_concentration", "coverage", "anomaly_rate")
 
-#: benign (mean, std) per signal, measured on the digits simulation: 400 windows of 100
-#: natural held-out rows answered by a logistic regression (see ``BoundaryDetector.fit``);
-#: ``anomaly_rate`` assumes row detectors calibrated to a 1 % false-positive rate
+#: a placeholder baseline for uncalibrated use (tests, examples): benign (mean, std) per
+#: signal measured once on one model; a deployment's own comes from ``guard calibrate``
+#: (:meth:`BoundaryDetector.fit` on simulated benign sessions)
 DEFAULT_BASELINE: Mapping[str, tuple[float, float]] = {
     "low_confidence": (0.0215, 0.0132),
     "class_concentration": (0.0195, 0.0088),
@@ -76,9 +89,11 @@ class AnomalyRateSource(Protocol):
 class _Window:
     """Running counts of one client's current window."""
 
-    __slots__ = ("classes", "cover", "last", "low", "n", "n_prob")
+    __slots__ = ("classes", "cover", "last", "low", "n", "n_prob", "recent")
 
     def __init__(self) -> None:
+        #: exact repeats of recent rows carry no evidence (health probes, retries)
+        self.recent = RecentRows(64)
         self.n = 0
         self.n_prob = 0  # rows that came with probabilities
         self.low = 0
@@ -112,9 +127,9 @@ class BoundaryDetector(Detector):
         Rows per window; a client is scored at the end of each.
     p_low : float, default=0.6
         A row is low-confidence when its top-1 probability is below this.
-    low, high : float or None
-        The features' usual range, for ``coverage`` (both or neither; the
-        signal is off without them).
+    low, high : float, array of float, or None
+        The features' usual range, one per feature (from calibration) or one
+        for all, for ``coverage`` (both or neither; the signal is off without them).
     bins : int, default=8
         Equal bins over ``[low, high]`` per feature, plus one below and one above.
     max_coverage_features : int, default=256
@@ -126,8 +141,10 @@ class BoundaryDetector(Detector):
         Class indices at or above this are left out of ``class_concentration``.
     baseline : mapping, default=DEFAULT_BASELINE
         Benign ``(mean, std)`` per signal; a signal missing here is not used.
+        ``guard calibrate`` measures it on the deployment's simulated sessions.
     threshold : float, default=-6.0
-        Flag when the score (minus the largest z-score) is below this.
+        Flag when the score (minus the largest z-score) is below this;
+        ``guard calibrate`` sets it at a per-client false-positive target.
     anomaly_rate : AnomalyRateSource or None
         Source of the client's anomalous-row share (the ``anomaly_rate`` signal).
     max_clients : int, default=10000
@@ -143,11 +160,6 @@ class BoundaryDetector(Detector):
     client: ``min(d, max_coverage_features) * (bins + 2)`` bytes of coverage
     bitmap plus 8 bytes per class: 1.3 KB measured for the digits model
     (64 features, 10 classes), Python objects included.
-
-    Default threshold: over 300 benign digits clients (100 to 1 000 natural
-    rows each) the lowest score was -4.4 and ``calibrate_threshold(minima,
-    0.01)`` gave -3.7; uniform-random extraction scores below -10 at its
-    first window. -6 keeps a margin; calibrate on your own traffic.
 
     Examples
     --------
@@ -182,8 +194,8 @@ class BoundaryDetector(Detector):
         store: KeyValueStore,
         window: int = 100,
         p_low: float = 0.6,
-        low: float | None = None,
-        high: float | None = None,
+        low: float | ArrayLike | None = None,
+        high: float | ArrayLike | None = None,
         bins: int = 8,
         max_coverage_features: int = 256,
         n_classes: int | None = None,
@@ -202,12 +214,19 @@ class BoundaryDetector(Detector):
             raise ValueError(f"p_low must be in (0, 1], got {p_low!r}")
         if (low is None) != (high is None):
             raise ValueError("low and high must be given together")
-        if (
-            low is not None
-            and high is not None
-            and not (math.isfinite(low) and math.isfinite(high) and high > low)
-        ):
-            raise ValueError(f"need finite low < high, got {low!r} and {high!r}")
+        self._range: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
+        if low is not None and high is not None:
+            lo = np.atleast_1d(np.asarray(low, dtype=np.float64))
+            hi = np.atleast_1d(np.asarray(high, dtype=np.float64))
+            if (
+                lo.ndim != 1
+                or lo.shape != hi.shape
+                or not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all())
+            ):
+                raise ValueError(
+                    f"need finite low < high (scalars or one per feature), got {low!r}"
+                )
+            self._range = (lo, hi)
         for pname, value in (
             ("bins", bins),
             ("max_coverage_features", max_coverage_features),
@@ -222,7 +241,6 @@ class BoundaryDetector(Detector):
         self.p_low = float(p_low)
         self.low = low
         self.high = high
-        self._range = None if low is None or high is None else (float(low), float(high))
         self.bins = bins
         self.max_coverage_features = max_coverage_features
         self.max_classes = max_classes
@@ -233,6 +251,9 @@ class BoundaryDetector(Detector):
         self._clients: ClientMap[_Window] = ClientMap(max_clients, _Window)
         self._standing = SharedStanding(store, f"boundary:{name}", flag_ttl_s)
         self._features: OrderedDict[int, NDArray[np.intp] | None] = OrderedDict()
+        self._layouts: OrderedDict[
+            int, tuple[NDArray[np.intp] | None, NDArray[np.float64], NDArray[np.float64]]
+        ] = OrderedDict()
         # most classes any answer showed (probabilities' width, labels), or the configured count
         self._classes_seen = 0 if n_classes is None else min(n_classes, max_classes)
 
@@ -296,6 +317,12 @@ class BoundaryDetector(Detector):
         if not _answer_fits(answer, n):
             return None
         state = self._clients.get_or_create(query.client)
+        fresh = state.recent.fresh(rows)
+        if not fresh.all():
+            rows, answer = rows[fresh], _select_answer(answer, fresh)
+            n = rows.shape[0]
+            if n == 0:
+                return None
         finished = False
         start = 0
         while start < n:  # split the request where a window ends
@@ -318,6 +345,11 @@ class BoundaryDetector(Detector):
         if score < self.threshold:
             await self._standing.flag(query.policy, query.client, score)
         return self._result(score, state.last, query.n_rows)
+
+    def last_signals(self, client: str) -> dict[str, float] | None:
+        """The signals of ``client``'s last complete window in this process, if any."""
+        state = self._clients.peek(client)
+        return None if state is None or state.last is None else dict(state.last)
 
     # ------------------------------------------------------------------ internals
 
@@ -364,17 +396,42 @@ class BoundaryDetector(Detector):
         if self._range is not None:
             self._cover(state, rows, *self._range)
 
-    def _cover(self, state: _Window, rows: NDArray[np.float64], low: float, high: float) -> None:
-        subset = self._feature_subset(rows.shape[1])
+    def _layout(
+        self, width: int, low: NDArray[np.float64], high: NDArray[np.float64]
+    ) -> tuple[NDArray[np.intp] | None, NDArray[np.float64], NDArray[np.float64]]:
+        """Per row width: the covered features, their lows and their bins per unit."""
+        layout = self._layouts.get(width)
+        if layout is None:
+            if low.shape[0] != width:  # one range for all, or calibrated on another width
+                low = np.full(width, float(np.median(low)))
+                high = np.full(width, float(np.median(high)))
+            subset = self._feature_subset(width)
+            if subset is not None:
+                low, high = low[subset], high[subset]
+            layout = (subset, low, self.bins / (high - low))
+            self._layouts[width] = layout
+            if len(self._layouts) > _MAX_WIDTHS:
+                self._layouts.popitem(last=False)
+        return layout
+
+    def _cover(
+        self,
+        state: _Window,
+        rows: NDArray[np.float64],
+        low: NDArray[np.float64],
+        high: NDArray[np.float64],
+    ) -> None:
+        subset, lows, per_unit = self._layout(rows.shape[1], low, high)
         x = rows if subset is None else rows[:, subset]
         f = x.shape[1]
         if state.cover is None or state.cover.shape[0] != f:
             state.cover = np.zeros((f, self.bins + 2), dtype=bool)
-        scaled = (x - low) * (self.bins / (high - low))
+        scaled = (x - lows) * per_unit
         # bin -1 (below low) and bin ``bins`` (at or above high) become the edge cells;
-        # NaN would survive clip, so it is sent below low first
-        clipped = np.clip(np.nan_to_num(scaled, nan=-1.0), -1.0, float(self.bins))
-        state.cover[np.arange(f), np.floor(clipped).astype(np.intp) + 1] = True
+        # fmax sends NaN below low (it returns the non-NaN operand)
+        np.fmax(scaled, -1.0, out=scaled)
+        np.fmin(scaled, float(self.bins), out=scaled)
+        state.cover[np.arange(f), np.floor(scaled).astype(np.intp) + 1] = True
 
     def _signals(self, state: _Window) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -391,12 +448,23 @@ class BoundaryDetector(Detector):
         return out
 
     def _score(self, signals: Mapping[str, float]) -> float:
-        z = [
-            (value - self.baseline[name][0]) / self.baseline[name][1]
-            for name, value in signals.items()
-            if name in self.baseline
-        ]
-        return -max(z) if z else 0.0
+        """Minus the leading z-score; class concentration corroborates, never leads."""
+        lead: float | None = None
+        concentration = 0.0
+        for name, value in signals.items():
+            if name not in self.baseline:
+                continue
+            mean, std = self.baseline[name]
+            z = (value - mean) / std
+            if name == "class_concentration":
+                concentration = max(z, 0.0)
+            elif lead is None or z > lead:
+                lead = z
+        if lead is None:
+            return 0.0
+        if lead > 0.0:
+            lead += 0.5 * min(concentration, lead)
+        return -lead
 
     def _result(
         self, score: float, signals: Mapping[str, float] | None, n_rows: int
@@ -432,6 +500,14 @@ def _answer_fits(answer: Answer, n_rows: int) -> bool:
         return probs.ndim == 2 and probs.shape[0] == n_rows and probs.shape[1] > 0
     labels = answer.labels
     return labels is not None and labels.shape == (n_rows,) and labels.dtype.kind in "iu"
+
+
+def _select_answer(answer: Answer, keep: NDArray[np.bool_]) -> Answer:
+    return Answer(
+        status=answer.status,
+        labels=None if answer.labels is None else answer.labels[keep],
+        probabilities=None if answer.probabilities is None else answer.probabilities[keep],
+    )
 
 
 def _slice_answer(answer: Answer, part: slice) -> Answer:

@@ -21,30 +21,42 @@ earlier rows that had it, so a lookup costs ``O(fingerprint_size)`` whatever
 the history. The index is **global**: a row is matched against every
 client's earlier rows, so an attacker who spreads one attack over many API
 keys is still seen. Matches are chained into *runs*: a row that matches an
-earlier row extends that row's run by one, whoever sent either.
+earlier row extends that row's run by one; runs are kept twice, over
+everyone's rows and over the client's own.
 
-A client's score is ``1 - max(share, run / run_scale)``, where ``share`` is
-the fraction of its recent rows that matched an earlier row (taken over at
-least ``min_rows`` rows, so one chance match on a first query does not flag)
-and ``run`` the longest near-duplicate run its recent rows belong to. The run
-term is what catches a Sybil attack thinly spread over many keys: each key
-sends too few rows for its own share to mean anything, but every key's rows
-belong to one long run.
+What counts as evidence, so that ordinary clients are never punished:
+
+* **Exact repeats count for nothing.** A row identical to one of the client's
+  recent rows, or to any indexed row, is neither indexed nor counted (health
+  probes, retries, public examples).
+* **A client is convicted by its own rows.** Its *own evidence* is
+  ``max(own share, own run / run_scale)``: the share of its recent rows that
+  are near-duplicates of its own earlier rows (over at least ``min_rows``), and
+  the longest such run. Near-duplicates of *other* clients' rows add weight,
+  which is what catches an attack spread thinly over many keys, but raise the
+  evidence to at most ``cross_gain`` times the client's own; a client with no
+  own evidence scores 1 whatever others sent (so sending noisy copies of a
+  victim's inputs under a throwaway key frames nobody).
+
+The score is ``1 - evidence`` (higher is more normal). The features' ranges
+and the threshold come from calibration on the deployment's own reference
+data (:class:`detectors.profile.TrafficProfile`, ``guard calibrate``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from detectors._lru import ClientMap
 from detectors._standing import SharedStanding
 from detectors.base import Detector, DetectorResult, Query
+from detectors.repeats import RecentRows, row_digests
 from detectors.store import KeyValueStore
 
 __all__ = ["Fingerprinter", "NearDuplicateDetector"]
@@ -66,6 +78,7 @@ _Q_LIMIT = float(1 << 20)
 _COEF_LIMIT = 1 << 27
 _MAX_WINDOW = 32
 _MAX_WIDTHS = 4  # per-width offsets kept for this many row widths (a model has one)
+_RECENT_DIGESTS = 64  # a client's last distinct rows remembered to spot exact repeats
 
 
 def _spread(h: _U64) -> _U64:
@@ -83,8 +96,10 @@ class Fingerprinter:
     salt : bytes
         The deployment's secret; every derived constant depends on it.
         It is not kept (only a keyed digest of it is).
-    low, high : float
-        The features' usual range; ``(high - low) / levels`` is the quantization step.
+    low, high : float or array of float
+        The features' usual range, one pair for all features or one per feature
+        (see :func:`detectors.profile.robust_range`); ``(high - low) / levels`` is
+        the quantization step.
     levels : int
         Quantization bins across the range.
     window : int
@@ -111,19 +126,33 @@ class Fingerprinter:
     """
 
     def __init__(
-        self, salt: bytes, *, low: float, high: float, levels: int, window: int, size: int
+        self,
+        salt: bytes,
+        *,
+        low: float | ArrayLike,
+        high: float | ArrayLike,
+        levels: int,
+        window: int,
+        size: int,
     ) -> None:
         if not isinstance(salt, bytes) or len(salt) < 8:
             raise ValueError("salt must be at least 8 bytes")
-        if not (math.isfinite(low) and math.isfinite(high) and high > low):
-            raise ValueError(f"need finite low < high, got {low!r} and {high!r}")
+        lo = np.atleast_1d(np.asarray(low, dtype=np.float64))
+        hi = np.atleast_1d(np.asarray(high, dtype=np.float64))
+        if (
+            lo.ndim != 1
+            or lo.shape != hi.shape
+            or not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all())
+        ):
+            raise ValueError(f"need finite low < high (scalars or one per feature), got {low!r}")
         for pname, value in (("levels", levels), ("window", window), ("size", size)):
             if value < 1:
                 raise ValueError(f"{pname} must be >= 1, got {value!r}")
         if window > _MAX_WINDOW:
             raise ValueError(f"window must be <= {_MAX_WINDOW}, got {window!r}")
-        self.low = float(low)
-        self.inv_step = levels / (float(high) - float(low))
+        #: per-feature quantisation: ``q = (x - low) * inv_step`` (one value: every feature)
+        self.low = lo
+        self.inv_step = levels / (hi - lo)
         self.window = window
         self.size = size
         key = hashlib.blake2b(salt, digest_size=32, person=b"ig-fingerprint").digest()
@@ -132,19 +161,27 @@ class Fingerprinter:
         self._coef = rng.integers(1, _COEF_LIMIT, size=window).astype(np.float64)
         # xored in before spreading: no hash value (not even an all-zero window's) is public
         self._mask = np.uint64(int(rng.integers(0, 1 << 63)) << 1 | 1)
-        self._layouts: OrderedDict[int, tuple[NDArray[np.float64], NDArray[np.intp]]] = (
-            OrderedDict()
-        )
+        self._layouts: OrderedDict[
+            int, tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]
+        ] = OrderedDict()
 
-    def _layout(self, width: int) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
-        """Per row width: the quantization bias and the feature indices of every window."""
+    def _layout(
+        self, width: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
+        """Per row width: the quantization scale and bias, and every window's feature indices."""
         layout = self._layouts.get(width)
         if layout is None:
             # a secret offset in [0, 1) bins per feature: bin edges unknown to the client
             offset = np.random.default_rng([self._key, 1, width]).random(width)
             w = min(self.window, width)
             windows = np.arange(width - w + 1)[:, None] + np.arange(w)[None, :]
-            layout = (offset - self.low * self.inv_step, windows)
+            if self.low.shape[0] == width:
+                low, inv = self.low, self.inv_step
+            else:
+                # calibrated for another width (or one range for all): one median step
+                low = np.full(width, float(np.median(self.low)))
+                inv = np.full(width, float(np.median(self.inv_step)))
+            layout = (inv, offset - low * inv, windows)
             self._layouts[width] = layout
             if len(self._layouts) > _MAX_WIDTHS:
                 self._layouts.popitem(last=False)
@@ -152,8 +189,8 @@ class Fingerprinter:
 
     def hashes(self, rows: NDArray[np.float64]) -> _U64:
         """``(n_rows, n_windows)`` salted hashes of every sliding window."""
-        bias, windows = self._layout(rows.shape[1])
-        q = rows * self.inv_step
+        inv, bias, windows = self._layout(rows.shape[1])
+        q = rows * inv
         q += bias
         # clip to +-2**20; fmax also maps NaN (refused by the guard anyway) to the low end
         np.fmax(q, -_Q_LIMIT, out=q)
@@ -181,6 +218,71 @@ class _Probe(NamedTuple):
     entries: _U64
     #: which of them still point at an indexed row
     live: NDArray[np.bool_]
+
+
+class _Match(NamedTuple):
+    """What the global index knows of a new row."""
+
+    #: the longest near-duplicate run (any client's rows) the row extends; 0: none
+    run: int
+    #: a near-duplicate belongs to another client
+    cross: bool
+    #: an exact copy is indexed: the row is a repeat and carries no evidence
+    repeat: bool
+
+
+_NO_MATCH = _Match(0, False, False)
+_REPEAT = _Match(0, False, True)
+
+
+class _OwnRows:
+    """A client's own recent fingerprints: hash -> the latest own row that had it.
+
+    Kept per client, beside the global index, so that a client's own
+    near-duplicate runs are seen however many other clients' rows came in
+    between (the global index keeps only a few recent rows per hash). Rows
+    are numbered by an ordinal; the last ``size`` of them count. Cost per
+    row: one dictionary lookup and one store per hash.
+    """
+
+    __slots__ = ("digests", "ordinal", "runs", "sizes", "table")
+
+    def __init__(self, size: int) -> None:
+        self.table: dict[int, int] = {}
+        self.ordinal = 0
+        # plain lists: read one item at a time, where numpy's scalar access costs more
+        self.runs = [0] * size
+        self.sizes = [0] * size
+        self.digests = [0] * size
+
+    def add(self, fp: list[int], fraction: float, digest: int) -> int:
+        """Record a row; the own run it extends (0: none, -1: an exact repeat, not recorded)."""
+        table, size, cur = self.table, len(self.runs), self.ordinal
+        n = len(fp)
+        need = math.ceil(fraction * n)
+        run = 0
+        oldest = cur - size
+        hits = [o for o in map(table.get, fp) if o is not None and o > oldest]
+        if len(hits) >= need:
+            for ordinal, count in Counter(hits).items():
+                if count < need:
+                    continue
+                at = ordinal % size
+                if count >= math.ceil(fraction * max(self.sizes[at], n)):
+                    if self.digests[at] == digest:
+                        return -1
+                    run = max(run, self.runs[at])
+        cur += 1
+        self.ordinal = cur
+        for h in fp:
+            table[h] = cur
+        at = cur % size
+        self.runs[at] = run + 1
+        self.sizes[at] = n
+        self.digests[at] = digest
+        if len(table) > 4 * size * max(n, 1):
+            self.table = {h: o for h, o in table.items() if o > cur - size}
+        return run
 
 
 class _Index:
@@ -243,43 +345,45 @@ class _Index:
         live = self.slot_gen[slots] == (entries & _GEN_MASK).astype(np.int64)
         return _Probe(buckets, (fp >> _TAG_SHIFT) << _TAG_SHIFT, entries, live)
 
-    def best_match(self, probe: _Probe, fraction: float, digest: int) -> tuple[int, str | None]:
-        """The longest run among near-duplicates of a fingerprint, and that row's owner.
+    def match(self, probe: _Probe, fraction: float, digest: int, client: str) -> _Match:
+        """The longest run among an indexed row's near-duplicates, and whose rows they are.
 
-        ``(0, None)`` when no indexed row shares ``fraction`` of the larger
-        fingerprint. Exact copies of the row (same ``digest``) do not count: a
-        repeated input, a retry or a popular public example teaches an attacker
-        nothing new, and counting them flagged benign clients who share inputs.
-        Probing attacks send *perturbed* rows, which still match.
+        A near-duplicate is an indexed row sharing at least ``fraction`` of the
+        larger of the two fingerprints. An exact copy of the row (same
+        ``digest``) makes it a repeat, which carries no evidence: a repeated
+        input, a retry or a popular public example teaches an attacker nothing
+        new. Probing attacks send *perturbed* rows, which still match.
         """
         found = probe.entries[probe.live & ((probe.entries & _TAG_MASK) == probe.tags[:, None])]
         n = probe.buckets.shape[0]
         m = found.shape[0]
         need = math.ceil(fraction * n)  # shared hashes any match needs, at the least
         if m < need:
-            return 0, None
+            return _NO_MATCH
         slots = np.sort(((found >> _GEN_BITS) & _SLOT_MASK).astype(np.intp))
         # the common, cheap case: no slot appears ``need`` times
         if not (slots[need - 1 :] == slots[: m - need + 1]).any():
-            return 0, None
+            return _NO_MATCH
         uniq, counts = np.unique(slots, return_counts=True)
         ok = counts >= np.ceil(fraction * np.maximum(self.slot_size[uniq], n))
         if not ok.any():
-            return 0, None
+            return _NO_MATCH
         winners = uniq[ok]
-        winners = winners[self.slot_digest[winners] != digest]
-        if winners.shape[0] == 0:
-            return 0, None
-        runs = self.slot_run[winners]
-        best = int(np.argmax(runs))
-        return int(runs[best]), self.slot_owner[int(winners[best])]
+        if (self.slot_digest[winners] == digest).any():
+            return _REPEAT
+        owners = self.slot_owner
+        return _Match(
+            run=int(self.slot_run[winners].max()),
+            cross=any(owners[int(w)] != client for w in winners),
+            repeat=False,
+        )
 
     def new_slot(self) -> int:
         slot = self.next_slot
         self.next_slot = (slot + 1) % self.max_rows
         return slot
 
-    def insert(self, probe: _Probe, slot: int, owner: str, run: int, digest: int) -> int:
+    def insert(self, probe: _Probe, slot: int, owner: str, found: _Match, digest: int) -> int:
         """Store a fingerprint in ``slot`` (evicting what was there); its generation.
 
         In each bucket the entry goes to a dead position (empty, or a row since
@@ -290,7 +394,7 @@ class _Index:
         gen = (int(self.slot_gen[slot]) + 1) % _GEN_CYCLE
         self.slot_gen[slot] = gen
         self.slot_size[slot] = probe.buckets.shape[0]
-        self.slot_run[slot] = run
+        self.slot_run[slot] = found.run + 1
         self.slot_owner[slot] = owner
         self.slot_digest[slot] = digest
         buckets = probe.buckets
@@ -308,17 +412,36 @@ class _Index:
 class _Client:
     """A client's recent rows: their slots in the index and their match history."""
 
-    __slots__ = ("matched", "n", "own_gen", "own_head", "own_n", "own_slot", "pos", "runs")
+    __slots__ = (
+        "matched",
+        "n",
+        "own",
+        "own_gen",
+        "own_head",
+        "own_n",
+        "own_rows",
+        "own_runs",
+        "own_slot",
+        "pos",
+        "recent",
+        "runs",
+    )
 
     def __init__(self, cap: int, window: int) -> None:
         self.own_slot = np.zeros(cap, dtype=np.int32)
         self.own_gen = np.zeros(cap, dtype=np.int16)  # generations are < 4095
         self.own_head = 0
         self.own_n = 0
+        #: per recent row: it matched any earlier row / one of the client's own
         self.matched = np.zeros(window, dtype=bool)
+        self.own = np.zeros(window, dtype=bool)
+        #: per recent row: the run it extended (any rows / the client's own rows)
         self.runs = np.zeros(window, dtype=np.int32)
+        self.own_runs = np.zeros(window, dtype=np.int32)
         self.pos = 0
         self.n = 0
+        self.recent = RecentRows(_RECENT_DIGESTS)
+        self.own_rows = _OwnRows(_RECENT_DIGESTS)
 
 
 class NearDuplicateDetector(Detector):
@@ -335,10 +458,11 @@ class NearDuplicateDetector(Detector):
     salt : bytes
         Secret per deployment (at least 8 bytes); never logged. Set the same
         salt on every worker so fingerprints agree.
-    low, high : float
-        The features' usual range (pixels 0..16 for the digits demo). There
-        is no default: a range much wider than the data's would put every row
-        in the same bins and make all rows near-duplicates.
+    low, high : float or array of float
+        The features' usual range, one per feature (from calibration: robust
+        quantiles of the reference rows) or one for all. A range much wider
+        than the data's puts every row in the same bins; it must come from the
+        deployment's data, never from a guess.
     levels : int, default=8
         Quantization bins across the range; the step is ``(high - low) / levels``.
     window : int, default=5
@@ -348,15 +472,17 @@ class NearDuplicateDetector(Detector):
     match_fraction : float, default=0.5
         Share of the larger fingerprint two rows must have in common.
     threshold : float, default=0.7
-        Flag a client whose score falls below this (its share of matched recent
-        rows is above 0.3, or it belongs to a run longer than
-        ``0.3 * run_scale`` rows).
+        Flag a client whose score falls below this. ``guard calibrate`` sets it
+        on simulated benign client sessions at a per-client false-positive target.
     recent_rows : int, default=50
         The window of a client's rows over which its share is measured.
     min_rows : int, default=10
         The share is taken over at least this many rows.
     run_scale : int, default=20
         A near-duplicate run of this many rows counts as full evidence.
+    cross_gain : float, default=2.0
+        Matches with other clients' rows raise a client's evidence to at most
+        this multiple of its own (1: other clients' rows never count).
     max_rows : int, default=20000
         Rows indexed, all clients together (FIFO eviction).
     max_rows_per_client : int, default=256
@@ -378,14 +504,10 @@ class NearDuplicateDetector(Detector):
     ``6 * max_rows_per_client + 5 * recent_rows`` bytes of arrays plus Python
     objects: 2.4 KB measured with the defaults.
 
-    The defaults were chosen on the digits data (64 features, 0..16): 1.6 % of
-    natural held-out rows have a near-duplicate among the other 1 196 (mean
-    over five salts), while a row perturbed by Gaussian noise of standard
-    deviation 0.1 per feature matches its original 99.8 % of the time (88 % at
-    0.2). Per client, the lowest score of 230 benign clients (50 natural rows
-    each, all interleaved through one index) was 0.94; HopSkipJump-like runs
-    were flagged after 6 to 8 rows. The threshold keeps a wide margin above
-    that benign minimum; calibrate it on your own traffic.
+    Structural defaults (``levels``, ``window``, ``fingerprint_size``,
+    ``match_fraction``) describe *what a near-duplicate is* relative to each
+    feature's calibrated range: rows within about an eighth of every
+    feature's range. Nothing in them depends on a dataset.
 
     Examples
     --------
@@ -421,8 +543,8 @@ class NearDuplicateDetector(Detector):
         *,
         store: KeyValueStore,
         salt: bytes,
-        low: float,
-        high: float,
+        low: float | ArrayLike,
+        high: float | ArrayLike,
         levels: int = 8,
         window: int = 5,
         fingerprint_size: int = 50,
@@ -431,6 +553,7 @@ class NearDuplicateDetector(Detector):
         recent_rows: int = 50,
         min_rows: int = 10,
         run_scale: int = 20,
+        cross_gain: float = 2.0,
         max_rows: int = 20_000,
         max_rows_per_client: int = 256,
         bucket_size: int = 8,
@@ -442,6 +565,8 @@ class NearDuplicateDetector(Detector):
             raise ValueError(f"match_fraction must be in (0, 1], got {match_fraction!r}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        if not (math.isfinite(cross_gain) and cross_gain >= 1.0):
+            raise ValueError(f"cross_gain must be a number >= 1, got {cross_gain!r}")
         for pname, value in (
             ("recent_rows", recent_rows),
             ("min_rows", min_rows),
@@ -460,6 +585,7 @@ class NearDuplicateDetector(Detector):
         self.recent_rows = recent_rows
         self.min_rows = min_rows
         self.run_scale = run_scale
+        self.cross_gain = float(cross_gain)
         self.max_rows_per_client = max_rows_per_client
         self._index = _Index(max_rows, fingerprint_size, bucket_size)
         self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
@@ -483,13 +609,18 @@ class NearDuplicateDetector(Detector):
 
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
-        matched = cross = 0
+        own = cross = 0
         if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
             state = self._clients.get_or_create(query.client)
-            for row, fp in zip(rows, self.fingerprinter.fingerprints(rows), strict=True):
-                run, other = self._row(state, fp, query.client, hash(row.tobytes()))
-                matched += run > 0
-                cross += other
+            digests = row_digests(rows)
+            # exact repeats of the client's recent rows are not even fingerprinted
+            fresh = np.flatnonzero(state.recent.fresh_digests(digests))
+            if fresh.shape[0]:
+                fps = self.fingerprinter.fingerprints(rows[fresh])
+                for i, fp in zip(fresh.tolist(), fps, strict=True):
+                    own_run, other = self._row(state, fp, query.client, int(digests[i]))
+                    own += own_run > 0
+                    cross += other
             local = self._score(state)
             if local < self.threshold:
                 await self._standing.flag(query.policy, query.client, local)
@@ -505,9 +636,10 @@ class NearDuplicateDetector(Detector):
             score,
             self.threshold,
             True,
-            reason=f"near-duplicate queries: score {score:.2f} < {self.threshold}; "
-            f"{matched} of {query.n_rows} rows matched, {cross} of them other clients' rows",
-            rows_flagged=matched,
+            reason=f"near-duplicate queries: score {score:.2f} < {self.threshold:.2f}; "
+            f"{own} of {query.n_rows} rows matched the client's own earlier rows, "
+            f"{cross} matched other clients' rows",
+            rows_flagged=own,
         )
 
     def _row(
@@ -515,12 +647,17 @@ class NearDuplicateDetector(Detector):
     ) -> tuple[int, bool]:
         """Match one fingerprint, index it, record it for the client.
 
-        Returns the run it extends (0: no near-duplicate) and whether the
-        matched row was another client's.
+        Returns the own run it extends (0: none) and whether it matched other
+        clients' rows; an exact repeat changes nothing and returns ``(0, False)``.
         """
         index = self._index
         probe = index.probe(fp)
-        run, owner = index.best_match(probe, self.match_fraction, digest)
+        found = index.match(probe, self.match_fraction, digest, client)
+        if found.repeat:
+            return 0, False
+        own_run = state.own_rows.add(fp.tolist(), self.match_fraction, digest)
+        if own_run < 0:
+            return 0, False
         cap = self.max_rows_per_client
         head = state.own_head
         slot = -1
@@ -528,19 +665,31 @@ class NearDuplicateDetector(Detector):
             slot = int(state.own_slot[head])  # at its cap, a client recycles its own oldest slot
         if slot < 0:
             slot = index.new_slot()
-        state.own_gen[head] = index.insert(probe, slot, client, run + 1, digest)
+        state.own_gen[head] = index.insert(probe, slot, client, found, digest)
         state.own_slot[head] = slot
         state.own_head = (head + 1) % cap
         state.own_n = min(state.own_n + 1, cap)
-        state.matched[state.pos] = run > 0
-        state.runs[state.pos] = run
-        state.pos = (state.pos + 1) % self.recent_rows
+        pos = state.pos
+        state.matched[pos] = found.run > 0 or own_run > 0
+        state.own[pos] = own_run > 0
+        state.runs[pos] = max(found.run, own_run)
+        state.own_runs[pos] = own_run
+        state.pos = (pos + 1) % self.recent_rows
         state.n = min(state.n + 1, self.recent_rows)
-        return run, owner is not None and owner != client
+        return own_run, found.cross
 
     def _score(self, state: _Client) -> float:
+        """``1 - evidence``: the client's own, raised by others' rows to ``cross_gain`` times."""
         if state.n == 0:
             return 1.0
-        share = float(state.matched.sum()) / max(state.n, self.min_rows)
-        run = float(state.runs.max()) / self.run_scale
-        return max(0.0, 1.0 - max(share, run))
+        denominator = max(state.n, self.min_rows)
+        own = max(
+            float(state.own.sum()) / denominator, float(state.own_runs.max()) / self.run_scale
+        )
+        if own == 0.0:
+            return 1.0  # other clients' rows alone never convict
+        anyone = max(
+            float(state.matched.sum()) / denominator, float(state.runs.max()) / self.run_scale
+        )
+        evidence = max(own, min(anyone, self.cross_gain * own))
+        return max(0.0, 1.0 - evidence)

@@ -33,7 +33,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Protocol, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -43,6 +43,7 @@ from detectors.envelope import FeatureEnvelope
 from detectors.iforest import IsolationForestOutlier
 from detectors.knn import KNNOutlier
 from detectors.mahalanobis import MahalanobisOutlier
+from detectors.profile import TrafficProfile
 from detectors.text import TextOutlier
 
 __all__ = [
@@ -58,13 +59,30 @@ __all__ = [
 
 FORMAT: Final = "inference-guard/detector"
 FORMAT_VERSION: Final = 1
-#: the detector classes a file may hold, by ``kind``
+
+
+class Persistable(Protocol):
+    """What a file can hold: a fitted detector, or a stateful detector's traffic profile."""
+
+    kind: ClassVar[str]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]: ...
+
+    def export_state(self) -> dict[str, NDArray[Any]]: ...
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, NDArray[Any]]) -> Self: ...
+
+
+#: the input-anomaly detector classes a file may hold, by ``kind``
 KINDS: Final[dict[str, type[OutlierBase[Any]]]] = {
     cls.kind: cls
     for cls in (
         FeatureEnvelope, MahalanobisOutlier, IsolationForestOutlier, KNNOutlier, TextOutlier
     )
 }
+#: everything a file may hold: the detectors, and the stateful detectors' profiles
+_LOADABLE: Final[dict[str, type[Persistable]]] = {**KINDS, TrafficProfile.kind: TrafficProfile}
 #: refuse larger files before reading them (a k-NN reference of 2000 x 784 is 12.5 MB)
 MAX_BYTES: Final = 512 << 20
 _MAX_MANIFEST_BYTES: Final = 1 << 20
@@ -118,7 +136,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_model(
-    model: OutlierBase[Any], path: str | os.PathLike[str], *, hmac_key: bytes | None = None
+    model: Persistable, path: str | os.PathLike[str], *, hmac_key: bytes | None = None
 ) -> Path:
     """Write a fitted detector to ``path`` (``.npz``) and its manifest beside it; return ``path``.
 
@@ -127,7 +145,7 @@ def save_model(
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"detector files end in .npz, got {path.name!r}")
-    if type(model).kind not in KINDS or KINDS[type(model).kind] is not type(model):
+    if _LOADABLE.get(type(model).kind) is not type(model):
         raise TypeError(f"cannot save {type(model).__name__}: not a known detector type")
     state = model.export_state()  # raises NotFittedError before fit
     if _META in state:
@@ -213,7 +231,7 @@ def load_model(
     kind: str | None = None,
     n_features: int | None = None,
     hmac_key: bytes | None = None,
-) -> OutlierBase[Any]:
+) -> Any:
     """Load and verify a detector saved by :func:`save_model`.
 
     Parameters
@@ -235,7 +253,7 @@ def load_model(
     path = Path(path)
     manifest = read_manifest(path, hmac_key=hmac_key)
     file_kind = manifest.get("kind")
-    if not isinstance(file_kind, str) or file_kind not in KINDS:
+    if not isinstance(file_kind, str) or file_kind not in _LOADABLE:
         raise CorruptModelFile(path, f"unknown detector type {file_kind!r}")
     if kind is not None and file_kind != kind:
         raise CorruptModelFile(path, f"holds a {file_kind!r} detector, expected {kind!r}")
@@ -271,7 +289,7 @@ def load_model(
     if not isinstance(params, dict):
         raise CorruptModelFile(path, "manifest params are not a mapping")
     try:
-        model = KINDS[file_kind].from_state(params, arrays)
+        model = _LOADABLE[file_kind].from_state(params, arrays)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptModelFile(path, f"inconsistent {file_kind} state: {exc}") from exc
     if getattr(model, "n_features_in_", None) != width:

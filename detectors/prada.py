@@ -25,12 +25,13 @@ from collections import OrderedDict
 from typing import ClassVar, TypeVar
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy.stats import shapiro
 
 from detectors._lru import ClientMap
 from detectors._standing import SharedStanding
 from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.repeats import RecentRows
 from detectors.store import KeyValueStore
 
 __all__ = ["PradaDetector"]
@@ -101,6 +102,7 @@ class _Client:
         "dist_n",
         "dists",
         "max_distances",
+        "recent",
         "rows_held",
         "score",
         "sets",
@@ -118,6 +120,8 @@ class _Client:
         self.dist_head = 0  # next distance to overwrite once ``max_distances`` are held
         self.since_test = 0
         self.score = 1.0
+        #: exact repeats of recent rows carry no evidence (retries, probes)
+        self.recent = RecentRows(64)
 
     def push_distance(self, d: float) -> None:
         if self.dist_n < self.max_distances:
@@ -145,12 +149,13 @@ class PradaDetector(Detector):
         Where the standing of flagged clients is shared.
     delta : float, default=0.90
         Alarm when Shapiro-Wilk's ``W < delta`` (the paper uses 0.9 to 0.96).
-        Measured on the digits simulation (300 benign clients replaying 100 to
-        1 150 natural held-out rows each, in batches of 1 to 32): the lowest
-        ``W`` a benign client reached was 0.889, the 1st percentile 0.933, so
-        ``calibrate_threshold(minima, 0.01)`` gives 0.919; Jacobian-augmentation
-        streams reached ``W`` between 0.54 and 0.91. Re-calibrate on your own
-        traffic with :func:`detectors._calibrate.calibrate_threshold`.
+        How low benign clients' ``W`` goes depends on the deployment's data, so
+        ``guard calibrate`` sets it on simulated benign client sessions at a
+        per-client false-positive target.
+    feature_scale : array of float or None
+        Per-feature range widths (from calibration); rows are divided by them
+        before distances are taken, so that a feature spanning thousands does
+        not drown one spanning tenths. ``None``: raw units.
     min_distances : int, default=100
         Distances pooled before the first test (the reference code waits for > 100).
     test_every : int, default=10
@@ -225,6 +230,7 @@ class PradaDetector(Detector):
         *,
         store: KeyValueStore,
         delta: float = 0.90,
+        feature_scale: ArrayLike | None = None,
         min_distances: int = 100,
         test_every: int = 10,
         max_set: int = 200,
@@ -255,6 +261,12 @@ class PradaDetector(Detector):
         if not outlier_sigma > 0:
             raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma!r}")
         self.delta = float(delta)
+        self.feature_scale: NDArray[np.float64] | None = None
+        if feature_scale is not None:
+            scale = np.asarray(feature_scale, dtype=np.float64)
+            if scale.ndim != 1 or not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise ValueError("feature_scale must be a 1-D array of finite numbers > 0")
+            self.feature_scale = scale
         self.min_distances = min_distances
         self.test_every = test_every
         self.max_set = max_set
@@ -317,7 +329,15 @@ class PradaDetector(Detector):
             self._clients.pop(query.client)
             state = self._clients.get_or_create(query.client)
         state.width = rows.shape[1]
+        fresh = state.recent.fresh(rows)
+        if not fresh.all():
+            rows, labels = rows[fresh], labels[fresh]
+            if rows.shape[0] == 0:
+                return self._result(state.score, query.n_rows)
         proj = self._projection(rows.shape[1])
+        scale = self.feature_scale
+        if scale is not None and scale.shape[0] == rows.shape[1]:
+            rows = rows / scale
         with np.errstate(all="ignore"):  # rows beyond float32 become inf and are skipped below
             z_all = rows.astype(np.float32) if proj is None else rows.astype(np.float32) @ proj
         tested = False

@@ -2,18 +2,27 @@
 
 Types ``prada`` (:class:`detectors.prada.PradaDetector`), ``near_duplicate``
 (:class:`detectors.fingerprint.NearDuplicateDetector`) and ``boundary``
-(:class:`detectors.boundary.BoundaryDetector`). Every parameter is optional
-except ``near_duplicate``'s ``feature_range``; the defaults are the ones
-documented on each class (chosen on the digits demo: re-calibrate them on your
-own traffic)::
+(:class:`detectors.boundary.BoundaryDetector`).
+
+Every data-dependent parameter comes from calibration: ``guard calibrate
+--config FILE --data REF --out DIR`` writes one
+:class:`~detectors.profile.TrafficProfile` per detector (``<type>.npz`` in
+``calibration_dir``, or ``params.file``) holding the per-feature ranges, the
+per-client threshold set on simulated benign sessions and, for ``boundary``,
+the benign window baseline and class count. A detector with neither a
+profile nor the explicit override of what it lacks (``feature_range`` for
+``near_duplicate``, ``delta`` for ``prada``, ``threshold`` for ``boundary``)
+is a configuration error that says so; ``guard check-config`` lists them.
+
+The other parameters are structural and data-independent::
 
     policies:
-      - name: digits
+      - name: inference
         detectors:
           - type: prada
             action: degrade
             params:
-              delta: 0.90              # flag when Shapiro-Wilk W < delta
+              # delta: 0.90            # override the calibrated threshold on Shapiro-Wilk W
               min_distances: 100
               test_every: 10
               max_set: 200             # rows per class set
@@ -26,36 +35,34 @@ own traffic)::
           - type: near_duplicate
             action: degrade
             params:
-              feature_range: [0, 16]   # required
+              # feature_range: [0, 16] # override the calibrated per-feature ranges
+              # threshold: 0.7         # override the calibrated threshold
               salt_env: GUARD_FINGERPRINT_SALT
               levels: 8
               window: 5
               fingerprint_size: 50
               match_fraction: 0.5
-              threshold: 0.7
               recent_rows: 50
               min_rows: 10
               run_scale: 20
+              cross_gain: 2.0          # other clients' rows raise a client's evidence <= 2x its own
               max_rows: 20000
               max_rows_per_client: 256
               bucket_size: 8
               max_clients: 10000
               flag_ttl_s: 3600
           - type: boundary
-            action: flag
+            action: degrade
             params:
               window: 100
               p_low: 0.6
-              feature_range: [0, 16]   # enables the coverage signal
               bins: 8
-              n_classes: 10            # only needed when answers carry labels alone
-              threshold: -6.0
               signals: [low_confidence, class_concentration, coverage, anomaly_rate]
-              baseline: {coverage: [0.6645, 0.0087]}   # merged over the defaults
               anomaly_rate_source: mahalanobis          # a row detector with track_rate
               anomaly_rate_window_s: 60
               max_clients: 10000
               flag_ttl_s: 3600
+              # feature_range, n_classes, baseline, threshold: from calibration
 
 The fingerprint salt is a secret, read from the environment variable named by
 ``salt_env`` and never logged. Without it each process draws a random salt and
@@ -75,9 +82,12 @@ from typing import Any, Final
 from detectors.base import Detector
 from detectors.boundary import DEFAULT_BASELINE, SIGNALS, BoundaryDetector
 from detectors.fingerprint import NearDuplicateDetector
+from detectors.persist import CorruptModelFile, load_model, manifest_path
 from detectors.prada import PradaDetector
+from detectors.profile import TrafficProfile
+from guard._factories_anomaly import calibration_key, resolve_file
 from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
+from guard.errors import ConfigurationError, ModelFileError
 from guard.registry import BuildContext, register_detector
 
 __all__ = ["DEFAULT_SALT_ENV", "build_boundary", "build_near_duplicate", "build_prada"]
@@ -215,10 +225,46 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def load_profile(spec: DetectorSpec, ctx: BuildContext) -> TrafficProfile | None:
+    """The detector's calibrated :class:`TrafficProfile`, or ``None`` when there is none.
+
+    Looked up as ``params.file`` or ``<type>.npz`` in ``calibration_dir``; a file
+    that exists but cannot be trusted (checksum, HMAC, another detector's
+    profile) is an error, never silently ignored.
+    """
+    if ctx.calibration_dir is None and "file" not in spec.params:
+        return None
+    path = resolve_file(spec, ctx.calibration_dir)
+    if not path.exists() and not manifest_path(path).exists():
+        return None
+    try:
+        profile = load_model(path, kind=TrafficProfile.kind, hmac_key=calibration_key())
+    except CorruptModelFile as exc:
+        raise ModelFileError(exc.path, exc.problem) from exc
+    if not isinstance(profile, TrafficProfile) or profile.detector != spec.type:
+        found = getattr(profile, "detector", "?")
+        raise ModelFileError(str(path), f"holds a profile for {found!r}, not {spec.type!r}")
+    return profile
+
+
+def _uncalibrated(p: _Params, spec: DetectorSpec, ctx: BuildContext, override: str) -> None:
+    where = (
+        f"{ctx.calibration_dir}/{spec.params.get('file', spec.type + '.npz')}"
+        if ctx.calibration_dir is not None
+        else "calibration_dir (not set)"
+    )
+    p.fail(
+        override,
+        f"not calibrated: no profile at {where}; run `guard calibrate --config FILE "
+        f"--data REFERENCE --out DIR` (or set params.{override} explicitly)",
+    )
+
+
 # ---------------------------------------------------------------------------- prada
 
 _PRADA_PARAMS: Final = frozenset(
     {
+        "file",
         "delta",
         "min_distances",
         "test_every",
@@ -237,7 +283,16 @@ _PRADA_PARAMS: Final = frozenset(
 def build_prada(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     """Build a :class:`PradaDetector` from ``spec``, or raise ConfigurationError."""
     p = _Params(spec, _PRADA_PARAMS)
-    delta = p.number("delta", 0.90, low=0.0, high=1.0, low_open=True)
+    profile = load_profile(spec, ctx)
+    delta = p.number(
+        "delta",
+        0.90 if profile is None else profile.threshold,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    if profile is None and "delta" not in spec.params:
+        _uncalibrated(p, spec, ctx, "delta")
     min_distances = p.integer("min_distances", 100, 3, 5000)
     max_distances = p.integer("max_distances", max(1000, min_distances), 3, 5000)
     if max_distances < min_distances:
@@ -256,6 +311,8 @@ def build_prada(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "seed": p.seed("seed", ctx.seed),
     }
     p.done()
+    if profile is not None:
+        kwargs["feature_scale"] = profile.high_ - profile.low_
     return PradaDetector(spec.name, store=ctx.store, **kwargs)
 
 
@@ -263,7 +320,9 @@ def build_prada(spec: DetectorSpec, ctx: BuildContext) -> Detector:
 
 _ND_PARAMS: Final = frozenset(
     {
+        "file",
         "feature_range",
+        "cross_gain",
         "salt_env",
         "levels",
         "window",
@@ -305,9 +364,10 @@ def _salt(env_name: str, name: str, key: str) -> bytes:
 def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     """Build a :class:`NearDuplicateDetector` from ``spec``, or raise ConfigurationError."""
     p = _Params(spec, _ND_PARAMS)
+    profile = load_profile(spec, ctx)
     feature_range = p.range("feature_range")
-    if feature_range is None and "feature_range" not in spec.params:
-        p.fail("feature_range", "is required: [low, high], the features' usual range")
+    if feature_range is None and profile is None and "feature_range" not in spec.params:
+        _uncalibrated(p, spec, ctx, "feature_range")
     salt_env = p.string("salt_env", DEFAULT_SALT_ENV)
     bucket_size = p.integer("bucket_size", 8, 1, 128)
     if bucket_size & (bucket_size - 1):
@@ -317,7 +377,14 @@ def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "window": p.integer("window", 5, 1, 32),
         "fingerprint_size": p.integer("fingerprint_size", 50, 1, 4096),
         "match_fraction": p.number("match_fraction", 0.5, low=0.0, high=1.0, low_open=True),
-        "threshold": p.number("threshold", 0.7, low=0.0, high=1.0, low_open=True),
+        "threshold": p.number(
+            "threshold",
+            0.7 if profile is None else profile.threshold,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+        ),
+        "cross_gain": p.number("cross_gain", 2.0, low=1.0),
         "recent_rows": p.integer("recent_rows", 50, 1, 100_000),
         "min_rows": p.integer("min_rows", 10, 1),
         "run_scale": p.integer("run_scale", 20, 1),
@@ -328,9 +395,14 @@ def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
     }
     p.done()
-    if feature_range is None:  # not reached: done() raised for it
+    low: Any
+    high: Any
+    if feature_range is not None:
+        low, high = feature_range
+    elif profile is not None:
+        low, high = profile.low_, profile.high_
+    else:  # not reached: done() raised for it
         raise ConfigurationError(p.key("feature_range"), "is required")
-    low, high = feature_range
     salt = _salt(salt_env, spec.name, p.key("salt_env"))
     return NearDuplicateDetector(
         spec.name, store=ctx.store, salt=salt, low=low, high=high, **kwargs
@@ -341,6 +413,7 @@ def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
 
 _BOUNDARY_PARAMS: Final = frozenset(
     {
+        "file",
         "window",
         "p_low",
         "feature_range",
@@ -372,8 +445,14 @@ def _signals(p: _Params) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _baseline(p: _Params, signals: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+def _baseline(
+    p: _Params, signals: tuple[str, ...], profile: TrafficProfile | None
+) -> dict[str, tuple[float, float]]:
     baseline = dict(DEFAULT_BASELINE)
+    if profile is not None:
+        for name, (mean, std) in zip(SIGNALS, profile.baseline_.tolist(), strict=False):
+            if math.isfinite(mean) and math.isfinite(std):
+                baseline[name] = (mean, std)
     raw = p.params.get("baseline", {})
     if not isinstance(raw, Mapping):
         p.fail("baseline", f"must be a mapping of signal -> [mean, std], got {raw!r}")
@@ -397,9 +476,12 @@ def _baseline(p: _Params, signals: tuple[str, ...]) -> dict[str, tuple[float, fl
 def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     """Build a :class:`BoundaryDetector` from ``spec``, or raise ConfigurationError."""
     p = _Params(spec, _BOUNDARY_PARAMS)
+    profile = load_profile(spec, ctx)
+    if profile is None and "threshold" not in spec.params:
+        _uncalibrated(p, spec, ctx, "threshold")
     feature_range = p.range("feature_range")
     signals = _signals(p)
-    baseline = _baseline(p, signals)
+    baseline = _baseline(p, signals, profile)
     source = p.params.get("anomaly_rate_source")
     if source is not None and (not isinstance(source, str) or not source or ":" in source):
         p.fail("anomaly_rate_source", f"must be a detector name, got {source!r}")
@@ -412,7 +494,7 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "max_coverage_features": p.integer("max_coverage_features", 256, 1, 65_536),
         "max_classes": p.integer("max_classes", 1024, 1, 1 << 20),
         "n_classes": p.optional_integer("n_classes", 2),
-        "threshold": p.finite("threshold", -6.0),
+        "threshold": p.finite("threshold", -6.0 if profile is None else profile.threshold),
         "max_clients": p.integer("max_clients", 10_000, 1),
         "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
         "seed": p.seed("seed", ctx.seed),
@@ -426,7 +508,14 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         tracker = AnomalyRateTracker(
             ctx.store, namespace=source, window_s=rate_window, clock=ctx.wall_clock
         )
-    low, high = feature_range if feature_range is not None else (None, None)
+    low: Any = None
+    high: Any = None
+    if feature_range is not None:
+        low, high = feature_range
+    elif profile is not None:
+        low, high = profile.low_, profile.high_
+    if kwargs["n_classes"] is None and profile is not None and profile.n_classes >= 2:
+        kwargs["n_classes"] = profile.n_classes
     return BoundaryDetector(
         spec.name,
         store=ctx.store,

@@ -45,6 +45,19 @@ class ReferenceData:
     texts: tuple[str, ...]
     #: where they came from, for the report
     source: str
+    #: the model's ``(n, classes)`` probabilities for ``rows`` (``.npz`` array ``proba``)
+    probabilities: NDArray[np.float64] | None = None
+    #: the model's predicted class per row (``.npz`` array ``labels``)
+    labels: NDArray[np.int64] | None = None
+
+    @property
+    def predicted(self) -> NDArray[np.int64] | None:
+        """The model's class per row: ``labels``, or the argmax of ``probabilities``."""
+        if self.labels is not None:
+            return self.labels
+        if self.probabilities is not None:
+            return np.asarray(np.argmax(self.probabilities, axis=1), dtype=np.int64)
+        return None
 
     def __len__(self) -> int:
         return len(self.texts) if self.rows is None else int(self.rows.shape[0])
@@ -59,7 +72,10 @@ def load_reference(path: str | Path) -> ReferenceData:
     if suffix == ".npy":
         rows = _checked_rows(_load_npy(p), str(p))
     elif suffix == ".npz":
-        rows = _checked_rows(_load_npz(p), str(p))
+        arrays = _load_npz(p)
+        rows = _checked_rows(arrays.pop("X"), str(p))
+        probs, labels = _answers(arrays, rows.shape[0], str(p))
+        return ReferenceData(rows, (), str(p), probs, labels)
     elif suffix == ".csv":
         rows = _checked_rows(_load_csv(p), str(p))
     elif suffix == ".txt":
@@ -94,7 +110,12 @@ def _load_npy(p: Path) -> NDArray[Any]:
     return arr
 
 
-def _load_npz(p: Path) -> NDArray[Any]:
+#: the ``.npz`` arrays that hold the model's answers on the reference rows
+ANSWER_ARRAYS = ("proba", "labels")
+
+
+def _load_npz(p: Path) -> dict[str, NDArray[Any]]:
+    """``X`` (the rows; or the only array) and any of :data:`ANSWER_ARRAYS`."""
     try:
         with np.load(p, allow_pickle=False) as npz:
             names = list(npz.files)
@@ -103,13 +124,41 @@ def _load_npz(p: Path) -> NDArray[Any]:
             elif len(names) == 1:
                 name = names[0]
             else:
-                raise DataError(f"{p}: holds {names}; name the reference array 'X'")
-            arr: NDArray[Any] = npz[name]
+                raise DataError(
+                    f"{p}: holds {names}; name the reference array 'X' (and the model's "
+                    "answers on it 'proba' or 'labels')"
+                )
+            out: dict[str, NDArray[Any]] = {"X": npz[name]}
+            for extra in ANSWER_ARRAYS:
+                if extra in names and extra != name:
+                    out[extra] = npz[extra]
     except DataError:
         raise
     except (OSError, ValueError) as exc:
         raise DataError(f"{p}: not a plain numeric .npz file: {exc}") from exc
-    return arr
+    return out
+
+
+def _answers(
+    arrays: dict[str, NDArray[Any]], n: int, where: str
+) -> tuple[NDArray[np.float64] | None, NDArray[np.int64] | None]:
+    """The model's answers: ``proba`` ``(n, k)`` in [0, 1], ``labels`` ``(n,)`` integers."""
+    probs = arrays.get("proba")
+    labels = arrays.get("labels")
+    if probs is not None:
+        if probs.dtype.kind not in "biuf" or probs.ndim != 2 or probs.shape[0] != n:
+            raise DataError(f"{where}: 'proba' must be a ({n}, classes) array, got {probs.shape}")
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape[1] < 2 or not np.isfinite(probs).all() or (probs < 0).any():
+            raise DataError(f"{where}: 'proba' must hold finite probabilities for >= 2 classes")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != (n,) or (labels < 0).any():
+            raise DataError(
+                f"{where}: 'labels' must be ({n},) non-negative integers, got "
+                f"{labels.dtype} {labels.shape}"
+            )
+        labels = np.asarray(labels, dtype=np.int64)
+    return probs, labels
 
 
 def _load_csv(p: Path) -> NDArray[Any]:

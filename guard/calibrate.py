@@ -1,29 +1,44 @@
-"""``guard calibrate``: fit the input-anomaly detectors on reference data.
+"""``guard calibrate``: fit every detector a policy uses on the deployment's reference data.
 
 ::
 
-    guard calibrate --data REF --out DIR [--target-fpr 0.001] [--config FILE]
-                    [--holdout 0.2] [--seed 0] [--detectors envelope,knn]
+    guard calibrate --data REF --out DIR --config FILE [--target-fpr 0.001]
+                    [--client-fpr 0.001] [--sessions 400] [--holdout 0.2] [--seed 0]
+    guard calibrate --data REF --out DIR [--detectors envelope,knn]
 
 ``REF`` holds benign reference rows (``.npy``, ``.npz``, ``.csv``, ``.jsonl`` of
 recorded requests) or prompts (``.txt``, ``.jsonl`` of chat/completions
-requests); see :mod:`guard._reference_data`. A seeded ``--holdout`` share of it
-is set aside. Each detector is fitted on the rest, its threshold is set at
-``--target-fpr`` on the held-out part, and it is written to ``DIR`` as
-``<type>.npz`` plus its manifest (see :mod:`detectors.persist`; signed with
-HMAC-SHA256 when ``GUARD_CALIBRATION_KEY`` is set).
+requests); see :mod:`guard._reference_data`. For the stateful detectors that
+learn from answers (``prada``, ``boundary``) the ``.npz`` also holds the
+model's answers on the rows: ``proba`` (``predict_proba``) or ``labels``.
 
-Which detectors: with ``--config``, every input-anomaly detector its policies
-configure, with their model parameters and ``params.file`` names; otherwise
-``--detectors``, by default all four row detectors (``envelope``,
-``mahalanobis``, ``iforest``, ``knn``) for rows and ``text`` for prompts.
+* **Input-anomaly detectors** (``envelope``, ``mahalanobis``, ``iforest``,
+  ``knn``, ``text``): a seeded ``--holdout`` share is set aside, each detector
+  is fitted on the rest and its threshold set at ``--target-fpr`` (per row) on
+  the held-out part. Written as ``<type>.npz`` plus its manifest (see
+  :mod:`detectors.persist`; signed with HMAC-SHA256 when
+  ``GUARD_CALIBRATION_KEY`` is set).
+* **Stateful detectors** (``near_duplicate``, ``prada``, ``boundary``): the
+  per-feature robust ranges, the class count and the benign window baseline
+  are measured on the rows, then ``--sessions`` simulated benign client
+  sessions (ordinary clients and the hard cases: health probes, retriers,
+  batch jobs, one-class clients; :mod:`guard.sessions`) run through the
+  detector as configured, and its threshold is set at ``--client-fpr`` per
+  client. An independent set of sessions measures the per-client
+  false-positive rate the threshold gives. Written as a
+  :class:`~detectors.profile.TrafficProfile` (``<type>.npz`` and manifest).
 
-The report gives, per detector, the threshold, the false-positive rate on the
-held-out rows (at most the target by construction), a two-fold cross-check
-(the threshold set on one half of the held-out rows, measured on the other:
-an honest estimate at half the sample size) and score quantiles. A held-out
-set of ``n`` rows cannot resolve a target below ``1 / (n + 1)``; the report
-says so when that happens.
+Which detectors: with ``--config``, every detector its policies configure
+that calibration fits, with their parameters and ``params.file`` names;
+otherwise ``--detectors``, by default all four row detectors for rows and
+``text`` for prompts.
+
+The report gives, per input-anomaly detector, the threshold, the
+false-positive rate on the held-out rows (at most the target by
+construction), a two-fold cross-check and score quantiles; per stateful
+detector, the threshold and the per-client false-positive rate on the check
+sessions, overall and per kind of client. A held-out set of ``n`` rows
+cannot resolve a target below ``1 / (n + 1)``; the report says so.
 
 :func:`calibrate_digits` calibrates the row detectors on the demo's digits
 training split, for ``guard demo`` (well under two seconds).
@@ -54,14 +69,18 @@ from guard._factories_anomaly import (
     resolve_file,
 )
 from guard._reference_data import DataError, ReferenceData, load_reference
-from guard.config import GuardConfig
+from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
+from guard.sessions import ProfileReport, calibrate_profile
 
 __all__ = [
+    "STATEFUL_TYPES",
+    "Calibration",
     "DetectorReport",
     "Job",
     "add_arguments",
     "calibrate",
+    "calibrate_config",
     "calibrate_digits",
     "calibrate_rows",
     "format_report",
@@ -69,6 +88,8 @@ __all__ = [
     "run",
 ]
 
+#: the detector types calibrated on simulated client sessions (a TrafficProfile each)
+STATEFUL_TYPES = ("near_duplicate", "prada", "boundary")
 #: score quantiles shown in the report
 QUANTILES = (0.0, 0.01, 0.05, 0.5, 1.0)
 #: the demo's split of load_digits (middleware/demo.py: seeded permutation, first 80% train)
@@ -273,12 +294,114 @@ def calibrate_digits(
     return calibrate_rows(X, out_dir, target_fpr=target_fpr, seed=seed, hmac_key=hmac_key)
 
 
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Everything one ``guard calibrate --config`` run fitted."""
+
+    #: the input-anomaly detectors, one report each
+    rows: tuple[DetectorReport, ...]
+    #: the stateful detectors' profiles, one report each
+    profiles: tuple[ProfileReport, ...]
+    #: detectors skipped, and why
+    notes: tuple[str, ...] = ()
+
+
+def calibrate_config(
+    config: str | Path | GuardConfig,
+    data: ReferenceData,
+    out_dir: str | Path,
+    *,
+    target_fpr: float = 0.001,
+    client_fpr: float = 0.001,
+    sessions: int = 400,
+    holdout: float = 0.2,
+    seed: int = 0,
+    hmac_key: bytes | None = None,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Fit every detector ``config`` uses that calibration fits, and write them to ``out_dir``.
+
+    Input-anomaly detectors at ``target_fpr`` per row, stateful detectors at
+    ``client_fpr`` per client on ``sessions`` simulated benign sessions.
+    """
+    if not 0.0 < client_fpr < 0.5:
+        raise ValueError(f"client FPR must be in (0, 0.5), got {client_fpr}")
+    if sessions < 10:
+        raise ValueError(f"sessions must be >= 10, got {sessions}")
+    cfg = _as_config(config)
+    specs, notes = stateful_specs(cfg, data)
+    jobs, row_notes = jobs_from_config(cfg, data, required=not specs)
+    row_reports = calibrate(
+        data, out_dir, jobs, target_fpr=target_fpr, holdout=holdout, seed=seed,
+        hmac_key=hmac_key, progress=progress,
+    ) if jobs else []
+    # the row detectors' measured per-row rate: what a benign window's anomalous share centres on
+    anomaly_fpr = max((r.heldout_fpr for r in row_reports), default=target_fpr)
+    max_batch = max(1, min(64, cfg.limits.max_rows))
+    profiles = []
+    for spec in specs:
+        if progress is not None:
+            progress.step(f"simulating sessions for {spec.type}")
+        profiles.append(
+            calibrate_profile(
+                spec, data, out_dir, target_fpr=client_fpr, n_sessions=sessions, seed=seed,
+                max_batch=max_batch, anomaly_fpr=max(anomaly_fpr, target_fpr),
+                hmac_key=hmac_key,
+            )
+        )
+    return Calibration(tuple(row_reports), tuple(profiles), tuple(row_notes + notes))
+
+
 # --------------------------------------------------------------------------- which detectors
 
 
-def jobs_from_config(config_path: str | Path, data: ReferenceData) -> tuple[list[Job], list[str]]:
-    """The detectors a config's policies use that fit ``data``; and notes on those skipped."""
-    cfg = GuardConfig.from_file(config_path)
+def _as_config(config: str | Path | GuardConfig) -> GuardConfig:
+    return config if isinstance(config, GuardConfig) else GuardConfig.from_file(config)
+
+
+def stateful_specs(
+    config: str | Path | GuardConfig, data: ReferenceData
+) -> tuple[list[DetectorSpec], list[str]]:
+    """The stateful detectors a config uses (one per profile file); notes on those skipped."""
+    cfg = _as_config(config)
+    specs: dict[str, DetectorSpec] = {}
+    notes: list[str] = []
+    for policy in cfg.policies:
+        for spec in policy.detectors:
+            if spec.type not in STATEFUL_TYPES:
+                continue
+            if data.rows is None:
+                notes.append(f"skipped {spec.key} ({spec.type}): needs rows, not prompts")
+                continue
+            raw_file = spec.params.get("file")
+            if isinstance(raw_file, str) and Path(raw_file).is_absolute():
+                raise ConfigurationError(
+                    f"{spec.key}.params.file",
+                    "must be relative: guard calibrate writes under --out",
+                )
+            file = str(resolve_file(spec, Path(".")))
+            known = specs.get(file)
+            if known is not None and (known.type, dict(known.params)) != (
+                spec.type,
+                dict(spec.params),
+            ):
+                raise ConfigurationError(
+                    f"{spec.key}.params.file",
+                    f"{file} is also written for {known.key} with other parameters; "
+                    "give this detector its own params.file",
+                )
+            specs.setdefault(file, spec)
+    return list(specs.values()), notes
+
+
+def jobs_from_config(
+    config_path: str | Path | GuardConfig, data: ReferenceData, *, required: bool = True
+) -> tuple[list[Job], list[str]]:
+    """The input-anomaly detectors a config's policies use that fit ``data``; notes on others.
+
+    With ``required``, a config without any is an error.
+    """
+    cfg = _as_config(config_path)
     jobs: dict[str, Job] = {}
     notes: list[str] = []
     for policy in cfg.policies:
@@ -310,7 +433,7 @@ def jobs_from_config(config_path: str | Path, data: ReferenceData) -> tuple[list
                 )
             else:
                 jobs[file] = Job(known.kind, file, known.params, (*known.keys, spec.key))
-    if not jobs:
+    if not jobs and required:
         problem = "no input-anomaly detector (envelope, mahalanobis, iforest, knn, text) is set"
         if notes:
             problem = "no configured input-anomaly detector fits this data: " + "; ".join(notes)
@@ -371,6 +494,41 @@ def format_report(
     return "\n".join(lines)
 
 
+def format_profiles(reports: Sequence[ProfileReport]) -> str:
+    """The stateful detectors' part of the report: thresholds and per-client false positives."""
+    if not reports:
+        return ""
+    kinds = sorted({k for r in reports for k in r.by_kind})
+    head = "  ".join(f"{k:>12}" for k in kinds)
+    lines = [
+        f"{'stateful':<15} {'threshold':>10} {'client target':>13} {'client FPR':>10} "
+        f"{'sessions':>10}  {head}  {'s':>5}  file",
+    ]
+    for r in reports:
+        cells = "  ".join(
+            f"{r.by_kind[k][1]:>6.3f} ({r.by_kind[k][0]:>3})" if k in r.by_kind else f"{'—':>12}"
+            for k in kinds
+        )
+        lines.append(
+            f"{r.kind:<15} {r.threshold:>10.4g} {r.target_fpr:>13.4g} {r.client_fpr:>10.4f} "
+            f"{r.sessions:>4}+{r.check_sessions:<5}  {cells}  {r.seconds:>5.1f}  {r.path}"
+        )
+    lines.append(
+        "client FPR: share of independent simulated benign sessions the threshold flags "
+        "(per kind: share flagged, sessions)"
+    )
+    for r in reports:
+        if r.note:
+            lines.append(f"note: {r.kind}: {r.note}")
+        if (r.sessions + 1) * r.target_fpr < 1.0:
+            lines.append(
+                f"note: {r.kind}: {r.sessions} sessions cannot resolve a per-client target of "
+                f"{r.target_fpr:g}; the threshold is the lowest benign session's score "
+                "(use --sessions to simulate more)"
+            )
+    return "\n".join(lines)
+
+
 def _fraction(low: float, high: float) -> Any:
     def parse(text: str) -> float:
         try:
@@ -403,22 +561,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the models")
     parser.add_argument("--detectors", default=None, metavar="LIST",
                         help="comma-separated types without --config (default: all that apply)")
+    parser.add_argument("--client-fpr", type=_fraction(0.0, 0.5), default=0.001,
+                        help="per-client false-positive target of the stateful detectors "
+                        "(default 0.001)")
+    parser.add_argument("--sessions", type=int, default=400,
+                        help="simulated benign client sessions per stateful detector "
+                        "(default 400; half as many again check the rate)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``guard calibrate``; 0 on success, 1 on bad data or configuration."""
+    profiles: Sequence[ProfileReport] = ()
     try:
         data = load_reference(args.data)
-        notes: list[str] = []
+        notes: Sequence[str] = []
         if args.config is not None:
-            jobs, notes = jobs_from_config(args.config, data)
+            cfg = GuardConfig.from_file(args.config)
+            specs, _ = stateful_specs(cfg, data)
+            jobs, _ = jobs_from_config(cfg, data, required=not specs)
+            done = calibrate_config(
+                cfg, data, args.out, target_fpr=args.target_fpr, client_fpr=args.client_fpr,
+                sessions=args.sessions, holdout=args.holdout, seed=args.seed,
+                hmac_key=calibration_key(), progress=Progress(2 * len(jobs) + len(specs)),
+            )
+            reports, profiles, notes = list(done.rows), done.profiles, done.notes
         else:
             jobs = default_jobs(data, args.detectors)
-        progress = Progress(2 * len(jobs))
-        reports = calibrate(
-            data, args.out, jobs, target_fpr=args.target_fpr, holdout=args.holdout,
-            seed=args.seed, hmac_key=calibration_key(), progress=progress,
-        )
+            reports = calibrate(
+                data, args.out, jobs, target_fpr=args.target_fpr, holdout=args.holdout,
+                seed=args.seed, hmac_key=calibration_key(), progress=Progress(2 * len(jobs)),
+            )
     except ConfigurationError as exc:
         for key, problem in exc.problems:
             print(f"guard calibrate: {key or '<config>'}: {problem}", file=sys.stderr)
@@ -428,5 +600,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(format_report(reports, data, holdout=args.holdout, seed=args.seed))
+    if reports:
+        print(format_report(reports, data, holdout=args.holdout, seed=args.seed))
+    if profiles:
+        print(format_profiles(profiles))
     return 0

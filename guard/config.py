@@ -13,6 +13,7 @@ The file format is documented in README.md ("Configuration reference").
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -229,6 +230,9 @@ class DetectorSpec:
     #: stronger actions for lower scores: ``(score_below, action)``, e.g. degrade when
     #: the detector fires, quarantine (``block``) once its score falls below -5
     escalate: tuple[tuple[float, Action], ...] = ()
+    #: the same relative to the detector's (calibrated) threshold: ``(margin_below,
+    #: action)`` applies when ``score - threshold < margin_below``
+    escalate_margin: tuple[tuple[float, Action], ...] = ()
     #: key path of this spec in the config file, for the factory's error messages
     key: str = ""
 
@@ -798,27 +802,58 @@ class _Validator:
             action=self.choice(m, key, "action", Action, Action.FLAG),
             params=dict(params),
             key=key,
-            escalate=self.escalate(m.get("escalate"), _join(key, "escalate")),
+            escalate=self.escalate(m.get("escalate"), _join(key, "escalate"), "score_below"),
+            escalate_margin=self.escalate(
+                m.get("escalate"), _join(key, "escalate"), "margin_below", report=False
+            ),
         )
 
-    def escalate(self, raw: object, key: str) -> tuple[tuple[float, Action], ...]:
+    def escalate(
+        self, raw: object, key: str, bound: str, *, report: bool = True
+    ) -> tuple[tuple[float, Action], ...]:
+        """The ``bound`` entries (``score_below`` or ``margin_below``) of an escalation list.
+
+        Each entry has exactly one of the two bounds; problems are reported by
+        the ``report`` pass only, so a file's errors are listed once.
+        """
         if raw is None:
             return ()
+        fail = self.fail if report else (lambda _key, _problem: None)
         if not isinstance(raw, list):
-            self.fail(key, f"must be a list of {{score_below, action}}, got {_type_name(raw)}")
+            fail(key, f"must be a list of {{score_below | margin_below, action}}, got "
+                 f"{_type_name(raw)}")
             return ()
         out: list[tuple[float, Action]] = []
         for i, item in enumerate(raw):
             ik = f"{key}[{i}]"
-            m = self.mapping(item, ik, {"score_below", "action"})
-            if "score_below" not in m or "action" not in m:
-                self.fail(ik, "needs both score_below and action")
+            if not isinstance(item, Mapping):
+                fail(ik, f"must be a mapping, got {_type_name(item)}")
                 continue
-            below = m["score_below"]
-            if isinstance(below, bool) or not isinstance(below, int | float):
-                self.fail(_join(ik, "score_below"), f"must be a number, got {_type_name(below)}")
+            unknown = set(item) - {"score_below", "margin_below", "action"}
+            if unknown:
+                fail(_join(ik, str(sorted(unknown)[0])),
+                     "unknown key (allowed: score_below, margin_below, action)")
                 continue
-            out.append((float(below), self.choice(m, ik, "action", Action, Action.FLAG)))
+            bounds = [b for b in ("score_below", "margin_below") if b in item]
+            if len(bounds) != 1 or "action" not in item:
+                fail(ik, "needs action and exactly one of score_below, margin_below")
+                continue
+            if bounds[0] != bound:
+                continue
+            value = item[bound]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value)
+            ):
+                fail(_join(ik, bound), f"must be a number, got {_type_name(value)}")
+                continue
+            action = item["action"]
+            try:
+                parsed = Action(action)
+            except ValueError:
+                fail(_join(ik, "action"), f"must be one of {', '.join(a.value for a in Action)}, "
+                     f"got {action!r}")
+                continue
+            out.append((float(value), parsed))
         return tuple(sorted(out))
 
 

@@ -93,7 +93,7 @@ class Guard:
             for spec in pc.detectors:
                 det = build_detector(spec, ctx)
                 self.techniques[det.name] = det.technique
-                built.append(Armed(det, spec.action, spec.escalate))
+                built.append(Armed(det, spec.action, spec.escalate, spec.escalate_margin))
             policies.append(CompiledPolicy.build(pc, tuple(built), config.failure_mode))
         self.policies = tuple(policies)
         # per policy, the detectors whose flags are per row: a decision that only they

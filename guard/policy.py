@@ -21,12 +21,18 @@ class Armed(NamedTuple):
     action: Action
     #: ``(score_below, action)`` pairs, ascending: lower scores, stronger actions
     escalate: tuple[tuple[float, Action], ...] = ()
+    #: ``(margin_below, action)`` pairs: the same, relative to the result's threshold
+    escalate_margin: tuple[tuple[float, Action], ...] = ()
 
     def action_for(self, result: DetectorResult) -> Action:
         """The action a firing result asks for, escalated by how low its score is."""
         action = self.action
         for below, stronger in self.escalate:
             if result.score < below and stronger.severity > action.severity:
+                action = stronger
+        margin = result.score - result.threshold
+        for below, stronger in self.escalate_margin:
+            if margin < below and stronger.severity > action.severity:
                 action = stronger
         return action
 
@@ -90,7 +96,8 @@ class CompiledPolicy:
         default_failure_mode: FailureMode,
     ) -> CompiledPolicy:
         degrade_possible = config.degrade.always or any(
-            a.action is Action.DEGRADE or any(e is Action.DEGRADE for _, e in a.escalate)
+            a.action is Action.DEGRADE
+            or any(e is Action.DEGRADE for _, e in (*a.escalate, *a.escalate_margin))
             for a in detectors
         )
         return cls(

@@ -56,8 +56,11 @@ app.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import importlib.util
 import json
 import math
+import os
 import shutil
 import tempfile
 import uuid
@@ -447,20 +450,79 @@ def build_model_app(model: DigitsModel | None = None) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
-def demo_config(calibration_dir: str | Path, *, model: DigitsModel | None = None) -> dict[str, Any]:
-    """The demo policy (``guard/demo.yaml``), its anomaly detectors calibrated into a directory.
+#: demo calibrations already made in this process, by a digest of the model and its data
+_CALIBRATED: dict[str, Path] = {}
+#: a file in a calibration directory naming the model and policy it was calibrated for
+_DEMO_STAMP: Final = "demo-calibration.key"
+#: the modules whose code decides what calibration writes
+_CALIBRATION_CODE: Final = (
+    "guard.calibrate",
+    "guard.sessions",
+    "detectors.profile",
+    "detectors.fingerprint",
+    "detectors.prada",
+    "detectors.boundary",
+    "detectors.persist",
+)
 
-    The row detectors are fitted on the model's own training split, at a 0.1 %
-    target false-positive rate (about a second).
+
+def demo_config(calibration_dir: str | Path, *, model: DigitsModel | None = None) -> dict[str, Any]:
+    """The demo policy (``guard/demo.yaml``), every detector calibrated into a directory.
+
+    What ``guard calibrate --config`` does for any deployment, on the model's own
+    training split and its answers: the row detectors at a 0.1 % target
+    false-positive rate per row, the stateful detectors on simulated benign
+    client sessions at 0.1 % per client. It takes several seconds, so a process
+    calibrates a given model once and copies the files for later calls.
     """
-    from guard.calibrate import calibrate_digits
+    from guard._reference_data import ReferenceData
+    from guard.calibrate import calibrate_config
+    from guard.config import GuardConfig
 
     model = model if model is not None else train_digits_model()
-    calibrate_digits(calibration_dir, X=model.X_train, target_fpr=0.001)
     text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
     config: dict[str, Any] = yaml.safe_load(text)
+    digest = hashlib.sha256(
+        model.X_train.tobytes() + model.coef.tobytes() + model.intercept.tobytes() + text.encode()
+    )
+    for module in _CALIBRATION_CODE:  # a change to how calibration works recalibrates
+        source = importlib.util.find_spec(module)
+        if source is not None and source.origin is not None:
+            digest.update(Path(source.origin).read_bytes())
+    key = digest.hexdigest()
+    target = Path(calibration_dir)
+    stamp = target / _DEMO_STAMP
+    if stamp.is_file() and stamp.read_text(encoding="ascii").strip() == key:
+        # calibrated by an earlier run for this very model and policy; the guard still
+        # verifies every file's checksum (and HMAC) when it loads it
+        config["calibration_dir"] = str(calibration_dir)
+        return config
+    done = _CALIBRATED.get(key)
+    if done is None or not done.is_dir():
+        done = Path(tempfile.mkdtemp(prefix="guard-demo-calibrated-"))
+        atexit.register(shutil.rmtree, done, True)
+        data = ReferenceData(
+            model.X_train, (), "digits training split", model.predict_proba(model.X_train)
+        )
+        calibrate_config(GuardConfig.from_dict(config), data, done, target_fpr=0.001)
+        _CALIBRATED[key] = done
+    if target.resolve() != done.resolve():
+        shutil.copytree(done, target, dirs_exist_ok=True)
+    stamp.write_text(key + "\n", encoding="ascii")
     config["calibration_dir"] = str(calibration_dir)
     return config
+
+
+def _demo_cache() -> Path:
+    """Where ``guard demo`` keeps its calibration between runs (the user's cache directory)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(base) / "inference-guard" / "demo-calibration"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        path = Path(tempfile.mkdtemp(prefix="guard-demo-calibration-"))
+        atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> ASGIApp:
@@ -468,7 +530,9 @@ def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> A
 
     ``config`` is whatever ``GuardMiddleware`` accepts (a ``GuardConfig``, a
     mapping, a YAML path). ``None`` runs the demo policy (:func:`demo_config`),
-    calibrated at start-up into a temporary directory removed at exit. The guard
+    calibrated at the first start (several seconds) into the user's cache
+    directory (``$XDG_CACHE_HOME/inference-guard/demo-calibration``) and reused
+    by later starts for the same model and policy. The guard
     is imported here, not at module level, so the bare model server never
     depends on it.
     """
@@ -476,8 +540,6 @@ def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> A
 
     model = model if model is not None else train_digits_model()
     if config is None:
-        tmp = tempfile.mkdtemp(prefix="guard-demo-calibration-")
-        atexit.register(shutil.rmtree, tmp, True)
-        config = demo_config(tmp, model=model)
+        config = demo_config(_demo_cache(), model=model)
     guarded: ASGIApp = GuardMiddleware(build_model_app(model), config=config)
     return guarded

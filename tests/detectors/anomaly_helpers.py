@@ -101,7 +101,10 @@ def check_contract(cls: type[Any], bad_params: dict[str, Any], **params: Any) ->
     # one row at a time equals the batch (the hot path is the single-row call)
     batch = det.score_samples(X[:20])
     singles = np.array([det.score_samples(X[i : i + 1])[0] for i in range(20)])
-    np.testing.assert_allclose(singles, batch, rtol=1e-12, atol=1e-12)
+    # float32 detectors (k-NN) go through different BLAS kernels for one row and a block,
+    # which round differently: equal to float32 precision, not to the last bit
+    tol = 1e-12 if getattr(det, "_ref32", None) is None else 1e-3
+    np.testing.assert_allclose(singles, batch, rtol=tol, atol=tol)
     assert np.array_equal(det.decision_function(X[:20]), batch - det.offset_)
     with pytest.raises(ValueError, match="features"):
         det.score_samples(X[:, :4])

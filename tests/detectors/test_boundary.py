@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from detectors._calibrate import calibrate_threshold, replay
-from detectors.base import Answer, Query
+from detectors.base import Answer, DetectorResult, Query
 from detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
 from guard.stores.memory import MemoryStore
 
@@ -212,21 +212,43 @@ def test_the_anomaly_rate_of_other_detectors_counts(bad: int, flagged: bool) -> 
     assert rates.asked == ["c"]  # read once, when the window ended
 
 
-def test_labels_only_answers_still_give_class_concentration() -> None:
+def test_class_concentration_alone_never_fires() -> None:
+    """A one-class client (labels only, so no other signal) is concentrated by nature."""
     det = detector(low=None, high=None, window=50, n_classes=10)
     rows = digits()[0][:50]
 
-    async def run() -> tuple[bool, bool]:
+    async def run() -> tuple[DetectorResult | None, DetectorResult | None]:
         one_class = await det.observe(
             Query("x", "p", rows, n_rows=50), Answer(labels=np.zeros(50, dtype=np.int64))
         )
         spread = await det.observe(
             Query("y", "p", rows, n_rows=50), Answer(labels=np.arange(50, dtype=np.int64) % 10)
         )
-        assert one_class is not None and spread is not None
-        return one_class.anomalous, spread.anomalous
+        return one_class, spread
 
-    assert asyncio.run(run()) == (True, False)
+    one_class, spread = asyncio.run(run())
+    assert one_class is not None and spread is not None
+    assert not one_class.anomalous and not spread.anomalous
+    assert one_class.score == 0.0  # no leading signal: concentration is not scored alone
+
+
+def test_class_concentration_corroborates_a_leading_signal() -> None:
+    """Low-confidence probing of one class scores lower than the same probing spread out."""
+    det = detector(low=None, high=None, window=50, n_classes=10)
+    rows = digits()[0][:50]
+    probs = np.full((50, 10), 0.1 / 9)
+    probs[np.arange(50), 0] = 0.45  # on the boundary, all class 0
+    probs[np.arange(50), 1] = 0.45 + 0.1 / 9
+    spread = np.stack([np.roll(row, i) for i, row in enumerate(probs)])  # every class in turn
+
+    async def run() -> tuple[float, float]:
+        a = await det.observe(Query("a", "p", rows, n_rows=50), Answer(probabilities=probs))
+        b = await det.observe(Query("b", "p", rows, n_rows=50), Answer(probabilities=spread))
+        assert a is not None and b is not None
+        return a.score, b.score
+
+    concentrated, balanced = asyncio.run(run())
+    assert concentrated < balanced < 0.0
 
 
 def test_a_flag_is_shared_with_other_workers_through_the_store() -> None:

@@ -184,12 +184,14 @@ def test_the_attack_spread_round_robin_over_ten_keys_flags_every_key() -> None:
 
 
 def test_a_thinly_spread_attack_is_caught_only_through_the_global_index() -> None:
-    """40 near-duplicate rows, two per key: no key's own history is evidence enough.
+    """40 near-duplicate rows, two per key: each key's own evidence is one match.
 
-    Each key has two rows, so its own share is at most 2/min_rows = 0.2 (flagging
-    needs > 0.3); what flags it is that its rows extend a run of near-duplicates
-    sent by the other keys. The control sends the same shape of traffic with no
-    link between keys (each key probes its own input) and must not be flagged.
+    Each key's second row matches its first, so its own evidence is 1/min_rows =
+    0.1 (score 0.9, above the threshold of 0.85 used here). What flags it is that
+    its rows also extend a run of near-duplicates sent by the other keys, which
+    doubles its evidence (``cross_gain``): score 0.8. The control sends the same
+    shape of traffic with no link between keys (each key probes its own input)
+    and must not be flagged.
     """
     held_out = digits()[0]
     rng = np.random.default_rng(4)
@@ -209,8 +211,11 @@ def test_a_thinly_spread_attack_is_caught_only_through_the_global_index() -> Non
     control = [(f"key{k}", row) for k in range(20) for row in probes(held_out[100 + k], 2)]
     control = control[0::2] + control[1::2]  # same interleaving: first rows, then second rows
 
-    assert asyncio.run(flagged(detector(), sybil)) == {f"key{k}" for k in range(20)}
-    assert asyncio.run(flagged(detector(), control)) == set()
+    assert asyncio.run(flagged(detector(threshold=0.85), sybil)) == {f"key{k}" for k in range(20)}
+    assert asyncio.run(flagged(detector(threshold=0.85), control)) == set()
+    # without the cross-client weight the same attack goes unseen
+    alone = detector(threshold=0.85, cross_gain=1.0)
+    assert asyncio.run(flagged(alone, sybil)) == set()
 
 
 def test_same_salt_gives_same_fingerprints_and_another_salt_does_not() -> None:
@@ -295,3 +300,46 @@ def test_ten_thousand_clients_keep_the_client_map_at_its_cap() -> None:
 def test_bad_parameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         detector(**kwargs)
+
+
+# --------------------------------------------------------------------------- ordinary clients
+
+
+def test_exact_repeats_carry_no_evidence_health_probe_and_retrier() -> None:
+    """A probe sending one row forever and a client retrying each row 3x are never flagged."""
+    held_out = digits()[0]
+    det = detector(threshold=0.95)  # stricter than any calibration would set
+
+    async def run() -> list[float]:
+        scores = []
+        for _ in range(200):
+            scores.append((await det.inspect(Query("probe", "p", held_out[:1]))).score)
+        for i in range(60):
+            for _ in range(3):
+                row = held_out[200 + i : 201 + i]
+                scores.append((await det.inspect(Query("retrier", "p", row))).score)
+        return scores
+
+    assert min(asyncio.run(run())) == 1.0
+    assert det.clients.peek("probe") is not None and det.clients.peek("probe").n == 1
+
+
+def test_other_clients_rows_alone_never_convict_a_framed_client() -> None:
+    """A throwaway key sends 20 noisy copies of a public row; the victim then sends it once."""
+    held_out = digits()[0]
+    rng = np.random.default_rng(9)
+    public = held_out[42]
+    det = detector(threshold=0.95)
+
+    async def run() -> tuple[bool, list[bool]]:
+        copies = public + rng.normal(0.0, 0.05, size=(20, public.shape[0]))
+        framer = await det.inspect(Query("framer", "p", copies, n_rows=20))
+        victim = [(await det.inspect(Query("victim", "p", public[None]))).anomalous]
+        for i in range(30):  # and then an ordinary session
+            row = held_out[300 + i : 301 + i]
+            victim.append((await det.inspect(Query("victim", "p", row))).anomalous)
+        return framer.anomalous, victim
+
+    framer, victim = asyncio.run(run())
+    assert framer  # the noisy copies are the framer's own near-duplicate run
+    assert not any(victim)

@@ -308,3 +308,20 @@ def test_a_client_that_changes_row_width_starts_over() -> None:
 def test_bad_parameters_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         PradaDetector("prada", store=MemoryStore(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_exact_repeats_leave_the_score_unchanged() -> None:
+    """A client that resends every row three times is judged on the rows, once each."""
+    rows = np.random.default_rng(1).normal(size=(300, 8))
+
+    async def run(times: int) -> tuple[float, int]:
+        det = PradaDetector("prada", store=MemoryStore(), seed=0)
+        for row in rows:
+            for _ in range(times):
+                await det.observe(Query("c", "p", row[None]), Answer(labels=np.array([0])))
+        state = det.clients.peek("c")
+        assert state is not None
+        return state.score, state.dist_n
+
+    once, thrice = asyncio.run(run(1)), asyncio.run(run(3))
+    assert once == thrice and once[1] == 299

@@ -24,7 +24,17 @@ KEY = "policies[0].detectors[2]"
 SALT = "a salt of at least sixteen bytes"
 
 
-def build(type_name: str, params: dict[str, Any], **ctx: Any) -> Any:
+#: explicit overrides of what calibration would set, so each detector builds without it
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "prada": {"delta": 0.9},
+    "boundary": {"threshold": -6.0},
+    "near_duplicate": {},  # its tests pass feature_range themselves
+}
+
+
+def build(type_name: str, params: dict[str, Any], *, raw: bool = False, **ctx: Any) -> Any:
+    if not raw:
+        params = {**OVERRIDES[type_name], **params}
     spec = DetectorSpec(type=type_name, name=f"my-{type_name}", params=params, key=KEY)
     return build_detector(spec, BuildContext(store=MemoryStore(), **ctx))
 
@@ -39,7 +49,23 @@ def test_the_three_types_are_registered() -> None:
     assert {"prada", "near_duplicate", "boundary"} <= set(registered())
 
 
-def test_defaults_build_each_detector_with_its_technique(salt: str) -> None:
+@pytest.mark.parametrize(
+    ("type_name", "override"),
+    [("prada", "delta"), ("near_duplicate", "feature_range"), ("boundary", "threshold")],
+)
+def test_an_uncalibrated_detector_is_an_error_that_says_what_to_run(
+    salt: str, type_name: str, override: str, tmp_path: Any
+) -> None:
+    """No profile and no explicit override: the config names the detector and the fix."""
+    for ctx in ({}, {"calibration_dir": tmp_path}):
+        with pytest.raises(ConfigurationError) as info:
+            build(type_name, {}, raw=True, **ctx)
+        assert info.value.key == f"{KEY}.params.{override}"
+        message = str(info.value)
+        assert "not calibrated" in message and "guard calibrate --config" in message
+
+
+def test_explicit_overrides_build_each_detector_with_its_technique(salt: str) -> None:
     prada = build("prada", {}, seed=7)
     nd = build("near_duplicate", {"feature_range": [0, 16]})
     boundary = build("boundary", {})
@@ -82,7 +108,7 @@ def test_params_reach_the_detectors(salt: str) -> None:
         },
     )
     assert nd.fingerprinter.window == 4 and nd.threshold == 0.8
-    assert nd.fingerprinter.inv_step == pytest.approx(16 / 2.0)
+    assert nd.fingerprinter.inv_step.tolist() == [16 / 2.0]
     boundary = build(
         "boundary",
         {
@@ -151,7 +177,7 @@ def test_bad_params_name_their_key(
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigurationError) as info:
-        build("prada", {"delta": 2, "test_every": 0, "nope": 1})
+        build("prada", {"delta": 2, "test_every": 0, "nope": 1}, raw=True)
     keys = {k for k, _ in info.value.problems}
     assert keys == {f"{KEY}.params.{n}" for n in ("delta", "test_every", "nope")}
 
@@ -206,7 +232,10 @@ def test_a_config_file_with_the_three_detectors_builds_and_runs(salt: str) -> No
                             "action": "degrade",
                             "params": {"feature_range": [0, 16]},
                         },
-                        {"type": "boundary", "params": {"feature_range": [0, 16]}},
+                        {
+                            "type": "boundary",
+                            "params": {"feature_range": [0, 16], "threshold": -6.0},
+                        },
                     ],
                 }
             ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import warnings
 from typing import Any
 
@@ -67,12 +66,10 @@ def _v2_body(rows: np.ndarray[Any, Any], *, nested: bool = False, **extra: Any) 
 # --- the model -------------------------------------------------------------------------
 
 
-def test_training_is_fast_accurate_and_warning_free() -> None:
-    start = time.perf_counter()
+def test_training_is_accurate_and_warning_free() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a ConvergenceWarning would fail here
         m = train_digits_model(seed=0)
-    assert time.perf_counter() - start < 5.0  # generous: CI machines are slow; ~0.1 s here
     assert m.X_train.shape[1] == 64 and m.X_test.shape[1] == 64
     assert len(m.X_train) + len(m.X_test) == 1797
     assert len(m.X_train) == int(0.8 * 1797)
