@@ -17,11 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
 
 from guard.cli import main
+from middleware.asgi import GuardMiddleware
 from tests.conftest import run_server
-
-pytestmark = pytest.mark.e2e
+from tests.middleware.fakes import EchoApp
 
 V2 = "/v2/models/digits/infer"
 ROW = [0.0, 0.0, 5.0, 13.0, 9.0, 1.0, 0.0, 0.0] * 8
@@ -65,6 +67,7 @@ def read_jsonl(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, 
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_live_decisions_are_captured_and_replayed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,3 +142,27 @@ def test_live_decisions_are_captured_and_replayed(
         assert f"{client}: enforced by {cfg_a} only" in out
         assert f"{client}: first enforcing row 6 -> never" in out
     assert "totals: enforced 2 -> 0, audited 3 -> 0" in out
+
+
+def test_capture_turns_the_lean_lane_off_and_records_every_parsed_request(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """A policy without detectors takes the lean lane, which reads no client: not with capture."""
+    capture = tmp_path / "capture.jsonl"
+    cfg = {"audit": {"enabled": False}, "capture": {"path": str(capture)}}
+    mw = GuardMiddleware(EchoApp(), config=cfg, registry=registry)
+    assert not mw._lean_policies
+    client = TestClient(mw, client=("203.0.113.7", 5000))
+    for i in range(3):
+        response = client.post("/v2/models/m/infer", json=body(2, float(i)))
+        assert response.status_code == 200
+    assert client.post("/v2/models/m/infer", content=b"{bad").status_code == 400
+    assert mw.guard.capture is not None
+    mw.guard.capture.close()
+    lines = [json.loads(x) for x in capture.read_text().splitlines()]
+    assert [x["n_rows"] for x in lines] == [2, 2, 2]  # the refused request is not recorded
+    assert lines[2]["rows"][0][0] == pytest.approx(ROW[0] + 2.0)
+    assert lines[0]["probabilities"] == [[0.1234567, 0.7654321, 0.1111112], [0.5, 0.25, 0.25]]
+    assert lines[0]["client"] and lines[0]["exempt"] is False
+    without = GuardMiddleware(EchoApp(), config={"audit": {"enabled": False}})
+    assert without._lean_policies  # the same policy without capture keeps its lane
