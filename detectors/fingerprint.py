@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -79,6 +79,7 @@ _COEF_LIMIT = 1 << 27
 _MAX_WINDOW = 32
 _MAX_WIDTHS = 4  # per-width offsets kept for this many row widths (a model has one)
 _RECENT_DIGESTS = 64  # a client's last distinct rows remembered to spot exact repeats
+_OWN_ROWS = 32  # a client's last indexed rows compared with each new row of its own
 
 
 def _spread(h: _U64) -> _U64:
@@ -235,56 +236,6 @@ _NO_MATCH = _Match(0, False, False)
 _REPEAT = _Match(0, False, True)
 
 
-class _OwnRows:
-    """A client's own recent fingerprints: hash -> the latest own row that had it.
-
-    Kept per client, beside the global index, so that a client's own
-    near-duplicate runs are seen however many other clients' rows came in
-    between (the global index keeps only a few recent rows per hash). Rows
-    are numbered by an ordinal; the last ``size`` of them count. Cost per
-    row: one dictionary lookup and one store per hash.
-    """
-
-    __slots__ = ("digests", "ordinal", "runs", "sizes", "table")
-
-    def __init__(self, size: int) -> None:
-        self.table: dict[int, int] = {}
-        self.ordinal = 0
-        # plain lists: read one item at a time, where numpy's scalar access costs more
-        self.runs = [0] * size
-        self.sizes = [0] * size
-        self.digests = [0] * size
-
-    def add(self, fp: list[int], fraction: float, digest: int) -> int:
-        """Record a row; the own run it extends (0: none, -1: an exact repeat, not recorded)."""
-        table, size, cur = self.table, len(self.runs), self.ordinal
-        n = len(fp)
-        need = math.ceil(fraction * n)
-        run = 0
-        oldest = cur - size
-        hits = [o for o in map(table.get, fp) if o is not None and o > oldest]
-        if len(hits) >= need:
-            for ordinal, count in Counter(hits).items():
-                if count < need:
-                    continue
-                at = ordinal % size
-                if count >= math.ceil(fraction * max(self.sizes[at], n)):
-                    if self.digests[at] == digest:
-                        return -1
-                    run = max(run, self.runs[at])
-        cur += 1
-        self.ordinal = cur
-        for h in fp:
-            table[h] = cur
-        at = cur % size
-        self.runs[at] = run + 1
-        self.sizes[at] = n
-        self.digests[at] = digest
-        if len(table) > 4 * size * max(n, 1):
-            self.table = {h: o for h, o in table.items() if o > cur - size}
-        return run
-
-
 class _Index:
     """Global inverted index: hash -> recent rows, in fixed memory.
 
@@ -318,6 +269,10 @@ class _Index:
         self.slot_gen = np.full(max_rows, -1, dtype=np.int64)
         self.slot_size = np.zeros(max_rows, dtype=np.int64)
         self.slot_run = np.zeros(max_rows, dtype=np.int64)
+        #: each slot's fingerprint (the hashes' high 32 bits, ascending, left-aligned)
+        self.slot_fp = np.zeros((max_rows, size), dtype=np.uint32)
+        #: the run among its owner's own rows that each slot's row extended
+        self.slot_own_run = np.zeros(max_rows, dtype=np.int32)
         self.slot_owner: list[str | None] = [None] * max_rows
         #: digest of each indexed row's exact bytes: exact copies are not near-duplicates
         self.slot_digest = np.zeros(max_rows, dtype=np.int64)
@@ -334,6 +289,8 @@ class _Index:
             self.slot_size,
             self.slot_run,
             self.slot_digest,
+            self.slot_fp,
+            self.slot_own_run,
         )
         return sum(a.nbytes for a in arrays) + 8 * self.max_rows
 
@@ -383,7 +340,34 @@ class _Index:
         self.next_slot = (slot + 1) % self.max_rows
         return slot
 
-    def insert(self, probe: _Probe, slot: int, owner: str, found: _Match, digest: int) -> int:
+    def own_run(
+        self, fp: _U64, slots: NDArray[np.intp], fraction: float, digest: int
+    ) -> int:
+        """The longest own run among ``slots`` (the client's recent rows) that ``fp`` extends.
+
+        The same test as :meth:`match` (``fraction`` of the larger fingerprint,
+        on the hashes' high 32 bits, as the index's tags), against the
+        client's own rows directly: however many other clients' rows came in
+        between, they are found. ``-1``: an exact copy (a repeat).
+        """
+        if slots.shape[0] == 0:
+            return 0
+        n = fp.shape[0]
+        tags = (fp >> _TAG_SHIFT).astype(np.uint32)  # ascending, as fp is
+        held = self.slot_fp[slots]
+        sizes = self.slot_size[slots]
+        pos = np.minimum(np.searchsorted(tags, held), n - 1)
+        shared = ((tags[pos] == held) & (np.arange(self.size) < sizes[:, None])).sum(axis=1)
+        near = shared >= np.ceil(fraction * np.maximum(sizes, n))
+        if not near.any():
+            return 0
+        if (self.slot_digest[slots[near]] == digest).any():
+            return -1
+        return int(self.slot_own_run[slots[near]].max())
+
+    def insert(
+        self, probe: _Probe, slot: int, owner: str, found: _Match, own_run: int, digest: int
+    ) -> int:
         """Store a fingerprint in ``slot`` (evicting what was there); its generation.
 
         In each bucket the entry goes to a dead position (empty, or a row since
@@ -394,7 +378,10 @@ class _Index:
         gen = (int(self.slot_gen[slot]) + 1) % _GEN_CYCLE
         self.slot_gen[slot] = gen
         self.slot_size[slot] = probe.buckets.shape[0]
-        self.slot_run[slot] = found.run + 1
+        self.slot_run[slot] = max(found.run, own_run) + 1
+        self.slot_own_run[slot] = own_run + 1
+        fp = probe.tags >> _TAG_SHIFT
+        self.slot_fp[slot, : fp.shape[0]] = fp.astype(np.uint32)
         self.slot_owner[slot] = owner
         self.slot_digest[slot] = digest
         buckets = probe.buckets
@@ -419,7 +406,6 @@ class _Client:
         "own_gen",
         "own_head",
         "own_n",
-        "own_rows",
         "own_runs",
         "own_slot",
         "pos",
@@ -441,7 +427,6 @@ class _Client:
         self.pos = 0
         self.n = 0
         self.recent = RecentRows(_RECENT_DIGESTS)
-        self.own_rows = _OwnRows(_RECENT_DIGESTS)
 
 
 class NearDuplicateDetector(Detector):
@@ -498,11 +483,12 @@ class NearDuplicateDetector(Detector):
     Notes
     -----
     Memory: the index holds at least ``2 * fingerprint_size`` entries of 8
-    bytes per indexed row (buckets rounded up to a power of two) plus 28 bytes
-    of slot bookkeeping: 884 bytes per row with the defaults, 17.7 MB for
-    20 000 rows, allocated once. A tracked client costs
-    ``6 * max_rows_per_client + 5 * recent_rows`` bytes of arrays plus Python
-    objects: 2.4 KB measured with the defaults.
+    bytes per indexed row (buckets rounded up to a power of two), the row's
+    fingerprint at 4 bytes a hash (to compare a client's new rows with its own)
+    and 32 bytes of slot bookkeeping: 1 096 bytes per row with the defaults,
+    21.9 MB for 20 000 rows, allocated once. A tracked client costs
+    ``6 * max_rows_per_client + 10 * recent_rows + 512`` bytes of arrays plus
+    Python objects (``benchmarks/memory.py`` measures it).
 
     Structural defaults (``levels``, ``window``, ``fingerprint_size``,
     ``match_fraction``) describe *what a near-duplicate is* relative to each
@@ -655,17 +641,24 @@ class NearDuplicateDetector(Detector):
         found = index.match(probe, self.match_fraction, digest, client)
         if found.repeat:
             return 0, False
-        own_run = state.own_rows.add(fp.tolist(), self.match_fraction, digest)
-        if own_run < 0:
-            return 0, False
         cap = self.max_rows_per_client
         head = state.own_head
+        k = min(state.own_n, _OWN_ROWS)
+        if k:
+            recent = (head - 1 - np.arange(k)) % cap
+            slots = state.own_slot[recent].astype(np.intp)
+            live = index.slot_gen[slots] == state.own_gen[recent]
+            own_run = index.own_run(fp, slots[live], self.match_fraction, digest)
+            if own_run < 0:
+                return 0, False
+        else:
+            own_run = 0
         slot = -1
         if state.own_n == cap and index.holds(int(state.own_slot[head]), int(state.own_gen[head])):
             slot = int(state.own_slot[head])  # at its cap, a client recycles its own oldest slot
         if slot < 0:
             slot = index.new_slot()
-        state.own_gen[head] = index.insert(probe, slot, client, found, digest)
+        state.own_gen[head] = index.insert(probe, slot, client, found, own_run, digest)
         state.own_slot[head] = slot
         state.own_head = (head + 1) % cap
         state.own_n = min(state.own_n + 1, cap)

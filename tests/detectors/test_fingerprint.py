@@ -281,7 +281,7 @@ def test_ten_thousand_clients_keep_the_client_map_at_its_cap() -> None:
     asyncio.run(run())
     assert len(det.clients) == 1000
     assert det.clients.evictions == 9000
-    assert det.index_nbytes < 1_000 * 5000  # fixed at construction: < 1 KB per indexed row
+    assert det.index_nbytes < 1_200 * 5000  # fixed at construction: < 1.2 KB per indexed row
 
 
 @pytest.mark.parametrize(
