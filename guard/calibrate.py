@@ -59,7 +59,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from detectors._outlier import threshold_at_fpr
-from detectors.persist import KINDS, save_model
+from detectors.persist import KINDS, load_model, save_model
 from guard._factories_anomaly import (
     CALIBRATION_KEY_ENV,
     ROW_TYPES,
@@ -71,7 +71,7 @@ from guard._factories_anomaly import (
 from guard._reference_data import DataError, ReferenceData, load_reference
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
-from guard.sessions import ProfileReport, calibrate_profile
+from guard.sessions import SESSION_KINDS, ProfileReport, calibrate_profile, simulate_sessions
 
 __all__ = [
     "STATEFUL_TYPES",
@@ -295,6 +295,28 @@ def calibrate_digits(
 
 
 @dataclass(frozen=True, slots=True)
+class RateReport:
+    """What an ``anomaly_rate`` detector would do to simulated benign clients.
+
+    It has nothing to fit (it counts the calibrated verdicts of a row
+    detector), so calibration measures it: sessions replay held-out rows and
+    the share of clients it would fire on is reported.
+    """
+
+    #: config key path of the anomaly_rate detector
+    key: str
+    #: the row detector whose verdicts it counts
+    source: str
+    max_rate: float
+    min_rows: int
+    sessions: int
+    #: share of the sessions it fires on
+    client_fpr: float
+    #: per session kind: (sessions, share fired on)
+    by_kind: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Calibration:
     """Everything one ``guard calibrate --config`` run fitted."""
 
@@ -304,6 +326,62 @@ class Calibration:
     profiles: tuple[ProfileReport, ...]
     #: detectors skipped, and why
     notes: tuple[str, ...] = ()
+    #: the anomaly_rate detectors, measured on simulated sessions
+    rates: tuple[RateReport, ...] = ()
+
+
+def _rate_reports(
+    cfg: GuardConfig,
+    data: ReferenceData,
+    out_dir: Path,
+    *,
+    holdout: float,
+    seed: int,
+    sessions: int,
+) -> tuple[list[RateReport], list[str]]:
+    """Each ``anomaly_rate`` detector, judged on sessions of held-out rows its source flags."""
+    reports: list[RateReport] = []
+    notes: list[str] = []
+    if data.rows is None:
+        return reports, notes
+    _, held = _split(len(data), holdout, seed)
+    for policy in cfg.policies:
+        by_name = {spec.name: spec for spec in policy.detectors}
+        for spec in policy.detectors:
+            if spec.type != "anomaly_rate":
+                continue
+            source = by_name.get(str(spec.params.get("source")))
+            path = None if source is None else resolve_file(source, out_dir)
+            if source is None or source.type not in ROW_TYPES or path is None or not path.exists():
+                notes.append(f"not measured: {spec.key} (anomaly_rate): its source is not a row "
+                             "detector calibrated in this run")
+                continue
+            flags = load_model(path).predict(data.rows[held]) < 0
+            max_rate = float(spec.params.get("max_rate", 0.2))
+            min_rows = int(spec.params.get("min_rows", 20))
+            predicted = None if data.predicted is None else data.predicted[held]
+            simulated = simulate_sessions(
+                int(held.shape[0]), sessions, predicted=predicted, seed=seed + 13
+            )
+            fired = np.zeros(len(simulated), dtype=bool)
+            for i, session in enumerate(simulated):
+                bad = total = 0
+                for idx in session.batches:
+                    bad += int(flags[idx].sum())
+                    total += int(idx.shape[0])
+                    if total >= min_rows and bad > max_rate * total:
+                        fired[i] = True
+                        break
+            by_kind: dict[str, tuple[int, float]] = {}
+            for kind in SESSION_KINDS:
+                mask = np.array([x.kind == kind for x in simulated])
+                if mask.any():
+                    by_kind[kind] = (int(mask.sum()), float(fired[mask].mean()))
+            reports.append(
+                RateReport(spec.key, source.name, max_rate, min_rows, len(simulated),
+                           float(fired.mean()), by_kind)
+            )
+    return reports, notes
 
 
 def calibrate_config(
@@ -349,7 +427,18 @@ def calibrate_config(
                 hmac_key=hmac_key,
             )
         )
-    return Calibration(tuple(row_reports), tuple(profiles), tuple(row_notes + notes))
+    rates, rate_notes = _rate_reports(
+        cfg, data, Path(out_dir), holdout=holdout, seed=seed, sessions=sessions
+    )
+    rate_notes += [
+        f"not fitted: {spec.key} ({spec.type}): its quotas are yours to set, not the data's"
+        for policy in cfg.policies
+        for spec in policy.detectors
+        if spec.type == "rate"
+    ]
+    return Calibration(
+        tuple(row_reports), tuple(profiles), tuple(row_notes + notes + rate_notes), tuple(rates)
+    )
 
 
 # --------------------------------------------------------------------------- which detectors
@@ -529,6 +618,19 @@ def format_profiles(reports: Sequence[ProfileReport]) -> str:
     return "\n".join(lines)
 
 
+def format_rates(reports: Sequence[RateReport]) -> str:
+    """The anomaly_rate detectors' part of the report."""
+    lines = []
+    for r in reports:
+        kinds = ", ".join(f"{k} {v:.3f} ({n})" for k, (n, v) in r.by_kind.items())
+        lines.append(
+            f"anomaly_rate {r.key}: counts {r.source}'s verdicts, fires above {r.max_rate:g} of "
+            f">= {r.min_rows} rows; client FPR {r.client_fpr:.4f} on {r.sessions} simulated "
+            f"sessions of held-out rows ({kinds})"
+        )
+    return "\n".join(lines)
+
+
 def _fraction(low: float, high: float) -> Any:
     def parse(text: str) -> float:
         try:
@@ -572,6 +674,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``guard calibrate``; 0 on success, 1 on bad data or configuration."""
     profiles: Sequence[ProfileReport] = ()
+    rates: Sequence[RateReport] = ()
     try:
         data = load_reference(args.data)
         notes: Sequence[str] = []
@@ -585,6 +688,7 @@ def run(args: argparse.Namespace) -> int:
                 hmac_key=calibration_key(), progress=Progress(2 * len(jobs) + len(specs)),
             )
             reports, profiles, notes = list(done.rows), done.profiles, done.notes
+            rates = done.rates
         else:
             jobs = default_jobs(data, args.detectors)
             reports = calibrate(
@@ -604,4 +708,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_report(reports, data, holdout=args.holdout, seed=args.seed))
     if profiles:
         print(format_profiles(profiles))
+    if rates:
+        print(format_rates(rates))
     return 0
