@@ -41,7 +41,7 @@ __all__ = [
     "StateConfig",
 ]
 
-#: the inference routes of the protocols the guard understands (see PROTOCOLS.md)
+#: the inference routes of the protocols the guard understands (README, "Decision semantics")
 DEFAULT_ROUTES: tuple[str, ...] = (
     "/v2/models/*/infer",
     "/v2/models/*/versions/*/infer",

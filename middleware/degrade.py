@@ -2,8 +2,7 @@
 
 Rounding probabilities to 2-3 decimals weakens equation-solving extraction;
 top-k and labels-only answers cut what each query tells an attacker; dropping
-an LLM's ``logprobs`` removes its probability vector (THREAT_MODEL.md, "Output
-coarsening"). Only what :mod:`middleware._answers` recognises as probabilities
+an LLM's ``logprobs`` removes its probability vector. Only what :mod:`middleware._answers` recognises as probabilities
 is touched, so a regression output passes through unchanged.
 
 A degraded client's noise is not drawn afresh per answer: an attacker could
