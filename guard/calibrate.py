@@ -3,7 +3,8 @@
 ::
 
     guard calibrate --data REF --out DIR --config FILE [--target-fpr 0.001]
-                    [--client-fpr 0.001] [--sessions 400] [--holdout 0.2] [--seed 0]
+                    [--client-fpr 0.001] [--sessions 400 | --traffic CAPTURE]
+                    [--holdout 0.2] [--seed 0]
     guard calibrate --data REF --out DIR [--detectors envelope,knn]
 
 ``REF`` holds benign reference rows (``.npy``, ``.npz``, ``.csv``, ``.jsonl`` of
@@ -25,7 +26,10 @@ model's answers on the rows: ``proba`` (``predict_proba``) or ``labels``.
   batch jobs, one-class clients; :mod:`guard.sessions`) run through the
   detector as configured, and its threshold is set at ``--client-fpr`` per
   client. An independent set of sessions measures the per-client
-  false-positive rate the threshold gives. Written as a
+  false-positive rate the threshold gives. With ``--traffic`` the sessions are
+  recorded ones instead (a ``capture:`` file of benign traffic, exempt
+  clients left out); the report names the lowest-scoring recorded clients, on
+  whom the threshold rests, for ops to check. Written as a
   :class:`~detectors.profile.TrafficProfile` (``<type>.npz`` and manifest).
 
 Which detectors: with ``--config``, every detector its policies configure
@@ -71,7 +75,14 @@ from guard._factories_anomaly import (
 from guard._reference_data import DataError, ReferenceData, load_reference
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
-from guard.sessions import SESSION_KINDS, ProfileReport, calibrate_profile, simulate_sessions
+from guard.sessions import (
+    SESSION_KINDS,
+    ProfileReport,
+    Traffic,
+    calibrate_profile,
+    simulate_sessions,
+    traffic_from_capture,
+)
 
 __all__ = [
     "STATEFUL_TYPES",
@@ -396,11 +407,13 @@ def calibrate_config(
     seed: int = 0,
     hmac_key: bytes | None = None,
     progress: Progress | None = None,
+    traffic: Traffic | None = None,
 ) -> Calibration:
     """Fit every detector ``config`` uses that calibration fits, and write them to ``out_dir``.
 
     Input-anomaly detectors at ``target_fpr`` per row, stateful detectors at
-    ``client_fpr`` per client on ``sessions`` simulated benign sessions.
+    ``client_fpr`` per client on ``sessions`` simulated benign sessions, or on
+    recorded ``traffic`` (:func:`guard.sessions.traffic_from_capture`) when given.
     """
     if not 0.0 < client_fpr < 0.5:
         raise ValueError(f"client FPR must be in (0, 0.5), got {client_fpr}")
@@ -424,7 +437,7 @@ def calibrate_config(
             calibrate_profile(
                 spec, data, out_dir, target_fpr=client_fpr, n_sessions=sessions, seed=seed,
                 max_batch=max_batch, anomaly_fpr=max(anomaly_fpr, target_fpr),
-                hmac_key=hmac_key,
+                hmac_key=hmac_key, traffic=traffic,
             )
         )
     rates, rate_notes = _rate_reports(
@@ -666,6 +679,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-fpr", type=_fraction(0.0, 0.5), default=0.001,
                         help="per-client false-positive target of the stateful detectors "
                         "(default 0.001)")
+    parser.add_argument("--traffic", default=None, metavar="CAPTURE",
+                        help="set the stateful detectors' thresholds on recorded client "
+                        "sessions (a capture: file of benign traffic) instead of simulated ones")
     parser.add_argument("--sessions", type=int, default=400,
                         help="simulated benign client sessions per stateful detector "
                         "(default 400; half as many again check the rate)")
@@ -682,10 +698,12 @@ def run(args: argparse.Namespace) -> int:
             cfg = GuardConfig.from_file(args.config)
             specs, _ = stateful_specs(cfg, data)
             jobs, _ = jobs_from_config(cfg, data, required=not specs)
+            traffic = None if args.traffic is None else traffic_from_capture(args.traffic)
             done = calibrate_config(
                 cfg, data, args.out, target_fpr=args.target_fpr, client_fpr=args.client_fpr,
                 sessions=args.sessions, holdout=args.holdout, seed=args.seed,
                 hmac_key=calibration_key(), progress=Progress(2 * len(jobs) + len(specs)),
+                traffic=traffic,
             )
             reports, profiles, notes = list(done.rows), done.profiles, done.notes
             rates = done.rates

@@ -32,6 +32,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,9 +56,11 @@ __all__ = [
     "SESSION_KINDS",
     "ProfileReport",
     "Session",
+    "Traffic",
     "calibrate_profile",
     "session_minima",
     "simulate_sessions",
+    "traffic_from_capture",
 ]
 
 #: what each simulated client is
@@ -162,6 +165,70 @@ def simulate_sessions(
             batches = _habit_batches(rng, _ordinary(rng, pool, length))
         out.append(Session(f"{prefix}{i:05d}", kind, tuple(batches)))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Recorded client sessions (a capture file), to set thresholds on instead of simulations."""
+
+    #: every recorded row, ``(n, d)``; sessions index into it
+    rows: NDArray[np.float64]
+    probabilities: NDArray[np.float64] | None
+    labels: NDArray[np.int64] | None
+    sessions: tuple[Session, ...]
+
+
+def traffic_from_capture(source: str | Path) -> Traffic:
+    """The answered, non-exempt requests of a capture (``capture:``), grouped by client.
+
+    Lines without rows or without an answer (refused, or texts) are left out,
+    and so are exempt clients (monitors and load tests are not the benign
+    population). Rows of another width than the most common one are left out.
+    """
+    from guard.replay import read_lines  # the capture's reader; imported only when used
+
+    lines = [
+        ln for ln in read_lines(source)
+        if ln.rows is not None and ln.answer is not None and not ln.exempt
+    ]
+    if not lines:
+        raise DataError(f"{source}: no answered, non-exempt request with rows to learn from")
+    widths = Counter(int(ln.rows.shape[1]) for ln in lines if ln.rows is not None)
+    width = widths.most_common(1)[0][0]
+    lines = [ln for ln in lines if ln.rows is not None and ln.rows.shape[1] == width]
+    blocks: list[NDArray[np.float64]] = []
+    probs: list[NDArray[np.float64]] | None = []
+    labels: list[NDArray[np.int64]] | None = []
+    by_client: dict[str, list[NDArray[np.intp]]] = {}
+    at = 0
+    for ln in lines:
+        assert ln.rows is not None and ln.answer is not None
+        n = int(ln.rows.shape[0])
+        blocks.append(ln.rows)
+        by_client.setdefault(ln.client, []).append(np.arange(at, at + n, dtype=np.intp))
+        at += n
+        p, lab = ln.answer.probabilities, ln.answer.labels
+        if probs is not None:
+            if p is None or p.shape[0] != n or (probs and p.shape[1] != probs[0].shape[1]):
+                probs = None
+            else:
+                probs.append(p)
+        if labels is not None:
+            if lab is None and p is not None and p.shape[0] == n:
+                lab = np.asarray(np.argmax(p, axis=1), dtype=np.int64)
+            if lab is None or lab.shape != (n,):
+                labels = None
+            else:
+                labels.append(np.asarray(lab, dtype=np.int64))
+    sessions = tuple(
+        Session(client, "recorded", tuple(batches)) for client, batches in by_client.items()
+    )
+    return Traffic(
+        rows=np.vstack(blocks),
+        probabilities=np.vstack(probs) if probs else None,
+        labels=np.concatenate(labels) if labels else None,
+        sessions=sessions,
+    )
 
 
 async def session_minima(
@@ -276,7 +343,7 @@ async def _boundary_windows(
 ) -> list[Mapping[str, float]]:
     windows: list[Mapping[str, float]] = []
     for session in sessions:
-        if session.kind != "ordinary":
+        if session.kind not in ("ordinary", "recorded"):
             continue
         for idx in session.batches:
             query = Query(session.client, "baseline", rows[idx], n_rows=int(idx.shape[0]))
@@ -302,42 +369,63 @@ def calibrate_profile(
     max_batch: int = 64,
     anomaly_fpr: float | None = None,
     hmac_key: bytes | None = None,
+    traffic: Traffic | None = None,
 ) -> ProfileReport:
     """Fit one stateful detector's :class:`TrafficProfile` and write it under ``out_dir``.
 
     ``n_sessions`` set the threshold; half as many again, drawn with another
-    seed, measure the per-client false-positive rate it gives.
-    ``anomaly_fpr``: the row detectors' held-out false-positive rate, for the
-    ``boundary`` detector's ``anomaly_rate`` signal.
+    seed, measure the per-client false-positive rate it gives. With
+    ``traffic`` (recorded sessions) two thirds of its clients set the
+    threshold and the rest measure it instead; the per-feature ranges still
+    come from ``data``. ``anomaly_fpr``: the row detectors' held-out
+    false-positive rate, for the ``boundary`` detector's ``anomaly_rate`` signal.
     """
     started = time.perf_counter()
-    rows = data.rows
-    if rows is None:
+    ref_rows = data.rows
+    if ref_rows is None:
         raise DataError(f"{spec.key or spec.type}: {spec.type} needs numeric rows, not prompts")
-    if spec.type in ("prada", "boundary") and data.predicted is None:
+    low, high = robust_range(ref_rows)
+    fit_sessions: Sequence[Session]
+    check_sessions: Sequence[Session]
+    if traffic is None:
+        rows, probs, labels, predicted = ref_rows, data.probabilities, data.labels, data.predicted
+    else:
+        rows, probs, labels = traffic.rows, traffic.probabilities, traffic.labels
+        predicted = labels
+        if rows.shape[1] != ref_rows.shape[1]:
+            raise DataError(
+                f"recorded traffic has {rows.shape[1]} features, the reference data "
+                f"{ref_rows.shape[1]}"
+            )
+    if spec.type in ("prada", "boundary") and probs is None and labels is None:
         raise DataError(
             f"{spec.key or spec.type}: {spec.type} learns from the model's answers; give them in "
             "the .npz as 'proba' (predict_proba on X) or 'labels' (predicted classes)"
         )
-    probs, labels = data.probabilities, data.labels
-    predicted = data.predicted
-    low, high = robust_range(rows)
     n_classes = 0
     if probs is not None:
         n_classes = int(probs.shape[1])
     elif predicted is not None:
         n_classes = int(predicted.max()) + 1
-    fit_sessions = simulate_sessions(
-        rows.shape[0], n_sessions, predicted=predicted, seed=seed, max_batch=max_batch
-    )
-    check_sessions = simulate_sessions(
-        rows.shape[0],
-        max(n_sessions // 2, 1),
-        predicted=predicted,
-        seed=seed + 7919,
-        max_batch=max_batch,
-        prefix="c",
-    )
+    if traffic is None:
+        fit_sessions = simulate_sessions(
+            rows.shape[0], n_sessions, predicted=predicted, seed=seed, max_batch=max_batch
+        )
+        check_sessions = simulate_sessions(
+            rows.shape[0],
+            max(n_sessions // 2, 1),
+            predicted=predicted,
+            seed=seed + 7919,
+            max_batch=max_batch,
+            prefix="c",
+        )
+    else:
+        if len(traffic.sessions) < 3:
+            raise DataError(f"recorded traffic holds {len(traffic.sessions)} clients; need 3+")
+        order = np.random.default_rng(seed).permutation(len(traffic.sessions))
+        cut = max(1, (2 * len(order)) // 3)
+        fit_sessions = [traffic.sessions[i] for i in np.sort(order[:cut])]
+        check_sessions = [traffic.sessions[i] for i in np.sort(order[cut:])]
     out_path = resolve_file(spec, Path(out_dir))
 
     def build(tmp: Path, threshold: float, baseline: NDArray[np.float64] | None) -> Detector:
@@ -377,6 +465,13 @@ def calibrate_profile(
                 session_minima(det, fit_sessions, rows, probabilities=probs, labels=labels)
             )
             threshold, note = _bounded(spec.type, threshold_at_fpr(minima, target_fpr), spec)
+            if traffic is not None:
+                # a recorded population may hold an attacker: name the lowest for ops to check
+                lowest = [fit_sessions[i].client for i in np.argsort(minima)[:3]]
+                note = (note + "; " if note else "") + (
+                    f"set on {len(fit_sessions)} recorded clients; the lowest-scoring, whose "
+                    f"score the threshold rests on, were {', '.join(lowest)}: check they are benign"
+                )
             det = build(tmp, threshold, baseline)
             checked = asyncio.run(
                 session_minima(det, check_sessions, rows, probabilities=probs, labels=labels)
@@ -388,7 +483,7 @@ def calibrate_profile(
             os.environ[_SALT_ENV] = previous
     flagged = checked < threshold
     by_kind: dict[str, tuple[int, float]] = {}
-    for kind in SESSION_KINDS:
+    for kind in (*SESSION_KINDS, "recorded"):
         mask = np.array([s.kind == kind for s in check_sessions])
         if mask.any():
             by_kind[kind] = (int(mask.sum()), float(flagged[mask].mean()))

@@ -37,7 +37,7 @@ from guard import calibrate as cal
 from guard._reference_data import DataError, ReferenceData, load_reference
 from guard.cli import main
 from guard.config import DetectorSpec
-from guard.sessions import calibrate_profile, simulate_sessions
+from guard.sessions import calibrate_profile, simulate_sessions, traffic_from_capture
 from middleware.asgi import GuardMiddleware
 
 SESSIONS = 80  # enough to exercise everything; the CLI's default is 400
@@ -266,3 +266,34 @@ def test_the_calibrated_demo_policy_spares_ordinary_clients_and_stops_probing(
     enforced = {x["client"] for x in lines if x["enforced"] in ("degrade", "throttle", "block")}
     assert len(enforced) == 1  # the prober alone
     assert len({x["client"] for x in lines}) == 1  # and no one else has an audit line
+
+
+def test_thresholds_can_be_set_on_recorded_traffic(tmp_path: Path) -> None:
+    """A capture file of benign sessions replaces the simulated ones; exempt lines are ignored."""
+    X, held_out, model = cancer()
+    rng = np.random.default_rng(2)
+    lines = []
+    for c in range(30):
+        for i in rng.permutation(len(held_out))[:20]:
+            row = held_out[i : i + 1]
+            lines.append(
+                {"ts": float(len(lines)), "client": f"client-{c}", "route": "/v2/models/m/infer",
+                 "rows": row.tolist(), "probabilities": model.predict_proba(row).tolist(),
+                 "exempt": False}
+            )
+    lines.append({"ts": 1e6, "client": "monitor", "route": "/v2/models/m/infer",
+                  "rows": held_out[:1].tolist(), "labels": [0], "exempt": True})
+    capture = tmp_path / "capture.jsonl"
+    capture.write_text("\n".join(json.dumps(x) for x in lines))
+    traffic = traffic_from_capture(capture)
+    assert len(traffic.sessions) == 30 and traffic.rows.shape == (600, X.shape[1])
+    assert traffic.probabilities is not None and traffic.labels is not None
+    report = calibrate_profile(
+        DetectorSpec(type="prada", name="prada"),
+        ReferenceData(X, (), "train", model.predict_proba(X)),
+        tmp_path,
+        traffic=traffic,
+    )
+    assert (report.sessions, report.check_sessions) == (20, 10)
+    assert "recorded clients" in report.note and "client-" in report.note
+    assert set(report.by_kind) == {"recorded"}
