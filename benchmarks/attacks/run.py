@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -753,6 +754,14 @@ def deployment_report(res: Result) -> list[str]:
         f"{v.benign.shape[0]} held-out rows ({v.pool.shape[0]} attacker pool, "
         f"{v.eval.shape[0]} eval); model {v.family}{acc}; took {res.seconds:.0f} s",
     ]
+    p_low = _p_low(dep.config)
+    low_train = float(np.mean(v.predict_proba(v.X_train).max(axis=1) < p_low))
+    low_held = float(np.mean(v.predict_proba(v.benign).max(axis=1) < p_low))
+    lines.append(
+        f"- answers with top probability below {p_low:g} (`boundary`'s low-confidence signal): "
+        f"{_pct(low_train)} on the training rows calibration sees, {_pct(low_held)} on the "
+        "held-out rows benign clients send"
+    )
     if dep.interim:
         lines.append(
             "- **INTERIM config, not the recipe**: calibration does not yet fit the stateful "
@@ -796,6 +805,7 @@ def deployment_report(res: Result) -> list[str]:
             else ""
         )
         + ".",
+        *_examples(pop.enforced),
         "",
         "| client | rows (requests) | enforced | first enforcing row (detectors) | audit lines | "
         "detectors, first firing (rows) |",
@@ -829,6 +839,34 @@ def deployment_report(res: Result) -> list[str]:
         "",
     ]
     return lines
+
+
+def _examples(enforced: Sequence[ClientResult]) -> list[str]:
+    """One reason per enforcing detector, as the audit log gave it, and the rows it took."""
+    seen: dict[str, str] = {}
+    for c in enforced:
+        for reason in c.out.reasons:
+            name = reason.split(":", 1)[0]
+            if name not in seen:
+                seen[name] = f"{reason} (client's row {c.out.first_enforced})"
+    if not seen:
+        return []
+    rows = sorted(c.out.first_enforced or 0 for c in enforced)
+    return [
+        "",
+        f"Benign clients enforced after {rows[0]} to {rows[-1]} rows (median "
+        f"{statistics.median(rows):.0f}); a first enforcing reason per detector: "
+        + "; ".join(f"`{r}`" for r in seen.values()),
+    ]
+
+
+def _p_low(cfg: dict[str, Any]) -> float:
+    """``boundary``'s ``p_low`` in the config (its default, 0.6, when not set)."""
+    for p in cfg["policies"]:
+        for d in p.get("detectors", []):
+            if d["type"] == "boundary":
+                return float((d.get("params") or {}).get("p_low", 0.6))
+    return 0.6
 
 
 def _client_row(label: str, clients: Sequence[ClientResult]) -> str:
