@@ -332,3 +332,16 @@ def test_area_matrix_averages_by_area(size: int) -> None:
         b = size // 8
         blocks = img.reshape(8, b, 8, b).mean(axis=(1, 3))
         np.testing.assert_allclose(A @ img @ A.T, blocks)
+
+
+def test_deployment_names_cover_every_data_set_and_family() -> None:
+    from benchmarks.attacks import run
+    from benchmarks.attacks._data import DATASETS, FAMILIES
+
+    assert len(DATASETS) >= 3 and {"linear", "mlp"} <= set(FAMILIES)
+    names = {f"{d}-{f}" for d in DATASETS for f in FAMILIES}
+    assert set(run.QUICK) <= names
+    assert {n.split("-")[0] for n in run.QUICK} == set(DATASETS)
+    assert {n.rsplit("-", 1)[1] for n in run.QUICK} == set(FAMILIES)
+    with pytest.raises(SystemExit):
+        run.deployments(["no-such-deployment"], 0)
