@@ -16,7 +16,8 @@
 * :mod:`.hardcases`: benign clients that look unusual (health probe, retrier,
   batch job, one-class client, what-if sweep, looping monitor, framing);
 * :mod:`.clients`: one entry point per client by name (``guard simulate``);
-* ``run.py``: the benchmark (``python benchmarks/attacks/run.py [--quick]``).
+* ``run.py``: the benchmark (``python benchmarks/attacks/run.py [--quick]``), with
+  :mod:`._recipe` (the config recipe, fresh guards), :mod:`._results` and :mod:`._report`.
 
 Only numpy, scikit-learn and the standard library are needed, plus
 adversarial-robustness-toolbox for the evasion clients and Pillow (to load

@@ -215,19 +215,19 @@ def test_client_hash_is_the_guards() -> None:
 
 
 def test_medians_count_a_miss_as_never() -> None:
-    from benchmarks.attacks import run
+    from benchmarks.attacks._report import _median
 
-    assert run._median([10, 20, 30]) == 20
-    assert run._median([10, None, None]) is None
-    assert run._median([10, 20, None, 30]) == 25
-    assert run._median([]) is None
+    assert _median([10, 20, 30]) == 20
+    assert _median([10, None, None]) is None
+    assert _median([10, 20, None, 30]) == 25
+    assert _median([]) is None
 
 
 def test_the_recipe_is_the_demo_policy_without_its_rate_limit() -> None:
-    from benchmarks.attacks import run
+    from benchmarks.attacks._recipe import demo_policy, recipe
 
-    cfg = run.recipe("/tmp/calibration")
-    demo = run.demo_policy()
+    cfg = recipe("/tmp/calibration")
+    demo = demo_policy()
     types = [d["type"] for d in cfg["policies"][0]["detectors"]]
     assert "rate" not in types
     assert types == [d["type"] for d in demo["policies"][0]["detectors"] if d["type"] != "rate"]
