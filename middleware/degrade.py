@@ -2,8 +2,9 @@
 
 Rounding probabilities to 2-3 decimals weakens equation-solving extraction;
 top-k and labels-only answers cut what each query tells an attacker; dropping
-an LLM's ``logprobs`` removes its probability vector. Only what :mod:`middleware._answers` recognises as probabilities
-is touched, so a regression output passes through unchanged.
+an LLM's ``logprobs`` removes its probability vector. Only what
+:mod:`middleware._answers` recognises as probabilities is touched, so a
+regression output passes through unchanged.
 
 A degraded client's noise is not drawn afresh per answer: an attacker could
 repeat a row and average it away. It comes from a keyed hash of (client, row)
