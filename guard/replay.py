@@ -10,6 +10,9 @@ monotonic and the wall clock, so rate limits and windows follow recorded time.
 State lives in a fresh memory store and metrics in a fresh registry whatever the
 config says; the audit log is off unless asked for.
 
+Policies are replayed as enforcing, ``shadow: true`` or not (the point is to see
+what a config would enforce before it does); ``keep_shadow`` honours it.
+
 Exemption comes from the lines' ``exempt`` field, as the live guard decided it:
 a capture holds keyed client hashes, never the keys or addresses that
 ``exempt:`` lists. ``ignore_exempt`` replays everyone as not exempt.
@@ -396,10 +399,15 @@ class _Tally:
         )
 
 
-def _offline(config: GuardConfig, audit_path: str | None) -> GuardConfig:
-    """The config with its state in memory, no capture, and the audit log off (or to a file)."""
+def _offline(config: GuardConfig, audit_path: str | None, keep_shadow: bool) -> GuardConfig:
+    """The config with its state in memory, no capture, the audit log off (or to a file),
+    and its policies enforcing unless ``keep_shadow``."""
+    policies = (
+        config.policies if keep_shadow else tuple(replace(p, shadow=False) for p in config.policies)
+    )
     return replace(
         config,
+        policies=policies,
         state=replace(config.state, store=StateConfig().store),
         audit=AuditConfig(enabled=audit_path is not None, path=audit_path or "-"),
         capture=CaptureConfig(),
@@ -411,12 +419,13 @@ async def areplay(
     config: ConfigSource,
     *,
     ignore_exempt: bool = False,
+    keep_shadow: bool = False,
     audit_path: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> ReplayReport:
     """:func:`replay`, as a coroutine (for callers already in an event loop)."""
     lines = _lines(source)
-    cfg = _offline(GuardConfig.load(config), audit_path)
+    cfg = _offline(GuardConfig.load(config), audit_path, keep_shadow)
     clock = _Clock()
     guard = Guard(
         cfg,
@@ -480,6 +489,7 @@ def replay(
     config: ConfigSource,
     *,
     ignore_exempt: bool = False,
+    keep_shadow: bool = False,
     audit_path: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> ReplayReport:
@@ -496,6 +506,8 @@ def replay(
         off, and so is its audit log unless ``audit_path`` names a file.
     ignore_exempt
         Replay every line as not exempt.
+    keep_shadow
+        Honour ``shadow: true`` (by default every policy is replayed as enforcing).
     registry
         Where the replay's metrics go (a fresh registry by default).
 
@@ -508,7 +520,12 @@ def replay(
     """
     return asyncio.run(
         areplay(
-            source, config, ignore_exempt=ignore_exempt, audit_path=audit_path, registry=registry
+            source,
+            config,
+            ignore_exempt=ignore_exempt,
+            keep_shadow=keep_shadow,
+            audit_path=audit_path,
+            registry=registry,
         )
     )
 
@@ -586,14 +603,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ignore-exempt", action="store_true", help="replay every client as not exempt"
     )
+    parser.add_argument(
+        "--keep-shadow",
+        action="store_true",
+        help="honour shadow: true (by default policies are replayed as enforcing)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``guard replay``: exit 0 with the report, 1 on bad input or a bad config."""
     try:
         lines = read_lines(args.capture)
-        a = replay(lines, args.config, ignore_exempt=args.ignore_exempt)
-        b = replay(lines, args.compare, ignore_exempt=args.ignore_exempt) if args.compare else None
+        a = replay(
+            lines, args.config, ignore_exempt=args.ignore_exempt, keep_shadow=args.keep_shadow
+        )
+        b = (
+            replay(
+                lines, args.compare, ignore_exempt=args.ignore_exempt, keep_shadow=args.keep_shadow
+            )
+            if args.compare
+            else None
+        )
     except ReplayError as exc:
         print(f"{args.capture}: {exc}", file=sys.stderr)
         return 1

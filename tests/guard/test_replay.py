@@ -277,3 +277,11 @@ def test_capture_config_is_validated() -> None:
         "capture.max_queue",
         "capture.dir",
     }
+
+
+def test_shadow_policies_are_replayed_as_enforcing_unless_kept() -> None:
+    lines = [line(float(t), "a") for t in range(4)]
+    shadowed = rate_config(burst=2, shadow=True)
+    assert replay(lines, shadowed).clients["a"].first_enforcing_row == 3
+    kept = replay(lines, shadowed, keep_shadow=True).clients["a"]
+    assert not kept.enforced and dict(kept.intended) == {"allow": 2, "throttle": 2}
