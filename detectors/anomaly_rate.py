@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from detectors.base import Detector, DetectorResult, Query
 from detectors.store import KeyValueStore
@@ -141,12 +141,17 @@ class AnomalyRateDetector(Detector):
     ``max_rate`` and ``min_rows`` so that its tail above ``max_rate * n`` is
     negligible (p = 1%, n = 20, max_rate = 0.2: P ≈ 4e-6).
 
+    With several trackers (one per row detector it reads) the client's rate is
+    the largest of their shares: each row detector is calibrated on its own,
+    and a client that trips any of them on a fifth of its rows is off the map
+    (one detector may see what the others miss, such as type violations).
+
     Parameters
     ----------
     name : str
         Detector name (metrics, audit log).
-    tracker : AnomalyRateTracker
-        The counts to read (the namespace of the row detector that writes them).
+    tracker : AnomalyRateTracker or sequence of them
+        The counts to read (the namespaces of the row detectors that write them).
     max_rate : float, default=0.2
         Share of anomalous rows above which the client is flagged.
     min_rows : int, default=20
@@ -177,25 +182,40 @@ class AnomalyRateDetector(Detector):
     technique = "AML.T0015"
 
     def __init__(
-        self, name: str, tracker: AnomalyRateTracker, *, max_rate: float = 0.2, min_rows: int = 20
+        self,
+        name: str,
+        tracker: AnomalyRateTracker | Sequence[AnomalyRateTracker],
+        *,
+        max_rate: float = 0.2,
+        min_rows: int = 20,
     ) -> None:
         super().__init__(name)
+        trackers = (tracker,) if isinstance(tracker, AnomalyRateTracker) else tuple(tracker)
+        if not trackers:
+            raise ValueError("need at least one tracker")
         if not (0.0 <= max_rate < 1.0):
             raise ValueError(f"max_rate must be in [0, 1), got {max_rate!r}")
         if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
             raise ValueError(f"min_rows must be an integer >= 1, got {min_rows!r}")
-        self.tracker = tracker
+        #: the counts read, one per source row detector
+        self.trackers = trackers
+        self.tracker = trackers[0]
         self.max_rate = float(max_rate)
         self.min_rows = min_rows
 
     async def inspect(self, query: Query) -> DetectorResult:
-        bad, total = await self.tracker.rate(query.client)
         threshold = -self.max_rate
-        if total < self.min_rows:
+        bad = total = seen = 0
+        rate = -1.0
+        for tracker in self.trackers:
+            b, t = await tracker.rate(query.client)
+            seen = max(seen, t)
+            if t >= self.min_rows and b / t > rate:
+                bad, total, rate = b, t, b / t
+        if rate < 0.0:
             return DetectorResult(
-                self.name, 0.0, threshold, False, reason=f"{total} rows < min_rows"
+                self.name, 0.0, threshold, False, reason=f"{seen} rows < min_rows"
             )
-        rate = bad / total
         anomalous = -rate < threshold
         reason = f"{bad}/{total} rows anomalous" if anomalous else ""
         return DetectorResult(self.name, -rate, threshold, anomalous, reason=reason)

@@ -32,10 +32,17 @@ suspicious for that.
 
 Ordinary clients are never judged on what they cannot help:
 
-* ``class_concentration`` only corroborates. A client whose traffic is all of
-  one class (a fraud model's monitor, a two-class model's busy side) is
-  concentrated by nature, so the signal adds at most half of the leading
-  other signal's z-score and never leads.
+* **What the client sends leads; what the model answers corroborates.** The
+  input signals (``coverage``, ``anomaly_rate``) compare a client's rows with
+  reference rows drawn from the same distribution as live traffic. The answer
+  signals (``low_confidence``, ``class_concentration``) cannot be baselined
+  that way: calibration sees the model's answers on its *own training rows*,
+  on which it is more confident than on anything a client sends (4 % of
+  held-out digits answers are low-confidence against 0.4 % of training
+  answers), and a one-class client or a two-class model's busy side is
+  concentrated by nature. So the score is led by the largest input z-score,
+  and the answer signals add at most half of it, when it is positive: they
+  make a suspicious window more suspicious and never make a window suspicious.
 * Exact repeats of a client's recent rows (health probes, retries) are left
   out of its windows: one row sent a hundred times is one row.
 
@@ -59,10 +66,12 @@ from detectors.base import Answer, Detector, DetectorResult, Query
 from detectors.repeats import RecentRows
 from detectors.store import KeyValueStore
 
-__all__ = ["DEFAULT_BASELINE", "SIGNALS", "AnomalyRateSource", "BoundaryDetector"]
+__all__ = ["DEFAULT_BASELINE", "LEADING", "SIGNALS", "AnomalyRateSource", "BoundaryDetector"]
 
 #: the signals the detector can use, in a fixed order
 SIGNALS: tuple[str, ...] = ("low_confidence", "class_concentration", "coverage", "anomaly_rate")
+#: the signals that may lead the score: what the client sends (the others only corroborate)
+LEADING: frozenset[str] = frozenset({"coverage", "anomaly_rate"})
 
 #: a placeholder baseline for uncalibrated use (tests, examples): benign (mean, std) per
 #: signal measured once on one model; a deployment's own comes from ``guard calibrate``
@@ -448,22 +457,22 @@ class BoundaryDetector(Detector):
         return out
 
     def _score(self, signals: Mapping[str, float]) -> float:
-        """Minus the leading z-score; class concentration corroborates, never leads."""
+        """Minus the leading input z-score, raised by at most half by the answer signals."""
         lead: float | None = None
-        concentration = 0.0
+        support = 0.0
         for name, value in signals.items():
             if name not in self.baseline:
                 continue
             mean, std = self.baseline[name]
             z = (value - mean) / std
-            if name == "class_concentration":
-                concentration = max(z, 0.0)
+            if name not in LEADING:
+                support = max(support, z)
             elif lead is None or z > lead:
                 lead = z
         if lead is None:
             return 0.0
         if lead > 0.0:
-            lead += 0.5 * min(concentration, lead)
+            lead += 0.5 * min(support, lead)
         return -lead
 
     def _result(

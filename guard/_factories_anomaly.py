@@ -20,6 +20,8 @@ start-up::
           - type: anomaly_rate
             action: block
             params: {source: mahalanobis, window_s: 60, max_rate: 0.2, min_rows: 20}
+            # source may list several row detectors (each with track_rate): the client's
+            # rate is then the largest of their shares
 
 Parameters of the model itself (``shrinkage``, ``n_neighbors``,
 ``target_fpr``, ...) are what ``guard calibrate --config`` fits with; at
@@ -189,7 +191,14 @@ def _rate_factory(spec: DetectorSpec, ctx: BuildContext) -> Detector:
             "is required: the name of the row or text detector (with track_rate: true) "
             "whose verdicts are counted",
         )
-    source = _get(spec, "source", None, lambda v: _is_str(v) and ":" not in v, "a detector name")
+    source = _get(
+        spec,
+        "source",
+        None,
+        lambda v: (_is_str(v) and ":" not in v)
+        or (isinstance(v, list) and bool(v) and all(_is_str(x) and ":" not in x for x in v)),
+        "a detector name or a non-empty list of them",
+    )
     window = _get(spec, "window_s", 60.0, _is_positive, "a number of seconds > 0")
     max_rate = _get(
         spec, "max_rate", 0.2,
@@ -200,10 +209,12 @@ def _rate_factory(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         spec, "min_rows", 20, lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 1,
         "an integer >= 1",
     )
-    tracker = AnomalyRateTracker(
-        ctx.store, namespace=source, window_s=float(window), clock=ctx.wall_clock
-    )
-    return AnomalyRateDetector(spec.name, tracker, max_rate=float(max_rate), min_rows=min_rows)
+    sources = [source] if isinstance(source, str) else list(dict.fromkeys(source))
+    trackers = [
+        AnomalyRateTracker(ctx.store, namespace=name, window_s=float(window), clock=ctx.wall_clock)
+        for name in sources
+    ]
+    return AnomalyRateDetector(spec.name, trackers, max_rate=float(max_rate), min_rows=min_rows)
 
 
 def _register(factories: Mapping[str, Callable[[DetectorSpec, BuildContext], Detector]]) -> None:

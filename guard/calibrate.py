@@ -316,7 +316,7 @@ class RateReport:
 
     #: config key path of the anomaly_rate detector
     key: str
-    #: the row detector whose verdicts it counts
+    #: the row detectors whose verdicts it counts
     source: str
     max_rate: float
     min_rows: int
@@ -361,13 +361,21 @@ def _rate_reports(
         for spec in policy.detectors:
             if spec.type != "anomaly_rate":
                 continue
-            source = by_name.get(str(spec.params.get("source")))
-            path = None if source is None else resolve_file(source, out_dir)
-            if source is None or source.type not in ROW_TYPES or path is None or not path.exists():
-                notes.append(f"not measured: {spec.key} (anomaly_rate): its source is not a row "
+            raw = spec.params.get("source")
+            names = [str(x) for x in (raw if isinstance(raw, list) else [raw])]
+            sources = [by_name.get(name) for name in names]
+            paths = [None if src is None else resolve_file(src, out_dir) for src in sources]
+            if not all(
+                src is not None and src.type in ROW_TYPES and path is not None and path.exists()
+                for src, path in zip(sources, paths, strict=True)
+            ):
+                notes.append(f"not measured: {spec.key} (anomaly_rate): a source is not a row "
                              "detector calibrated in this run")
                 continue
-            flags = load_model(path).predict(data.rows[held]) < 0
+            # (rows, sources): which row each source detector flags
+            flags = np.column_stack(
+                [load_model(path).predict(data.rows[held]) < 0 for path in paths if path]
+            )
             max_rate = float(spec.params.get("max_rate", 0.2))
             min_rows = int(spec.params.get("min_rows", 20))
             predicted = None if data.predicted is None else data.predicted[held]
@@ -376,11 +384,12 @@ def _rate_reports(
             )
             fired = np.zeros(len(simulated), dtype=bool)
             for i, session in enumerate(simulated):
-                bad = total = 0
+                bad = np.zeros(flags.shape[1], dtype=np.int64)
+                total = 0
                 for idx in session.batches:
-                    bad += int(flags[idx].sum())
+                    bad += flags[idx].sum(axis=0)
                     total += int(idx.shape[0])
-                    if total >= min_rows and bad > max_rate * total:
+                    if total >= min_rows and (bad > max_rate * total).any():
                         fired[i] = True
                         break
             by_kind: dict[str, tuple[int, float]] = {}
@@ -389,7 +398,7 @@ def _rate_reports(
                 if mask.any():
                     by_kind[kind] = (int(mask.sum()), float(fired[mask].mean()))
             reports.append(
-                RateReport(spec.key, source.name, max_rate, min_rows, len(simulated),
+                RateReport(spec.key, ", ".join(names), max_rate, min_rows, len(simulated),
                            float(fired.mean()), by_kind)
             )
     return reports, notes

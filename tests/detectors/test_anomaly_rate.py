@@ -149,3 +149,17 @@ def test_row_detector_feeds_the_tracker(store: MemoryStore, clock: Clock) -> Non
         assert (await rate_det.inspect(q("attacker"))).anomalous
 
     run(scenario())
+
+
+def test_several_sources_fire_on_the_largest_share(store: MemoryStore, clock: Clock) -> None:
+    """One row detector may see what another misses: the client's rate is the larger share."""
+    quiet = AnomalyRateTracker(store, namespace="mahalanobis", clock=clock)
+    loud = AnomalyRateTracker(store, namespace="envelope", clock=clock)
+    thin = AnomalyRateTracker(store, namespace="knn", clock=clock)
+    det = AnomalyRateDetector("rate", [quiet, loud, thin], max_rate=0.2, min_rows=20)
+    run(quiet.record("c", anomalous=1, total=25))
+    run(loud.record("c", anomalous=8, total=25))
+    run(thin.record("c", anomalous=5, total=5))  # below min_rows: not evidence yet
+    result = run(det.inspect(Query("c", "p", None)))
+    assert result.anomalous and result.score == pytest.approx(-8 / 25)
+    assert not run(det.inspect(Query("other", "p", None))).anomalous
