@@ -403,6 +403,35 @@ def quotas() -> dict[str, Any]:
     return {"decimals": policy.get("degrade", {}).get("decimals"), "per_day": per_day}
 
 
+def _revision() -> str:
+    """The checkout's commit (``+ local changes`` when the code differs from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!benchmarks/RESULTS.md",
+                ":!benchmarks/attacks/attacks.png",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown revision"
+    return (head or "unknown revision") + (" + local changes" if dirty else "")
+
+
 def report(args: argparse.Namespace, results: Sequence[Result], seconds: float) -> str:
     cmd = "python benchmarks/attacks/run.py" + (" --quick" if args.quick else "")
     if args.only:
@@ -415,7 +444,7 @@ def report(args: argparse.Namespace, results: Sequence[Result], seconds: float) 
         "",
         f"- command: `{cmd}`",
         f"- machine: {machine()}; numpy {np.__version__}",
-        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}",
+        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}; code at {_revision()}",
         "- deployments: " + ", ".join(r.dep.name for r in results) + " (scikit-learn's bundled "
         "digits, wine and breast_cancer; StandardScaler + LogisticRegression, StandardScaler + "
         "MLP(64)); seeded stratified 70/30 split; held-out rows halved into the attacker's "
