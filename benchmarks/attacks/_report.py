@@ -253,6 +253,25 @@ def targets(results: Sequence[Result], quotas: dict[str, Any]) -> list[str]:
         f"{_met(not missed)} ({len(judged) - len(missed)} of {len(judged)})"
         + (": missed " + "; ".join(f"{n} {sc.name}" for n, sc in missed) if missed else "")
     )
+    kept = [
+        (n, sc)
+        for n, sc in judged
+        if sc.kind == "extraction"
+        and sc.bare is not None
+        and sc.guard is not None
+        and sc.guard.result.agreement >= sc.bare.result.agreement - 0.02
+    ]
+    if kept:
+        out.append(
+            "  - enforced, yet the stolen model is as good as without the guard (agreement "
+            "within 2 points of bare; degraded answers keep most labels and the attack ran to "
+            "its end): "
+            + "; ".join(
+                f"{n} {sc.name} {sc.bare.result.agreement:.3f} -> {sc.guard.result.agreement:.3f}"
+                for n, sc in kept
+                if sc.bare is not None and sc.guard is not None
+            )
+        )
     ev = [(n, sc) for n, sc in scs if sc.kind == "evasion" and sc.guard is not None]
     over = [(n, sc) for n, sc in ev if sc.guard is not None and sc.guard.result.success_rate > 0.10]
     worst = max((sc.guard.result.success_rate for _, sc in ev if sc.guard), default=0.0)

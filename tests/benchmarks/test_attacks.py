@@ -345,3 +345,76 @@ def test_deployment_names_cover_every_data_set_and_family() -> None:
     assert {n.rsplit("-", 1)[1] for n in run.QUICK} == set(FAMILIES)
     with pytest.raises(SystemExit):
         run.deployments(["no-such-deployment"], 0)
+
+
+def _fake_result(name: str, *, benign_enforced: int, attack_first: int | None) -> Any:
+    from types import SimpleNamespace
+
+    from benchmarks.attacks._results import (
+        ClientResult,
+        Framing,
+        Monitor,
+        Population,
+        Result,
+        Run,
+        Scenario,
+    )
+    from benchmarks.attacks._traffic import Outcome
+
+    def client(kind: str, enforced_at: int | None = None) -> ClientResult:
+        s = Session(f"{kind}-key", kind, (1.0,), (np.zeros((1, 2)),))
+        o = Oracle("", [s.key], transport=object())
+        return ClientResult(s, o, Outcome(first_enforced=enforced_at, enforcing=("boundary",)))
+
+    def run(agreement: float) -> Run:
+        oracle = Oracle("", ["a"], transport=object())
+        return Run(oracle, extraction.ExtractionResult(agreement, 100, 100), 0.1)
+
+    attacks = [
+        Scenario(
+            "Knockoff, uniform",
+            "extraction",
+            "",
+            run(0.9),
+            run(0.9),
+            Outcome(attack_first),
+            family="extraction",
+        ),
+        Scenario(
+            "Knockoff, natural (closed world)",
+            "extraction",
+            "",
+            run(0.9),
+            run(0.9),
+            Outcome(None),
+            flaggable=False,
+            family="extraction",
+        ),
+    ]
+    benign_clients = [client("benign", 120 if i < benign_enforced else None) for i in range(100)]
+    hard = {k: client(k) for k in hardcases.HARD_CASES}
+    pop = Population(benign_clients, hard, benign.plan(100, pool_size=10), 0.0)
+    monitors = [Monitor(False, [client("monitor", 2)]), Monitor(True, [client("monitor")])]
+    dep = SimpleNamespace(name=name, interim=[])
+    return Result(
+        dep, attacks, pop, monitors, Framing(client("framer", 20), client("framed")), 1.0, 1.0
+    )
+
+
+def test_targets_say_plainly_what_is_not_met() -> None:
+    from benchmarks.attacks import _report
+
+    quotas = {"decimals": 2, "per_day": None}
+    good = [_fake_result("a", benign_enforced=0, attack_first=32)]
+    text = "\n".join(_report.targets(good, quotas))
+    assert (
+        "every attack enforced against (closed-world natural Knockoff aside): met (1 of 1)" in text
+    )
+    assert "benign clients enforced against ≤ 0.5 %: met (0 of 100" in text
+    assert "framed client never degraded or blocked: met" in text
+    assert "as good as without the guard" in text and "a Knockoff, uniform 0.900 -> 0.900" in text
+    bad = [_fake_result("b", benign_enforced=3, attack_first=None)]
+    text = "\n".join(_report.targets(bad, quotas))
+    assert "**NOT met** (0 of 1): missed b Knockoff, uniform" in text
+    assert "benign clients enforced against ≤ 0.5 %: **NOT met** (3 of 100, 3.0 %)" in text
+    assert "extraction attacks (closed-world Knockoff aside) ≤ 100: **NOT met** (never" in text
