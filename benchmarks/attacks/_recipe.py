@@ -52,7 +52,13 @@ __all__ = [
 
 HASH_SECRET = "bench-attacks-client-hash-secret-0001"
 FINGERPRINT_SALT = "bench-attacks-fingerprint-salt-0001"
-ENV = {"GUARD_HASH_KEY": HASH_SECRET, "GUARD_FINGERPRINT_SALT": FINGERPRINT_SALT}
+NOISE_KEY = "bench-attacks-degrade-noise-key-0001"
+#: the guard's secrets, fixed so that runs repeat (client hashes, fingerprints, degrade noise)
+ENV = {
+    "GUARD_HASH_KEY": HASH_SECRET,
+    "GUARD_FINGERPRINT_SALT": FINGERPRINT_SALT,
+    "GUARD_NOISE_KEY": NOISE_KEY,
+}
 #: seconds between an attacker's requests (it sends as fast as it gets answers)
 ATTACK_TICK = 0.02
 #: the target false-positive rate given to guard calibrate

@@ -472,7 +472,8 @@ def report(args: argparse.Namespace, results: Sequence[Result], seconds: float) 
         "- config recipe, the same for every deployment: `guard/demo.yaml` minus its rate "
         f"limit ({dets}; output `degrade: {policy['degrade']}`), then `guard calibrate --data "
         f"REF.npz --out DIR --config CONFIG --target-fpr {TARGET_FPR}` on the training split "
-        "(`X` and the model's `proba`); GUARD_HASH_KEY and GUARD_FINGERPRINT_SALT set",
+        "(`X` and the model's `proba`); GUARD_HASH_KEY, GUARD_FINGERPRINT_SALT and "
+        "GUARD_NOISE_KEY set",
         "- every client talks OIP v2 JSON with its own `x-api-key` to the real ASGI app "
         "(guard middleware + model app), in-process, on a simulated clock (attackers send "
         f"a request every {ATTACK_TICK} s); a fresh guard per attack scenario, per benign "
