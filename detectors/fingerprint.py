@@ -29,14 +29,15 @@ What counts as evidence, so that ordinary clients are never punished:
 * **Exact repeats count for nothing.** A row identical to one of the client's
   recent rows, or to any indexed row, is neither indexed nor counted (health
   probes, retries, public examples).
-* **A client is convicted by its own rows.** Its *own evidence* is
-  ``max(own share, own run / run_scale)``: the share of its recent rows that
-  are near-duplicates of its own earlier rows (over at least ``min_rows``), and
-  the longest such run. Near-duplicates of *other* clients' rows add weight,
-  which is what catches an attack spread thinly over many keys, but raise the
-  evidence to at most ``cross_gain`` times the client's own; a client with no
-  own evidence scores 1 whatever others sent (so sending noisy copies of a
-  victim's inputs under a throwaway key frames nobody).
+* **A client is convicted by its own rows.** Its evidence is
+  ``max(own share, longest run / run_scale)``: the share of its recent rows
+  that are near-duplicates of its own earlier rows (over at least
+  ``min_rows``), and the longest run such a row extends. Other clients'
+  near-duplicates of the *same* row add weight, which is what catches an
+  attack spread thinly over many keys: they lengthen that row's own run to at
+  most ``cross_gain`` times. A row that matches only other clients' rows is no
+  evidence, so a client scores 1 whatever others sent (noisy copies of a
+  victim's inputs sent under a throwaway key frame nobody).
 
 The score is ``1 - evidence`` (higher is more normal). The features' ranges
 and the threshold come from calibration on the deployment's own reference
@@ -400,13 +401,11 @@ class _Client:
     """A client's recent rows: their slots in the index and their match history."""
 
     __slots__ = (
-        "matched",
         "n",
         "own",
         "own_gen",
         "own_head",
         "own_n",
-        "own_runs",
         "own_slot",
         "pos",
         "recent",
@@ -418,12 +417,10 @@ class _Client:
         self.own_gen = np.zeros(cap, dtype=np.int16)  # generations are < 4095
         self.own_head = 0
         self.own_n = 0
-        #: per recent row: it matched any earlier row / one of the client's own
-        self.matched = np.zeros(window, dtype=bool)
+        #: per recent row: it is a near-duplicate of one of the client's own earlier rows
         self.own = np.zeros(window, dtype=bool)
-        #: per recent row: the run it extended (any rows / the client's own rows)
+        #: per recent row: the run it extended, weighted by other clients' rows (see _row)
         self.runs = np.zeros(window, dtype=np.int32)
-        self.own_runs = np.zeros(window, dtype=np.int32)
         self.pos = 0
         self.n = 0
         self.recent = RecentRows(_RECENT_DIGESTS)
@@ -465,9 +462,10 @@ class NearDuplicateDetector(Detector):
         The share is taken over at least this many rows.
     run_scale : int, default=20
         A near-duplicate run of this many rows counts as full evidence.
-    cross_gain : float, default=2.0
-        Matches with other clients' rows raise a client's evidence to at most
-        this multiple of its own (1: other clients' rows never count).
+    cross_gain : float, default=5.0
+        A row's own near-duplicate run is lengthened by other clients'
+        near-duplicates of it to at most this multiple (1: other clients' rows
+        never count; a row with no own near-duplicate is never evidence).
     max_rows : int, default=20000
         Rows indexed, all clients together (FIFO eviction).
     max_rows_per_client : int, default=256
@@ -539,7 +537,7 @@ class NearDuplicateDetector(Detector):
         recent_rows: int = 50,
         min_rows: int = 10,
         run_scale: int = 20,
-        cross_gain: float = 2.0,
+        cross_gain: float = 5.0,
         max_rows: int = 20_000,
         max_rows_per_client: int = 256,
         bucket_size: int = 8,
@@ -663,26 +661,20 @@ class NearDuplicateDetector(Detector):
         state.own_head = (head + 1) % cap
         state.own_n = min(state.own_n + 1, cap)
         pos = state.pos
-        state.matched[pos] = found.run > 0 or own_run > 0
         state.own[pos] = own_run > 0
-        state.runs[pos] = max(found.run, own_run)
-        state.own_runs[pos] = own_run
+        # a row's run: its own run, lengthened by other clients' near-duplicates of it to
+        # at most cross_gain times; a row with no own near-duplicate is no evidence
+        state.runs[pos] = (
+            min(max(found.run, own_run), math.floor(self.cross_gain * own_run)) if own_run else 0
+        )
         state.pos = (pos + 1) % self.recent_rows
         state.n = min(state.n + 1, self.recent_rows)
         return own_run, found.cross
 
     def _score(self, state: _Client) -> float:
-        """``1 - evidence``: the client's own, raised by others' rows to ``cross_gain`` times."""
+        """``1 - evidence``: the share of own near-duplicates, or the longest (weighted) run."""
         if state.n == 0:
             return 1.0
-        denominator = max(state.n, self.min_rows)
-        own = max(
-            float(state.own.sum()) / denominator, float(state.own_runs.max()) / self.run_scale
-        )
-        if own == 0.0:
-            return 1.0  # other clients' rows alone never convict
-        anyone = max(
-            float(state.matched.sum()) / denominator, float(state.runs.max()) / self.run_scale
-        )
-        evidence = max(own, min(anyone, self.cross_gain * own))
+        share = float(state.own.sum()) / max(state.n, self.min_rows)
+        evidence = max(share, float(state.runs.max()) / self.run_scale)
         return max(0.0, 1.0 - evidence)

@@ -45,7 +45,7 @@ The other parameters are structural and data-independent::
               recent_rows: 50
               min_rows: 10
               run_scale: 20
-              cross_gain: 2.0          # other clients' rows raise a client's evidence <= 2x its own
+              cross_gain: 5.0          # others' near-duplicates lengthen an own run <= 5x
               max_rows: 20000
               max_rows_per_client: 256
               bucket_size: 8
@@ -384,7 +384,7 @@ def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
             high=1.0,
             low_open=True,
         ),
-        "cross_gain": p.number("cross_gain", 2.0, low=1.0),
+        "cross_gain": p.number("cross_gain", 5.0, low=1.0),
         "recent_rows": p.integer("recent_rows", 50, 1, 100_000),
         "min_rows": p.integer("min_rows", 10, 1),
         "run_scale": p.integer("run_scale", 20, 1),
