@@ -20,7 +20,16 @@ from ._recipe import ATTACK_TICK, TARGET_FPR, demo_policy, recipe
 from ._results import ClientResult, Result, Scenario
 from ._traffic import Outcome
 
-__all__ = ["PLOT", "deployment_report", "fate", "plot", "report", "summary", "targets"]
+__all__ = [
+    "PLOT",
+    "deployment_report",
+    "fate",
+    "plot",
+    "report",
+    "revision",
+    "summary",
+    "targets",
+]
 
 PLOT = Path(__file__).resolve().parent / "attacks.png"
 
@@ -422,7 +431,7 @@ def quotas() -> dict[str, Any]:
     return {"decimals": policy.get("degrade", {}).get("decimals"), "per_day": per_day}
 
 
-def _revision() -> str:
+def revision() -> str:
     """The checkout's commit (``+ local changes`` when the code differs from it)."""
     import subprocess
 
@@ -463,7 +472,7 @@ def report(args: argparse.Namespace, results: Sequence[Result], seconds: float) 
         "",
         f"- command: `{cmd}`",
         f"- machine: {machine()}; numpy {np.__version__}",
-        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}; code at {_revision()}",
+        f"- date: {today()}; took {seconds:.0f} s; seed {args.seed}; code at {args.revision}",
         "- deployments: " + ", ".join(r.dep.name for r in results) + " (scikit-learn's bundled "
         "digits, wine and breast_cancer; StandardScaler + LogisticRegression, StandardScaler + "
         "MLP(64)); seeded stratified 70/30 split; held-out rows halved into the attacker's "

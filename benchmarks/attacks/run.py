@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     np.seterr(all="ignore")
     os.environ.update(ENV)
     started = time.time()
+    args.revision = _report.revision()  # what the run imports, before anyone changes the tree
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
         for v in deployments(args.only, args.seed, args.quick):
