@@ -470,6 +470,16 @@ def _as_config(config: str | Path | GuardConfig) -> GuardConfig:
     return config if isinstance(config, GuardConfig) else GuardConfig.from_file(config)
 
 
+def _output_file(spec: DetectorSpec) -> str:
+    """The file (under ``--out``) a spec is calibrated into: ``<type>.npz`` or ``params.file``."""
+    raw_file = spec.params.get("file")
+    if isinstance(raw_file, str) and Path(raw_file).is_absolute():
+        raise ConfigurationError(
+            f"{spec.key}.params.file", "must be relative: guard calibrate writes under --out"
+        )
+    return str(resolve_file(spec, Path(".")))
+
+
 def stateful_specs(
     config: str | Path | GuardConfig, data: ReferenceData
 ) -> tuple[list[DetectorSpec], list[str]]:
@@ -484,13 +494,7 @@ def stateful_specs(
             if data.rows is None:
                 notes.append(f"skipped {spec.key} ({spec.type}): needs rows, not prompts")
                 continue
-            raw_file = spec.params.get("file")
-            if isinstance(raw_file, str) and Path(raw_file).is_absolute():
-                raise ConfigurationError(
-                    f"{spec.key}.params.file",
-                    "must be relative: guard calibrate writes under --out",
-                )
-            file = str(resolve_file(spec, Path(".")))
+            file = _output_file(spec)
             known = specs.get(file)
             if known is not None and (known.type, dict(known.params)) != (
                 spec.type,
@@ -523,13 +527,7 @@ def jobs_from_config(
                 needs = "prompts" if spec.type in TEXT_TYPES else "rows"
                 notes.append(f"skipped {spec.key} ({spec.type}): needs {needs}")
                 continue
-            raw_file = spec.params.get("file")
-            if isinstance(raw_file, str) and Path(raw_file).is_absolute():
-                raise ConfigurationError(
-                    f"{spec.key}.params.file",
-                    "must be relative: guard calibrate writes under --out",
-                )
-            file = str(resolve_file(spec, Path(".")))  # <type>.npz unless params.file
+            file = _output_file(spec)
             allowed = model_params(spec.type) - {"holdout"}
             params = {k: v for k, v in spec.params.items() if k in allowed}
             job = Job(spec.type, file, params, (spec.key,))
