@@ -63,6 +63,7 @@ from numpy.typing import ArrayLike, NDArray
 from detectors._lru import ClientMap
 from detectors._standing import SharedStanding
 from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.profile import feature_ranges
 from detectors.repeats import RecentRows
 from detectors.store import KeyValueStore
 
@@ -225,17 +226,7 @@ class BoundaryDetector(Detector):
             raise ValueError("low and high must be given together")
         self._range: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
         if low is not None and high is not None:
-            lo = np.atleast_1d(np.asarray(low, dtype=np.float64))
-            hi = np.atleast_1d(np.asarray(high, dtype=np.float64))
-            if (
-                lo.ndim != 1
-                or lo.shape != hi.shape
-                or not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all())
-            ):
-                raise ValueError(
-                    f"need finite low < high (scalars or one per feature), got {low!r}"
-                )
-            self._range = (lo, hi)
+            self._range = feature_ranges(low, high)
         for pname, value in (
             ("bins", bins),
             ("max_coverage_features", max_coverage_features),

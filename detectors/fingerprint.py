@@ -57,6 +57,7 @@ from numpy.typing import ArrayLike, NDArray
 from detectors._lru import ClientMap
 from detectors._standing import SharedStanding
 from detectors.base import Detector, DetectorResult, Query
+from detectors.profile import feature_ranges
 from detectors.repeats import RecentRows, row_digests
 from detectors.store import KeyValueStore
 
@@ -139,14 +140,7 @@ class Fingerprinter:
     ) -> None:
         if not isinstance(salt, bytes) or len(salt) < 8:
             raise ValueError("salt must be at least 8 bytes")
-        lo = np.atleast_1d(np.asarray(low, dtype=np.float64))
-        hi = np.atleast_1d(np.asarray(high, dtype=np.float64))
-        if (
-            lo.ndim != 1
-            or lo.shape != hi.shape
-            or not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all())
-        ):
-            raise ValueError(f"need finite low < high (scalars or one per feature), got {low!r}")
+        lo, hi = feature_ranges(low, high)
         for pname, value in (("levels", levels), ("window", window), ("size", size)):
             if value < 1:
                 raise ValueError(f"{pname} must be >= 1, got {value!r}")

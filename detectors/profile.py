@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Final, Self
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["PROFILE_KINDS", "TrafficProfile", "robust_range"]
+__all__ = ["PROFILE_KINDS", "TrafficProfile", "feature_ranges", "robust_range"]
 
 #: the detector types a profile may be written for
 PROFILE_KINDS: Final = ("near_duplicate", "prada", "boundary")
@@ -76,6 +76,24 @@ def robust_range(X: ArrayLike, quantile: float = 0.01) -> tuple[FloatArray, Floa
         low[constant] = centre - fill / 2
         high[constant] = centre + fill / 2
     return low, high
+
+
+def feature_ranges(low: ArrayLike, high: ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """``low`` and ``high`` as 1-D float arrays (a scalar: one range for every feature).
+
+    Raises ``ValueError`` unless both are finite, of one length and ``high > low``
+    everywhere.
+    """
+    lo = np.atleast_1d(np.asarray(low, dtype=np.float64))
+    hi = np.atleast_1d(np.asarray(high, dtype=np.float64))
+    if (
+        lo.ndim != 1
+        or lo.shape != hi.shape
+        or lo.size == 0
+        or not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all())
+    ):
+        raise ValueError(f"need finite low < high (scalars or one per feature), got {low!r}")
+    return lo, hi
 
 
 class TrafficProfile:
@@ -148,12 +166,7 @@ class TrafficProfile:
     ) -> Self:
         """Set the fitted arrays (``baseline``: ``(signals, 2)`` mean and std, NaN unused)."""
         self._validate()
-        lo = np.asarray(low, dtype=np.float64)
-        hi = np.asarray(high, dtype=np.float64)
-        if lo.ndim != 1 or lo.shape != hi.shape or lo.size == 0:
-            raise ValueError("low and high must be 1-D arrays of one length")
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all() and (hi > lo).all()):
-            raise ValueError("need finite low < high for every feature")
+        lo, hi = feature_ranges(low, high)
         base = (
             np.zeros((0, 2)) if baseline is None else np.asarray(baseline, dtype=np.float64)
         )
