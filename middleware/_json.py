@@ -6,8 +6,12 @@ faster than ``json`` on a row of floats, which makes it the cheapest part of the
 guard's hot path instead of the dearest. Whatever ``orjson`` refuses is decoded
 again by the standard library below, so that the refusal is classified
 (``bad_encoding``, ``non_finite``, ``too_deep``, ``invalid_json``) and so that the
-few documents only ``json`` accepts (``1e999``, which then fails as non-finite;
-lone surrogates in strings) are treated exactly as before.
+few documents only ``json`` accepts are treated exactly as before (``1e999``,
+which then fails as non-finite). One thing ``json`` accepts is refused here too:
+a lone surrogate escape (``"\\ud800"``) decodes to a Python string that no UTF-8
+encoder will take, and crashes apps that re-encode it. I-JSON (RFC 7493) forbids
+it, and ``orjson`` refuses it, so the standard library's reading must as well:
+400 ``bad_encoding``, like a body that is not UTF-8.
 
 ``json.loads`` is safe to call on hostile input as long as three of its habits are
 handled: it accepts ``NaN``/``Infinity`` (rejected here through ``parse_constant``),
@@ -28,7 +32,13 @@ import orjson
 
 from middleware._request import fail
 
-__all__ = ["is_json_media_type", "json_depth_exceeds", "load_json", "load_json_lenient"]
+__all__ = [
+    "has_lone_surrogate",
+    "is_json_media_type",
+    "json_depth_exceeds",
+    "load_json",
+    "load_json_lenient",
+]
 
 _BOM = b"\xef\xbb\xbf"
 #: every byte but the brackets and the quote, for ``bytes.translate(None, delete)``
@@ -36,6 +46,13 @@ _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 #: a string literal once escapes are gone and only structure bytes are left
 _STRING = re.compile(rb'"[^"]*"')
 _OPEN = (ord("["), ord("{"))
+#: in a valid JSON text, left to right: an escaped backslash (skipped), a surrogate
+#: pair (skipped), or a surrogate escape that is not part of a pair (lone)
+_SURROGATE_ESCAPE = re.compile(
+    rb"\\\\"
+    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
 
 
 class _NonFinite(Exception):
@@ -127,7 +144,19 @@ def _load_json_slow(body: bytes, max_depth: int) -> Any:
     except ValueError:
         # JSONDecodeError, and int literals past sys.get_int_max_str_digits()
         fail(400, "invalid_json", "the request body is not valid JSON")
+    if b"\\u" in body and has_lone_surrogate(body):
+        fail(400, "bad_encoding", "the request body holds a lone surrogate escape")
     return doc
+
+
+def has_lone_surrogate(body: bytes) -> bool:
+    """True when the valid JSON text ``body`` escapes a surrogate that is not in a pair.
+
+    In valid JSON a backslash only ever starts an escape, so scanning escapes
+    left to right pairs them exactly: ``\\\\ud800`` is an escaped backslash
+    followed by the letters ``ud800``, not a surrogate.
+    """
+    return any(m.group(1) is not None for m in _SURROGATE_ESCAPE.finditer(body))
 
 
 def load_json_lenient(body: bytes, content_type: str | None) -> Any | None:
