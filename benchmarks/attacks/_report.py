@@ -315,10 +315,12 @@ def targets(results: Sequence[Result], quotas: dict[str, Any]) -> list[str]:
         )
     for n, sc in scs:
         if sc.family == "sybil" and sc.out is not None and sc.guard is not None:
+            answered = sum(s.rows for s in sc.guard.oracle.log if s.status == 200)
             out.append(
                 f"- {n} {sc.name}: first enforcement after {_rows(sc.out.first_enforced)} rows; "
                 f"{sc.out.keys_enforced}/{sc.keys} keys enforced, {sc.out.keys_quarantined} "
-                f"quarantined; success with the guard {_pct(sc.guard.result.success_rate)}"
+                f"quarantined; {answered} rows answered in all (about {answered / sc.keys:.0f} "
+                f"per key); success with the guard {_pct(sc.guard.result.success_rate)}"
             )
     pops = [r.population for r in results]
     n_ben = sum(len(p.benign) for p in pops)
