@@ -1,34 +1,144 @@
-"""Reading a request body with a running cap, and replaying it to the app."""
+"""Reading a request body with a running cap and a deadline, and replaying it to the app.
+
+The deadline covers the whole body, not each message: a client trickling one
+byte a second would otherwise hold a connection (and its buffered bytes) for
+as long as it liked. Past it the guard answers 408 and never calls the app.
+It bounds what the guard waits for; holding idle connections and slow headers
+in check is the server's or the front proxy's job (see the README's security
+model).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from guard.errors import PayloadError
 from middleware.types import Message, Receive
 
-__all__ = ["BodyReader", "ClientDisconnected"]
+__all__ = ["BodyReader", "ClientDisconnected", "body_timeout", "receive_within", "within"]
+
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
     """The client went away before the body was complete."""
 
 
+def body_timeout(timeout: float) -> PayloadError:
+    """The refusal of a body that did not arrive within ``timeout`` seconds (408)."""
+    return PayloadError(
+        408, "body_timeout", f"the request body did not arrive within {timeout:g} s"
+    )
+
+
+class _Watchdog:
+    """One timer per event loop for every body being read.
+
+    ``asyncio.timeout`` arms and cancels a timer per request, which costs more
+    than the whole lean lane's parsing; here a read registers its task and
+    deadline in a dict, and one timer sweeps it every :data:`_SWEEP_S` seconds
+    at most, cancelling the reads past their deadline (so a deadline may be
+    overshot by up to one sweep period).
+    """
+
+    __slots__ = ("expired", "handle", "loop", "reads")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reads: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def watch(self, task: asyncio.Task[Any], timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        self.reads[task] = deadline
+        handle = self.handle
+        if handle is None or deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        soonest = None
+        for task, deadline in list(self.reads.items()):
+            if deadline <= now:
+                del self.reads[task]
+                self.expired.add(task)
+                task.cancel()
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        if soonest is not None:
+            # coarse on purpose: one sweep per period however many reads are due in it
+            self.handle = self.loop.call_at(max(soonest, now + _SWEEP_S), self._sweep)
+
+
+#: the longest a deadline is overshot (and the shortest time between two sweeps)
+_SWEEP_S = 0.05
+_WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def within(work: Awaitable[T], timeout: float) -> T:
+    """``await work``, or :func:`body_timeout` raised once ``timeout`` seconds have passed."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - always inside a task under an ASGI server
+        raise RuntimeError("within() needs a running task")
+    loop = task.get_loop()
+    dog = _WATCHDOGS.get(loop)
+    if dog is None:
+        dog = _WATCHDOGS[loop] = _Watchdog(loop)
+    dog.watch(task, timeout)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if task not in dog.expired:
+            raise  # someone else's cancellation
+        task.uncancel()
+        raise body_timeout(timeout) from None
+    finally:
+        dog.reads.pop(task, None)
+        dog.expired.discard(task)
+
+
+async def receive_within(receive: Receive, timeout: float | None) -> Message:
+    """``await receive()``, or :func:`body_timeout` raised once ``timeout`` seconds pass."""
+    if timeout is None:
+        return await receive()
+    return await within(receive(), timeout)
+
+
 class BodyReader:
     """Reads ``http.request`` messages up to ``limit`` bytes; remembers what it consumed.
 
-    Whatever happens (a 413, a guard failure half-way), :meth:`replay` gives
-    the app a ``receive`` that first yields exactly what was consumed and then
-    continues with the real stream, so a request is never lost.
+    The whole body must arrive within ``timeout`` seconds (``None``: no
+    deadline), or :meth:`read` raises a 408 ``body_timeout``. Whatever happens
+    (a 413, a guard failure half-way), :meth:`replay` gives the app a
+    ``receive`` that first yields exactly what was consumed and then continues
+    with the real stream, so a request is never lost.
     """
 
-    __slots__ = ("_chunks", "_receive", "complete", "limit")
+    __slots__ = ("_chunks", "_receive", "complete", "limit", "timeout")
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, timeout: float | None = None) -> None:
         self._receive = receive
         self.limit = limit
+        self.timeout = timeout
         self._chunks: list[bytes] = []
         self.complete = False
 
     async def read(self) -> bytes:
+        """The whole body; :class:`PayloadError` (413, 408) or :class:`ClientDisconnected`."""
+        if self.timeout is None:
+            return await self._read()
+        return await within(self._read(), self.timeout)
+
+    async def _read(self) -> bytes:
         size = 0
         while True:
             message = await self._receive()

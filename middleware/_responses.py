@@ -13,6 +13,7 @@ __all__ = ["ERROR_CODES", "send_error"]
 ERROR_CODES: dict[int, tuple[str, str]] = {
     400: ("invalid_request", "the request is malformed"),
     403: ("forbidden", "the request was refused"),
+    408: ("request_timeout", "the request body did not arrive in time"),
     413: ("payload_too_large", "the request is too large"),
     415: ("unsupported_media_type", "the content type is not supported"),
     429: ("rate_limited", "too many requests; retry later"),

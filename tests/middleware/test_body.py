@@ -1,0 +1,168 @@
+"""The body reader: a running cap, and a deadline for the whole body (408, app never called)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from guard.config import GuardConfig
+from guard.errors import PayloadError
+from middleware._body import BodyReader, receive_within
+from middleware.asgi import GuardMiddleware
+from middleware.types import Message
+from tests.conftest import sample
+from tests.middleware.test_fuzz import JSON_CT, V1, V2, Echo, Result
+
+PLAIN_V1 = b'{"instances": [[1, 2, 3]]}'
+
+
+def stalling(*chunks: bytes) -> Any:
+    """A ``receive`` that gives ``chunks`` (more to come after each), then never answers."""
+    queue = list(chunks)
+
+    async def receive() -> Message:
+        if queue:
+            return {"type": "http.request", "body": queue.pop(0), "more_body": True}
+        await asyncio.Event().wait()  # the client sends nothing more, and stays
+        raise AssertionError("unreachable")
+
+    return receive
+
+
+def test_reader_refuses_a_stalled_body_with_408() -> None:
+    reader = BodyReader(stalling(b'{"instances": '), limit=1000, timeout=0.05)
+    with pytest.raises(PayloadError) as err:
+        asyncio.run(reader.read())
+    assert (err.value.status, err.value.reason) == (408, "body_timeout")
+    assert not reader.complete
+
+
+def test_receive_within_refuses_a_first_message_that_never_comes() -> None:
+    with pytest.raises(PayloadError) as err:
+        asyncio.run(receive_within(stalling(), 0.05))
+    assert err.value.reason == "body_timeout"
+
+
+def test_an_expired_read_leaves_the_others_alone() -> None:
+    """One watchdog serves every read on the loop: it cuts only the reads past their deadline."""
+
+    async def main() -> tuple[object, bytes]:
+        arrived = asyncio.Event()
+
+        async def slow_but_in_time() -> Message:
+            await arrived.wait()
+            return {"type": "http.request", "body": b"[1]", "more_body": False}
+
+        stalled = asyncio.ensure_future(BodyReader(stalling(), 100, timeout=0.05).read())
+        patient = asyncio.ensure_future(BodyReader(slow_but_in_time, 100, timeout=60).read())
+        outcome = await asyncio.gather(stalled, return_exceptions=True)
+        arrived.set()  # the stalled read is cut by now; this one's body comes in time
+        return outcome[0], await patient
+
+    cut, body = asyncio.run(main())
+    assert isinstance(cut, PayloadError) and cut.status == 408
+    assert body == b"[1]"
+
+
+def test_someone_elses_cancellation_is_not_a_timeout() -> None:
+    async def main() -> None:
+        read = asyncio.ensure_future(BodyReader(stalling(), 100, timeout=60).read())
+        await asyncio.sleep(0)
+        read.cancel()
+        await read
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+
+
+def test_reader_without_a_deadline_reads_the_whole_body() -> None:
+    chunks = [b"[1,", b"2]"]
+
+    async def receive() -> Message:
+        body = chunks.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    assert asyncio.run(BodyReader(receive, limit=100).read()) == b"[1,2]"
+
+
+def test_body_timeout_is_configured_and_validated() -> None:
+    assert GuardConfig.load(None).limits.body_timeout_s == 5.0
+    assert GuardConfig.load({"limits": {"body_timeout_s": 0.5}}).limits.body_timeout_s == 0.5
+    for bad in (0, -1, "5", float("inf")):
+        with pytest.raises(ValueError, match=r"limits\.body_timeout_s"):
+            GuardConfig.load({"limits": {"body_timeout_s": bad}})
+
+
+#: validation only: plain requests take the lean lane
+LEAN: dict[str, Any] = {
+    "audit": {"enabled": False},
+    "limits": {"body_timeout_s": 0.05},
+    "policies": [{"name": "inference", "degrade": {"always": False}}],
+}
+#: a policy with a detector: the full path reads the body
+FULL: dict[str, Any] = {
+    "audit": {"enabled": False},
+    "limits": {"body_timeout_s": 0.05},
+    "policies": [
+        {
+            "name": "inference",
+            "degrade": {"always": False},
+            "detectors": [
+                {"type": "rate", "params": {"limits": [{"rate": 1000, "per": "1m", "burst": 100}]}}
+            ],
+        }
+    ],
+}
+
+
+async def drive(mw: GuardMiddleware, path: str, receive: Any, headers: list[Any]) -> Result:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+    }
+    await mw(scope, receive, send)
+    return Result(sent, 0)
+
+
+@pytest.mark.parametrize("config", [LEAN, FULL], ids=["lean_lane", "full_path"])
+@pytest.mark.parametrize(
+    ("path", "chunks"),
+    [(V1, ()), (V1, (b'{"instances": ',)), (V2, (b"{", b'"inputs"'))],
+    ids=["nothing", "half", "trickle"],
+)
+def test_stalled_body_gets_408_and_the_app_is_never_called(
+    config: dict[str, Any], path: str, chunks: tuple[bytes, ...]
+) -> None:
+    echo = Echo()
+    mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
+    assert (mw._lean_policies == {"inference"}) is (config is LEAN)
+    headers = [JSON_CT, (b"content-length", b"100")]
+    res = asyncio.run(drive(mw, path, stalling(*chunks), headers))
+    assert res.status == 408
+    assert res.header(b"connection") == [b"close"]
+    assert res.json()["error"]["code"] == "request_timeout"
+    assert echo.calls == 0
+    reg = mw.registry
+    assert (
+        sample(reg, "guard_invalid_requests_total", policy="inference", reason="body_timeout") == 1
+    )
+    assert sample(reg, "guard_requests_total", policy="inference", decision="invalid") == 1
+    # a body that arrives in time is untouched by the deadline
+    done = [PLAIN_V1]
+
+    async def whole() -> Message:
+        return {"type": "http.request", "body": done.pop(), "more_body": False}
+
+    assert asyncio.run(drive(mw, V1, whole, [JSON_CT])).status == 200
+    assert echo.calls == 1
