@@ -658,17 +658,32 @@ class GuardMiddleware:
             raise PayloadError(400, "bad_shape", "the payload could not be interpreted") from None
 
     def _headers(self, scope: Scope) -> dict[bytes, bytes]:
+        """Headers by name; repeated ones joined with ``", "`` (in linear time).
+
+        A repeated identity header must repeat the same value: two different
+        credentials (or forwarding chains) in one request are refused.
+        """
         headers: dict[bytes, bytes] = {}
+        repeated: dict[bytes, list[bytes]] = {}
         identity = self._identity_headers
         for name, value in scope.get("headers", ()):
             if name in headers:
-                if name in identity and headers[name] != value:
-                    # two different credentials (or forwarding chains) in one request
-                    raise PayloadError(400, "bad_header", f"conflicting {name.decode()} headers")
-                if name not in identity:
-                    headers[name] = headers[name] + b", " + value
+                if name in identity:
+                    if headers[name] != value:
+                        raise PayloadError(
+                            400, "bad_header", f"conflicting {name.decode()} headers"
+                        )
+                    continue
+                # joined once at the end: joining as they come copies the value each time
+                parts = repeated.get(name)
+                if parts is None:
+                    repeated[name] = [headers[name], value]
+                else:
+                    parts.append(value)
                 continue
             headers[name] = value
+        for name, parts in repeated.items():
+            headers[name] = b", ".join(parts)
         return headers
 
     def _query(
