@@ -19,12 +19,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from guard.decisions import Action, FailureMode
 from guard.errors import ConfigurationError
+from guard.pointer import parse_pointer
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -37,6 +38,7 @@ __all__ = [
     "IdentityConfig",
     "LimitsConfig",
     "MetricsConfig",
+    "PayloadConfig",
     "PolicyConfig",
     "StateConfig",
 ]
@@ -82,8 +84,6 @@ class LimitsConfig:
     max_features: int = 1 << 16  #: wider rows get 400
     max_text_chars: int = 100_000  #: longer prompts (all texts together) get 413
     max_response_bytes: int = 8 << 20  #: answers larger than this are not parsed (passed through)
-    #: seconds for the whole body to arrive once the guard starts reading it; 408 past that
-    body_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +240,23 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PayloadConfig:
+    """A custom JSON shape: where a route's requests and answers keep what the guard reads.
+
+    Each field is a JSON pointer (RFC 6901, ``/features``), ``None`` when not
+    declared; at least one of ``rows`` and ``texts`` is. Requests on the
+    policy's routes are then read through these pointers only.
+    """
+
+    #: the rows (a list of rows of numbers, or one row) in a request
+    rows: str | None = None
+    #: the prompt texts (a string or a list of strings) in a request
+    texts: str | None = None
+    #: the class probabilities (a list of rows, or one row) in an answer
+    probabilities: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Route patterns, the detectors that guard them, and what happens when they fire."""
 
@@ -258,6 +275,10 @@ class PolicyConfig:
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     #: overrides the global failure mode for this policy
     failure_mode: FailureMode | None = None
+    #: the custom JSON shape of the policy's routes (``None``: the built-in formats)
+    payload: PayloadConfig | None = None
+    #: a request of no known format: ``pass`` it on (warned once per route) or ``refuse`` it
+    unknown_format: Literal["pass", "refuse"] = "pass"
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,7 +621,6 @@ class _Validator:
                 "max_features",
                 "max_text_chars",
                 "max_response_bytes",
-                "body_timeout_s",
             },
         )
         d = LimitsConfig()
@@ -613,7 +633,6 @@ class _Validator:
             max_response_bytes=self.integer(
                 m, key, "max_response_bytes", d.max_response_bytes, minimum=0
             ),
-            body_timeout_s=self.number(m, key, "body_timeout_s", d.body_timeout_s, minimum=0.001),
         )
 
     def metrics(self, raw: object, key: str) -> MetricsConfig:
@@ -714,6 +733,8 @@ class _Validator:
                 "quarantine_s",
                 "degrade",
                 "failure_mode",
+                "payload",
+                "unknown_format",
             },
         )
         name = self.string(m, key, "name", "", nonempty=True)
@@ -757,7 +778,37 @@ class _Validator:
             quarantine_s=self.number(m, key, "quarantine_s", 0.0),
             degrade=self.degrade(m.get("degrade"), _join(key, "degrade")),
             failure_mode=failure_mode,
+            payload=self.payload(m.get("payload"), _join(key, "payload")),
+            unknown_format=self.unknown_format(m, key),
         )
+
+    def payload(self, raw: object, key: str) -> PayloadConfig | None:
+        if raw is None:
+            return None
+        m = self.mapping(raw, key, {"rows", "texts", "probabilities"})
+        pointers: dict[str, str | None] = {}
+        for name in ("rows", "texts", "probabilities"):
+            value = m.get(name)
+            if value is None:
+                pointers[name] = None
+                continue
+            try:
+                parse_pointer(value)
+            except ValueError as exc:
+                self.fail(_join(key, name), str(exc))
+                value = None
+            pointers[name] = value
+        if isinstance(raw, Mapping) and m.get("rows") is None and m.get("texts") is None:
+            self.fail(key, "needs rows or texts (a JSON pointer such as /features)")
+        return PayloadConfig(**pointers)
+
+    def unknown_format(self, m: Mapping[str, Any], key: str) -> Literal["pass", "refuse"]:
+        value = m.get("unknown_format", "pass")
+        if value == "refuse":
+            return "refuse"
+        if value != "pass":
+            self.fail(_join(key, "unknown_format"), f"must be one of pass, refuse, got {value!r}")
+        return "pass"
 
     def degrade(self, raw: object, key: str) -> DegradeConfig:
         m = self.mapping(raw, key, {"decimals", "top_k", "labels_only", "always", "noise"})

@@ -110,6 +110,8 @@ class Guard:
         self._score_children: dict[str, Any] = {}
         self._overhead_children: dict[str, Any] = {}
         self._payload_children: dict[tuple[str, str], Any] = {}
+        # per policy, the route patterns already warned about an unknown format
+        self._unknown_warned: dict[str, set[str]] = {p.name: set() for p in self.policies}
 
     def _build_store(self) -> KeyValueStore:
         base: Store = store_from_uri(
@@ -142,6 +144,30 @@ class Guard:
         if len(memo) < _MATCH_MEMO:
             memo[key] = found
         return found
+
+    def note_unknown_format(self, policy: CompiledPolicy, path: str) -> None:
+        """Warn, once per (policy, route pattern), that a request of no known format passed.
+
+        Such a request (``unknown_format: pass``) gets no row counting, no
+        detectors and no rounding of its answer; it is counted as
+        ``guard_payloads_total{format="unknown"}``. The warning names the route
+        pattern from the config, never the client-chosen path.
+        """
+        warned = self._unknown_warned.setdefault(policy.name, set())
+        if len(warned) >= len(policy.config.routes):
+            return
+        route = policy.route_of(path)
+        if route in warned:
+            return
+        warned.add(route)
+        log.warning(
+            "policy %s: a request on route %s has no known payload format and passed without "
+            "row counting, detectors or rounding of its answer (unknown_format: pass). "
+            "Declare its shape with payload: {rows: <JSON pointer>, probabilities: <JSON "
+            "pointer>}, or refuse such requests with unknown_format: refuse",
+            policy.name,
+            route,
+        )
 
     # ------------------------------------------------------------------ before the model
 

@@ -81,7 +81,8 @@ class CompiledPolicy:
     failure_mode: FailureMode
     #: some detector learns from answers, so answers must be parsed
     observes: bool
-    #: the policy never needs the body (no validation, no detectors, no degrade)
+    #: the policy never needs the body (no validation, no detectors, no degrade, and
+    #: unknown formats passed)
     passthrough: bool
     #: answers may be rewritten (rounding for everyone, or a degrade action)
     rewrites: bool = False
@@ -108,7 +109,12 @@ class CompiledPolicy:
             detectors=detectors,
             failure_mode=config.failure_mode or default_failure_mode,
             observes=any(a.detector.observes_answers for a in detectors),
-            passthrough=not (config.validate or detectors or degrade_possible),
+            passthrough=not (
+                config.validate
+                or detectors
+                or degrade_possible
+                or config.unknown_format == "refuse"
+            ),
             rewrites=degrade_possible,
             allow=None
             if detectors
@@ -122,3 +128,14 @@ class CompiledPolicy:
 
     def matches(self, method: str, path: str) -> bool:
         return method in self.methods and self.routes.match(path) is not None
+
+    def route_of(self, path: str) -> str:
+        """The first of the policy's route patterns that ``path`` matches (``""``: none).
+
+        For messages about a route: a label from the config, never the
+        client-chosen path. Off the hot path (``re`` caches the compiled patterns).
+        """
+        for pattern in self.config.routes:
+            if compile_routes((pattern,)).match(path) is not None:
+                return pattern
+        return ""

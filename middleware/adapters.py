@@ -17,6 +17,7 @@ Formats and what they yield (``rows`` is ``(n_rows, n_features)`` float64):
 ``openai_chat``           ``texts``: one prompt, message texts joined with ``"\\n"``
 ``openai_completion``     ``texts``: one per prompt string (token-id prompts are only counted)
 ``json_array``            a list of numbers is one row, a list of lists is rows
+``custom``                a policy's ``payload:`` pointers (:mod:`middleware.formats`)
 ``unknown``               anything else that is valid JSON: ``rows=None``, ``n_rows=1``
 ========================  ===============================================================
 """
@@ -36,8 +37,15 @@ from middleware._oip import parse_oip
 from middleware._openai import parse_chat, parse_completion
 from middleware._request import ParsedRequest, fail
 from middleware._tabular import parse_json_array, parse_kserve, parse_mlflow
+from middleware.formats import PayloadFormat
 
-__all__ = ["ParsedRequest", "detect_format", "parse_request", "parse_response"]
+__all__ = [
+    "ParsedRequest",
+    "detect_format",
+    "parse_request",
+    "parse_response",
+    "pattern_format",
+]
 
 _PATHS = re.compile(
     r"(?:(?P<oip_v2>/v2/models/[^/]+(?:/versions/[^/]+)?/infer)"
@@ -47,6 +55,8 @@ _PATHS = re.compile(
     r"|(?P<openai_completion>/v1/completions))"
     r"/?\Z"
 )
+#: what stands for one path segment in a route pattern (guard.policy.compile_routes)
+_WILDCARDS = re.compile(r"\*\*|\*|\{[^}]*\}")
 _HEADER = "inference-header-content-length"
 _FORMAT_MEMO: dict[str, str | None] = {}
 _FORMAT_MEMO_SIZE = 1024
@@ -85,6 +95,19 @@ def detect_format(path: str) -> str | None:
     return fmt
 
 
+def pattern_format(pattern: str) -> str | None:
+    """The payload format the paths of a route pattern name, or ``None``.
+
+    Examples
+    --------
+    >>> pattern_format("/v1/models/*:predict")
+    'kserve_v1'
+    >>> pattern_format("/predict") is None
+    True
+    """
+    return detect_format(_WILDCARDS.sub("m", pattern))
+
+
 def _body_format(doc: object) -> str:
     if isinstance(doc, list):
         return "json_array"
@@ -119,6 +142,7 @@ def parse_request(
     headers: Mapping[str, str],
     limits: LimitsConfig,
     want_rows: bool = True,
+    payload: PayloadFormat | None = None,
 ) -> ParsedRequest:
     """Validate and parse one inference request body.
 
@@ -142,6 +166,9 @@ def parse_request(
         detectors): the payload is validated exactly as otherwise, but an OIP v2
         JSON request's matrix is not built (``rows`` is ``None``), which keeps
         numpy off the guard's cheapest path.
+    payload
+        The policy's own format (``payload:`` in its config), which then reads
+        every request instead of the built-in formats.
 
     Returns
     -------
@@ -168,6 +195,8 @@ def parse_request(
     """
     if len(body) > limits.max_body_bytes:
         fail(413, "body_too_large", f"the request body exceeds {limits.max_body_bytes} bytes")
+    if payload is not None:
+        return payload.parse(body, content_type=content_type, limits=limits)
     fmt = detect_format(path)
     header_length = headers.get(_HEADER)
     if header_length is not None and fmt in (None, "oip_v2"):

@@ -35,12 +35,20 @@ from guard.errors import PayloadError
 from guard.identity import ClientId
 from guard.pipeline import FailClosed, Guard
 from guard.policy import CompiledPolicy
-from middleware._body import BodyReader, ClientDisconnected, receive_within
+from middleware._body import BodyReader, ClientDisconnected
+from middleware._json import is_json_media_type
 from middleware._plain import READERS
 from middleware._responder import Responder
 from middleware._responses import send_error
-from middleware.adapters import ParsedRequest, detect_format, parse_request, parse_response
+from middleware.adapters import (
+    ParsedRequest,
+    detect_format,
+    parse_request,
+    parse_response,
+    pattern_format,
+)
 from middleware.degrade import RowNoise, degrade_response, noise_key
+from middleware.formats import PayloadFormat, payload_format
 from middleware.metrics_endpoint import serve_metrics
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,7 +62,6 @@ _BINARY_HEADER_STR = "inference-header-content-length"
 _BINARY_HEADER = _BINARY_HEADER_STR.encode()
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _JSON = b"application/json"
-_CLOSE = (("connection", "close"),)
 #: what ASGI servers put in scope["client"]: (host, port), as a tuple or a list, or None
 _PEERS = (tuple, list, type(None))
 
@@ -121,14 +128,19 @@ class GuardMiddleware:
         self._tally = self.guard.metrics.tally
         self._routes: dict[tuple[str, str], _Route] = {}
         self._lean_updates: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # the custom JSON shapes policies declare (payload:), which read their routes
+        self._payloads: dict[str, PayloadFormat] = {
+            p.name: f for p in self.config.policies if (f := payload_format(p.payload)) is not None
+        }
         # policies whose every request is either refused or let through (its answer
         # perhaps rounded): no detectors, no quarantine, answers never watched, no
-        # capture (the lean lane in __call__)
+        # capture (the lean lane in __call__), and the built-in formats
         self._lean_policies = frozenset(
             p.name
             for p in self.guard.policies
             if p.allow is not None
             and p.config.validate
+            and p.name not in self._payloads
             and not (p.observes or p.passthrough)
             and not self.guard.quarantine_enabled
             and self.guard.capture is None
@@ -138,6 +150,7 @@ class GuardMiddleware:
         self._noise_key = (
             noise_key() if any(_noisy_degrade(p) for p in self.guard.policies) else None
         )
+        _log_unnamed_routes(self.guard.policies)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -204,10 +217,7 @@ class GuardMiddleware:
                 await self._guarded(policy, scope, receive, send, request_id, started)
                 return
             try:
-                message = await receive_within(receive, self._limits.body_timeout_s)
-            except PayloadError as exc:  # the body did not arrive in time: 408
-                await self._refuse_invalid(policy, exc, None, request_id, send, started)
-                return
+                message = await receive()
             except Exception:  # as the full path would: the failure mode decides
                 await self._internal_failure(policy, scope, receive, send, request_id)
                 return
@@ -335,7 +345,7 @@ class GuardMiddleware:
         if started is None:
             started = time.perf_counter()
         guard = self.guard
-        reader = BodyReader(receive, self._limits.max_body_bytes, self._limits.body_timeout_s)
+        reader = BodyReader(receive, self._limits.max_body_bytes)
         client: ClientId | None = None
         parsed: ParsedRequest | None = None
         query: Query | None
@@ -548,7 +558,13 @@ class GuardMiddleware:
             ):
                 rows = parsed.rows if parsed is not None else None
                 noise = RowNoise(self._noise_key, client.id, rows)
-            rewrite = partial(_degrade, fmt=fmt, spec=degrade, noise=noise)
+            rewrite = partial(
+                _degrade,
+                fmt=fmt,
+                spec=degrade,
+                noise=noise,
+                payload=self._payloads.get(policy.name),
+            )
         responder = Responder(
             send,
             extra,
@@ -572,7 +588,7 @@ class GuardMiddleware:
                 else ("unparsed" if responder.rewrite_failed else "passed_through"),
             )
         if watch:
-            answer = self._answer(responder, fmt)
+            answer = self._answer(responder, fmt, self._payloads.get(policy.name))
             ok = 200 <= responder.status < 300
             if observe and ok and query is not None and client is not None:
                 await self._observe(
@@ -582,13 +598,16 @@ class GuardMiddleware:
                 self._record_capture(captured, decision, responder.status, answer)
         guard.observe_overhead(policy.name, before + (time.perf_counter() - after_started))
 
-    def _answer(self, responder: Responder, fmt: str) -> Answer:
+    def _answer(self, responder: Responder, fmt: str, payload: PayloadFormat | None) -> Answer:
         """The model's answer as far as it could be read (its status at least)."""
         body = responder.body
         answer: Answer | None = None
         if body is not None:
             try:
-                answer = parse_response(body, fmt=fmt, content_type=responder.content_type)
+                if payload is not None:
+                    answer = payload.read_answer(body, responder.content_type)
+                else:
+                    answer = parse_response(body, fmt=fmt, content_type=responder.content_type)
             except Exception:
                 self.guard.count_error("response")
                 answer = None
@@ -637,13 +656,14 @@ class GuardMiddleware:
             else _NO_HEADERS
         )
         try:
-            return parse_request(
+            parsed = parse_request(
                 body,
                 path=path,
                 content_type=ctype,
                 headers=str_headers,
                 limits=self._limits,
                 want_rows=bool(policy.detectors) or self.guard.capture is not None,
+                payload=self._payloads.get(policy.name),
             )
         except PayloadError:
             if not policy.config.validate:
@@ -656,34 +676,28 @@ class GuardMiddleware:
             if not policy.config.validate:
                 return ParsedRequest(fmt="unknown", rows=None)
             raise PayloadError(400, "bad_shape", "the payload could not be interpreted") from None
+        if parsed.fmt == "unknown":
+            if policy.config.unknown_format == "refuse":
+                # not JSON at all (415), or JSON of no shape the guard reads (400)
+                status = 400 if is_json_media_type(ctype) else 415
+                raise PayloadError(
+                    status, "unknown_format", "the payload format is not accepted here"
+                )
+            self.guard.note_unknown_format(policy, path)
+        return parsed
 
     def _headers(self, scope: Scope) -> dict[bytes, bytes]:
-        """Headers by name; repeated ones joined with ``", "`` (in linear time).
-
-        A repeated identity header must repeat the same value: two different
-        credentials (or forwarding chains) in one request are refused.
-        """
         headers: dict[bytes, bytes] = {}
-        repeated: dict[bytes, list[bytes]] = {}
         identity = self._identity_headers
         for name, value in scope.get("headers", ()):
             if name in headers:
-                if name in identity:
-                    if headers[name] != value:
-                        raise PayloadError(
-                            400, "bad_header", f"conflicting {name.decode()} headers"
-                        )
-                    continue
-                # joined once at the end: joining as they come copies the value each time
-                parts = repeated.get(name)
-                if parts is None:
-                    repeated[name] = [headers[name], value]
-                else:
-                    parts.append(value)
+                if name in identity and headers[name] != value:
+                    # two different credentials (or forwarding chains) in one request
+                    raise PayloadError(400, "bad_header", f"conflicting {name.decode()} headers")
+                if name not in identity:
+                    headers[name] = headers[name] + b", " + value
                 continue
             headers[name] = value
-        for name, parts in repeated.items():
-            headers[name] = b", ".join(parts)
         return headers
 
     def _query(
@@ -735,9 +749,7 @@ class GuardMiddleware:
             reason=exc.reason,
         )
         guard.observe_overhead(policy.name, time.perf_counter() - started)
-        # a 408 leaves the rest of the body unread: the connection cannot serve another request
-        headers = _CLOSE if exc.status == 408 else ()
-        await send_error(send, exc.status, request_id, message=exc.message, headers=headers)
+        await send_error(send, exc.status, request_id, message=exc.message)
 
 
 def _check_length(length: bytes | None, limit: int) -> None:
@@ -772,8 +784,33 @@ def _degrade(
     fmt: str,
     spec: DegradeConfig,
     noise: RowNoise | None,
+    payload: PayloadFormat | None,
 ) -> bytes | None:
+    if payload is not None:  # the policy's own shape: its answers hold probabilities there
+        return payload.rewrite_answer(body, content_type, spec=spec, noise=noise)
     return degrade_response(body, fmt=fmt, content_type=content_type, spec=spec, noise=noise)
+
+
+def _log_unnamed_routes(policies: tuple[CompiledPolicy, ...]) -> None:
+    """Say at start-up which detector routes name no protocol and declare no ``payload:``.
+
+    Requests there are read by their JSON shape; one of no known shape gets
+    past the detectors (``unknown_format: pass``, warned on first sight) or is
+    refused (``refuse``).
+    """
+    for policy in policies:
+        if not policy.detectors or policy.config.payload is not None:
+            continue
+        unnamed = [r for r in policy.config.routes if pattern_format(r) is None]
+        if unnamed:
+            log.info(
+                "policy %s: routes %s name no known protocol; requests there are read by "
+                "their JSON shape, and one of no known shape is %s. Declare a custom shape "
+                "with payload: {rows: <JSON pointer>, ...}",
+                policy.name,
+                ", ".join(unnamed),
+                "refused" if policy.config.unknown_format == "refuse" else "passed unguarded",
+            )
 
 
 def _noisy_degrade(policy: CompiledPolicy) -> bool:

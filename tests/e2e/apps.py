@@ -57,3 +57,39 @@ def stream_app() -> ASGIApp:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     return GuardMiddleware(app, config=_config())
+
+
+def custom_shape_app() -> ASGIApp:
+    """A Starlette model with its own JSON shape, behind the guard.
+
+    ``POST /score`` takes ``{"features": [[...], ...]}`` and answers
+    ``{"probabilities": [[p, 1 - p], ...]}`` at full precision;
+    ``GET /received`` says how many rows the model was given so far.
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    received: list[int] = []
+
+    async def score(request: Request) -> JSONResponse:
+        rows = (await request.json())["features"]
+        received.append(len(rows))
+        probs = [1.0 / (1.0 + 2.718281828459045 ** -(sum(r) / 7.0)) for r in rows]
+        return JSONResponse({"probabilities": [[p, 1.0 - p] for p in probs]})
+
+    async def rows_received(request: Request) -> JSONResponse:
+        return JSONResponse({"requests": len(received), "rows": sum(received)})
+
+    async def healthz(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/score", score, methods=["POST"]),
+            Route("/received", rows_received),
+            Route("/healthz", healthz),
+        ]
+    )
+    return GuardMiddleware(app, config=_config())
