@@ -84,6 +84,8 @@ class LimitsConfig:
     max_features: int = 1 << 16  #: wider rows get 400
     max_text_chars: int = 100_000  #: longer prompts (all texts together) get 413
     max_response_bytes: int = 8 << 20  #: answers larger than this are not parsed (passed through)
+    #: seconds for the whole body to arrive once the guard starts reading it; 408 past that
+    body_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,6 +623,7 @@ class _Validator:
                 "max_features",
                 "max_text_chars",
                 "max_response_bytes",
+                "body_timeout_s",
             },
         )
         d = LimitsConfig()
@@ -633,6 +636,7 @@ class _Validator:
             max_response_bytes=self.integer(
                 m, key, "max_response_bytes", d.max_response_bytes, minimum=0
             ),
+            body_timeout_s=self.number(m, key, "body_timeout_s", d.body_timeout_s, minimum=0.001),
         )
 
     def metrics(self, raw: object, key: str) -> MetricsConfig:

@@ -51,7 +51,7 @@ class ConfigurationError(GuardError, ValueError):
 class PayloadError(GuardError):
     """An inference request the guard refuses before the model sees it.
 
-    ``status`` is the HTTP status to answer (400, 413 or 415), ``reason`` a label
+    ``status`` is the HTTP status to answer (400, 408, 413 or 415), ``reason`` a label
     from a small closed set (used as a metric label) and ``message`` the text the
     client receives. The message never echoes the payload back.
     """
@@ -72,6 +72,7 @@ class PayloadError(GuardError):
             "text_too_long",
             "bad_header",
             "unknown_format",
+            "body_timeout",
         }
     )
 

@@ -35,7 +35,7 @@ from guard.errors import PayloadError
 from guard.identity import ClientId
 from guard.pipeline import FailClosed, Guard
 from guard.policy import CompiledPolicy
-from middleware._body import BodyReader, ClientDisconnected
+from middleware._body import BodyReader, ClientDisconnected, receive_within
 from middleware._json import is_json_media_type
 from middleware._plain import READERS
 from middleware._responder import Responder
@@ -62,6 +62,7 @@ _BINARY_HEADER_STR = "inference-header-content-length"
 _BINARY_HEADER = _BINARY_HEADER_STR.encode()
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _JSON = b"application/json"
+_CLOSE = (("connection", "close"),)
 #: what ASGI servers put in scope["client"]: (host, port), as a tuple or a list, or None
 _PEERS = (tuple, list, type(None))
 
@@ -217,7 +218,10 @@ class GuardMiddleware:
                 await self._guarded(policy, scope, receive, send, request_id, started)
                 return
             try:
-                message = await receive()
+                message = await receive_within(receive, self._limits.body_timeout_s)
+            except PayloadError as exc:  # the body did not arrive in time: 408
+                await self._refuse_invalid(policy, exc, None, request_id, send, started)
+                return
             except Exception:  # as the full path would: the failure mode decides
                 await self._internal_failure(policy, scope, receive, send, request_id)
                 return
@@ -345,7 +349,7 @@ class GuardMiddleware:
         if started is None:
             started = time.perf_counter()
         guard = self.guard
-        reader = BodyReader(receive, self._limits.max_body_bytes)
+        reader = BodyReader(receive, self._limits.max_body_bytes, self._limits.body_timeout_s)
         client: ClientId | None = None
         parsed: ParsedRequest | None = None
         query: Query | None
@@ -687,17 +691,32 @@ class GuardMiddleware:
         return parsed
 
     def _headers(self, scope: Scope) -> dict[bytes, bytes]:
+        """Headers by name; repeated ones joined with ``", "`` (in linear time).
+
+        A repeated identity header must repeat the same value: two different
+        credentials (or forwarding chains) in one request are refused.
+        """
         headers: dict[bytes, bytes] = {}
+        repeated: dict[bytes, list[bytes]] = {}
         identity = self._identity_headers
         for name, value in scope.get("headers", ()):
             if name in headers:
-                if name in identity and headers[name] != value:
-                    # two different credentials (or forwarding chains) in one request
-                    raise PayloadError(400, "bad_header", f"conflicting {name.decode()} headers")
-                if name not in identity:
-                    headers[name] = headers[name] + b", " + value
+                if name in identity:
+                    if headers[name] != value:
+                        raise PayloadError(
+                            400, "bad_header", f"conflicting {name.decode()} headers"
+                        )
+                    continue
+                # joined once at the end: joining as they come copies the value each time
+                parts = repeated.get(name)
+                if parts is None:
+                    repeated[name] = [headers[name], value]
+                else:
+                    parts.append(value)
                 continue
             headers[name] = value
+        for name, parts in repeated.items():
+            headers[name] = b", ".join(parts)
         return headers
 
     def _query(
@@ -749,7 +768,9 @@ class GuardMiddleware:
             reason=exc.reason,
         )
         guard.observe_overhead(policy.name, time.perf_counter() - started)
-        await send_error(send, exc.status, request_id, message=exc.message)
+        # a 408 leaves the rest of the body unread: the connection cannot serve another request
+        headers = _CLOSE if exc.status == 408 else ()
+        await send_error(send, exc.status, request_id, message=exc.message, headers=headers)
 
 
 def _check_length(length: bytes | None, limit: int) -> None:
