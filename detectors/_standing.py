@@ -7,7 +7,9 @@ What other workers must know is small: *this client was flagged, with this
 score*. :class:`SharedStanding` writes that summary to the
 :class:`~detectors.store.KeyValueStore` the detector was built with
 (``memory://`` in one process, ``redis://`` across workers and replicas), with
-a TTL so a flag expires on its own.
+a TTL so a flag expires on its own. Every key starts with
+:data:`STANDING_PREFIX`, which stores use to keep standings apart from the
+state they may evict (the ``memory://`` store's flag table).
 
 With a shared store, a client flagged by one worker is flagged by all of them
 on its next request, even if its traffic is spread so that no single worker
@@ -20,11 +22,14 @@ import math
 
 from detectors.store import KeyValueStore
 
-__all__ = ["SharedStanding"]
+__all__ = ["STANDING_PREFIX", "SharedStanding"]
+
+#: the prefix of every standing's key: a bounded store must not evict these for rate keys
+STANDING_PREFIX = "standing:"
 
 
 class SharedStanding:
-    """Flagged clients and their scores, under ``<namespace>:<policy>:<client>``.
+    """Flagged clients and their scores, under ``standing:<namespace>:<policy>:<client>``.
 
     Parameters
     ----------
@@ -44,7 +49,7 @@ class SharedStanding:
         self.ttl = ttl
 
     def _key(self, policy: str, client: str) -> str:
-        return f"{self.namespace}:{policy}:{client}"
+        return f"{STANDING_PREFIX}{self.namespace}:{policy}:{client}"
 
     async def flag(self, policy: str, client: str, score: float) -> None:
         """Record that ``client`` was flagged with ``score`` (refreshes the TTL)."""

@@ -181,6 +181,10 @@ class StateConfig:
     store: str = "memory://"
     #: memory store: most keys tracked before least-recently-used eviction
     max_keys: int = 100_000
+    #: memory store: most quarantine flags and detector standings, kept apart from
+    #: ``max_keys`` and never evicted while their TTL runs (past it, new flags overflow
+    #: into the main table, counted in guard_store_flag_overflows_total)
+    max_flag_keys: int = 100_000
     #: prefix for every key the guard writes to a shared store
     key_prefix: str = "guard:"
     #: seconds a store operation may take before it counts as failed (queueing
@@ -682,7 +686,15 @@ class _Validator:
         m = self.mapping(
             raw,
             key,
-            {"store", "max_keys", "key_prefix", "timeout_s", "breaker_failures", "breaker_reset_s"},
+            {
+                "store",
+                "max_keys",
+                "max_flag_keys",
+                "key_prefix",
+                "timeout_s",
+                "breaker_failures",
+                "breaker_reset_s",
+            },
         )
         d = StateConfig()
         store = self.string(m, key, "store", d.store, nonempty=True)
@@ -695,6 +707,7 @@ class _Validator:
         return StateConfig(
             store=store,
             max_keys=self.integer(m, key, "max_keys", d.max_keys, minimum=1),
+            max_flag_keys=self.integer(m, key, "max_flag_keys", d.max_flag_keys, minimum=1),
             key_prefix=self.string(m, key, "key_prefix", d.key_prefix),
             timeout_s=self.number(m, key, "timeout_s", d.timeout_s, minimum=0.001),
             breaker_failures=self.integer(

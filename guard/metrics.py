@@ -248,6 +248,12 @@ class GuardMetrics:
             ("backend",),
             registry=r,
         )
+        self.store_flag_overflows = Counter(
+            "guard_store_flag_overflows",
+            "Quarantine flags and standings kept with the evictable keys: the flag table was full.",
+            ("backend",),
+            registry=r,
+        )
         self.breaker = Counter(
             "guard_store_breaker_transitions",
             "Circuit-breaker state changes of the shared store (open, half_open, closed).",
@@ -276,13 +282,15 @@ class GuardMetrics:
             self.errors.labels(component)
 
     def store_event(self, kind: str, backend: str) -> None:
-        """Callback for the resilient store: ``error``, ``fallback`` or ``eviction``."""
+        """Store events: ``error``, ``fallback``, ``eviction``, ``flag_overflow``, breaker moves."""
         if kind == "error":
             self.store_errors.labels(backend).inc()
         elif kind == "fallback":
             self.store_fallback.labels(backend).inc()
         elif kind == "eviction":
             self.store_evictions.labels(backend).inc()
+        elif kind == "flag_overflow":
+            self.store_flag_overflows.labels(backend).inc()
         elif kind in ("open", "half_open", "closed"):
             self.breaker.labels(backend, kind).inc()
 

@@ -51,7 +51,12 @@ def store_from_uri(
     if uri.startswith("memory://"):
         from guard.stores.memory import MemoryStore
 
-        return MemoryStore(max_keys=config.max_keys, clock=clock, on_event=on_event)
+        return MemoryStore(
+            max_keys=config.max_keys,
+            max_flag_keys=config.max_flag_keys,
+            clock=clock,
+            on_event=on_event,
+        )
     if uri.startswith(("redis://", "rediss://", "unix://")):
         try:
             from guard.stores.redis import RedisStore

@@ -7,28 +7,45 @@ and swept in small steps on writes, so memory stays bounded without a
 background task.
 
 Rate-limit state lives in the same bounded table (an evicted client simply
-starts with a fresh budget), timed by the injected clock. Every method runs to
-completion without awaiting, so each call is atomic with respect to the other
-tasks of the event loop; the store is not meant to be shared across threads.
+starts with a fresh budget), timed by the injected clock.
+
+Flags are worth more than budgets: a quarantine (``quarantine:`` keys) or a
+detector's standing (``standing:`` keys) is evidence against a client, and a
+flood of fresh client ids must not push it out of an LRU shared with their
+rate keys. Flags therefore live in a table of their own, bounded by
+``max_flag_keys`` and never evicted while their TTL runs: expired flags are
+dropped (the soonest-expiring first) to make room, and when every flag in it
+is still live, a new flag *overflows* into the main table, where it is
+evicted like any other key. Each overflow is counted
+(:attr:`MemoryStore.flag_overflows`, ``on_event("flag_overflow", "memory")``);
+live flags are never given up for it.
+
+Every method runs to completion without awaiting, so each call is atomic with
+respect to the other tasks of the event loop; the store is not meant to be
+shared across threads.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from detectors._standing import STANDING_PREFIX
 from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
 from guard.errors import StateError
 from guard.stores._ratemath import check_acquire, gcra_step, window_step
 from guard.stores.base import Store
 from guard.stores.rate import RateLimitStore
 
-__all__ = ["MemoryStore"]
+__all__ = ["FLAG_PREFIXES", "MemoryStore"]
 
 _NEVER = float("inf")
+#: keys kept in the flag table: quarantine (``guard.pipeline``) and detector standings
+FLAG_PREFIXES = ("quarantine:", STANDING_PREFIX)
 
 
 @dataclass(slots=True)
@@ -59,24 +76,44 @@ class MemoryStore(Store, RateLimitStore):
         self,
         *,
         max_keys: int = 100_000,
+        max_flag_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, str], None] | None = None,
+        flag_prefixes: tuple[str, ...] = FLAG_PREFIXES,
     ):
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
+        if max_flag_keys < 1:
+            raise ValueError("max_flag_keys must be >= 1")
         self.max_keys = max_keys
+        self.max_flag_keys = max_flag_keys
         self._clock = clock
-        #: called as ``on_event("eviction", "memory")`` for every eviction (metrics)
+        #: called as ``on_event("eviction", "memory")`` for every eviction, and
+        #: ``on_event("flag_overflow", "memory")`` for every overflowing flag (metrics)
         self.on_event = on_event
         # key -> (expires_at, value); order is recency of use (last = most recent)
         self._data: OrderedDict[str, tuple[float, _Value]] = OrderedDict()
         #: keys evicted because the store was full (exported as a metric)
         self.evictions = 0
+        self._flag_prefixes = flag_prefixes
+        # the flag table, key -> (expires_at, value), and a heap of (expires_at, key) to
+        # find expired flags without a scan (stale entries are skipped, then compacted)
+        self._flags: dict[str, tuple[float, _Value]] = {}
+        self._flag_expiry: list[tuple[float, str]] = []
+        #: flags that found the flag table full of live flags and went to the main table
+        self.flag_overflows = 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) + len(self._flags)
 
     def _live(self, key: str, now: float) -> tuple[float, _Value] | None:
+        if key.startswith(self._flag_prefixes):
+            flag = self._flags.get(key)
+            if flag is not None:
+                if flag[0] > now:
+                    return flag
+                del self._flags[key]
+            # else perhaps an overflowed flag, in the main table
         item = self._data.get(key)
         if item is None:
             return None
@@ -86,7 +123,38 @@ class MemoryStore(Store, RateLimitStore):
         self._data.move_to_end(key)
         return item
 
+    def _flag_room(self, key: str, now: float) -> bool:
+        """Whether the flag table can hold ``key``, after dropping expired flags if full."""
+        flags = self._flags
+        if key in flags or len(flags) < self.max_flag_keys:
+            return True
+        heap = self._flag_expiry
+        while heap and heap[0][0] <= now:
+            _, old = heapq.heappop(heap)
+            item = flags.get(old)
+            if item is not None and item[0] <= now:
+                del flags[old]
+        return len(flags) < self.max_flag_keys
+
+    def _put_flag(self, key: str, expires: float, value: _Value) -> bool:
+        """Keep a flag in the flag table; ``False`` when it is full of live flags."""
+        if not self._flag_room(key, self._clock()):
+            self.flag_overflows += 1
+            if self.on_event is not None:
+                self.on_event("flag_overflow", self.backend)
+            return False
+        self._flags[key] = (expires, value)
+        self._data.pop(key, None)  # an older copy that had overflowed
+        heap = self._flag_expiry
+        heapq.heappush(heap, (expires, key))
+        if len(heap) > 2 * len(self._flags) + 64:  # refreshed flags leave stale entries
+            heap[:] = [(exp, k) for k, (exp, _) in self._flags.items()]
+            heapq.heapify(heap)
+        return True
+
     def _put(self, key: str, expires: float, value: _Value) -> None:
+        if key.startswith(self._flag_prefixes) and self._put_flag(key, expires, value):
+            return
         data = self._data
         data[key] = (expires, value)
         data.move_to_end(key)
@@ -127,6 +195,7 @@ class MemoryStore(Store, RateLimitStore):
 
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
+        self._flags.pop(key, None)
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         now = self._clock()
@@ -142,7 +211,10 @@ class MemoryStore(Store, RateLimitStore):
             new = (int(old) if isinstance(old, bytes) else old) + amount
         except ValueError as exc:
             raise StateError(self.backend, "incr", "the value is not an integer") from exc
-        self._data[key] = (item[0], new)
+        if key in self._flags:
+            self._flags[key] = (item[0], new)
+        else:
+            self._data[key] = (item[0], new)
         return new
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:

@@ -42,9 +42,18 @@ EventCallback = Callable[[str, str], None]
 
 #: the event kinds: a backend call failed; a call was served by the fallback;
 #: a call failed fast because the breaker was open; the breaker changed state;
-#: a bounded memory store evicted a key
+#: a bounded memory store evicted a key; a flag found the memory store's flag table full
 EVENTS = frozenset(
-    {"error", "fallback", "short_circuit", "open", "half_open", "closed", "eviction"}
+    {
+        "error",
+        "fallback",
+        "short_circuit",
+        "open",
+        "half_open",
+        "closed",
+        "eviction",
+        "flag_overflow",
+    }
 )
 
 
