@@ -56,6 +56,18 @@ DEFAULT_ROUTES: tuple[str, ...] = (
 )
 
 
+#: the shortest secret accepted in ``client_identity.hash_key_env``
+MIN_HASH_KEY_BYTES = 16
+
+
+def short_hash_key(env: str) -> str:
+    """The problem with a secret in ``env`` shorter than :data:`MIN_HASH_KEY_BYTES`."""
+    return (
+        f"environment variable {env} must hold at least {MIN_HASH_KEY_BYTES} bytes "
+        "(a random secret: openssl rand -hex 32)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityConfig:
     """How a client is identified. Raw keys are only ever kept as keyed hashes."""
@@ -538,7 +550,7 @@ class _Validator:
             policies = self.policies(top["policies"], "policies")
         else:
             policies = (PolicyConfig(name="inference"),)
-        if state.store.startswith(("redis://", "rediss://")) and not os.environ.get(
+        if state.store.startswith(("redis://", "rediss://", "unix://")) and not os.environ.get(
             identity.hash_key_env
         ):
             # with a shared store every worker must hash a client to the same id
@@ -547,6 +559,10 @@ class _Validator:
                 f"environment variable {identity.hash_key_env} must be set when state.store is "
                 "shared (redis), so that every worker and replica hashes clients alike",
             )
+        hash_key = os.environ.get(identity.hash_key_env)
+        if hash_key and len(hash_key.encode("utf-8")) < MIN_HASH_KEY_BYTES:
+            # the value is a secret: say how long it must be, never what it is
+            self.fail("client_identity.hash_key_env", short_hash_key(identity.hash_key_env))
         return GuardConfig(
             policies=policies,
             client_identity=identity,
@@ -701,7 +717,7 @@ class _Validator:
         if not store.startswith(("memory://", "redis://", "rediss://", "unix://")):
             self.fail(
                 _join(key, "store"),
-                "scheme must be memory://, redis:// or rediss://",
+                "scheme must be memory://, redis://, rediss:// or unix://",
             )
             store = d.store
         return StateConfig(

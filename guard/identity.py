@@ -32,8 +32,8 @@ import secrets
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from guard.config import ExemptConfig, IdentityConfig
-from guard.errors import PayloadError
+from guard.config import MIN_HASH_KEY_BYTES, ExemptConfig, IdentityConfig, short_hash_key
+from guard.errors import ConfigurationError, PayloadError
 
 __all__ = ["ClientId", "ClientIdentifier"]
 
@@ -73,6 +73,10 @@ class ClientIdentifier:
             env = os.environ.get(config.hash_key_env, "")
             if env:
                 secret = env.encode("utf-8")
+                if len(secret) < MIN_HASH_KEY_BYTES:
+                    raise ConfigurationError(
+                        "client_identity.hash_key_env", short_hash_key(config.hash_key_env)
+                    )
             else:
                 log.warning(
                     "%s is not set: client ids are hashed with a random per-process secret, "

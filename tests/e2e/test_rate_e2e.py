@@ -35,7 +35,7 @@ V1 = "/v1/models/digits:predict"
 ROW = [1.0] * 64
 V2_BODY = {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
 V1_BODY = {"instances": [ROW]}
-HASH_ENV = {"GUARD_HASH_KEY": "e2e-test-secret"}
+HASH_ENV = {"GUARD_HASH_KEY": "e2e-test-secret-hash-key"}
 
 
 def rate_policy(

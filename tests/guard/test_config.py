@@ -117,7 +117,7 @@ def test_negative_and_non_finite_numbers_are_refused() -> None:
 def test_shared_store_requires_hash_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GUARD_HASH_KEY", raising=False)
     assert "client_identity.hash_key_env" in problems({"state": {"store": "redis://localhost"}})
-    monkeypatch.setenv("GUARD_HASH_KEY", "s3cret")
+    monkeypatch.setenv("GUARD_HASH_KEY", "s3cret-of-16-bytes")
     assert GuardConfig.from_dict({"state": {"store": "redis://localhost"}}).state.store
 
 

@@ -150,7 +150,7 @@ def client(monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry) -> Test
 
     # both secrets fixed: the client ids, and so the answers, are the same on every run
     monkeypatch.setenv("GUARD_NOISE_KEY", "test-noise-key")
-    monkeypatch.setenv("GUARD_HASH_KEY", "test-hash-key")
+    monkeypatch.setenv("GUARD_HASH_KEY", "test-hash-key-of-16-bytes")
     cfg: dict[str, Any] = {
         "audit": {"enabled": False},
         "policies": [
