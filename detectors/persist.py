@@ -29,7 +29,9 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -85,6 +87,7 @@ KINDS: Final[dict[str, type[OutlierBase[Any]]]] = {
 _LOADABLE: Final[dict[str, type[Persistable]]] = {**KINDS, TrafficProfile.kind: TrafficProfile}
 #: refuse larger files before reading them (a k-NN reference of 2000 x 784 is 12.5 MB)
 MAX_BYTES: Final = 512 << 20
+log = logging.getLogger(__name__)
 _MAX_MANIFEST_BYTES: Final = 1 << 20
 _META: Final = "__meta__"
 
@@ -189,6 +192,7 @@ def read_manifest(
 ) -> dict[str, Any]:
     """The verified manifest of the state file ``path`` (format, version and HMAC checked)."""
     mpath = manifest_path(path)
+    _warn_if_world_writable(mpath.parent)
     try:
         raw = _read_capped(mpath, _MAX_MANIFEST_BYTES)
         manifest = json.loads(raw)
@@ -218,11 +222,47 @@ def read_manifest(
 
 
 def _read_capped(path: Path, limit: int) -> bytes:
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
+    """The bytes of the regular file ``path``, refused before reading if over ``limit``.
+
+    Symbolic links are followed (deployments mount files through them), but what
+    they lead to must be a regular file: a device (``/dev/zero``), a FIFO or a
+    directory is refused at once. ``O_NONBLOCK`` keeps the open itself from
+    waiting on a FIFO, and the checks are on the open descriptor, so the file
+    cannot be swapped between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptModelFile(path, "not a regular file")
+        if info.st_size > limit:
+            raise CorruptModelFile(path, f"file is larger than {limit} bytes")
+        data = fh.read(limit + 1)  # it may have grown since
     if len(data) > limit:
         raise CorruptModelFile(path, f"file is larger than {limit} bytes")
     return data
+
+
+#: calibration directories already warned about (once per directory and process)
+_WARNED_DIRS: set[str] = set()
+
+
+def _warn_if_world_writable(directory: Path) -> None:
+    """Log once when anyone may write where calibration files are read from."""
+    key = str(directory)
+    if key in _WARNED_DIRS:
+        return
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return  # the read that follows reports the problem
+    if mode & stat.S_IWOTH:
+        _WARNED_DIRS.add(key)
+        log.warning(
+            "calibration directory %s is world-writable: any local user can replace the "
+            "detectors' files (sign them with GUARD_CALIBRATION_KEY, and chmod o-w)",
+            key,
+        )
 
 
 def load_model(
