@@ -601,7 +601,7 @@ def test_streaming_answer_passes_through_unbuffered(registry: CollectorRegistry)
 def test_metrics_endpoint_serves_guard_metrics(tmp_path: Path, registry: CollectorRegistry) -> None:
     client, mw, _, _ = make(tmp_path, registry)
     client.post(V2, json=v2_body([[1.0]]))
-    scraper = TestClient(mw, client=("10.20.30.40", 5000))  # a private address
+    scraper = TestClient(mw, client=("127.0.0.1", 5000))  # the host itself
     r = scraper.get("/metrics")
     assert r.status_code == 200
     assert 'guard_requests_total{decision="allow",policy="inference"} 1.0' in r.text
@@ -613,15 +613,18 @@ def test_metrics_endpoint_serves_guard_metrics(tmp_path: Path, registry: Collect
         ("127.0.0.1", {}, True),
         ("::1", {}, True),
         ("::ffff:127.0.0.1", {}, True),
-        ("192.168.7.8", {}, True),
-        ("172.31.0.1", {}, True),
-        ("fd12:3456::1", {}, True),
+        # private ranges are not trusted by default: behind SNAT or a load balancer
+        # every client (the watched ones too) arrives from one
+        ("192.168.7.8", {}, False),
+        ("172.31.0.1", {}, False),
+        ("10.0.0.5", {}, False),
+        ("fd12:3456::1", {}, False),
         ("203.0.113.7", {}, False),  # a public client: the watched, not the watchers
         ("2001:db8::1", {}, False),
         ("172.32.0.1", {}, False),
         ("testclient", {}, False),  # not an address
-        ("10.0.0.5", {"x-forwarded-for": "203.0.113.7"}, False),  # spoofed: untrusted peer
-        ("10.0.0.5", {"x-api-key": "a"}, True),
+        ("127.0.0.1", {"x-forwarded-for": "203.0.113.7"}, False),  # spoofed: untrusted peer
+        ("127.0.0.1", {"x-api-key": "a"}, True),
     ],
 )
 def test_metrics_only_for_allowed_networks(
