@@ -73,7 +73,7 @@ def test_live_decisions_are_captured_and_replayed(
 ) -> None:
     live_cfg = config(tmp_path, burst=5)
     statuses: dict[str, list[int]] = {}
-    with run_server(tmp_path, config=live_cfg, env={"GUARD_HASH_KEY": "e2e-capture-hash-key"}) as srv:
+    with run_server(tmp_path, config=live_cfg, env={"GUARD_HASH_KEY": "e2e-capture-key1"}) as srv:
         with httpx.Client(base_url=srv.url, timeout=10.0) as http:
             plan = [("e2e-user-alpha-key", 1)] * 8 + [(MONITOR, 1)] * 8
             plan += [("e2e-user-beta-key", 2)] * 3
