@@ -1,4 +1,4 @@
-"""Factories for the input-anomaly detectors (registered on import).
+"""Factories for the input-anomaly detectors (``FACTORIES``, in ``guard.builtin_detectors``).
 
 Types ``envelope``, ``mahalanobis``, ``iforest``, ``knn`` (rows), ``text``
 (prompts) and ``anomaly_rate`` (per-client share of anomalous rows). The
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,9 +49,16 @@ from detectors.base import Detector
 from detectors.persist import KINDS, CorruptModelFile, load_model, manifest_path
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError, ModelFileError
-from guard.registry import BuildContext, register_detector
+from guard.factory import BuildContext, DetectorFactory
 
-__all__ = ["CALIBRATION_KEY_ENV", "ROW_TYPES", "TEXT_TYPES", "calibration_key", "model_params"]
+__all__ = [
+    "CALIBRATION_KEY_ENV",
+    "FACTORIES",
+    "ROW_TYPES",
+    "TEXT_TYPES",
+    "calibration_key",
+    "model_params",
+]
 
 #: environment variable holding the HMAC key for calibration manifests
 CALIBRATION_KEY_ENV: Final = "GUARD_CALIBRATION_KEY"
@@ -217,15 +224,9 @@ def _rate_factory(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     return AnomalyRateDetector(spec.name, trackers, max_rate=float(max_rate), min_rows=min_rows)
 
 
-def _register(factories: Mapping[str, Callable[[DetectorSpec, BuildContext], Detector]]) -> None:
-    for name, factory in factories.items():
-        register_detector(name, factory, replace=True)
-
-
-_register(
-    {
-        **{kind: _row_factory(kind) for kind in ROW_TYPES},
-        "text": _text_factory,
-        "anomaly_rate": _rate_factory,
-    }
-)
+#: the detector types of this family
+FACTORIES: dict[str, DetectorFactory] = {
+    **{kind: _row_factory(kind) for kind in ROW_TYPES},
+    "text": _text_factory,
+    "anomaly_rate": _rate_factory,
+}

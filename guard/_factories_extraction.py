@@ -88,7 +88,7 @@ from detectors.profile import TrafficProfile
 from guard._factories_anomaly import calibration_key, resolve_file
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError, ModelFileError
-from guard.registry import BuildContext, register_detector
+from guard.factory import BuildContext, DetectorFactory
 
 __all__ = ["DEFAULT_SALT_ENV", "build_boundary", "build_near_duplicate", "build_prada"]
 
@@ -527,6 +527,9 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     )
 
 
-register_detector("prada", build_prada, replace=True)
-register_detector("near_duplicate", build_near_duplicate, replace=True)
-register_detector("boundary", build_boundary, replace=True)
+#: the detector types of this family (listed in guard.builtin_detectors)
+FACTORIES: dict[str, DetectorFactory] = {
+    "prada": build_prada,
+    "near_duplicate": build_near_duplicate,
+    "boundary": build_boundary,
+}

@@ -1,4 +1,4 @@
-"""Factories for the rate detectors (registered on import).
+"""Factories for the rate detectors (``FACTORIES``, listed in :mod:`guard.builtin_detectors`).
 
 ``type: rate`` builds a :class:`detectors.rate.RateLimitDetector`::
 
@@ -36,11 +36,11 @@ from detectors.rate import parse_limits as _parse_limits
 from detectors.store import RateStore
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError
-from guard.registry import BuildContext, register_detector
+from guard.factory import BuildContext, DetectorFactory
 from guard.stores.base import Store
 from guard.stores.resilient import CircuitBreaker, ResilientStore
 
-__all__ = ["build_rate"]
+__all__ = ["FACTORIES", "build_rate"]
 
 _PARAMS = frozenset({"key", "cost", "cost_constant", "limits", "fallback"})
 _FALLBACKS = ("none", "memory")
@@ -114,4 +114,5 @@ def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     )
 
 
-register_detector("rate", build_rate)
+#: the detector types of this family
+FACTORIES: dict[str, DetectorFactory] = {"rate": build_rate}

@@ -1,0 +1,98 @@
+"""The detector registry: one explicit table of built-ins, run-time registration on top."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import guard.registry as registry
+from detectors.base import Detector, DetectorResult, Query
+from guard.builtin_detectors import BUILTIN_DETECTORS
+from guard.config import DetectorSpec
+from guard.errors import ConfigurationError
+from guard.registry import BuildContext, build_detector, register_detector, registered
+from guard.stores.memory import MemoryStore
+
+GUARD = Path(registry.__file__).parent
+BUILTIN_TYPES = {
+    "rate",
+    "envelope",
+    "mahalanobis",
+    "iforest",
+    "knn",
+    "text",
+    "anomaly_rate",
+    "prada",
+    "near_duplicate",
+    "boundary",
+}
+
+
+class Quiet(Detector):
+    async def inspect(self, query: Query) -> DetectorResult:
+        return DetectorResult.ok(self.name)
+
+
+def quiet(spec: DetectorSpec, ctx: BuildContext) -> Detector:
+    return Quiet(spec.name)
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run-time registrations made by the test are forgotten after it."""
+    monkeypatch.setattr(registry, "_FACTORIES", {})
+
+
+def test_the_table_lists_every_built_in_detector() -> None:
+    assert set(BUILTIN_DETECTORS) == BUILTIN_TYPES
+    assert set(registered()) >= BUILTIN_TYPES
+
+
+@pytest.mark.usefixtures("fresh")
+def test_third_parties_register_beside_the_built_ins() -> None:
+    register_detector("quiet", quiet)
+    assert "quiet" in registered()
+    built = build_detector(DetectorSpec(type="quiet", name="q"), BuildContext(store=MemoryStore()))
+    assert isinstance(built, Quiet)
+    with pytest.raises(ValueError, match="already registered"):
+        register_detector("quiet", quiet)
+
+
+@pytest.mark.usefixtures("fresh")
+def test_a_built_in_is_replaced_only_when_asked() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_detector("rate", quiet)
+    register_detector("rate", quiet, replace=True)
+    spec = DetectorSpec(type="rate", name="r")
+    assert isinstance(build_detector(spec, BuildContext(store=MemoryStore())), Quiet)
+
+
+def test_an_unknown_type_names_the_known_ones() -> None:
+    spec = DetectorSpec(type="nope", name="n", key="policies[0].detectors[0]")
+    with pytest.raises(ConfigurationError) as info:
+        build_detector(spec, BuildContext(store=MemoryStore()))
+    assert info.value.key == "policies[0].detectors[0].type"
+    assert "rate" in info.value.problem and "boundary" in info.value.problem
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["builtin_detectors.py", "factory.py", *sorted(p.name for p in GUARD.glob("_factories_*.py"))],
+)
+def test_nothing_the_registry_lists_imports_the_registry(module: str) -> None:
+    # registry -> builtin_detectors -> _factories_* must not lead back to registry
+    assert "guard.registry" not in _imports(GUARD / module)
