@@ -88,6 +88,8 @@ class PointerFormat:
     --------
     >>> from guard.config import LimitsConfig, PayloadConfig
     >>> fmt = PointerFormat(PayloadConfig(rows="/features", probabilities="/probabilities"))
+    >>> fmt.detect({"features": [[1, 2]]}), fmt.detect({"instances": [[1, 2]]})
+    (True, False)
     >>> req = fmt.parse(b'{"features": [[1, 2], [3, 4]]}', content_type=None, limits=LimitsConfig())
     >>> req.fmt, req.n_rows, req.rows.tolist()
     ('custom', 2, [[1.0, 2.0], [3.0, 4.0]])
