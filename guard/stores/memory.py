@@ -106,6 +106,16 @@ class MemoryStore(Store, RateLimitStore):
     def __len__(self) -> int:
         return len(self._data) + len(self._flags)
 
+    @property
+    def lru_keys(self) -> int:
+        """Keys in the LRU table (``max_keys`` bounds it), flags aside."""
+        return len(self._data)
+
+    @property
+    def flag_keys(self) -> int:
+        """Quarantine and standing flags held in their own table (``max_flag_keys``)."""
+        return len(self._flags)
+
     def _live(self, key: str, now: float) -> tuple[float, _Value] | None:
         if key.startswith(self._flag_prefixes):
             flag = self._flags.get(key)
