@@ -24,8 +24,8 @@ from collections.abc import Iterable
 
 from numpy.typing import ArrayLike
 
-from detectors._outlier import threshold_at_fpr
 from detectors.base import Answer, Detector, Query
+from detectors.outlier_base import threshold_at_fpr
 
 __all__ = ["calibrate_threshold", "replay"]
 
@@ -46,7 +46,7 @@ def calibrate_threshold(benign_scores: ArrayLike, target_fpr: float) -> float:
     float
         A client is flagged when its score is strictly below it. With ``n``
         benign clients the guarantee is split-conformal (see
-        :func:`detectors._outlier.threshold_at_fpr`): fewer than
+        :func:`detectors.outlier_base.threshold_at_fpr`): fewer than
         ``1 / target_fpr - 1`` clients cannot resolve the target, and the
         threshold is then the lowest benign score.
     """

@@ -62,7 +62,7 @@ from typing import Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors._outlier import threshold_at_fpr
+from detectors.outlier_base import threshold_at_fpr
 from detectors.persist import KINDS, load_model, save_model
 from guard._factories_anomaly import (
     CALIBRATION_KEY_ENV,
