@@ -1,4 +1,4 @@
-"""Factories for the input-anomaly detectors (``FACTORIES``, in ``guard.builtin_detectors``).
+"""Factories for the input-anomaly detectors (``FACTORIES``, in :mod:`guard.builtin_detectors`).
 
 Types ``envelope``, ``mahalanobis``, ``iforest``, ``knn`` (rows), ``text``
 (prompts) and ``anomaly_rate`` (per-client share of anomalous rows). The
