@@ -64,14 +64,8 @@ from numpy.typing import NDArray
 
 from detectors.outlier_base import threshold_at_fpr
 from detectors.persist import KINDS, load_model, save_model
-from guard.anomaly_factories import (
-    CALIBRATION_KEY_ENV,
-    ROW_TYPES,
-    TEXT_TYPES,
-    calibration_key,
-    model_params,
-    resolve_file,
-)
+from guard.anomaly_factories import ROW_TYPES, TEXT_TYPES, model_params
+from guard.calibration_files import CALIBRATION_KEY_ENV, calibration_key, resolve_file
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
 from guard.reference_data import DataError, ReferenceData, load_reference

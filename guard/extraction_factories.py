@@ -85,7 +85,7 @@ from detectors.fingerprint import NearDuplicateDetector
 from detectors.persist import CorruptModelFile, load_model, manifest_path
 from detectors.prada import PradaDetector
 from detectors.profile import TrafficProfile
-from guard.anomaly_factories import calibration_key, resolve_file
+from guard.calibration_files import calibration_key, resolve_file
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError, ModelFileError
 from guard.factory import BuildContext, DetectorFactory

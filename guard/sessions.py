@@ -46,7 +46,7 @@ from detectors.boundary import SIGNALS, BoundaryDetector
 from detectors.outlier_base import threshold_at_fpr
 from detectors.persist import save_model
 from detectors.profile import TrafficProfile, robust_range
-from guard.anomaly_factories import resolve_file
+from guard.calibration_files import resolve_file
 from guard.config import DetectorSpec
 from guard.reference_data import DataError, ReferenceData
 from guard.registry import BuildContext, build_detector

@@ -19,7 +19,7 @@ from detectors.ood_samples import tag_smuggled, uniform_noise
 from detectors.persist import load_model, manifest_path
 from detectors.prompt_corpus import benign_prompts
 from guard import calibrate as cal
-from guard.anomaly_factories import calibration_key
+from guard.calibration_files import calibration_key
 from guard.cli import main
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError, ModelFileError
