@@ -78,9 +78,15 @@ def serve_proxy(args: argparse.Namespace) -> int:
     """Run ``guard proxy``; return the exit status."""
     import uvicorn
 
-    if args.workers < 1:
-        print("proxy: --workers must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (
+        ("--workers", args.workers),
+        ("--connect-timeout", args.connect_timeout),
+        ("--read-timeout", args.read_timeout),
+        ("--max-connections", args.max_connections),
+    ):
+        if not value > 0:
+            print(f"proxy: {flag} must be positive, not {value}", file=sys.stderr)
+            return 2
     env = {
         "GUARD_PROXY_UPSTREAM": args.upstream,
         "GUARD_PROXY_CONFIG": args.config or "",
@@ -88,7 +94,6 @@ def serve_proxy(args: argparse.Namespace) -> int:
         "GUARD_PROXY_READ_TIMEOUT": str(args.read_timeout),
         "GUARD_PROXY_MAX_CONNECTIONS": str(args.max_connections),
     }
-    os.environ.update(env)
     try:
         proxy: Any = importlib.import_module("middleware.proxy")
     except ImportError as exc:
@@ -98,7 +103,7 @@ def serve_proxy(args: argparse.Namespace) -> int:
         return 1
     try:
         config = GuardConfig.load(args.config)
-        app = proxy.app_from_env()  # checks the upstream URL and the numbers, and runs
+        app = proxy.app_from_env(env)  # checks the upstream URL
     except ConfigurationError as exc:
         for key, problem in exc.problems:
             print(f"proxy: {key or '<config>'}: {problem}", file=sys.stderr)
@@ -126,6 +131,7 @@ def serve_proxy(args: argparse.Namespace) -> int:
         uvicorn.run(app, **options)
         return 0
     del app  # each worker builds its own from the environment
+    os.environ.update(env)
     if config.state.store.startswith("memory://"):
         print(
             f"proxy: {args.workers} workers with state.store memory://: each worker counts "

@@ -327,22 +327,23 @@ ENV_READ_TIMEOUT: Final = "GUARD_PROXY_READ_TIMEOUT"
 ENV_MAX_CONNECTIONS: Final = "GUARD_PROXY_MAX_CONNECTIONS"
 
 
-def app_from_env() -> GuardMiddleware:
+def app_from_env(environ: Mapping[str, str] | None = None) -> GuardMiddleware:
     """:func:`build_proxy_app` from environment variables, for ``uvicorn --factory``.
 
     ``GUARD_PROXY_UPSTREAM`` (required), ``GUARD_PROXY_CONFIG`` (a YAML path;
     unset: the default policy), ``GUARD_PROXY_CONNECT_TIMEOUT`` and
-    ``GUARD_PROXY_READ_TIMEOUT`` (seconds), ``GUARD_PROXY_MAX_CONNECTIONS``.
-    Each worker process of ``uvicorn --workers N`` builds its own app here.
+    ``GUARD_PROXY_READ_TIMEOUT`` (seconds), ``GUARD_PROXY_MAX_CONNECTIONS``,
+    read from ``environ`` (default: ``os.environ``). Each worker process of
+    ``uvicorn --workers N`` builds its own app here.
     """
-    env = os.environ
+    env = os.environ if environ is None else environ
     upstream = env.get(ENV_UPSTREAM)
     if not upstream:
         raise ConfigurationError(ENV_UPSTREAM, "is not set (the upstream's URL)")
     defaults = ProxyTimeouts()
     timeouts = ProxyTimeouts(
-        connect_s=_env_number(ENV_CONNECT_TIMEOUT, defaults.connect_s),
-        read_s=_env_number(ENV_READ_TIMEOUT, defaults.read_s),
+        connect_s=_env_number(env, ENV_CONNECT_TIMEOUT, defaults.connect_s),
+        read_s=_env_number(env, ENV_READ_TIMEOUT, defaults.read_s),
         write_s=defaults.write_s,
         pool_s=defaults.pool_s,
     )
@@ -350,12 +351,12 @@ def app_from_env() -> GuardMiddleware:
         upstream,
         config=env.get(ENV_CONFIG) or None,
         timeouts=timeouts,
-        max_connections=int(_env_number(ENV_MAX_CONNECTIONS, 100)),
+        max_connections=int(_env_number(env, ENV_MAX_CONNECTIONS, 100)),
     )
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
     if not raw:
         return default
     try:
