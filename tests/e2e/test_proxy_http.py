@@ -210,6 +210,25 @@ def test_streamed_answer_is_not_buffered(tmp_path: Path) -> None:
         assert rest[-1] == "data: [DONE]"
 
 
+def test_a_client_that_leaves_cancels_the_upstream_exchange(tmp_path: Path) -> None:
+    with (
+        run_server(tmp_path, app="tests.e2e.upstream_apps:stream_app") as upstream,
+        run_proxy(tmp_path, upstream.url) as proxy,
+    ):
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("POST", proxy.url + "/v1/chat/completions", json=body) as r,
+        ):
+            assert "first" in next(line for line in r.iter_lines() if line)
+        # the client is gone mid-stream: the proxy closes its upstream connection, so
+        # the upstream stops (an LLM server stops generating) instead of running on
+        deadline = time.monotonic() + 5
+        while httpx.get(upstream.url + "/status", timeout=5).json()["disconnected"] != 1:
+            assert time.monotonic() < deadline, "the upstream never saw the client leave"
+            time.sleep(0.1)
+
+
 def test_timeout_is_a_504(echo: Server, tmp_path: Path) -> None:
     with run_proxy(tmp_path, echo.url, args=("--read-timeout", "0.5")) as proxy:
         started = time.monotonic()

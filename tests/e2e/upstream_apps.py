@@ -8,7 +8,6 @@ the first event went through the proxy before the upstream finished.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
@@ -101,9 +100,15 @@ def stream_app() -> ASGIApp:
 
     ``POST /v1/chat/completions`` sends one ``chat.completion.chunk`` event at
     once, then waits (30 s at most) until ``/release`` is requested, then sends
-    the second event and ``[DONE]``.
+    the second event and ``[DONE]``. A client that disconnects meanwhile ends
+    the stream; ``/status`` says how many did.
     """
     release = asyncio.Event()
+    disconnected = [0]
+
+    async def gone(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,6 +118,9 @@ def stream_app() -> ASGIApp:
         if path == "/release":
             release.set()
             await _send_json(send, {"released": True}, [])
+            return
+        if path == "/status":
+            await _send_json(send, {"disconnected": disconnected[0]}, [])
             return
         if path != "/v1/chat/completions":
             await _send_json(send, {"status": "ok"}, [])
@@ -136,8 +144,14 @@ def stream_app() -> ASGIApp:
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
         await send({"type": "http.response.body", "body": event("first"), "more_body": True})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(release.wait(), 30.0)
+        released = asyncio.ensure_future(release.wait())
+        left = asyncio.ensure_future(gone(receive))
+        await asyncio.wait((released, left), timeout=30.0, return_when=asyncio.FIRST_COMPLETED)
+        for task in (released, left):
+            task.cancel()
+        if left.done() and not left.cancelled():
+            disconnected[0] += 1
+            return
         await send({"type": "http.response.body", "body": event("second"), "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
