@@ -30,6 +30,8 @@ from tests.conftest import ROOT, Server, free_port
 
 #: what .ci/mlserver-env creates, and where the tests look when GUARD_TEST_MLSERVER is unset
 DEFAULT_MLSERVER = ROOT / ".ci" / ".venv-mlserver" / "bin" / "mlserver"
+#: what .ci/kserve-env creates, and where the tests look when GUARD_TEST_KSERVE_PYTHON is unset
+DEFAULT_KSERVE_PYTHON = ROOT / ".ci" / ".venv-kserve" / "bin" / "python"
 MODEL = "iris"
 N_FEATURES = 4
 N_CLASSES = 3
@@ -169,6 +171,48 @@ def mlserver(root: Path) -> Iterator[MLServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def kserve(tmp_path: Path, timeout: float = 90.0) -> Iterator[Server]:
+    """KServe's Python model server with the iris model (tests/e2e/kserve_iris.py)."""
+    python = require_executable(
+        "GUARD_TEST_KSERVE_PYTHON",
+        DEFAULT_KSERVE_PYTHON,
+        "run .ci/kserve-env and set GUARD_TEST_KSERVE_PYTHON to the path it prints",
+    )
+    port = free_port()
+    log = tmp_path / f"kserve-{port}.log"
+    script = Path(__file__).with_name("kserve_iris.py")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(python), str(script), str(port)],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(port, proc, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kserve exited early:\n{server.output()}")
+            try:
+                if httpx.get(f"{server.url}/v1/models/{MODEL}", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kserve did not become ready:\n{server.output()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextlib.contextmanager
