@@ -348,3 +348,52 @@ def test_several_workers_share_their_metrics(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
         assert metric(text, "guard_upstream_errors_total", reason="timeout") == 0
+
+
+@contextlib.contextmanager
+def in_thread(app: object) -> Iterator[str]:
+    """A real uvicorn server for ``app`` in a thread of this process, on 127.0.0.1."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_full_pool_is_a_503_counted_in_the_guards_registry() -> None:
+    from middleware.proxy import ProxyTimeouts, build_proxy_app
+    from tests.e2e.upstream_apps import echo_app
+
+    with in_thread(echo_app()) as upstream:
+        app = build_proxy_app(upstream, timeouts=ProxyTimeouts(pool_s=0.3), max_connections=1)
+        with in_thread(app) as proxy:
+            statuses: list[int] = []
+
+            def slow() -> None:
+                with httpx.Client(timeout=10) as c:
+                    statuses.append(c.get(proxy + "/slow?s=2").status_code)
+
+            holder = threading.Thread(target=slow)
+            holder.start()
+            time.sleep(0.5)  # the one pooled connection is busy for 2 s
+            with httpx.Client(timeout=10) as c:
+                r = c.get(proxy + "/anything")
+                holder.join(10)
+                scraped = c.get(proxy + "/metrics").text
+        assert statuses == [200]
+        assert r.status_code == 503
+        assert r.json()["error"]["reason"] == "pool"
+        # the proxy's counter lives in the registry the guard exports
+        assert app.registry.get_sample_value("guard_upstream_errors_total", {"reason": "pool"}) == 1
+        assert metric(scraped, "guard_upstream_errors_total", reason="pool") == 1
