@@ -129,6 +129,7 @@ class UpstreamProxy:
     registry:
         Prometheus registry for ``guard_upstream_errors_total``; give it the
         guard's (:func:`build_proxy_app` does) so that ``/metrics`` shows it.
+        ``None`` registers the counter nowhere (it still counts: :attr:`errors`).
     """
 
     def __init__(
