@@ -12,6 +12,10 @@ sits:
 ``type_checking``
     inside ``if TYPE_CHECKING:``, so it never runs.
 
+An import by name (``importlib.import_module("pkg.mod")`` or ``__import__`` with
+a literal string) counts as an import like any other: loading a module by name
+does not make an upward dependency go away.
+
 Two rules:
 
 * **Layers.** Imports point one way, ``middleware -> guard -> detectors``:
@@ -114,6 +118,18 @@ class _Collector(ast.NodeVisitor):
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
             self.found.append(Import(self.module, alias.name, self.kind, node.lineno))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        first = node.args[0] if node.args else None
+        if (
+            name in ("import_module", "__import__")
+            and isinstance(first, ast.Constant)
+            and isinstance(first.value, str)
+        ):
+            self.found.append(Import(self.module, first.value, self.kind, node.lineno))
+        self.generic_visit(node)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level:
@@ -248,6 +264,7 @@ class Holder:
 
 def lazy() -> None:
     import middleware
+    importlib.import_module("middleware.demo")
 
     def inner() -> None:
         from guard.stores import memory
@@ -268,10 +285,11 @@ def test_the_checker_sees_every_kind_of_import() -> None:
         ("detectors.base", "module"),
         ("middleware", "function"),
         ("guard.stores.memory", "function"),
+        ("middleware.demo", "function"),
     }
     planted = imports_of(PLANTED, "guard.stores.base", False, known)
     assert {i.target for i in upward(planted)} == {"middleware", "middleware.asgi",
-                                                    "middleware.types"}
+                                                    "middleware.types", "middleware.demo"}
     assert [i.target for i in upward(imports_of("import tests.conftest", "detectors.x", False,
                                                 known))] == ["tests.conftest"]
 

@@ -234,7 +234,7 @@ def run_proxy(
     cmd = [
         sys.executable,
         "-m",
-        "guard.cli",
+        "middleware.cli",
         "proxy",
         "--upstream",
         upstream,

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from detectors.base import Query
-from guard.cli import main
+from middleware.cli import main
 from guard.config import ExemptConfig, GuardConfig, IdentityConfig
 from guard.decisions import Action
 from guard.errors import ConfigurationError, PayloadError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.cli import main
+from middleware.cli import main
 from guard.simulate import ATTACKS, clients_dir, load_clients
 from tests.conftest import run_server
 

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from guard.cli import main
+from middleware.cli import main
 from middleware.asgi import GuardMiddleware
 from tests.conftest import run_server
 from tests.middleware.fakes import EchoApp

@@ -1,15 +1,13 @@
 """``guard proxy``: the guard as a reverse proxy in front of a model server.
 
 The ASGI app is :func:`middleware.proxy.build_proxy_app`; this module reads the
-command line and runs it with uvicorn. It loads the ASGI layer by name, as
-``guard demo`` does, so that nothing in ``guard/`` imports ``middleware/``.
+command line and runs it with uvicorn.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import importlib
 import logging
 import os
 import shutil
@@ -94,13 +92,7 @@ def serve_proxy(args: argparse.Namespace) -> int:
         "GUARD_PROXY_READ_TIMEOUT": str(args.read_timeout),
         "GUARD_PROXY_MAX_CONNECTIONS": str(args.max_connections),
     }
-    try:
-        proxy: Any = importlib.import_module("middleware.proxy")
-    except ImportError as exc:
-        print(
-            f"proxy: {exc}; install it with: pip install 'inference-guard[proxy]'", file=sys.stderr
-        )
-        return 1
+    from middleware import proxy  # uvicorn and httpx load only for this command
     try:
         config = GuardConfig.load(args.config)
         app = proxy.app_from_env(env)  # checks the upstream URL

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.cli import main
+from middleware.cli import main
 
 
 def test_check_config_accepts_a_valid_file(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from guard.config import GuardConfig
 from guard.errors import ConfigurationError, GuardError
-from guard.proxy_cli import PROXY_DESCRIPTION, add_proxy_arguments, serve_proxy
+from middleware.proxy_cli import PROXY_DESCRIPTION, add_proxy_arguments, serve_proxy
 
 __all__ = ["main"]
 
@@ -54,7 +54,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import uvicorn
 
-    demo = importlib.import_module("middleware.demo")
+    from middleware import demo
     try:
         app = demo.build_demo_app(args.config)
     except ConfigurationError as exc:
