@@ -46,7 +46,8 @@ def store_from_uri(
     clock: Callable[[], float] = time.monotonic,
     on_event: Callable[[str, str], None] | None = None,
 ) -> Store:
-    """Build the store named by ``config.store`` (``memory://``, ``redis://``, ``rediss://``)."""
+    """Build the store named by ``config.store``: ``memory://``, ``redis://`` (``rediss://``,
+    ``unix://``) or ``redis+cluster://`` (``rediss+cluster://``)."""
     uri = config.store
     if uri.startswith("memory://"):
         from guard.stores.memory import MemoryStore
@@ -57,6 +58,10 @@ def store_from_uri(
             clock=clock,
             on_event=on_event,
         )
+    if uri.startswith(("redis+cluster://", "rediss+cluster://")):
+        from guard.stores.cluster import RedisClusterStore
+
+        return RedisClusterStore(config)
     if uri.startswith(("redis://", "rediss://", "unix://")):
         try:
             from guard.stores.redis import RedisStore
