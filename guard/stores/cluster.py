@@ -157,7 +157,7 @@ class RedisClusterStore(RedisStore):
         self._max_connections = max_connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: RedisCluster | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._inflight: asyncio.Semaphore | None = None
         try:
             self._new_client()  # find a bad option now rather than on the first request
         except (TypeError, ValueError, RedisClusterException) as exc:
@@ -177,8 +177,8 @@ class RedisClusterStore(RedisStore):
         # connections belong to the loop they were made on: a new loop gets a new client
         self._loop = loop
         self._client = self._new_client()
-        self._slots = asyncio.Semaphore(self._max_connections)
-        return self._client, self._slots
+        self._inflight = asyncio.Semaphore(self._max_connections)
+        return self._client, self._inflight
 
     async def _call(
         self,
@@ -189,13 +189,13 @@ class RedisClusterStore(RedisStore):
         every_master: bool = False,
     ) -> Any:
         loop = asyncio.get_running_loop()
-        client, slots = self._client, self._slots
-        if loop is not self._loop or client is None or slots is None:
-            client, slots = self._bind(loop)
+        client, inflight = self._client, self._inflight
+        if loop is not self._loop or client is None or inflight is None:
+            client, inflight = self._bind(loop)
         name = command[0].decode("ascii")  # redis-py routes by the command's name as str
         options = {"target_nodes": RedisCluster.PRIMARIES} if every_master else {}
         try:
-            async with asyncio.timeout(self.timeout), slots:
+            async with asyncio.timeout(self.timeout), inflight:
                 # learn the slot map first (a no-op once known): commands that race the
                 # client's own lazy start fail with connection errors (seen with redis-py 8.1)
                 await client.initialize()
