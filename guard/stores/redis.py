@@ -79,6 +79,12 @@ class RedisStore(Store, RateLimitStore):
             raise ValueError("max_batch must be >= 1")
         self.prefix = config.key_prefix
         self.timeout = config.timeout_s
+        self._acquire = Script(load_script("acquire"))
+        self._incr = Script(load_script("incr"))
+        self._open(config, max_connections=max_connections, max_batch=max_batch)
+
+    def _open(self, config: StateConfig, *, max_connections: int, max_batch: int) -> None:
+        """Set up the connections (a store with another transport overrides this and ``_call``)."""
         try:
             # only a factory of connections: the pipeline owns and times them
             factory = ConnectionPool.from_url(
@@ -96,8 +102,6 @@ class RedisStore(Store, RateLimitStore):
             lanes=max_connections,
             max_batch=max_batch,
         )
-        self._acquire = Script(load_script("acquire"))
-        self._incr = Script(load_script("incr"))
 
     async def _call(self, operation: str, command: Command, script: Script | None = None) -> Any:
         try:
