@@ -33,22 +33,22 @@ from guard.config import DegradeConfig, GuardConfig
 from guard.decisions import Action, Decision
 from guard.errors import PayloadError
 from guard.identity import ClientId
-from guard.pipeline import FailClosed, Guard
-from guard.policy import CompiledPolicy
-from middleware._body import BodyReader, ClientDisconnected, receive_within
-from middleware._json import is_json_media_type
-from middleware._plain import READERS
-from middleware._responder import Responder
-from middleware._responses import send_error
-from middleware.adapters import (
+from guard.payload._json import is_json_media_type
+from guard.payload._plain import READERS
+from guard.payload.adapters import (
     ParsedRequest,
     detect_format,
     parse_request,
     parse_response,
     pattern_format,
 )
-from middleware.degrade import RowNoise, degrade_response, noise_key
-from middleware.formats import PayloadFormat, payload_format
+from guard.payload.degrade import RowNoise, degrade_response, noise_key
+from guard.payload.formats import PayloadFormat, payload_format
+from guard.pipeline import FailClosed, Guard
+from guard.policy import CompiledPolicy
+from middleware._body import BodyReader, ClientDisconnected, receive_within
+from middleware._responder import Responder
+from middleware._responses import send_error
 from middleware.metrics_endpoint import serve_metrics
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -190,7 +190,7 @@ class GuardMiddleware:
             # detectors or quarantine only ever refuses a request or passes it on
             # (its answer rounded, with degrade.always). A plain request (one JSON
             # message, no repeated or identity headers, a body one of
-            # middleware._plain's readers accepts) is accepted here in a few C calls,
+            # guard.payload._plain's readers accepts) is accepted here in a few C calls,
             # and the consumed message replayed as it came. Everything else, valid or
             # not, goes to _guarded for the exact verdict: this lane only accepts, and
             # only what _guarded accepts. It needs no client identity (nothing here is

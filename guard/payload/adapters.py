@@ -17,7 +17,7 @@ Formats and what they yield (``rows`` is ``(n_rows, n_features)`` float64):
 ``openai_chat``           ``texts``: one prompt, message texts joined with ``"\\n"``
 ``openai_completion``     ``texts``: one per prompt string (token-id prompts are only counted)
 ``json_array``            a list of numbers is one row, a list of lists is rows
-``custom``                a policy's ``payload:`` pointers (:mod:`middleware.formats`)
+``custom``                a policy's ``payload:`` pointers (:mod:`guard.payload.formats`)
 ``unknown``               anything else that is valid JSON: ``rows=None``, ``n_rows=1``
 ========================  ===============================================================
 """
@@ -30,14 +30,14 @@ from typing import Any
 
 from detectors.base import Answer
 from guard.config import LimitsConfig
-from middleware._answers import Found, from_list, from_named, from_v2_outputs
-from middleware._binary import split_body
-from middleware._json import is_json_media_type, load_json, load_json_lenient
-from middleware._oip import parse_oip
-from middleware._openai import parse_chat, parse_completion
-from middleware._request import ParsedRequest, fail
-from middleware._tabular import parse_json_array, parse_kserve, parse_mlflow
-from middleware.formats import PayloadFormat
+from guard.payload._binary import split_body
+from guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from guard.payload._oip import parse_oip
+from guard.payload._openai import parse_chat, parse_completion
+from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs
+from guard.payload._request import ParsedRequest, fail
+from guard.payload._tabular import parse_json_array, parse_kserve, parse_mlflow
+from guard.payload.formats import PayloadFormat
 
 __all__ = [
     "ParsedRequest",

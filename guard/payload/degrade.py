@@ -3,7 +3,7 @@
 Rounding probabilities to 2-3 decimals weakens equation-solving extraction;
 top-k and labels-only answers cut what each query tells an attacker; dropping
 an LLM's ``logprobs`` removes its probability vector. Only what
-:mod:`middleware._answers` recognises as probabilities is touched, so a
+:mod:`guard.payload._probabilities` recognises as probabilities is touched, so a
 regression output passes through unchanged.
 
 A degraded client's noise is not drawn afresh per answer: an attacker could
@@ -27,8 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.config import DegradeConfig
-from middleware._answers import Found, from_list, from_named, from_v2_outputs, is_prob_name
-from middleware._json import load_json_lenient
+from guard.payload._json import load_json_lenient
+from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs, is_prob_name
 
 __all__ = ["NOISE_KEY_ENV", "RowNoise", "coarsen", "degrade_response", "noise_key", "perturb"]
 
@@ -322,7 +322,7 @@ def degrade_response(
     body
         The complete response body.
     fmt
-        The request's format (:attr:`~middleware.adapters.ParsedRequest.fmt`).
+        The request's format (:attr:`~guard.payload.adapters.ParsedRequest.fmt`).
     content_type
         The response's ``Content-Type``; only JSON is rewritten.
     spec

@@ -3,7 +3,7 @@
 A :class:`PayloadFormat` is everything the guard knows about one wire format.
 So far the custom JSON shape a policy declares with ``payload:`` is one
 (:class:`PointerFormat`); the built-in protocols are still dispatched by
-:mod:`middleware.adapters` and :mod:`middleware.degrade`, and move behind this
+:mod:`guard.payload.adapters` and :mod:`guard.payload.degrade`, and move behind this
 interface with the engine redesign.
 
 A policy's format is built once, at start-up, by :func:`payload_format`. It is
@@ -23,12 +23,12 @@ from numpy.typing import NDArray
 
 from detectors.base import Answer
 from guard.config import DegradeConfig, LimitsConfig, PayloadConfig
+from guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from guard.payload._probabilities import prob_matrix
+from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from guard.payload._tensor import finish_rows, leaves, to_float
+from guard.payload.degrade import RowNoise, coarsen, perturb
 from guard.pointer import MISSING, parse_pointer, replace_at, resolve
-from middleware._answers import prob_matrix
-from middleware._json import is_json_media_type, load_json, load_json_lenient
-from middleware._request import ParsedRequest, check_rows, check_texts, fail
-from middleware._tensor import finish_rows, leaves, to_float
-from middleware.degrade import RowNoise, coarsen, perturb
 
 __all__ = ["CUSTOM", "PayloadFormat", "PointerFormat", "payload_format"]
 
