@@ -47,9 +47,9 @@ from guard.payload.formats import PayloadFormat, payload_format
 from guard.pipeline import FailClosed, Guard
 from guard.policy import CompiledPolicy
 from middleware._body import BodyReader, ClientDisconnected, receive_within
-from middleware._responder import Responder
-from middleware._responses import send_error
+from middleware.answer_capture import AnswerCapture
 from middleware.metrics_endpoint import serve_metrics
+from middleware.refusals import send_error
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["GuardMiddleware"]
@@ -262,7 +262,7 @@ class GuardMiddleware:
                 await self._internal_failure(policy, scope, replay, send, request_id)
                 return
             if policy.rewrites:
-                # every answer rounded (degrade.always): the Responder's work, as ever
+                # every answer rounded (degrade.always): the AnswerCapture's work, as ever
                 assert policy.allow is not None  # a lean policy has no detectors
                 parsed = ParsedRequest(fmt, None, n_rows=n_rows)
                 await self._forward(
@@ -569,7 +569,7 @@ class GuardMiddleware:
                 noise=noise,
                 payload=self._payloads.get(policy.name),
             )
-        responder = Responder(
+        responder = AnswerCapture(
             send,
             extra,
             capture=watch,
@@ -602,7 +602,7 @@ class GuardMiddleware:
                 self._record_capture(captured, decision, responder.status, answer)
         guard.observe_overhead(policy.name, before + (time.perf_counter() - after_started))
 
-    def _answer(self, responder: Responder, fmt: str, payload: PayloadFormat | None) -> Answer:
+    def _answer(self, responder: AnswerCapture, fmt: str, payload: PayloadFormat | None) -> Answer:
         """The model's answer as far as it could be read (its status at least)."""
         body = responder.body
         answer: Answer | None = None

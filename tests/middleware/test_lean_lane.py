@@ -40,7 +40,7 @@ LEAN: dict[str, Any] = {
     "audit": {"enabled": False},
     "policies": [{"name": "inference", "degrade": {"always": False}}],
 }
-#: the defaults: validation, and every answer rounded (the lane hands it to the Responder)
+#: the defaults: validation, and every answer rounded (the lane hands it to the AnswerCapture)
 DEFAULTS: dict[str, Any] = {"audit": {"enabled": False}}
 CONFIGS = pytest.mark.parametrize("config", [LEAN, DEFAULTS], ids=["answers_untouched", "defaults"])
 

@@ -1,4 +1,4 @@
-"""Prebuilt JSON error responses. Clients never learn which detector fired."""
+"""The guard's own answers: JSON errors. Clients never learn which detector fired."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Watching (and, for ``degrade``, rewriting) the model's answer.
 
-One :class:`Responder` is made per request. It wraps ``send``:
+One :class:`AnswerCapture` is made per request. It wraps ``send``:
 
 * every response gets the ``x-request-id`` header and any rate-limit headers;
 * streamed answers (``text/event-stream``, or no ``content-length``) and answers
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from middleware._responses import send_error
+from middleware.refusals import send_error
 from middleware.types import Message, Send
 
-__all__ = ["Responder"]
+__all__ = ["AnswerCapture"]
 
 Rewriter = Callable[[bytes, str | None], bytes | None]
 
 
-class Responder:
+class AnswerCapture:
     __slots__ = (
         "_chunks",
         "_discard",
