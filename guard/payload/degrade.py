@@ -30,7 +30,15 @@ from guard.config import DegradeConfig
 from guard.payload._json import load_json_lenient
 from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs, is_prob_name
 
-__all__ = ["NOISE_KEY_ENV", "RowNoise", "coarsen", "degrade_response", "noise_key", "perturb"]
+__all__ = [
+    "NOISE_KEY_ENV",
+    "RowNoise",
+    "coarsen",
+    "degrade_doc",
+    "degrade_response",
+    "noise_key",
+    "perturb",
+]
 
 log = logging.getLogger("guard")
 
@@ -278,10 +286,13 @@ def _degrade_openai(doc: dict[str, Any]) -> bool:
     return changed
 
 
-def _degrade_doc(
-    doc: Any, fmt: str, spec: DegradeConfig, noise: RowNoise | None
-) -> bool | None:
-    """Rewrite ``doc`` in place; ``None`` when its format is not understood."""
+def degrade_doc(doc: Any, fmt: str, spec: DegradeConfig, noise: RowNoise | None) -> bool | None:
+    """:func:`degrade_response` on an answer already decoded, rewritten in place.
+
+    ``True`` when ``doc`` was changed, ``False`` when it holds nothing to
+    coarsen, ``None`` when its format is not understood. It may raise on a
+    document of an odd shape; the callers catch.
+    """
     if isinstance(doc, list):
         return _degrade_list(doc, spec, noise) if doc else None
     if not isinstance(doc, dict):
@@ -353,7 +364,7 @@ def degrade_response(
         doc = load_json_lenient(body, content_type)
         if doc is None:
             return None
-        changed = _degrade_doc(doc, fmt, spec, noise)
+        changed = degrade_doc(doc, fmt, spec, noise)
         if changed is None:
             return None
         if not changed:

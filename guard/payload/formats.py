@@ -41,7 +41,10 @@ class PayloadFormat(Protocol):
 
     ``parse`` is the guard's first contact with untrusted bytes: it raises
     :class:`~guard.errors.PayloadError` for anything it refuses and no other
-    exception. ``read_answer`` and ``rewrite_answer`` never raise.
+    exception. ``read_answer`` and ``rewrite_answer`` never raise; ``read_doc``
+    and ``rewrite_doc``, the same on an answer already decoded (the engine
+    decodes each answer once for both, :mod:`guard.payload.review`), may raise
+    on an odd document and leave catching to the caller.
     """
 
     #: the format's label in metrics (a small closed set)
@@ -71,6 +74,21 @@ class PayloadFormat(Protocol):
     ) -> bytes | None:
         """The answer coarsened by ``spec``; ``body`` when it holds no probabilities to
         coarsen; ``None`` when it is not an answer of this format."""
+        ...
+
+    def read_doc(self, doc: object) -> Answer | None:
+        """:meth:`read_answer` on a decoded answer (``None``: not JSON); only reads it."""
+        ...
+
+    def rewrite_doc(
+        self, doc: object, *, spec: DegradeConfig, noise: RowNoise | None = None
+    ) -> tuple[Any, bool] | None:
+        """:meth:`rewrite_answer` on a decoded answer, changed in place where it can be.
+
+        ``(root, True)`` when rewritten (``root`` is the document to serialise),
+        ``(doc, False)`` when it holds nothing to coarsen, ``None`` when it is not
+        an answer of this format.
+        """
         ...
 
 
@@ -134,11 +152,7 @@ class PointerFormat:
 
     def read_answer(self, body: bytes, content_type: str | None) -> Answer | None:
         try:
-            found = self._find(load_json_lenient(body, content_type))
-            if found is None:
-                return None
-            probs = found[1]
-            return Answer(labels=probs.argmax(axis=1).astype(np.int64), probabilities=probs)
+            return self.read_doc(load_json_lenient(body, content_type))
         except Exception:  # a guard must not fail on a model's odd answer
             return None
 
@@ -151,28 +165,42 @@ class PointerFormat:
         noise: RowNoise | None = None,
     ) -> bytes | None:
         try:
-            doc = load_json_lenient(body, content_type)
-            if doc is None or self._probs is None:
+            done = self.rewrite_doc(load_json_lenient(body, content_type), spec=spec, noise=noise)
+            if done is None:
                 return None
-            value = resolve(doc, self._probs)
-            if value is MISSING:
-                return None  # not an answer of this shape (an error body, say)
-            found = self._find(doc)
-            if found is None:
-                return body  # something else at the pointer (labels, regression values)
-            flat, probs = found
-            noisy = perturb(probs, spec, noise)
-            coarse = coarsen(noisy, spec)
-            new: Any
-            if spec.labels_only:
-                labels = [int(i) for i in noisy.argmax(axis=1)]
-                new = labels[0] if flat else labels
-            else:
-                new = coarse[0].tolist() if flat else coarse.tolist()
-            doc = replace_at(doc, self._probs, new)
-            return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+            root, changed = done
+            return json.dumps(root, separators=(",", ":")).encode("utf-8") if changed else body
         except Exception:  # an odd answer is passed through, never turned into a 500
             return None
+
+    def read_doc(self, doc: object) -> Answer | None:
+        found = self._find(doc)
+        if found is None:
+            return None
+        probs = found[1]
+        return Answer(labels=probs.argmax(axis=1).astype(np.int64), probabilities=probs)
+
+    def rewrite_doc(
+        self, doc: object, *, spec: DegradeConfig, noise: RowNoise | None = None
+    ) -> tuple[Any, bool] | None:
+        if doc is None or self._probs is None:
+            return None
+        value = resolve(doc, self._probs)
+        if value is MISSING:
+            return None  # not an answer of this shape (an error body, say)
+        found = self._find(doc)
+        if found is None:
+            return doc, False  # something else at the pointer (labels, regression values)
+        flat, probs = found
+        noisy = perturb(probs, spec, noise)
+        coarse = coarsen(noisy, spec)
+        new: Any
+        if spec.labels_only:
+            labels = [int(i) for i in noisy.argmax(axis=1)]
+            new = labels[0] if flat else labels
+        else:
+            new = coarse[0].tolist() if flat else coarse.tolist()
+        return replace_at(doc, self._probs, new), True
 
     def _find(self, doc: object) -> tuple[bool, NDArray[np.float64]] | None:
         """``(flat, probabilities)`` at the pointer: ``flat`` for one row given as a flat list."""
