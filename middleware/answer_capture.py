@@ -32,6 +32,13 @@ Reviewer = Callable[[bytes, str | None], Reviewed]
 
 
 class AnswerCapture:
+    """One request's ``send`` wrapper (:meth:`send`); see the module docstring.
+
+    ``limit`` caps what is kept of a watched answer (``max_response_bytes``);
+    an answer to rewrite is held up to ``rewrite_limit`` (16 times ``limit`` by
+    default) and answered 502 past it, never passed on unrewritten.
+    """
+
     __slots__ = (
         "_chunks",
         "_discard",
