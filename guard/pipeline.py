@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -160,7 +161,7 @@ class Guard:
 
     # ------------------------------------------------------------------ a front end's calls
 
-    async def admit(self, request: Request) -> Verdict:
+    def admit(self, request: Request) -> Coroutine[Any, Any, Verdict]:
         """The verdict on a request before the model sees it: a :class:`Refusal` or a :class:`Pass`.
 
         Identifies the client, checks quarantine (before the body is read),
@@ -172,7 +173,8 @@ class Guard:
         :class:`~guard.errors.ClientDisconnected` (from the body reader): there
         is no one to answer. See :mod:`guard.admission`.
         """
-        return await self._admission.admit(request)
+        # the admission's own coroutine, handed out as it is: no second frame per request
+        return self._admission.admit(request)
 
     def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
         """:meth:`admit`'s verdict on a request already known valid, for a policy whose
@@ -182,7 +184,7 @@ class Guard:
         """
         return self._admission.admit_fixed(policy, fmt, n_rows)
 
-    async def after(self, verdict: Pass, seen: Seen) -> None:
+    def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
         """Handle the model's answer to a :class:`Pass`, once it has gone to the client.
 
         Counts what became of the rewrite, lets the detectors that learn from
@@ -190,7 +192,7 @@ class Guard:
         decoded at most once: ``seen.reviewed`` when the front end rewrote it
         with :meth:`Pass.review`, else here. Nothing raises: the answer is gone.
         """
-        await self._admission.after(verdict, seen)
+        return self._admission.after(verdict, seen)
 
     # ------------------------------------------------------------------ before the model
 
