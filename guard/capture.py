@@ -10,7 +10,7 @@ known (or its refusal: a throttle, a block), as one line::
      "decision": "allow", "status": 200, "labels": [3], "probabilities": [[...]]}
 
 ``texts`` replaces ``rows`` for chat and completion payloads; ``labels`` and
-``probabilities`` are what :func:`middleware.adapters.parse_response` read from
+``probabilities`` are what :func:`guard.payload.adapters.parse_response` read from
 the model's answer (before any rounding or noise), when it held them. The
 client is the keyed hash the guard knows it by, never a raw key or address, and
 no header is kept. Still, the file holds the clients' inputs and the model's

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from detectors.base import DetectorResult
 
-__all__ = ["Action", "Decision", "FailureMode"]
+__all__ = ["Action", "Decision", "FailClosed", "FailureMode"]
 
 
 class Action(StrEnum):
@@ -38,6 +38,18 @@ class FailureMode(StrEnum):
 
     FAIL_OPEN = "fail_open"  #: let it through, log and count the failure
     FAIL_CLOSED = "fail_closed"  #: answer 503, log and count the failure
+
+
+class FailClosed(Exception):
+    """The guard failed on a policy whose failure mode is ``fail_closed`` (answer 503).
+
+    Raised inside the engine by the detector pipeline, caught by admission: a
+    signal between the two, never seen by a front end.
+    """
+
+    def __init__(self, component: str):
+        self.component = component
+        super().__init__(component)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ The hierarchy::
     ├── ConfigurationError      a config value is wrong; names the key path
     ├── PayloadError            an inference request is malformed; carries the 4xx status
     ├── StateError              a state store (memory, Redis) failed; wraps the cause
-    └── ModelFileError          a calibration file is missing, tampered with or mismatched
+    ├── ModelFileError          a calibration file is missing, tampered with or mismatched
+    └── ClientDisconnected      the client left before its request body was complete
 
 Detector results and decisions are values, never exceptions: these are raised only
 for conditions the caller must handle (bad config at start-up, bad input, a dead store).
@@ -15,6 +16,7 @@ for conditions the caller must handle (bad config at start-up, bad input, a dead
 from __future__ import annotations
 
 __all__ = [
+    "ClientDisconnected",
     "ConfigurationError",
     "GuardError",
     "ModelFileError",
@@ -107,3 +109,12 @@ class ModelFileError(GuardError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class ClientDisconnected(GuardError):
+    """The client went away before its request body was complete: there is no one to answer.
+
+    Raised by a front end's body reader (:class:`guard.engine.BodySource`);
+    :meth:`guard.pipeline.Guard.admit` lets it through uncounted, and the front
+    end sends nothing.
+    """

@@ -19,6 +19,11 @@ Exempt clients (``exempt:`` in the config: monitors, load tests) are marked
 here: a presented key whose SHA-256 is listed, or a resolved address in a
 listed network. Everything is prepared at start-up; per request an exemption
 costs one SHA-256 of a presented key, and only when keys are listed.
+
+Headers come in as the ``(name, value)`` byte pairs a server hands over, names
+lower-case; :meth:`ClientIdentifier.read_headers` joins repeated ones, and
+refuses two different values of an identity header (two credentials in one
+request). A peer is what a server reports: ``(host, port)``, or ``None``.
 """
 
 from __future__ import annotations
@@ -29,19 +34,21 @@ import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 from guard.config import MIN_HASH_KEY_BYTES, ExemptConfig, IdentityConfig, short_hash_key
 from guard.errors import ConfigurationError, PayloadError
 
-__all__ = ["ClientId", "ClientIdentifier"]
+__all__ = ["ClientId", "ClientIdentifier", "forwarded_applied", "peer_host"]
 
 log = logging.getLogger("guard.identity")
 
 _MAX_KEY_LEN = 4096
 _MEMO_SIZE = 4096
 _MAX_FORWARDED_LEN = 2048
+#: headers that may carry an identity whatever the config names (see ``header_names``)
+_CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -89,6 +96,9 @@ class ClientIdentifier:
         self._memo: dict[tuple[str, bytes | str], str] = {}
         self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
         self._forwarded = config.forwarded_header.encode("latin-1")
+        #: every header that carries (or may carry) an identity: the configured key
+        #: headers, the forwarded header, ``authorization`` and ``x-forwarded-for``
+        self.header_names = frozenset((*self._headers, *_CREDENTIAL_LIKE, self._forwarded))
         self._trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies
         )
@@ -112,6 +122,41 @@ class ClientIdentifier:
             del memo[next(iter(memo))]
         memo[memo_key] = digest[:32]
         return digest[:32]
+
+    def read_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        """Headers by name; repeated ones joined with ``", "`` (in linear time).
+
+        A repeated identity header (:attr:`header_names`) must repeat the same
+        value: two different credentials (or forwarding chains) in one request
+        are refused, 400 ``bad_header``. Malformed pairs raise what unpacking
+        them raises.
+        """
+        if type(raw) is list:
+            headers = dict(raw)
+            if len(headers) == len(raw):  # nothing repeated, the usual case: nothing to join
+                return headers
+        headers = {}
+        repeated: dict[bytes, list[bytes]] = {}
+        identity = self.header_names
+        for name, value in raw:
+            if name in headers:
+                if name in identity:
+                    if headers[name] != value:
+                        raise PayloadError(
+                            400, "bad_header", f"conflicting {name.decode()} headers"
+                        )
+                    continue
+                # joined once at the end: joining as they come copies the value each time
+                parts = repeated.get(name)
+                if parts is None:
+                    repeated[name] = [headers[name], value]
+                else:
+                    parts.append(value)
+                continue
+            headers[name] = value
+        for name, parts in repeated.items():
+            headers[name] = b", ".join(parts)
+        return headers
 
     def identify(
         self, headers: Mapping[bytes, bytes], peer: str | None, *, forwarded_applied: bool = False
@@ -233,3 +278,23 @@ class ClientIdentifier:
         if not value or len(value) > _MAX_KEY_LEN or not value.isascii():
             raise PayloadError(400, "bad_header", f"malformed credential in {header}")
         return value
+
+
+def peer_host(peer: Any) -> str | None:
+    """The host of the peer a server reports (``(host, port)``), or ``None`` (a unix socket).
+
+    A malformed peer (a broken server's) raises ``TypeError`` or ``IndexError``.
+    """
+    return str(peer[0]) if peer else None
+
+
+def forwarded_applied(peer: Any) -> bool:
+    """Whether the server took this client address from ``X-Forwarded-For`` itself.
+
+    uvicorn's proxy-headers middleware, having lost the real peer's port,
+    gives such a client port 0, which no TCP peer has.
+    """
+    try:
+        return len(peer) > 1 and peer[1] == 0
+    except TypeError:
+        return False

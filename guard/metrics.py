@@ -75,7 +75,17 @@ class Tally:
 
     def add(self, update: Callable[[float], Any], value: float) -> None:
         """Defer ``update(value)`` (a bound ``inc`` or ``observe``)."""
-        self.add_all(((update, value),))
+        pending = self._pending
+        pending.append((update, value))
+        if len(pending) >= FLUSH_AT:
+            self.flush()
+            return
+        loop = _running_loop()
+        if loop is None:
+            self.flush()
+        elif self._timer_loop is not loop:
+            self._timer_loop = loop
+            loop.call_later(FLUSH_AFTER_S, self._on_timer, loop)
 
     def add_all(self, updates: Sequence[tuple[Callable[[float], Any], float]]) -> None:
         """Defer several updates at once (one request's), as :meth:`add` does each."""

@@ -1,10 +1,17 @@
-"""The guard's engine: config in, decisions out. Knows nothing of ASGI.
+"""The guard's engine: config in, verdicts out. Knows nothing of ASGI.
 
 :class:`Guard` builds everything once (store, identity, metrics, audit log,
-policies with their detectors) and offers the three calls the middleware makes
-per request: :meth:`Guard.match`, :meth:`Guard.decide` (before the model) and
-:meth:`Guard.observe` (after it). :mod:`guard.replay` drives the same calls
+payload formats, policies with their detectors). A front end makes two calls
+per request (:mod:`guard.engine` has the values they take and give):
+:meth:`Guard.admit` before the model (identify the client, check quarantine,
+read and parse the body, decide, audit, capture: a refusal or a pass) and
+:meth:`Guard.after` once the model has answered (learn from the answer, record
+the capture line, count the rewrite). Inside, :meth:`Guard.decide` and
+:meth:`Guard.observe` run the detectors; :mod:`guard.replay` drives those
 offline, on recorded traffic and recorded time.
+
+Request parsing and answer rewriting live below, in :mod:`guard.payload`, so
+that every front end gets the same verdict from the same bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +27,18 @@ from prometheus_client import CollectorRegistry
 
 from detectors.base import Answer, DetectorResult, Query
 from detectors.store import KeyValueStore
+from guard._counts import Counts
+from guard.admission import Admission
 from guard.audit import AuditLog
 from guard.capture import CaptureLog
 from guard.config import GuardConfig
-from guard.decisions import Action, Decision, FailureMode
+from guard.decisions import Action, Decision, FailClosed, FailureMode
+from guard.engine import Pass, Request, Seen, Verdict
 from guard.errors import StateError
 from guard.identity import ClientIdentifier
 from guard.metrics import GuardMetrics
+from guard.payload.adapters import pattern_format
+from guard.payload.formats import PayloadFormat, payload_format
 from guard.policy import Armed, CompiledPolicy
 from guard.registry import BuildContext, build_detector
 from guard.stores import Store, store_from_uri
@@ -39,14 +51,6 @@ log = logging.getLogger("guard")
 _QUARANTINE_PREFIX = "quarantine:"
 #: (method, path) pairs whose matching policy is remembered
 _MATCH_MEMO = 1024
-
-
-class FailClosed(Exception):
-    """The guard failed on a policy whose failure mode is ``fail_closed`` (answer 503)."""
-
-    def __init__(self, component: str):
-        self.component = component
-        super().__init__(component)
 
 
 class Guard:
@@ -66,8 +70,8 @@ class Guard:
         self.clock = clock
         self.wall_clock = wall_clock
         self.metrics = GuardMetrics(registry, overhead_buckets=config.metrics.overhead_buckets)
-        self.metrics_enabled = config.metrics.enabled
-        self._tally = self.metrics.tally
+        #: the per-request metric updates (``counts.overhead(...)``, ...)
+        self.counts = Counts(self.metrics, enabled=config.metrics.enabled)
         self.store: KeyValueStore = store if store is not None else self._build_store()
         self.identifier = ClientIdentifier(
             config.client_identity, secret=identity_secret, exempt=config.exempt
@@ -103,15 +107,25 @@ class Guard:
             for p in self.policies
         }
         self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
-        self._children: dict[tuple[str, ...], Any] = {}
         self._match_memo: dict[tuple[str, str], CompiledPolicy | None] = {}
-        # pre-bound children for the per-request metrics, keyed without the metric name
-        self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._score_children: dict[str, Any] = {}
-        self._overhead_children: dict[str, Any] = {}
-        self._payload_children: dict[tuple[str, str], Any] = {}
-        # per policy, the route patterns already warned about an unknown format
-        self._unknown_warned: dict[str, set[str]] = {p.name: set() for p in self.policies}
+        #: the custom JSON shapes policies declare (``payload:``), which read their routes
+        self.payloads: dict[str, PayloadFormat] = {
+            p.name: f for p in config.policies if (f := payload_format(p.payload)) is not None
+        }
+        self._admission = Admission(
+            config,
+            self.policies,
+            self,
+            counts=self.counts,
+            identifier=self.identifier,
+            audit=self.audit,
+            capture=self.capture,
+            payloads=self.payloads,
+            techniques=self.techniques,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
+        _log_unnamed_routes(self.policies)
 
     def _build_store(self) -> KeyValueStore:
         base: Store = store_from_uri(
@@ -145,29 +159,40 @@ class Guard:
             memo[key] = found
         return found
 
-    def note_unknown_format(self, policy: CompiledPolicy, path: str) -> None:
-        """Warn, once per (policy, route pattern), that a request of no known format passed.
+    # ------------------------------------------------------------------ a front end's calls
 
-        Such a request (``unknown_format: pass``) gets no row counting, no
-        detectors and no rounding of its answer; it is counted as
-        ``guard_payloads_total{format="unknown"}``. The warning names the route
-        pattern from the config, never the client-chosen path.
+    def admit(self, request: Request) -> Coroutine[Any, Any, Verdict]:
+        """The verdict on a request before the model sees it: a :class:`Refusal` or a :class:`Pass`.
+
+        Identifies the client, checks quarantine (before the body is read),
+        reads the body through ``request.body`` and parses it, runs the policy's
+        detectors, writes the audit line, takes the capture line's request half.
+        Malformed input is refused (4xx, counted as ``invalid``). A failure of
+        the guard itself is counted and the policy's failure mode applied: a
+        503, or a pass that leaves the answer alone. Raises only
+        :class:`~guard.errors.ClientDisconnected` (from the body reader): there
+        is no one to answer. See :mod:`guard.admission`.
         """
-        warned = self._unknown_warned.setdefault(policy.name, set())
-        if len(warned) >= len(policy.config.routes):
-            return
-        route = policy.route_of(path)
-        if route in warned:
-            return
-        warned.add(route)
-        log.warning(
-            "policy %s: a request on route %s has no known payload format and passed without "
-            "row counting, detectors or rounding of its answer (unknown_format: pass). "
-            "Declare its shape with payload: {rows: <JSON pointer>, probabilities: <JSON "
-            "pointer>}, or refuse such requests with unknown_format: refuse",
-            policy.name,
-            route,
-        )
+        # the admission's own coroutine, handed out as it is: no second frame per request
+        return self._admission.admit(request)
+
+    def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
+        """:meth:`admit`'s verdict on a request already known valid, for a policy whose
+        verdict is fixed (no detectors, no quarantine, no capture), counted the same.
+
+        For a front end's fast lane, which validates some plain requests itself.
+        """
+        return self._admission.admit_fixed(policy, fmt, n_rows)
+
+    def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
+        """Handle the model's answer to a :class:`Pass`, once it has gone to the client.
+
+        Counts what became of the rewrite, lets the detectors that learn from
+        answers see a 2xx answer, and records the capture line. The answer is
+        decoded at most once: ``seen.reviewed`` when the front end rewrote it
+        with :meth:`Pass.review`, else here. Nothing raises: the answer is gone.
+        """
+        return self._admission.after(verdict, seen)
 
     # ------------------------------------------------------------------ before the model
 
@@ -192,7 +217,7 @@ class Guard:
         decision = Decision(
             action=Action.BLOCK, intended=Action.BLOCK, policy=policy.name, quarantined=True
         )
-        self._record(policy, decision, 1)
+        self.counts.decision(policy.name, decision, 1)
         return decision
 
     async def decide(
@@ -207,10 +232,10 @@ class Guard:
         and is counted, and the decision records what was intended, but the
         enforced action is ``allow`` and nothing is quarantined.
         """
-        if exempt and self.metrics_enabled:
-            self._tally.add(self._child(self.metrics.exempt, policy.name).inc, 1.0)
+        if exempt:
+            self.counts.exempt(policy.name)
         if policy.allow is not None:  # no detectors: one immutable decision for all
-            self._record(policy, policy.allow, query.n_rows)
+            self.counts.decision(policy.name, policy.allow, query.n_rows)
             return policy.allow
         quarantined = False
         results: list[DetectorResult] = []
@@ -259,7 +284,7 @@ class Guard:
             and bool(row_detectors)
             and all(name in row_detectors for name, _ in fired),
         )
-        self._record(policy, decision, query.n_rows)
+        self.counts.decision(policy.name, decision, query.n_rows)
         return decision
 
     def allow(self, policy: CompiledPolicy, n_rows: int, fmt: str | None = None) -> Decision:
@@ -267,42 +292,20 @@ class Guard:
 
         What :meth:`decide` returns for such a policy, without building a
         :class:`Query` that nothing would read. With ``fmt`` the payload format
-        is counted too (what :meth:`count_payload` does), in the same batch.
+        is counted too, in the same batch.
         """
         decision = policy.allow
         if decision is None:
             raise ValueError(f"policy {policy.name!r} has detectors: use decide()")
-        if self.metrics_enabled:
-            requests, rows = self._outcome(policy.name, decision.action)
-            if fmt is None:
-                self._tally.add_all(((requests, 1.0), (rows, n_rows)))
-            else:
-                payload = self._payload_inc(policy.name, fmt)
-                self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
+        self.counts.allowed(policy.name, decision.action, n_rows, fmt)
         return decision
 
-    def allowed_updates(self, policy: CompiledPolicy, fmt: str) -> tuple[Any, ...]:
-        """The metric updates of a request a policy without detectors lets through.
-
-        ``(requests_inc, rows_inc, payload_inc, overhead_observe)``: the bound
-        methods that :meth:`allow` (with ``fmt``) and :meth:`observe_overhead`
-        defer to the tally, for a caller that defers them itself (the
-        middleware's lean lane); ``()`` when metrics are off.
-        """
-        if policy.allow is None:
-            raise ValueError(f"policy {policy.name!r} has detectors: use decide()")
-        if not self.metrics_enabled:
-            return ()
-        requests, rows = self._outcome(policy.name, policy.allow.action)
-        overhead = self._child(self.metrics.overhead, policy.name).observe
-        return (requests, rows, self._payload_inc(policy.name, fmt), overhead)
-
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
-        self.count_error(component)
+        self.counts.error(component)
         if component == "store":
             # a decision taken without the store, whichever way the failure mode goes
             backend = getattr(self.store, "backend", "unknown")
-            self._child(self.metrics.store_fallback, str(backend)).inc()
+            self.counts.child(self.metrics.store_fallback, str(backend)).inc()
         if policy.failure_mode is FailureMode.FAIL_CLOSED:
             raise FailClosed(component)
 
@@ -311,9 +314,9 @@ class Guard:
         try:
             await self.store.set(_QUARANTINE_PREFIX + client, b"1", policy.config.quarantine_s)
         except StateError:
-            self.count_error("store")
+            self.counts.error("store")
             return False
-        self._child(self.metrics.quarantined, policy.name).inc()
+        self.counts.child(self.metrics.quarantined, policy.name).inc()
         return True
 
     # ------------------------------------------------------------------ after the model
@@ -344,11 +347,11 @@ class Guard:
             try:
                 result = await det.observe(query, answer)
             except StateError:
-                self.count_error("store")
+                self.counts.error("store")
                 continue
             except Exception:
                 log.exception("detector %s failed in observe", det.name)
-                self.count_error("detector")
+                self.counts.error("detector")
                 continue
             if result is None:
                 continue
@@ -373,7 +376,7 @@ class Guard:
             exempt=exempt,
         )
         for name, action in fired:
-            self._child(self.metrics.detections, policy.name, name, str(action)).inc()
+            self.counts.child(self.metrics.detections, policy.name, name, str(action)).inc()
         self.audit.record(
             decision,
             request_id=query.request_id,
@@ -384,89 +387,6 @@ class Guard:
             reason="after_answer",
         )
         return decision
-
-    # ------------------------------------------------------------------ metrics
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        # prometheus_client's .labels() validates and hashes on every call; cache the children
-        key = (metric._name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = metric.labels(*labels)
-            self._children[key] = child
-        return child
-
-    def _outcome(self, policy: str, decision: str) -> tuple[Any, Any]:
-        # the bound inc() of the two children, for the tally
-        key = (policy, decision)
-        pair = self._outcome_children.get(key)
-        if pair is None:
-            label = str(decision)
-            m = self.metrics
-            pair = (
-                self._child(m.requests, policy, label).inc,
-                self._child(m.rows, policy, label).inc,
-            )
-            self._outcome_children[key] = pair
-        return pair
-
-    def _record(self, policy: CompiledPolicy, decision: Decision, n_rows: int) -> None:
-        if not self.metrics_enabled:
-            return
-        requests, rows = self._outcome(policy.name, decision.action)
-        updates: list[tuple[Any, float]] = [(requests, 1.0), (rows, n_rows)]
-        for name, action in decision.fired:
-            inc = self._child(self.metrics.detections, policy.name, name, str(action)).inc
-            updates.append((inc, 1.0))
-        scores = self._score_children
-        for r in decision.results:
-            margin = r.score - r.threshold
-            if margin == margin:  # skip NaN
-                observe = scores.get(r.detector)
-                if observe is None:
-                    observe = scores[r.detector] = self._child(
-                        self.metrics.score, r.detector
-                    ).observe
-                updates.append((observe, margin))
-        self._tally.add_all(updates)  # one request's updates in one batch
-
-    def record_outcome(self, policy: str, decision: str, n_rows: int) -> None:
-        """Count a request that ended without a detector decision (``invalid``, ``error``)."""
-        if not self.metrics_enabled:
-            return
-        requests, rows = self._outcome(policy, decision)
-        self._tally.add(requests, 1.0)
-        if n_rows:
-            self._tally.add(rows, n_rows)
-
-    def count_error(self, component: str) -> None:
-        self._child(self.metrics.errors, component).inc()
-
-    def count_invalid(self, policy: str, reason: str) -> None:
-        self._child(self.metrics.invalid, policy, reason).inc()
-
-    def count_payload(self, policy: str, fmt: str) -> None:
-        if self.metrics_enabled:
-            self._tally.add(self._payload_inc(policy, fmt), 1.0)
-
-    def _payload_inc(self, policy: str, fmt: str) -> Any:
-        key = (policy, fmt)
-        inc = self._payload_children.get(key)
-        if inc is None:
-            inc = self._payload_children[key] = self._child(self.metrics.payloads, policy, fmt).inc
-        return inc
-
-    def count_degraded(self, policy: str, outcome: str) -> None:
-        self._tally.add(self._child(self.metrics.degraded, policy, outcome).inc, 1.0)
-
-    def observe_overhead(self, policy: str, seconds: float) -> None:
-        if self.metrics_enabled:
-            observe = self._overhead_children.get(policy)
-            if observe is None:
-                observe = self._overhead_children[policy] = self._child(
-                    self.metrics.overhead, policy
-                ).observe
-            self._tally.add(observe, seconds)
 
     async def aclose(self) -> None:
         for policy in self.policies:
@@ -482,3 +402,25 @@ class Guard:
         await asyncio.to_thread(self.audit.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+
+
+def _log_unnamed_routes(policies: tuple[CompiledPolicy, ...]) -> None:
+    """Say at start-up which detector routes name no protocol and declare no ``payload:``.
+
+    Requests there are read by their JSON shape; one of no known shape gets
+    past the detectors (``unknown_format: pass``, warned on first sight) or is
+    refused (``refuse``).
+    """
+    for policy in policies:
+        if not policy.detectors or policy.config.payload is not None:
+            continue
+        unnamed = [r for r in policy.config.routes if pattern_format(r) is None]
+        if unnamed:
+            log.info(
+                "policy %s: routes %s name no known protocol; requests there are read by "
+                "their JSON shape, and one of no known shape is %s. Declare a custom shape "
+                "with payload: {rows: <JSON pointer>, ...}",
+                policy.name,
+                ", ".join(unnamed),
+                "refused" if policy.config.unknown_format == "refuse" else "passed unguarded",
+            )

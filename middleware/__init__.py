@@ -1,4 +1,4 @@
-"""The ASGI layer: the guard middleware, payload adapters and the metrics endpoint."""
+"""The ASGI layer: the guard middleware and the metrics endpoint (the engine is in ``guard/``)."""
 
 from __future__ import annotations
 

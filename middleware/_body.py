@@ -1,5 +1,10 @@
 """Reading a request body with a running cap and a deadline, and replaying it to the app.
 
+:class:`BodyReader` is the one place ``limits.max_body_bytes`` is enforced on the
+way in: on the declared ``Content-Length`` before a byte is read, and as a
+running count while reading. It is the engine's :class:`~guard.engine.BodySource`
+and the fast lane's reader alike.
+
 The deadline covers the whole body, not each message: a client trickling one
 byte a second would otherwise hold a connection (and its buffered bytes) for
 as long as it liked. Past it the guard answers 408 and never calls the app.
@@ -15,16 +20,12 @@ import weakref
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from guard.errors import PayloadError
+from guard.errors import ClientDisconnected, PayloadError
 from middleware.types import Message, Receive
 
-__all__ = ["BodyReader", "ClientDisconnected", "body_timeout", "receive_within", "within"]
+__all__ = ["BodyReader", "body_timeout", "check_length", "receive_within", "within"]
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the body was complete."""
 
 
 def body_timeout(timeout: float) -> PayloadError:
@@ -113,30 +114,62 @@ async def receive_within(receive: Receive, timeout: float | None) -> Message:
     return await within(receive(), timeout)
 
 
+def check_length(length: bytes | None, limit: int) -> None:
+    """Refuse a declared body size over the cap before reading a byte of it."""
+    if length is None:
+        return
+    if not length.isdigit():
+        raise PayloadError(400, "bad_header", "malformed content-length")
+    if len(length) > 19 or int(length) > limit:
+        raise PayloadError(413, "body_too_large", f"request body exceeds {limit} bytes")
+
+
 class BodyReader:
     """Reads ``http.request`` messages up to ``limit`` bytes; remembers what it consumed.
 
     The whole body must arrive within ``timeout`` seconds (``None``: no
-    deadline), or :meth:`read` raises a 408 ``body_timeout``. Whatever happens
-    (a 413, a guard failure half-way), :meth:`replay` gives the app a
+    deadline), or :meth:`read` raises a 408 ``body_timeout``. A reader reads
+    once: a second :meth:`read` gives the same body, or raises the same error,
+    so that whoever reads after the fast lane meets what the lane met. Whatever
+    happens (a 413, a guard failure half-way), :meth:`replay` gives the app a
     ``receive`` that first yields exactly what was consumed and then continues
     with the real stream, so a request is never lost.
     """
 
-    __slots__ = ("_chunks", "_receive", "complete", "limit", "timeout")
+    __slots__ = ("_chunks", "_error", "_receive", "_started", "complete", "limit", "timeout")
 
     def __init__(self, receive: Receive, limit: int, timeout: float | None = None) -> None:
         self._receive = receive
         self.limit = limit
         self.timeout = timeout
         self._chunks: list[bytes] = []
+        self._error: Exception | None = None
+        self._started = False
         self.complete = False
 
-    async def read(self) -> bytes:
-        """The whole body; :class:`PayloadError` (413, 408) or :class:`ClientDisconnected`."""
-        if self.timeout is None:
-            return await self._read()
-        return await within(self._read(), self.timeout)
+    async def read(self, declared: bytes | None = None) -> bytes:
+        """The whole body, its declared length (``Content-Length``) checked first.
+
+        Raises :class:`PayloadError` (400 malformed length, 413, 408) or
+        :class:`ClientDisconnected`, and again on a second call.
+        """
+        if self.complete:
+            return self._chunks[0] if self._chunks else b""
+        if self._error is not None:
+            raise self._error
+        try:
+            check_length(declared, self.limit)
+            self._started = True
+            if self.timeout is None:
+                return await self._read()
+            return await within(self._read(), self.timeout)
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def for_app(self) -> Receive:
+        """The ``receive`` to hand the app: :meth:`replay` once anything was read."""
+        return self.replay() if self._started else self._receive
 
     async def _read(self) -> bytes:
         size = 0

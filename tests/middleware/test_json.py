@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from guard.config import LimitsConfig
 from guard.errors import PayloadError
-from middleware._json import has_lone_surrogate, load_json
-from middleware.adapters import parse_request
+from guard.payload._json import has_lone_surrogate, load_json
+from guard.payload.adapters import parse_request
 from middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, V1, V2, Echo, request

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-import middleware.asgi as asgi_module
+import guard.admission as engine_module
 from guard.errors import PayloadError
-from middleware.asgi import GuardMiddleware, _request_ids
+from middleware._request_ids import request_ids as _request_ids
+from middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import (
     JSON_CT,
@@ -40,7 +41,7 @@ LEAN: dict[str, Any] = {
     "audit": {"enabled": False},
     "policies": [{"name": "inference", "degrade": {"always": False}}],
 }
-#: the defaults: validation, and every answer rounded (the lane hands it to the Responder)
+#: the defaults: validation, and every answer rounded (the lane hands it to the AnswerCapture)
 DEFAULTS: dict[str, Any] = {"audit": {"enabled": False}}
 CONFIGS = pytest.mark.parametrize("config", [LEAN, DEFAULTS], ids=["answers_untouched", "defaults"])
 
@@ -152,7 +153,7 @@ def test_plain_request_skips_the_full_parser(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(kwargs["path"])
         raise PayloadError(400, "bad_shape", "refused by the test")
 
-    monkeypatch.setattr(asgi_module, "parse_request", refuse)
+    monkeypatch.setattr(engine_module, "parse_request", refuse)
     (lean, echo), _ = lean_and_full()
     assert request(lean, V2, PLAIN, headers=[JSON_CT]).status == 200
     assert request(lean, V1, PLAIN_V1, headers=[JSON_CT]).status == 200

@@ -536,10 +536,9 @@ def test_internal_error_fails_open_with_body_replayed(
         raise RuntimeError("bug in the guard")
 
     # with detectors the verdict comes from decide(), without them from allow(),
-    # and on the lean lane (plain OIP v2 JSON) from allowed_updates()
+    # on the fast lane (plain OIP v2 JSON) too
     monkeypatch.setattr(mw.guard, "decide", boom)
     monkeypatch.setattr(mw.guard, "allow", boom_sync)
-    monkeypatch.setattr(mw.guard, "allowed_updates", boom_sync)
     raw = json.dumps(v2_body([[1.0, 2.0]])).encode()
     r = client.post(V2, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 200

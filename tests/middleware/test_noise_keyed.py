@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from guard.config import DegradeConfig
+from guard.payload.degrade import RowNoise, degrade_response, noise_key, perturb
 from middleware.asgi import GuardMiddleware
-from middleware.degrade import RowNoise, degrade_response, noise_key, perturb
 from middleware.types import Message, Receive, Scope, Send
 
 KEY = bytes(range(64))

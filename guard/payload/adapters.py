@@ -17,7 +17,7 @@ Formats and what they yield (``rows`` is ``(n_rows, n_features)`` float64):
 ``openai_chat``           ``texts``: one prompt, message texts joined with ``"\\n"``
 ``openai_completion``     ``texts``: one per prompt string (token-id prompts are only counted)
 ``json_array``            a list of numbers is one row, a list of lists is rows
-``custom``                a policy's ``payload:`` pointers (:mod:`middleware.formats`)
+``custom``                a policy's ``payload:`` pointers (:mod:`guard.payload.formats`)
 ``unknown``               anything else that is valid JSON: ``rows=None``, ``n_rows=1``
 ========================  ===============================================================
 """
@@ -30,21 +30,23 @@ from typing import Any
 
 from detectors.base import Answer
 from guard.config import LimitsConfig
-from middleware._answers import Found, from_list, from_named, from_v2_outputs
-from middleware._binary import split_body
-from middleware._json import is_json_media_type, load_json, load_json_lenient
-from middleware._oip import parse_oip
-from middleware._openai import parse_chat, parse_completion
-from middleware._request import ParsedRequest, fail
-from middleware._tabular import parse_json_array, parse_kserve, parse_mlflow
-from middleware.formats import PayloadFormat
+from guard.payload._binary import split_body
+from guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from guard.payload._oip import parse_oip
+from guard.payload._openai import parse_chat, parse_completion
+from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs
+from guard.payload._request import ParsedRequest, fail
+from guard.payload._tabular import parse_json_array, parse_kserve, parse_mlflow
+from guard.payload.formats import PayloadFormat
 
 __all__ = [
     "ParsedRequest",
+    "check_readable_answer",
     "detect_format",
     "parse_request",
     "parse_response",
     "pattern_format",
+    "read_answer_doc",
 ]
 
 _PATHS = re.compile(
@@ -220,6 +222,21 @@ def parse_request(
     return _PARSERS[fmt](doc, limits)
 
 
+def check_readable_answer(parsed: ParsedRequest) -> None:
+    """Refuse request options whose answers the guard could not round, degrade or watch.
+
+    Triton's binary outputs and streamed log-probabilities would otherwise carry
+    full-precision probabilities past the output policy (400 ``bad_type``).
+    """
+    extra = parsed.extra
+    if extra.get("binary_output"):
+        fail(
+            400, "bad_type", "binary outputs are not available on this route; ask for JSON outputs"
+        )
+    if extra.get("stream") and (extra.get("logprobs") or extra.get("top_logprobs")):
+        fail(400, "bad_type", "log-probabilities cannot be streamed on this route")
+
+
 def _found(doc: object, fmt: str) -> Found | None:
     if isinstance(doc, list):
         return from_list(doc)
@@ -264,17 +281,26 @@ def parse_response(body: bytes, *, fmt: str, content_type: str | None) -> Answer
         recognisable; this function never raises.
     """
     try:
-        doc = load_json_lenient(body, content_type)
-        if doc is None:
-            return None
-        if fmt in _OPENAI or (isinstance(doc, dict) and isinstance(doc.get("choices"), list)):
-            return Answer() if isinstance(doc, dict) and "choices" in doc else None
-        found = _found(doc, fmt)
-        if found is None or (found.probs is None and found.labels is None):
-            return None
-        labels = found.labels
-        if labels is None and found.probs is not None:
-            labels = found.probs.argmax(axis=1).astype("int64")
-        return Answer(labels=labels, probabilities=found.probs)
+        return read_answer_doc(load_json_lenient(body, content_type), fmt)
     except Exception:  # a guard must not fail on a model's odd answer
         return None
+
+
+def read_answer_doc(doc: object, fmt: str) -> Answer | None:
+    """:func:`parse_response` on an answer already decoded (``None``: not JSON).
+
+    Only reads ``doc``: the arrays it returns are copies, so the document can
+    be rewritten afterwards (:mod:`guard.payload.review` decodes an answer once
+    for both). It may raise on a document of an odd shape; the callers catch.
+    """
+    if doc is None:
+        return None
+    if fmt in _OPENAI or (isinstance(doc, dict) and isinstance(doc.get("choices"), list)):
+        return Answer() if isinstance(doc, dict) and "choices" in doc else None
+    found = _found(doc, fmt)
+    if found is None or (found.probs is None and found.labels is None):
+        return None
+    labels = found.labels
+    if labels is None and found.probs is not None:
+        labels = found.probs.argmax(axis=1).astype("int64")
+    return Answer(labels=labels, probabilities=found.probs)

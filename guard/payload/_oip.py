@@ -18,9 +18,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.config import LimitsConfig
-from middleware._binary import NUMPY_DTYPES, decode_tensor
-from middleware._request import ParsedRequest, check_rows, check_texts, fail
-from middleware._tensor import (
+from guard.payload._binary import NUMPY_DTYPES, decode_tensor
+from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from guard.payload._tensor import (
     check_matrix_shape,
     finish_rows,
     finite_sum,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from guard.config import DegradeConfig
-from middleware.degrade import coarsen, degrade_response
+from guard.payload.degrade import coarsen, degrade_response
 
 JSON = "application/json"
 ROUND2 = DegradeConfig(decimals=2, noise=0.0)
@@ -293,7 +293,7 @@ def test_noise_flips_close_calls_and_keeps_labels_consistent() -> None:
     import json as _json
 
     from guard.config import DegradeConfig as _Spec
-    from middleware.degrade import degrade_response as _degrade
+    from guard.payload.degrade import degrade_response as _degrade
 
     rows = [[0.501, 0.499, 0.0]] * 200 + [[0.98, 0.01, 0.01]] * 200
     doc = {
@@ -329,7 +329,7 @@ def test_no_noise_leaves_argmax_alone() -> None:
     import json as _json
 
     from guard.config import DegradeConfig as _Spec
-    from middleware.degrade import degrade_response as _degrade
+    from guard.payload.degrade import degrade_response as _degrade
 
     body = _json.dumps({"predictions": [[0.501, 0.499]] * 50}).encode()
     out = _degrade(

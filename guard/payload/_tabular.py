@@ -1,7 +1,7 @@
 """Untyped tabular payloads: KServe v1 / TF Serving, MLflow, plain JSON arrays.
 
 These formats carry no datatype, so the leaves decide (see
-:func:`middleware._tensor.classify`): numbers become rows, flat lists of strings
+:func:`guard.payload._tensor.classify`): numbers become rows, flat lists of strings
 become texts, objects (``{"b64": ...}``, named instances) are opaque and only
 counted. MLflow data frames are the one lenient case: their columns may mix
 strings and numbers, so such a frame is opaque rather than an error.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from guard.config import LimitsConfig
-from middleware._request import ParsedRequest, check_rows, check_texts, fail
-from middleware._tensor import Classified, classify
+from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from guard.payload._tensor import Classified, classify
 
 __all__ = ["parse_json_array", "parse_kserve", "parse_mlflow"]
 

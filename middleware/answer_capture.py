@@ -1,29 +1,44 @@
-"""Watching (and, for ``degrade``, rewriting) the model's answer.
+"""Watching (and, for ``degrade``, rewriting) the model's answer on its way out.
 
-One :class:`Responder` is made per request. It wraps ``send``:
+One :class:`AnswerCapture` is made per request whose :class:`~guard.engine.Pass`
+asks for anything but the request id. It wraps ``send``:
 
 * every response gets the ``x-request-id`` header and any rate-limit headers;
 * streamed answers (``text/event-stream``, or no ``content-length``) and answers
   larger than the cap pass through untouched and unbuffered;
-* for observing detectors, a bounded copy of a JSON answer is kept while the
-  chunks go straight on to the client;
-* for ``degrade``, the start message is held until the whole JSON body has
-  arrived, the body is coarsened, and ``content-length`` is fixed up.
+* for an answer the engine watches, a bounded copy of a JSON answer is kept
+  while the chunks go straight on to the client;
+* for an answer the engine rewrites, the start message is held until the whole
+  JSON body has arrived, the body goes through :meth:`Pass.review
+  <guard.engine.Pass.review>` (which also reads it, decoding it once), and
+  ``content-length`` is fixed up.
+
+:meth:`AnswerCapture.seen` then tells the engine (:meth:`Guard.after
+<guard.pipeline.Guard.after>`) what the model answered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from middleware._responses import send_error
-from middleware.types import Message, Send
+from guard.engine import Pass, Seen, refusal
+from guard.payload.review import Reviewed
+from middleware.refusals import send_refusal
+from middleware.types import Message, Scope, Send
 
-__all__ = ["Responder"]
+__all__ = ["AnswerCapture", "identity_encoding"]
 
-Rewriter = Callable[[bytes, str | None], bytes | None]
+Reviewer = Callable[[bytes, str | None], Reviewed]
 
 
-class Responder:
+class AnswerCapture:
+    """One request's ``send`` wrapper (:meth:`send`); see the module docstring.
+
+    ``limit`` caps what is kept of a watched answer (``max_response_bytes``);
+    an answer to rewrite is held up to ``rewrite_limit`` (16 times ``limit`` by
+    default) and answered 502 past it, never passed on unrewritten.
+    """
+
     __slots__ = (
         "_chunks",
         "_discard",
@@ -38,6 +53,7 @@ class Responder:
         "capture",
         "content_type",
         "degraded",
+        "reviewed",
         "rewrite_failed",
         "status",
         "streaming",
@@ -47,18 +63,16 @@ class Responder:
     def __init__(
         self,
         send: Send,
-        extra_headers: list[tuple[bytes, bytes]],
+        verdict: Pass,
+        request_id: str,
         *,
-        capture: bool,
-        rewrite: Rewriter | None,
         limit: int,
         rewrite_limit: int | None = None,
-        request_id: str = "",
     ) -> None:
         self._send = send
-        self._extra = extra_headers
-        self.capture = capture or rewrite is not None
-        self._rewrite = rewrite
+        self._extra = [(b"x-request-id", request_id.encode()), *verdict.headers]
+        self._rewrite: Reviewer | None = verdict.review if verdict.rewrite is not None else None
+        self.capture = verdict.watch is not None or self._rewrite is not None
         self._limit = limit
         # an answer the output policy must rewrite is held whatever its size, up to this
         self._rewrite_limit = rewrite_limit if rewrite_limit is not None else 16 * limit
@@ -73,6 +87,18 @@ class Responder:
         self.streaming = False
         self.degraded = False
         self.rewrite_failed = False
+        #: the engine's review of the answer, made while rewriting it
+        self.reviewed: Reviewed | None = None
+
+    def seen(self) -> Seen:
+        """What the model answered, for :meth:`Guard.after <guard.pipeline.Guard.after>`."""
+        if self.degraded:
+            rewrite = "degraded"
+        elif self.too_large:
+            rewrite = "too_large"
+        else:
+            rewrite = "unparsed" if self.rewrite_failed else "passed_through"
+        return Seen(self.status, self.content_type, self.body, self.reviewed, rewrite)
 
     @property
     def body(self) -> bytes | None:
@@ -137,12 +163,12 @@ class Responder:
             self._discard = True
             self._held = None
             self._chunks.clear()
-            await send_error(
-                self._send,
+            too_large = refusal(
                 502,
                 self._request_id,
                 message="the answer is too large for this route's output policy",
             )
+            await send_refusal(self._send, too_large)
             return
         if self._size > self._limit:  # content-length lied: stop capturing
             self.streaming = True
@@ -162,7 +188,8 @@ class Responder:
         assert self._rewrite is not None
         new = None
         try:
-            new = self._rewrite(body, self.content_type)
+            self.reviewed = self._rewrite(body, self.content_type)
+            new = self.reviewed.body
         except Exception:  # a rewrite bug must not lose the answer
             self.rewrite_failed = True
         if new is None:
@@ -191,3 +218,20 @@ class Responder:
                     }
                 )
                 self._chunks.clear()
+
+
+def identity_encoding(scope: Scope) -> Scope:
+    """The scope with ``accept-encoding: identity``, so answers arrive readable.
+
+    A compressed answer could be neither rounded, degraded nor watched: asking
+    the app for an uncompressed one closes that bypass. Compression, where
+    wanted, belongs outside the guard.
+    """
+    headers = scope.get("headers", ())
+    if not any(name == b"accept-encoding" for name, _ in headers):
+        return scope
+    scope = dict(scope)
+    scope["headers"] = [(n, v) for n, v in headers if n != b"accept-encoding"] + [
+        (b"accept-encoding", b"identity")
+    ]
+    return scope

@@ -3,7 +3,7 @@
 A :class:`PayloadFormat` is everything the guard knows about one wire format.
 So far the custom JSON shape a policy declares with ``payload:`` is one
 (:class:`PointerFormat`); the built-in protocols are still dispatched by
-:mod:`middleware.adapters` and :mod:`middleware.degrade`, and move behind this
+:mod:`guard.payload.adapters` and :mod:`guard.payload.degrade`, and move behind this
 interface with the engine redesign.
 
 A policy's format is built once, at start-up, by :func:`payload_format`. It is
@@ -23,12 +23,12 @@ from numpy.typing import NDArray
 
 from detectors.base import Answer
 from guard.config import DegradeConfig, LimitsConfig, PayloadConfig
+from guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from guard.payload._probabilities import prob_matrix
+from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from guard.payload._tensor import finish_rows, leaves, to_float
+from guard.payload.degrade import RowNoise, coarsen, perturb
 from guard.pointer import MISSING, parse_pointer, replace_at, resolve
-from middleware._answers import prob_matrix
-from middleware._json import is_json_media_type, load_json, load_json_lenient
-from middleware._request import ParsedRequest, check_rows, check_texts, fail
-from middleware._tensor import finish_rows, leaves, to_float
-from middleware.degrade import RowNoise, coarsen, perturb
 
 __all__ = ["CUSTOM", "PayloadFormat", "PointerFormat", "payload_format"]
 
@@ -41,7 +41,10 @@ class PayloadFormat(Protocol):
 
     ``parse`` is the guard's first contact with untrusted bytes: it raises
     :class:`~guard.errors.PayloadError` for anything it refuses and no other
-    exception. ``read_answer`` and ``rewrite_answer`` never raise.
+    exception. ``read_answer`` and ``rewrite_answer`` never raise; ``read_doc``
+    and ``rewrite_doc``, the same on an answer already decoded (the engine
+    decodes each answer once for both, :mod:`guard.payload.review`), may raise
+    on an odd document and leave catching to the caller.
     """
 
     #: the format's label in metrics (a small closed set)
@@ -71,6 +74,21 @@ class PayloadFormat(Protocol):
     ) -> bytes | None:
         """The answer coarsened by ``spec``; ``body`` when it holds no probabilities to
         coarsen; ``None`` when it is not an answer of this format."""
+        ...
+
+    def read_doc(self, doc: object) -> Answer | None:
+        """:meth:`read_answer` on a decoded answer (``None``: not JSON); only reads it."""
+        ...
+
+    def rewrite_doc(
+        self, doc: object, *, spec: DegradeConfig, noise: RowNoise | None = None
+    ) -> tuple[Any, bool] | None:
+        """:meth:`rewrite_answer` on a decoded answer, changed in place where it can be.
+
+        ``(root, True)`` when rewritten (``root`` is the document to serialise),
+        ``(doc, False)`` when it holds nothing to coarsen, ``None`` when it is not
+        an answer of this format.
+        """
         ...
 
 
@@ -134,11 +152,7 @@ class PointerFormat:
 
     def read_answer(self, body: bytes, content_type: str | None) -> Answer | None:
         try:
-            found = self._find(load_json_lenient(body, content_type))
-            if found is None:
-                return None
-            probs = found[1]
-            return Answer(labels=probs.argmax(axis=1).astype(np.int64), probabilities=probs)
+            return self.read_doc(load_json_lenient(body, content_type))
         except Exception:  # a guard must not fail on a model's odd answer
             return None
 
@@ -151,28 +165,42 @@ class PointerFormat:
         noise: RowNoise | None = None,
     ) -> bytes | None:
         try:
-            doc = load_json_lenient(body, content_type)
-            if doc is None or self._probs is None:
+            done = self.rewrite_doc(load_json_lenient(body, content_type), spec=spec, noise=noise)
+            if done is None:
                 return None
-            value = resolve(doc, self._probs)
-            if value is MISSING:
-                return None  # not an answer of this shape (an error body, say)
-            found = self._find(doc)
-            if found is None:
-                return body  # something else at the pointer (labels, regression values)
-            flat, probs = found
-            noisy = perturb(probs, spec, noise)
-            coarse = coarsen(noisy, spec)
-            new: Any
-            if spec.labels_only:
-                labels = [int(i) for i in noisy.argmax(axis=1)]
-                new = labels[0] if flat else labels
-            else:
-                new = coarse[0].tolist() if flat else coarse.tolist()
-            doc = replace_at(doc, self._probs, new)
-            return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+            root, changed = done
+            return json.dumps(root, separators=(",", ":")).encode("utf-8") if changed else body
         except Exception:  # an odd answer is passed through, never turned into a 500
             return None
+
+    def read_doc(self, doc: object) -> Answer | None:
+        found = self._find(doc)
+        if found is None:
+            return None
+        probs = found[1]
+        return Answer(labels=probs.argmax(axis=1).astype(np.int64), probabilities=probs)
+
+    def rewrite_doc(
+        self, doc: object, *, spec: DegradeConfig, noise: RowNoise | None = None
+    ) -> tuple[Any, bool] | None:
+        if doc is None or self._probs is None:
+            return None
+        value = resolve(doc, self._probs)
+        if value is MISSING:
+            return None  # not an answer of this shape (an error body, say)
+        found = self._find(doc)
+        if found is None:
+            return doc, False  # something else at the pointer (labels, regression values)
+        flat, probs = found
+        noisy = perturb(probs, spec, noise)
+        coarse = coarsen(noisy, spec)
+        new: Any
+        if spec.labels_only:
+            labels = [int(i) for i in noisy.argmax(axis=1)]
+            new = labels[0] if flat else labels
+        else:
+            new = coarse[0].tolist() if flat else coarse.tolist()
+        return replace_at(doc, self._probs, new), True
 
     def _find(self, doc: object) -> tuple[bool, NDArray[np.float64]] | None:
         """``(flat, probabilities)`` at the pointer: ``flat`` for one row given as a flat list."""

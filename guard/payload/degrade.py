@@ -3,7 +3,7 @@
 Rounding probabilities to 2-3 decimals weakens equation-solving extraction;
 top-k and labels-only answers cut what each query tells an attacker; dropping
 an LLM's ``logprobs`` removes its probability vector. Only what
-:mod:`middleware._answers` recognises as probabilities is touched, so a
+:mod:`guard.payload._probabilities` recognises as probabilities is touched, so a
 regression output passes through unchanged.
 
 A degraded client's noise is not drawn afresh per answer: an attacker could
@@ -27,10 +27,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.config import DegradeConfig
-from middleware._answers import Found, from_list, from_named, from_v2_outputs, is_prob_name
-from middleware._json import load_json_lenient
+from guard.payload._json import load_json_lenient
+from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs, is_prob_name
 
-__all__ = ["NOISE_KEY_ENV", "RowNoise", "coarsen", "degrade_response", "noise_key", "perturb"]
+__all__ = [
+    "NOISE_KEY_ENV",
+    "RowNoise",
+    "coarsen",
+    "degrade_doc",
+    "degrade_response",
+    "noise_key",
+    "perturb",
+]
 
 log = logging.getLogger("guard")
 
@@ -278,10 +286,13 @@ def _degrade_openai(doc: dict[str, Any]) -> bool:
     return changed
 
 
-def _degrade_doc(
-    doc: Any, fmt: str, spec: DegradeConfig, noise: RowNoise | None
-) -> bool | None:
-    """Rewrite ``doc`` in place; ``None`` when its format is not understood."""
+def degrade_doc(doc: Any, fmt: str, spec: DegradeConfig, noise: RowNoise | None) -> bool | None:
+    """:func:`degrade_response` on an answer already decoded, rewritten in place.
+
+    ``True`` when ``doc`` was changed, ``False`` when it holds nothing to
+    coarsen, ``None`` when its format is not understood. It may raise on a
+    document of an odd shape; the callers catch.
+    """
     if isinstance(doc, list):
         return _degrade_list(doc, spec, noise) if doc else None
     if not isinstance(doc, dict):
@@ -322,7 +333,7 @@ def degrade_response(
     body
         The complete response body.
     fmt
-        The request's format (:attr:`~middleware.adapters.ParsedRequest.fmt`).
+        The request's format (:attr:`~guard.payload.adapters.ParsedRequest.fmt`).
     content_type
         The response's ``Content-Type``; only JSON is rewritten.
     spec
@@ -353,7 +364,7 @@ def degrade_response(
         doc = load_json_lenient(body, content_type)
         if doc is None:
             return None
-        changed = _degrade_doc(doc, fmt, spec, noise)
+        changed = degrade_doc(doc, fmt, spec, noise)
         if changed is None:
             return None
         if not changed:

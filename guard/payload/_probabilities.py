@@ -1,7 +1,7 @@
 """Finding labels and class probabilities in a model's decoded JSON answer.
 
-Shared by :func:`middleware.adapters.parse_response` (which reads them) and
-:mod:`middleware.degrade` (which rewrites them), so both agree on what counts
+Shared by :func:`guard.payload.adapters.parse_response` (which reads them) and
+:mod:`guard.payload.degrade` (which rewrites them), so both agree on what counts
 as probabilities. A float matrix counts when its name says so (``*prob*``,
 ``*score*``) or, unnamed, when it is ``(n, k >= 2)`` with every value in
 ``[0, 1]``: a regression output is not coarsened by mistake. Labels are

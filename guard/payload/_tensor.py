@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.config import LimitsConfig
-from middleware._request import check_rows, check_texts, fail
+from guard.payload._request import check_rows, check_texts, fail
 
 __all__ = [
     "Classified",

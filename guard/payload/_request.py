@@ -1,6 +1,6 @@
 """The parsed-request value and the small checks every payload adapter shares.
 
-Re-exported by :mod:`middleware.adapters`; the format modules (``_oip``,
+Re-exported by :mod:`guard.payload.adapters`; the format modules (``_oip``,
 ``_tabular``, ``_openai``) build :class:`ParsedRequest` values from here so that
 none of them has to import the dispatcher.
 """

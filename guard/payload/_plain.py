@@ -1,10 +1,10 @@
 """Plain requests: the few shapes most clients send, read in a few C calls.
 
-The middleware's lean lane (a policy without detectors, quarantine or
-rewriting) runs one of these readers and nothing else on a request whose
+A front end's fast lane (a policy whose verdict is fixed: no detectors, no
+quarantine) runs one of these readers and nothing else on a request whose
 format the path names. A reader only ever *accepts*: for any other body,
 valid or not, it returns ``None`` and the caller runs the full parser
-(:func:`middleware.adapters.parse_request`), which gives the exact verdict and
+(:func:`guard.payload.adapters.parse_request`), which gives the exact verdict and
 refusal reason. Whatever a reader accepts, the full parser accepts too, with
 the same row count, no texts and no extras; differential tests over valid,
 mutated and damaged bodies hold them to that.
@@ -35,8 +35,8 @@ from typing import Any
 import orjson
 
 from guard.config import LimitsConfig
-from middleware._binary import NUMPY_DTYPES
-from middleware._oip import MAX_DIMS
+from guard.payload._binary import NUMPY_DTYPES
+from guard.payload._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from guard.config import LimitsConfig
-from middleware._request import ParsedRequest, check_rows, check_texts, fail
+from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
 
 __all__ = ["parse_chat", "parse_completion"]
 

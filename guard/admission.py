@@ -1,0 +1,460 @@
+"""A front end's two calls: a request turned into a verdict, the model's answer handled.
+
+:meth:`Admission.admit` identifies the client, checks quarantine (before the
+body is read: nothing a quarantined client sends is looked at), reads the body
+through the front end's reader, parses it (:mod:`guard.payload`), has the
+detectors decide (:class:`Detectors`, the pipeline), writes the audit line,
+takes the capture line's request half, and answers a
+:class:`~guard.engine.Refusal` or a :class:`~guard.engine.Pass`. Malformed input
+is refused (4xx, counted as ``invalid``); a failure of the guard itself is
+counted and the policy's failure mode applied. :meth:`Admission.after` handles
+the answer to a pass. :class:`guard.pipeline.Guard` offers both as
+:meth:`~guard.pipeline.Guard.admit` and :meth:`~guard.pipeline.Guard.after`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Protocol
+
+from detectors.base import Answer, Query
+from guard._counts import Counts
+from guard.audit import AuditLog
+from guard.capture import CapturedRequest, CaptureLog
+from guard.config import DegradeConfig, GuardConfig
+from guard.decisions import Action, Decision, FailClosed
+from guard.engine import (
+    Pass,
+    Refusal,
+    Request,
+    Rewrite,
+    Seen,
+    Verdict,
+    Watch,
+    encode_headers,
+    refusal,
+)
+from guard.errors import ClientDisconnected, PayloadError
+from guard.identity import ClientId, ClientIdentifier, forwarded_applied, peer_host
+from guard.payload._json import is_json_media_type
+from guard.payload.adapters import ParsedRequest, check_readable_answer, parse_request
+from guard.payload.degrade import RowNoise, noise_key
+from guard.payload.formats import PayloadFormat
+from guard.policy import CompiledPolicy
+
+__all__ = ["Admission", "Detectors"]
+
+log = logging.getLogger("guard")
+
+#: the one header an adapter reads besides the content type (Triton's binary extension)
+_BINARY_HEADER_STR = "inference-header-content-length"
+_BINARY_HEADER = _BINARY_HEADER_STR.encode()
+
+
+class Detectors(Protocol):
+    """What admission needs of the detector pipeline (:class:`guard.pipeline.Guard`)."""
+
+    #: some policy quarantines clients
+    quarantine_enabled: bool
+
+    async def check_quarantine(
+        self, policy: CompiledPolicy, client: str, *, exempt: bool = False
+    ) -> Decision | None: ...
+
+    async def decide(
+        self, policy: CompiledPolicy, query: Query, *, exempt: bool = False
+    ) -> Decision: ...
+
+    def allow(self, policy: CompiledPolicy, n_rows: int, fmt: str | None = None) -> Decision: ...
+
+    async def observe(
+        self,
+        policy: CompiledPolicy,
+        query: Query,
+        answer: Answer,
+        *,
+        client_source: str,
+        exempt: bool = False,
+    ) -> Decision | None: ...
+
+
+class Admission:
+    """Everything between a front end and the detectors, built once per guard."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        policies: tuple[CompiledPolicy, ...],
+        detectors: Detectors,
+        *,
+        counts: Counts,
+        identifier: ClientIdentifier,
+        audit: AuditLog,
+        capture: CaptureLog | None,
+        payloads: Mapping[str, PayloadFormat],
+        techniques: Mapping[str, str],
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._detectors = detectors
+        self._counts = counts
+        self._identifier = identifier
+        self._audit = audit
+        self._capture = capture
+        self._payloads = payloads
+        self._techniques = techniques
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._limits = config.limits
+        # everyone's answers are coarsened without the noise kept for degraded clients
+        self._always: dict[str, Rewrite | None] = {
+            p.name: Rewrite(replace(p.degrade, noise=0.0)) if p.degrade.always else None
+            for p in config.policies
+        }
+        # a degraded client's noise is a keyed function of (client, row): the key, when
+        # some policy can degrade with noise
+        self._noise_key = noise_key() if any(map(_noisy_degrade, policies)) else None
+        # the one verdict on every admitted request of a policy without detectors, by format
+        self._fixed: dict[tuple[str, str], Pass] = {}
+        # per policy, the route patterns already warned about an unknown format
+        self._unknown_warned: dict[str, set[str]] = {p.name: set() for p in policies}
+
+    async def admit(self, request: Request) -> Verdict:
+        """:meth:`Guard.admit <guard.pipeline.Guard.admit>`."""
+        policy = request.policy
+        if policy.passthrough and not self._detectors.quarantine_enabled:
+            # metrics only: nothing to read or decide
+            self._counts.outcome(policy.name, "allow", 0)
+            return self._fixed_pass(policy, "unknown")
+        client: ClientId | None = None
+        try:
+            headers = self._identifier.read_headers(request.headers)
+            peer = request.peer
+            client = self._identifier.identify(
+                headers, peer_host(peer), forwarded_applied=forwarded_applied(peer)
+            )
+            decision, parsed, query = await self._judge(request, headers, client)
+        except PayloadError as exc:
+            return self._refuse_invalid(policy, exc, client, request.request_id)
+        except ClientDisconnected:
+            raise
+        except FailClosed as exc:
+            self._counts.outcome(policy.name, "error", 1)
+            log.warning(
+                "guard failure (%s) on policy %s: failing closed", exc.component, policy.name
+            )
+            return refusal(503, request.request_id, counted=False)
+        except Exception:
+            return self._internal_failure(policy, request.request_id)
+        return self._verdict(request, client, decision, parsed, query)
+
+    def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
+        """:meth:`Guard.admit_fixed <guard.pipeline.Guard.admit_fixed>`."""
+        self._detectors.allow(policy, n_rows, fmt)
+        return self._fixed_pass(policy, fmt)
+
+    async def after(self, verdict: Pass, seen: Seen) -> None:
+        """:meth:`Guard.after <guard.pipeline.Guard.after>`."""
+        policy = verdict.policy
+        if verdict.rewrite is not None:
+            self._counts.degraded(policy.name, seen.rewrite)
+        watch = verdict.watch
+        if watch is None:
+            return
+        answer = self._answer(verdict, seen)
+        if watch.query is not None and 200 <= seen.status < 300:
+            try:
+                await self._detectors.observe(
+                    policy,
+                    watch.query,
+                    answer,
+                    client_source=watch.client_source,
+                    exempt=watch.exempt,
+                )
+            except Exception:
+                self._counts.error("internal")
+                log.exception("guard failure after the answer on policy %s", policy.name)
+        if watch.captured is not None and self._capture is not None:
+            self._capture.record(
+                watch.captured,
+                decision=str(verdict.decision.action),
+                status=seen.status,
+                answer=answer,
+            )
+
+    async def _judge(
+        self, request: Request, headers: Mapping[bytes, bytes], client: ClientId
+    ) -> tuple[Decision, ParsedRequest | None, Query | None]:
+        """The decision on an identified client's request, with what it was read into."""
+        policy = request.policy
+        quarantined = (
+            await self._detectors.check_quarantine(policy, client.id, exempt=client.exempt)
+            if self._detectors.quarantine_enabled
+            else None
+        )
+        if quarantined is not None:
+            return quarantined, None, None
+        if policy.passthrough:
+            query = self._query(request, client, None)
+            return await self._detectors.decide(policy, query, exempt=client.exempt), None, query
+        body = await request.body.read(headers.get(b"content-length"))
+        parsed = self._parse(policy, body, path=request.path, headers=headers)
+        if policy.rewrites or policy.observes:
+            check_readable_answer(parsed)
+        if policy.allow is not None:
+            # no detectors: nothing reads a Query, and the verdict is fixed
+            return self._detectors.allow(policy, parsed.n_rows, parsed.fmt), parsed, None
+        self._counts.payload(policy.name, parsed.fmt)
+        query = self._query(request, client, parsed)
+        return await self._detectors.decide(policy, query, exempt=client.exempt), parsed, query
+
+    def _verdict(
+        self,
+        request: Request,
+        client: ClientId,
+        decision: Decision,
+        parsed: ParsedRequest | None,
+        query: Query | None,
+    ) -> Verdict:
+        """A decision turned into a verdict, audited and (for a sampled client) captured."""
+        policy = request.policy
+        if decision is not policy.allow and decision.recorded:
+            self._audit.record(
+                decision,
+                request_id=request.request_id,
+                client=client.id,
+                client_source=client.source,
+                techniques=self._techniques,
+                n_rows=parsed.n_rows if parsed else 1,
+            )
+        captured = None if self._capture is None else self._captured(request, client, parsed)
+        action = decision.action
+        if action is Action.BLOCK or action is Action.THROTTLE:
+            status = 403 if action is Action.BLOCK else 429
+            if captured is not None and self._capture is not None:
+                self._capture.record(captured, decision=str(action), status=status, answer=None)
+            retry = decision.retry_after if decision.retry_after is not None else 1.0
+            return refusal(
+                status,
+                request.request_id,
+                headers=decision.headers,
+                retry_after=retry if action is Action.THROTTLE else None,
+            )
+        fmt = parsed.fmt if parsed is not None else "unknown"
+        if decision is policy.allow and captured is None:
+            return self._fixed_pass(policy, fmt)
+        observe = policy.observes and parsed is not None and query is not None
+        watch = (
+            Watch(query if observe else None, client.source, client.exempt, captured)
+            if observe or captured is not None
+            else None
+        )
+        return Pass(
+            policy,
+            decision,
+            fmt,
+            self._payloads.get(policy.name),
+            encode_headers(decision.headers),
+            self._rewrite(policy, decision, client, parsed),
+            watch,
+        )
+
+    def _fixed_pass(self, policy: CompiledPolicy, fmt: str) -> Pass:
+        """The shared verdict on every admitted request of a policy without detectors."""
+        verdict = self._fixed.get((policy.name, fmt))
+        if verdict is None:
+            assert policy.allow is not None  # only policies without detectors get here
+            verdict = self._fixed[(policy.name, fmt)] = Pass(
+                policy,
+                policy.allow,
+                fmt,
+                self._payloads.get(policy.name),
+                rewrite=self._always[policy.name],
+            )
+        return verdict
+
+    def _rewrite(
+        self,
+        policy: CompiledPolicy,
+        decision: Decision,
+        client: ClientId,
+        parsed: ParsedRequest | None,
+    ) -> Rewrite | None:
+        """How the answer is rewritten: degraded, or coarsened for everyone (``always``)."""
+        spec: DegradeConfig = policy.config.degrade
+        if decision.action is not Action.DEGRADE:
+            return self._always[policy.name]
+        noise = None
+        if spec.noise > 0.0 and self._noise_key is not None:
+            noise = RowNoise(self._noise_key, client.id, parsed.rows if parsed else None)
+        return Rewrite(spec, noise)
+
+    def _answer(self, verdict: Pass, seen: Seen) -> Answer:
+        """The model's answer as far as it could be read (its status at least)."""
+        reviewed = seen.reviewed
+        if reviewed is None and seen.body is not None:
+            try:
+                reviewed = verdict.review(seen.body, seen.content_type, rewrite=False)
+            except Exception:
+                self._counts.error("response")
+        answer = reviewed.answer if reviewed is not None else None
+        if answer is None:
+            return Answer(status=seen.status)
+        if answer.status != seen.status:
+            return Answer(seen.status, answer.labels, answer.probabilities)
+        return answer
+
+    def _parse(
+        self, policy: CompiledPolicy, body: bytes, *, path: str, headers: Mapping[bytes, bytes]
+    ) -> ParsedRequest:
+        # the adapters read two headers at most: decode only those
+        raw_ctype = headers.get(b"content-type")
+        ctype = raw_ctype.decode("latin-1") if raw_ctype is not None else None
+        binary_header = headers.get(_BINARY_HEADER)
+        str_headers = (
+            {_BINARY_HEADER_STR: binary_header.decode("latin-1")}
+            if binary_header is not None
+            else {}
+        )
+        try:
+            parsed = parse_request(
+                body,
+                path=path,
+                content_type=ctype,
+                headers=str_headers,
+                limits=self._limits,
+                want_rows=bool(policy.detectors) or self._capture is not None,
+                payload=self._payloads.get(policy.name),
+            )
+        except PayloadError:
+            if not policy.config.validate:
+                return ParsedRequest(fmt="unknown", rows=None)
+            raise
+        except Exception:
+            # an adapter bug; the input is what provoked it, so it is refused, not let through
+            self._counts.error("parse")
+            log.warning("payload adapter failed on policy %s", policy.name, exc_info=True)
+            if not policy.config.validate:
+                return ParsedRequest(fmt="unknown", rows=None)
+            raise PayloadError(400, "bad_shape", "the payload could not be interpreted") from None
+        if parsed.fmt == "unknown":
+            if policy.config.unknown_format == "refuse":
+                # not JSON at all (415), or JSON of no shape the guard reads (400)
+                status = 400 if is_json_media_type(ctype) else 415
+                raise PayloadError(
+                    status, "unknown_format", "the payload format is not accepted here"
+                )
+            self._note_unknown_format(policy, path)
+        return parsed
+
+    def _query(self, request: Request, client: ClientId, parsed: ParsedRequest | None) -> Query:
+        if parsed is None:
+            return Query(
+                client=client.id,
+                policy=request.policy.name,
+                rows=None,
+                n_rows=1,
+                now=self._clock(),
+                request_id=request.request_id,
+            )
+        return Query(
+            client=client.id,
+            policy=request.policy.name,
+            rows=parsed.rows,
+            texts=parsed.texts,
+            n_rows=parsed.n_rows,
+            fmt=parsed.fmt,
+            now=self._clock(),
+            request_id=request.request_id,
+            extra=parsed.extra,
+        )
+
+    def _captured(
+        self, request: Request, client: ClientId, parsed: ParsedRequest | None
+    ) -> CapturedRequest | None:
+        """The capture line's request half, for a sampled client's parsed request."""
+        capture = self._capture
+        if (
+            capture is None
+            or parsed is None
+            or (parsed.rows is None and not parsed.texts)
+            or not capture.sampled(client.id)
+        ):
+            return None
+        return CapturedRequest(
+            ts=self._wall_clock(),
+            request_id=request.request_id,
+            client=client.id,
+            exempt=client.exempt,
+            policy=request.policy.name,
+            route=request.path,
+            method=request.method,
+            fmt=parsed.fmt,
+            n_rows=parsed.n_rows,
+            rows=parsed.rows,
+            texts=parsed.texts,
+        )
+
+    def _refuse_invalid(
+        self,
+        policy: CompiledPolicy,
+        exc: PayloadError,
+        client: ClientId | None,
+        request_id: str,
+    ) -> Refusal:
+        self._counts.invalid(policy.name, exc.reason)
+        self._counts.outcome(policy.name, "invalid", 1)
+        self._audit.record_invalid(
+            policy=policy.name,
+            request_id=request_id,
+            client=client.id if client else "unidentified",
+            client_source=client.source if client else "none",
+            status=exc.status,
+            reason=exc.reason,
+        )
+        return refusal(exc.status, request_id, message=exc.message)
+
+    def _internal_failure(self, policy: CompiledPolicy, request_id: str) -> Verdict:
+        """A bug in the guard: count and log it, then apply the policy's failure mode.
+
+        Called from within an ``except`` block (the traceback is logged). Failing
+        open, the request goes on untouched, with whatever body was read replayed.
+        """
+        self._counts.error("internal")
+        self._counts.outcome(policy.name, "error", 1)
+        log.exception("guard failure on policy %s", policy.name)
+        if policy.failure_mode == "fail_closed":
+            return refusal(503, request_id, counted=False)
+        failed = Decision(action=Action.ALLOW, intended=Action.ALLOW, policy=policy.name)
+        return Pass(policy, failed, counted=False)
+
+    def _note_unknown_format(self, policy: CompiledPolicy, path: str) -> None:
+        """Warn, once per (policy, route pattern), that a request of no known format passed.
+
+        Such a request (``unknown_format: pass``) gets no row counting, no
+        detectors and no rounding of its answer; it is counted as
+        ``guard_payloads_total{format="unknown"}``. The warning names the route
+        pattern from the config, never the client-chosen path.
+        """
+        warned = self._unknown_warned.setdefault(policy.name, set())
+        if len(warned) >= len(policy.config.routes):
+            return
+        route = policy.route_of(path)
+        if route in warned:
+            return
+        warned.add(route)
+        log.warning(
+            "policy %s: a request on route %s has no known payload format and passed without "
+            "row counting, detectors or rounding of its answer (unknown_format: pass). "
+            "Declare its shape with payload: {rows: <JSON pointer>, probabilities: <JSON "
+            "pointer>}, or refuse such requests with unknown_format: refuse",
+            policy.name,
+            route,
+        )
+
+
+def _noisy_degrade(policy: CompiledPolicy) -> bool:
+    """Whether ``policy`` may degrade an answer with noise: it has detectors and noise."""
+    return bool(policy.detectors) and policy.config.degrade.noise > 0.0

@@ -1,0 +1,62 @@
+"""Request ids: drawn unpredictably, and put on every answer as ``x-request-id``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from middleware.types import Send
+
+__all__ = ["draw_request_id", "request_ids", "with_request_id"]
+
+#: bumped in a child process after ``os.fork()``, so that it draws its own request ids
+_FORKS = [0]
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+_RID_BATCH = 512
+_RID = b"x-request-id"
+
+
+def request_ids() -> Iterator[str]:
+    """Unpredictable request ids (96 bits, hex), drawn from the OS 512 at a time.
+
+    One ``os.urandom`` call per batch keeps the per-request cost to a slice. A
+    forked child (a pre-forking server) discards the batch it inherited, so two
+    workers never hand out the same ids. Ids never count requests: a counter
+    would leak the client's volume.
+    """
+    while True:
+        forks = _FORKS[0]
+        pool = os.urandom(12 * _RID_BATCH).hex()
+        for start in range(0, 24 * _RID_BATCH, 24):
+            if _FORKS[0] != forks:
+                break
+            yield pool[start : start + 24]
+
+
+def draw_request_id(draw: Callable[[], str]) -> str:
+    """The next id from ``draw`` (a :func:`request_ids` generator's ``__next__``).
+
+    A generator runs in one thread at a time: when another thread is inside
+    it, one id is drawn from the OS alone.
+    """
+    try:
+        return draw()
+    except ValueError:  # the generator is busy in another thread
+        return os.urandom(12).hex()
+
+
+def with_request_id(send: Send, request_id: str) -> Send:
+    """``send``, with the guard's request id on the answer (the app's own gives way)."""
+    header = (_RID, request_id.encode())
+
+    async def wrapped(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if _RID in dict(headers):  # the app's own id gives way to the guard's
+                headers = [h for h in headers if h[0] != _RID]
+            headers.append(header)
+            message["headers"] = headers
+        await send(message)
+
+    return wrapped
