@@ -43,7 +43,8 @@ class Router:
 
 
 def app() -> Any:
-    """``bare``, ``bare_again`` and ``guarded``, from the revision in ``BENCH_AB_TREE``."""
+    """``bare``, ``bare_again``, ``guarded`` (validation only) and ``default`` (the guard's
+    defaults: validation, answers rounded), from the revision in ``BENCH_AB_TREE``."""
     from prometheus_client import CollectorRegistry
 
     import middleware.asgi
@@ -61,6 +62,9 @@ def app() -> Any:
             "bare_again": build_model_app(model),
             "guarded": GuardMiddleware(
                 build_model_app(model), config=VALIDATION, registry=CollectorRegistry()
+            ),
+            "default": GuardMiddleware(
+                build_model_app(model), config=None, registry=CollectorRegistry()
             ),
         }
     )

@@ -6,8 +6,9 @@ On this shared host the same code measures 40-100 µs apart from one hour to the
 next, so a before/after claim needs both revisions measured in the same run.
 Each revision is checked out into a temporary git worktree (``--head`` defaults
 to the working tree itself) and served by its own uvicorn process on 127.0.0.1.
-Each server holds ``bare``, ``bare_again`` and ``guarded`` (payload validation on,
-answers untouched) under ``/<variant>/``. The served factory is
+Each server holds ``bare``, ``bare_again``, ``guarded`` (payload validation on,
+answers untouched: the lean lane) and ``default`` (the guard with no config:
+validation, answers rounded to 2 decimals) under ``/<variant>/``. The served factory is
 ``benchmarks/_ab_app.py``, which imports nothing from the repository but the
 revision's own ``middleware.asgi.GuardMiddleware`` and ``middleware.demo``, so an
 old revision needs no benchmark code of its own.
@@ -16,7 +17,7 @@ Rounds alternate between the two servers. In each round a sequential Python clie
 alternates between the variants request by request, and every guarded request is
 paired with the bare request of the same cycle. Reported per revision:
 
-* the median paired difference ("added");
+* the median paired difference ("added"), for ``guarded`` and for ``default``;
 * the range of the per-round medians;
 * ``bare_again``'s paired difference: the noise floor.
 
@@ -49,7 +50,7 @@ from benchmarks._harness import (
 )
 from benchmarks.overhead import PATH, request_body
 
-VARIANTS = ("bare", "bare_again", "guarded")
+VARIANTS = ("bare", "bare_again", "guarded", "default")
 
 
 def _kserve_request() -> tuple[str, bytes]:
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = {v: f"/{v}{path}" for v in VARIANTS}
     bench_dir = str(Path(__file__).resolve().parent)
     added: dict[str, list[float]] = {}
+    added_default: dict[str, list[float]] = {}
     noise: dict[str, list[float]] = {}
     per_round: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
@@ -123,12 +125,16 @@ def main(argv: list[str] | None = None) -> None:
         for label, url in urls.items():
             alternating_latencies(url, paths, body, 300)  # warm-up
             added[label], noise[label], per_round[label] = [], [], []
+            added_default[label] = []
         for _ in range(rounds):
             for label, url in urls.items():
                 lat = alternating_latencies(url, paths, body, n)
                 diffs = [g - b for g, b in zip(lat["guarded"], lat["bare"], strict=True)]
                 added[label].extend(diffs)
                 per_round[label].append(median(diffs))
+                added_default[label].extend(
+                    d - b for d, b in zip(lat["default"], lat["bare"], strict=True)
+                )
                 noise[label].extend(
                     a - b for a, b in zip(lat["bare_again"], lat["bare"], strict=True)
                 )
@@ -143,17 +149,18 @@ def main(argv: list[str] | None = None) -> None:
         f"- machine: {machine()}",
         f"- date: {today()}; took {time.time() - started:.0f} s",
         f"- method: see the script's docstring; {rounds} rounds of {n} alternating requests "
-        "per variant and revision; the guard validates payloads and leaves answers untouched",
+        "per variant and revision; validation only: the guard validates payloads and leaves "
+        "answers untouched; defaults: no config (validation, answers rounded to 2 decimals)",
         "",
-        "| revision | added p50 over HTTP, paired (µs) | per-round medians (µs) "
-        "| noise floor (µs) |",
-        "|---|---:|---|---:|",
+        "| revision | validation only: added p50 over HTTP, paired (µs) "
+        "| per-round medians (µs) | defaults: added p50 (µs) | noise floor (µs) |",
+        "|---|---:|---|---:|---:|",
     ]
     for label in added:
         lines.append(
             f"| {label} | **{median(added[label]) * 1e6:.1f}** | "
             f"{', '.join(f'{r * 1e6:.1f}' for r in per_round[label])} | "
-            f"{median(noise[label]) * 1e6:.1f} |"
+            f"**{median(added_default[label]) * 1e6:.1f}** | {median(noise[label]) * 1e6:.1f} |"
         )
     text = "\n".join(lines)
     print(text)
