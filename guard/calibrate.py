@@ -73,6 +73,7 @@ from guard._factories_anomaly import (
     resolve_file,
 )
 from guard._reference_data import DataError, ReferenceData, load_reference
+from guard._score_buckets import calibration_summary
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
 from guard.sessions import (
@@ -241,7 +242,12 @@ def calibrate(
         model.calibrate(held_part)
         scores = model.score_samples(held_part)
         seconds = time.perf_counter() - start
-        path = save_model(model, out / job.file, hmac_key=hmac_key)
+        path = save_model(
+            model,
+            out / job.file,
+            hmac_key=hmac_key,
+            calibration=calibration_summary(model.offset_, scores),
+        )
         if progress is not None:
             progress.step(f"wrote {path.name}")
         reports.append(

@@ -16,9 +16,15 @@ def _config() -> str | None:
     return os.environ.get("GUARD_TEST_CONFIG") or None
 
 
+def _declared(app: GuardMiddleware) -> GuardMiddleware:
+    """The guard's series created at start-up, as ``guard demo`` does."""
+    app.guard.metrics.declare(app.config, store=app.guard.store)
+    return app
+
+
 def demo_app() -> ASGIApp:
     """The digits demo model behind the guard."""
-    return GuardMiddleware(build_model_app(), config=_config())
+    return _declared(GuardMiddleware(build_model_app(), config=_config()))
 
 
 def stream_app() -> ASGIApp:
