@@ -39,19 +39,17 @@ import json
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from guard._collectors import BuildInfo, QuarantinedClients, WithLocal
 from guard._process_metrics import ProcessMetrics
-from guard.errors import PayloadError, StateError
+from guard.errors import PayloadError
 
 if TYPE_CHECKING:
     from guard.config import GuardConfig
@@ -197,9 +195,6 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
 #: breaker states counted by guard_store_breaker_transitions_total
 BREAKER_STATES = ("open", "half_open", "closed")
-
-#: seconds a count of quarantined clients is reused between scrapes
-QUARANTINE_CACHE_S = 1.0
 
 _SCORE_NAME = "guard_detector_score"
 _SCORE_HELP = "Detector score minus its threshold (below 0: the detector fired)."
@@ -350,9 +345,9 @@ class GuardMetrics:
         )
         self._upstream_children: dict[tuple[str, int], Any] = {}
         #: guard_build_info and guard_quarantined_clients, set by declare()
-        self.build_info = _BuildInfo()
+        self.build_info = BuildInfo()
         r.register(self.build_info)
-        self.quarantined_now = _QuarantinedClients()
+        self.quarantined_now = QuarantinedClients()
         r.register(self.quarantined_now)
         try:
             r.register(ProcessMetrics())
@@ -460,98 +455,6 @@ class GuardMetrics:
             self.breaker.labels(backend, kind).inc()
 
 
-class _BuildInfo(Collector):
-    """``guard_build_info{version, config_sha} 1``: what runs, with which config."""
-
-    def __init__(self) -> None:
-        self._labels: tuple[str, str] | None = None
-
-    def set(self, version: str, sha: str) -> None:
-        self._labels = (version, sha)
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(
-            "guard_build_info",
-            "The guard's version and the SHA-256 (12 hex digits) of its loaded config; always 1.",
-            labels=("version", "config_sha"),
-        )
-        if self._labels is not None:
-            family.add_metric(self._labels, 1.0)
-        return [family]
-
-
-class _QuarantinedClients(Collector):
-    """``guard_quarantined_clients{policy}``, counted by the store when scraped.
-
-    The count is reused for :data:`QUARANTINE_CACHE_S` seconds, so a burst of
-    scrapes costs the store one count. When the store cannot count (Redis
-    down, breaker open) the series is absent for that scrape rather than
-    wrong; GuardStoreDown covers the store itself.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._store: Any = None
-        self._policies: tuple[str, ...] = ()
-        self._clock = clock
-        self._cached: tuple[float, int] | None = None
-        self._lock = threading.Lock()
-
-    def watch(self, store: Any, policies: Sequence[str]) -> None:
-        with self._lock:
-            self._store, self._policies, self._cached = store, tuple(policies), None
-
-    def _count(self) -> int | None:
-        with self._lock:
-            store, cached = self._store, self._cached
-            if store is None:
-                return None
-            now = self._clock()
-            if cached is not None and now - cached[0] < QUARANTINE_CACHE_S:
-                return cached[1]
-            try:
-                count = int(store.quarantined_now())
-            except StateError as exc:
-                log.debug("quarantined clients not counted: %s", exc)
-                return None
-            self._cached = (now, count)
-            return count
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(
-            "guard_quarantined_clients",
-            "Clients in quarantine now, read from the state store. Quarantine is shared: "
-            "every enforcing policy refuses each of them, so aggregate with max, not sum.",
-            labels=("policy",),
-        )
-        count = self._count()
-        if count is not None:
-            for policy in self._policies:
-                family.add_metric((policy,), float(count))
-        return [family]
-
-
-class _WithLocal(Collector):
-    """Every worker's samples from the multiprocess directory, then this worker's own families
-    that no worker writes there (build info, quarantined clients, process metrics)."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        from prometheus_client import multiprocess
-
-        shared = list(
-            multiprocess.MultiProcessCollector(None).collect()  # type: ignore[no-untyped-call]
-        )
-        yield from shared
-        if self._registry is None:
-            return
-        names = {family.name for family in shared}
-        for family in self._registry.collect():
-            if family.name not in names and family.samples:
-                yield family
-
-
 def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:
     """The text exposition and its content type.
 
@@ -561,7 +464,7 @@ def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
-        merged.register(_WithLocal(registry))
+        merged.register(WithLocal(registry))
         return generate_latest(merged), CONTENT_TYPE_LATEST
     if registry is None:
         from prometheus_client import REGISTRY
