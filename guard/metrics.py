@@ -362,8 +362,8 @@ class GuardMetrics:
     def declare(self, config: GuardConfig, *, store: object | None = None) -> None:
         """Create every series ``config`` implies at 0; set build info and score layouts.
 
-        Call once the config is loaded (the engine does, when it starts), before
-        any request. ``store`` is the guard's state store: when it can count
+        Call it once the config is loaded, before any request (whoever builds
+        the guard: ``guard demo`` does). ``store`` is the guard's state store: when it can count
         quarantined clients (:class:`~guard.stores.base.QuarantineCount`) and a
         policy quarantines, ``guard_quarantined_clients`` reports that count,
         for every policy that enforces (quarantine is shared: a client

@@ -457,6 +457,7 @@ _DEMO_STAMP: Final = "demo-calibration.key"
 #: the modules whose code decides what calibration writes
 _CALIBRATION_CODE: Final = (
     "guard.calibrate",
+    "guard._score_buckets",
     "guard.sessions",
     "detectors.profile",
     "detectors.fingerprint",
