@@ -363,12 +363,13 @@ class GuardMetrics:
         """Create every series ``config`` implies at 0; set build info and score layouts.
 
         Call it once the config is loaded, before any request (whoever builds
-        the guard: ``guard demo`` does). ``store`` is the guard's state store: when it can count
-        quarantined clients (:class:`~guard.stores.base.QuarantineCount`) and a
-        policy quarantines, ``guard_quarantined_clients`` reports that count,
-        for every policy that enforces (quarantine is shared: a client
-        quarantined by one policy is refused by every non-shadow policy).
-        Calling it again (the same config) changes nothing.
+        the guard: ``guard demo`` does). ``store`` is the guard's state store:
+        when it can count quarantined clients
+        (:class:`~guard.stores.base.QuarantineCount`) and a policy quarantines,
+        ``guard_quarantined_clients`` reports that count, for every policy that
+        enforces (quarantine is shared: a client quarantined by one policy is
+        refused by every non-shadow policy). Calling it again (the same config)
+        changes nothing.
         """
         from guard import __version__
         from guard._score_buckets import score_buckets
