@@ -60,11 +60,11 @@ from typing import ClassVar, Protocol, Self
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from detectors._lru import ClientMap
-from detectors._standing import SharedStanding
 from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.client_map import ClientMap
 from detectors.profile import feature_ranges
 from detectors.repeats import RecentRows
+from detectors.shared_standing import SharedStanding
 from detectors.store import KeyValueStore
 
 __all__ = ["DEFAULT_BASELINE", "LEADING", "SIGNALS", "AnomalyRateSource", "BoundaryDetector"]

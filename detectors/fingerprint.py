@@ -54,11 +54,11 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from detectors._lru import ClientMap
-from detectors._standing import SharedStanding
 from detectors.base import Detector, DetectorResult, Query
+from detectors.client_map import ClientMap
 from detectors.profile import feature_ranges
 from detectors.repeats import RecentRows, row_digests
+from detectors.shared_standing import SharedStanding
 from detectors.store import KeyValueStore
 
 __all__ = ["Fingerprinter", "NearDuplicateDetector"]

@@ -41,11 +41,11 @@ from typing import Any, ClassVar, Final, Protocol, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors._outlier import OutlierBase
 from detectors.envelope import FeatureEnvelope
 from detectors.iforest import IsolationForestOutlier
 from detectors.knn import KNNOutlier
 from detectors.mahalanobis import MahalanobisOutlier
+from detectors.outlier_base import OutlierBase
 from detectors.profile import TrafficProfile
 from detectors.text import TextOutlier
 

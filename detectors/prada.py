@@ -28,10 +28,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import shapiro
 
-from detectors._lru import ClientMap
-from detectors._standing import SharedStanding
 from detectors.base import Answer, Detector, DetectorResult, Query
+from detectors.client_map import ClientMap
 from detectors.repeats import RecentRows
+from detectors.shared_standing import SharedStanding
 from detectors.store import KeyValueStore
 
 __all__ = ["PradaDetector"]

@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from detectors._char_ngram import MAX_ORDER, NEWLINE, OOV, CharNGram, V, codepoints, encode
-from detectors._outlier import FloatArray, OutlierBase, check_int, check_number
+from detectors.outlier_base import FloatArray, OutlierBase, check_int, check_number
 
 __all__ = ["INVISIBLE_RANGES", "TextOutlier", "count_invisible", "encode"]
 

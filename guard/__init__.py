@@ -1,24 +1,22 @@
 """inference-guard: a security-first runtime guard for model-serving APIs.
 
-The package face::
+This package holds what ties the detectors to the ASGI layer: configuration,
+policy, decisions, state stores, the detector registry and the CLI::
 
-    from guard import GuardMiddleware, GuardConfig
+    from guard import GuardConfig, register_detector
 
-``GuardMiddleware`` lives in the ASGI layer (``middleware/``) and is re-exported
-lazily here, so that nothing under ``guard/`` imports the ASGI layer.
+The middleware itself is in the ASGI layer, which imports this package (never
+the other way round)::
+
+    from middleware import GuardMiddleware
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 from guard.config import GuardConfig
 from guard.decisions import Action, Decision, FailureMode
 from guard.errors import ConfigurationError, GuardError, ModelFileError, PayloadError, StateError
 from guard.registry import register_detector
-
-if TYPE_CHECKING:
-    from middleware.asgi import GuardMiddleware
 
 __all__ = [
     "Action",
@@ -27,7 +25,6 @@ __all__ = [
     "FailureMode",
     "GuardConfig",
     "GuardError",
-    "GuardMiddleware",
     "ModelFileError",
     "PayloadError",
     "StateError",
@@ -35,11 +32,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name == "GuardMiddleware":
-        from middleware.asgi import GuardMiddleware
-
-        return GuardMiddleware
-    raise AttributeError(f"module 'guard' has no attribute {name!r}")

@@ -9,7 +9,7 @@
 
 ``REF`` holds benign reference rows (``.npy``, ``.npz``, ``.csv``, ``.jsonl`` of
 recorded requests) or prompts (``.txt``, ``.jsonl`` of chat/completions
-requests); see :mod:`guard._reference_data`. For the stateful detectors that
+requests); see :mod:`guard.reference_data`. For the stateful detectors that
 learn from answers (``prada``, ``boundary``) the ``.npz`` also holds the
 model's answers on the rows: ``proba`` (``predict_proba``) or ``labels``.
 
@@ -62,20 +62,14 @@ from typing import Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors._outlier import threshold_at_fpr
+from detectors.outlier_base import threshold_at_fpr
 from detectors.persist import KINDS, load_model, save_model
-from guard._factories_anomaly import (
-    CALIBRATION_KEY_ENV,
-    ROW_TYPES,
-    TEXT_TYPES,
-    calibration_key,
-    model_params,
-    resolve_file,
-)
-from guard._reference_data import DataError, ReferenceData, load_reference
-from guard._score_buckets import calibration_summary
+from guard.anomaly_factories import ROW_TYPES, TEXT_TYPES, model_params
+from guard.calibration_files import CALIBRATION_KEY_ENV, calibration_key, resolve_file
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
+from guard.reference_data import DataError, ReferenceData, load_reference
+from guard.score_buckets import calibration_summary
 from guard.sessions import (
     SESSION_KINDS,
     ProfileReport,

@@ -1,6 +1,6 @@
 """What a detector factory is given: :class:`BuildContext`, and the factory type itself.
 
-Its own module so that the factories (``guard/_factories_*.py``) and the
+Its own module so that the factories (``guard/*_factories.py``) and the
 registry that lists them (:mod:`guard.registry`, which re-exports both names)
 import it, and neither imports the other.
 """

@@ -15,7 +15,7 @@ action}`` a detector can fire with, each policy's quarantines, ...), so that
 ``increase()`` sees the very first event instead of a series appearing
 already at 1 (or at 16, after a batch). It also sets ``guard_build_info``, the
 per-detector bucket layouts of ``guard_detector_score`` (from calibration, see
-:mod:`guard._score_buckets`) and ``guard_quarantined_clients``, read from the
+:mod:`guard.score_buckets`) and ``guard_quarantined_clients``, read from the
 store at scrape time.
 
 Multiprocess mode (``uvicorn --workers N``): set ``PROMETHEUS_MULTIPROC_DIR``
@@ -372,7 +372,7 @@ class GuardMetrics:
         changes nothing.
         """
         from guard import __version__
-        from guard._score_buckets import score_buckets
+        from guard.score_buckets import score_buckets
         from guard.stores.base import QuarantineCount
 
         calibration_dir = Path(config.calibration_dir) if config.calibration_dir else None

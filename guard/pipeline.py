@@ -29,7 +29,7 @@ from guard.identity import ClientIdentifier
 from guard.metrics import GuardMetrics
 from guard.policy import Armed, CompiledPolicy
 from guard.registry import BuildContext, build_detector
-from guard.stores.base import Store, store_from_uri
+from guard.stores import Store, store_from_uri
 from guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard"]

@@ -41,14 +41,14 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors._outlier import threshold_at_fpr
 from detectors.base import Answer, Detector, Query
 from detectors.boundary import SIGNALS, BoundaryDetector
+from detectors.outlier_base import threshold_at_fpr
 from detectors.persist import save_model
 from detectors.profile import TrafficProfile, robust_range
-from guard._factories_anomaly import resolve_file
-from guard._reference_data import DataError, ReferenceData
+from guard.calibration_files import resolve_file
 from guard.config import DetectorSpec
+from guard.reference_data import DataError, ReferenceData
 from guard.registry import BuildContext, build_detector
 from guard.stores.memory import MemoryStore
 

@@ -180,7 +180,7 @@ def _victim(clients: ModuleType, args: argparse.Namespace) -> Any:
                 "does not give it; pass --reference with the model's reference rows"
             )
         return data.recorded(model, None, n_features=width, seed=args.seed)
-    from guard._reference_data import DataError, load_reference
+    from guard.reference_data import DataError, load_reference
 
     try:
         ref = load_reference(args.reference)

@@ -457,7 +457,7 @@ _DEMO_STAMP: Final = "demo-calibration.key"
 #: the modules whose code decides what calibration writes
 _CALIBRATION_CODE: Final = (
     "guard.calibrate",
-    "guard._score_buckets",
+    "guard.score_buckets",
     "guard.sessions",
     "detectors.profile",
     "detectors.fingerprint",
@@ -476,9 +476,9 @@ def demo_config(calibration_dir: str | Path, *, model: DigitsModel | None = None
     client sessions at 0.1 % per client. It takes several seconds, so a process
     calibrates a given model once and copies the files for later calls.
     """
-    from guard._reference_data import ReferenceData
     from guard.calibrate import calibrate_config
     from guard.config import GuardConfig
+    from guard.reference_data import ReferenceData
 
     model = model if model is not None else train_digits_model()
     text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")

@@ -105,7 +105,7 @@ def calibrate(v: Victim, config_path: Path, out_dir: Path) -> str:
     ``REF.npz`` holds ``X`` (the training rows) and ``proba`` (the model's answers
     on them). The one call that adapts the recipe to a deployment; returns its report.
     """
-    from guard.cli import main as guard_main
+    from middleware.cli import main as guard_main
 
     ref = out_dir.parent / f"{v.name}-reference.npz"
     np.savez(ref, X=v.X_train, proba=v.predict_proba(v.X_train))

@@ -128,13 +128,16 @@ class EvasionResult:
     def rows(self) -> int:
         return sum(r.rows for r in self.inputs)
 
+    def succeeded(self, r: InputResult) -> bool:
+        """Whether input ``r`` ended misclassified within ``max_ratio`` x its smallest L2."""
+        return r.misclassified and r.l2 <= self.max_ratio * r.opt
+
     @property
     def success_rate(self) -> float:
         """Share of inputs with a misclassified row within ``max_ratio`` x the smallest L2."""
         if not self.inputs:
             return 0.0
-        ok = [r.misclassified and r.l2 <= self.max_ratio * r.opt for r in self.inputs]
-        return sum(ok) / len(self.inputs)
+        return sum(map(self.succeeded, self.inputs)) / len(self.inputs)
 
     @property
     def misclassified_rate(self) -> float:

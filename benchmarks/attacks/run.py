@@ -86,7 +86,7 @@ from benchmarks.attacks._traffic import Session, outcome, run_sessions
 
 
 def scenarios(v: Victim, quick: bool, seed: int) -> list[tuple[Scenario, Attack]]:
-    n_in = 3 if quick else 5
+    n_in = 3 if quick else 10
     ku = 300 if quick else 1000
     eq = 2 * (v.n_features + 1)
     ev = dict(victim=v, n_inputs=n_in, seed=seed)

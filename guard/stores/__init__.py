@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from guard.stores.base import Store, store_from_uri
+from guard.stores.base import Store
 from guard.stores.memory import MemoryStore
 from guard.stores.rate import RateLimitStore
 from guard.stores.resilient import BreakerState, CircuitBreaker, ResilientStore
+from guard.stores.uri import store_from_uri
 
 __all__ = [
     "BreakerState",

@@ -1,15 +1,10 @@
-"""The store base class and the URI factory (after ``limits.storage``)."""
+"""The store base class (after ``limits.storage.base``); :mod:`guard.stores.uri` picks a backend."""
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
-from guard.config import StateConfig
-from guard.errors import ConfigurationError
-
-__all__ = ["QUARANTINE_PREFIX", "QuarantineCount", "Store", "store_from_uri"]
+__all__ = ["QUARANTINE_PREFIX", "QuarantineCount", "Store"]
 
 #: the keys of quarantined clients: ``quarantine:<client id>`` (written by the engine)
 QUARANTINE_PREFIX = "quarantine:"
@@ -55,31 +50,3 @@ class QuarantineCount(ABC):
 
     @abstractmethod
     def quarantined_now(self) -> int: ...
-
-
-def store_from_uri(
-    config: StateConfig,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    on_event: Callable[[str, str], None] | None = None,
-) -> Store:
-    """Build the store named by ``config.store`` (``memory://``, ``redis://``, ``rediss://``)."""
-    uri = config.store
-    if uri.startswith("memory://"):
-        from guard.stores.memory import MemoryStore
-
-        return MemoryStore(
-            max_keys=config.max_keys,
-            max_flag_keys=config.max_flag_keys,
-            clock=clock,
-            on_event=on_event,
-        )
-    if uri.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            from guard.stores.redis import RedisStore
-        except ImportError as exc:  # pragma: no cover - redis is a dependency
-            raise ConfigurationError(
-                "state.store", f"redis support is not available: {exc}"
-            ) from exc
-        return RedisStore(config)
-    raise ConfigurationError("state.store", f"unsupported store URI scheme in {uri!r}")

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detectors._standing import STANDING_PREFIX
+from detectors.shared_standing import STANDING_PREFIX
 from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
 from guard.errors import StateError
 from guard.stores._ratemath import check_acquire, gcra_step, window_step

@@ -192,7 +192,7 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
         clock: Callable[[], float] = time.monotonic,
         on_event: EventCallback | None = None,
     ) -> ResilientStore:
-        """Wrap ``inner`` (from :func:`~guard.stores.base.store_from_uri`) as ``config`` says.
+        """Wrap ``inner`` (from :func:`~guard.stores.uri.store_from_uri`) as ``config`` says.
 
         ``breaker_failures`` and ``breaker_reset_s`` set the breaker, ``max_keys``
         bounds a memory fallback. ``on_event`` also receives a memory store's

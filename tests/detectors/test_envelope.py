@@ -1,26 +1,14 @@
-"""FeatureEnvelope: per-feature ranges and type checks."""
+"""FeatureEnvelope: per-feature ranges and type checks.
+
+What all four row detectors share is tested in ``test_outlier_base.py``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from detectors import ood_samples
 from detectors.envelope import FeatureEnvelope
-from tests.detectors.anomaly_helpers import (
-    HIGH,
-    LOW,
-    check_contract,
-    check_fpr,
-    digits_split,
-    flagged_share,
-    gaussian,
-)
-
-
-def test_outlier_contract() -> None:
-    check_contract(FeatureEnvelope, {"margin": -1.0})
-    check_contract(FeatureEnvelope, {"check_integer": "yes"})
 
 
 def test_inside_scores_zero_and_outside_counts_range_units() -> None:
@@ -48,45 +36,3 @@ def test_integer_check_can_be_disabled() -> None:
     assert FeatureEnvelope(holdout=0.0).fit(X).integer_.all()
     env = FeatureEnvelope(check_integer=False, holdout=0.0).fit(X)
     assert env.score_samples([[3.5]])[0] == 0.0
-
-
-@pytest.mark.parametrize("target", [0.01, 0.05])
-def test_fpr_on_heldout_digits(target: float) -> None:
-    X_fit, X_test = digits_split()
-    check_fpr(FeatureEnvelope(target_fpr=target, holdout=0.25), X_fit, X_test, ties=True)
-
-
-def test_fpr_on_heldout_gaussian() -> None:
-    check_fpr(FeatureEnvelope(target_fpr=0.01, holdout=0.5), gaussian(4000), gaussian(5000, seed=1),
-              ties=True)
-
-
-@pytest.fixture(scope="module")
-def digits_envelope() -> tuple[FeatureEnvelope, np.ndarray]:
-    X_fit, X_test = digits_split()
-    return FeatureEnvelope(target_fpr=0.01, holdout=0.25).fit(X_fit), X_test
-
-
-def test_flags_uniform_noise(digits_envelope: tuple[FeatureEnvelope, np.ndarray]) -> None:
-    env, _ = digits_envelope
-    noise = ood_samples.uniform_noise(500, 64, low=LOW, high=HIGH, rng=np.random.default_rng(1))
-    assert flagged_share(env, noise) >= 0.99
-
-
-def test_flags_cross_dataset_rows(digits_envelope: tuple[FeatureEnvelope, np.ndarray]) -> None:
-    env, _ = digits_envelope
-    assert flagged_share(env, ood_samples.cross_dataset_rows(64, low=LOW, high=HIGH)) >= 0.99
-
-
-def test_flags_gaussian_corrupted(digits_envelope: tuple[FeatureEnvelope, np.ndarray]) -> None:
-    env, X_test = digits_envelope
-    rng = np.random.default_rng(2)
-    noisy = ood_samples.gaussian_corrupted(X_test, sigma=4.0, low=LOW, high=HIGH, rng=rng)
-    assert flagged_share(env, noisy) >= 0.99
-
-
-def test_flags_every_out_of_range_row(digits_envelope: tuple[FeatureEnvelope, np.ndarray]) -> None:
-    env, X_test = digits_envelope
-    rng = np.random.default_rng(3)
-    pushed = ood_samples.out_of_range(X_test, n_features=1, low=LOW, high=HIGH, rng=rng)
-    assert flagged_share(env, pushed) == 1.0

@@ -1,4 +1,7 @@
-"""KNNOutlier: bounded reference set, float32 search, exact distances."""
+"""KNNOutlier: bounded reference set, float32 search, exact distances.
+
+What all four row detectors share is tested in ``test_outlier_base.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,7 @@ from scipy.spatial.distance import cdist
 
 from detectors import ood_samples
 from detectors.knn import KNNOutlier
-from tests.detectors.anomaly_helpers import (
-    HIGH,
-    LOW,
-    check_contract,
-    check_fpr,
-    digits_split,
-    flagged_share,
-    gaussian,
-)
-
-
-def test_outlier_contract() -> None:
-    check_contract(KNNOutlier, {"n_neighbors": 0})
-    check_contract(KNNOutlier, {"scale": "minmax"})
-    check_contract(KNNOutlier, {"max_reference": 1})
+from tests.detectors.anomaly_helpers import HIGH, LOW, digits_split, gaussian
 
 
 @pytest.mark.parametrize("scale", ["std", "range", "none"])
@@ -57,44 +46,3 @@ def test_training_scores_leave_each_reference_row_out() -> None:
     d = cdist(z, det.reference_)
     np.fill_diagonal(d, np.inf)
     assert det.offset_ == pytest.approx(np.sort(-d.min(axis=1))[int(0.05 * 501) - 1], rel=1e-5)
-
-
-@pytest.mark.parametrize("target", [0.01, 0.05])
-def test_fpr_on_heldout_digits(target: float) -> None:
-    X_fit, X_test = digits_split()
-    check_fpr(KNNOutlier(target_fpr=target, holdout=0.25), X_fit, X_test)
-
-
-def test_fpr_on_heldout_gaussian() -> None:
-    check_fpr(KNNOutlier(target_fpr=0.01, holdout=0.5), gaussian(4000), gaussian(5000, seed=1))
-
-
-@pytest.fixture(scope="module")
-def digits_det() -> tuple[KNNOutlier, np.ndarray]:
-    X_fit, X_test = digits_split()
-    return KNNOutlier(target_fpr=0.01, holdout=0.25).fit(X_fit), X_test
-
-
-def test_flags_uniform_noise(digits_det: tuple[KNNOutlier, np.ndarray]) -> None:
-    det, _ = digits_det
-    noise = ood_samples.uniform_noise(500, 64, low=LOW, high=HIGH, rng=np.random.default_rng(1))
-    assert flagged_share(det, noise) >= 0.99
-
-
-def test_flags_cross_dataset_rows(digits_det: tuple[KNNOutlier, np.ndarray]) -> None:
-    det, _ = digits_det
-    assert flagged_share(det, ood_samples.cross_dataset_rows(64, low=LOW, high=HIGH)) >= 0.99
-
-
-def test_flags_gaussian_corrupted(digits_det: tuple[KNNOutlier, np.ndarray]) -> None:
-    det, X_test = digits_det
-    rng = np.random.default_rng(2)
-    noisy = ood_samples.gaussian_corrupted(X_test, sigma=4.0, low=LOW, high=HIGH, rng=rng)
-    assert flagged_share(det, noisy) >= 0.9
-
-
-def test_flags_out_of_range(digits_det: tuple[KNNOutlier, np.ndarray]) -> None:
-    det, X_test = digits_det
-    rng = np.random.default_rng(3)
-    pushed = ood_samples.out_of_range(X_test, n_features=3, low=LOW, high=HIGH, rng=rng)
-    assert flagged_share(det, pushed) >= 0.3

@@ -19,13 +19,13 @@ from detectors.ood_samples import tag_smuggled, uniform_noise
 from detectors.persist import load_model, manifest_path
 from detectors.prompt_corpus import benign_prompts
 from guard import calibrate as cal
-from guard._factories_anomaly import calibration_key
-from guard._reference_data import DataError, ReferenceData, load_reference
-from guard.cli import main
+from guard.calibration_files import calibration_key
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError, ModelFileError
+from guard.reference_data import DataError, ReferenceData, load_reference
 from guard.registry import BuildContext, build_detector
 from guard.stores.memory import MemoryStore
+from middleware.cli import main
 
 ROW_KINDS = ("envelope", "mahalanobis", "iforest", "knn")
 

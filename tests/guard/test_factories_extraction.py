@@ -14,9 +14,9 @@ from detectors.base import Query
 from detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
 from detectors.fingerprint import NearDuplicateDetector
 from detectors.prada import PradaDetector
-from guard._factories_extraction import DEFAULT_SALT_ENV
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
+from guard.extraction_factories import DEFAULT_SALT_ENV
 from guard.registry import BuildContext, build_detector, registered
 from guard.stores.memory import MemoryStore
 
@@ -201,7 +201,7 @@ def test_without_a_salt_each_process_draws_one_and_says_so(
 ) -> None:
     monkeypatch.delenv(DEFAULT_SALT_ENV, raising=False)
     rows = np.random.default_rng(0).uniform(0, 16, size=(2, 64))
-    with caplog.at_level(logging.WARNING, logger="guard._factories_extraction"):
+    with caplog.at_level(logging.WARNING, logger="guard.extraction_factories"):
         a = build("near_duplicate", {"feature_range": [0, 16]})
         b = build("near_duplicate", {"feature_range": [0, 16]})
     assert DEFAULT_SALT_ENV in caplog.text and "every worker" in caplog.text

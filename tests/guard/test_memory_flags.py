@@ -8,8 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 import guard.pipeline as pipeline
-from detectors._standing import STANDING_PREFIX, SharedStanding
 from detectors.base import Query
+from detectors.shared_standing import STANDING_PREFIX, SharedStanding
 from guard.config import GuardConfig
 from guard.stores import MemoryStore
 from guard.stores.memory import FLAG_PREFIXES

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import guard
 from detectors.persist import read_manifest
 from guard._process_metrics import ProcessMetrics, worker_pids
-from guard._score_buckets import DEFAULT_BUCKETS, calibrated_buckets, score_buckets
 from guard.calibrate import calibrate_rows
 from guard.config import GuardConfig
 from guard.errors import PayloadError
 from guard.metrics import DECISIONS, GuardMetrics, code_class, config_sha
+from guard.score_buckets import DEFAULT_BUCKETS, calibrated_buckets, score_buckets
 from guard.stores.memory import MemoryStore
 from tests.stores_fixture import FakeClock
 

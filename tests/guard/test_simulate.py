@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from guard.cli import main
 from guard.simulate import ATTACKS, clients_dir, load_clients
+from middleware.cli import main
 from tests.conftest import run_server
 
 

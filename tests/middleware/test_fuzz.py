@@ -1,6 +1,6 @@
 """Hostile input against the whole middleware, driven through raw ASGI calls.
 
-THREAT_MODEL.md, lessons 5 and 6: bad input is the normal case. Whatever a client
+A guard in front of a public API sees bad input as the normal case. Whatever a client
 sends (random bytes, hostile JSON, mutated protocol payloads, lying or duplicated
 headers, bodies in odd chunks), the guard must answer a clear 4xx with the
 documented error shape and count it, or pass the request on; never a 5xx of its

@@ -1,4 +1,4 @@
-"""Factories for the rate detectors (``FACTORIES``, listed in :mod:`guard.builtin_detectors`).
+"""Factories for the rate detectors (``FACTORIES``, in :mod:`guard.builtin_detectors`).
 
 ``type: rate`` builds a :class:`detectors.rate.RateLimitDetector`::
 

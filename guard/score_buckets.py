@@ -1,4 +1,4 @@
-"""Bucket layouts for ``guard_detector_score``, one per detector (private).
+"""Bucket layouts for ``guard_detector_score``, one per detector.
 
 The histogram records each score's margin, ``score - threshold``: below 0 the
 detector fired. Detectors score on very different scales (a Mahalanobis
@@ -37,7 +37,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from detectors.persist import CorruptModelFile, read_manifest
-from guard._factories_anomaly import ROW_TYPES, TEXT_TYPES, calibration_key, resolve_file
+from guard.anomaly_factories import ROW_TYPES, TEXT_TYPES
+from guard.calibration_files import calibration_key, resolve_file
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError
 

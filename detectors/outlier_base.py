@@ -1,6 +1,7 @@
-"""Shared scikit-learn plumbing for the calibrated outlier detectors (private).
+"""The base classes and threshold rule of the calibrated outlier detectors.
 
-Every detector here follows scikit-learn's outlier contract
+Every detector built on :class:`OutlierBase` (``envelope``, ``mahalanobis``,
+``iforest``, ``knn``, ``text``) follows scikit-learn's outlier contract
 (``sklearn/ensemble/_iforest.py``, ``sklearn/covariance/_elliptic_envelope.py``):
 
 * ``__init__`` stores keyword-only parameters as given; ``fit`` validates them,
@@ -24,7 +25,15 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["OutlierBase", "RowOutlierBase", "as_matrix", "threshold_at_fpr"]
+__all__ = [
+    "FloatArray",
+    "OutlierBase",
+    "RowOutlierBase",
+    "as_matrix",
+    "check_int",
+    "check_number",
+    "threshold_at_fpr",
+]
 
 InputT = TypeVar("InputT")
 FloatArray = NDArray[np.float64]

@@ -1,4 +1,4 @@
-"""Factories for the extraction and query-attack detectors (registered on import).
+"""Factories for the extraction detectors (``FACTORIES``, in :mod:`guard.builtin_detectors`).
 
 Types ``prada`` (:class:`detectors.prada.PradaDetector`), ``near_duplicate``
 (:class:`detectors.fingerprint.NearDuplicateDetector`) and ``boundary``
@@ -85,7 +85,7 @@ from detectors.fingerprint import NearDuplicateDetector
 from detectors.persist import CorruptModelFile, load_model, manifest_path
 from detectors.prada import PradaDetector
 from detectors.profile import TrafficProfile
-from guard._factories_anomaly import calibration_key, resolve_file
+from guard.calibration_files import calibration_key, resolve_file
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError, ModelFileError
 from guard.factory import BuildContext, DetectorFactory

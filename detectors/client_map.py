@@ -1,4 +1,4 @@
-"""A bounded, per-process map from client to detector state (private).
+"""A bounded, per-process map from client to detector state.
 
 An attacker chooses how many client ids we see (API keys are cheap), so every
 per-client structure lives in a :class:`ClientMap`: at most ``max_clients``

@@ -1,4 +1,4 @@
-"""Factories for the input-anomaly detectors (``FACTORIES``, in ``guard.builtin_detectors``).
+"""Factories for the input-anomaly detectors (``FACTORIES``, in :mod:`guard.builtin_detectors`).
 
 Types ``envelope``, ``mahalanobis``, ``iforest``, ``knn`` (rows), ``text``
 (prompts) and ``anomaly_rate`` (per-client share of anomalous rows). The
@@ -38,42 +38,31 @@ valid HMAC made with it (``guard calibrate`` signs them when it is set).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
 from detectors.anomaly import RowAnomalyDetector, TextAnomalyDetector
 from detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
 from detectors.base import Detector
 from detectors.persist import KINDS, CorruptModelFile, load_model, manifest_path
+from guard.calibration_files import calibration_key, resolve_file
 from guard.config import DetectorSpec
 from guard.errors import ConfigurationError, ModelFileError
 from guard.factory import BuildContext, DetectorFactory
 
 __all__ = [
-    "CALIBRATION_KEY_ENV",
     "FACTORIES",
     "ROW_TYPES",
     "TEXT_TYPES",
-    "calibration_key",
     "model_params",
 ]
 
-#: environment variable holding the HMAC key for calibration manifests
-CALIBRATION_KEY_ENV: Final = "GUARD_CALIBRATION_KEY"
 ROW_TYPES: Final = ("envelope", "mahalanobis", "iforest", "knn")
 TEXT_TYPES: Final = ("text",)
 _ROW_RUNTIME: Final = frozenset({"file", "on_width_mismatch", "track_rate", "rate_window_s"})
 _TEXT_RUNTIME: Final = frozenset({"file", "track_rate", "rate_window_s"})
 #: fit-time only: the split is ``guard calibrate``'s business
 _FIT_ONLY: Final = frozenset({"holdout"})
-
-
-def calibration_key() -> bytes | None:
-    """The manifest HMAC key from ``GUARD_CALIBRATION_KEY``, if set."""
-    value = os.environ.get(CALIBRATION_KEY_ENV)
-    return value.encode() if value else None
 
 
 def model_params(kind: str) -> frozenset[str]:
@@ -113,28 +102,6 @@ def _is_positive(v: Any) -> bool:
 
 def _is_str(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip())
-
-
-def resolve_file(spec: DetectorSpec, calibration_dir: Path | None) -> Path:
-    """The calibration file a spec names (``params.file``) or implies (``<type>.npz``)."""
-    raw = spec.params.get("file")
-    if raw is not None and not _is_str(raw):
-        raise ConfigurationError(_key(spec, "file"), f"must be a file name, got {raw!r}")
-    name = raw if raw is not None else f"{spec.type}.npz"
-    path = Path(name)
-    if path.suffix == ".json":
-        path = path.with_suffix(".npz")
-    if path.suffix != ".npz":
-        raise ConfigurationError(_key(spec, "file"), f"must name a .npz file, got {name!r}")
-    if not path.is_absolute():
-        if calibration_dir is None:
-            raise ConfigurationError(
-                _key(spec, "file"),
-                f"the {spec.type!r} detector needs a calibration file: set calibration_dir "
-                "(the output directory of `guard calibrate`) or an absolute params.file",
-            )
-        path = calibration_dir / path
-    return path
 
 
 def _load(spec: DetectorSpec, ctx: BuildContext, kind: str) -> Any:

@@ -1,4 +1,4 @@
-"""A client's standing with a detector, shared by every worker (private).
+"""A client's standing with a detector, shared by every worker.
 
 The extraction detectors keep their heavy per-client structures (PRADA's
 growing sets, the fingerprint index, boundary windows) in per-process memory:

@@ -1,4 +1,4 @@
-"""Reading reference data for ``guard calibrate`` (private).
+"""Reading reference data for ``guard calibrate``.
 
 Rows from ``.npy``, ``.npz`` (the array ``X``, or the only array), ``.csv``
 (numbers, an optional header line), or ``.jsonl`` of recorded requests; texts

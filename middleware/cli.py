@@ -1,5 +1,5 @@
-"""The ``guard`` command: ``demo``, ``check-config``, ``calibrate``, ``simulate``, ``replay``,
-``hash-key``."""
+"""The ``guard`` command: ``demo``, ``proxy``, ``check-config``, ``calibrate``, ``simulate``,
+``replay``, ``hash-key``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from guard.config import GuardConfig
 from guard.errors import ConfigurationError, GuardError
+from middleware.proxy_cli import PROXY_DESCRIPTION, add_proxy_arguments, serve_proxy
 
 __all__ = ["main"]
 
@@ -55,7 +56,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import uvicorn
 
-    demo = importlib.import_module("middleware.demo")
+    from middleware import demo
     try:
         app = demo.build_demo_app(args.config)
     except ConfigurationError as exc:
@@ -113,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="guard config (YAML); default: the demo policy")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "proxy",
+        help="serve the guard in front of a model server (MLServer, Triton, KServe, vLLM)",
+        description=PROXY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_proxy_arguments(p)
+    p.set_defaults(func=serve_proxy)
 
     p = sub.add_parser("check-config", help="validate a config file; exit 0 if valid, 1 if not")
     p.add_argument("file")
