@@ -29,6 +29,7 @@ from guard.pointer import parse_pointer
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "SHARED_STORE_SCHEMES",
     "AuditConfig",
     "CaptureConfig",
     "DegradeConfig",
@@ -58,6 +59,15 @@ DEFAULT_ROUTES: tuple[str, ...] = (
 
 #: the shortest secret accepted in ``client_identity.hash_key_env``
 MIN_HASH_KEY_BYTES = 16
+
+#: ``state.store`` schemes shared by every worker and replica (Redis, Redis Cluster)
+SHARED_STORE_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 
 def short_hash_key(env: str) -> str:
@@ -184,7 +194,8 @@ class CaptureConfig:
 class StateConfig:
     """Where per-client state lives (rate counters, quarantine, detector history)."""
 
-    #: ``memory://`` (per process) or ``redis://host:port/db`` / ``rediss://`` (shared)
+    #: ``memory://`` (per process) or ``redis://host:port/db`` / ``rediss://`` /
+    #: ``unix://`` / ``redis+cluster://host:port,host:port`` / ``rediss+cluster://`` (shared)
     store: str = "memory://"
     #: memory store: most keys tracked before least-recently-used eviction
     max_keys: int = 100_000
@@ -575,7 +586,7 @@ class _Validator:
             policies = self.policies(top["policies"], "policies")
         else:
             policies = (PolicyConfig(name="inference"),)
-        if state.store.startswith(("redis://", "rediss://", "unix://")) and not os.environ.get(
+        if state.store.startswith(SHARED_STORE_SCHEMES) and not os.environ.get(
             identity.hash_key_env
         ):
             # with a shared store every worker must hash a client to the same id
@@ -739,10 +750,11 @@ class _Validator:
         )
         d = StateConfig()
         store = self.string(m, key, "store", d.store, nonempty=True)
-        if not store.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        if not store.startswith(("memory://", *SHARED_STORE_SCHEMES)):
             self.fail(
                 _join(key, "store"),
-                "scheme must be memory://, redis://, rediss:// or unix://",
+                "scheme must be memory://, redis://, rediss://, unix://, redis+cluster:// "
+                "or rediss+cluster://",
             )
             store = d.store
         return StateConfig(

@@ -205,6 +205,14 @@ def code_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
+def _backend_of(uri: str) -> str:
+    """The ``backend`` label a store URI's store reports (``memory``, ``redis``, ...)."""
+    scheme = uri.split("://", 1)[0]
+    if scheme == "memory":
+        return "memory"
+    return "redis-cluster" if "cluster" in scheme else "redis"
+
+
 def config_sha(config: GuardConfig) -> str:
     """The first 12 hex digits of the SHA-256 of the loaded config, canonically serialised.
 
@@ -395,7 +403,7 @@ class GuardMetrics:
                 for action in sorted(actions, key=lambda a: a.severity):
                     self.detections.labels(p, spec.name, str(action))
                 self.score_layout(spec.name, score_buckets(spec, calibration_dir))
-        backend = str(getattr(store, "backend", "") or config.state.store.split("://", 1)[0])
+        backend = str(getattr(store, "backend", "") or _backend_of(config.state.store))
         for child in (self.store_errors, self.store_fallback, self.store_evictions):
             child.labels(backend)
         self.store_flag_overflows.labels(backend)

@@ -1,4 +1,4 @@
-"""Shared fixtures: fresh metric registries, tiny ASGI apps, real uvicorn servers."""
+"""Shared fixtures: metric registries, tiny ASGI apps, real uvicorn servers, a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+
+# one local Redis Cluster per session, for every suite that runs on it
+from tests.stores_fixture import redis_cluster
+
+__all__ = ["redis_cluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

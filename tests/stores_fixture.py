@@ -6,23 +6,35 @@ on real time (Redis ``TIME``), with a unique key prefix per test that is
 deleted afterwards. Without the variable the Redis cases skip, saying why; with
 it set and Redis unreachable they fail.
 
+``redis-cluster`` runs against a real three-master Redis Cluster that the
+session fixture :func:`redis_cluster` starts on free local ports (and stops at
+the end), also with a unique prefix per test. Without ``redis-server`` and
+``redis-cli`` on ``PATH`` those cases skip and say why, except under CI
+(``CI`` set, as ``.ci/run`` and CI services do), where they fail; a cluster
+that does not start fails them everywhere.
+
 Imported by ``tests/guard/conftest.py`` and ``tests/detectors/conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from guard.config import StateConfig
+from guard.stores.cluster import RedisClusterStore, parse_cluster_url
 from guard.stores.memory import MemoryStore
 from guard.stores.redis import RedisStore
+from tests.redis_cluster import ClusterStartError, LocalCluster, missing_binaries
 
 __all__ = [
     "BACKENDS",
@@ -32,7 +44,10 @@ __all__ = [
     "FakeClock",
     "anyio_backend",
     "backend",
+    "redis_cluster",
     "redis_prefix",
+    "server_client",
+    "start_local_cluster",
 ]
 
 #: the Redis server for the ``redis`` cases; ``None`` skips them
@@ -66,6 +81,8 @@ class Backend:
     clock: FakeClock | None
     #: the key prefix the store writes under (Redis only)
     prefix: str = ""
+    #: the store's URL (Redis only)
+    url: str = ""
 
     @property
     def exact(self) -> bool:
@@ -79,11 +96,72 @@ class Backend:
         else:
             await asyncio.sleep(seconds)
 
+    async def keys(self) -> list[str]:
+        """Every key the store holds, without the prefix: what the backend really wrote."""
+        if isinstance(self.store, MemoryStore):
+            return list(self.store._data)
+        async with server_client(self.url) as client:
+            raw = [key async for key in client.scan_iter(match=self.prefix + "*")]
+        return [key.decode()[len(self.prefix) :] for key in raw]
+
+    async def pttl(self, key: str) -> int:
+        """Milliseconds ``key`` (without the prefix) has left on a Redis backend."""
+        async with server_client(self.url) as client:
+            return int(await client.pttl(self.prefix + key))
+
 
 BACKENDS = [
     pytest.param("memory", id="memory"),
     pytest.param("redis", id="redis", marks=[pytest.mark.redis, REDIS_SKIP]),
+    pytest.param("redis-cluster", id="redis-cluster", marks=[pytest.mark.redis]),
 ]
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def start_local_cluster(directory: Path, **options: int) -> LocalCluster:
+    """A started :class:`LocalCluster`; skips the test without Redis installed, except under CI."""
+    missing = missing_binaries()
+    if missing:
+        reason = (
+            f"{' and '.join(missing)} not on PATH: the redis-cluster cases start a local "
+            "Redis Cluster (install Redis to run them)"
+        )
+        if _ci():
+            pytest.fail(f"CI is set, so this is an error: {reason}")
+        pytest.skip(reason)
+    cluster = LocalCluster(directory, **options)
+    try:
+        return cluster.start()
+    except ClusterStartError as exc:
+        pytest.fail(f"could not start a local Redis Cluster: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local three-master Redis Cluster for the whole session (stopped at the end)."""
+    cluster = start_local_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@contextlib.asynccontextmanager
+async def server_client(url: str) -> AsyncIterator[Redis | RedisCluster]:
+    """A plain redis-py client of a ``redis://`` server or a ``redis+cluster://`` cluster."""
+    client: Redis | RedisCluster
+    if url.startswith("redis+cluster://"):
+        nodes, options = parse_cluster_url(url)
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
+    else:
+        client = Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def redis_prefix() -> str:
@@ -92,14 +170,11 @@ def redis_prefix() -> str:
 
 
 async def delete_prefix(url: str, prefix: str) -> None:
-    """Delete every key under ``prefix``."""
-    client = Redis.from_url(url)
-    try:
+    """Delete every key under ``prefix`` (on every master of a cluster)."""
+    async with server_client(url) as client:
         keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+        for key in keys:  # one by one: a cluster refuses a DEL across slots
+            await client.delete(key)
 
 
 @pytest.fixture
@@ -110,10 +185,23 @@ def anyio_backend() -> str:
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    """Each backend in turn: a fresh memory store, or Redis under a fresh prefix."""
+    """Each backend in turn: a fresh memory store, or Redis (Cluster) under a fresh prefix."""
     if request.param == "memory":
         clock = FakeClock()
         yield Backend("memory", MemoryStore(max_keys=10_000, clock=clock), clock)
+        return
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        prefix = redis_prefix()
+        cluster_store = RedisClusterStore(StateConfig(store=url, key_prefix=prefix, timeout_s=2.0))
+        if not await cluster_store.ping():
+            await cluster_store.aclose()
+            pytest.fail("the local Redis Cluster does not answer")
+        try:
+            yield Backend("redis-cluster", cluster_store, None, prefix, url)
+        finally:
+            await cluster_store.aclose()
+            await delete_prefix(url, prefix)
         return
     assert REDIS_URL is not None
     prefix = redis_prefix()
@@ -122,7 +210,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         await store.aclose()
         pytest.fail(f"GUARD_TEST_REDIS_URL={REDIS_URL!r} is set but Redis does not answer")
     try:
-        yield Backend("redis", store, None, prefix)
+        yield Backend("redis", store, None, prefix, REDIS_URL)
     finally:
         await store.aclose()
         await delete_prefix(REDIS_URL, prefix)

@@ -1,6 +1,7 @@
-"""State stores: ``memory://`` (per process, bounded) and ``redis://`` (shared).
+"""State stores: ``memory://`` (per process, bounded); ``redis://``, ``redis+cluster://`` (shared).
 
-``guard.stores.redis.RedisStore`` is imported lazily by :func:`store_from_uri`.
+``guard.stores.redis.RedisStore`` and ``guard.stores.cluster.RedisClusterStore``
+are imported lazily by :func:`store_from_uri`.
 """
 
 from __future__ import annotations

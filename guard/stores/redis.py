@@ -19,8 +19,10 @@ clock is not used here.
 Quarantine keys (``quarantine:<client>``) are also indexed by expiry in one
 sorted set (``<key_prefix>quarantine-index``, kept by ``flag.lua`` as they are
 set), so that :meth:`RedisStore.quarantined_now` counts the live ones with one
-``ZCOUNT`` however many keys Redis holds. The count is read when the metrics
-are scraped, off the event loop, on a synchronous connection of its own.
+``ZCOUNT`` however many keys Redis holds (a single Redis: a cluster spreads the
+keys over slots no one script can write together, and keeps no index). The
+count is read when the metrics are scraped, off the event loop, on a
+synchronous connection of its own.
 
 Each operation has ``StateConfig.timeout_s`` seconds in total (queueing,
 connect, round trip); past that, or on any Redis or socket error, it raises
@@ -34,7 +36,7 @@ import math
 import threading
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from redis.asyncio import ConnectionPool
@@ -81,6 +83,8 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
     """
 
     backend = "redis"
+    #: keep the quarantine index (flag.lua): two keys in one script, so one Redis only
+    indexes_quarantines: ClassVar[bool] = True
 
     def __init__(
         self, config: StateConfig, *, max_connections: int = 4, max_batch: int = 128
@@ -96,6 +100,14 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
         # the scrape-time connection (quarantined_now), made on first use
         self._sync: redis.Redis | None = None
         self._sync_lock = threading.Lock()
+        self._acquire = Script(load_script("acquire"))
+        self._incr = Script(load_script("incr"))
+        self._flag = Script(load_script("flag"))
+        self._flag_count = load_script("flag_count")
+        self._open(config, max_connections=max_connections, max_batch=max_batch)
+
+    def _open(self, config: StateConfig, *, max_connections: int, max_batch: int) -> None:
+        """Set up the connections (a store with another transport overrides this and ``_call``)."""
         try:
             # only a factory of connections: the pipeline owns and times them
             factory = ConnectionPool.from_url(
@@ -113,10 +125,6 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
             lanes=max_connections,
             max_batch=max_batch,
         )
-        self._acquire = Script(load_script("acquire"))
-        self._incr = Script(load_script("incr"))
-        self._flag = Script(load_script("flag"))
-        self._flag_count = load_script("flag_count")
 
     async def _call(self, operation: str, command: Command, script: Script | None = None) -> Any:
         try:
@@ -134,7 +142,7 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
         return None if value is None else bytes(value)
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        if key.startswith(QUARANTINE_PREFIX):
+        if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
             script = self._flag
             px = 0 if ttl is None else _ms(ttl)
             command: Command = (
@@ -149,15 +157,18 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
 
     async def delete(self, key: str) -> None:
         await self._call("delete", (b"DEL", self.prefix + key))
-        if key.startswith(QUARANTINE_PREFIX):
+        if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
             await self._call("delete", (b"ZREM", self._index, self.prefix + key))
 
     def quarantined_now(self) -> int:
         """Live quarantine keys: one ``ZCOUNT`` on the index, on a synchronous connection.
 
         For the metrics exposition (another thread); blocks for at most
-        ``StateConfig.timeout_s`` seconds.
+        ``StateConfig.timeout_s`` seconds. A store that keeps no index (a
+        cluster) raises :class:`StateError`: the gauge is then absent.
         """
+        if not self.indexes_quarantines:
+            raise StateError(self.backend, "quarantined_now", "no quarantine index here")
         try:
             with self._sync_lock:
                 if self._sync is None:

@@ -2,8 +2,8 @@
 
 Its own module, above the backends: ``base`` defines :class:`Store`, the
 backends subclass it, and this module picks one, so no backend module and
-``base`` import each other. ``redis`` is imported only when a ``redis://``
-URI asks for it.
+``base`` import each other. ``redis`` (and the cluster store) is imported only when a
+``redis://`` (``redis+cluster://``) URI asks for it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def store_from_uri(
     clock: Callable[[], float] = time.monotonic,
     on_event: Callable[[str, str], None] | None = None,
 ) -> Store:
-    """Build the store named by ``config.store`` (``memory://``, ``redis://``, ``rediss://``)."""
+    """Build the store named by ``config.store``: ``memory://``, ``redis://`` (``rediss://``,
+    ``unix://``) or ``redis+cluster://`` (``rediss+cluster://``)."""
     uri = config.store
     if uri.startswith("memory://"):
         return MemoryStore(
@@ -34,6 +35,10 @@ def store_from_uri(
             clock=clock,
             on_event=on_event,
         )
+    if uri.startswith(("redis+cluster://", "rediss+cluster://")):
+        from guard.stores.cluster import RedisClusterStore
+
+        return RedisClusterStore(config)
     if uri.startswith(("redis://", "rediss://", "unix://")):
         try:
             from guard.stores.redis import RedisStore

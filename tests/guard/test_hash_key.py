@@ -8,7 +8,13 @@ from guard.config import GuardConfig, IdentityConfig
 from guard.errors import ConfigurationError
 from guard.identity import ClientIdentifier
 
-SHARED = ["redis://localhost:6379/0", "rediss://localhost:6380/0", "unix:///run/redis.sock?db=0"]
+SHARED = [
+    "redis://localhost:6379/0",
+    "rediss://localhost:6380/0",
+    "unix:///run/redis.sock?db=0",
+    "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+    "rediss+cluster://10.0.0.1:7000",
+]
 
 
 @pytest.mark.parametrize("store", SHARED)

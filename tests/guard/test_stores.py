@@ -206,14 +206,15 @@ async def test_multi_limit_consumes_only_when_every_limit_admits(backend: Backen
     store = backend.store
     burst = GcraLimit(rate=1.0, period=HOUR / 10, burst=10)  # refill negligible here
     daily = WindowLimit(limit=3, period=HOUR)
-    checks: list[RateCheck] = [("burst", burst), ("day", daily)]
+    # one hash tag: on a Redis Cluster the keys of one script must share a slot
+    checks: list[RateCheck] = [("{c}burst", burst), ("{c}day", daily)]
     for expected_daily in (2, 1, 0):
         g, w = await store.acquire(checks, cost=1)
         assert g.allowed and w.allowed and w.remaining == expected_daily
     g, w = await store.acquire(checks, cost=1)
     assert g.allowed and not w.allowed  # the daily limit refuses ...
     assert g.remaining == 7  # ... so the burst budget was not touched
-    state = await store.gcra("burst", rate=1.0, period=HOUR / 10, burst=10, cost=7)
+    state = await store.gcra("{c}burst", rate=1.0, period=HOUR / 10, burst=10, cost=7)
     assert state.allowed and state.remaining == 0
 
 
@@ -246,20 +247,15 @@ async def test_concurrent_acquisitions_are_exact(backend: Backend, algorithm: st
 async def test_rate_state_expires_once_it_no_longer_matters(backend: Backend) -> None:
     store = backend.store
     await store.acquire(
-        [("g", GcraLimit(rate=4, period=1.0, burst=2)), ("w", WindowLimit(limit=5, period=0.2))],
+        [("{t}g", GcraLimit(rate=4, period=1.0, burst=2)), ("{t}w", WindowLimit(5, period=0.2))],
         cost=2,
     )
     if isinstance(store, RedisStore):
-        assert REDIS_URL is not None
-        client = Redis.from_url(REDIS_URL)
-        try:
-            for key in ("g", "w"):  # written under the prefix, and never immortal
-                assert 0 < await client.pttl(backend.prefix + key) <= 500
-        finally:
-            await client.aclose()
+        for key in ("{t}g", "{t}w"):  # written under the prefix, and never immortal
+            assert 0 < await backend.pttl(key) <= 500
     await backend.advance(0.55)
-    assert await store.get("g") is None
-    assert await store.get("w") is None
+    assert await store.get("{t}g") is None
+    assert await store.get("{t}w") is None
 
 
 # ---------------------------------------------------------------- memory only
@@ -838,6 +834,13 @@ async def test_closing_before_the_batch_leaves_fails_it_and_frees_the_lane(turns
 
 async def test_quarantined_now_counts_live_quarantine_keys(backend: Backend) -> None:
     store = backend.store
+    if not getattr(store, "indexes_quarantines", True):
+        # a cluster keeps no index: quarantines are plain keys, the count is not known
+        await store.set("quarantine:a", b"1", 60.0)
+        assert await store.get("quarantine:a") == b"1"
+        with pytest.raises(StateError):
+            await asyncio.to_thread(store.quarantined_now)
+        return
     assert await asyncio.to_thread(store.quarantined_now) == 0
     await store.set("quarantine:a", b"1", 60.0)
     await store.set("quarantine:b", b"1", 0.3)
