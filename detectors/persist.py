@@ -34,6 +34,7 @@ import os
 import stat
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol, Self
 
@@ -139,11 +140,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_model(
-    model: Persistable, path: str | os.PathLike[str], *, hmac_key: bytes | None = None
+    model: Persistable,
+    path: str | os.PathLike[str],
+    *,
+    hmac_key: bytes | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a fitted detector to ``path`` (``.npz``) and its manifest beside it; return ``path``.
 
     Both files are written atomically (temporary file, then rename).
+    ``calibration`` (plain JSON values: the threshold and benign score
+    quantiles ``guard calibrate`` measured) is kept in the manifest under that
+    key, covered by the HMAC; loading ignores it.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -179,6 +187,8 @@ def save_model(
         },
         "library": {"numpy": np.__version__},
     }
+    if calibration is not None:
+        manifest["calibration"] = json.loads(json.dumps(dict(calibration), allow_nan=False))
     if hmac_key is not None:
         manifest["hmac_sha256"] = _sign(manifest, hmac_key)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ from guard.calibration_files import CALIBRATION_KEY_ENV, calibration_key, resolv
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError
 from guard.reference_data import DataError, ReferenceData, load_reference
+from guard.score_buckets import calibration_summary
 from guard.sessions import (
     SESSION_KINDS,
     ProfileReport,
@@ -235,7 +236,12 @@ def calibrate(
         model.calibrate(held_part)
         scores = model.score_samples(held_part)
         seconds = time.perf_counter() - start
-        path = save_model(model, out / job.file, hmac_key=hmac_key)
+        path = save_model(
+            model,
+            out / job.file,
+            hmac_key=hmac_key,
+            calibration=calibration_summary(model.offset_, scores),
+        )
         if progress is not None:
             progress.step(f"wrote {path.name}")
         reports.append(

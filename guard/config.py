@@ -343,26 +343,29 @@ class GuardConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> GuardConfig:
         p = Path(path)
+        return _relative_to(cls.from_dict(_read_mapping(p)), p)
+
+    @classmethod
+    def check_file(
+        cls, path: str | os.PathLike[str]
+    ) -> tuple[GuardConfig | None, list[tuple[str, str]]]:
+        """Every problem of a config file's structure, and the config as far as it parsed.
+
+        For ``guard check-config``: the config comes back even when there are
+        problems (a faulty value replaced by its default), so that what depends
+        on it (each detector's parameters, built by its factory) can be checked
+        too and every problem in the file reported at once. Such a config is
+        for checking only, never for running. ``None`` when the file cannot be
+        read as a YAML mapping at all.
+        """
+        p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigurationError("", f"config file {str(p)!r} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigurationError("", f"cannot read config file {str(p)!r}: {exc}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigurationError("", f"{str(p)!r} is not valid YAML: {exc}") from exc
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigurationError("", "the top level of the config must be a mapping")
-        cfg = cls.from_dict(data)
-        if cfg.calibration_dir is not None and not Path(cfg.calibration_dir).is_absolute():
-            # relative calibration paths are relative to the config file, not the cwd
-            resolved = str((p.parent / cfg.calibration_dir).resolve())
-            cfg = _replace(cfg, calibration_dir=resolved)
-        return cfg
+            data = _read_mapping(p)
+        except ConfigurationError as exc:
+            return None, list(exc.problems)
+        v = _Validator()
+        cfg = v.guard(data)
+        return (None if cfg is None else _relative_to(cfg, p)), list(v.problems)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GuardConfig:
@@ -374,6 +377,33 @@ class GuardConfig:
             raise ConfigurationError(key, problem, problems=v.problems)
         assert cfg is not None  # no problems means every section parsed
         return cfg
+
+
+def _read_mapping(p: Path) -> Mapping[str, Any]:
+    """The YAML mapping in a config file; :class:`ConfigurationError` if there is none."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError("", f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError("", f"cannot read config file {str(p)!r}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError("", f"{str(p)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigurationError("", "the top level of the config must be a mapping")
+    return data
+
+
+def _relative_to(cfg: GuardConfig, p: Path) -> GuardConfig:
+    if cfg.calibration_dir is not None and not Path(cfg.calibration_dir).is_absolute():
+        # relative calibration paths are relative to the config file, not the cwd
+        resolved = str((p.parent / cfg.calibration_dir).resolve())
+        cfg = _replace(cfg, calibration_dir=resolved)
+    return cfg
 
 
 def _replace(cfg: GuardConfig, **changes: Any) -> GuardConfig:

@@ -9,27 +9,62 @@ the config file (validated as short identifiers), decisions, actions, reasons,
 components and backends from enums in code. Client ids and paths never become
 labels.
 
+Series exist from start-up: :meth:`GuardMetrics.declare` creates, at 0, every
+series the config implies (each policy's decisions, each ``{policy, detector,
+action}`` a detector can fire with, each policy's quarantines, ...), so that
+``increase()`` sees the very first event instead of a series appearing
+already at 1 (or at 16, after a batch). It also sets ``guard_build_info``, the
+per-detector bucket layouts of ``guard_detector_score`` (from calibration, see
+:mod:`guard.score_buckets`) and ``guard_quarantined_clients``, read from the
+store at scrape time.
+
 Multiprocess mode (``uvicorn --workers N``): set ``PROMETHEUS_MULTIPROC_DIR``
 to an empty directory before the workers start. Every worker then writes its
 samples there and ``/metrics`` on any worker aggregates all of them (see
-:func:`exposition`).
+:func:`exposition`). The families no worker writes to that directory come
+from the worker answering the scrape: ``guard_build_info`` (the same in every
+worker), ``guard_quarantined_clients`` (read from the store: with ``redis://``
+the shared count; with ``memory://`` that worker's own quarantines) and the
+``process_*`` families, summed over the live workers
+(:mod:`guard._process_metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["DECISIONS", "FLUSH_AFTER_S", "FLUSH_AT", "GuardMetrics", "Tally", "exposition"]
+from guard._collectors import BuildInfo, QuarantinedClients, WithLocal
+from guard._process_metrics import ProcessMetrics
+from guard.errors import PayloadError
+
+if TYPE_CHECKING:
+    from guard.config import GuardConfig
+
+__all__ = [
+    "CODE_CLASSES",
+    "DECISIONS",
+    "FLUSH_AFTER_S",
+    "FLUSH_AT",
+    "GuardMetrics",
+    "Tally",
+    "code_class",
+    "config_sha",
+    "exposition",
+]
 
 log = logging.getLogger("guard")
 
@@ -158,8 +193,47 @@ DECISIONS = ("allow", "flag", "degrade", "throttle", "block", "invalid", "error"
 #: values of the ``component`` label of guard_errors_total
 COMPONENTS = ("detector", "store", "internal", "parse", "response")
 
-#: margin buckets for guard_detector_score: score minus threshold, < 0 means fired
+#: margin buckets for guard_detector_score of a detector the config does not describe
+#: (score minus threshold, < 0 means fired); configured detectors get their own layout
 SCORE_BUCKETS = (-100.0, -10.0, -3.0, -1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+
+#: values of the ``outcome`` label of guard_degraded_responses_total
+DEGRADE_OUTCOMES = ("degraded", "passed_through", "too_large", "unparsed")
+
+#: values of the ``code_class`` label of guard_upstream_responses_total
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+#: breaker states counted by guard_store_breaker_transitions_total
+BREAKER_STATES = ("open", "half_open", "closed")
+
+_SCORE_NAME = "guard_detector_score"
+_SCORE_HELP = "Detector score minus its threshold (below 0: the detector fired)."
+
+
+def code_class(status: int) -> str:
+    """The ``code_class`` label of an HTTP status: ``2xx``, ``5xx``, ... or ``other``."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+def _backend_of(uri: str) -> str:
+    """The ``backend`` label a store URI's store reports (``memory``, ``redis``, ...)."""
+    scheme = uri.split("://", 1)[0]
+    if scheme == "memory":
+        return "memory"
+    return "redis-cluster" if "cluster" in scheme else "redis"
+
+
+def config_sha(config: GuardConfig) -> str:
+    """The first 12 hex digits of the SHA-256 of the loaded config, canonically serialised.
+
+    Canonical: the parsed config (defaults filled in, paths resolved) as JSON
+    with sorted keys, so two files that differ only in layout, comments or
+    spelled-out defaults give the same value.
+    """
+    body = json.dumps(
+        dataclasses.asdict(config), sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:12]
 
 
 class GuardMetrics:
@@ -197,11 +271,7 @@ class GuardMetrics:
             registry=r,
         )
         self.score = Histogram(
-            "guard_detector_score",
-            "Detector score minus its threshold (below 0: the detector fired).",
-            ("detector",),
-            buckets=SCORE_BUCKETS,
-            registry=r,
+            _SCORE_NAME, _SCORE_HELP, ("detector",), buckets=SCORE_BUCKETS, registry=r
         )
         self.overhead = Histogram(
             "guard_overhead_seconds",
@@ -285,11 +355,110 @@ class GuardMetrics:
             "Capture lines dropped because the writer fell behind or could not write.",
             registry=r,
         )
+        self.upstream = Counter(
+            "guard_upstream_responses",
+            "Answers of the protected app (the model), by status class.",
+            ("policy", "code_class"),
+            registry=r,
+        )
+        self._upstream_children: dict[tuple[str, int], Any] = {}
+        #: guard_build_info and guard_quarantined_clients, set by declare()
+        self.build_info = BuildInfo()
+        r.register(self.build_info)
+        self.quarantined_now = QuarantinedClients()
+        r.register(self.quarantined_now)
+        try:
+            r.register(ProcessMetrics())
+        except ValueError:  # the registry has process metrics already (prometheus' default one)
+            log.debug("registry already exports process_* metrics")
 
         # series that alerts watch exist from the start at 0, so that increase() sees
         # the very first error instead of a series appearing already at 1
         for component in COMPONENTS:
             self.errors.labels(component)
+
+    def declare(self, config: GuardConfig, *, store: object | None = None) -> None:
+        """Create every series ``config`` implies at 0; set build info and score layouts.
+
+        Call it once the config is loaded, before any request (whoever builds
+        the guard: ``guard demo`` does). ``store`` is the guard's state store:
+        when it can count quarantined clients
+        (:class:`~guard.stores.base.QuarantineCount`) and a policy quarantines,
+        ``guard_quarantined_clients`` reports that count, for every policy that
+        enforces (quarantine is shared: a client quarantined by one policy is
+        refused by every non-shadow policy). Calling it again (the same config)
+        changes nothing.
+        """
+        from guard import __version__
+        from guard.score_buckets import score_buckets
+        from guard.stores.base import QuarantineCount
+
+        calibration_dir = Path(config.calibration_dir) if config.calibration_dir else None
+        for policy in config.policies:
+            p = policy.name
+            for decision in DECISIONS:
+                self.requests.labels(p, decision)
+                self.rows.labels(p, decision)
+            for reason in sorted(PayloadError.REASONS):
+                self.invalid.labels(p, reason)
+            for outcome in DEGRADE_OUTCOMES:
+                self.degraded.labels(p, outcome)
+            for cls in CODE_CLASSES:
+                self.upstream.labels(p, cls)
+            self.quarantined.labels(p)
+            self.exempt.labels(p)
+            self.overhead.labels(p)
+            for spec in policy.detectors:
+                actions = {spec.action, *(a for _, a in spec.escalate + spec.escalate_margin)}
+                for action in sorted(actions, key=lambda a: a.severity):
+                    self.detections.labels(p, spec.name, str(action))
+                self.score_layout(spec.name, score_buckets(spec, calibration_dir))
+        backend = str(getattr(store, "backend", "") or _backend_of(config.state.store))
+        for child in (self.store_errors, self.store_fallback, self.store_evictions):
+            child.labels(backend)
+        self.store_flag_overflows.labels(backend)
+        if backend != "memory":
+            for state in BREAKER_STATES:
+                self.breaker.labels(backend, state)
+        self.build_info.set(__version__, config_sha(config))
+        enforcing = tuple(p.name for p in config.policies if not p.shadow)
+        quarantines = any(p.quarantine_s > 0 for p in config.policies)
+        if isinstance(store, QuarantineCount) and quarantines:
+            self.quarantined_now.watch(store, enforcing)
+
+    def score_layout(self, detector: str, buckets: Sequence[float]) -> None:
+        """Give ``detector``'s series of ``guard_detector_score`` its own bucket layout.
+
+        Only before its first observation: a series keeps the layout it was
+        made with. A detector never given one uses :data:`SCORE_BUCKETS`.
+        """
+        family = self.score
+        key = (detector,)
+        # prometheus_client keeps one layout per family; a child made here with its own
+        # buckets is what family.labels(detector) returns from now on
+        with family._lock:
+            children: dict[Any, Any] = family._metrics
+            if key not in children:
+                children[key] = Histogram(
+                    _SCORE_NAME,
+                    _SCORE_HELP,
+                    ("detector",),
+                    _labelvalues=key,
+                    buckets=tuple(buckets),
+                )
+
+    def count_upstream(self, policy: str, status: int) -> None:
+        """Count one answer of the protected app by its status class (deferred, as requests).
+
+        ``status`` 0 (the app sent no response start) counts as ``other``.
+        """
+        key = (policy, status)
+        inc = self._upstream_children.get(key)
+        if inc is None:
+            inc = self.upstream.labels(policy, code_class(status)).inc
+            if len(self._upstream_children) < 4096:  # statuses are the app's: keep it bounded
+                self._upstream_children[key] = inc
+        self.tally.add(inc, 1.0)
 
     def store_event(self, kind: str, backend: str) -> None:
         """Store events: ``error``, ``fallback``, ``eviction``, ``flag_overflow``, breaker moves."""
@@ -309,13 +478,12 @@ def exposition(registry: CollectorRegistry | None) -> tuple[bytes, str]:
     """The text exposition and its content type.
 
     In multiprocess mode the samples of every worker are read from
-    ``PROMETHEUS_MULTIPROC_DIR`` instead of from ``registry``.
+    ``PROMETHEUS_MULTIPROC_DIR``; of ``registry``, only the families no worker
+    writes there are added (see the module docstring).
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(WithLocal(registry))
         return generate_latest(merged), CONTENT_TYPE_LATEST
     if registry is None:
         from prometheus_client import REGISTRY

@@ -18,34 +18,36 @@ __all__ = ["main"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    """Validate a config file, including every detector's parameters and calibration files."""
+    """Validate a config file: every problem at once, detector parameters included.
+
+    Detectors are built (their parameters and calibration files checked) even
+    when the file has structural problems elsewhere, so one run names them all.
+    """
     from guard.registry import BuildContext, build_detector
     from guard.stores.memory import MemoryStore
 
-    try:
-        config = GuardConfig.from_file(args.file)
-    except ConfigurationError as exc:
-        for key, problem in exc.problems:
+    config, problems = GuardConfig.check_file(args.file)
+    if config is not None:
+        ctx = BuildContext(
+            store=MemoryStore(max_keys=16),
+            calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
+            limits=config.limits,
+        )
+        for policy in config.policies:
+            for spec in policy.detectors:
+                try:
+                    build_detector(spec, ctx)
+                except ConfigurationError as exc:
+                    problems.extend(exc.problems)
+                except GuardError as exc:
+                    problems.append((spec.key, str(exc)))
+                except Exception as exc:  # a factory meeting a value the structure check refused
+                    problems.append((spec.key, f"cannot be built: {type(exc).__name__}: {exc}"))
+    if problems:
+        for key, problem in dict.fromkeys(problems):
             print(f"{args.file}: {key or '<file>'}: {problem}", file=sys.stderr)
         return 1
-    problems: list[tuple[str, str]] = []
-    ctx = BuildContext(
-        store=MemoryStore(max_keys=16),
-        calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
-        limits=config.limits,
-    )
-    for policy in config.policies:
-        for spec in policy.detectors:
-            try:
-                build_detector(spec, ctx)
-            except ConfigurationError as exc:
-                problems.extend(exc.problems)
-            except GuardError as exc:
-                problems.append((spec.key, str(exc)))
-    if problems:
-        for key, problem in problems:
-            print(f"{args.file}: {key}: {problem}", file=sys.stderr)
-        return 1
+    assert config is not None
     n = sum(len(p.detectors) for p in config.policies)
     print(f"{args.file}: OK ({len(config.policies)} policies, {n} detectors)")
     return 0
@@ -96,8 +98,13 @@ def _optional(module: str, name: str) -> object | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guard import __version__
+
     parser = argparse.ArgumentParser(
         prog="guard", description="inference-guard: a security-first runtime guard for model APIs."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"guard (inference-guard) {__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -457,6 +457,7 @@ _DEMO_STAMP: Final = "demo-calibration.key"
 #: the modules whose code decides what calibration writes
 _CALIBRATION_CODE: Final = (
     "guard.calibrate",
+    "guard.score_buckets",
     "guard.sessions",
     "detectors.profile",
     "detectors.fingerprint",
@@ -541,5 +542,7 @@ def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> A
     model = model if model is not None else train_digits_model()
     if config is None:
         config = demo_config(_demo_cache(), model=model)
-    guarded: ASGIApp = GuardMiddleware(build_model_app(model), config=config)
+    guarded = GuardMiddleware(build_model_app(model), config=config)
+    # every series at 0 from the start, build info, score layouts, quarantined clients
+    guarded.guard.metrics.declare(guarded.config, store=guarded.guard.store)
     return guarded

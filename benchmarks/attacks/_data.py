@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from numpy.typing import NDArray
 __all__ = [
     "DATASETS",
     "FAMILIES",
+    "Recorded",
     "Victim",
     "agreement",
     "digits",
     "photo_patches",
+    "recorded",
     "victim",
 ]
 
@@ -137,9 +140,93 @@ class Victim:
         return self.predict(self.eval)
 
 
+@dataclass(frozen=True, eq=False)
+class Recorded(Victim):
+    """A deployment known only from the owner's reference rows (``guard simulate --reference``).
+
+    The served model itself is not here: its answers on the ``eval`` rows are
+    whatever the reference recorded (``labels`` or ``proba`` in the ``.npz``),
+    or unknown. :func:`agreement` then measures a stolen model against those
+    recorded answers, or gives NaN. ``predict`` and ``predict_proba`` raise:
+    clients that judge success with the model itself (the evasion ones) do not
+    run against it.
+    """
+
+    #: the served model's labels for ``eval`` (None: not recorded)
+    recorded: I64 | None = None
+    #: path of the OIP v2 infer route (``/v2/models/<name>/infer``)
+    route: str = ""
+
+    @property
+    def path(self) -> str:
+        return self.route or f"/v2/models/{self.name}/infer"
+
+    def predict_proba(self, X: F64) -> F64:
+        raise ValueError(
+            f"the model served as {self.name!r} is not known here, only its reference rows"
+        )
+
+    @functools.cached_property
+    def eval_labels(self) -> I64:
+        if self.recorded is None:
+            raise ValueError("the reference holds no recorded answers (labels or proba)")
+        return self.recorded
+
+
+def recorded(
+    name: str,
+    rows: F64 | None,
+    *,
+    n_features: int,
+    answers: I64 | None = None,
+    n_classes: int = 0,
+    seed: int = 0,
+) -> Recorded:
+    """A :class:`Recorded` victim from reference ``rows`` (``None``: only the width is known).
+
+    The rows are split like a benchmark deployment's held-out rows: a seeded
+    permutation gives the attacker's ``pool`` (half) and ``eval`` (the other
+    half); benign clients replay all of them. The box ``[lo, hi]`` is the rows'
+    per-feature range; without rows it is ``[0, 1]`` in every feature (only the
+    width came from the model's metadata), which is all the uniform clients
+    need. ``answers`` are the model's labels on ``rows`` (recorded by the owner).
+    """
+    X = np.empty((0, n_features)) if rows is None else np.asarray(rows, dtype=np.float64)
+    order = np.random.default_rng(12345 + seed).permutation(X.shape[0])
+    half = order.shape[0] // 2
+    lo = X.min(axis=0) if X.shape[0] else np.zeros(n_features)
+    hi = X.max(axis=0) if X.shape[0] else np.ones(n_features)
+    if answers is not None:
+        classes = np.unique(np.asarray(answers, dtype=np.int64))
+    else:
+        classes = np.arange(n_classes, dtype=np.int64)
+    return Recorded(
+        name=name,
+        dataset="reference",
+        family="unknown",
+        model=None,
+        classes=classes,
+        X_train=X,
+        y_train=np.empty(0, dtype=np.int64),
+        pool=X[order[:half]],
+        eval=X[order[half:]],
+        benign=X,
+        eval_index=order[half:].astype(np.int64),
+        lo=lo,
+        hi=hi,
+        recorded=None if answers is None else np.asarray(answers, dtype=np.int64)[order[half:]],
+    )
+
+
 def agreement(predicted: NDArray[np.integer], data: Victim | None = None) -> float:
-    """Share of ``eval`` rows on which a stolen model's labels equal the real model's."""
+    """Share of ``eval`` rows on which a stolen model's labels equal the real model's.
+
+    NaN when the real model's answers are not known (a :class:`Recorded` victim
+    whose reference recorded none, or one without rows).
+    """
     data = data or digits()
+    if isinstance(data, Recorded) and (data.recorded is None or data.eval.shape[0] == 0):
+        return math.nan
     return float(np.mean(np.asarray(predicted) == data.eval_labels))
 
 

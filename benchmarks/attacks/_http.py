@@ -246,14 +246,29 @@ _Parsed = tuple[NDArray[np.int64], NDArray[np.float64]] | tuple[None, None]
 
 
 def _parse(data: bytes, n: int) -> _Parsed:
+    """Labels and probabilities from an OIP v2 answer for ``n`` rows.
+
+    The probabilities are the output named ``probabilities`` (the demo's), or
+    else the first floating-point output holding ``n`` rows of two or more
+    values (any model's); the labels the output named ``label``, or else their
+    argmax.
+    """
     try:
         doc = json.loads(data)
         outputs = {o["name"]: o for o in doc["outputs"]}
-        probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float64).reshape(n, -1)
+        chosen = outputs.get("probabilities") or next(
+            o
+            for o in doc["outputs"]
+            if str(o.get("datatype", "FP32")).startswith("FP")
+            and len(o.get("shape", ())) == 2
+            and o["shape"][0] == n
+            and o["shape"][1] >= 2
+        )
+        probs = np.asarray(chosen["data"], dtype=np.float64).reshape(n, -1)
         if "label" in outputs:
             labels = np.asarray(outputs["label"]["data"], dtype=np.int64).reshape(n)
         else:
             labels = probs.argmax(axis=1).astype(np.int64)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StopIteration):
         return None, None
     return labels, probs

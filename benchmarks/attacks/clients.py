@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import extraction
-from ._data import digits
+from ._data import Recorded, digits
 from ._http import Oracle, Refused
 
-__all__ = ["DEFAULT_ROWS", "NAMES", "Report", "simulate"]
+__all__ = ["DEFAULT_ROWS", "DEMO_ONLY", "NAMES", "NEEDS_ROWS", "Report", "simulate"]
 
 #: the clients, in the order the benchmark reports them
 NAMES: tuple[str, ...] = (
@@ -60,6 +60,13 @@ class Report:
     result: str
 
 
+#: clients that judge their success with the served model itself (evasion), or that only
+#: make digits-shaped rows: against the demo model only
+DEMO_ONLY: frozenset[str] = frozenset({"hopskipjump", "boundary", "knockoff-open-world"})
+#: clients that need natural rows of the model's distribution (a reference)
+NEEDS_ROWS: frozenset[str] = frozenset({"jbda", "knockoff-natural", "benign"})
+
+
 def simulate(
     name: str,
     url: str,
@@ -68,12 +75,29 @@ def simulate(
     rows: int | None = None,
     seed: int = 0,
     inputs: int = 1,
+    victim: Recorded | None = None,
 ) -> Report:
-    """Run client ``name`` against ``url``; ``rows`` overrides its row budget."""
+    """Run client ``name`` against ``url``; ``rows`` overrides its row budget.
+
+    Without ``victim`` the target serves the demo's digits model; with one
+    (:func:`._data.recorded`: any deployment, known from the owner's reference
+    rows) the client queries ``victim.path`` and results are judged against the
+    answers the reference recorded, where it recorded any.
+    """
     if name not in NAMES:
         raise ValueError(f"unknown attack {name!r} (choose from {', '.join(NAMES)})")
+    if victim is not None and name in DEMO_ONLY:
+        raise ValueError(
+            f"{name} runs against the demo's digits model only (it judges its success with "
+            "the served model itself, or makes digits-shaped rows)"
+        )
+    if victim is not None and name in NEEDS_ROWS and victim.pool.shape[0] < 2:
+        raise ValueError(f"{name} needs natural rows of the model's data: pass --reference")
     budget = DEFAULT_ROWS[name] if rows is None else rows
-    oracle = Oracle(url, list(api_keys), reference=digits().predict_proba)
+    if victim is None:
+        oracle = Oracle(url, list(api_keys), reference=digits().predict_proba)
+    else:
+        oracle = Oracle(url, list(api_keys), path=victim.path)
     try:
         if name in ("hopskipjump", "boundary"):
             from . import evasion
@@ -89,7 +113,7 @@ def simulate(
                 + (f"; stopped: {', '.join(stops)}" if stops else "")
             )
         elif name == "benign":
-            result = _benign(oracle, budget, seed)
+            result = _benign(oracle, budget, seed, victim)
         else:
             ex = {
                 "jbda": extraction.jbda,
@@ -97,20 +121,34 @@ def simulate(
                 "knockoff-natural": extraction.knockoff_natural,
                 "knockoff-open-world": extraction.knockoff_open_world,
                 "equation-solving": extraction.equation_solving,
-            }[name](oracle, rows=budget, seed=seed)
-            result = (
-                f"stolen model agrees with the demo model on {ex.agreement:.1%} of "
-                f"{digits().eval.shape[0]} held-out rows (learnt from {ex.answered} answered rows)"
-                + (f"; {ex.stopped}" if ex.stopped else "")
-            )
+            }[name](oracle, victim=victim, rows=budget, seed=seed)
+            learnt = f"learnt from {ex.answered} answered rows"
+            if victim is None:
+                result = (
+                    f"stolen model agrees with the demo model on {ex.agreement:.1%} of "
+                    f"{digits().eval.shape[0]} held-out rows ({learnt})"
+                )
+            elif math.isnan(ex.agreement):
+                result = (
+                    f"stolen model's agreement not measured: the reference records no answers "
+                    f"of the model (add labels or proba to the .npz) ({learnt})"
+                )
+            else:
+                result = (
+                    f"stolen model agrees with the answers the reference records on "
+                    f"{ex.agreement:.1%} of {victim.eval.shape[0]} held-out reference rows "
+                    f"({learnt})"
+                )
+            if ex.stopped:
+                result += f"; {ex.stopped}"
     finally:
         oracle.close()
     return Report(name, oracle, result)
 
 
-def _benign(oracle: Oracle, rows: int, seed: int) -> str:
+def _benign(oracle: Oracle, rows: int, seed: int, victim: Recorded | None = None) -> str:
     rng = np.random.default_rng(seed)
-    pool = digits().benign
+    pool = (victim or digits()).benign
     order = rng.permutation(pool.shape[0])
     sent = 0
     try:

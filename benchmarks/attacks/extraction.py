@@ -300,7 +300,9 @@ def equation_solving(
             break
     P = np.vstack(probs) if probs else np.empty((0, data.n_classes))
     W, b = solve_softmax(X[: P.shape[0]], P)
-    pred = data.classes[np.argmax(data.eval @ W.T + b, axis=1)]
+    # a deployment known only from reference rows may not know its classes: answer columns
+    classes = data.classes if data.classes.shape[0] == P.shape[1] else np.arange(P.shape[1])
+    pred = classes[np.argmax(data.eval @ W.T + b, axis=1)]
     return ExtractionResult(
         agreement(pred, data),
         oracle.rows - start,

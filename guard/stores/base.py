@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-__all__ = ["Store"]
+__all__ = ["QUARANTINE_PREFIX", "QuarantineCount", "Store"]
+
+#: the keys of quarantined clients: ``quarantine:<client id>`` (written by the engine)
+QUARANTINE_PREFIX = "quarantine:"
 
 
 class Store(ABC):
@@ -33,3 +36,17 @@ class Store(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class QuarantineCount(ABC):
+    """Optional capability: how many clients are in quarantine right now.
+
+    Read when the metrics are scraped (``guard_quarantined_clients``), so it is
+    synchronous and safe to call from a thread other than the event loop's (the
+    exposition is rendered off the loop). It must stay cheap however many
+    clients the store holds. Raises :class:`~guard.errors.StateError` when the
+    backend cannot answer.
+    """
+
+    @abstractmethod
+    def quarantined_now(self) -> int: ...

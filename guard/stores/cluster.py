@@ -131,6 +131,10 @@ class RedisClusterStore(RedisStore):
     """
 
     backend = "redis-cluster"
+    # the quarantine index is one key and the quarantine flags are spread over every
+    # slot: no script can write both, so a cluster keeps no index (and no count of
+    # clients in quarantine: guard_quarantined_clients is absent)
+    indexes_quarantines = False
 
     def __init__(self, config: StateConfig, *, max_connections: int = 32) -> None:
         if "{" in config.key_prefix or "}" in config.key_prefix:

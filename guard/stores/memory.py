@@ -38,14 +38,14 @@ from detectors.shared_standing import STANDING_PREFIX
 from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
 from guard.errors import StateError
 from guard.stores._ratemath import check_acquire, gcra_step, window_step
-from guard.stores.base import Store
+from guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
 from guard.stores.rate import RateLimitStore
 
 __all__ = ["FLAG_PREFIXES", "MemoryStore"]
 
 _NEVER = float("inf")
 #: keys kept in the flag table: quarantine (``guard.pipeline``) and detector standings
-FLAG_PREFIXES = ("quarantine:", STANDING_PREFIX)
+FLAG_PREFIXES = (QUARANTINE_PREFIX, STANDING_PREFIX)
 
 
 @dataclass(slots=True)
@@ -67,7 +67,7 @@ class _Window:
 _Value = bytes | int | _Tat | _Window
 
 
-class MemoryStore(Store, RateLimitStore):
+class MemoryStore(Store, RateLimitStore, QuarantineCount):
     """Per-process store. Not shared across workers: use Redis for that."""
 
     backend = "memory"
@@ -115,6 +115,21 @@ class MemoryStore(Store, RateLimitStore):
     def flag_keys(self) -> int:
         """Quarantine and standing flags held in their own table (``max_flag_keys``)."""
         return len(self._flags)
+
+    def quarantined_now(self) -> int:
+        """Live ``quarantine:`` keys: the flag table, and the main table if a flag overflowed.
+
+        Called from the metrics exposition, perhaps in another thread: the tables
+        are copied first (one C-level call each, under the GIL), never iterated
+        while the event loop may change them. Costs one pass over the flags.
+        """
+        now = self._clock()
+        items = list(self._flags.items())
+        if self.flag_overflows:
+            items += list(self._data.items())
+        return sum(
+            1 for key, (expires, _) in items if expires > now and key.startswith(QUARANTINE_PREFIX)
+        )
 
     def _live(self, key: str, now: float) -> tuple[float, _Value] | None:
         if key.startswith(self._flag_prefixes):

@@ -16,6 +16,14 @@ Rate limits are timed by the Redis server's ``TIME`` inside the script, so every
 worker and replica agrees on time whatever their own clocks say; the injected
 clock is not used here.
 
+Quarantine keys (``quarantine:<client>``) are also indexed by expiry in one
+sorted set (``<key_prefix>quarantine-index``, kept by ``flag.lua`` as they are
+set), so that :meth:`RedisStore.quarantined_now` counts the live ones with one
+``ZCOUNT`` however many keys Redis holds (a single Redis: a cluster spreads the
+keys over slots no one script can write together, and keeps no index). The
+count is read when the metrics are scraped, off the event loop, on a
+synchronous connection of its own.
+
 Each operation has ``StateConfig.timeout_s`` seconds in total (queueing,
 connect, round trip); past that, or on any Redis or socket error, it raises
 :class:`~guard.errors.StateError` from the cause. The client does not retry:
@@ -25,10 +33,12 @@ the circuit breaker (:mod:`guard.stores.resilient`) decides what happens next.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
+import redis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -39,7 +49,7 @@ from guard.config import StateConfig
 from guard.errors import ConfigurationError, StateError
 from guard.stores._batch import AutoPipeline, Command, Script
 from guard.stores._ratemath import check_acquire
-from guard.stores.base import Store
+from guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
 from guard.stores.rate import RateLimitStore
 
 __all__ = ["RedisStore", "load_script"]
@@ -60,7 +70,11 @@ def _limit_args(limit: RateLimit) -> tuple[bytes, str, int]:
     return (b"w", repr(limit.period), limit.limit)
 
 
-class RedisStore(Store, RateLimitStore):
+#: the sorted set indexing quarantine keys by expiry (under ``StateConfig.key_prefix``)
+QUARANTINE_INDEX = "quarantine-index"
+
+
+class RedisStore(Store, RateLimitStore, QuarantineCount):
     """A store in Redis; one instance (one set of connections) per process and event loop.
 
     At most ``max_connections`` connections carry batches at once; a batch
@@ -69,6 +83,8 @@ class RedisStore(Store, RateLimitStore):
     """
 
     backend = "redis"
+    #: keep the quarantine index (flag.lua): two keys in one script, so one Redis only
+    indexes_quarantines: ClassVar[bool] = True
 
     def __init__(
         self, config: StateConfig, *, max_connections: int = 4, max_batch: int = 128
@@ -79,8 +95,15 @@ class RedisStore(Store, RateLimitStore):
             raise ValueError("max_batch must be >= 1")
         self.prefix = config.key_prefix
         self.timeout = config.timeout_s
+        self._url = config.store
+        self._index = self.prefix + QUARANTINE_INDEX
+        # the scrape-time connection (quarantined_now), made on first use
+        self._sync: redis.Redis | None = None
+        self._sync_lock = threading.Lock()
         self._acquire = Script(load_script("acquire"))
         self._incr = Script(load_script("incr"))
+        self._flag = Script(load_script("flag"))
+        self._flag_count = load_script("flag_count")
         self._open(config, max_connections=max_connections, max_batch=max_batch)
 
     def _open(self, config: StateConfig, *, max_connections: int, max_batch: int) -> None:
@@ -119,13 +142,49 @@ class RedisStore(Store, RateLimitStore):
         return None if value is None else bytes(value)
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        command: Command = (b"SET", self.prefix + key, value)
+        if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
+            script = self._flag
+            px = 0 if ttl is None else _ms(ttl)
+            command: Command = (
+                b"EVALSHA", script.sha, 2, self.prefix + key, self._index, value, px
+            )
+            await self._call("set", command, script)
+            return
+        command = (b"SET", self.prefix + key, value)
         if ttl is not None:
             command += (b"PX", _ms(ttl))
         await self._call("set", command)
 
     async def delete(self, key: str) -> None:
         await self._call("delete", (b"DEL", self.prefix + key))
+        if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
+            await self._call("delete", (b"ZREM", self._index, self.prefix + key))
+
+    def quarantined_now(self) -> int:
+        """Live quarantine keys: one ``ZCOUNT`` on the index, on a synchronous connection.
+
+        For the metrics exposition (another thread); blocks for at most
+        ``StateConfig.timeout_s`` seconds. A store that keeps no index (a
+        cluster) raises :class:`StateError`: the gauge is then absent.
+        """
+        if not self.indexes_quarantines:
+            raise StateError(self.backend, "quarantined_now", "no quarantine index here")
+        try:
+            with self._sync_lock:
+                if self._sync is None:
+                    self._sync = redis.Redis.from_url(
+                        self._url,
+                        socket_timeout=self.timeout,
+                        socket_connect_timeout=self.timeout,
+                    )
+                client = self._sync
+            count = client.eval(self._flag_count, 1, self._index)
+        except (RedisError, OSError, TimeoutError) as exc:
+            detail = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise StateError(self.backend, "quarantined_now", detail) from exc
+        except ValueError as exc:  # a URL the async pool accepted but this client refuses
+            raise StateError(self.backend, "quarantined_now", "bad URL") from exc
+        return int(count)
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         px = 0 if ttl is None else _ms(ttl)
@@ -171,3 +230,7 @@ class RedisStore(Store, RateLimitStore):
     async def aclose(self) -> None:
         """Close the connections; calls still waiting fail with :class:`StateError`."""
         await self._pipeline.aclose()
+        with self._sync_lock:
+            sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.close()

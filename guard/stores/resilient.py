@@ -29,7 +29,7 @@ from typing import TypeVar
 from detectors.store import RateCheck, RateState
 from guard.config import StateConfig
 from guard.errors import StateError
-from guard.stores.base import Store
+from guard.stores.base import QuarantineCount, Store
 from guard.stores.memory import MemoryStore
 from guard.stores.rate import RateLimitStore
 
@@ -155,7 +155,7 @@ class CircuitBreaker:
         self._trial = False
 
 
-class ResilientStore(Store, RateLimitStore):
+class ResilientStore(Store, RateLimitStore, QuarantineCount):
     """A store behind a :class:`CircuitBreaker`, optionally with a fallback store.
 
     Build it with :meth:`from_config`; views with a fallback, sharing the same
@@ -296,6 +296,17 @@ class ResilientStore(Store, RateLimitStore):
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Atomic multi-limit check on the backend (or on the fallback while it is down)."""
         return await self._call("acquire", lambda s: _rate(s).acquire(checks, cost=cost))
+
+    def quarantined_now(self) -> int:
+        """The backend's count of quarantined clients.
+
+        Raises :class:`StateError` while the breaker is open, or when the backend
+        cannot count. A scrape neither trips nor closes the breaker: its failures are the
+        scrape's, not a request's.
+        """
+        if self.breaker.state is BreakerState.OPEN or not isinstance(self.inner, QuarantineCount):
+            raise StateError(self.backend, "quarantined_now", "not available")
+        return self.inner.quarantined_now()
 
     async def ping(self) -> bool:
         """Whether the backend itself answers (bypasses the breaker)."""

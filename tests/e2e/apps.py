@@ -6,6 +6,7 @@ The guard config comes from the file named by ``GUARD_TEST_CONFIG``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from middleware.asgi import GuardMiddleware
 from middleware.demo import build_model_app
@@ -16,9 +17,15 @@ def _config() -> str | None:
     return os.environ.get("GUARD_TEST_CONFIG") or None
 
 
+def _declared(app: GuardMiddleware) -> GuardMiddleware:
+    """The guard's series created at start-up, as ``guard demo`` does."""
+    app.guard.metrics.declare(app.config, store=app.guard.store)
+    return app
+
+
 def demo_app() -> ASGIApp:
     """The digits demo model behind the guard."""
-    return GuardMiddleware(build_model_app(), config=_config())
+    return _declared(GuardMiddleware(build_model_app(), config=_config()))
 
 
 def stream_app() -> ASGIApp:
@@ -93,3 +100,67 @@ def custom_shape_app() -> ASGIApp:
         ]
     )
     return GuardMiddleware(app, config=_config())
+
+
+WINE_FEATURES = 13
+
+
+def wine_model() -> tuple[Any, Any]:
+    """A wine classifier (13 features, 3 classes) and the rows it was fitted on; deterministic."""
+    import numpy as np
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_wine(return_X_y=True)
+    X_train, _, y_train, _ = train_test_split(X, y, test_size=0.3, stratify=y, random_state=0)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    model.fit(X_train, y_train)
+    return model, np.asarray(X_train, dtype=np.float64)
+
+
+def wine_app() -> ASGIApp:
+    """Another model than the demo's, over OIP v2, behind the guard.
+
+    ``POST /v2/models/wine/infer`` takes ``(n, 13)`` rows and answers one output
+    ``predict_proba`` (FP32, ``(n, 3)``): another width, route and output name than
+    the demo's. ``GET /v2/models/wine`` is its metadata.
+    """
+    import numpy as np
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    model, _ = wine_model()
+    metadata = {
+        "name": "wine",
+        "platform": "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, WINE_FEATURES]}],
+        "outputs": [{"name": "predict_proba", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+
+    async def infer(request: Request) -> JSONResponse:
+        tensor = (await request.json())["inputs"][0]
+        X = np.asarray(tensor["data"], dtype=np.float64).reshape(-1, WINE_FEATURES)
+        proba = model.predict_proba(X)
+        out = {"name": "predict_proba", "datatype": "FP32", "shape": list(proba.shape),
+               "data": [float(v) for v in proba.ravel()]}
+        return JSONResponse({"model_name": "wine", "outputs": [out]})
+
+    async def meta(request: Request) -> JSONResponse:
+        return JSONResponse(metadata)
+
+    async def healthz(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route("/v2/models/wine/infer", infer, methods=["POST"]),
+            Route("/v2/models/wine", meta),
+            Route("/healthz", healthz),
+        ]
+    )
+    return _declared(GuardMiddleware(app, config=_config()))

@@ -118,3 +118,9 @@ def test_multiprocess_metrics_aggregate_across_workers(tmp_path: Path) -> None:
         assert sum(served.values()) == 40
         # whichever worker answers /metrics, it reports every worker's requests
         assert set(totals) == {40.0}
+        # and the families no worker writes to the shared files: build info, and the
+        # process metrics summed over both workers
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert metric(text, "guard_build_info") == 1.0
+        assert metric(text, "process_resident_memory_bytes") > 2 * 20e6
+        assert "Summed over the live workers" in text

@@ -827,3 +827,86 @@ async def test_closing_before_the_batch_leaves_fails_it_and_frees_the_lane(turns
         assert all(isinstance(r, StateError) and "closed" in str(r) for r in results)
         (state,) = await store.acquire([("k", limit)], cost=1)  # the one lane is free again
         assert state.allowed and state.remaining == 9  # nothing of the closed batch was sent
+
+
+# ------------------------------------------------------------------ clients in quarantine now
+
+
+async def test_quarantined_now_counts_live_quarantine_keys(backend: Backend) -> None:
+    store = backend.store
+    if not getattr(store, "indexes_quarantines", True):
+        # a cluster keeps no index: quarantines are plain keys, the count is not known
+        await store.set("quarantine:a", b"1", 60.0)
+        assert await store.get("quarantine:a") == b"1"
+        with pytest.raises(StateError):
+            await asyncio.to_thread(store.quarantined_now)
+        return
+    assert await asyncio.to_thread(store.quarantined_now) == 0
+    await store.set("quarantine:a", b"1", 60.0)
+    await store.set("quarantine:b", b"1", 0.3)
+    await store.set("quarantine:c", b"1", None)
+    await store.set("standing:x:y", b"1", 60.0)  # another flag: not a quarantine
+    await store.set("quarantinex", b"1", 60.0)  # not under the prefix
+    # read off the event loop, as the metrics exposition does
+    assert await asyncio.to_thread(store.quarantined_now) == 3
+    await store.set("quarantine:a", b"1", 60.0)  # set again: still one client
+    assert await asyncio.to_thread(store.quarantined_now) == 3
+    await backend.advance(0.4)
+    assert await asyncio.to_thread(store.quarantined_now) == 2
+    await store.delete("quarantine:c")
+    assert await asyncio.to_thread(store.quarantined_now) == 1
+
+
+async def test_quarantined_now_sees_flags_that_overflowed() -> None:
+    clock = FakeClock()
+    store = MemoryStore(max_keys=100, max_flag_keys=2, clock=clock)
+    for client in "abcd":
+        await store.set(f"quarantine:{client}", b"1", 60.0)
+    assert store.flag_overflows == 2
+    assert store.quarantined_now() == 4
+    clock.advance(61.0)
+    assert store.quarantined_now() == 0
+
+
+@pytest.mark.redis
+@REDIS_SKIP
+async def test_redis_quarantine_index_stays_small_and_under_the_prefix() -> None:
+    assert REDIS_URL is not None
+    prefix = redis_prefix()
+    store = RedisStore(StateConfig(store=REDIS_URL, key_prefix=prefix, timeout_s=2.0))
+    client = Redis.from_url(REDIS_URL)
+    try:
+        for i in range(5):
+            await store.set(f"quarantine:{i}", b"1", 0.05)
+        await asyncio.sleep(0.1)
+        await store.set("quarantine:live", b"1", 60.0)  # setting one sweeps the expired
+        members = await client.zrange(prefix + "quarantine-index", 0, -1)
+        assert members == [(prefix + "quarantine:live").encode()]
+        assert store.quarantined_now() == 1
+        assert await client.exists(prefix + "quarantine-index", prefix + "quarantine:live") == 2
+    finally:
+        await store.aclose()
+        await client.aclose()
+        await delete_prefix(REDIS_URL, prefix)
+
+
+async def test_quarantined_now_fails_as_a_state_error() -> None:
+    store = RedisStore(StateConfig(store=DEAD_REDIS, timeout_s=0.5))
+    try:
+        with pytest.raises(StateError):
+            await asyncio.to_thread(store.quarantined_now)
+    finally:
+        await store.aclose()
+
+
+async def test_resilient_store_counts_until_its_breaker_opens() -> None:
+    clock = FakeClock()
+    inner = MemoryStore(clock=clock)
+    breaker = CircuitBreaker(backend="memory", failures=1, reset_s=5.0, clock=clock)
+    store = ResilientStore(inner, breaker=breaker, clock=clock)
+    await store.set("quarantine:a", b"1", 60.0)
+    assert store.quarantined_now() == 1
+    breaker.failure()
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(StateError):
+        store.quarantined_now()
