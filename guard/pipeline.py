@@ -73,6 +73,9 @@ class Guard:
         #: the per-request metric updates (``counts.overhead(...)``, ...)
         self.counts = Counts(self.metrics, enabled=config.metrics.enabled)
         self.store: KeyValueStore = store if store is not None else self._build_store()
+        # every series the config implies exists at 0 before the first request, so
+        # that an alert on increase() sees the first event
+        self.metrics.declare(config, store=self.store)
         self.identifier = ClientIdentifier(
             config.client_identity, secret=identity_secret, exempt=config.exempt
         )

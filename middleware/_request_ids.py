@@ -46,12 +46,19 @@ def draw_request_id(draw: Callable[[], str]) -> str:
         return os.urandom(12).hex()
 
 
-def with_request_id(send: Send, request_id: str) -> Send:
-    """``send``, with the guard's request id on the answer (the app's own gives way)."""
+def with_request_id(
+    send: Send, request_id: str, on_status: Callable[[int], None] | None = None
+) -> Send:
+    """``send``, with the guard's request id on the answer (the app's own gives way).
+
+    ``on_status`` is told the app's status as its answer starts.
+    """
     header = (_RID, request_id.encode())
 
     async def wrapped(message: Any) -> None:
         if message["type"] == "http.response.start":
+            if on_status is not None:
+                on_status(message.get("status", 0))
             headers = list(message.get("headers", ()))
             if _RID in dict(headers):  # the app's own id gives way to the guard's
                 headers = [h for h in headers if h[0] != _RID]

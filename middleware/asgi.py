@@ -202,7 +202,8 @@ class GuardMiddleware:
         if watched is not None:
             return
         if isinstance(verdict, Pass):
-            await self.app(scope, receive, with_request_id(send, request_id))
+            count = partial(self.guard.metrics.count_upstream, policy.name)
+            await self.app(scope, receive, with_request_id(send, request_id, count))
         else:
             await send_refusal(send, verdict)
 
@@ -216,6 +217,7 @@ class GuardMiddleware:
         app_started = time.perf_counter()
         await self.app(scope, receive, capture.send)
         app_seconds = time.perf_counter() - app_started
+        self.guard.metrics.count_upstream(verdict.policy.name, capture.status)
         await self.guard.after(verdict, capture.seen())
         return app_seconds
 

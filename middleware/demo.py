@@ -542,7 +542,6 @@ def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> A
     model = model if model is not None else train_digits_model()
     if config is None:
         config = demo_config(_demo_cache(), model=model)
-    guarded = GuardMiddleware(build_model_app(model), config=config)
-    # every series at 0 from the start, build info, score layouts, quarantined clients
-    guarded.guard.metrics.declare(guarded.config, store=guarded.guard.store)
-    return guarded
+    # the guard declares every series at 0 as it starts (build info, score layouts,
+    # quarantined clients among them)
+    return GuardMiddleware(build_model_app(model), config=config)

@@ -17,15 +17,9 @@ def _config() -> str | None:
     return os.environ.get("GUARD_TEST_CONFIG") or None
 
 
-def _declared(app: GuardMiddleware) -> GuardMiddleware:
-    """The guard's series created at start-up, as ``guard demo`` does."""
-    app.guard.metrics.declare(app.config, store=app.guard.store)
-    return app
-
-
 def demo_app() -> ASGIApp:
     """The digits demo model behind the guard."""
-    return _declared(GuardMiddleware(build_model_app(), config=_config()))
+    return GuardMiddleware(build_model_app(), config=_config())
 
 
 def stream_app() -> ASGIApp:
@@ -163,4 +157,4 @@ def wine_app() -> ASGIApp:
             Route("/healthz", healthz),
         ]
     )
-    return _declared(GuardMiddleware(app, config=_config()))
+    return GuardMiddleware(app, config=_config())
