@@ -8,7 +8,10 @@ guard and the demo app must come from the revision under test, which
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,22 @@ VALIDATION: dict[str, Any] = {
     "policies": [{"name": "inference", "degrade": {"always": False}}],
     "audit": {"enabled": False},
 }
+
+
+def _import_root(tree: Path) -> str:
+    """How the revision in ``tree`` is imported: ``"inference_guard."`` or ``""``.
+
+    Since the three folders install as ``inference_guard.{guard,detectors,middleware}``,
+    a revision's tree is not importable as it stands; a bare ``inference_guard``
+    package whose path is the tree makes it so (``inference_guard.guard`` is then
+    ``tree/guard``). Older revisions import ``middleware.asgi`` from the tree itself.
+    """
+    if "inference_guard" not in (tree / "middleware" / "asgi.py").read_text(encoding="utf-8"):
+        return ""
+    package = types.ModuleType("inference_guard")
+    package.__path__ = [str(tree)]
+    sys.modules["inference_guard"] = package
+    return "inference_guard."
 
 
 class Router:
@@ -47,12 +66,13 @@ def app() -> Any:
     defaults: validation, answers rounded), from the revision in ``BENCH_AB_TREE``."""
     from prometheus_client import CollectorRegistry
 
-    import middleware.asgi
-    from middleware.asgi import GuardMiddleware
-    from middleware.demo import build_model_app, train_digits_model
-
     tree = os.environ["BENCH_AB_TREE"]
-    served = str(Path(middleware.asgi.__file__).resolve())
+    root = _import_root(Path(tree))
+    asgi = importlib.import_module(f"{root}middleware.asgi")
+    demo = importlib.import_module(f"{root}middleware.demo")
+    GuardMiddleware = asgi.GuardMiddleware
+    build_model_app, train_digits_model = demo.build_model_app, demo.train_digits_model
+    served = str(Path(asgi.__file__).resolve())
     if not served.startswith(tree + os.sep):
         raise RuntimeError(f"serving {served}, not the revision in {tree}")
     model = train_digits_model()

@@ -62,13 +62,13 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 from benchmarks._harness import machine, today, write_section
-from detectors import ood_samples as ood
-from detectors.envelope import FeatureEnvelope
-from detectors.iforest import IsolationForestOutlier
-from detectors.knn import KNNOutlier
-from detectors.mahalanobis import MahalanobisOutlier
-from detectors.prompt_corpus import benign_prompts
-from detectors.text import TextOutlier
+from inference_guard.detectors import ood_samples as ood
+from inference_guard.detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.iforest import IsolationForestOutlier
+from inference_guard.detectors.knn import KNNOutlier
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.prompt_corpus import benign_prompts
+from inference_guard.detectors.text import TextOutlier
 
 COMMAND = "python benchmarks/anomaly.py"
 TARGET_FPR = 0.01

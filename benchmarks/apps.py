@@ -18,9 +18,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from middleware.asgi import GuardMiddleware
-from middleware.demo import build_model_app
-from middleware.types import ASGIApp
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.demo import build_model_app
+from inference_guard.middleware.types import ASGIApp
 
 #: metrics only: no body parsing, no detectors, no degrade; requests are counted
 METRICS_ONLY: dict[str, Any] = {
@@ -59,7 +59,7 @@ def build_sklearn_app(
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from middleware import demo
+    from inference_guard.middleware import demo
 
     labels_of = np.asarray(classes, dtype=np.int64)
     k = int(labels_of.shape[0])
@@ -142,8 +142,8 @@ def anomaly_config(calibration_dir: str) -> dict[str, Any]:
     ``envelope``, ``mahalanobis`` and ``knn``, as guard/demo.yaml runs them;
     ``iforest`` (about 33 µs more per row, see the anomaly section) is left out.
     """
-    from guard.calibrate import calibrate_digits
-    from middleware.demo import train_digits_model
+    from inference_guard.guard.calibrate import calibrate_digits
+    from inference_guard.middleware.demo import train_digits_model
 
     calibrate_digits(calibration_dir, X=train_digits_model().X_train)
     return {
@@ -163,7 +163,7 @@ def anomaly_config(calibration_dir: str) -> dict[str, Any]:
 
 def full_demo_config(calibration_dir: str) -> dict[str, Any]:
     """The whole demo policy (guard/demo.yaml), its rate limit raised out of the way."""
-    from middleware.demo import demo_config
+    from inference_guard.middleware.demo import demo_config
 
     config = demo_config(calibration_dir)
     config["audit"] = {"enabled": False}
@@ -264,7 +264,7 @@ def side_by_side() -> ASGIApp:
     which; default all. ``bare_again`` is a second, identical bare app: its
     latency against ``bare`` is the method's own noise floor.
     """
-    from middleware.demo import train_digits_model
+    from inference_guard.middleware.demo import train_digits_model
 
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v] or list(SIDE_BY_SIDE)
     unknown = set(wanted) - set(SIDE_BY_SIDE)

@@ -28,11 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import machine, today, write_section
-from detectors.base import Answer, Detector, Query
-from guard.config import DetectorSpec
-from guard.registry import BuildContext, build_detector
-from guard.stores.memory import MemoryStore
-from middleware.demo import train_digits_model
+from inference_guard.detectors.base import Answer, Detector, Query
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.middleware.demo import train_digits_model
 
 RATE_PARAMS = {
     "limits": [

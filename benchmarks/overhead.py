@@ -69,9 +69,9 @@ from benchmarks._harness import (
     write_section,
     wrk,
 )
-from middleware.asgi import GuardMiddleware
-from middleware.demo import build_model_app, train_digits_model
-from middleware.types import ASGIApp
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.demo import build_model_app, train_digits_model
+from inference_guard.middleware.types import ASGIApp
 
 PATH = "/v2/models/digits/infer"
 #: over HTTP each group is served by its own process (see the module docstring)

@@ -54,7 +54,7 @@ VARIANTS = ("bare", "bare_again", "guarded", "default")
 
 
 def _kserve_request() -> tuple[str, bytes]:
-    from middleware.demo import train_digits_model
+    from inference_guard.middleware.demo import train_digits_model
 
     row = train_digits_model().X_test[0].astype(float).tolist()
     return "/v1/models/digits:predict", json.dumps({"instances": [row]}).encode()

@@ -40,11 +40,11 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import free_port, machine, today, write_section
-from detectors.base import Detector, Query
-from guard.config import DetectorSpec, StateConfig
-from guard.registry import BuildContext, build_detector
-from guard.stores.cluster import RedisClusterStore
-from guard.stores.redis import RedisStore
+from inference_guard.detectors.base import Detector, Query
+from inference_guard.guard.config import DetectorSpec, StateConfig
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores.cluster import RedisClusterStore
+from inference_guard.guard.stores.redis import RedisStore
 from tests.redis_cluster import LocalCluster, missing_binaries
 
 RATE_PARAMS = {

@@ -6,6 +6,6 @@ store protocol stateful detectors are given is in :mod:`detectors.store`.
 
 from __future__ import annotations
 
-from detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 
 __all__ = ["Answer", "Detector", "DetectorResult", "Query"]

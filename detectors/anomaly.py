@@ -37,8 +37,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from detectors.anomaly_rate import AnomalyRateTracker
-from detectors.base import Detector, DetectorResult, Query
+from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
+from inference_guard.detectors.base import Detector, DetectorResult, Query
 
 #: inputs are clipped to this magnitude before scoring (no overflow anywhere)
 _CLIP = 1e12

@@ -32,8 +32,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from detectors.base import Detector, DetectorResult, Query
-from detectors.store import KeyValueStore
+from inference_guard.detectors.base import Detector, DetectorResult, Query
+from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["AnomalyRateDetector", "AnomalyRateTracker"]
 

@@ -60,12 +60,12 @@ from typing import ClassVar, Protocol, Self
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from detectors.base import Answer, Detector, DetectorResult, Query
-from detectors.client_map import ClientMap
-from detectors.profile import feature_ranges
-from detectors.repeats import RecentRows
-from detectors.shared_standing import SharedStanding
-from detectors.store import KeyValueStore
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.detectors.client_map import ClientMap
+from inference_guard.detectors.profile import feature_ranges
+from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.shared_standing import SharedStanding
+from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["DEFAULT_BASELINE", "LEADING", "SIGNALS", "AnomalyRateSource", "BoundaryDetector"]
 

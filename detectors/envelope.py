@@ -13,7 +13,7 @@ from typing import Any, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.outlier_base import FloatArray, RowOutlierBase, check_number
+from inference_guard.detectors.outlier_base import FloatArray, RowOutlierBase, check_number
 
 __all__ = ["FeatureEnvelope"]
 

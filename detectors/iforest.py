@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.ensemble import IsolationForest
 
-from detectors.outlier_base import FloatArray, RowOutlierBase, check_int
+from inference_guard.detectors.outlier_base import FloatArray, RowOutlierBase, check_int
 
 __all__ = ["FlatForest", "IsolationForestOutlier", "average_path_length", "flatten_forest"]
 

@@ -22,7 +22,7 @@ from typing import Any, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.outlier_base import FloatArray, RowOutlierBase, check_int
+from inference_guard.detectors.outlier_base import FloatArray, RowOutlierBase, check_int
 
 __all__ = ["KNNOutlier"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.covariance import OAS, LedoitWolf
 
-from detectors.outlier_base import FloatArray, RowOutlierBase
+from inference_guard.detectors.outlier_base import FloatArray, RowOutlierBase
 
 __all__ = ["MahalanobisOutlier"]
 

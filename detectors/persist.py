@@ -41,13 +41,13 @@ from typing import Any, ClassVar, Final, Protocol, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.envelope import FeatureEnvelope
-from detectors.iforest import IsolationForestOutlier
-from detectors.knn import KNNOutlier
-from detectors.mahalanobis import MahalanobisOutlier
-from detectors.outlier_base import OutlierBase
-from detectors.profile import TrafficProfile
-from detectors.text import TextOutlier
+from inference_guard.detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.iforest import IsolationForestOutlier
+from inference_guard.detectors.knn import KNNOutlier
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.outlier_base import OutlierBase
+from inference_guard.detectors.profile import TrafficProfile
+from inference_guard.detectors.text import TextOutlier
 
 __all__ = [
     "FORMAT",
@@ -88,7 +88,7 @@ KINDS: Final[dict[str, type[OutlierBase[Any]]]] = {
 _LOADABLE: Final[dict[str, type[Persistable]]] = {**KINDS, TrafficProfile.kind: TrafficProfile}
 #: refuse larger files before reading them (a k-NN reference of 2000 x 784 is 12.5 MB)
 MAX_BYTES: Final = 512 << 20
-log = logging.getLogger(__name__)
+log = logging.getLogger("guard.persist")
 _MAX_MANIFEST_BYTES: Final = 1 << 20
 _META: Final = "__meta__"
 

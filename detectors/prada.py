@@ -28,11 +28,11 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import shapiro
 
-from detectors.base import Answer, Detector, DetectorResult, Query
-from detectors.client_map import ClientMap
-from detectors.repeats import RecentRows
-from detectors.shared_standing import SharedStanding
-from detectors.store import KeyValueStore
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.detectors.client_map import ClientMap
+from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.shared_standing import SharedStanding
+from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["PradaDetector"]
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from detectors.base import Detector, DetectorResult, Query
-from detectors.store import GcraLimit, RateLimit, RateState, RateStore, WindowLimit
+from inference_guard.detectors.base import Detector, DetectorResult, Query
+from inference_guard.detectors.store import GcraLimit, RateLimit, RateState, RateStore, WindowLimit
 
 __all__ = [
     "COST_MODES",

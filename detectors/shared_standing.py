@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from detectors.store import KeyValueStore
+from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["STANDING_PREFIX", "SharedStanding"]
 

@@ -32,8 +32,16 @@ from typing import Any, Self
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors._char_ngram import MAX_ORDER, NEWLINE, OOV, CharNGram, V, codepoints, encode
-from detectors.outlier_base import FloatArray, OutlierBase, check_int, check_number
+from inference_guard.detectors._char_ngram import (
+    MAX_ORDER,
+    NEWLINE,
+    OOV,
+    CharNGram,
+    V,
+    codepoints,
+    encode,
+)
+from inference_guard.detectors.outlier_base import FloatArray, OutlierBase, check_int, check_number
 
 __all__ = ["INVISIBLE_RANGES", "TextOutlier", "count_invisible", "encode"]
 

@@ -3,20 +3,26 @@
 This package holds what ties the detectors to the ASGI layer: configuration,
 policy, decisions, state stores, the detector registry and the CLI::
 
-    from guard import GuardConfig, register_detector
+    from inference_guard.guard import GuardConfig, register_detector
 
 The middleware itself is in the ASGI layer, which imports this package (never
 the other way round)::
 
-    from middleware import GuardMiddleware
+    from inference_guard.middleware import GuardMiddleware
 """
 
 from __future__ import annotations
 
-from guard.config import GuardConfig
-from guard.decisions import Action, Decision, FailureMode
-from guard.errors import ConfigurationError, GuardError, ModelFileError, PayloadError, StateError
-from guard.registry import register_detector
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.decisions import Action, Decision, FailureMode
+from inference_guard.guard.errors import (
+    ConfigurationError,
+    GuardError,
+    ModelFileError,
+    PayloadError,
+    StateError,
+)
+from inference_guard.guard.registry import register_detector
 
 __all__ = [
     "Action",

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from guard.errors import StateError
+from inference_guard.guard.errors import StateError
 
 __all__ = ["QUARANTINE_CACHE_S", "BuildInfo", "QuarantinedClients", "WithLocal"]
 

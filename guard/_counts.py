@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from guard.decisions import Decision
-from guard.metrics import GuardMetrics
+from inference_guard.guard.decisions import Decision
+from inference_guard.guard.metrics import GuardMetrics
 
 __all__ = ["Counts"]
 

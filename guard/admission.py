@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
-from detectors.base import Answer, Query
-from guard._counts import Counts
-from guard.audit import AuditLog
-from guard.capture import CapturedRequest, CaptureLog
-from guard.config import DegradeConfig, GuardConfig
-from guard.decisions import Action, Decision, FailClosed
-from guard.engine import (
+from inference_guard.detectors.base import Answer, Query
+from inference_guard.guard._counts import Counts
+from inference_guard.guard.audit import AuditLog
+from inference_guard.guard.capture import CapturedRequest, CaptureLog
+from inference_guard.guard.config import DegradeConfig, GuardConfig
+from inference_guard.guard.decisions import Action, Decision, FailClosed
+from inference_guard.guard.engine import (
     Pass,
     Refusal,
     Request,
@@ -36,13 +36,17 @@ from guard.engine import (
     encode_headers,
     refusal,
 )
-from guard.errors import ClientDisconnected, PayloadError
-from guard.identity import ClientId, ClientIdentifier, forwarded_applied, peer_host
-from guard.payload._json import is_json_media_type
-from guard.payload.adapters import ParsedRequest, check_readable_answer, parse_request
-from guard.payload.degrade import RowNoise, noise_key
-from guard.payload.formats import PayloadFormat
-from guard.policy import CompiledPolicy
+from inference_guard.guard.errors import ClientDisconnected, PayloadError
+from inference_guard.guard.identity import ClientId, ClientIdentifier, forwarded_applied, peer_host
+from inference_guard.guard.payload._json import is_json_media_type
+from inference_guard.guard.payload.adapters import (
+    ParsedRequest,
+    check_readable_answer,
+    parse_request,
+)
+from inference_guard.guard.payload.degrade import RowNoise, noise_key
+from inference_guard.guard.payload.formats import PayloadFormat
+from inference_guard.guard.policy import CompiledPolicy
 
 __all__ = ["Admission", "Detectors"]
 

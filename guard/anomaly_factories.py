@@ -41,14 +41,14 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from detectors.anomaly import RowAnomalyDetector, TextAnomalyDetector
-from detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
-from detectors.base import Detector
-from detectors.persist import KINDS, CorruptModelFile, load_model, manifest_path
-from guard.calibration_files import calibration_key, resolve_file
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError, ModelFileError
-from guard.factory import BuildContext, DetectorFactory
+from inference_guard.detectors.anomaly import RowAnomalyDetector, TextAnomalyDetector
+from inference_guard.detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
+from inference_guard.detectors.base import Detector
+from inference_guard.detectors.persist import KINDS, CorruptModelFile, load_model, manifest_path
+from inference_guard.guard.calibration_files import calibration_key, resolve_file
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError, ModelFileError
+from inference_guard.guard.factory import BuildContext, DetectorFactory
 
 __all__ = [
     "FACTORIES",

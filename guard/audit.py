@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from guard.config import AuditConfig
-from guard.decisions import Decision
-from guard.errors import ConfigurationError
+from inference_guard.guard.config import AuditConfig
+from inference_guard.guard.decisions import Decision
+from inference_guard.guard.errors import ConfigurationError
 
 __all__ = ["AuditLog", "LineWriter"]
 

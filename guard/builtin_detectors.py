@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from guard import anomaly_factories, extraction_factories, rate_factories
-from guard.factory import DetectorFactory
+from inference_guard.guard import anomaly_factories, extraction_factories, rate_factories
+from inference_guard.guard.factory import DetectorFactory
 
 __all__ = ["BUILTIN_DETECTORS"]
 

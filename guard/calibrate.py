@@ -62,15 +62,19 @@ from typing import Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.outlier_base import threshold_at_fpr
-from detectors.persist import KINDS, load_model, save_model
-from guard.anomaly_factories import ROW_TYPES, TEXT_TYPES, model_params
-from guard.calibration_files import CALIBRATION_KEY_ENV, calibration_key, resolve_file
-from guard.config import DetectorSpec, GuardConfig
-from guard.errors import ConfigurationError
-from guard.reference_data import DataError, ReferenceData, load_reference
-from guard.score_buckets import calibration_summary
-from guard.sessions import (
+from inference_guard.detectors.outlier_base import threshold_at_fpr
+from inference_guard.detectors.persist import KINDS, load_model, save_model
+from inference_guard.guard.anomaly_factories import ROW_TYPES, TEXT_TYPES, model_params
+from inference_guard.guard.calibration_files import (
+    CALIBRATION_KEY_ENV,
+    calibration_key,
+    resolve_file,
+)
+from inference_guard.guard.config import DetectorSpec, GuardConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.reference_data import DataError, ReferenceData, load_reference
+from inference_guard.guard.score_buckets import calibration_summary
+from inference_guard.guard.sessions import (
     SESSION_KINDS,
     ProfileReport,
     Traffic,

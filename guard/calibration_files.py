@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Final
 
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError
 
 __all__ = ["CALIBRATION_KEY_ENV", "calibration_key", "resolve_file"]
 

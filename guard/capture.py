@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.base import Answer
-from guard.audit import LineWriter
-from guard.config import CaptureConfig
+from inference_guard.detectors.base import Answer
+from inference_guard.guard.audit import LineWriter
+from inference_guard.guard.config import CaptureConfig
 
 __all__ = ["CaptureLog", "CapturedRequest"]
 

@@ -23,9 +23,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from guard.decisions import Action, FailureMode
-from guard.errors import ConfigurationError
-from guard.pointer import parse_pointer
+from inference_guard.guard.decisions import Action, FailureMode
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.pointer import parse_pointer
 
 __all__ = [
     "DEFAULT_ROUTES",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from detectors.base import DetectorResult
+from inference_guard.detectors.base import DetectorResult
 
 __all__ = ["Action", "Decision", "FailClosed", "FailureMode"]
 

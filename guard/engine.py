@@ -29,14 +29,14 @@ import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
 
-from detectors.base import Query
-from guard.capture import CapturedRequest
-from guard.config import DegradeConfig
-from guard.decisions import Decision
-from guard.payload.degrade import RowNoise
-from guard.payload.formats import PayloadFormat
-from guard.payload.review import Reviewed, review_answer
-from guard.policy import CompiledPolicy
+from inference_guard.detectors.base import Query
+from inference_guard.guard.capture import CapturedRequest
+from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.decisions import Decision
+from inference_guard.guard.payload.degrade import RowNoise
+from inference_guard.guard.payload.formats import PayloadFormat
+from inference_guard.guard.payload.review import Reviewed, review_answer
+from inference_guard.guard.policy import CompiledPolicy
 
 __all__ = [
     "ERROR_CODES",

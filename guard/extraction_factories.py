@@ -79,20 +79,20 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from detectors.base import Detector
-from detectors.boundary import DEFAULT_BASELINE, SIGNALS, BoundaryDetector
-from detectors.fingerprint import NearDuplicateDetector
-from detectors.persist import CorruptModelFile, load_model, manifest_path
-from detectors.prada import PradaDetector
-from detectors.profile import TrafficProfile
-from guard.calibration_files import calibration_key, resolve_file
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError, ModelFileError
-from guard.factory import BuildContext, DetectorFactory
+from inference_guard.detectors.base import Detector
+from inference_guard.detectors.boundary import DEFAULT_BASELINE, SIGNALS, BoundaryDetector
+from inference_guard.detectors.fingerprint import NearDuplicateDetector
+from inference_guard.detectors.persist import CorruptModelFile, load_model, manifest_path
+from inference_guard.detectors.prada import PradaDetector
+from inference_guard.detectors.profile import TrafficProfile
+from inference_guard.guard.calibration_files import calibration_key, resolve_file
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError, ModelFileError
+from inference_guard.guard.factory import BuildContext, DetectorFactory
 
 __all__ = ["DEFAULT_SALT_ENV", "build_boundary", "build_near_duplicate", "build_prada"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("guard.extraction_factories")
 
 #: environment variable the fingerprint salt is read from, unless ``salt_env`` names another
 DEFAULT_SALT_ENV: Final = "GUARD_FINGERPRINT_SALT"
@@ -503,7 +503,7 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     tracker = None
     if source is not None:
         # imported here: the anomaly family is optional for the extraction detectors
-        from detectors.anomaly_rate import AnomalyRateTracker
+        from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
 
         tracker = AnomalyRateTracker(
             ctx.store, namespace=source, window_s=rate_window, clock=ctx.wall_clock

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detectors.base import Detector
-from detectors.store import KeyValueStore
-from guard.config import DetectorSpec, LimitsConfig
+from inference_guard.detectors.base import Detector
+from inference_guard.detectors.store import KeyValueStore
+from inference_guard.guard.config import DetectorSpec, LimitsConfig
 
 __all__ = ["BuildContext", "DetectorFactory"]
 

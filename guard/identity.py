@@ -37,8 +37,13 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from guard.config import MIN_HASH_KEY_BYTES, ExemptConfig, IdentityConfig, short_hash_key
-from guard.errors import ConfigurationError, PayloadError
+from inference_guard.guard.config import (
+    MIN_HASH_KEY_BYTES,
+    ExemptConfig,
+    IdentityConfig,
+    short_hash_key,
+)
+from inference_guard.guard.errors import ConfigurationError, PayloadError
 
 __all__ = ["ClientId", "ClientIdentifier", "forwarded_applied", "peer_host"]
 

@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from guard._collectors import BuildInfo, QuarantinedClients, WithLocal
-from guard._process_metrics import ProcessMetrics
-from guard.errors import PayloadError
+from inference_guard.guard._collectors import BuildInfo, QuarantinedClients, WithLocal
+from inference_guard.guard._process_metrics import ProcessMetrics
+from inference_guard.guard.errors import PayloadError
 
 if TYPE_CHECKING:
-    from guard.config import GuardConfig
+    from inference_guard.guard.config import GuardConfig
 
 __all__ = [
     "CODE_CLASSES",
@@ -389,9 +389,9 @@ class GuardMetrics:
         refused by every non-shadow policy). Calling it again (the same config)
         changes nothing.
         """
-        from guard import __version__
-        from guard.score_buckets import score_buckets
-        from guard.stores.base import QuarantineCount
+        from inference_guard.guard import __version__
+        from inference_guard.guard.score_buckets import score_buckets
+        from inference_guard.guard.stores.base import QuarantineCount
 
         calibration_dir = Path(config.calibration_dir) if config.calibration_dir else None
         for policy in config.policies:

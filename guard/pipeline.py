@@ -25,24 +25,24 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from detectors.base import Answer, DetectorResult, Query
-from detectors.store import KeyValueStore
-from guard._counts import Counts
-from guard.admission import Admission
-from guard.audit import AuditLog
-from guard.capture import CaptureLog
-from guard.config import GuardConfig
-from guard.decisions import Action, Decision, FailClosed, FailureMode
-from guard.engine import Pass, Request, Seen, Verdict
-from guard.errors import StateError
-from guard.identity import ClientIdentifier
-from guard.metrics import GuardMetrics
-from guard.payload.adapters import pattern_format
-from guard.payload.formats import PayloadFormat, payload_format
-from guard.policy import Armed, CompiledPolicy
-from guard.registry import BuildContext, build_detector
-from guard.stores import Store, store_from_uri
-from guard.stores.resilient import ResilientStore
+from inference_guard.detectors.base import Answer, DetectorResult, Query
+from inference_guard.detectors.store import KeyValueStore
+from inference_guard.guard._counts import Counts
+from inference_guard.guard.admission import Admission
+from inference_guard.guard.audit import AuditLog
+from inference_guard.guard.capture import CaptureLog
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.decisions import Action, Decision, FailClosed, FailureMode
+from inference_guard.guard.engine import Pass, Request, Seen, Verdict
+from inference_guard.guard.errors import StateError
+from inference_guard.guard.identity import ClientIdentifier
+from inference_guard.guard.metrics import GuardMetrics
+from inference_guard.guard.payload.adapters import pattern_format
+from inference_guard.guard.payload.formats import PayloadFormat, payload_format
+from inference_guard.guard.policy import Armed, CompiledPolicy
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores import Store, store_from_uri
+from inference_guard.guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard"]
 

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from detectors.base import Detector, DetectorResult
-from guard.config import PolicyConfig
-from guard.decisions import Action, Decision, FailureMode
+from inference_guard.detectors.base import Detector, DetectorResult
+from inference_guard.guard.config import PolicyConfig
+from inference_guard.guard.decisions import Action, Decision, FailureMode
 
 __all__ = ["Armed", "CompiledPolicy", "compile_routes"]
 

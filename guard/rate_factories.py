@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from detectors.base import Detector
-from detectors.rate import (
+from inference_guard.detectors.base import Detector
+from inference_guard.detectors.rate import (
     COST_MODES,
     KEY_MODES,
     MAX_COST,
@@ -32,13 +32,13 @@ from detectors.rate import (
     NamedLimit,
     RateLimitDetector,
 )
-from detectors.rate import parse_limits as _parse_limits
-from detectors.store import RateStore
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
-from guard.factory import BuildContext, DetectorFactory
-from guard.stores.base import Store
-from guard.stores.resilient import CircuitBreaker, ResilientStore
+from inference_guard.detectors.rate import parse_limits as _parse_limits
+from inference_guard.detectors.store import RateStore
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.factory import BuildContext, DetectorFactory
+from inference_guard.guard.stores.base import Store
+from inference_guard.guard.stores.resilient import CircuitBreaker, ResilientStore
 
 __all__ = ["FACTORIES", "build_rate"]
 

@@ -6,7 +6,7 @@ calibration directory) and returns a :class:`detectors.base.Detector`. It
 validates ``spec.params`` itself and raises :class:`~guard.errors.ConfigurationError`
 with ``spec.key`` in the key path. Register with::
 
-    from guard.registry import register_detector
+    from inference_guard.guard.registry import register_detector
     register_detector("my-detector", lambda spec, ctx: MyDetector(spec.name, **spec.params))
 
 or ship an entry point in the ``inference_guard.detectors`` group; it is loaded
@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 
-from detectors.base import Detector
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
-from guard.factory import BuildContext, DetectorFactory
+from inference_guard.detectors.base import Detector
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.factory import BuildContext, DetectorFactory
 
 __all__ = ["BuildContext", "DetectorFactory", "build_detector", "register_detector", "registered"]
 
@@ -38,7 +38,7 @@ _ENTRY_POINT_GROUP = "inference_guard.detectors"
 
 def _builtins() -> Mapping[str, DetectorFactory]:
     # imported on first use: the detector families pull in numpy and scikit-learn
-    from guard.builtin_detectors import BUILTIN_DETECTORS
+    from inference_guard.guard.builtin_detectors import BUILTIN_DETECTORS
 
     return BUILTIN_DETECTORS
 

@@ -19,7 +19,7 @@ a capture holds keyed client hashes, never the keys or addresses that
 
 From Python (the attack benchmark does)::
 
-    from guard.replay import compare, replay
+    from inference_guard.guard.replay import compare, replay
     a = replay("capture.jsonl", "guard.yaml")
     b = replay(lines, candidate_config_dict)
     diff = compare(a, b)
@@ -42,12 +42,12 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from detectors.base import Answer, Query
-from guard.config import AuditConfig, CaptureConfig, GuardConfig, StateConfig
-from guard.decisions import Action, Decision
-from guard.errors import ConfigurationError, GuardError
-from guard.pipeline import Guard
-from guard.policy import CompiledPolicy
+from inference_guard.detectors.base import Answer, Query
+from inference_guard.guard.config import AuditConfig, CaptureConfig, GuardConfig, StateConfig
+from inference_guard.guard.decisions import Action, Decision
+from inference_guard.guard.errors import ConfigurationError, GuardError
+from inference_guard.guard.pipeline import Guard
+from inference_guard.guard.policy import CompiledPolicy
 
 __all__ = [
     "ENFORCING",

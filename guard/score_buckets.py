@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from detectors.persist import CorruptModelFile, read_manifest
-from guard.anomaly_factories import ROW_TYPES, TEXT_TYPES
-from guard.calibration_files import calibration_key, resolve_file
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
+from inference_guard.detectors.persist import CorruptModelFile, read_manifest
+from inference_guard.guard.anomaly_factories import ROW_TYPES, TEXT_TYPES
+from inference_guard.guard.calibration_files import calibration_key, resolve_file
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_BUCKETS",

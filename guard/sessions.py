@@ -41,16 +41,16 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.base import Answer, Detector, Query
-from detectors.boundary import SIGNALS, BoundaryDetector
-from detectors.outlier_base import threshold_at_fpr
-from detectors.persist import save_model
-from detectors.profile import TrafficProfile, robust_range
-from guard.calibration_files import resolve_file
-from guard.config import DetectorSpec
-from guard.reference_data import DataError, ReferenceData
-from guard.registry import BuildContext, build_detector
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.base import Answer, Detector, Query
+from inference_guard.detectors.boundary import SIGNALS, BoundaryDetector
+from inference_guard.detectors.outlier_base import threshold_at_fpr
+from inference_guard.detectors.persist import save_model
+from inference_guard.detectors.profile import TrafficProfile, robust_range
+from inference_guard.guard.calibration_files import resolve_file
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.reference_data import DataError, ReferenceData
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores.memory import MemoryStore
 
 __all__ = [
     "SESSION_KINDS",
@@ -185,7 +185,9 @@ def traffic_from_capture(source: str | Path) -> Traffic:
     and so are exempt clients (monitors and load tests are not the benign
     population). Rows of another width than the most common one are left out.
     """
-    from guard.replay import read_lines  # the capture's reader; imported only when used
+    from inference_guard.guard.replay import (
+        read_lines,  # the capture's reader; imported only when used
+    )
 
     lines = [
         ln for ln in read_lines(source)

@@ -47,7 +47,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from guard.metrics import FLUSH_AFTER_S
+from inference_guard.guard.metrics import FLUSH_AFTER_S
 
 __all__ = ["ATTACKS", "add_arguments", "clients_dir", "load_clients", "run"]
 
@@ -180,7 +180,7 @@ def _victim(clients: ModuleType, args: argparse.Namespace) -> Any:
                 "does not give it; pass --reference with the model's reference rows"
             )
         return data.recorded(model, None, n_features=width, seed=args.seed)
-    from guard.reference_data import DataError, load_reference
+    from inference_guard.guard.reference_data import DataError, load_reference
 
     try:
         ref = load_reference(args.reference)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from middleware.asgi import GuardMiddleware
-from middleware.metrics_endpoint import metrics_app
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.metrics_endpoint import metrics_app
 
 __all__ = ["GuardMiddleware", "metrics_app"]

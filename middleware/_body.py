@@ -20,8 +20,8 @@ import weakref
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from guard.errors import ClientDisconnected, PayloadError
-from middleware.types import Message, Receive
+from inference_guard.guard.errors import ClientDisconnected, PayloadError
+from inference_guard.middleware.types import Message, Receive
 
 __all__ = ["BodyReader", "body_timeout", "check_length", "receive_within", "within"]
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from middleware.types import Send
+from inference_guard.middleware.types import Send
 
 __all__ = ["draw_request_id", "request_ids", "with_request_id"]
 

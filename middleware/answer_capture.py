@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guard.engine import Pass, Seen, refusal
-from guard.payload.review import Reviewed
-from middleware.refusals import send_refusal
-from middleware.types import Message, Scope, Send
+from inference_guard.guard.engine import Pass, Seen, refusal
+from inference_guard.guard.payload.review import Reviewed
+from inference_guard.middleware.refusals import send_refusal
+from inference_guard.middleware.types import Message, Scope, Send
 
 __all__ = ["AnswerCapture", "identity_encoding"]
 

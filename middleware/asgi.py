@@ -32,19 +32,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from guard.config import GuardConfig
-from guard.engine import Pass, Request, Verdict
-from guard.errors import ClientDisconnected, PayloadError
-from guard.identity import forwarded_applied, peer_host
-from guard.pipeline import Guard
-from guard.policy import CompiledPolicy
-from middleware._body import BodyReader
-from middleware._request_ids import draw_request_id, request_ids, with_request_id
-from middleware.answer_capture import AnswerCapture, identity_encoding
-from middleware.fast_lane import FastLane, lean_policies
-from middleware.metrics_endpoint import serve_metrics
-from middleware.refusals import send_refusal
-from middleware.types import ASGIApp, Receive, Scope, Send
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.engine import Pass, Request, Verdict
+from inference_guard.guard.errors import ClientDisconnected, PayloadError
+from inference_guard.guard.identity import forwarded_applied, peer_host
+from inference_guard.guard.pipeline import Guard
+from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.middleware._body import BodyReader
+from inference_guard.middleware._request_ids import draw_request_id, request_ids, with_request_id
+from inference_guard.middleware.answer_capture import AnswerCapture, identity_encoding
+from inference_guard.middleware.fast_lane import FastLane, lean_policies
+from inference_guard.middleware.metrics_endpoint import serve_metrics
+from inference_guard.middleware.refusals import send_refusal
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["GuardMiddleware"]
 

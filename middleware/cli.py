@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from guard.config import GuardConfig
-from guard.errors import ConfigurationError, GuardError
-from middleware.proxy_cli import PROXY_DESCRIPTION, add_proxy_arguments, serve_proxy
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.errors import ConfigurationError, GuardError
+from inference_guard.middleware.proxy_cli import PROXY_DESCRIPTION, add_proxy_arguments, serve_proxy
 
 __all__ = ["main"]
 
@@ -23,8 +23,8 @@ def _check_config(args: argparse.Namespace) -> int:
     Detectors are built (their parameters and calibration files checked) even
     when the file has structural problems elsewhere, so one run names them all.
     """
-    from guard.registry import BuildContext, build_detector
-    from guard.stores.memory import MemoryStore
+    from inference_guard.guard.registry import BuildContext, build_detector
+    from inference_guard.guard.stores.memory import MemoryStore
 
     config, problems = GuardConfig.check_file(args.file)
     if config is not None:
@@ -56,7 +56,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from middleware import demo
+    from inference_guard.middleware import demo
     try:
         app = demo.build_demo_app(args.config)
     except ConfigurationError as exc:
@@ -98,7 +98,7 @@ def _optional(module: str, name: str) -> object | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from guard import __version__
+    from inference_guard.guard import __version__
 
     parser = argparse.ArgumentParser(
         prog="guard", description="inference-guard: a security-first runtime guard for model APIs."
@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_hash_key)
 
     for name, module, help_text in (
-        ("calibrate", "guard.calibrate", "fit input-anomaly detectors on reference data"),
-        ("simulate", "guard.simulate", "run an attack client against a deployment"),
-        ("replay", "guard.replay", "run captured or generated traffic through a config, offline"),
+        ("calibrate", "calibrate", "fit input-anomaly detectors on reference data"),
+        ("simulate", "simulate", "run an attack client against a deployment"),
+        ("replay", "replay", "run captured or generated traffic through a config, offline"),
     ):
+        module = f"inference_guard.guard.{module}"
         add = _optional(module, "add_arguments")
         run = _optional(module, "run")
         if add is None or run is None:

@@ -81,7 +81,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from middleware.types import ASGIApp
+from inference_guard.middleware.types import ASGIApp
 
 __all__ = [
     "MODEL_NAME",
@@ -456,14 +456,14 @@ _CALIBRATED: dict[str, Path] = {}
 _DEMO_STAMP: Final = "demo-calibration.key"
 #: the modules whose code decides what calibration writes
 _CALIBRATION_CODE: Final = (
-    "guard.calibrate",
-    "guard.score_buckets",
-    "guard.sessions",
-    "detectors.profile",
-    "detectors.fingerprint",
-    "detectors.prada",
-    "detectors.boundary",
-    "detectors.persist",
+    "inference_guard.guard.calibrate",
+    "inference_guard.guard.score_buckets",
+    "inference_guard.guard.sessions",
+    "inference_guard.detectors.profile",
+    "inference_guard.detectors.fingerprint",
+    "inference_guard.detectors.prada",
+    "inference_guard.detectors.boundary",
+    "inference_guard.detectors.persist",
 )
 
 
@@ -476,12 +476,12 @@ def demo_config(calibration_dir: str | Path, *, model: DigitsModel | None = None
     client sessions at 0.1 % per client. It takes several seconds, so a process
     calibrates a given model once and copies the files for later calls.
     """
-    from guard.calibrate import calibrate_config
-    from guard.config import GuardConfig
-    from guard.reference_data import ReferenceData
+    from inference_guard.guard.calibrate import calibrate_config
+    from inference_guard.guard.config import GuardConfig
+    from inference_guard.guard.reference_data import ReferenceData
 
     model = model if model is not None else train_digits_model()
-    text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
+    text = files("inference_guard.guard").joinpath("demo.yaml").read_text(encoding="utf-8")
     config: dict[str, Any] = yaml.safe_load(text)
     digest = hashlib.sha256(
         model.X_train.tobytes() + model.coef.tobytes() + model.intercept.tobytes() + text.encode()
@@ -537,7 +537,7 @@ def build_demo_app(config: Any = None, *, model: DigitsModel | None = None) -> A
     is imported here, not at module level, so the bare model server never
     depends on it.
     """
-    from middleware.asgi import GuardMiddleware
+    from inference_guard.middleware.asgi import GuardMiddleware
 
     model = model if model is not None else train_digits_model()
     if config is None:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from guard.engine import Pass
-from guard.payload._plain import READERS
-from guard.payload.adapters import detect_format
-from guard.pipeline import Guard
-from guard.policy import CompiledPolicy
-from middleware._body import BodyReader
-from middleware.types import Scope
+from inference_guard.guard.engine import Pass
+from inference_guard.guard.payload._plain import READERS
+from inference_guard.guard.payload.adapters import detect_format
+from inference_guard.guard.pipeline import Guard
+from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.middleware._body import BodyReader
+from inference_guard.middleware.types import Scope
 
 __all__ = ["FastLane", "lean_policies"]
 

@@ -10,8 +10,8 @@ import asyncio
 
 from prometheus_client import CollectorRegistry
 
-from guard.metrics import exposition
-from middleware.types import ASGIApp, Receive, Scope, Send
+from inference_guard.guard.metrics import exposition
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["metrics_app", "serve_metrics"]
 

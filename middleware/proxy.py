@@ -50,11 +50,11 @@ from urllib.parse import quote
 import httpx
 from prometheus_client import CollectorRegistry, Counter
 
-from guard.config import GuardConfig
-from guard.errors import ConfigurationError
-from middleware._forwarding import request_headers, response_headers
-from middleware.asgi import GuardMiddleware
-from middleware.types import Message, Receive, Scope, Send
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.middleware._forwarding import request_headers, response_headers
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.types import Message, Receive, Scope, Send
 
 __all__ = [
     "REASONS",

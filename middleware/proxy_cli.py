@@ -15,8 +15,8 @@ import sys
 import tempfile
 from typing import Any
 
-from guard.config import GuardConfig
-from guard.errors import ConfigurationError
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.errors import ConfigurationError
 
 __all__ = ["PROXY_DESCRIPTION", "add_proxy_arguments", "serve_proxy"]
 
@@ -46,7 +46,7 @@ config puts it in Redis (state: {store: redis://...}); metrics are merged across
 workers through PROMETHEUS_MULTIPROC_DIR (a temporary directory when unset).
 """
 
-_APP_FACTORY = "middleware.proxy:app_from_env"
+_APP_FACTORY = "inference_guard.middleware.proxy:app_from_env"
 
 
 def add_proxy_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def serve_proxy(args: argparse.Namespace) -> int:
         "GUARD_PROXY_READ_TIMEOUT": str(args.read_timeout),
         "GUARD_PROXY_MAX_CONNECTIONS": str(args.max_connections),
     }
-    from middleware import proxy  # uvicorn and httpx load only for this command
+    from inference_guard.middleware import proxy  # uvicorn and httpx load only for this command
     try:
         config = GuardConfig.load(args.config)
         app = proxy.app_from_env(env)  # checks the upstream URL

@@ -6,8 +6,8 @@ JSON body that never names a detector); this module only sends them.
 
 from __future__ import annotations
 
-from guard.engine import Refusal
-from middleware.types import Send
+from inference_guard.guard.engine import Refusal
+from inference_guard.middleware.types import Send
 
 __all__ = ["send_refusal"]
 

@@ -30,10 +30,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from guard.config import StateConfig
-from guard.stores.cluster import RedisClusterStore, parse_cluster_url
-from guard.stores.memory import MemoryStore
-from guard.stores.redis import RedisStore
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.stores.cluster import RedisClusterStore, parse_cluster_url
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.guard.stores.redis import RedisStore
 from tests.redis_cluster import ClusterStartError, LocalCluster, missing_binaries
 
 __all__ = [

@@ -28,8 +28,13 @@ Two rules:
   hide a cycle). ``TYPE_CHECKING`` imports are left out of the cycle check:
   they never execute, so they cannot cause an import-order failure.
 
-Importing ``guard.config`` also runs ``guard/__init__.py``; those implicit
-parent-package imports are not edges here, only the imports the code writes.
+The three folders install as one import root, ``inference_guard`` (``guard/`` is
+``inference_guard.guard``), so module names here carry that root; an import of
+a bare ``guard``, ``detectors`` or ``middleware`` would be somebody else's package
+and is refused outright.
+
+Importing ``inference_guard.guard.config`` also runs ``guard/__init__.py``; those
+implicit parent-package imports are not edges here, only the imports the code writes.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: the layers, lowest first: a module may import its own layer and those below
 LAYERS = ("detectors", "guard", "middleware")
+#: the installed import root the three folders map onto (pyproject.toml)
+ROOT_PACKAGE = "inference_guard"
 #: top-level packages that shipped code must never import
 NOT_SHIPPED = ("tests", "benchmarks")
 KINDS = ("module", "function", "type_checking")
@@ -63,9 +70,21 @@ class Import:
     line: int
 
 
+def layer_of(name: str) -> str | None:
+    """``inference_guard.guard.config`` -> ``guard``; a module outside the root -> None."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == ROOT_PACKAGE else None
+
+
+def ig(name: str) -> str:
+    """``guard.config`` -> ``inference_guard.guard.config``."""
+    return f"{ROOT_PACKAGE}.{name}"
+
+
 def module_name(path: Path, root: Path) -> tuple[str, bool]:
-    """``guard/stores/base.py`` -> ``("guard.stores.base", False)``; packages -> True."""
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    """``guard/stores/base.py`` -> ``("inference_guard.guard.stores.base", False)``;
+    packages -> True."""
+    parts = [ROOT_PACKAGE, *path.relative_to(root).with_suffix("").parts]
     if parts[-1] == "__init__":
         return ".".join(parts[:-1]), True
     return ".".join(parts), False
@@ -163,7 +182,7 @@ def graph(imports: Iterable[Import], kinds: Set[str]) -> dict[str, set[str]]:
     """``module -> modules it imports`` among the shipped packages, for the given kinds."""
     edges: dict[str, set[str]] = {}
     for imp in imports:
-        if imp.kind in kinds and imp.target.split(".")[0] in LAYERS and imp.target != imp.source:
+        if imp.kind in kinds and layer_of(imp.target) in LAYERS and imp.target != imp.source:
             edges.setdefault(imp.source, set()).add(imp.target)
     return edges
 
@@ -194,8 +213,11 @@ def find_cycle(edges: Mapping[str, Set[str]]) -> list[str] | None:
 def upward(imports: Iterable[Import]) -> Iterator[Import]:
     """Imports that run against the layers, or into code that is not shipped."""
     for imp in imports:
-        src, dst = imp.source.split(".")[0], imp.target.split(".")[0]
-        if dst in NOT_SHIPPED or (dst in LAYERS and LAYERS.index(dst) > LAYERS.index(src)):
+        src, dst = layer_of(imp.source) or "", layer_of(imp.target)
+        top = imp.target.split(".")[0]
+        # not shipped; a bare layer name (outside the import root); or against the layers
+        outside = top in NOT_SHIPPED or top in LAYERS
+        if outside or (dst in LAYERS and LAYERS.index(dst) > LAYERS.index(src)):
             yield imp
 
 
@@ -209,7 +231,7 @@ def imports() -> list[Import]:
 
 def test_every_package_is_scanned(imports: list[Import]) -> None:
     modules = find_modules(ROOT, LAYERS)
-    assert {"detectors.base", "guard.registry", "middleware.asgi"} <= set(modules)
+    assert {ig("detectors.base"), ig("guard.registry"), ig("middleware.asgi")} <= set(modules)
     assert len(modules) > 50
     # all three kinds are recognised (the tree has lazy imports today)
     assert {imp.kind for imp in imports} >= {"module", "function"}
@@ -231,9 +253,9 @@ def test_no_import_cycles(imports: list[Import], kinds: frozenset[str]) -> None:
 
 
 def test_the_middleware_is_imported_from_the_asgi_layer() -> None:
-    import guard
-    from middleware import GuardMiddleware
-    from middleware.asgi import GuardMiddleware as Defined
+    from inference_guard import guard
+    from inference_guard.middleware import GuardMiddleware
+    from inference_guard.middleware.asgi import GuardMiddleware as Defined
 
     assert GuardMiddleware is Defined
     assert not hasattr(guard, "GuardMiddleware")
@@ -249,62 +271,70 @@ from . import sibling
 from .. import config
 
 try:
-    from guard import registry
+    from inference_guard.guard import registry
 except ImportError:
     registry = None
 
 if TYPE_CHECKING:
-    from middleware.asgi import GuardMiddleware
+    from inference_guard.middleware.asgi import GuardMiddleware
 
 if typing.TYPE_CHECKING:
-    import middleware.types
+    import inference_guard.middleware.types
 
 class Holder:
-    from detectors import base
+    from inference_guard.detectors import base
 
 def lazy() -> None:
-    import middleware
-    importlib.import_module("middleware.demo")
+    import inference_guard.middleware
+    importlib.import_module("inference_guard.middleware.demo")
 
     def inner() -> None:
-        from guard.stores import memory
+        from inference_guard.guard.stores import memory
 """
 
 
 def test_the_checker_sees_every_kind_of_import() -> None:
-    known = {"guard", "guard.config", "guard.registry", "guard.stores", "guard.stores.memory",
-             "guard.stores.sibling", "middleware", "middleware.asgi", "middleware.types",
-             "detectors", "detectors.base"}
-    found = {(i.target, i.kind) for i in imports_of(PLANTED, "guard.stores.base", False, known)}
+    known = {ig(m) for m in ("guard", "guard.config", "guard.registry", "guard.stores",
+                             "guard.stores.memory", "guard.stores.sibling", "middleware",
+                             "middleware.asgi", "middleware.types", "detectors",
+                             "detectors.base")}
+    source = ig("guard.stores.base")
+    found = {(i.target, i.kind) for i in imports_of(PLANTED, source, False, known)}
     assert found >= {
-        ("guard.stores.sibling", "module"),
-        ("guard.config", "module"),
-        ("guard.registry", "module"),
-        ("middleware.asgi", "type_checking"),
-        ("middleware.types", "type_checking"),
-        ("detectors.base", "module"),
-        ("middleware", "function"),
-        ("guard.stores.memory", "function"),
-        ("middleware.demo", "function"),
+        (ig("guard.stores.sibling"), "module"),
+        (ig("guard.config"), "module"),
+        (ig("guard.registry"), "module"),
+        (ig("middleware.asgi"), "type_checking"),
+        (ig("middleware.types"), "type_checking"),
+        (ig("detectors.base"), "module"),
+        (ig("middleware"), "function"),
+        (ig("guard.stores.memory"), "function"),
+        (ig("middleware.demo"), "function"),
     }
-    planted = imports_of(PLANTED, "guard.stores.base", False, known)
-    assert {i.target for i in upward(planted)} == {"middleware", "middleware.asgi",
-                                                    "middleware.types", "middleware.demo"}
-    assert [i.target for i in upward(imports_of("import tests.conftest", "detectors.x", False,
-                                                known))] == ["tests.conftest"]
+    planted = imports_of(PLANTED, source, False, known)
+    assert {i.target for i in upward(planted)} == {
+        ig("middleware"), ig("middleware.asgi"), ig("middleware.types"), ig("middleware.demo")
+    }
+    x = ig("detectors.x")
+    assert [i.target for i in upward(imports_of("import tests.conftest", x, False, known))] == [
+        "tests.conftest"
+    ]
+    # a bare layer name is another project's package, whatever the layer
+    assert [i.target for i in upward(imports_of("from detectors import base", x, False, known))
+            ] == ["detectors"]
 
 
 def test_the_checker_finds_cycles() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     lazy = [
-        Import("guard.stores.base", "guard.stores.memory", "function", 1),
-        Import("guard.stores.memory", "guard.stores.base", "module", 1),
+        Import(ig("guard.stores.base"), ig("guard.stores.memory"), "function", 1),
+        Import(ig("guard.stores.memory"), ig("guard.stores.base"), "module", 1),
     ]
     assert find_cycle(graph(lazy, {"module"})) is None
     assert find_cycle(graph(lazy, {"module", "function"})) is not None
     typing_only = [
-        Import("guard.a", "guard.b", "module", 1),
-        Import("guard.b", "guard.a", "type_checking", 1),
+        Import(ig("guard.a"), ig("guard.b"), "module", 1),
+        Import(ig("guard.b"), ig("guard.a"), "type_checking", 1),
     ]
     assert find_cycle(graph(typing_only, {"module", "function"})) is None

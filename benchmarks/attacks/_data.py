@@ -391,7 +391,7 @@ def digits() -> Victim:
 
     Its box is the pixel range 0..16 for every feature, as the demo documents it.
     """
-    from middleware.demo import PIXEL_MAX, train_digits_model
+    from inference_guard.middleware.demo import PIXEL_MAX, train_digits_model
 
     m = train_digits_model()
     v = _split(

@@ -74,7 +74,7 @@ def key_hash(api_key: str) -> str:
 
 def demo_policy() -> dict[str, Any]:
     """guard/demo.yaml as shipped."""
-    text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
+    text = files("inference_guard.guard").joinpath("demo.yaml").read_text(encoding="utf-8")
     doc: dict[str, Any] = yaml.safe_load(text)
     return doc
 
@@ -105,7 +105,7 @@ def calibrate(v: Victim, config_path: Path, out_dir: Path) -> str:
     ``REF.npz`` holds ``X`` (the training rows) and ``proba`` (the model's answers
     on them). The one call that adapts the recipe to a deployment; returns its report.
     """
-    from middleware.cli import main as guard_main
+    from inference_guard.middleware.cli import main as guard_main
 
     ref = out_dir.parent / f"{v.name}-reference.npz"
     np.savez(ref, X=v.X_train, proba=v.predict_proba(v.X_train))
@@ -221,9 +221,9 @@ def guarded(
     """A fresh guard (the deployment's recipe config, audit log to a temp file)."""
     from prometheus_client import CollectorRegistry
 
-    from guard.config import GuardConfig
-    from guard.pipeline import Guard
-    from middleware.asgi import GuardMiddleware
+    from inference_guard.guard.config import GuardConfig
+    from inference_guard.guard.pipeline import Guard
+    from inference_guard.middleware.asgi import GuardMiddleware
 
     cfg = copy.deepcopy(dep.config)
     with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
@@ -249,8 +249,8 @@ def guarded(
 
 def exempt_supported(dep: Deployment) -> bool:
     """Whether this guard version accepts ``exempt: {api_keys: [...]}``."""
-    from guard.config import GuardConfig
-    from guard.errors import ConfigurationError
+    from inference_guard.guard.config import GuardConfig
+    from inference_guard.guard.errors import ConfigurationError
 
     cfg = copy.deepcopy(dep.config)
     cfg["exempt"] = {"api_keys": ["sha256:" + hashlib.sha256(b"probe").hexdigest()]}

@@ -9,15 +9,15 @@ proxy) only reads bytes off the wire and hands them over.
 
 from __future__ import annotations
 
-from guard.payload.adapters import (
+from inference_guard.guard.payload.adapters import (
     ParsedRequest,
     detect_format,
     parse_request,
     parse_response,
     pattern_format,
 )
-from guard.payload.degrade import RowNoise, degrade_response, noise_key
-from guard.payload.formats import PayloadFormat, PointerFormat, payload_format
+from inference_guard.guard.payload.degrade import RowNoise, degrade_response, noise_key
+from inference_guard.guard.payload.formats import PayloadFormat, PointerFormat, payload_format
 
 __all__ = [
     "ParsedRequest",

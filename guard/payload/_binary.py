@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.payload._request import fail
-from guard.payload._tensor import check_finite
+from inference_guard.guard.payload._request import fail
+from inference_guard.guard.payload._tensor import check_finite
 
 __all__ = ["NUMPY_DTYPES", "decode_tensor", "split_body"]
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from guard.payload._request import fail
+from inference_guard.guard.payload._request import fail
 
 __all__ = [
     "has_lone_surrogate",

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.config import LimitsConfig
-from guard.payload._binary import NUMPY_DTYPES, decode_tensor
-from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
-from guard.payload._tensor import (
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._binary import NUMPY_DTYPES, decode_tensor
+from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from inference_guard.guard.payload._tensor import (
     check_matrix_shape,
     finish_rows,
     finite_sum,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from guard.config import LimitsConfig
-from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
 
 __all__ = ["parse_chat", "parse_completion"]
 

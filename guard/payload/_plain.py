@@ -34,9 +34,9 @@ from typing import Any
 
 import orjson
 
-from guard.config import LimitsConfig
-from guard.payload._binary import NUMPY_DTYPES
-from guard.payload._oip import MAX_DIMS
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._binary import NUMPY_DTYPES
+from inference_guard.guard.payload._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
 

@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.config import LimitsConfig
-from guard.errors import PayloadError
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.errors import PayloadError
 
 __all__ = ["ParsedRequest", "check_rows", "check_texts", "fail"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from guard.config import LimitsConfig
-from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
-from guard.payload._tensor import Classified, classify
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from inference_guard.guard.payload._tensor import Classified, classify
 
 __all__ = ["parse_json_array", "parse_kserve", "parse_mlflow"]
 

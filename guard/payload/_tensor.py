@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.config import LimitsConfig
-from guard.payload._request import check_rows, check_texts, fail
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._request import check_rows, check_texts, fail
 
 __all__ = [
     "Classified",

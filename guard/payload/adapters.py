@@ -28,16 +28,21 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from detectors.base import Answer
-from guard.config import LimitsConfig
-from guard.payload._binary import split_body
-from guard.payload._json import is_json_media_type, load_json, load_json_lenient
-from guard.payload._oip import parse_oip
-from guard.payload._openai import parse_chat, parse_completion
-from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs
-from guard.payload._request import ParsedRequest, fail
-from guard.payload._tabular import parse_json_array, parse_kserve, parse_mlflow
-from guard.payload.formats import PayloadFormat
+from inference_guard.detectors.base import Answer
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._binary import split_body
+from inference_guard.guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from inference_guard.guard.payload._oip import parse_oip
+from inference_guard.guard.payload._openai import parse_chat, parse_completion
+from inference_guard.guard.payload._probabilities import (
+    Found,
+    from_list,
+    from_named,
+    from_v2_outputs,
+)
+from inference_guard.guard.payload._request import ParsedRequest, fail
+from inference_guard.guard.payload._tabular import parse_json_array, parse_kserve, parse_mlflow
+from inference_guard.guard.payload.formats import PayloadFormat
 
 __all__ = [
     "ParsedRequest",

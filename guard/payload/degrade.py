@@ -26,9 +26,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.config import DegradeConfig
-from guard.payload._json import load_json_lenient
-from guard.payload._probabilities import Found, from_list, from_named, from_v2_outputs, is_prob_name
+from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.payload._json import load_json_lenient
+from inference_guard.guard.payload._probabilities import (
+    Found,
+    from_list,
+    from_named,
+    from_v2_outputs,
+    is_prob_name,
+)
 
 __all__ = [
     "NOISE_KEY_ENV",

@@ -21,14 +21,14 @@ from typing import Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from detectors.base import Answer
-from guard.config import DegradeConfig, LimitsConfig, PayloadConfig
-from guard.payload._json import is_json_media_type, load_json, load_json_lenient
-from guard.payload._probabilities import prob_matrix
-from guard.payload._request import ParsedRequest, check_rows, check_texts, fail
-from guard.payload._tensor import finish_rows, leaves, to_float
-from guard.payload.degrade import RowNoise, coarsen, perturb
-from guard.pointer import MISSING, parse_pointer, replace_at, resolve
+from inference_guard.detectors.base import Answer
+from inference_guard.guard.config import DegradeConfig, LimitsConfig, PayloadConfig
+from inference_guard.guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from inference_guard.guard.payload._probabilities import prob_matrix
+from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
+from inference_guard.guard.payload._tensor import finish_rows, leaves, to_float
+from inference_guard.guard.payload.degrade import RowNoise, coarsen, perturb
+from inference_guard.guard.pointer import MISSING, parse_pointer, replace_at, resolve
 
 __all__ = ["CUSTOM", "PayloadFormat", "PointerFormat", "payload_format"]
 

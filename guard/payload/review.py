@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from detectors.base import Answer
-from guard.config import DegradeConfig
-from guard.payload._json import load_json_lenient
-from guard.payload.adapters import read_answer_doc
-from guard.payload.degrade import RowNoise, degrade_doc
-from guard.payload.formats import PayloadFormat
+from inference_guard.detectors.base import Answer
+from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.payload._json import load_json_lenient
+from inference_guard.guard.payload.adapters import read_answer_doc
+from inference_guard.guard.payload.degrade import RowNoise, degrade_doc
+from inference_guard.guard.payload.formats import PayloadFormat
 
 __all__ = ["Reviewed", "review_answer"]
 

@@ -6,11 +6,11 @@ are imported lazily by :func:`store_from_uri`.
 
 from __future__ import annotations
 
-from guard.stores.base import Store
-from guard.stores.memory import MemoryStore
-from guard.stores.rate import RateLimitStore
-from guard.stores.resilient import BreakerState, CircuitBreaker, ResilientStore
-from guard.stores.uri import store_from_uri
+from inference_guard.guard.stores.base import Store
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.guard.stores.rate import RateLimitStore
+from inference_guard.guard.stores.resilient import BreakerState, CircuitBreaker, ResilientStore
+from inference_guard.guard.stores.uri import store_from_uri
 
 __all__ = [
     "BreakerState",

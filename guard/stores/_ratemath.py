@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
+from inference_guard.detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
 
 __all__ = ["MAX_COST", "check_acquire", "gcra_step", "window_step"]
 

@@ -56,11 +56,11 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from detectors.store import RateCheck, RateState
-from guard.config import StateConfig
-from guard.errors import ConfigurationError, StateError
-from guard.stores._batch import Command, Script
-from guard.stores.redis import RedisStore
+from inference_guard.detectors.store import RateCheck, RateState
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import ConfigurationError, StateError
+from inference_guard.guard.stores._batch import Command, Script
+from inference_guard.guard.stores.redis import RedisStore
 
 __all__ = ["SCHEMES", "RedisClusterStore", "parse_cluster_url"]
 

@@ -34,12 +34,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detectors.shared_standing import STANDING_PREFIX
-from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
-from guard.errors import StateError
-from guard.stores._ratemath import check_acquire, gcra_step, window_step
-from guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
-from guard.stores.rate import RateLimitStore
+from inference_guard.detectors.shared_standing import STANDING_PREFIX
+from inference_guard.detectors.store import GcraLimit, RateCheck, RateLimit, RateState
+from inference_guard.guard.errors import StateError
+from inference_guard.guard.stores._ratemath import check_acquire, gcra_step, window_step
+from inference_guard.guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
+from inference_guard.guard.stores.rate import RateLimitStore
 
 __all__ = ["FLAG_PREFIXES", "MemoryStore"]
 

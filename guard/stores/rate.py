@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
+from inference_guard.detectors.store import GcraLimit, RateCheck, RateState, WindowLimit
 
 __all__ = ["RateLimitStore"]
 

@@ -44,20 +44,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from detectors.store import GcraLimit, RateCheck, RateLimit, RateState
-from guard.config import StateConfig
-from guard.errors import ConfigurationError, StateError
-from guard.stores._batch import AutoPipeline, Command, Script
-from guard.stores._ratemath import check_acquire
-from guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
-from guard.stores.rate import RateLimitStore
+from inference_guard.detectors.store import GcraLimit, RateCheck, RateLimit, RateState
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import ConfigurationError, StateError
+from inference_guard.guard.stores._batch import AutoPipeline, Command, Script
+from inference_guard.guard.stores._ratemath import check_acquire
+from inference_guard.guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
+from inference_guard.guard.stores.rate import RateLimitStore
 
 __all__ = ["RedisStore", "load_script"]
 
 
 def load_script(name: str) -> str:
     """The text of the Lua script ``guard/stores/lua/<name>.lua`` shipped in the package."""
-    return resources.files("guard.stores").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    lua = resources.files("inference_guard.guard.stores").joinpath("lua", f"{name}.lua")
+    return lua.read_text("utf-8")
 
 
 def _ms(seconds: float) -> int:

@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import TypeVar
 
-from detectors.store import RateCheck, RateState
-from guard.config import StateConfig
-from guard.errors import StateError
-from guard.stores.base import QuarantineCount, Store
-from guard.stores.memory import MemoryStore
-from guard.stores.rate import RateLimitStore
+from inference_guard.detectors.store import RateCheck, RateState
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import StateError
+from inference_guard.guard.stores.base import QuarantineCount, Store
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.guard.stores.rate import RateLimitStore
 
 __all__ = ["EVENTS", "BreakerState", "CircuitBreaker", "EventCallback", "ResilientStore"]
 

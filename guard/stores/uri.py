@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from guard.config import StateConfig
-from guard.errors import ConfigurationError
-from guard.stores.base import Store
-from guard.stores.memory import MemoryStore
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.stores.base import Store
+from inference_guard.guard.stores.memory import MemoryStore
 
 __all__ = ["store_from_uri"]
 
@@ -36,12 +36,12 @@ def store_from_uri(
             on_event=on_event,
         )
     if uri.startswith(("redis+cluster://", "rediss+cluster://")):
-        from guard.stores.cluster import RedisClusterStore
+        from inference_guard.guard.stores.cluster import RedisClusterStore
 
         return RedisClusterStore(config)
     if uri.startswith(("redis://", "rediss://", "unix://")):
         try:
-            from guard.stores.redis import RedisStore
+            from inference_guard.guard.stores.redis import RedisStore
         except ImportError as exc:  # pragma: no cover - redis is a dependency
             raise ConfigurationError(
                 "state.store", f"redis support is not available: {exc}"

@@ -207,7 +207,7 @@ def test_outcome_reads_enforcement_and_audit_lines() -> None:
 
 
 def test_client_hash_is_the_guards() -> None:
-    from guard.identity import ClientIdentifier
+    from inference_guard.guard.identity import ClientIdentifier
 
     assert hasattr(ClientIdentifier, "hash")
     assert client_hash("s", "k") != client_hash("s", "k2")

@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from detectors.anomaly import UNSCORABLE, RowAnomalyDetector, TextAnomalyDetector
-from detectors.base import DetectorResult, Query
-from detectors.knn import KNNOutlier
-from detectors.prompt_corpus import benign_prompts
-from detectors.text import TextOutlier
+from inference_guard.detectors.anomaly import UNSCORABLE, RowAnomalyDetector, TextAnomalyDetector
+from inference_guard.detectors.base import DetectorResult, Query
+from inference_guard.detectors.knn import KNNOutlier
+from inference_guard.detectors.prompt_corpus import benign_prompts
+from inference_guard.detectors.text import TextOutlier
 from tests.detectors.anomaly_helpers import gaussian
 
 

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from detectors.anomaly import RowAnomalyDetector
-from detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
-from detectors.base import Query
-from detectors.mahalanobis import MahalanobisOutlier
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.anomaly import RowAnomalyDetector
+from inference_guard.detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.guard.stores.memory import MemoryStore
 from tests.detectors.anomaly_helpers import gaussian
 
 T = TypeVar("T")

@@ -19,10 +19,10 @@ from numpy.typing import NDArray
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from detectors.base import Answer, Detector, DetectorResult, Query
-from detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
-from detectors.outlier_base import threshold_at_fpr
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
+from inference_guard.detectors.outlier_base import threshold_at_fpr
+from inference_guard.guard.stores.memory import MemoryStore
 
 Rows = NDArray[np.float64]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.envelope import FeatureEnvelope
 
 
 def test_inside_scores_zero_and_outside_counts_range_units() -> None:

@@ -19,9 +19,9 @@ from numpy.typing import NDArray
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from detectors.base import Query
-from detectors.fingerprint import Fingerprinter, NearDuplicateDetector
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.fingerprint import Fingerprinter, NearDuplicateDetector
+from inference_guard.guard.stores.memory import MemoryStore
 
 Rows = NDArray[np.float64]
 SALT = b"test salt, 16+ bytes"

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from detectors import ood_samples
-from detectors.iforest import IsolationForestOutlier, average_path_length, flatten_forest
+from inference_guard.detectors import ood_samples
+from inference_guard.detectors.iforest import (
+    IsolationForestOutlier,
+    average_path_length,
+    flatten_forest,
+)
 from tests.detectors.anomaly_helpers import HIGH, LOW, digits_split, flagged_share, gaussian
 
 
@@ -69,7 +73,7 @@ def test_values_one_ulp_past_a_split_follow_sklearn() -> None:
 def test_flatten_matches_an_independent_forest() -> None:
     X = gaussian(600, d=6)
     forest = IsolationForest(n_estimators=25, random_state=3).fit(X)
-    from detectors.iforest import score_flat
+    from inference_guard.detectors.iforest import score_flat
 
     probes = np.vstack([X, gaussian(100, d=6, seed=9) * 3])
     np.testing.assert_allclose(

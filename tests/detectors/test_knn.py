@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from detectors import ood_samples
-from detectors.knn import KNNOutlier
+from inference_guard.detectors import ood_samples
+from inference_guard.detectors.knn import KNNOutlier
 from tests.detectors.anomaly_helpers import HIGH, LOW, digits_split, gaussian
 
 

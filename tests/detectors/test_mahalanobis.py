@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
 
-from detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
 from tests.detectors.anomaly_helpers import digits_split, gaussian
 
 

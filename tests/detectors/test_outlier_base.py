@@ -17,12 +17,12 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from detectors import ood_samples
-from detectors.envelope import FeatureEnvelope
-from detectors.iforest import IsolationForestOutlier
-from detectors.knn import KNNOutlier
-from detectors.mahalanobis import MahalanobisOutlier
-from detectors.outlier_base import RowOutlierBase
+from inference_guard.detectors import ood_samples
+from inference_guard.detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.iforest import IsolationForestOutlier
+from inference_guard.detectors.knn import KNNOutlier
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.outlier_base import RowOutlierBase
 from tests.detectors.anomaly_helpers import (
     HIGH,
     LOW,

@@ -14,13 +14,18 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from detectors.envelope import FeatureEnvelope
-from detectors.iforest import IsolationForestOutlier
-from detectors.knn import KNNOutlier
-from detectors.mahalanobis import MahalanobisOutlier
-from detectors.persist import CorruptModelFile, load_model, manifest_path, save_model
-from detectors.prompt_corpus import benign_prompts
-from detectors.text import TextOutlier
+from inference_guard.detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.iforest import IsolationForestOutlier
+from inference_guard.detectors.knn import KNNOutlier
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.persist import (
+    CorruptModelFile,
+    load_model,
+    manifest_path,
+    save_model,
+)
+from inference_guard.detectors.prompt_corpus import benign_prompts
+from inference_guard.detectors.text import TextOutlier
 from tests.detectors.anomaly_helpers import gaussian
 
 X = gaussian(1500, d=6)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from detectors.envelope import FeatureEnvelope
-from detectors.persist import MAX_BYTES, CorruptModelFile, load_model, manifest_path, save_model
+from inference_guard.detectors.envelope import FeatureEnvelope
+from inference_guard.detectors.persist import (
+    MAX_BYTES,
+    CorruptModelFile,
+    load_model,
+    manifest_path,
+    save_model,
+)
 from tests.detectors.anomaly_helpers import gaussian
 
 
@@ -56,7 +62,7 @@ def test_a_symlink_to_a_regular_file_is_followed(saved: Path, tmp_path: Path) ->
 def test_a_world_writable_directory_is_warned_about_once(
     saved: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="detectors.persist"):
+    with caplog.at_level(logging.WARNING, logger="guard.persist"):
         load_model(saved)
         assert not caplog.records
         saved.parent.chmod(0o777)

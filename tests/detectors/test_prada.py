@@ -19,9 +19,9 @@ from numpy.typing import NDArray
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from detectors.base import Answer, Query
-from detectors.prada import PradaDetector
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.base import Answer, Query
+from inference_guard.detectors.prada import PradaDetector
+from inference_guard.guard.stores.memory import MemoryStore
 
 Rows = NDArray[np.float64]
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from detectors.base import Query
-from detectors.rate import (
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.rate import (
     LimitSpecError,
     NamedLimit,
     RateLimitDetector,
@@ -15,12 +15,12 @@ from detectors.rate import (
     parse_limits,
     request_cost,
 )
-from detectors.store import GcraLimit, WindowLimit
-from guard.config import DetectorSpec, GuardConfig, StateConfig
-from guard.decisions import Action
-from guard.errors import ConfigurationError, StateError
-from guard.registry import BuildContext, build_detector
-from guard.stores import MemoryStore, ResilientStore, store_from_uri
+from inference_guard.detectors.store import GcraLimit, WindowLimit
+from inference_guard.guard.config import DetectorSpec, GuardConfig, StateConfig
+from inference_guard.guard.decisions import Action
+from inference_guard.guard.errors import ConfigurationError, StateError
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores import MemoryStore, ResilientStore, store_from_uri
 from tests.stores_fixture import Backend, FakeClock
 
 HOUR = 3600.0

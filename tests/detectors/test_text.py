@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from detectors import ood_samples
-from detectors.prompt_corpus import benign_prompts
-from detectors.text import INVISIBLE_RANGES, TextOutlier, count_invisible, encode
+from inference_guard.detectors import ood_samples
+from inference_guard.detectors.prompt_corpus import benign_prompts
+from inference_guard.detectors.text import INVISIBLE_RANGES, TextOutlier, count_invisible, encode
 from tests.detectors.anomaly_helpers import fpr_interval
 
 
@@ -137,7 +137,7 @@ def _naive_log_probs(corpus: list[str], order: int, text: str) -> list[float]:
     """Witten-Bell interpolation written out with dictionaries, for comparison."""
     from collections import Counter
 
-    from detectors._char_ngram import BOS, V
+    from inference_guard.detectors._char_ngram import BOS, V
 
     seqs = [[int(s) for s in encode(t)] for t in corpus]
     grams: Counter[tuple[int, ...]] = Counter()
@@ -164,7 +164,7 @@ def _naive_log_probs(corpus: list[str], order: int, text: str) -> list[float]:
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_ngram_probabilities_match_the_definition(order: int) -> None:
-    from detectors._char_ngram import CharNGram
+    from inference_guard.detectors._char_ngram import CharNGram
 
     corpus = ["the cat sat on the mat.", "the hat is on the cat!", "A bat? That's that."]
     model = CharNGram.fit(corpus, order)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from middleware.asgi import GuardMiddleware
-from middleware.demo import build_model_app
-from middleware.types import ASGIApp, Receive, Scope, Send
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.demo import build_model_app
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
 
 def _config() -> str | None:

@@ -234,7 +234,7 @@ def run_proxy(
     cmd = [
         sys.executable,
         "-m",
-        "middleware.cli",
+        "inference_guard.middleware.cli",
         "proxy",
         "--upstream",
         upstream,

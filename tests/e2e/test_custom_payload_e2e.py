@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from guard.calibrate import calibrate_rows
+from inference_guard.guard.calibrate import calibrate_rows
 from tests.conftest import run_server
 from tests.e2e.test_server import metric
 

@@ -143,7 +143,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, Prom, Process]]:
     guard_port, prom_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GUARD_FINGERPRINT_SALT": "e2e-" + "s" * 28}
     demo = Process(
-        [sys.executable, "-m", "middleware.cli", "demo", "--port", str(guard_port),
+        [sys.executable, "-m", "inference_guard.middleware.cli", "demo", "--port", str(guard_port),
          "--log-level", "warning"],
         tmp_path / "demo.log",
         cwd=ROOT,

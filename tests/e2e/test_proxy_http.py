@@ -372,7 +372,7 @@ def in_thread(app: object) -> Iterator[str]:
 
 
 def test_a_full_pool_is_a_503_counted_in_the_guards_registry() -> None:
-    from middleware.proxy import ProxyTimeouts, build_proxy_app
+    from inference_guard.middleware.proxy import ProxyTimeouts, build_proxy_app
     from tests.e2e.upstream_apps import echo_app
 
     with in_thread(echo_app()) as upstream:

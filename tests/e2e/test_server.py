@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from guard.metrics import FLUSH_AFTER_S
+from inference_guard.guard.metrics import FLUSH_AFTER_S
 from tests.conftest import run_server
 
 pytestmark = pytest.mark.e2e

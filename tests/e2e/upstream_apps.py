@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any
 
-from middleware.types import ASGIApp, Receive, Scope, Send
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
 
 async def _send_json(send: Send, content: Any, headers: list[tuple[bytes, bytes]]) -> None:

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from detectors.anomaly import RowAnomalyDetector, TextAnomalyDetector
-from detectors.anomaly_rate import AnomalyRateDetector
-from detectors.base import Query
-from detectors.ood_samples import tag_smuggled, uniform_noise
-from detectors.persist import load_model, manifest_path
-from detectors.prompt_corpus import benign_prompts
-from guard import calibrate as cal
-from guard.calibration_files import calibration_key
-from guard.config import DetectorSpec, GuardConfig
-from guard.errors import ConfigurationError, ModelFileError
-from guard.reference_data import DataError, ReferenceData, load_reference
-from guard.registry import BuildContext, build_detector
-from guard.stores.memory import MemoryStore
-from middleware.cli import main
+from inference_guard.detectors.anomaly import RowAnomalyDetector, TextAnomalyDetector
+from inference_guard.detectors.anomaly_rate import AnomalyRateDetector
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.ood_samples import tag_smuggled, uniform_noise
+from inference_guard.detectors.persist import load_model, manifest_path
+from inference_guard.detectors.prompt_corpus import benign_prompts
+from inference_guard.guard import calibrate as cal
+from inference_guard.guard.calibration_files import calibration_key
+from inference_guard.guard.config import DetectorSpec, GuardConfig
+from inference_guard.guard.errors import ConfigurationError, ModelFileError
+from inference_guard.guard.reference_data import DataError, ReferenceData, load_reference
+from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.middleware.cli import main
 
 ROW_KINDS = ("envelope", "mahalanobis", "iforest", "knn")
 
@@ -306,7 +306,7 @@ def test_calibrate_digits_uses_the_demo_training_split(tmp_path: Path) -> None:
     reports = cal.calibrate_digits(tmp_path, target_fpr=0.01)
     assert {r.kind for r in reports} == set(ROW_KINDS)
     assert reports[0].n_fit + reports[0].n_heldout == int(0.8 * 1797)
-    demo = pytest.importorskip("middleware.demo")
+    demo = pytest.importorskip("inference_guard.middleware.demo")
     model = demo.train_digits_model(0)
     again = cal.calibrate_digits(tmp_path / "b", target_fpr=0.01, X=model.X_train)
     assert [r.threshold for r in again] == [r.threshold for r in reports]

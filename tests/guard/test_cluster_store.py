@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from detectors.base import Query
-from detectors.rate import RateLimitDetector
-from detectors.store import GcraLimit, WindowLimit
-from guard.config import StateConfig
-from guard.errors import ConfigurationError, StateError
-from guard.stores import BreakerState, ResilientStore, store_from_uri
-from guard.stores.cluster import RedisClusterStore, parse_cluster_url
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.rate import RateLimitDetector
+from inference_guard.detectors.store import GcraLimit, WindowLimit
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import ConfigurationError, StateError
+from inference_guard.guard.stores import BreakerState, ResilientStore, store_from_uri
+from inference_guard.guard.stores.cluster import RedisClusterStore, parse_cluster_url
 from tests.redis_cluster import LocalCluster
 from tests.stores_fixture import (
     FakeClock,

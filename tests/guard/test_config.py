@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from guard.config import DEFAULT_ROUTES, GuardConfig
-from guard.decisions import Action, FailureMode
-from guard.errors import ConfigurationError
-from guard.policy import compile_routes
+from inference_guard.guard.config import DEFAULT_ROUTES, GuardConfig
+from inference_guard.guard.decisions import Action, FailureMode
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.policy import compile_routes
 
 
 def problems(data: object) -> dict[str, str]:

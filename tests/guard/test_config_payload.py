@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from guard.config import GuardConfig, PayloadConfig
-from guard.errors import ConfigurationError
+from inference_guard.guard.config import GuardConfig, PayloadConfig
+from inference_guard.guard.errors import ConfigurationError
 
 
 def policy(**keys: Any) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-import guard.payload.review as review_module
+import inference_guard.guard.payload.review as review_module
 import tests.middleware.fakes as fakes
-from guard.config import GuardConfig
-from guard.decisions import Action
-from guard.engine import Pass, Refusal, Request, Seen, Verdict
-from guard.errors import ClientDisconnected, PayloadError
-from guard.pipeline import Guard
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.decisions import Action
+from inference_guard.guard.engine import Pass, Refusal, Request, Seen, Verdict
+from inference_guard.guard.errors import ClientDisconnected, PayloadError
+from inference_guard.guard.pipeline import Guard
 from tests.conftest import sample
 
 V2 = "/v2/models/m/infer"

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from detectors.base import Query
-from guard.config import ExemptConfig, GuardConfig, IdentityConfig
-from guard.decisions import Action
-from guard.errors import ConfigurationError, PayloadError
-from guard.identity import ClientIdentifier
-from guard.pipeline import Guard
-from middleware.cli import main
+from inference_guard.detectors.base import Query
+from inference_guard.guard.config import ExemptConfig, GuardConfig, IdentityConfig
+from inference_guard.guard.decisions import Action
+from inference_guard.guard.errors import ConfigurationError, PayloadError
+from inference_guard.guard.identity import ClientIdentifier
+from inference_guard.guard.pipeline import Guard
+from inference_guard.middleware.cli import main
 from tests.conftest import sample
 
 MONITOR_KEY = "monitor-key-0123456789"

@@ -9,16 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detectors.anomaly_rate import AnomalyRateTracker
-from detectors.base import Query
-from detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
-from detectors.fingerprint import NearDuplicateDetector
-from detectors.prada import PradaDetector
-from guard.config import DetectorSpec, GuardConfig
-from guard.errors import ConfigurationError
-from guard.extraction_factories import DEFAULT_SALT_ENV
-from guard.registry import BuildContext, build_detector, registered
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.boundary import DEFAULT_BASELINE, BoundaryDetector
+from inference_guard.detectors.fingerprint import NearDuplicateDetector
+from inference_guard.detectors.prada import PradaDetector
+from inference_guard.guard.config import DetectorSpec, GuardConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.extraction_factories import DEFAULT_SALT_ENV
+from inference_guard.guard.registry import BuildContext, build_detector, registered
+from inference_guard.guard.stores.memory import MemoryStore
 
 KEY = "policies[0].detectors[2]"
 SALT = "a salt of at least sixteen bytes"

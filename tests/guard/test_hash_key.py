@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guard.config import GuardConfig, IdentityConfig
-from guard.errors import ConfigurationError
-from guard.identity import ClientIdentifier
+from inference_guard.guard.config import GuardConfig, IdentityConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.identity import ClientIdentifier
 
 SHARED = [
     "redis://localhost:6379/0",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guard.config import IdentityConfig
-from guard.errors import PayloadError
-from guard.identity import ClientIdentifier
+from inference_guard.guard.config import IdentityConfig
+from inference_guard.guard.errors import PayloadError
+from inference_guard.guard.identity import ClientIdentifier
 
 SECRET = b"test-secret"
 

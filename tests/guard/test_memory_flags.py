@@ -7,13 +7,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-import guard.pipeline as pipeline
-from detectors.base import Query
-from detectors.shared_standing import STANDING_PREFIX, SharedStanding
-from guard.config import GuardConfig
-from guard.stores import MemoryStore
-from guard.stores.memory import FLAG_PREFIXES
-from middleware.asgi import GuardMiddleware
+import inference_guard.guard.pipeline as pipeline
+from inference_guard.detectors.base import Query
+from inference_guard.detectors.shared_standing import STANDING_PREFIX, SharedStanding
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.stores import MemoryStore
+from inference_guard.guard.stores.memory import FLAG_PREFIXES
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, V1, Echo, request
 

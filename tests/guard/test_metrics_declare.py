@@ -16,14 +16,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import guard
-from detectors.persist import read_manifest
-from guard._process_metrics import ProcessMetrics, worker_pids
-from guard.calibrate import calibrate_rows
-from guard.config import GuardConfig
-from guard.errors import PayloadError
-from guard.metrics import DECISIONS, GuardMetrics, code_class, config_sha
-from guard.score_buckets import DEFAULT_BUCKETS, calibrated_buckets, score_buckets
-from guard.stores.memory import MemoryStore
+from inference_guard.detectors.persist import read_manifest
+from inference_guard.guard._process_metrics import ProcessMetrics, worker_pids
+from inference_guard.guard.calibrate import calibrate_rows
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.errors import PayloadError
+from inference_guard.guard.metrics import DECISIONS, GuardMetrics, code_class, config_sha
+from inference_guard.guard.score_buckets import DEFAULT_BUCKETS, calibrated_buckets, score_buckets
+from inference_guard.guard.stores.memory import MemoryStore
 from tests.stores_fixture import FakeClock
 
 ALERTS = Path(__file__).resolve().parents[2] / "guard" / "ops" / "alerts.yaml"

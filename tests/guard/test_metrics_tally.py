@@ -9,8 +9,8 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-import guard.metrics as gm
-from guard.metrics import GuardMetrics, Tally
+import inference_guard.guard.metrics as gm
+from inference_guard.guard.metrics import GuardMetrics, Tally
 
 
 def raw(metric: Counter) -> float:

@@ -23,9 +23,9 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from guard.config import GuardConfig
-from guard.metrics import GuardMetrics
-from guard.stores.memory import MemoryStore
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.metrics import GuardMetrics
+from inference_guard.guard.stores.memory import MemoryStore
 
 OPS = Path(__file__).resolve().parents[2] / "guard" / "ops"
 DASHBOARD = OPS / "grafana-dashboard.json"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from guard.pointer import MISSING, parse_pointer, replace_at, resolve
+from inference_guard.guard.pointer import MISSING, parse_pointer, replace_at, resolve
 
 #: the example document of RFC 6901, section 5
 RFC_DOC: dict[str, Any] = {

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 
-import guard.registry as registry
-from detectors.base import Detector, DetectorResult, Query
-from guard.builtin_detectors import BUILTIN_DETECTORS
-from guard.config import DetectorSpec
-from guard.errors import ConfigurationError
-from guard.registry import BuildContext, build_detector, register_detector, registered
-from guard.stores.memory import MemoryStore
+import inference_guard.guard.registry as registry
+from inference_guard.detectors.base import Detector, DetectorResult, Query
+from inference_guard.guard.builtin_detectors import BUILTIN_DETECTORS
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.registry import (
+    BuildContext,
+    build_detector,
+    register_detector,
+    registered,
+)
+from inference_guard.guard.stores.memory import MemoryStore
 
 GUARD = Path(registry.__file__).parent
 BUILTIN_TYPES = {
@@ -95,16 +100,17 @@ FACTORY_MODULES = sorted({factory.__module__ for factory in BUILTIN_DETECTORS.va
 
 def test_the_factory_modules_are_the_three_families() -> None:
     assert FACTORY_MODULES == [
-        "guard.anomaly_factories",
-        "guard.extraction_factories",
-        "guard.rate_factories",
+        "inference_guard.guard.anomaly_factories",
+        "inference_guard.guard.extraction_factories",
+        "inference_guard.guard.rate_factories",
     ]
 
 
 @pytest.mark.parametrize(
-    "module", ["guard.builtin_detectors", "guard.factory", *FACTORY_MODULES]
+    "module",
+    ["inference_guard.guard.builtin_detectors", "inference_guard.guard.factory", *FACTORY_MODULES],
 )
 def test_nothing_the_registry_lists_imports_the_registry(module: str) -> None:
     # registry -> builtin_detectors -> *_factories must not lead back to registry
-    path = GUARD / f"{module.removeprefix('guard.')}.py"
-    assert "guard.registry" not in _imports(path)
+    path = GUARD / f"{module.removeprefix('inference_guard.guard.')}.py"
+    assert "inference_guard.guard.registry" not in _imports(path)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from detectors.base import Answer
-from guard.capture import CapturedRequest, CaptureLog
-from guard.config import CaptureConfig, GuardConfig
-from guard.errors import ConfigurationError
-from guard.replay import ReplayError, compare, read_lines, replay
-from middleware.cli import main
+from inference_guard.detectors.base import Answer
+from inference_guard.guard.capture import CapturedRequest, CaptureLog
+from inference_guard.guard.config import CaptureConfig, GuardConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.replay import ReplayError, compare, read_lines, replay
+from inference_guard.middleware.cli import main
 
 ROUTE = "/v2/models/m/infer"
 

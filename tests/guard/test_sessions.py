@@ -31,14 +31,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from detectors.persist import load_model
-from detectors.profile import TrafficProfile, robust_range
-from guard import calibrate as cal
-from guard.config import DetectorSpec
-from guard.reference_data import DataError, ReferenceData, load_reference
-from guard.sessions import calibrate_profile, simulate_sessions, traffic_from_capture
-from middleware.asgi import GuardMiddleware
-from middleware.cli import main
+from inference_guard.detectors.persist import load_model
+from inference_guard.detectors.profile import TrafficProfile, robust_range
+from inference_guard.guard import calibrate as cal
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.reference_data import DataError, ReferenceData, load_reference
+from inference_guard.guard.sessions import (
+    calibrate_profile,
+    simulate_sessions,
+    traffic_from_capture,
+)
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.cli import main
 
 SESSIONS = 80  # enough to exercise everything; the CLI's default is 400
 
@@ -55,7 +59,7 @@ def cancer() -> tuple[np.ndarray, np.ndarray, Any]:
 
 
 def demo_policy() -> dict[str, Any]:
-    text = files("guard").joinpath("demo.yaml").read_text(encoding="utf-8")
+    text = files("inference_guard.guard").joinpath("demo.yaml").read_text(encoding="utf-8")
     config: dict[str, Any] = yaml.safe_load(text)
     return config
 

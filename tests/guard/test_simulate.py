@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from guard.simulate import ATTACKS, clients_dir, load_clients
-from middleware.cli import main
+from inference_guard.guard.simulate import ATTACKS, clients_dir, load_clients
+from inference_guard.middleware.cli import main
 from tests.conftest import run_server
 
 
@@ -80,7 +80,7 @@ def test_unreachable_target_exits_non_zero(capsys: pytest.CaptureFixture[str]) -
 def test_missing_clients_exit_2(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import guard.simulate as simulate
+    import inference_guard.guard.simulate as simulate
 
     monkeypatch.setattr(simulate, "clients_dir", lambda: tmp_path / "nowhere")
     code = main(["simulate", "benign", "--target", "http://127.0.0.1:9"])
@@ -127,7 +127,7 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The wine model's reference data (rows and its answers) and its calibrated guard config."""
     import numpy as np
 
-    from guard.calibrate import calibrate_rows
+    from inference_guard.guard.calibrate import calibrate_rows
     from tests.e2e.apps import wine_model
 
     tmp = tmp_path_factory.mktemp("wine")

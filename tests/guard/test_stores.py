@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from detectors.store import (
+from inference_guard.detectors.store import (
     GcraLimit,
     KeyValueStore,
     RateCheck,
@@ -27,10 +27,16 @@ from detectors.store import (
     RateStore,
     WindowLimit,
 )
-from guard.config import StateConfig
-from guard.errors import StateError
-from guard.stores import BreakerState, CircuitBreaker, MemoryStore, ResilientStore, store_from_uri
-from guard.stores.redis import RedisStore, load_script
+from inference_guard.guard.config import StateConfig
+from inference_guard.guard.errors import StateError
+from inference_guard.guard.stores import (
+    BreakerState,
+    CircuitBreaker,
+    MemoryStore,
+    ResilientStore,
+    store_from_uri,
+)
+from inference_guard.guard.stores.redis import RedisStore, load_script
 from tests.stores_fixture import (
     REDIS_SKIP,
     REDIS_URL,

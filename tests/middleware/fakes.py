@@ -6,11 +6,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from detectors.base import Answer, Detector, DetectorResult, Query
-from guard.config import DetectorSpec
-from guard.errors import StateError
-from guard.registry import BuildContext, register_detector
-from middleware.types import Message, Receive, Scope, Send
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.guard.config import DetectorSpec
+from inference_guard.guard.errors import StateError
+from inference_guard.guard.registry import BuildContext, register_detector
+from inference_guard.middleware.types import Message, Receive, Scope, Send
 
 
 class FixedDetector(Detector):

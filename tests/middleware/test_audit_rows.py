@@ -11,10 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from detectors.mahalanobis import MahalanobisOutlier
-from detectors.persist import save_model
-from guard.decisions import Action, Decision
-from middleware.asgi import GuardMiddleware
+from inference_guard.detectors.mahalanobis import MahalanobisOutlier
+from inference_guard.detectors.persist import save_model
+from inference_guard.guard.decisions import Action, Decision
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.fakes import EchoApp
 

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guard.config import GuardConfig
-from guard.errors import PayloadError
-from middleware._body import BodyReader, receive_within
-from middleware.asgi import GuardMiddleware
-from middleware.types import Message
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.errors import PayloadError
+from inference_guard.middleware._body import BodyReader, receive_within
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.types import Message
 from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, V1, V2, Echo, Result
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from middleware.cli import main
+from inference_guard.middleware.cli import main
 
 
 def test_check_config_accepts_a_valid_file(
@@ -71,7 +71,7 @@ def test_version_from_a_process() -> None:
 
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-m", "middleware.cli", "--version"],
+        [sys.executable, "-m", "inference_guard.middleware.cli", "--version"],
         cwd=root,
         capture_output=True,
         text=True,

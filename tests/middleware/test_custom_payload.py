@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from guard.calibrate import calibrate_rows
-from middleware.asgi import GuardMiddleware
+from inference_guard.guard.calibrate import calibrate_rows
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.fakes import ObservingDetector
 

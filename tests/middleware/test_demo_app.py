@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from middleware.demo import (
+from inference_guard.middleware.demo import (
     DigitsModel,
     build_model_app,
     train_digits_model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from middleware.demo import build_demo_app, train_digits_model
+from inference_guard.middleware.demo import build_demo_app, train_digits_model
 from tests.e2e.test_server import metric
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from middleware.asgi import GuardMiddleware
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.fakes import EchoApp
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from middleware.asgi import GuardMiddleware
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, V1, Echo, request
 

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guard.config import LimitsConfig
-from guard.errors import PayloadError
-from guard.payload._json import has_lone_surrogate, load_json
-from guard.payload.adapters import parse_request
-from middleware.asgi import GuardMiddleware
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.errors import PayloadError
+from inference_guard.guard.payload._json import has_lone_surrogate, load_json
+from inference_guard.guard.payload.adapters import parse_request
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, V1, V2, Echo, request
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-import guard.admission as engine_module
-from guard.errors import PayloadError
-from middleware._request_ids import request_ids as _request_ids
-from middleware.asgi import GuardMiddleware
+import inference_guard.guard.admission as engine_module
+from inference_guard.guard.errors import PayloadError
+from inference_guard.middleware._request_ids import request_ids as _request_ids
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.test_fuzz import (
     JSON_CT,

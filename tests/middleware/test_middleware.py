@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from guard.config import GuardConfig
-from middleware.asgi import GuardMiddleware
+from inference_guard.guard.config import GuardConfig
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.fakes import EchoApp, ObservingDetector
 

@@ -11,10 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from guard.config import DegradeConfig
-from guard.payload.degrade import RowNoise, degrade_response, noise_key, perturb
-from middleware.asgi import GuardMiddleware
-from middleware.types import Message, Receive, Scope, Send
+from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.payload.degrade import RowNoise, degrade_response, noise_key, perturb
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.types import Message, Receive, Scope, Send
 
 KEY = bytes(range(64))
 SPEC = DegradeConfig(decimals=None, noise=0.1)

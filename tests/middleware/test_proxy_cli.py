@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from middleware.cli import build_parser, main
+from inference_guard.middleware.cli import build_parser, main
 
 
 def test_help_names_the_default_policy(capsys: pytest.CaptureFixture[str]) -> None:

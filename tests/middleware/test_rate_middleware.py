@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from guard.stores.memory import MemoryStore
-from middleware.asgi import GuardMiddleware
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 from tests.middleware.fakes import EchoApp
 

@@ -13,8 +13,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from middleware.asgi import GuardMiddleware
-from middleware.types import Receive, Scope, Send
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.types import Receive, Scope, Send
 from tests.middleware.fakes import EchoApp
 
 V2 = "/v2/models/m/infer"

@@ -11,10 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from guard.config import LimitsConfig
-from guard.errors import PayloadError
-from guard.payload._json import json_depth_exceeds
-from guard.payload.adapters import ParsedRequest, detect_format, parse_request, parse_response
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.errors import PayloadError
+from inference_guard.guard.payload._json import json_depth_exceeds
+from inference_guard.guard.payload.adapters import (
+    ParsedRequest,
+    detect_format,
+    parse_request,
+    parse_response,
+)
 
 LIMITS = LimitsConfig()
 V2 = "/v2/models/iris/infer"
@@ -1099,7 +1104,7 @@ def _plain_variants(r: random.Random) -> list[bytes]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: int) -> None:
     """The lean lane's reading: an acceptance must be the full parser's, row count included."""
-    from guard.payload._plain import plain_oip_rows as plain_rows
+    from inference_guard.guard.payload._plain import plain_oip_rows as plain_rows
 
     limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
     accepted = refused_by_full = 0
@@ -1122,7 +1127,7 @@ def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: 
 
 
 def test_plain_rows_takes_the_usual_encodings() -> None:
-    from guard.payload._plain import plain_oip_rows as plain_rows
+    from inference_guard.guard.payload._plain import plain_oip_rows as plain_rows
 
     limits = LimitsConfig()
     for shape, n_rows in (([1, 64], 1), ([4, 16], 4), ([64], 1), ([2, 4, 8], 2)):
@@ -1205,7 +1210,7 @@ def _kserve_variants(r: random.Random) -> list[bytes]:
 def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
     seed: int, depth: int
 ) -> None:
-    from guard.payload._plain import plain_kserve_rows
+    from inference_guard.guard.payload._plain import plain_kserve_rows
 
     limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
     accepted = refused_by_full = 0

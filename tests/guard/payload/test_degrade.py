@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from guard.config import DegradeConfig
-from guard.payload.degrade import coarsen, degrade_response
+from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.payload.degrade import coarsen, degrade_response
 
 JSON = "application/json"
 ROUND2 = DegradeConfig(decimals=2, noise=0.0)
@@ -292,8 +292,8 @@ def test_noise_flips_close_calls_and_keeps_labels_consistent() -> None:
     """Noise breaks decision-based attacks: near-ties flip at random, confident rows don't."""
     import json as _json
 
-    from guard.config import DegradeConfig as _Spec
-    from guard.payload.degrade import degrade_response as _degrade
+    from inference_guard.guard.config import DegradeConfig as _Spec
+    from inference_guard.guard.payload.degrade import degrade_response as _degrade
 
     rows = [[0.501, 0.499, 0.0]] * 200 + [[0.98, 0.01, 0.01]] * 200
     doc = {
@@ -328,8 +328,8 @@ def test_noise_flips_close_calls_and_keeps_labels_consistent() -> None:
 def test_no_noise_leaves_argmax_alone() -> None:
     import json as _json
 
-    from guard.config import DegradeConfig as _Spec
-    from guard.payload.degrade import degrade_response as _degrade
+    from inference_guard.guard.config import DegradeConfig as _Spec
+    from inference_guard.guard.payload.degrade import degrade_response as _degrade
 
     body = _json.dumps({"predictions": [[0.501, 0.499]] * 50}).encode()
     out = _degrade(
