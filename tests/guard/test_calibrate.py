@@ -20,12 +20,12 @@ from detectors.persist import load_model, manifest_path
 from detectors.prompt_corpus import benign_prompts
 from guard import calibrate as cal
 from guard.calibration_files import calibration_key
-from middleware.cli import main
 from guard.config import DetectorSpec, GuardConfig
 from guard.errors import ConfigurationError, ModelFileError
 from guard.reference_data import DataError, ReferenceData, load_reference
 from guard.registry import BuildContext, build_detector
 from guard.stores.memory import MemoryStore
+from middleware.cli import main
 
 ROW_KINDS = ("envelope", "mahalanobis", "iforest", "knn")
 

@@ -14,12 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from detectors.base import Query
-from middleware.cli import main
 from guard.config import ExemptConfig, GuardConfig, IdentityConfig
 from guard.decisions import Action
 from guard.errors import ConfigurationError, PayloadError
 from guard.identity import ClientIdentifier
 from guard.pipeline import Guard
+from middleware.cli import main
 from tests.conftest import sample
 
 MONITOR_KEY = "monitor-key-0123456789"

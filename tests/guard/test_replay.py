@@ -14,10 +14,10 @@ import yaml
 
 from detectors.base import Answer
 from guard.capture import CapturedRequest, CaptureLog
-from middleware.cli import main
 from guard.config import CaptureConfig, GuardConfig
 from guard.errors import ConfigurationError
 from guard.replay import ReplayError, compare, read_lines, replay
+from middleware.cli import main
 
 ROUTE = "/v2/models/m/infer"
 

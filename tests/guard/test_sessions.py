@@ -34,11 +34,11 @@ from starlette.testclient import TestClient
 from detectors.persist import load_model
 from detectors.profile import TrafficProfile, robust_range
 from guard import calibrate as cal
-from middleware.cli import main
 from guard.config import DetectorSpec
 from guard.reference_data import DataError, ReferenceData, load_reference
 from guard.sessions import calibrate_profile, simulate_sessions, traffic_from_capture
 from middleware.asgi import GuardMiddleware
+from middleware.cli import main
 
 SESSIONS = 80  # enough to exercise everything; the CLI's default is 400
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from middleware.cli import main
 from guard.simulate import ATTACKS, clients_dir, load_clients
+from middleware.cli import main
 from tests.conftest import run_server
 
 

@@ -20,8 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from middleware.cli import main
 from middleware.asgi import GuardMiddleware
+from middleware.cli import main
 from tests.conftest import run_server
 from tests.middleware.fakes import EchoApp
 
