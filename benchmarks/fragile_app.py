@@ -36,9 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from middleware.asgi import GuardMiddleware
-from middleware.demo import PIXEL_MAX, DigitsModel, train_digits_model
-from middleware.types import ASGIApp
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.demo import PIXEL_MAX, DigitsModel, train_digits_model
+from inference_guard.middleware.types import ASGIApp
 
 
 def _predict(model: DigitsModel, data: Any, shape: Any = None) -> list[list[float]]:

@@ -11,7 +11,7 @@ Three uvicorn servers on 127.0.0.1, one worker each, all up at once, run as
 ``guard demo`` runs (``--no-proxy-headers``; the audit log on stderr):
 
 ``guarded_demo``
-    ``middleware.demo:build_demo_app``: the digits model behind the demo policy
+    ``inference_guard.middleware.demo:build_demo_app``: the digits model behind the demo policy
     (``guard/demo.yaml``: validation, rate limits, anomaly and extraction detectors,
     rounded answers), calibrated as ``guard demo`` calibrates it (cached in
     ``~/.cache/inference-guard``);
@@ -76,7 +76,7 @@ from benchmarks.hostile_corpus import KINDS, HostileRequest, build
 
 #: name -> (uvicorn factory, whether the guard is in front)
 SERVERS: dict[str, tuple[str, bool]] = {
-    "guarded_demo": ("middleware.demo:build_demo_app", True),
+    "guarded_demo": ("inference_guard.middleware.demo:build_demo_app", True),
     "fragile": ("benchmarks.fragile_app:fragile", False),
     "fragile_guarded": ("benchmarks.fragile_app:fragile_default", True),
 }
@@ -260,7 +260,7 @@ def calibrate_demo() -> None:
     the benchmark's own, so that a ``guard demo`` of other code does not recalibrate
     it under a starting server.
     """
-    from middleware.demo import demo_config
+    from inference_guard.middleware.demo import demo_config
 
     demo_config(CACHE / "inference-guard" / "demo-calibration")
 
@@ -633,7 +633,7 @@ def report(result: Run, cmd: str, findings: int) -> str:
             "each sent to all three servers at once on a fresh connection, "
             f"{result.concurrency} requests in flight, from 1024 loopback addresses in turn",
             "- servers (uvicorn, 1 worker each, `--no-proxy-headers`): `guarded_demo` = "
-            "`middleware.demo:build_demo_app` (what `guard demo` serves: the demo policy); "
+            "`inference_guard.middleware.demo:build_demo_app` (what `guard demo` serves: the demo policy); "
             "`fragile` = a careless digits server that validates nothing "
             "(`benchmarks/fragile_app.py`), bare; `fragile_guarded` = the same behind "
             "`GuardMiddleware` with no config (`GuardConfig.default()`: validation and "

@@ -36,13 +36,13 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from benchmarks.hostile_corpus import V1, V2, dumps, random_request
 from benchmarks.hostile_corpus import valid_requests as valid_requests  # for test_lean_lane
-from detectors.base import Query
-from guard.audit import AuditLog
-from guard.config import AuditConfig
-from guard.errors import ConfigurationError
-from guard.stores.memory import MemoryStore
-from middleware.asgi import GuardMiddleware
-from middleware.demo import DigitsModel, build_model_app, demo_config, train_digits_model
+from inference_guard.detectors.base import Query
+from inference_guard.guard.audit import AuditLog
+from inference_guard.guard.config import AuditConfig
+from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.stores.memory import MemoryStore
+from inference_guard.middleware.asgi import GuardMiddleware
+from inference_guard.middleware.demo import DigitsModel, build_model_app, demo_config, train_digits_model
 
 Message = dict[str, Any]
 ASGI = Callable[..., Awaitable[None]]
