@@ -633,7 +633,8 @@ def report(result: Run, cmd: str, findings: int) -> str:
             "each sent to all three servers at once on a fresh connection, "
             f"{result.concurrency} requests in flight, from 1024 loopback addresses in turn",
             "- servers (uvicorn, 1 worker each, `--no-proxy-headers`): `guarded_demo` = "
-            "`inference_guard.middleware.demo:build_demo_app` (what `guard demo` serves: the demo policy); "
+            "`inference_guard.middleware.demo:build_demo_app` (what `guard demo` serves: "
+            "the demo policy); "
             "`fragile` = a careless digits server that validates nothing "
             "(`benchmarks/fragile_app.py`), bare; `fragile_guarded` = the same behind "
             "`GuardMiddleware` with no config (`GuardConfig.default()`: validation and "
