@@ -1,0 +1,160 @@
+"""Reloading the config of a real uvicorn server: POST /-/reload, SIGHUP, and under load."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, run_server
+from tests.e2e.test_server import metric
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform"),
+]
+
+V2 = "/v2/models/digits/infer"
+ROW = [1.0] * 64
+V2_BODY = {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
+
+
+def config(limit: int) -> dict[str, Any]:
+    """A rate limit per client, and a stateful detector that only flags (kept across reloads)."""
+    return {
+        "audit": {"enabled": False},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": [V2],
+                "detectors": [
+                    {
+                        "type": "rate",
+                        "name": "rate",
+                        "action": "throttle",
+                        "params": {
+                            "key": "client",
+                            "limits": [
+                                {"limit": limit, "per": "1h", "algorithm": "sliding_window"}
+                            ],
+                        },
+                    },
+                    {
+                        "type": "near_duplicate",
+                        "name": "probes",
+                        "action": "flag",
+                        "params": {"feature_range": [0, 16]},
+                    },
+                ],
+            }
+        ],
+    }
+
+
+def config_file(tmp_path: Path, srv: Server) -> Path:
+    return tmp_path / f"guard-{srv.port}.json"
+
+
+def post(srv: Server) -> int:
+    return httpx.post(srv.url + V2, json=V2_BODY, timeout=30).status_code
+
+
+def reloads(srv: Server, result: str) -> float:
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    return metric(text, "guard_config_reloads_total", result=result)
+
+
+def test_post_reload_applies_a_new_limit_and_sighup_reloads(tmp_path: Path) -> None:
+    with run_server(tmp_path, config=config(3)) as srv:
+        path = config_file(tmp_path, srv)
+        assert [post(srv) for _ in range(4)] == [200, 200, 200, 429]
+
+        path.write_text(json.dumps(config(100)))
+        answer = httpx.post(srv.url + "/-/reload", timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["built"] == ["inference/rate"]
+        assert post(srv) == 200  # the new limit applies
+        assert reloads(srv, "ok") == 1
+
+        # a bad file: refused, the running config kept
+        path.write_text(json.dumps({**config(2), "metrics": {"path": "/m"}}))
+        assert httpx.post(srv.url + "/-/reload", timeout=30).status_code == 422
+        assert post(srv) == 200
+        assert reloads(srv, "error") == 1
+
+        # SIGHUP: 1 per hour, which this client has used up (or will have, after one more)
+        path.write_text(json.dumps(config(1)))
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while reloads(srv, "ok") < 2:
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.05)
+        assert srv.proc.poll() is None  # the signal did not end the server
+        assert [post(srv), post(srv)][-1] == 429
+
+
+def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
+    """400 requests, 8 in flight, while the config is reloaded again and again."""
+    n, in_flight = 400, 8
+    with run_server(tmp_path, config=config(100_000)) as srv:
+        path = config_file(tmp_path, srv)
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = json.dumps(V2_BODY).encode()
+        completed = [0]
+        lock = threading.Lock()
+
+        def worker(count: int) -> list[int]:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            out = []
+            for _ in range(count):
+                conn.request("POST", V2, body=body, headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                out.append(resp.status)
+                with lock:
+                    completed[0] += 1
+            conn.close()
+            return out
+
+        reload_answers: list[int] = []
+        during: list[int] = []  # requests completed when each reload was asked for
+
+        def reloader() -> None:
+            for i in range(1, 7):
+                while completed[0] < i * n // 8:
+                    time.sleep(0.001)
+                # the rate detector changes each time (built anew), the other is kept;
+                # the file is replaced whole, as an operator's deploy should
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(config(100_000 + i)))
+                tmp.replace(path)
+                during.append(completed[0])
+                if i % 2:
+                    reload_answers.append(httpx.post(srv.url + "/-/reload", timeout=30).status_code)
+                else:
+                    os.kill(srv.proc.pid, signal.SIGHUP)
+
+        with ThreadPoolExecutor(max_workers=in_flight + 1) as pool:
+            hup = pool.submit(reloader)
+            results = list(pool.map(worker, [n // in_flight] * in_flight))
+            hup.result()
+        statuses = Counter(s for r in results for s in r)
+        assert statuses == Counter({200: n}), statuses
+        assert reload_answers == [200, 200, 200]
+        assert all(c < n for c in during), during  # every reload asked for under load
+        deadline = time.monotonic() + 10
+        while reloads(srv, "ok") < 6:  # the three SIGHUPs too
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.05)
+        assert reloads(srv, "error") == 0
+        assert srv.proc.poll() is None
