@@ -20,8 +20,9 @@ Its answers, JSON:
 ``SIGHUP``: :class:`SighupReload` installs a handler on the running event
 loop (at the ASGI lifespan startup, else at the first request), in the process
 that receives it: under ``uvicorn --workers N`` each worker reloads itself, so
-send the signal to every worker (``pkill -HUP -P <the supervisor's pid>``), not
-to the supervisor, which restarts its workers on ``SIGHUP``.
+send the signal to every worker (``pkill -HUP -P <the supervisor's pid> -f
+spawn_main``: its other child, the resource tracker, would die of it), not to the
+supervisor, which restarts its workers on ``SIGHUP``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -157,4 +159,62 @@ def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, srv.output()
             time.sleep(0.05)
         assert reloads(srv, "error") == 0
+        assert srv.proc.poll() is None
+
+
+def worker_pids(supervisor: int) -> dict[int, str]:
+    """The uvicorn workers of ``supervisor``: its children that run a spawned worker."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == supervisor and "spawn_main" in cmdline:
+            out[int(entry.name)] = cmdline
+    return out
+
+
+def catches_sighup(pid: int) -> bool:
+    """Whether ``pid`` has a handler for SIGHUP (its ``SigCgt`` mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGHUP - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+def test_each_worker_reloads_on_the_sighup_sent_to_it(tmp_path: Path) -> None:
+    mp = tmp_path / "metrics"
+    mp.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mp)}
+    with run_server(tmp_path, config=config(100), workers=2, env=env) as srv:
+        path = config_file(tmp_path, srv)
+        deadline = time.monotonic() + 20
+        while len(workers := worker_pids(srv.proc.pid)) < 2:
+            assert time.monotonic() < deadline, (workers, srv.output())
+            time.sleep(0.1)
+        assert len(workers) == 2
+        # each worker installs its handler at its lifespan startup (before that, SIGHUP
+        # would end it, as it ends any process without a handler)
+        while not all(map(catches_sighup, workers)):
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.1)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config(101)))
+        tmp.replace(path)
+        if shutil.which("pkill"):  # the README's command
+            cmd = ["pkill", "-HUP", "-P", str(srv.proc.pid), "-f", "spawn_main"]
+            subprocess.run(cmd, check=True)
+        else:
+            for pid in workers:
+                os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while reloads(srv, "ok") < 2:  # one per worker, summed over the workers' files
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.05)
+        assert worker_pids(srv.proc.pid) == workers  # reloaded in place, not restarted
         assert srv.proc.poll() is None
