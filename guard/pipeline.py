@@ -98,7 +98,9 @@ class Guard:
         )
         #: the config file :meth:`reload` reads (``None``: nothing to reload)
         self.source: Path | None = Path(source) if source is not None else None
-        self._loadout = build_loadout(config, self._ctx, self._make_admission)
+        #: the running policies and detectors; a front end takes it once per request.
+        #: A reload replaces it in one assignment (:meth:`reload`)
+        self.loadout: Loadout = build_loadout(config, self._ctx, self._make_admission)
         # detectors a reload replaced, closed at the next reload or at aclose (a request
         # in flight may still be using them)
         self._retired: list[Detector] = []
@@ -120,32 +122,24 @@ class Guard:
     # ------------------------------------------------------------------ the running policies
 
     @property
-    def loadout(self) -> Loadout:
-        """The running policies and detectors; a front end takes it once per request.
-
-        A reload replaces it in one assignment (:meth:`reload`).
-        """
-        return self._loadout
-
-    @property
     def policies(self) -> tuple[CompiledPolicy, ...]:
-        return self._loadout.policies
+        return self.loadout.policies
 
     @property
     def techniques(self) -> Mapping[str, str]:
-        return self._loadout.techniques
+        return self.loadout.techniques
 
     @property
     def quarantine_enabled(self) -> bool:
-        return self._loadout.quarantine_enabled
+        return self.loadout.quarantine_enabled
 
     @property
     def payloads(self) -> Mapping[str, PayloadFormat]:
-        return self._loadout.payloads
+        return self.loadout.payloads
 
     def match(self, method: str, path: str) -> CompiledPolicy | None:
         """The first running policy whose methods and routes match, or ``None``."""
-        return self._loadout.match(method, path)
+        return self.loadout.match(method, path)
 
     def _make_admission(
         self,
@@ -213,7 +207,7 @@ class Guard:
                 "", "no config file to reload: the guard was built from a mapping or defaults"
             )
         config = await asyncio.to_thread(GuardConfig.from_file, self.source)
-        old = self._loadout
+        old = self.loadout
         check_frozen(old.config, config)
         ctx = dataclasses.replace(
             self._ctx,
@@ -225,7 +219,7 @@ class Guard:
         dropped = [d for d in old.detectors() if id(d) not in running]
         to_close, self._retired = self._retired, dropped
         # the swap: one reference; a request holding the old loadout finishes on it
-        self._loadout, self._ctx, self.config = new, ctx, config
+        self.loadout, self._ctx, self.config = new, ctx, config
         _log_unnamed_routes(new.policies)
         await _close(to_close)
         now = {f"{p}/{d}" for p, d, _ in new.built}
@@ -251,7 +245,7 @@ class Guard:
         is no one to answer. See :mod:`guard.admission`.
         """
         # the admission's own coroutine, handed out as it is: no second frame per request
-        return self._loadout.admission.admit(request)
+        return self.loadout.admission.admit(request)
 
     def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
         """:meth:`admit`'s verdict on a request already known valid, for a policy whose
@@ -259,7 +253,7 @@ class Guard:
 
         For a front end's fast lane, which validates some plain requests itself.
         """
-        return self._loadout.admission.admit_fixed(policy, fmt, n_rows)
+        return self.loadout.admission.admit_fixed(policy, fmt, n_rows)
 
     def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
         """Handle the model's answer to a :class:`Pass`, once it has gone to the client.
@@ -269,7 +263,7 @@ class Guard:
         decoded at most once: ``seen.reviewed`` when the front end rewrote it
         with :meth:`Pass.review`, else here. Nothing raises: the answer is gone.
         """
-        return self._loadout.admission.after(verdict, seen)
+        return self.loadout.admission.after(verdict, seen)
 
     # ------------------------------------------------------------------ before the model
 
@@ -466,7 +460,7 @@ class Guard:
         return decision
 
     async def aclose(self) -> None:
-        await _close(self._loadout.detectors() + self._retired)
+        await _close(self.loadout.detectors() + self._retired)
         self._retired = []
         self.metrics.tally.flush()
         close = getattr(self.store, "aclose", None)

@@ -140,7 +140,7 @@ class GuardMiddleware:
             return
         front = self._front
         if front.loadout is not self.guard.loadout:  # reloaded since
-            front = self._front = self._new_front()
+            front = self._reloaded()
         key = (scope["method"], scope["path"])
         handler = front.routes.get(key) or self._route(front, key)
         await handler(scope, receive, send)
@@ -149,6 +149,12 @@ class GuardMiddleware:
         guard = self.guard
         loadout = guard.loadout
         return _Front(loadout, {}, FastLane(guard, loadout), lean_policies(guard, loadout))
+
+    def _reloaded(self) -> _Front:
+        """The front of the engine's new loadout, after a reload."""
+        self.config = self.guard.config  # the running config (its frozen sections unchanged)
+        self._front = self._new_front()
+        return self._front
 
     def _watch_lifespan(self, receive: Receive) -> Receive:
         """``receive`` of the lifespan scope, the SIGHUP handler following its startup."""

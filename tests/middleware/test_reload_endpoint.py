@@ -64,6 +64,7 @@ def test_reload_from_an_allowed_address_applies_the_new_config(
     assert answer.json()["reloaded"] is True and answer.json()["built"] == ["inference/a"]
     assert answer.headers["content-type"] == "application/json"
     assert client.post(V2, json=body(5.0)).status_code == 403  # the new threshold decides
+    assert mw.config is mw.guard.config  # the running config, once a request has seen it
     assert sample(registry, "guard_config_reloads_total", result="ok") == 1
 
 
