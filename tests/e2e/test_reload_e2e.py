@@ -1,4 +1,4 @@
-"""Reloading the config of a real uvicorn server: POST /-/reload, SIGHUP, and under load."""
+"""Reloading the config of real uvicorn servers: POST /-/reload, SIGHUP, workers, under load."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server, run_server
+from tests.e2e.model_servers import run_proxy
 from tests.e2e.test_server import metric
 
 pytestmark = [
@@ -218,3 +219,30 @@ def test_each_worker_reloads_on_the_sighup_sent_to_it(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert worker_pids(srv.proc.pid) == workers  # reloaded in place, not restarted
         assert srv.proc.poll() is None
+
+
+def build_sha(srv: Server) -> str:
+    for line in httpx.get(srv.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("guard_build_info{"):
+            return line.split('config_sha="', 1)[1].split('"', 1)[0]
+    raise AssertionError("no guard_build_info")
+
+
+def test_guard_proxy_reloads_its_config_file(tmp_path: Path) -> None:
+    with (
+        run_server(tmp_path, app="tests.e2e.upstream_apps:echo_app") as echo,
+        run_proxy(tmp_path, echo.url, config={"audit": {"enabled": False}}) as proxy,
+    ):
+        path = next(tmp_path.glob(f"proxy-{proxy.port}.yaml"))
+        first = build_sha(proxy)
+        path.write_text(json.dumps({"audit": {"enabled": False}, "failure_mode": "fail_closed"}))
+        os.kill(proxy.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while reloads(proxy, "ok") < 1:
+            assert time.monotonic() < deadline, proxy.output()
+            time.sleep(0.05)
+        second = build_sha(proxy)
+        assert second != first
+        answer = httpx.post(proxy.url + "/-/reload", timeout=30)
+        assert answer.status_code == 200 and answer.json()["config_sha"] == second
+        assert proxy.proc.poll() is None
