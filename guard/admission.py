@@ -60,8 +60,9 @@ _BINARY_HEADER = _BINARY_HEADER_STR.encode()
 class Detectors(Protocol):
     """What admission needs of the detector pipeline (:class:`guard.pipeline.Guard`)."""
 
-    #: some policy quarantines clients
-    quarantine_enabled: bool
+    @property
+    def quarantine_enabled(self) -> bool:
+        """Some policy quarantines clients."""
 
     async def check_quarantine(
         self, policy: CompiledPolicy, client: str, *, exempt: bool = False

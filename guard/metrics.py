@@ -362,6 +362,14 @@ class GuardMetrics:
             registry=r,
         )
         self._upstream_children: dict[tuple[str, int], Any] = {}
+        self.reloads = Counter(
+            "guard_config_reloads",
+            "Config reloads (SIGHUP, POST /-/reload), by result: ok, or error (old config kept).",
+            ("result",),
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
         #: guard_build_info and guard_quarantined_clients, set by declare()
         self.build_info = BuildInfo()
         r.register(self.build_info)
@@ -387,7 +395,8 @@ class GuardMetrics:
         ``guard_quarantined_clients`` reports that count, for every policy that
         enforces (quarantine is shared: a client quarantined by one policy is
         refused by every non-shadow policy). Calling it again (the same config)
-        changes nothing.
+        changes nothing; with a reloaded config it adds the new series and
+        replaces ``guard_build_info``'s one series (the old policies' series stay).
         """
         from inference_guard.guard import __version__
         from inference_guard.guard.score_buckets import score_buckets

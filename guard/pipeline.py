@@ -17,15 +17,17 @@ that every front end gets the same verdict from the same bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from inference_guard.detectors.base import Answer, DetectorResult, Query
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 from inference_guard.detectors.store import KeyValueStore
 from inference_guard.guard._counts import Counts
 from inference_guard.guard.admission import Admission
@@ -34,13 +36,15 @@ from inference_guard.guard.capture import CaptureLog
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.decisions import Action, Decision, FailClosed, FailureMode
 from inference_guard.guard.engine import Pass, Request, Seen, Verdict
-from inference_guard.guard.errors import StateError
+from inference_guard.guard.errors import ConfigurationError, StateError
 from inference_guard.guard.identity import ClientIdentifier
-from inference_guard.guard.metrics import GuardMetrics
+from inference_guard.guard.loadout import Loadout, build_loadout
+from inference_guard.guard.metrics import GuardMetrics, config_sha
 from inference_guard.guard.payload.adapters import pattern_format
-from inference_guard.guard.payload.formats import PayloadFormat, payload_format
-from inference_guard.guard.policy import Armed, CompiledPolicy
-from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.payload.formats import PayloadFormat
+from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.guard.registry import BuildContext
+from inference_guard.guard.reload import ReloadResult, check_frozen
 from inference_guard.guard.stores import Store, store_from_uri
 from inference_guard.guard.stores.resilient import ResilientStore
 
@@ -49,8 +53,6 @@ __all__ = ["FailClosed", "Guard"]
 log = logging.getLogger("guard")
 
 _QUARANTINE_PREFIX = "quarantine:"
-#: (method, path) pairs whose matching policy is remembered
-_MATCH_MEMO = 1024
 
 
 class Guard:
@@ -65,6 +67,7 @@ class Guard:
         wall_clock: Callable[[], float] = time.time,
         store: KeyValueStore | None = None,
         identity_secret: bytes | None = None,
+        source: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -86,48 +89,22 @@ class Guard:
             if config.capture.enabled
             else None
         )
-        ctx = BuildContext(
+        self._ctx = BuildContext(
             store=self.store,
             clock=clock,
             wall_clock=wall_clock,
             calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
             limits=config.limits,
         )
-        self.techniques: dict[str, str] = {}
-        policies: list[CompiledPolicy] = []
-        for pc in config.policies:
-            built: list[Armed] = []
-            for spec in pc.detectors:
-                det = build_detector(spec, ctx)
-                self.techniques[det.name] = det.technique
-                built.append(Armed(det, spec.action, spec.escalate, spec.escalate_margin))
-            policies.append(CompiledPolicy.build(pc, tuple(built), config.failure_mode))
-        self.policies = tuple(policies)
-        # per policy, the detectors whose flags are per row: a decision that only they
-        # flagged is counted, not audited (Decision.row_flags_only)
-        self._row_detectors: dict[str, frozenset[str]] = {
-            p.name: frozenset(a.detector.name for a in p.detectors if a.detector.per_row)
-            for p in self.policies
-        }
-        self.quarantine_enabled = any(p.config.quarantine_s > 0 for p in self.policies)
-        self._match_memo: dict[tuple[str, str], CompiledPolicy | None] = {}
-        #: the custom JSON shapes policies declare (``payload:``), which read their routes
-        self.payloads: dict[str, PayloadFormat] = {
-            p.name: f for p in config.policies if (f := payload_format(p.payload)) is not None
-        }
-        self._admission = Admission(
-            config,
-            self.policies,
-            self,
-            counts=self.counts,
-            identifier=self.identifier,
-            audit=self.audit,
-            capture=self.capture,
-            payloads=self.payloads,
-            techniques=self.techniques,
-            clock=clock,
-            wall_clock=wall_clock,
-        )
+        #: the config file :meth:`reload` reads (``None``: nothing to reload)
+        self.source: Path | None = Path(source) if source is not None else None
+        #: the running policies and detectors; a front end takes it once per request.
+        #: A reload replaces it in one assignment (:meth:`reload`)
+        self.loadout: Loadout = build_loadout(config, self._ctx, self._make_admission)
+        # detectors a reload replaced, closed at the next reload or at aclose (a request
+        # in flight may still be using them)
+        self._retired: list[Detector] = []
+        self._reload_lock = asyncio.Lock()
         _log_unnamed_routes(self.policies)
 
     def _build_store(self) -> KeyValueStore:
@@ -142,25 +119,116 @@ class Guard:
 
     # ------------------------------------------------------------------ matching
 
-    def match(self, method: str, path: str) -> CompiledPolicy | None:
-        """The first policy whose methods and routes match, or ``None``.
+    # ------------------------------------------------------------------ the running policies
 
-        Answers are remembered for up to :data:`_MATCH_MEMO` distinct (method,
-        path) pairs; paths are client-chosen, so past that the memo stops
-        growing and further paths are matched afresh.
+    @property
+    def policies(self) -> tuple[CompiledPolicy, ...]:
+        return self.loadout.policies
+
+    @property
+    def techniques(self) -> Mapping[str, str]:
+        return self.loadout.techniques
+
+    @property
+    def quarantine_enabled(self) -> bool:
+        return self.loadout.quarantine_enabled
+
+    @property
+    def payloads(self) -> Mapping[str, PayloadFormat]:
+        return self.loadout.payloads
+
+    def match(self, method: str, path: str) -> CompiledPolicy | None:
+        """The first running policy whose methods and routes match, or ``None``."""
+        return self.loadout.match(method, path)
+
+    def _make_admission(
+        self,
+        config: GuardConfig,
+        policies: tuple[CompiledPolicy, ...],
+        payloads: Mapping[str, PayloadFormat],
+        techniques: Mapping[str, str],
+    ) -> Admission:
+        return Admission(
+            config,
+            policies,
+            self,
+            counts=self.counts,
+            identifier=self.identifier,
+            audit=self.audit,
+            capture=self.capture,
+            payloads=payloads,
+            techniques=techniques,
+            clock=self.clock,
+            wall_clock=self.wall_clock,
+        )
+
+    # ------------------------------------------------------------------ reloading
+
+    async def reload(self) -> ReloadResult:
+        """Reload the config file the guard was started with (``source``).
+
+        The file is loaded and every detector built first; then the running
+        policies are replaced in one assignment, the detectors whose identity
+        and parameters did not change kept with their state (the rules are in
+        :mod:`guard.reload`). Requests in flight finish on the config they
+        started with. Counted in ``guard_config_reloads_total{result}``;
+        ``guard_build_info`` then carries the new ``config_sha``. Raises
+        :class:`~guard.errors.ConfigurationError`, the running config kept, when
+        there is no file (a guard built from a mapping), the file is invalid,
+        a section that cannot change on reload changed, or a detector cannot be
+        built. Concurrent calls run one after the other.
         """
-        key = (method, path)
-        memo = self._match_memo
-        if key in memo:
-            return memo[key]
-        found = None
-        for policy in self.policies:
-            if policy.matches(method, path):
-                found = policy
-                break
-        if len(memo) < _MATCH_MEMO:
-            memo[key] = found
-        return found
+        async with self._reload_lock:
+            try:
+                result = await self._reload()
+            except Exception as exc:
+                self.metrics.reloads.labels("error").inc()
+                if not isinstance(exc, ConfigurationError):
+                    log.exception("config reload failed; the running config is kept")
+                    raise ConfigurationError(
+                        "", f"reload failed ({type(exc).__name__}); the running config is kept"
+                    ) from exc
+                log.error("config reload failed; the running config is kept: %s", exc)
+                raise
+        self.metrics.reloads.labels("ok").inc()
+        log.info(
+            "config reloaded from %s: config_sha %s; detectors kept %d, built %d, dropped %d",
+            self.source,
+            result.config_sha,
+            len(result.kept),
+            len(result.built),
+            len(result.dropped),
+        )
+        return result
+
+    async def _reload(self) -> ReloadResult:
+        if self.source is None:
+            raise ConfigurationError(
+                "", "no config file to reload: the guard was built from a mapping or defaults"
+            )
+        config = await asyncio.to_thread(GuardConfig.from_file, self.source)
+        old = self.loadout
+        check_frozen(old.config, config)
+        ctx = dataclasses.replace(
+            self._ctx,
+            calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
+        )
+        new = build_loadout(config, ctx, self._make_admission, previous=old)
+        self.metrics.declare(config, store=self.store)
+        running = {id(d) for d in new.detectors()}
+        dropped = [d for d in old.detectors() if id(d) not in running]
+        to_close, self._retired = self._retired, dropped
+        # the swap: one reference; a request holding the old loadout finishes on it
+        self.loadout, self._ctx, self.config = new, ctx, config
+        _log_unnamed_routes(new.policies)
+        await _close(to_close)
+        now = {f"{p}/{d}" for p, d, _ in new.built}
+        return ReloadResult(
+            config_sha=config_sha(config),
+            kept=new.kept,
+            built=new.fresh,
+            dropped=tuple(f"{p}/{d}" for p, d, _ in old.built if f"{p}/{d}" not in now),
+        )
 
     # ------------------------------------------------------------------ a front end's calls
 
@@ -177,7 +245,7 @@ class Guard:
         is no one to answer. See :mod:`guard.admission`.
         """
         # the admission's own coroutine, handed out as it is: no second frame per request
-        return self._admission.admit(request)
+        return self.loadout.admission.admit(request)
 
     def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
         """:meth:`admit`'s verdict on a request already known valid, for a policy whose
@@ -185,7 +253,7 @@ class Guard:
 
         For a front end's fast lane, which validates some plain requests itself.
         """
-        return self._admission.admit_fixed(policy, fmt, n_rows)
+        return self.loadout.admission.admit_fixed(policy, fmt, n_rows)
 
     def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
         """Handle the model's answer to a :class:`Pass`, once it has gone to the client.
@@ -195,7 +263,7 @@ class Guard:
         decoded at most once: ``seen.reviewed`` when the front end rewrote it
         with :meth:`Pass.review`, else here. Nothing raises: the answer is gone.
         """
-        return self._admission.after(verdict, seen)
+        return self.loadout.admission.after(verdict, seen)
 
     # ------------------------------------------------------------------ before the model
 
@@ -271,7 +339,7 @@ class Guard:
         enforced = not (shadow or exempt)
         if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
             quarantined = await self.quarantine(policy, query.client)
-        row_detectors = self._row_detectors[policy.name]
+        row_detectors = policy.row_detectors
         decision = Decision(
             action=intended if enforced else Action.ALLOW,
             intended=intended,
@@ -392,12 +460,8 @@ class Guard:
         return decision
 
     async def aclose(self) -> None:
-        for policy in self.policies:
-            for armed in policy.detectors:
-                try:
-                    await armed.detector.aclose()
-                except Exception:
-                    log.exception("closing detector %s failed", armed.detector.name)
+        await _close(self.loadout.detectors() + self._retired)
+        self._retired = []
         self.metrics.tally.flush()
         close = getattr(self.store, "aclose", None)
         if close is not None:
@@ -405,6 +469,14 @@ class Guard:
         await asyncio.to_thread(self.audit.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+
+
+async def _close(detectors: list[Detector]) -> None:
+    for detector in detectors:
+        try:
+            await detector.aclose()
+        except Exception:
+            log.exception("closing detector %s failed", detector.name)
 
 
 def _log_unnamed_routes(policies: tuple[CompiledPolicy, ...]) -> None:

@@ -88,6 +88,9 @@ class CompiledPolicy:
     rewrites: bool = False
     #: the decision on every request when there are no detectors (immutable, shared)
     allow: Decision | None = None
+    #: the detectors whose flags are per row: a decision that only they flagged is
+    #: counted, not audited (:attr:`Decision.row_flags_only`)
+    row_detectors: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -124,6 +127,7 @@ class CompiledPolicy:
                 policy=config.name,
                 shadow=config.shadow,
             ),
+            row_detectors=frozenset(a.detector.name for a in detectors if a.detector.per_row),
         )
 
     def matches(self, method: str, path: str) -> bool:

@@ -18,7 +18,15 @@ detectors, rewriting answers: all the engine's (``guard/``, formats in
 ``guard/payload/``). The fast lane (:mod:`middleware.fast_lane`) gives the
 engine's verdict on plain requests to lean policies in a few C calls.
 Everything else (non-http scopes, routes no policy matches) passes straight
-through; the metrics endpoint answers scrapes from ``metrics.allow_from``.
+through; the metrics endpoint answers scrapes from ``metrics.allow_from``, and
+so does ``POST /-/reload`` (:mod:`middleware.reload`).
+
+Reloads: the engine swaps its policies in one assignment
+(:attr:`Guard.loadout <guard.pipeline.Guard.loadout>`). The middleware keeps
+what it derives from them (route handlers bound to policies, the fast lane) in
+one :class:`_Front` per loadout, taken once per request, so a request finishes
+on the policies it started with and the first one after a reload builds the
+new front.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import os
 import time
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
@@ -36,6 +44,7 @@ from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.engine import Pass, Request, Verdict
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.guard.identity import forwarded_applied, peer_host
+from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.pipeline import Guard
 from inference_guard.guard.policy import CompiledPolicy
 from inference_guard.middleware._body import BodyReader
@@ -44,12 +53,24 @@ from inference_guard.middleware.answer_capture import AnswerCapture, identity_en
 from inference_guard.middleware.fast_lane import FastLane, lean_policies
 from inference_guard.middleware.metrics_endpoint import serve_metrics
 from inference_guard.middleware.refusals import send_refusal
-from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
+from inference_guard.middleware.reload import RELOAD_PATH, SighupReload, serve_reload
+from inference_guard.middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["GuardMiddleware"]
 
 #: distinct (method, path) pairs whose handler is remembered
 _ROUTE_MEMO = 1024
+
+
+class _Front(NamedTuple):
+    """What the middleware derives from one loadout of the engine."""
+
+    loadout: Loadout
+    #: each (method, path)'s handler, an ASGI app bound to its policy (_route)
+    routes: dict[tuple[str, str], ASGIApp]
+    fast_lane: FastLane
+    #: the policies whose plain requests take the fast lane (read when routing)
+    lean_policies: frozenset[str]
 
 
 class GuardMiddleware:
@@ -69,6 +90,10 @@ class GuardMiddleware:
     guard:
         The engine, when one is built already (it then brings its own config
         clock and registry).
+    reload_on_sighup:
+        Reload the config file on ``SIGHUP`` (when ``config`` is a path): a
+        handler on the event loop, installed at the lifespan startup or the
+        first request. ``False`` leaves ``SIGHUP`` alone.
     """
 
     def __init__(
@@ -79,11 +104,15 @@ class GuardMiddleware:
         registry: CollectorRegistry | None = None,
         clock: Any = time.monotonic,
         guard: Guard | None = None,
+        reload_on_sighup: bool = True,
     ) -> None:
         self.app = app
         self.config = GuardConfig.load(config)
+        source = config if isinstance(config, (str, os.PathLike)) else None
         self.guard = (
-            guard if guard is not None else Guard(self.config, registry=registry, clock=clock)
+            guard
+            if guard is not None
+            else Guard(self.config, registry=registry, clock=clock, source=source)
         )
         self._metrics_path = self.config.metrics.path if self.config.metrics.enabled else ""
         self._metrics_networks = tuple(
@@ -92,11 +121,12 @@ class GuardMiddleware:
         self._limits = self.config.limits
         # request ids must not count requests for the client (a counter leaks volume)
         self._request_id = request_ids().__next__
-        # each (method, path)'s handler, an ASGI app bound to its policy (_route)
-        self._routes: dict[tuple[str, str], ASGIApp] = {}
-        self._fast_lane = FastLane(self.guard)
-        #: the policies whose plain requests take the fast lane (read when routing)
-        self._lean_policies = lean_policies(self.guard)
+        self._front = self._new_front()
+        self._sighup = (
+            SighupReload(self.guard.reload)
+            if reload_on_sighup and self.guard.source is not None
+            else None
+        )
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -104,34 +134,70 @@ class GuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self._sighup is not None:
+                receive = self._watch_lifespan(receive)
             await self.app(scope, receive, send)
             return
+        front = self._front
+        if front.loadout is not self.guard.loadout:  # reloaded since
+            front = self._reloaded()
         key = (scope["method"], scope["path"])
-        handler = self._routes.get(key) or self._route(key)
+        handler = front.routes.get(key) or self._route(front, key)
         await handler(scope, receive, send)
 
-    def _route(self, key: tuple[str, str]) -> ASGIApp:
+    def _new_front(self) -> _Front:
+        guard = self.guard
+        loadout = guard.loadout
+        return _Front(loadout, {}, FastLane(guard, loadout), lean_policies(guard, loadout))
+
+    def _reloaded(self) -> _Front:
+        """The front of the engine's new loadout, after a reload."""
+        self.config = self.guard.config  # the running config (its frozen sections unchanged)
+        self._front = self._new_front()
+        return self._front
+
+    def _watch_lifespan(self, receive: Receive) -> Receive:
+        """``receive`` of the lifespan scope, the SIGHUP handler following its startup."""
+        sighup = self._sighup
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if sighup is not None:
+                if message["type"] == "lifespan.startup":
+                    sighup.install()
+                elif message["type"] == "lifespan.shutdown":
+                    sighup.remove()
+            return message
+
+        return lifespan_receive
+
+    def _route(self, front: _Front, key: tuple[str, str]) -> ASGIApp:
         """The handler of a ``(method, path)``; remembered (bounded).
 
         Paths are client-chosen: past :data:`_ROUTE_MEMO` entries the memo stops
         growing and further paths are looked up afresh.
         """
+        if self._sighup is not None:  # no lifespan (or an app that ignores it): now
+            self._sighup.install()
         method, path = key
         if path == self._metrics_path and method in ("GET", "HEAD"):
             handler: ASGIApp = self._scrape
+        elif path == RELOAD_PATH and method == "POST":
+            handler = self._reload
         else:
-            handler = self._policy_route(method, path)
-        if len(self._routes) < _ROUTE_MEMO:
-            self._routes[key] = handler
+            handler = self._policy_route(front, method, path)
+        if len(front.routes) < _ROUTE_MEMO:
+            front.routes[key] = handler
         return handler
 
-    def _policy_route(self, method: str, path: str) -> ASGIApp:
-        """The handler of a request that is not a scrape of the metrics endpoint."""
-        policy = self.guard.match(method, path)
+    def _policy_route(self, front: _Front, method: str, path: str) -> ASGIApp:
+        """The handler of a request for none of the guard's own endpoints."""
+        policy = front.loadout.match(method, path)
         if policy is None:
             return self._unguarded
-        fmt = self._fast_lane.format_of(path) if policy.name in self._lean_policies else None
-        return partial(self._guarded, policy, fmt)
+        lane = front.fast_lane
+        fmt = lane.format_of(path) if policy.name in front.lean_policies else None
+        return partial(self._guarded, front, policy, fmt)
 
     async def _unguarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = draw_request_id(self._request_id)
@@ -139,16 +205,31 @@ class GuardMiddleware:
 
     async def _scrape(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._may_scrape(scope):
-            # not for this client: as if there were no endpoint here
-            handler = self._policy_route(scope["method"], scope["path"])
-            await handler(scope, receive, send)
+            await self._not_here(scope, receive, send)
             return
         # this process's deferred updates first (a multiprocess scrape reads files)
         self.guard.metrics.tally.flush()
         await serve_metrics(self.guard.metrics.registry, send)
 
+    async def _reload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._may_scrape(scope):
+            await self._not_here(scope, receive, send)
+            return
+        await serve_reload(self.guard, send)
+
+    async def _not_here(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An endpoint of the guard's, asked by a client it is not for: as if it were not there."""
+        handler = self._policy_route(self._front, scope["method"], scope["path"])
+        await handler(scope, receive, send)
+
     async def _guarded(
-        self, policy: CompiledPolicy, fast: str | None, scope: Scope, receive: Receive, send: Send
+        self,
+        front: _Front,
+        policy: CompiledPolicy,
+        fast: str | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         """A request on a policy route: the engine's verdict, carried out.
 
@@ -160,7 +241,7 @@ class GuardMiddleware:
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         verdict: Verdict | None = None
         if fast is not None:
-            verdict = await self._fast_lane.admit(policy, fast, scope, reader)
+            verdict = await front.fast_lane.admit(policy, fast, scope, reader)
         if verdict is None:
             request = Request(
                 policy,
@@ -172,13 +253,16 @@ class GuardMiddleware:
                 reader,
             )
             try:
-                verdict = await self.guard.admit(request)
+                verdict = await front.loadout.admit(request)
             except ClientDisconnected:
                 return  # no one to answer
-        await self._respond(policy, verdict, scope, reader.for_app(), send, request_id, started)
+        await self._respond(
+            front.loadout, policy, verdict, scope, reader.for_app(), send, request_id, started
+        )
 
     async def _respond(
         self,
+        loadout: Loadout,
         policy: CompiledPolicy,
         verdict: Verdict,
         scope: Scope,
@@ -196,7 +280,7 @@ class GuardMiddleware:
         """
         watched = verdict if isinstance(verdict, Pass) and not verdict.untouched else None
         if watched is not None:
-            started += await self._watch(watched, scope, receive, send, request_id)
+            started += await self._watch(loadout, watched, scope, receive, send, request_id)
         if verdict.counted:
             self.guard.counts.overhead(policy.name, time.perf_counter() - started)
         if watched is not None:
@@ -208,7 +292,13 @@ class GuardMiddleware:
             await send_refusal(send, verdict)
 
     async def _watch(
-        self, verdict: Pass, scope: Scope, receive: Receive, send: Send, request_id: str
+        self,
+        loadout: Loadout,
+        verdict: Pass,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
     ) -> float:
         """Pass the request on, the answer captured as the verdict asks; the app's seconds."""
         capture = AnswerCapture(send, verdict, request_id, limit=self._limits.max_response_bytes)
@@ -218,11 +308,12 @@ class GuardMiddleware:
         await self.app(scope, receive, capture.send)
         app_seconds = time.perf_counter() - app_started
         self.guard.metrics.count_upstream(verdict.policy.name, capture.status)
-        await self.guard.after(verdict, capture.seen())
+        await loadout.after(verdict, capture.seen())
         return app_seconds
 
     def _may_scrape(self, scope: Scope) -> bool:
-        """Whether the client may read the metrics: its address is in ``metrics.allow_from``.
+        """Whether the client may read the metrics, or reload: its address is in
+        ``metrics.allow_from``.
 
         The address is the one client identity uses (``X-Forwarded-For`` only
         from trusted proxies). A request without a client address (a unix

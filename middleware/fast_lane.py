@@ -33,6 +33,7 @@ import logging
 from typing import Any
 
 from inference_guard.guard.engine import Pass
+from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.payload._plain import READERS
 from inference_guard.guard.payload.adapters import detect_format
 from inference_guard.guard.pipeline import Guard
@@ -51,22 +52,24 @@ _BINARY_HEADER = b"inference-header-content-length"
 _PEERS = (tuple, list, type(None))
 
 
-def lean_policies(guard: Guard) -> frozenset[str]:
+def lean_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str]:
     """The policies that may take the fast lane: their verdict is fixed.
 
     No detectors (the verdict is ``allow``, its answer perhaps rounded), no
     quarantine anywhere, no capture (which needs a client), validation on (an
     invalid request is refused, so a valid one is all the lane must recognise),
-    no custom ``payload:`` and answers never watched.
+    no custom ``payload:`` and answers never watched. Of ``loadout``'s policies,
+    the guard's running ones by default.
     """
-    if guard.quarantine_enabled or guard.capture is not None:
+    loadout = loadout if loadout is not None else guard.loadout
+    if loadout.quarantine_enabled or guard.capture is not None:
         return frozenset()
     return frozenset(
         p.name
-        for p in guard.policies
+        for p in loadout.policies
         if p.allow is not None
         and p.config.validate
-        and p.name not in guard.payloads
+        and p.name not in loadout.payloads
         and not (p.observes or p.passthrough)
     )
 
@@ -74,10 +77,13 @@ def lean_policies(guard: Guard) -> frozenset[str]:
 class FastLane:
     """The lane of one guard; see the module docstring for its contract."""
 
-    __slots__ = ("_guard", "_identity", "_limits")
+    __slots__ = ("_admit_fixed", "_guard", "_identity", "_limits")
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, loadout: Loadout | None = None) -> None:
         self._guard = guard
+        # the verdicts of the loadout whose policies the lane is given (a reload's
+        # requests in flight finish on theirs)
+        self._admit_fixed = (loadout if loadout is not None else guard.loadout).admit_fixed
         self._limits = guard.config.limits
         self._identity = guard.identifier.header_names
 
@@ -114,6 +120,6 @@ class FastLane:
         if n_rows is None:
             return None
         try:
-            return self._guard.admit_fixed(policy, fmt, n_rows)
+            return self._admit_fixed(policy, fmt, n_rows)
         except Exception:  # admit meets the failure again and applies the failure mode
             return None

@@ -146,7 +146,7 @@ def test_stalled_body_gets_408_and_the_app_is_never_called(
 ) -> None:
     echo = Echo()
     mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
-    assert (mw._lean_policies == {"inference"}) is (config is LEAN)
+    assert (mw._front.lean_policies == {"inference"}) is (config is LEAN)
     headers = [JSON_CT, (b"content-length", b"100")]
     res = asyncio.run(drive(mw, path, stalling(*chunks), headers))
     assert res.status == 408

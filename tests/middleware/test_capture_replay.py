@@ -151,7 +151,7 @@ def test_capture_turns_the_lean_lane_off_and_records_every_parsed_request(
     capture = tmp_path / "capture.jsonl"
     cfg = {"audit": {"enabled": False}, "capture": {"path": str(capture)}}
     mw = GuardMiddleware(EchoApp(), config=cfg, registry=registry)
-    assert not mw._lean_policies
+    assert not mw._front.lean_policies
     client = TestClient(mw, client=("203.0.113.7", 5000))
     for i in range(3):
         response = client.post("/v2/models/m/infer", json=body(2, float(i)))
@@ -165,4 +165,4 @@ def test_capture_turns_the_lean_lane_off_and_records_every_parsed_request(
     assert lines[0]["probabilities"] == [[0.1234567, 0.7654321, 0.1111112], [0.5, 0.25, 0.25]]
     assert lines[0]["client"] and lines[0]["exempt"] is False
     without = GuardMiddleware(EchoApp(), config={"audit": {"enabled": False}})
-    assert without._lean_policies  # the same policy without capture keeps its lane
+    assert without._front.lean_policies  # the same policy without capture keeps its lane

@@ -103,7 +103,7 @@ def test_middleware_answers_400_bad_encoding_and_the_app_never_sees_it(
 ) -> None:
     echo = Echo()
     mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
-    assert (mw._lean_policies == {"inference"}) is (config is LEAN)
+    assert (mw._front.lean_policies == {"inference"}) is (config is LEAN)
     res = request(mw, path, body, headers=[JSON_CT])
     assert res.status == 400
     assert res.json()["error"]["message"] == "the request body holds a lone surrogate escape"

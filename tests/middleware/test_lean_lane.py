@@ -60,9 +60,9 @@ def lean_and_full(
         echo = Echo()
         mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
         if not lane:
-            mw._lean_policies = frozenset()
+            mw._front = mw._front._replace(lean_policies=frozenset())
         out.append((mw, echo))
-    assert out[0][0]._lean_policies == {"inference"}
+    assert out[0][0]._front.lean_policies == {"inference"}
     return out[0], out[1]
 
 
@@ -349,7 +349,7 @@ def test_overhead_is_counted_alike_when_the_app_fails(config: dict[str, Any]) ->
     for lane in (True, False):
         mw = GuardMiddleware(failing, config=config, registry=CollectorRegistry())
         if not lane:
-            mw._lean_policies = frozenset()
+            mw._front = mw._front._replace(lean_policies=frozenset())
         with pytest.raises(RuntimeError):
             asyncio.run(drive(mw, V2, PLAIN, headers=[JSON_CT]))
         seen.append({k: v for k, v in counts(mw.registry).items() if v})  # a 0 is no sample
