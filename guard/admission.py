@@ -141,7 +141,7 @@ class Admission:
             )
             decision, parsed, query = await self._judge(request, headers, client)
         except PayloadError as exc:
-            return self._refuse_invalid(policy, exc, client, request.request_id)
+            return self._refuse_invalid(request, exc, client)
         except ClientDisconnected:
             raise
         except FailClosed as exc:
@@ -149,9 +149,9 @@ class Admission:
             log.warning(
                 "guard failure (%s) on policy %s: failing closed", exc.component, policy.name
             )
-            return refusal(503, request.request_id, counted=False)
+            return refusal(503, request.request_id, path=request.path, counted=False)
         except Exception:
-            return self._internal_failure(policy, request.request_id)
+            return self._internal_failure(request)
         return self._verdict(request, client, decision, parsed, query)
 
     def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
@@ -243,6 +243,7 @@ class Admission:
             return refusal(
                 status,
                 request.request_id,
+                path=request.path,
                 headers=decision.headers,
                 retry_after=retry if action is Action.THROTTLE else None,
             )
@@ -402,12 +403,9 @@ class Admission:
         )
 
     def _refuse_invalid(
-        self,
-        policy: CompiledPolicy,
-        exc: PayloadError,
-        client: ClientId | None,
-        request_id: str,
+        self, request: Request, exc: PayloadError, client: ClientId | None
     ) -> Refusal:
+        policy, request_id = request.policy, request.request_id
         self._counts.invalid(policy.name, exc.reason)
         self._counts.outcome(policy.name, "invalid", 1)
         self._audit.record_invalid(
@@ -418,19 +416,20 @@ class Admission:
             status=exc.status,
             reason=exc.reason,
         )
-        return refusal(exc.status, request_id, message=exc.message)
+        return refusal(exc.status, request_id, message=exc.message, path=request.path)
 
-    def _internal_failure(self, policy: CompiledPolicy, request_id: str) -> Verdict:
+    def _internal_failure(self, request: Request) -> Verdict:
         """A bug in the guard: count and log it, then apply the policy's failure mode.
 
         Called from within an ``except`` block (the traceback is logged). Failing
         open, the request goes on untouched, with whatever body was read replayed.
         """
+        policy = request.policy
         self._counts.error("internal")
         self._counts.outcome(policy.name, "error", 1)
         log.exception("guard failure on policy %s", policy.name)
         if policy.failure_mode == "fail_closed":
-            return refusal(503, request_id, counted=False)
+            return refusal(503, request.request_id, path=request.path, counted=False)
         failed = Decision(action=Action.ALLOW, intended=Action.ALLOW, policy=policy.name)
         return Pass(policy, failed, counted=False)
 

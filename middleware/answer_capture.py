@@ -45,6 +45,7 @@ class AnswerCapture:
         "_extra",
         "_held",
         "_limit",
+        "_path",
         "_request_id",
         "_rewrite",
         "_rewrite_limit",
@@ -68,8 +69,11 @@ class AnswerCapture:
         *,
         limit: int,
         rewrite_limit: int | None = None,
+        path: str = "",
     ) -> None:
         self._send = send
+        # the route's path: the guard's own error is shaped for its protocol
+        self._path = path
         self._extra = [(b"x-request-id", request_id.encode()), *verdict.headers]
         self._rewrite: Reviewer | None = verdict.review if verdict.rewrite is not None else None
         self.capture = verdict.watch is not None or self._rewrite is not None
@@ -167,6 +171,7 @@ class AnswerCapture:
                 502,
                 self._request_id,
                 message="the answer is too large for this route's output policy",
+                path=self._path,
             )
             await send_refusal(self._send, too_large)
             return

@@ -211,7 +211,9 @@ class GuardMiddleware:
         self, verdict: Pass, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> float:
         """Pass the request on, the answer captured as the verdict asks; the app's seconds."""
-        capture = AnswerCapture(send, verdict, request_id, limit=self._limits.max_response_bytes)
+        capture = AnswerCapture(
+            send, verdict, request_id, limit=self._limits.max_response_bytes, path=scope["path"]
+        )
         if verdict.rewrite is not None or verdict.watch is not None:
             scope = identity_encoding(scope)
         app_started = time.perf_counter()

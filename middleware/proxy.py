@@ -28,7 +28,9 @@ What the proxy does with a request:
 An upstream that cannot be reached, resets the connection or speaks broken
 HTTP is answered ``502``, one that does not answer within the timeouts
 ``504``, and a request that finds no free pooled connection in time ``503``;
-the body is ``{"error": {"code", "message", "reason"}}`` and each failure is
+the body is shaped for the route's protocol (``{"error": "<message>"}`` on
+OIP v2 and KServe v1 routes, OpenAI's error object on OpenAI routes,
+``{"error": {"code", "message", "reason"}}`` elsewhere) and each failure is
 counted in ``guard_upstream_errors_total{reason}`` (:data:`REASONS`) in the
 guard's own registry, so ``/metrics`` shows it. A failure after the answer
 has started can no longer change its status: it is counted and the
@@ -39,7 +41,6 @@ complete-looking one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -52,6 +53,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.payload.error_bodies import error_body, error_style
 from inference_guard.middleware._forwarding import request_headers, response_headers
 from inference_guard.middleware.asgi import GuardMiddleware
 from inference_guard.middleware.types import Message, Receive, Scope, Send
@@ -201,7 +203,9 @@ class UpstreamProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         url = self._target(scope)
         if url is None:
-            await _send_json(send, 400, "invalid_request", "the request path is not in normal form")
+            await _send_json(
+                send, scope, 400, "invalid_request", "the request path is not in normal form"
+            )
             return
         # the exchange runs beside a watch on the client: a client that goes away
         # once its request is sent cancels it (receive() then only ever says disconnect)
@@ -251,7 +255,7 @@ class UpstreamProxy:
             reason = _reason(exc)
             self._errors[reason].inc()
             log.warning("upstream %s failed (%s): %r", self.base, reason, exc)
-            await _send_failure(send, reason)
+            await _send_failure(send, scope, reason)
             return
         body_sent.set()
         try:
@@ -426,18 +430,16 @@ async def _disconnect(receive: Receive, body_sent: asyncio.Event) -> None:
             return
 
 
-async def _send_failure(send: Send, reason: str) -> None:
+async def _send_failure(send: Send, scope: Scope, reason: str) -> None:
     status, code, message = _FAILURES[reason]
-    await _send_json(send, status, code, message, reason=reason)
+    await _send_json(send, scope, status, code, message, reason=reason)
 
 
 async def _send_json(
-    send: Send, status: int, code: str, message: str, *, reason: str | None = None
+    send: Send, scope: Scope, status: int, code: str, message: str, *, reason: str | None = None
 ) -> None:
-    error = {"code": code, "message": message}
-    if reason is not None:
-        error["reason"] = reason
-    body = json.dumps({"error": error}, separators=(",", ":")).encode()
+    """The proxy's own error, shaped for the route's protocol."""
+    body = error_body(error_style(scope["path"]), status, code, message, reason=reason)
     await send(
         {
             "type": "http.response.start",
