@@ -162,9 +162,19 @@ class Pass(NamedTuple):
         """Nothing to do with the answer but add the request id."""
         return self.rewrite is None and self.watch is None and not self.headers
 
-    def review(self, body: bytes, content_type: str | None, *, rewrite: bool = True) -> Reviewed:
+    def review(
+        self,
+        body: bytes,
+        content_type: str | None,
+        *,
+        rewrite: bool = True,
+        binary_header: int | None = None,
+    ) -> Reviewed:
         """The complete answer rewritten as :attr:`rewrite` says (``rewrite=True``), and
-        read where it is watched: decoded once for both. Never raises."""
+        read where it is watched: decoded once for both. Never raises.
+
+        ``binary_header`` is a Triton binary answer's ``Inference-Header-Content-Length``;
+        the rewritten one's is :attr:`Reviewed.header_length`."""
         spec = self.rewrite if rewrite else None
         return review_answer(
             body,
@@ -174,6 +184,7 @@ class Pass(NamedTuple):
             spec=spec.spec if spec is not None else None,
             noise=spec.noise if spec is not None else None,
             read=self.watch is not None,
+            binary_header=binary_header,
         )
 
 

@@ -230,14 +230,11 @@ def parse_request(
 def check_readable_answer(parsed: ParsedRequest) -> None:
     """Refuse request options whose answers the guard could not round, degrade or watch.
 
-    Triton's binary outputs and streamed log-probabilities would otherwise carry
-    full-precision probabilities past the output policy (400 ``bad_type``).
+    Streamed log-probabilities would otherwise carry full-precision probabilities
+    past the output policy (400 ``bad_type``). Triton's binary outputs are read
+    and rewritten like JSON ones (:mod:`guard.payload._binary_answer`).
     """
     extra = parsed.extra
-    if extra.get("binary_output"):
-        fail(
-            400, "bad_type", "binary outputs are not available on this route; ask for JSON outputs"
-        )
     if extra.get("stream") and (extra.get("logprobs") or extra.get("top_logprobs")):
         fail(400, "bad_type", "log-probabilities cannot be streamed on this route")
 

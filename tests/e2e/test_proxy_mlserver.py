@@ -116,35 +116,31 @@ def test_triton_client_reads_the_guards_400_and_429_as_server_errors(
         assert "rows-per-hour" not in str(throttled.value)
 
 
-def test_binary_outputs_are_refused_cleanly_today(proxy: Server) -> None:
-    # The guard cannot round Triton binary outputs yet, so it refuses to let them
-    # out (a later task reads them). The refusal is a clean 400 before MLServer
-    # sees the request, in the protocol's {"error": "<string>"}.
-    with pytest.raises(InferenceServerException) as refused:
-        infer(client(proxy), binary_out=True)
-    assert "binary outputs" in refused.value.message()
-
-    tensor = triton.InferInput("input-0", list(ROWS.shape), "FP64")
-    tensor.set_data_from_numpy(ROWS, binary_data=False)
-    body, json_size = triton.InferenceServerClient.generate_request_body(
-        [tensor], outputs=[triton.InferRequestedOutput("predict_proba", binary_data=True)]
-    )
-    assert json_size is None  # pure JSON: the refusal is about the output alone
-    r = httpx.post(proxy.url + INFER, content=body, timeout=10)
-    assert r.status_code == 400
-    assert "binary outputs" in r.json()["error"]
-
-
-def test_binary_inputs_pass_the_guard_and_mlserver_refuses_them(
-    proxy: Server, mlserver_iris: MLServer
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json_out", "binary_out"])
+@pytest.mark.parametrize("binary_in", [False, True], ids=["json_in", "binary_in"])
+def test_triton_client_binary_and_json_tensors_through_the_proxy(
+    proxy: Server, mlserver_iris: MLServer, binary_in: bool, binary_out: bool
 ) -> None:
-    # The guard reads Triton's binary tensor extension and lets the request on;
-    # MLServer 1.7.1's REST server does not implement it and answers 422 (its own
-    # FastAPI error), directly as through the proxy.
-    for srv in (mlserver_iris, proxy):
-        with pytest.raises(InferenceServerException) as refused:
-            infer(client(srv), binary_in=True)
-        assert "json_invalid" in str(refused.value.message())
+    if binary_in:
+        # MLServer 1.7.1's REST server does not implement binary inputs and answers
+        # 422 (its own FastAPI error): the guard reads the binary request, lets it
+        # on unchanged, and MLServer's answer reaches the client as it is
+        for srv in (mlserver_iris, proxy):
+            with pytest.raises(InferenceServerException) as refused:
+                infer(client(srv), binary_in=True, binary_out=binary_out)
+            assert refused.value.status() == "422"
+            assert "json_invalid" in str(refused.value.message())
+        return
+    # MLServer 1.7.1 answers a request for binary outputs in JSON (it does not
+    # implement the extension); the guard's binary rewrite is tested against a
+    # server that answers binary: tests/e2e/test_proxy_binary.py
+    guarded = infer(client(proxy), binary_out=binary_out)
+    exact = infer(client(mlserver_iris), binary_out=binary_out)
+    assert guarded.shape == exact.shape == (3, 3)
+    # rounded to 2 decimals under the default policy, binary outputs included
+    assert np.array_equal(guarded, np.round(guarded, 2))
+    assert not np.array_equal(exact, np.round(exact, 2))
+    assert np.abs(guarded - exact).max() <= 0.005 + 1e-12
 
 
 def test_invalid_input_is_refused_before_mlserver(proxy: Server) -> None:
