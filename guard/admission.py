@@ -47,6 +47,7 @@ from inference_guard.guard.payload.adapters import (
 from inference_guard.guard.payload.degrade import RowNoise, noise_key
 from inference_guard.guard.payload.formats import PayloadFormat
 from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.guard.signatures import Signatures
 
 __all__ = ["Admission", "Detectors"]
 
@@ -98,6 +99,7 @@ class Admission:
         audit: AuditLog,
         capture: CaptureLog | None,
         payloads: Mapping[str, PayloadFormat],
+        signatures: Mapping[str, Signatures],
         techniques: Mapping[str, str],
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
@@ -108,6 +110,7 @@ class Admission:
         self._audit = audit
         self._capture = capture
         self._payloads = payloads
+        self._signatures = signatures
         self._techniques = techniques
         self._clock = clock
         self._wall_clock = wall_clock
@@ -205,6 +208,9 @@ class Admission:
             return await self._detectors.decide(policy, query, exempt=client.exempt), None, query
         body = await request.body.read(headers.get(b"content-length"))
         parsed = self._parse(policy, body, path=request.path, headers=headers)
+        signatures = self._signatures.get(policy.name)
+        if signatures is not None and parsed.fmt == "oip_v2":
+            await signatures.check(request.path, body, _binary_length(headers))
         if policy.rewrites or policy.observes:
             check_readable_answer(parsed)
         if policy.allow is not None:
@@ -456,6 +462,12 @@ class Admission:
             policy.name,
             route,
         )
+
+
+def _binary_length(headers: Mapping[bytes, bytes]) -> int | None:
+    """A binary request's ``Inference-Header-Content-Length`` (the parser checked it)."""
+    value = headers.get(_BINARY_HEADER)
+    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _noisy_degrade(policy: CompiledPolicy) -> bool:

@@ -41,6 +41,7 @@ from inference_guard.guard.payload.adapters import pattern_format
 from inference_guard.guard.payload.formats import PayloadFormat, payload_format
 from inference_guard.guard.policy import Armed, CompiledPolicy
 from inference_guard.guard.registry import BuildContext, build_detector
+from inference_guard.guard.signatures import Signatures
 from inference_guard.guard.stores import Store, store_from_uri
 from inference_guard.guard.stores.resilient import ResilientStore
 
@@ -115,6 +116,13 @@ class Guard:
         self.payloads: dict[str, PayloadFormat] = {
             p.name: f for p in config.policies if (f := payload_format(p.payload)) is not None
         }
+        #: per policy, its OIP v2 models' signatures (``signature:``); the front end
+        #: sets each one's metadata source
+        self.signatures: dict[str, Signatures] = {
+            p.name: Signatures(p.signature, self.counts, clock=clock)
+            for p in config.policies
+            if p.signature.enabled
+        }
         self._admission = Admission(
             config,
             self.policies,
@@ -124,6 +132,7 @@ class Guard:
             audit=self.audit,
             capture=self.capture,
             payloads=self.payloads,
+            signatures=self.signatures,
             techniques=self.techniques,
             clock=clock,
             wall_clock=wall_clock,

@@ -42,6 +42,7 @@ from inference_guard.middleware._body import BodyReader
 from inference_guard.middleware._request_ids import draw_request_id, request_ids, with_request_id
 from inference_guard.middleware.answer_capture import AnswerCapture, identity_encoding
 from inference_guard.middleware.fast_lane import FastLane, lean_policies
+from inference_guard.middleware.metadata_source import metadata_source
 from inference_guard.middleware.metrics_endpoint import serve_metrics
 from inference_guard.middleware.refusals import send_refusal
 from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
@@ -97,6 +98,9 @@ class GuardMiddleware:
         self._fast_lane = FastLane(self.guard)
         #: the policies whose plain requests take the fast lane (read when routing)
         self._lean_policies = lean_policies(self.guard)
+        # model signatures are learned from the wrapped app's metadata endpoint
+        for signatures in self.guard.signatures.values():
+            signatures.source = metadata_source(app)
 
     @property
     def registry(self) -> CollectorRegistry:

@@ -57,7 +57,7 @@ def lean_policies(guard: Guard) -> frozenset[str]:
     No detectors (the verdict is ``allow``, its answer perhaps rounded), no
     quarantine anywhere, no capture (which needs a client), validation on (an
     invalid request is refused, so a valid one is all the lane must recognise),
-    no custom ``payload:`` and answers never watched.
+    no custom ``payload:``, no model signature to check and answers never watched.
     """
     if guard.quarantine_enabled or guard.capture is not None:
         return frozenset()
@@ -67,6 +67,7 @@ def lean_policies(guard: Guard) -> frozenset[str]:
         if p.allow is not None
         and p.config.validate
         and p.name not in guard.payloads
+        and not p.config.signature.enabled
         and not (p.observes or p.passthrough)
     )
 

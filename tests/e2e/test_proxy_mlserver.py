@@ -227,3 +227,40 @@ def test_upstream_killed_mid_load(tmp_path: Path) -> None:
             for _ in range(20)
         ]
         assert after == [200] * 20
+
+
+def test_signature_learned_from_mlserver_metadata(mlserver_iris: MLServer, tmp_path: Path) -> None:
+    # MLServer's GET /v2/models/iris names the input the model-settings.json declares:
+    # input-0, FP64, [-1, 4]; requests off it are refused before MLServer sees them
+    config = {
+        "policies": [
+            {"name": "inference", "routes": ["/v2/models/*/infer"], "signature": {"learn": True}}
+        ]
+    }
+    with run_proxy(tmp_path, mlserver_iris.url, config=config) as proxy:
+        c = client(proxy)
+        assert infer(c).shape == (3, 3)
+        for name, datatype, rows, expected in [
+            ("input-0", "FP32", ROWS.astype(np.float32), "must be FP64"),
+            ("input-0", "FP64", ROWS[:, :3], "must have shape [-1, 4]"),
+            ("x", "FP64", ROWS, "no input named 'x'"),
+        ]:
+            tensor = triton.InferInput(name, list(rows.shape), datatype)
+            tensor.set_data_from_numpy(np.ascontiguousarray(rows), binary_data=False)
+            with pytest.raises(InferenceServerException) as refused:
+                c.infer(MODEL, [tensor])
+            assert refused.value.status() == "400"
+            assert expected in refused.value.message()
+        # a model MLServer has no metadata for: no signature, counted once; its 404 passes
+        for _ in range(2):
+            r = httpx.post(proxy.url + "/v2/models/nope/infer", json=v2_body(ROWS), timeout=10)
+            assert r.status_code == 404
+        text = httpx.get(proxy.url + "/metrics", timeout=5).text
+        assert metric(text, "guard_errors_total", component="signature") == 1
+        assert (
+            metric(text, "guard_invalid_requests_total", policy="inference", reason="bad_type") == 1
+        )
+        assert (
+            metric(text, "guard_invalid_requests_total", policy="inference", reason="bad_shape")
+            == 2
+        )
