@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from inference_guard.guard._counts import Counts
@@ -132,6 +132,11 @@ class Signatures:
             return  # the parser has refused or let through what it could not read
         if isinstance(doc, dict):
             check_inputs(doc.get("inputs"), specs)
+
+    async def prefetch(self, models: Iterable[str]) -> None:
+        """Learn the signatures of ``models`` (names) now, as on their first sight."""
+        for name in models:
+            await self.lookup(f"/v2/models/{name}/infer")
 
     async def lookup(self, path: str) -> tuple[TensorSpec, ...] | None:
         """The learned inputs of the model ``path`` infers on (``None``: not known)."""

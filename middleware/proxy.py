@@ -43,8 +43,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -79,6 +80,8 @@ _FAILURES: Final[dict[str, tuple[int, str, str]]] = {
 }
 #: the label values of ``guard_upstream_errors_total``
 REASONS: Final = tuple(_FAILURES)
+#: most seconds lifespan startup waits on :attr:`UpstreamProxy.on_startup`
+STARTUP_S: Final = 10.0
 #: the httpx client's default headers: a proxy adds none of its own. Accept-Encoding
 #: above all: it would ask the upstream for compressed answers the guard cannot read
 _CLIENT_DEFAULTS: Final = ("accept", "accept-encoding", "connection", "user-agent")
@@ -158,6 +161,9 @@ class UpstreamProxy:
         )
         self._errors = {reason: self.errors.labels(reason) for reason in REASONS}
         self._client: httpx.AsyncClient | None = None
+        #: awaited on lifespan startup, once the pooled client is open (at most
+        #: :data:`STARTUP_S` seconds): :func:`build_proxy_app` learns signatures there
+        self.on_startup: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -194,6 +200,11 @@ class UpstreamProxy:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.client()
+                if self.on_startup is not None:
+                    try:
+                        await asyncio.wait_for(self.on_startup(), STARTUP_S)
+                    except Exception:  # the guard works without what start-up learns
+                        log.warning("start-up lookups at %s failed", self.base, exc_info=True)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -321,7 +332,31 @@ def build_proxy_app(
     proxy = UpstreamProxy(
         upstream, timeouts=timeouts, max_connections=max_connections, registry=registry
     )
-    return GuardMiddleware(proxy, config=config, registry=registry)
+    app = GuardMiddleware(proxy, config=config, registry=registry)
+    if app.guard.signatures:
+        proxy.on_startup = partial(_learn_signatures, proxy, app)
+    return app
+
+
+async def _learn_signatures(proxy: UpstreamProxy, app: GuardMiddleware) -> None:
+    """Learn the signatures of the upstream's models at start-up.
+
+    The models are those the upstream's repository index lists (``POST
+    /v2/repository/index``, MLServer and Triton); an upstream without one is
+    left to first sight of each model.
+    """
+    url = proxy.base.copy_with(raw_path=proxy._prefix + b"/v2/repository/index")
+    try:
+        r = await proxy.client().post(url, json={})
+        index = r.json() if r.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):
+        index = []
+    names = []
+    for model in index if isinstance(index, list) else ():
+        if isinstance(model, dict) and isinstance(model.get("name"), str):
+            names.append(model["name"])
+    for signatures in app.guard.signatures.values():
+        await signatures.prefetch(names)
 
 
 #: environment variables :func:`app_from_env` reads (``guard proxy --workers N`` sets them)

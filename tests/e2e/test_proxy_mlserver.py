@@ -264,3 +264,27 @@ def test_signature_learned_from_mlserver_metadata(mlserver_iris: MLServer, tmp_p
             metric(text, "guard_invalid_requests_total", policy="inference", reason="bad_shape")
             == 2
         )
+
+
+def test_signatures_are_learned_at_start_up(tmp_path: Path) -> None:
+    # guard proxy asks MLServer's repository index for its models and learns their
+    # signatures before it serves: with MLServer gone, a request off the signature
+    # is still refused 400 (not 502), and a valid one finds no upstream
+    config = {
+        "policies": [
+            {"name": "inference", "routes": ["/v2/models/*/infer"], "signature": {"learn": True}}
+        ]
+    }
+    with (
+        mlserver(tmp_path / "mlserver") as upstream,
+        run_proxy(tmp_path, upstream.url, config=config, args=("--connect-timeout", "2")) as proxy,
+    ):
+        upstream.kill()
+        bad = v2_body(ROWS)
+        bad["inputs"][0]["datatype"] = "FP32"  # type: ignore[index]
+        r = httpx.post(proxy.url + INFER, json=bad, timeout=10)
+        assert r.status_code == 400 and r.json() == {"error": "input 'input-0' must be FP64"}
+        r = httpx.post(proxy.url + INFER, json=v2_body(ROWS), timeout=10)
+        assert r.status_code == 502
+        text = httpx.get(proxy.url + "/metrics", timeout=5).text
+        assert metric(text, "guard_errors_total", component="signature") == 0
