@@ -47,6 +47,7 @@ from inference_guard.guard.payload.adapters import (
 from inference_guard.guard.payload.degrade import RowNoise, noise_key
 from inference_guard.guard.payload.formats import PayloadFormat
 from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.guard.signatures import Signatures
 
 __all__ = ["Admission", "Detectors"]
 
@@ -99,6 +100,7 @@ class Admission:
         audit: AuditLog,
         capture: CaptureLog | None,
         payloads: Mapping[str, PayloadFormat],
+        signatures: Mapping[str, Signatures],
         techniques: Mapping[str, str],
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
@@ -109,6 +111,9 @@ class Admission:
         self._audit = audit
         self._capture = capture
         self._payloads = payloads
+        self._signatures = signatures
+        #: per policy, its models' signatures (read-only for the guard)
+        self.signatures: Mapping[str, Signatures] = signatures
         self._techniques = techniques
         self._clock = clock
         self._wall_clock = wall_clock
@@ -142,7 +147,7 @@ class Admission:
             )
             decision, parsed, query = await self._judge(request, headers, client)
         except PayloadError as exc:
-            return self._refuse_invalid(policy, exc, client, request.request_id)
+            return self._refuse_invalid(request, exc, client)
         except ClientDisconnected:
             raise
         except FailClosed as exc:
@@ -150,9 +155,9 @@ class Admission:
             log.warning(
                 "guard failure (%s) on policy %s: failing closed", exc.component, policy.name
             )
-            return refusal(503, request.request_id, counted=False)
+            return refusal(503, request.request_id, path=request.path, counted=False)
         except Exception:
-            return self._internal_failure(policy, request.request_id)
+            return self._internal_failure(request)
         return self._verdict(request, client, decision, parsed, query)
 
     def admit_fixed(self, policy: CompiledPolicy, fmt: str, n_rows: int) -> Pass:
@@ -206,6 +211,9 @@ class Admission:
             return await self._detectors.decide(policy, query, exempt=client.exempt), None, query
         body = await request.body.read(headers.get(b"content-length"))
         parsed = self._parse(policy, body, path=request.path, headers=headers)
+        signatures = self._signatures.get(policy.name)
+        if signatures is not None and parsed.fmt == "oip_v2":
+            await signatures.check(request.path, body, _binary_length(headers))
         if policy.rewrites or policy.observes:
             check_readable_answer(parsed)
         if policy.allow is not None:
@@ -244,6 +252,7 @@ class Admission:
             return refusal(
                 status,
                 request.request_id,
+                path=request.path,
                 headers=decision.headers,
                 retry_after=retry if action is Action.THROTTLE else None,
             )
@@ -403,12 +412,9 @@ class Admission:
         )
 
     def _refuse_invalid(
-        self,
-        policy: CompiledPolicy,
-        exc: PayloadError,
-        client: ClientId | None,
-        request_id: str,
+        self, request: Request, exc: PayloadError, client: ClientId | None
     ) -> Refusal:
+        policy, request_id = request.policy, request.request_id
         self._counts.invalid(policy.name, exc.reason)
         self._counts.outcome(policy.name, "invalid", 1)
         self._audit.record_invalid(
@@ -419,19 +425,20 @@ class Admission:
             status=exc.status,
             reason=exc.reason,
         )
-        return refusal(exc.status, request_id, message=exc.message)
+        return refusal(exc.status, request_id, message=exc.message, path=request.path)
 
-    def _internal_failure(self, policy: CompiledPolicy, request_id: str) -> Verdict:
+    def _internal_failure(self, request: Request) -> Verdict:
         """A bug in the guard: count and log it, then apply the policy's failure mode.
 
         Called from within an ``except`` block (the traceback is logged). Failing
         open, the request goes on untouched, with whatever body was read replayed.
         """
+        policy = request.policy
         self._counts.error("internal")
         self._counts.outcome(policy.name, "error", 1)
         log.exception("guard failure on policy %s", policy.name)
         if policy.failure_mode == "fail_closed":
-            return refusal(503, request_id, counted=False)
+            return refusal(503, request.request_id, path=request.path, counted=False)
         failed = Decision(action=Action.ALLOW, intended=Action.ALLOW, policy=policy.name)
         return Pass(policy, failed, counted=False)
 
@@ -458,6 +465,12 @@ class Admission:
             policy.name,
             route,
         )
+
+
+def _binary_length(headers: Mapping[bytes, bytes]) -> int | None:
+    """A binary request's ``Inference-Header-Content-Length`` (the parser checked it)."""
+    value = headers.get(_BINARY_HEADER)
+    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _noisy_degrade(policy: CompiledPolicy) -> bool:

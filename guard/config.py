@@ -29,6 +29,7 @@ from inference_guard.guard.pointer import parse_pointer
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "OIP_DATATYPES",
     "SHARED_STORE_SCHEMES",
     "AuditConfig",
     "CaptureConfig",
@@ -41,7 +42,9 @@ __all__ = [
     "MetricsConfig",
     "PayloadConfig",
     "PolicyConfig",
+    "SignatureConfig",
     "StateConfig",
+    "TensorSpec",
 ]
 
 #: the inference routes of the protocols the guard understands (README, "Decision semantics")
@@ -280,6 +283,55 @@ class PayloadConfig:
     probabilities: str | None = None
 
 
+#: the Open Inference Protocol's tensor datatypes
+OIP_DATATYPES: frozenset[str] = frozenset(
+    {
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BF16",
+        "BYTES",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input tensor of a model's signature (OIP v2 metadata's ``inputs[]``)."""
+
+    name: str
+    #: an OIP datatype (:data:`OIP_DATATYPES`)
+    datatype: str
+    #: dimensions; ``-1`` matches any size
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureConfig:
+    """The inputs an OIP v2 model takes, checked before the model runs (400 ``bad_type``,
+    ``bad_shape``): learned from ``GET /v2/models/{name}`` or given here."""
+
+    #: learn each model's inputs from its metadata endpoint (``learn: true``)
+    learn: bool = False
+    #: seconds a learned signature (or a failed lookup) is kept
+    ttl_s: float = 300.0
+    #: the inputs of every model on the policy's routes, given instead of learned
+    inputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.learn or bool(self.inputs)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Route patterns, the detectors that guard them, and what happens when they fire."""
@@ -303,6 +355,8 @@ class PolicyConfig:
     payload: PayloadConfig | None = None
     #: a request of no known format: ``pass`` it on (warned once per route) or ``refuse`` it
     unknown_format: Literal["pass", "refuse"] = "pass"
+    #: the OIP v2 models' input signatures (off by default)
+    signature: SignatureConfig = field(default_factory=SignatureConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +859,7 @@ class _Validator:
                 "failure_mode",
                 "payload",
                 "unknown_format",
+                "signature",
             },
         )
         name = self.string(m, key, "name", "", nonempty=True)
@@ -850,7 +905,57 @@ class _Validator:
             failure_mode=failure_mode,
             payload=self.payload(m.get("payload"), _join(key, "payload")),
             unknown_format=self.unknown_format(m, key),
+            signature=self.signature(m.get("signature"), _join(key, "signature")),
         )
+
+    def signature(self, raw: object, key: str) -> SignatureConfig:
+        m = self.mapping(raw, key, {"learn", "ttl_s", "inputs"})
+        learn = self.boolean(m, key, "learn", False)
+        ttl_s = self.number(m, key, "ttl_s", 300.0)
+        inputs: list[TensorSpec] = []
+        raw_inputs = m.get("inputs", [])
+        ikey = _join(key, "inputs")
+        if not isinstance(raw_inputs, list):
+            self.fail(ikey, f"must be a list, got {_type_name(raw_inputs)}")
+            raw_inputs = []
+        for j, item in enumerate(raw_inputs):
+            spec = self.tensor_spec(item, f"{ikey}[{j}]")
+            if spec is not None:
+                if any(s.name == spec.name for s in inputs):
+                    self.fail(f"{ikey}[{j}].name", f"duplicate input name {spec.name!r}")
+                inputs.append(spec)
+        if learn and raw_inputs:
+            self.fail(key, "learn and inputs exclude each other: learn the signature or give it")
+        return SignatureConfig(learn=learn, ttl_s=ttl_s, inputs=tuple(inputs))
+
+    def tensor_spec(self, raw: object, key: str) -> TensorSpec | None:
+        if not isinstance(raw, Mapping):
+            self.fail(key, f"must be a mapping, got {_type_name(raw)}")
+            return None
+        m = self.mapping(raw, key, {"name", "datatype", "shape"})
+        ok = True
+        for name in ("name", "datatype", "shape"):
+            if name not in m:
+                self.fail(_join(key, name), "is required")
+                ok = False
+        name = self.string(m, key, "name", "", nonempty=True)
+        datatype = m.get("datatype")
+        if "datatype" in m and datatype not in OIP_DATATYPES:
+            self.fail(
+                _join(key, "datatype"),
+                f"must be one of {', '.join(sorted(OIP_DATATYPES))}, got {datatype!r}",
+            )
+            ok = False
+        shape = m.get("shape")
+        if "shape" in m and not (
+            isinstance(shape, list) and all(type(d) is int and d >= -1 for d in shape)
+        ):
+            self.fail(_join(key, "shape"), "must be a list of sizes (integers; -1 for any size)")
+            ok = False
+        if not ok or not name:
+            return None
+        assert isinstance(datatype, str) and isinstance(shape, list)
+        return TensorSpec(name, datatype, tuple(shape))
 
     def payload(self, raw: object, key: str) -> PayloadConfig | None:
         if raw is None:
@@ -945,8 +1050,10 @@ class _Validator:
             return ()
         fail = self.fail if report else (lambda _key, _problem: None)
         if not isinstance(raw, list):
-            fail(key, f"must be a list of {{score_below | margin_below, action}}, got "
-                 f"{_type_name(raw)}")
+            fail(
+                key,
+                f"must be a list of {{score_below | margin_below, action}}, got {_type_name(raw)}",
+            )
             return ()
         out: list[tuple[float, Action]] = []
         for i, item in enumerate(raw):
@@ -956,8 +1063,10 @@ class _Validator:
                 continue
             unknown = set(item) - {"score_below", "margin_below", "action"}
             if unknown:
-                fail(_join(ik, str(sorted(unknown)[0])),
-                     "unknown key (allowed: score_below, margin_below, action)")
+                fail(
+                    _join(ik, str(sorted(unknown)[0])),
+                    "unknown key (allowed: score_below, margin_below, action)",
+                )
                 continue
             bounds = [b for b in ("score_below", "margin_below") if b in item]
             if len(bounds) != 1 or "action" not in item:
@@ -966,8 +1075,10 @@ class _Validator:
             if bounds[0] != bound:
                 continue
             value = item[bound]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                math.isfinite(value)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value))
             ):
                 fail(_join(ik, bound), f"must be a number, got {_type_name(value)}")
                 continue
@@ -975,8 +1086,10 @@ class _Validator:
             try:
                 parsed = Action(action)
             except ValueError:
-                fail(_join(ik, "action"), f"must be one of {', '.join(a.value for a in Action)}, "
-                     f"got {action!r}")
+                fail(
+                    _join(ik, "action"),
+                    f"must be one of {', '.join(a.value for a in Action)}, got {action!r}",
+                )
                 continue
             out.append((float(value), parsed))
         return tuple(sorted(out))

@@ -24,7 +24,6 @@ dataclass to make).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
@@ -34,6 +33,7 @@ from inference_guard.guard.capture import CapturedRequest
 from inference_guard.guard.config import DegradeConfig
 from inference_guard.guard.decisions import Decision
 from inference_guard.guard.payload.degrade import RowNoise
+from inference_guard.guard.payload.error_bodies import error_body, error_style
 from inference_guard.guard.payload.formats import PayloadFormat
 from inference_guard.guard.payload.review import Reviewed, review_answer
 from inference_guard.guard.policy import CompiledPolicy
@@ -108,7 +108,8 @@ class Refusal(NamedTuple):
     status: int
     #: the complete response headers (content type and length, request id, ...)
     headers: Headers
-    #: ``{"error": {"code", "message", "request_id"}}``, never naming a detector
+    #: the error in the route's protocol (:mod:`guard.payload.error_bodies`), never
+    #: naming a detector
     body: bytes
     #: whether the guard's time on the request goes into ``guard_overhead_seconds``
     #: (not for the guard's own failures)
@@ -161,9 +162,19 @@ class Pass(NamedTuple):
         """Nothing to do with the answer but add the request id."""
         return self.rewrite is None and self.watch is None and not self.headers
 
-    def review(self, body: bytes, content_type: str | None, *, rewrite: bool = True) -> Reviewed:
+    def review(
+        self,
+        body: bytes,
+        content_type: str | None,
+        *,
+        rewrite: bool = True,
+        binary_header: int | None = None,
+    ) -> Reviewed:
         """The complete answer rewritten as :attr:`rewrite` says (``rewrite=True``), and
-        read where it is watched: decoded once for both. Never raises."""
+        read where it is watched: decoded once for both. Never raises.
+
+        ``binary_header`` is a Triton binary answer's ``Inference-Header-Content-Length``;
+        the rewritten one's is :attr:`Reviewed.header_length`."""
         spec = self.rewrite if rewrite else None
         return review_answer(
             body,
@@ -173,6 +184,7 @@ class Pass(NamedTuple):
             spec=spec.spec if spec is not None else None,
             noise=spec.noise if spec is not None else None,
             read=self.watch is not None,
+            binary_header=binary_header,
         )
 
 
@@ -201,11 +213,17 @@ def refusal(
     request_id: str,
     *,
     message: str | None = None,
+    path: str = "",
     headers: Iterable[tuple[str, str]] = (),
     retry_after: float | None = None,
     counted: bool = True,
 ) -> Refusal:
-    """The guard's own answer: ``{"error": {"code", "message", "request_id"}}`` with ``status``.
+    """The guard's own answer with ``status``, its body shaped for the route ``path``.
+
+    On OIP v2 and KServe v1 routes the body is ``{"error": "<message>"}``, on
+    OpenAI routes OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+    elsewhere ``{"error": {"code", "message", "request_id"}}``
+    (:mod:`guard.payload.error_bodies`); the request id is always in ``X-Request-ID``.
 
     ``headers`` (a decision's rate-limit fields) are added after the standard
     ones; ``retry_after`` becomes ``Retry-After`` in whole seconds (at least 1).
@@ -213,15 +231,15 @@ def refusal(
 
     Examples
     --------
+    >>> import json
     >>> r = refusal(429, "abc", retry_after=0.2)
     >>> r.status, json.loads(r.body)["error"]["code"], dict(r.headers)[b"retry-after"]
     (429, 'rate_limited', b'1')
+    >>> refusal(400, "abc", message="bad", path="/v2/models/m/infer").body
+    b'{"error":"bad"}'
     """
     code, default = ERROR_CODES.get(status, ("error", "error"))
-    body = json.dumps(
-        {"error": {"code": code, "message": message or default, "request_id": request_id}},
-        separators=(",", ":"),
-    ).encode()
+    body = error_body(error_style(path), status, code, message or default, request_id=request_id)
     raw: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -191,7 +191,7 @@ def _flush_ref(ref: weakref.ref[Tally]) -> None:
 DECISIONS = ("allow", "flag", "degrade", "throttle", "block", "invalid", "error")
 
 #: values of the ``component`` label of guard_errors_total
-COMPONENTS = ("detector", "store", "internal", "parse", "response")
+COMPONENTS = ("detector", "store", "internal", "parse", "response", "signature")
 
 #: margin buckets for guard_detector_score of a detector the config does not describe
 #: (score minus threshold, < 0 means fired); configured detectors get their own layout

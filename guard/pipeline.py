@@ -45,6 +45,7 @@ from inference_guard.guard.payload.formats import PayloadFormat
 from inference_guard.guard.policy import CompiledPolicy
 from inference_guard.guard.registry import BuildContext
 from inference_guard.guard.reload import ReloadResult, check_frozen
+from inference_guard.guard.signatures import MetadataSource, Signatures
 from inference_guard.guard.stores import Store, store_from_uri
 from inference_guard.guard.stores.resilient import ResilientStore
 
@@ -96,6 +97,9 @@ class Guard:
             calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
             limits=config.limits,
         )
+        # where model signatures are learned (``signature: {learn: true}``); the front
+        # end sets it (set_metadata_source), and every loadout's signatures read it
+        self._metadata_source: MetadataSource | None = None
         #: the config file :meth:`reload` reads (``None``: nothing to reload)
         self.source: Path | None = Path(source) if source is not None else None
         #: the running policies and detectors; a front end takes it once per request.
@@ -141,6 +145,17 @@ class Guard:
         """The first running policy whose methods and routes match, or ``None``."""
         return self.loadout.match(method, path)
 
+    @property
+    def signatures(self) -> Mapping[str, Signatures]:
+        """Per policy, its OIP v2 models' signatures (``signature:``), of the running config."""
+        return self.loadout.admission.signatures
+
+    def set_metadata_source(self, source: MetadataSource) -> None:
+        """Where signatures are learned from: the running config's and every reload's."""
+        self._metadata_source = source
+        for signatures in self.signatures.values():
+            signatures.source = source
+
     def _make_admission(
         self,
         config: GuardConfig,
@@ -148,6 +163,13 @@ class Guard:
         payloads: Mapping[str, PayloadFormat],
         techniques: Mapping[str, str],
     ) -> Admission:
+        signatures = {
+            p.name: Signatures(p.signature, self.counts, clock=self.clock)
+            for p in config.policies
+            if p.signature.enabled
+        }
+        for sig in signatures.values():
+            sig.source = self._metadata_source
         return Admission(
             config,
             policies,
@@ -157,6 +179,7 @@ class Guard:
             audit=self.audit,
             capture=self.capture,
             payloads=payloads,
+            signatures=signatures,
             techniques=techniques,
             clock=self.clock,
             wall_clock=self.wall_clock,

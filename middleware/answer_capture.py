@@ -9,9 +9,10 @@ asks for anything but the request id. It wraps ``send``:
 * for an answer the engine watches, a bounded copy of a JSON answer is kept
   while the chunks go straight on to the client;
 * for an answer the engine rewrites, the start message is held until the whole
-  JSON body has arrived, the body goes through :meth:`Pass.review
-  <guard.engine.Pass.review>` (which also reads it, decoding it once), and
-  ``content-length`` is fixed up.
+  JSON body (or Triton binary answer: ``Inference-Header-Content-Length``) has
+  arrived, the body goes through :meth:`Pass.review <guard.engine.Pass.review>`
+  (which also reads it, decoding it once), and ``content-length`` (and a binary
+  answer's header length) is fixed up.
 
 :meth:`AnswerCapture.seen` then tells the engine (:meth:`Guard.after
 <guard.pipeline.Guard.after>`) what the model answered.
@@ -19,7 +20,7 @@ asks for anything but the request id. It wraps ``send``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from inference_guard.guard.engine import Pass, Seen, refusal
 from inference_guard.guard.payload.review import Reviewed
@@ -28,7 +29,15 @@ from inference_guard.middleware.types import Message, Scope, Send
 
 __all__ = ["AnswerCapture", "identity_encoding"]
 
-Reviewer = Callable[[bytes, str | None], Reviewed]
+_BINARY_HEADER = b"inference-header-content-length"
+
+
+class Reviewer(Protocol):
+    """:meth:`Pass.review <guard.engine.Pass.review>`."""
+
+    def __call__(
+        self, body: bytes, content_type: str | None, *, binary_header: int | None = None
+    ) -> Reviewed: ...
 
 
 class AnswerCapture:
@@ -40,11 +49,13 @@ class AnswerCapture:
     """
 
     __slots__ = (
+        "_binary_header",
         "_chunks",
         "_discard",
         "_extra",
         "_held",
         "_limit",
+        "_path",
         "_request_id",
         "_rewrite",
         "_rewrite_limit",
@@ -68,8 +79,11 @@ class AnswerCapture:
         *,
         limit: int,
         rewrite_limit: int | None = None,
+        path: str = "",
     ) -> None:
         self._send = send
+        # the route's path: the guard's own error is shaped for its protocol
+        self._path = path
         self._extra = [(b"x-request-id", request_id.encode()), *verdict.headers]
         self._rewrite: Reviewer | None = verdict.review if verdict.rewrite is not None else None
         self.capture = verdict.watch is not None or self._rewrite is not None
@@ -77,6 +91,8 @@ class AnswerCapture:
         # an answer the output policy must rewrite is held whatever its size, up to this
         self._rewrite_limit = rewrite_limit if rewrite_limit is not None else 16 * limit
         self._request_id = request_id
+        #: a Triton binary answer's ``Inference-Header-Content-Length``
+        self._binary_header: int | None = None
         self._discard = False
         self.too_large = False
         self._chunks: list[bytes] = []
@@ -138,9 +154,11 @@ class AnswerCapture:
                         length = -1
                 elif name == b"content-type":
                     self.content_type = value.decode("latin-1")
+                elif name == _BINARY_HEADER and value.isdigit() and len(value) < 19:
+                    self._binary_header = int(value)
             ctype = (self.content_type or "").lower()
             readable = (
-                "json" in ctype
+                ("json" in ctype or self._binary_header is not None)
                 and not ctype.startswith("text/event-stream")
                 and 200 <= self.status < 300
             )
@@ -167,6 +185,7 @@ class AnswerCapture:
                 502,
                 self._request_id,
                 message="the answer is too large for this route's output policy",
+                path=self._path,
             )
             await send_refusal(self._send, too_large)
             return
@@ -188,7 +207,9 @@ class AnswerCapture:
         assert self._rewrite is not None
         new = None
         try:
-            self.reviewed = self._rewrite(body, self.content_type)
+            self.reviewed = self._rewrite(
+                body, self.content_type, binary_header=self._binary_header
+            )
             new = self.reviewed.body
         except Exception:  # a rewrite bug must not lose the answer
             self.rewrite_failed = True
@@ -200,8 +221,13 @@ class AnswerCapture:
         held = self._held
         self._held = None
         length = str(len(new)).encode()
-        held["headers"] = [(k, v) for k, v in held["headers"] if k != b"content-length"]
-        held["headers"].append((b"content-length", length))
+        fixed = [(b"content-length", length)]
+        header_length = self.reviewed.header_length if self.reviewed is not None else None
+        if self._binary_header is not None and new is not body and header_length is not None:
+            fixed.append((_BINARY_HEADER, str(header_length).encode()))
+        names = {name for name, _ in fixed}
+        held["headers"] = [(k, v) for k, v in held["headers"] if k not in names]
+        held["headers"].extend(fixed)
         await self._send(held)
         await self._send({"type": "http.response.body", "body": new, "more_body": False})
 

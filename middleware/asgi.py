@@ -51,6 +51,7 @@ from inference_guard.middleware._body import BodyReader
 from inference_guard.middleware._request_ids import draw_request_id, request_ids, with_request_id
 from inference_guard.middleware.answer_capture import AnswerCapture, identity_encoding
 from inference_guard.middleware.fast_lane import FastLane, lean_policies
+from inference_guard.middleware.metadata_source import metadata_source
 from inference_guard.middleware.metrics_endpoint import serve_metrics
 from inference_guard.middleware.refusals import send_refusal
 from inference_guard.middleware.reload import RELOAD_PATH, SighupReload, serve_reload
@@ -127,6 +128,8 @@ class GuardMiddleware:
             if reload_on_sighup and self.guard.source is not None
             else None
         )
+        # model signatures are learned from the wrapped app's metadata endpoint
+        self.guard.set_metadata_source(metadata_source(app))
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -301,7 +304,9 @@ class GuardMiddleware:
         request_id: str,
     ) -> float:
         """Pass the request on, the answer captured as the verdict asks; the app's seconds."""
-        capture = AnswerCapture(send, verdict, request_id, limit=self._limits.max_response_bytes)
+        capture = AnswerCapture(
+            send, verdict, request_id, limit=self._limits.max_response_bytes, path=scope["path"]
+        )
         if verdict.rewrite is not None or verdict.watch is not None:
             scope = identity_encoding(scope)
         app_started = time.perf_counter()

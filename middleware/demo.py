@@ -26,7 +26,12 @@ Endpoints
                       "data": [...n*10 values, row-major, rounded to float32...]}]}
 
     ``outputs`` in the request selects (and orders) the output tensors; absent or
-    empty means both.
+    empty means both. Triton's binary tensor extension is answered for outputs
+    that ask for it (``outputs[].parameters.binary_data: true``, or
+    ``parameters.binary_data_output: true`` for all): the body is then the JSON
+    header (``Inference-Header-Content-Length`` bytes, those outputs carrying
+    ``parameters.binary_data_size`` instead of ``data``) followed by their raw
+    little-endian tensors, as ``application/octet-stream``.
 
 ``POST /v1/models/digits:predict``
     KServe v1 / TensorFlow Serving. Row form ``{"instances": [[64 numbers], ...]}``
@@ -340,16 +345,50 @@ def _make_v2_infer(model: DigitsModel) -> Callable[[Request], Coroutine[Any, Any
                         "data": probs.astype(np.float32).ravel().tolist(),
                     }
                 )
-        return _json_response(
-            {
-                "model_name": MODEL_NAME,
-                "model_version": MODEL_VERSION,
-                "id": request_id,
-                "outputs": outputs,
-            }
-        )
+        answer = {
+            "model_name": MODEL_NAME,
+            "model_version": MODEL_VERSION,
+            "id": request_id,
+            "outputs": outputs,
+        }
+        binary = _v2_binary_outputs(payload)
+        if any(o["name"] in binary for o in outputs):
+            return _binary_response(answer, binary)
+        return _json_response(answer)
 
     return infer
+
+
+def _v2_binary_outputs(payload: Mapping[str, Any]) -> set[str]:
+    """The names of the outputs the request asks for in Triton's binary extension."""
+    params = payload.get("parameters")
+    if isinstance(params, dict) and params.get("binary_data_output") is True:
+        return set(_OUTPUT_NAMES)
+    outputs = payload.get("outputs")
+    return {
+        o["name"]
+        for o in outputs or ()
+        if isinstance(o, dict)
+        and isinstance(o.get("parameters"), dict)
+        and o["parameters"].get("binary_data") is True
+    }
+
+
+def _binary_response(answer: dict[str, Any], binary: set[str]) -> Response:
+    """``answer`` with the ``binary`` outputs as raw little-endian tensors after the header."""
+    blobs = []
+    for out in answer["outputs"]:
+        if out["name"] in binary:
+            dtype = "<i8" if out["datatype"] == "INT64" else "<f4"
+            blob = np.asarray(out.pop("data"), dtype=dtype).tobytes()
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+    header = json.dumps(answer, separators=(",", ":")).encode()
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"inference-header-content-length": str(len(header))},
+    )
 
 
 def _v1_labels_only(payload: Mapping[str, Any]) -> bool:

@@ -58,8 +58,8 @@ def lean_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str
     No detectors (the verdict is ``allow``, its answer perhaps rounded), no
     quarantine anywhere, no capture (which needs a client), validation on (an
     invalid request is refused, so a valid one is all the lane must recognise),
-    no custom ``payload:`` and answers never watched. Of ``loadout``'s policies,
-    the guard's running ones by default.
+    no custom ``payload:``, no model signature to check and answers never watched.
+    Of ``loadout``'s policies, the guard's running ones by default.
     """
     loadout = loadout if loadout is not None else guard.loadout
     if loadout.quarantine_enabled or guard.capture is not None:
@@ -70,6 +70,7 @@ def lean_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str
         if p.allow is not None
         and p.config.validate
         and p.name not in loadout.payloads
+        and not p.config.signature.enabled
         and not (p.observes or p.passthrough)
     )
 

@@ -28,7 +28,9 @@ What the proxy does with a request:
 An upstream that cannot be reached, resets the connection or speaks broken
 HTTP is answered ``502``, one that does not answer within the timeouts
 ``504``, and a request that finds no free pooled connection in time ``503``;
-the body is ``{"error": {"code", "message", "reason"}}`` and each failure is
+the body is shaped for the route's protocol (``{"error": "<message>"}`` on
+OIP v2 and KServe v1 routes, OpenAI's error object on OpenAI routes,
+``{"error": {"code", "message", "reason"}}`` elsewhere) and each failure is
 counted in ``guard_upstream_errors_total{reason}`` (:data:`REASONS`) in the
 guard's own registry, so ``/metrics`` shows it. A failure after the answer
 has started can no longer change its status: it is counted and the
@@ -39,11 +41,11 @@ complete-looking one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -52,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.errors import ConfigurationError
+from inference_guard.guard.payload.error_bodies import error_body, error_style
 from inference_guard.middleware._forwarding import request_headers, response_headers
 from inference_guard.middleware.asgi import GuardMiddleware
 from inference_guard.middleware.types import Message, Receive, Scope, Send
@@ -77,6 +80,8 @@ _FAILURES: Final[dict[str, tuple[int, str, str]]] = {
 }
 #: the label values of ``guard_upstream_errors_total``
 REASONS: Final = tuple(_FAILURES)
+#: most seconds lifespan startup waits on :attr:`UpstreamProxy.on_startup`
+STARTUP_S: Final = 10.0
 #: the httpx client's default headers: a proxy adds none of its own. Accept-Encoding
 #: above all: it would ask the upstream for compressed answers the guard cannot read
 _CLIENT_DEFAULTS: Final = ("accept", "accept-encoding", "connection", "user-agent")
@@ -156,6 +161,9 @@ class UpstreamProxy:
         )
         self._errors = {reason: self.errors.labels(reason) for reason in REASONS}
         self._client: httpx.AsyncClient | None = None
+        #: awaited on lifespan startup, once the pooled client is open (at most
+        #: :data:`STARTUP_S` seconds): :func:`build_proxy_app` learns signatures there
+        self.on_startup: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -192,6 +200,11 @@ class UpstreamProxy:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.client()
+                if self.on_startup is not None:
+                    try:
+                        await asyncio.wait_for(self.on_startup(), STARTUP_S)
+                    except Exception:  # the guard works without what start-up learns
+                        log.warning("start-up lookups at %s failed", self.base, exc_info=True)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -201,7 +214,9 @@ class UpstreamProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         url = self._target(scope)
         if url is None:
-            await _send_json(send, 400, "invalid_request", "the request path is not in normal form")
+            await _send_json(
+                send, scope, 400, "invalid_request", "the request path is not in normal form"
+            )
             return
         # the exchange runs beside a watch on the client: a client that goes away
         # once its request is sent cancels it (receive() then only ever says disconnect)
@@ -251,7 +266,7 @@ class UpstreamProxy:
             reason = _reason(exc)
             self._errors[reason].inc()
             log.warning("upstream %s failed (%s): %r", self.base, reason, exc)
-            await _send_failure(send, reason)
+            await _send_failure(send, scope, reason)
             return
         body_sent.set()
         try:
@@ -317,7 +332,31 @@ def build_proxy_app(
     proxy = UpstreamProxy(
         upstream, timeouts=timeouts, max_connections=max_connections, registry=registry
     )
-    return GuardMiddleware(proxy, config=config, registry=registry)
+    app = GuardMiddleware(proxy, config=config, registry=registry)
+    if app.guard.signatures:
+        proxy.on_startup = partial(_learn_signatures, proxy, app)
+    return app
+
+
+async def _learn_signatures(proxy: UpstreamProxy, app: GuardMiddleware) -> None:
+    """Learn the signatures of the upstream's models at start-up.
+
+    The models are those the upstream's repository index lists (``POST
+    /v2/repository/index``, MLServer and Triton); an upstream without one is
+    left to first sight of each model.
+    """
+    url = proxy.base.copy_with(raw_path=proxy._prefix + b"/v2/repository/index")
+    try:
+        r = await proxy.client().post(url, json={})
+        index = r.json() if r.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):
+        index = []
+    names = []
+    for model in index if isinstance(index, list) else ():
+        if isinstance(model, dict) and isinstance(model.get("name"), str):
+            names.append(model["name"])
+    for signatures in app.guard.signatures.values():
+        await signatures.prefetch(names)
 
 
 #: environment variables :func:`app_from_env` reads (``guard proxy --workers N`` sets them)
@@ -426,18 +465,16 @@ async def _disconnect(receive: Receive, body_sent: asyncio.Event) -> None:
             return
 
 
-async def _send_failure(send: Send, reason: str) -> None:
+async def _send_failure(send: Send, scope: Scope, reason: str) -> None:
     status, code, message = _FAILURES[reason]
-    await _send_json(send, status, code, message, reason=reason)
+    await _send_json(send, scope, status, code, message, reason=reason)
 
 
 async def _send_json(
-    send: Send, status: int, code: str, message: str, *, reason: str | None = None
+    send: Send, scope: Scope, status: int, code: str, message: str, *, reason: str | None = None
 ) -> None:
-    error = {"code": code, "message": message}
-    if reason is not None:
-        error["reason"] = reason
-    body = json.dumps({"error": error}, separators=(",", ":")).encode()
+    """The proxy's own error, shaped for the route's protocol."""
+    body = error_body(error_style(scope["path"]), status, code, message, reason=reason)
     await send(
         {
             "type": "http.response.start",

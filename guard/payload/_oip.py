@@ -4,9 +4,9 @@ Every input tensor is validated: its ``shape`` must be non-negative integers who
 product equals the number of data elements, and numeric datatypes must carry
 numbers only (``BOOL`` may carry ``true``/``false``). The feature matrix comes
 from the **first numeric input** (``FP*``, ``BF16``, ``INT*``, ``UINT*``, ``BOOL``);
-the others are validated but not returned. ``BYTES`` inputs of strings become
-texts (in a binary request only their byte count is checked); inputs of an
-unknown datatype are passed through unparsed.
+the others are validated but not returned. ``BYTES`` inputs must carry strings,
+which become texts (in a binary request only their byte count is checked). A
+datatype the protocol does not define (``"?"``, ``"FP33"``) is 400 ``bad_type``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.config import OIP_DATATYPES, LimitsConfig
 from inference_guard.guard.payload._binary import NUMPY_DTYPES, decode_tensor
 from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
 from inference_guard.guard.payload._tensor import (
@@ -96,15 +96,19 @@ def _rows_of(dims: list[int], count: int, limits: LimitsConfig) -> int:
 
 
 def _json_strings(data: object, count: int) -> tuple[str, ...] | None:
-    """The strings of a ``BYTES`` input, or ``None`` when they are not plain strings."""
+    """The strings of a ``BYTES`` input; anything but strings is 400 ``bad_type``."""
     if isinstance(data, str):
+        if count != 1:
+            fail(400, "bad_shape", "an input's data does not match its shape")
         return (data,)
     if not isinstance(data, list):
-        return None
+        fail(400, "bad_type", "a BYTES input's data must be strings")
     found = leaves(data)
     if len(found.values) != count:
         fail(400, "bad_shape", "an input's data does not match its shape")
-    return tuple(found.values) if found.types == {str} else None
+    if found.types - {str}:
+        fail(400, "bad_type", "a BYTES input's data must be strings")
+    return tuple(found.values)
 
 
 def _asks_binary_output(doc: dict[str, Any]) -> bool:
@@ -145,6 +149,8 @@ def parse_oip(
         datatype = tensor.get("datatype")
         if not isinstance(datatype, str):
             fail(400, "bad_type", "each input needs a string 'datatype'")
+        if datatype not in OIP_DATATYPES:
+            fail(400, "bad_type", "an input's datatype is not one of the protocol's")
         dims = _dims(tensor.get("shape"))
         count = math.prod(dims)
         if count == 0:
@@ -193,4 +199,3 @@ def parse_oip(
     if ("parameters" in doc or "outputs" in doc) and _asks_binary_output(doc):
         extra["binary_output"] = True
     return ParsedRequest("oip_v2", rows, text_tuple, n_rows, extra)
-

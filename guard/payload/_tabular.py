@@ -84,6 +84,8 @@ def parse_kserve(doc: object, limits: LimitsConfig) -> ParsedRequest:
     if "examples" in body:
         examples = _list(body["examples"], "'examples'")
         check_rows(len(examples), limits)
+        if not all(isinstance(e, dict) for e in examples):
+            fail(400, "bad_type", "each of 'examples' must be an object of features")
         return ParsedRequest("kserve_v1", None, (), len(examples))
     fail(400, "bad_shape", "expected 'instances' or 'inputs'")
 

@@ -175,6 +175,16 @@ class Classified(NamedTuple):
     n_rows: int
 
 
+def _check_regular(data: list[Any], what: str) -> None:
+    """400 ``bad_shape`` unless the nested lists are a regular tensor (lists of equal length
+    at each level): a string tensor is shape-checked as a numeric one is by numpy."""
+    level = data
+    while level and isinstance(level[0], list):
+        if len({len(x) for x in level}) != 1:
+            fail(400, "bad_shape", f"{what} has rows of different lengths")
+        level = list(chain.from_iterable(level))
+
+
 def classify(
     data: list[Any], limits: LimitsConfig, *, one_d_is_row: bool, strict: bool, what: str
 ) -> Classified:
@@ -199,6 +209,8 @@ def classify(
         return Classified(rows, (), rows.shape[0])
     if found.types == {str}:
         check_rows(len(data), limits)
+        if strict and found.ndim > 1:
+            _check_regular(data, what)
         texts = tuple(found.values) if found.ndim == 1 else ()
         check_texts(texts, limits)
         return Classified(None, texts, len(data))

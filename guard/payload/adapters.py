@@ -65,6 +65,7 @@ _PATHS = re.compile(
 #: what stands for one path segment in a route pattern (guard.policy.compile_routes)
 _WILDCARDS = re.compile(r"\*\*|\*|\{[^}]*\}")
 _HEADER = "inference-header-content-length"
+_PREDICT = re.compile(r":predict/?\Z")
 _FORMAT_MEMO: dict[str, str | None] = {}
 _FORMAT_MEMO_SIZE = 1024
 _OCTET = "application/octet-stream"
@@ -224,20 +225,29 @@ def parse_request(
             return ParsedRequest("unknown", None)
     if fmt == "oip_v2" and not want_rows:
         return parse_oip(doc, limits, want_rows=False)
+    if fmt == "kserve_v1" and _PREDICT.search(path) and _only_examples(doc):
+        fail(
+            400,
+            "bad_shape",
+            "':predict' takes 'instances' or 'inputs'; 'examples' is for "
+            "':classify' and ':regress'",
+        )
     return _PARSERS[fmt](doc, limits)
+
+
+def _only_examples(doc: object) -> bool:
+    """A KServe v1 body whose only rows are ``examples`` (what ``parse_kserve`` would read)."""
+    return isinstance(doc, dict) and "examples" in doc and not {"instances", "inputs"} & doc.keys()
 
 
 def check_readable_answer(parsed: ParsedRequest) -> None:
     """Refuse request options whose answers the guard could not round, degrade or watch.
 
-    Triton's binary outputs and streamed log-probabilities would otherwise carry
-    full-precision probabilities past the output policy (400 ``bad_type``).
+    Streamed log-probabilities would otherwise carry full-precision probabilities
+    past the output policy (400 ``bad_type``). Triton's binary outputs are read
+    and rewritten like JSON ones (:mod:`guard.payload._binary_answer`).
     """
     extra = parsed.extra
-    if extra.get("binary_output"):
-        fail(
-            400, "bad_type", "binary outputs are not available on this route; ask for JSON outputs"
-        )
     if extra.get("stream") and (extra.get("logprobs") or extra.get("top_logprobs")):
         fail(400, "bad_type", "log-probabilities cannot be streamed on this route")
 

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from inference_guard.detectors.base import Answer
 from inference_guard.guard.config import DegradeConfig
+from inference_guard.guard.payload._binary_answer import review_binary
 from inference_guard.guard.payload._json import load_json_lenient
 from inference_guard.guard.payload.adapters import read_answer_doc
 from inference_guard.guard.payload.degrade import RowNoise, degrade_doc
@@ -32,6 +33,9 @@ class Reviewed(NamedTuple):
     #: what the answer says, read before any rewriting (``None``: not asked, or
     #: nothing recognisable)
     answer: Answer | None = None
+    #: the rewritten binary answer's ``Inference-Header-Content-Length`` (``None``:
+    #: not a binary answer, or not rewritten)
+    header_length: int | None = None
 
 
 def review_answer(
@@ -43,6 +47,7 @@ def review_answer(
     spec: DegradeConfig | None = None,
     noise: RowNoise | None = None,
     read: bool = False,
+    binary_header: int | None = None,
 ) -> Reviewed:
     """Read (``read``) and rewrite (``spec``) one answer, decoding it once.
 
@@ -59,6 +64,9 @@ def review_answer(
         ``None``: leave it alone.
     read
         Whether to read labels and probabilities out of it.
+    binary_header
+        The answer's ``Inference-Header-Content-Length``: a Triton binary answer
+        (:mod:`guard.payload._binary_answer`), read and rewritten like a JSON one.
 
     Examples
     --------
@@ -68,6 +76,13 @@ def review_answer(
     >>> r.body, r.answer.probabilities.tolist()
     (b'{"predictions":[[0.12,0.88]]}', [[0.1234, 0.8766]])
     """
+    if binary_header is not None:
+        if payload is not None:  # a custom shape has no binary form
+            return Reviewed()
+        new_body, length, read_answer = review_binary(
+            body, binary_header, fmt=fmt, spec=spec, noise=noise, read=read
+        )
+        return Reviewed(new_body, read_answer, length)
     try:
         doc = load_json_lenient(body, content_type)
     except Exception:  # an odd answer is neither read nor rewritten, never a 500

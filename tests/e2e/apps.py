@@ -158,3 +158,8 @@ def wine_app() -> ASGIApp:
         ]
     )
     return GuardMiddleware(app, config=_config())
+
+
+def model_app() -> ASGIApp:
+    """The bare digits demo model (no guard): an upstream for ``guard proxy``."""
+    return build_model_app()

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Server, run_server
 from tests.e2e.test_server import metric
+from tests.error_bodies import error_message
 
 pytestmark = pytest.mark.e2e
 
@@ -68,9 +69,7 @@ def raw_http(srv: Server, request: bytes) -> bytes:
 
 
 def error_shape(r: httpx.Response) -> None:
-    doc = r.json()
-    assert set(doc["error"]) == {"code", "message", "request_id"}
-    assert doc["error"]["request_id"] == r.headers["x-request-id"]
+    error_message(r.content, r.url.path, r.headers["x-request-id"])
 
 
 @pytest.mark.parametrize(

@@ -86,37 +86,61 @@ def test_triton_client_json_through_the_proxy(proxy: Server, mlserver_iris: MLSe
     assert metric(text, "guard_requests_total", policy="inference", decision="allow") >= 1
 
 
-def test_binary_outputs_are_refused_cleanly_today(proxy: Server) -> None:
-    # The guard cannot round Triton binary outputs yet, so it refuses to let them
-    # out (a later task reads them). The refusal is a clean 400 before MLServer
-    # sees the request, in the guard's error shape rather than the protocol's
-    # {"error": "<string>"}, so tritonclient carries a dict as its message.
-    with pytest.raises(InferenceServerException) as refused:
-        infer(client(proxy), binary_out=True)
-    assert refused.value.message()["code"] == "invalid_request"
-    assert "binary outputs" in refused.value.message()["message"]
-
-    tensor = triton.InferInput("input-0", list(ROWS.shape), "FP64")
-    tensor.set_data_from_numpy(ROWS, binary_data=False)
-    body, json_size = triton.InferenceServerClient.generate_request_body(
-        [tensor], outputs=[triton.InferRequestedOutput("predict_proba", binary_data=True)]
-    )
-    assert json_size is None  # pure JSON: the refusal is about the output alone
-    r = httpx.post(proxy.url + INFER, content=body, timeout=10)
-    assert r.status_code == 400
-    assert r.json()["error"]["code"] == "invalid_request"
-
-
-def test_binary_inputs_pass_the_guard_and_mlserver_refuses_them(
-    proxy: Server, mlserver_iris: MLServer
+def test_triton_client_reads_the_guards_400_and_429_as_server_errors(
+    mlserver_iris: MLServer, tmp_path: Path
 ) -> None:
-    # The guard reads Triton's binary tensor extension and lets the request on;
-    # MLServer 1.7.1's REST server does not implement it and answers 422 (its own
-    # FastAPI error), directly as through the proxy.
-    for srv in (mlserver_iris, proxy):
-        with pytest.raises(InferenceServerException) as refused:
-            infer(client(srv), binary_in=True)
-        assert "json_invalid" in str(refused.value.message())
+    # the guard's refusals on an OIP route are the protocol's {"error": "<message>"}:
+    # tritonclient raises them as it raises MLServer's own errors, message a string
+    rate = {
+        "type": "rate",
+        "name": "rows-per-hour",
+        "action": "throttle",
+        "params": {"key": "client", "cost": "rows", "limits": [{"rate": 6, "per": "1h"}]},
+    }
+    config = {"policies": [{"name": "inference", "routes": [INFER], "detectors": [rate]}]}
+    with run_proxy(tmp_path, mlserver_iris.url, config=config) as proxy:
+        c = client(proxy)
+        tensor = triton.InferInput("input-0", list(ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(np.where(ROWS > 6, np.nan, ROWS), binary_data=False)
+        with pytest.raises(InferenceServerException) as bad:
+            c.infer(MODEL, [tensor])
+        assert bad.value.status() == "400"
+        assert isinstance(bad.value.message(), str) and "NaN" in bad.value.message()
+
+        assert infer(c).shape == (3, 3)
+        assert infer(c).shape == (3, 3)  # 6 rows: the hour's budget
+        with pytest.raises(InferenceServerException) as throttled:
+            infer(c)
+        assert throttled.value.status() == "429"
+        assert throttled.value.message() == "too many requests; retry later"
+        assert "rows-per-hour" not in str(throttled.value)
+
+
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json_out", "binary_out"])
+@pytest.mark.parametrize("binary_in", [False, True], ids=["json_in", "binary_in"])
+def test_triton_client_binary_and_json_tensors_through_the_proxy(
+    proxy: Server, mlserver_iris: MLServer, binary_in: bool, binary_out: bool
+) -> None:
+    if binary_in:
+        # MLServer 1.7.1's REST server does not implement binary inputs and answers
+        # 422 (its own FastAPI error): the guard reads the binary request, lets it
+        # on unchanged, and MLServer's answer reaches the client as it is
+        for srv in (mlserver_iris, proxy):
+            with pytest.raises(InferenceServerException) as refused:
+                infer(client(srv), binary_in=True, binary_out=binary_out)
+            assert refused.value.status() == "422"
+            assert "json_invalid" in str(refused.value.message())
+        return
+    # MLServer 1.7.1 answers a request for binary outputs in JSON (it does not
+    # implement the extension); the guard's binary rewrite is tested against a
+    # server that answers binary: tests/e2e/test_proxy_binary.py
+    guarded = infer(client(proxy), binary_out=binary_out)
+    exact = infer(client(mlserver_iris), binary_out=binary_out)
+    assert guarded.shape == exact.shape == (3, 3)
+    # rounded to 2 decimals under the default policy, binary outputs included
+    assert np.array_equal(guarded, np.round(guarded, 2))
+    assert not np.array_equal(exact, np.round(exact, 2))
+    assert np.abs(guarded - exact).max() <= 0.005 + 1e-12
 
 
 def test_invalid_input_is_refused_before_mlserver(proxy: Server) -> None:
@@ -125,7 +149,7 @@ def test_invalid_input_is_refused_before_mlserver(proxy: Server) -> None:
         proxy.url + INFER, content=bad, headers={"content-type": "application/json"}, timeout=10
     )
     assert r.status_code == 400
-    assert r.json()["error"]["code"] == "invalid_request"
+    assert isinstance(r.json()["error"], str) and r.headers["x-request-id"]
     # an error MLServer makes itself (a model it does not have) passes through as it is
     r = httpx.post(proxy.url + "/v2/models/nope/infer", json=v2_body(ROWS), timeout=10)
     assert r.status_code == 404
@@ -203,3 +227,64 @@ def test_upstream_killed_mid_load(tmp_path: Path) -> None:
             for _ in range(20)
         ]
         assert after == [200] * 20
+
+
+def test_signature_learned_from_mlserver_metadata(mlserver_iris: MLServer, tmp_path: Path) -> None:
+    # MLServer's GET /v2/models/iris names the input the model-settings.json declares:
+    # input-0, FP64, [-1, 4]; requests off it are refused before MLServer sees them
+    config = {
+        "policies": [
+            {"name": "inference", "routes": ["/v2/models/*/infer"], "signature": {"learn": True}}
+        ]
+    }
+    with run_proxy(tmp_path, mlserver_iris.url, config=config) as proxy:
+        c = client(proxy)
+        assert infer(c).shape == (3, 3)
+        for name, datatype, rows, expected in [
+            ("input-0", "FP32", ROWS.astype(np.float32), "must be FP64"),
+            ("input-0", "FP64", ROWS[:, :3], "must have shape [-1, 4]"),
+            ("x", "FP64", ROWS, "no input named 'x'"),
+        ]:
+            tensor = triton.InferInput(name, list(rows.shape), datatype)
+            tensor.set_data_from_numpy(np.ascontiguousarray(rows), binary_data=False)
+            with pytest.raises(InferenceServerException) as refused:
+                c.infer(MODEL, [tensor])
+            assert refused.value.status() == "400"
+            assert expected in refused.value.message()
+        # a model MLServer has no metadata for: no signature, counted once; its 404 passes
+        for _ in range(2):
+            r = httpx.post(proxy.url + "/v2/models/nope/infer", json=v2_body(ROWS), timeout=10)
+            assert r.status_code == 404
+        text = httpx.get(proxy.url + "/metrics", timeout=5).text
+        assert metric(text, "guard_errors_total", component="signature") == 1
+        assert (
+            metric(text, "guard_invalid_requests_total", policy="inference", reason="bad_type") == 1
+        )
+        assert (
+            metric(text, "guard_invalid_requests_total", policy="inference", reason="bad_shape")
+            == 2
+        )
+
+
+def test_signatures_are_learned_at_start_up(tmp_path: Path) -> None:
+    # guard proxy asks MLServer's repository index for its models and learns their
+    # signatures before it serves: with MLServer gone, a request off the signature
+    # is still refused 400 (not 502), and a valid one finds no upstream
+    config = {
+        "policies": [
+            {"name": "inference", "routes": ["/v2/models/*/infer"], "signature": {"learn": True}}
+        ]
+    }
+    with (
+        mlserver(tmp_path / "mlserver") as upstream,
+        run_proxy(tmp_path, upstream.url, config=config, args=("--connect-timeout", "2")) as proxy,
+    ):
+        upstream.kill()
+        bad = v2_body(ROWS)
+        bad["inputs"][0]["datatype"] = "FP32"  # type: ignore[index]
+        r = httpx.post(proxy.url + INFER, json=bad, timeout=10)
+        assert r.status_code == 400 and r.json() == {"error": "input 'input-0' must be FP64"}
+        r = httpx.post(proxy.url + INFER, json=v2_body(ROWS), timeout=10)
+        assert r.status_code == 502
+        text = httpx.get(proxy.url + "/metrics", timeout=5).text
+        assert metric(text, "guard_errors_total", component="signature") == 0

@@ -21,10 +21,11 @@ import inference_guard.guard.payload.review as review_module
 import tests.middleware.fakes as fakes
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.decisions import Action
-from inference_guard.guard.engine import Pass, Refusal, Request, Seen, Verdict
+from inference_guard.guard.engine import Pass, Refusal, Request, Seen, Verdict, refusal
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.guard.pipeline import Guard
 from tests.conftest import sample
+from tests.error_bodies import error_message
 
 V2 = "/v2/models/m/infer"
 JSON_CT = (b"content-type", b"application/json")
@@ -77,10 +78,11 @@ def admit(
 
 
 def refused(verdict: Verdict) -> tuple[int, str, dict[bytes, bytes]]:
+    """Status, message (OIP v2's ``{"error": "<message>"}``) and headers of a refusal."""
     assert isinstance(verdict, Refusal), verdict
-    error = json.loads(verdict.body)["error"]
-    assert error["request_id"] == "rid-1"
-    return verdict.status, error["code"], dict(verdict.headers)
+    headers = dict(verdict.headers)
+    assert headers[b"x-request-id"] == b"rid-1"
+    return verdict.status, error_message(verdict.body, V2), headers
 
 
 def passed(verdict: Verdict) -> Pass:
@@ -149,11 +151,11 @@ def test_rate_limit_headers_ride_on_a_pass(registry: CollectorRegistry, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("body", "headers", "status", "code"),
+    ("body", "headers", "status", "message"),
     [
-        (b"{bad", (JSON_CT,), 400, "invalid_request"),
-        (b"<xml/>", ((b"content-type", b"text/xml"),), 415, "unsupported_media_type"),
-        (b'{"instances": [[1, 2]]}', (JSON_CT, (b"x-api-key", b"")), 400, "invalid_request"),
+        (b"{bad", (JSON_CT,), 400, "JSON"),
+        (b"<xml/>", ((b"content-type", b"text/xml"),), 415, "application/json"),
+        (b'{"instances": [[1, 2]]}', (JSON_CT, (b"x-api-key", b"")), 400, "credential"),
     ],
     ids=["invalid-json", "not-json", "bad-credential"],
 )
@@ -163,12 +165,12 @@ def test_malformed_requests_are_refused_and_counted(
     body: bytes,
     headers: tuple[tuple[bytes, bytes], ...],
     status: int,
-    code: str,
+    message: str,
 ) -> None:
     guard = engine(registry, tmp_path)
     verdict = admit(guard, Body(body), headers=headers)
-    got, got_code, sent = refused(verdict)
-    assert (got, got_code) == (status, code)
+    got, got_message, sent = refused(verdict)
+    assert got == status and message in got_message, got_message
     assert sent[b"content-type"] == b"application/json" and sent[b"x-request-id"] == b"rid-1"
     assert sent[b"content-length"] == str(len(verdict.body)).encode()
     assert sample(registry, "guard_requests_total", policy="inference", decision="invalid") == 1
@@ -194,10 +196,10 @@ def test_the_body_readers_refusals_come_back_as_verdicts(
 
 def test_block_and_throttle(registry: CollectorRegistry, tmp_path: Path) -> None:
     guard = engine(registry, tmp_path, detectors=[fixed("block")])
-    assert refused(admit(guard, Body(v2_body(FIRE))))[:2] == (403, "forbidden")
+    assert refused(admit(guard, Body(v2_body(FIRE))))[:2] == (403, "the request was refused")
     guard = engine(CollectorRegistry(), tmp_path, detectors=[fixed("throttle", retry_after=2.5)])
-    status, code, headers = refused(admit(guard, Body(v2_body(FIRE))))
-    assert (status, code) == (429, "rate_limited")
+    status, message, headers = refused(admit(guard, Body(v2_body(FIRE))))
+    assert (status, message) == (429, "too many requests; retry later")
     assert headers[b"retry-after"] == b"3" and headers[b"ratelimit"] == b'"fake";r=1;t=1'
 
 
@@ -219,7 +221,8 @@ def test_guard_failures_follow_the_failure_mode(
     broken = [{"type": "test-broken", "params": {"kind": "bug"}}]
     closed = engine(registry, tmp_path, detectors=broken, failure_mode="fail_closed")
     verdict = admit(closed, Body(v2_body(CALM)))
-    assert refused(verdict)[:2] == (503, "unavailable") and not verdict.counted
+    assert refused(verdict)[:2] == (503, "the service is temporarily unavailable")
+    assert not verdict.counted
     assert sample(registry, "guard_requests_total", policy="inference", decision="error") == 1
 
     reg = CollectorRegistry()
@@ -306,3 +309,36 @@ def test_an_answer_is_decoded_once_for_rewriting_and_reading(
     (answer,) = watcher.answers
     assert answer.probabilities is not None
     assert answer.probabilities[0, 0] == pytest.approx(0.1234567)
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/v2/models/m/infer", "too many requests; retry later"),
+        ("/v1/models/m:predict", "too many requests; retry later"),
+        (
+            "/v1/chat/completions",
+            {
+                "message": "too many requests; retry later",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "rate_limited",
+            },
+        ),
+        (
+            "/predict",
+            {
+                "code": "rate_limited",
+                "message": "too many requests; retry later",
+                "request_id": "r",
+            },
+        ),
+    ],
+    ids=["oip_v2", "kserve_v1", "openai", "other"],
+)
+def test_refusals_speak_the_routes_protocol(path: str, error: object) -> None:
+    verdict = refusal(429, "r", path=path, retry_after=1.0)
+    assert json.loads(verdict.body) == {"error": error}
+    headers = dict(verdict.headers)
+    assert headers[b"x-request-id"] == b"r"
+    assert headers[b"content-length"] == str(len(verdict.body)).encode()

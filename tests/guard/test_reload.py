@@ -261,3 +261,26 @@ def test_concurrent_reloads_run_one_after_the_other(
     first, second = asyncio.run(both())
     assert first.built == ("inference/a",) and second.kept == ("inference/a",)
     assert sample(registry, "guard_config_reloads_total", result="ok") == 2
+
+
+def test_a_reloaded_config_learns_signatures_from_the_same_source(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    def with_signature(ttl: float) -> dict[str, Any]:
+        cfg = config()
+        cfg["policies"][0]["signature"] = {"learn": True, "ttl_s": ttl}
+        return cfg
+
+    guard, path = started(tmp_path, with_signature(300), registry)
+
+    async def source(path: str) -> tuple[int, bytes]:  # never called here
+        raise AssertionError("not asked")
+
+    guard.set_metadata_source(source)
+    before = guard.signatures["inference"]
+    assert before.source is source
+    write(path, with_signature(60))
+    assert reload(guard).config_sha != config_sha(GuardConfig.from_dict(with_signature(300)))
+    after = guard.signatures["inference"]
+    assert after is not before  # built for the new config
+    assert after.source is source  # and reads the metadata the front end gave

@@ -14,6 +14,7 @@ from inference_guard.guard.payload._json import has_lone_surrogate, load_json
 from inference_guard.guard.payload.adapters import parse_request
 from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
+from tests.error_bodies import error_message
 from tests.middleware.test_fuzz import JSON_CT, V1, V2, Echo, request
 
 #: a plain OIP v2 request whose tensor name is a lone high surrogate (as an escape)
@@ -106,7 +107,7 @@ def test_middleware_answers_400_bad_encoding_and_the_app_never_sees_it(
     assert (mw._front.lean_policies == {"inference"}) is (config is LEAN)
     res = request(mw, path, body, headers=[JSON_CT])
     assert res.status == 400
-    assert res.json()["error"]["message"] == "the request body holds a lone surrogate escape"
+    assert error_message(res.body, path) == "the request body holds a lone surrogate escape"
     assert echo.calls == 0
     reg = mw.registry
     assert (

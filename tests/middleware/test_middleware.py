@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from inference_guard.guard.config import GuardConfig
 from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
+from tests.error_bodies import error_message
 from tests.middleware.fakes import EchoApp, ObservingDetector
 
 V2 = "/v2/models/m/infer"
@@ -161,8 +162,7 @@ def test_throttle_answers_429_with_retry_after(tmp_path: Path, registry: Collect
     assert r.status_code == 429
     assert r.headers["retry-after"] == "3"
     assert r.headers["ratelimit"] == '"fake";r=1;t=1'
-    err = r.json()["error"]
-    assert err["code"] == "rate_limited" and err["request_id"] == r.headers["x-request-id"]
+    assert error_message(r.content, V2) == "too many requests; retry later"
     assert echo.bodies == []
     assert sample(registry, "guard_requests_total", policy="inference", decision="throttle") == 1
 
@@ -187,7 +187,7 @@ def test_block_answers_403_without_naming_the_detector(
     r = client.post(V2, json=v2_body([[9.0]]))
     assert r.status_code == 403
     assert "secret-detector" not in r.text and "fixed" not in r.text
-    assert r.json()["error"]["code"] == "forbidden"
+    assert error_message(r.content, V2) == "the request was refused"
     assert echo.bodies == []
     assert sample(registry, "guard_requests_total", policy="inference", decision="block") == 1
 
@@ -380,8 +380,7 @@ def test_bad_input_gets_4xx_and_is_counted(
     client, _, echo, _ = make(tmp_path, registry)
     r = client.post(V2, content=body, headers={"content-type": ctype})
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["request_id"] == r.headers["x-request-id"] and err["message"]
+    assert error_message(r.content, V2) and r.headers["x-request-id"]
     assert echo.bodies == []
     assert sample(registry, "guard_invalid_requests_total", policy="inference", reason=reason) == 1
     assert sample(registry, "guard_requests_total", policy="inference", decision="invalid") == 1
@@ -519,7 +518,7 @@ def test_guard_failure_fails_closed_when_configured(
     )
     r = client.post(V2, json=v2_body([[1.0]]))
     assert r.status_code == 503
-    assert r.json()["error"]["code"] == "unavailable"
+    assert error_message(r.content, V2) == "the service is temporarily unavailable"
     assert echo.bodies == []
     assert sample(registry, "guard_requests_total", policy="inference", decision="error") == 1
 

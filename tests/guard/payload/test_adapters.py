@@ -238,9 +238,28 @@ def test_v2_row_and_feature_limits() -> None:
     assert parse(v2([0.0] * 12, [4, 3]), V2, limits=limits).n_rows == 4
 
 
-def test_v2_unknown_datatype_is_passed_through() -> None:
-    req = parse(v2([1, 2], [1, 2], "FP8_E4M3"), V2)
-    assert (req.rows, req.n_rows) == (None, 1)
+@pytest.mark.parametrize("datatype", ["?", "FP33", "FP8_E4M3", "fp32", ""])
+def test_v2_datatypes_outside_the_protocol_are_refused(datatype: str) -> None:
+    # hostile_findings.jsonl: "?" and "FP33" reached the model
+    assert refused(v2([1, 2], [1, 2], datatype), V2) == (400, "bad_type")
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "expected"),
+    [
+        (7, [1], (400, "bad_type")),
+        ([1, 2], [2], (400, "bad_type")),
+        (["a", 2], [2], (400, "bad_type")),
+        ([{"b64": "YQ=="}], [1], (400, "bad_type")),
+        ("ab", [2], (400, "bad_shape")),
+        (["a", "b"], [3], (400, "bad_shape")),
+    ],
+    ids=["number", "numbers", "mixed", "object", "one-string-two-elements", "count"],
+)
+def test_v2_bytes_data_must_be_strings(data: Any, shape: Any, expected: tuple[int, str]) -> None:
+    # hostile_findings.jsonl: a number as BYTES data reached the model
+    assert refused(v2(data, shape, "BYTES"), V2) == expected
+    assert parse(v2(["a", "b"], [1, 2], "BYTES"), V2).texts == ("a", "b")
 
 
 # --------------------------------------------------------------------------- Triton binary
@@ -1231,3 +1250,32 @@ def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
             body
         )
     assert accepted >= (5 if depth >= 3 else 0) and refused_by_full >= 20
+
+
+# --------------------------------------------------------------------------- hostile findings
+
+
+@pytest.mark.parametrize(
+    "instances",
+    [[["NaN"], []], [["a", "b"], ["c"]], [[["a"], ["b", "c"]]]],
+    ids=["empty-row", "short-row", "deep"],
+)
+def test_v1_text_instances_are_shape_checked(instances: Any) -> None:
+    # hostile_findings.jsonl: {"instances": [[["NaN"], []]]} reached the model
+    assert refused({"instances": instances}, "/v1/models/m:predict") == (400, "bad_shape")
+    assert parse({"instances": [["a", "b"], ["c", "d"]]}, "/v1/models/m:predict").n_rows == 2
+
+
+@pytest.mark.parametrize(
+    "examples", [[{"text": {}}, {}], ["x", 1], [{"a": 1}]], ids=["objects", "scalars", "one"]
+)
+def test_v1_examples_are_refused_on_predict(examples: Any) -> None:
+    # hostile_findings.jsonl: {"examples": [...]} on :predict reached the model unchecked
+    assert refused({"examples": examples}, "/v1/models/m:predict") == (400, "bad_shape")
+
+
+def test_v1_examples_must_be_objects_on_classify_and_regress() -> None:
+    for verb in ("classify", "regress"):
+        path = f"/v1/models/m:{verb}"
+        assert parse({"examples": [{"a": 1}, {"a": 2}]}, path).n_rows == 2
+        assert refused({"examples": ["x", 1]}, path) == (400, "bad_type")

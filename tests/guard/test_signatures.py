@@ -1,0 +1,106 @@
+"""Model signatures: the ``signature:`` config key, the check, the cache (guard.signatures)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from inference_guard.guard.config import GuardConfig, SignatureConfig, TensorSpec
+from inference_guard.guard.errors import ConfigurationError, PayloadError
+from inference_guard.guard.pipeline import Guard
+from inference_guard.guard.signatures import Signatures, check_inputs, parse_metadata
+
+SPECS = (TensorSpec("x", "FP32", (-1, 4)),)
+
+
+def policy(signature: object) -> dict[str, object]:
+    return {"policies": [{"name": "p", "signature": signature}]}
+
+
+def test_signature_config_is_read_and_validated() -> None:
+    cfg = GuardConfig.from_dict(
+        policy({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}], "ttl_s": 5})
+    )
+    assert cfg.policies[0].signature == SignatureConfig(False, 5.0, SPECS)
+    assert GuardConfig.from_dict(policy({"learn": True})).policies[0].signature.learn
+    assert not GuardConfig.default().policies[0].signature.enabled
+    for bad, key in [
+        ({"learn": "yes"}, "signature.learn"),
+        ({"inputs": [{"name": "x", "datatype": "FP33", "shape": [1]}]}, "datatype"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-2]}]}, "shape"),
+        ({"inputs": [{"name": "x", "datatype": "FP32"}]}, "shape"),
+        ({"learn": True, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, "learn"),
+        ({"inputs": "x"}, "inputs"),
+        ({"colour": 1}, "colour"),
+    ]:
+        with pytest.raises(ConfigurationError, match=key):
+            GuardConfig.from_dict(policy(bad))
+
+
+def test_metadata_is_parsed_or_refused() -> None:
+    doc = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}
+    assert parse_metadata(json.dumps(doc).encode()) == SPECS
+    for bad in [b"nope", b"{}", b'{"inputs": []}', b'{"inputs": [{"name": "x"}]}']:
+        assert parse_metadata(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("inputs", "reason"),
+    [
+        ([{"name": "x", "datatype": "FP64", "shape": [2, 4]}], "bad_type"),
+        ([{"name": "x", "datatype": "FP32", "shape": [2, 5]}], "bad_shape"),
+        ([{"name": "x", "datatype": "FP32", "shape": [8]}], "bad_shape"),
+        ([{"name": "y", "datatype": "FP32", "shape": [2, 4]}], "bad_shape"),
+        ([], "bad_shape"),
+    ],
+    ids=["datatype", "size", "rank", "name", "missing"],
+)
+def test_requests_that_do_not_match_are_refused(inputs: list[object], reason: str) -> None:
+    with pytest.raises(PayloadError) as refused:
+        check_inputs(inputs, SPECS)
+    assert (refused.value.status, refused.value.reason) == (400, reason)
+
+
+def test_matching_requests_pass() -> None:
+    check_inputs([{"name": "x", "datatype": "FP32", "shape": [7, 4]}], SPECS)
+
+
+def test_learned_signatures_are_cached_for_their_ttl() -> None:
+    now = [0.0]
+    asked: list[str] = []
+    answers = {
+        "/v2/models/m": (200, b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}'),
+        "/v2/models/gone": (404, b'{"error": "no such model"}'),
+    }
+
+    async def source(path: str) -> tuple[int, bytes]:
+        asked.append(path)
+        return answers[path]
+
+    guard = Guard(
+        GuardConfig.from_dict(policy({"learn": True, "ttl_s": 10})), registry=CollectorRegistry()
+    )
+    sig = Signatures(SignatureConfig(learn=True, ttl_s=10), guard.counts, clock=lambda: now[0])
+    sig.source = source
+
+    async def run() -> None:
+        assert await sig.lookup("/v2/models/m/infer") == SPECS
+        assert await sig.lookup("/v2/models/m/infer") == SPECS
+        assert await sig.lookup("/v2/models/gone/infer") is None
+        assert await sig.lookup("/v2/models/gone/infer") is None
+        assert asked == ["/v2/models/m", "/v2/models/gone"]
+        now[0] = 11.0
+        assert await sig.lookup("/v2/models/m/versions/2/infer") is None
+        assert await sig.lookup("/v2/models/m/infer") == SPECS
+        assert asked[-1] == "/v2/models/m"
+
+    answers["/v2/models/m/versions/2"] = (500, b"")
+    asyncio.run(run())
+    guard.metrics.tally.flush()
+    errors = guard.metrics.registry.get_sample_value(
+        "guard_errors_total", {"component": "signature"}
+    )
+    assert errors == 2  # "gone" once per TTL, version 2 once
