@@ -86,6 +86,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from inference_guard.guard.config import OIP_DATATYPES
 from inference_guard.middleware.types import ASGIApp
 
 __all__ = [
@@ -111,23 +112,9 @@ PIXEL_MAX: Final = 16.0
 #: share of the shuffled data used for training; the rest is ``X_test``
 TRAIN_FRACTION: Final = 0.8
 
-# v2 datatypes whose JSON values are numbers (BYTES is the only other one)
-_NUMERIC_DATATYPES: Final = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-    }
-)
+# the v2 datatypes this model reads from JSON numbers: the protocol's, but BYTES (strings)
+# and BF16 (no JSON form the demo reads)
+_NUMERIC_DATATYPES: Final = OIP_DATATYPES - {"BYTES", "BF16"}
 _OUTPUT_NAMES: Final = ("label", "probabilities")
 _JSON: Final = "application/json"
 _SEPARATORS: Final = (",", ":")
