@@ -213,7 +213,7 @@ class Admission:
         parsed = self._parse(policy, body, path=request.path, headers=headers)
         signatures = self._signatures.get(policy.name)
         if signatures is not None and parsed.fmt == "oip_v2":
-            await signatures.check(request.path, body, _binary_length(headers))
+            await signatures.check(request.path, parsed.inputs)
         if policy.rewrites or policy.observes:
             check_readable_answer(parsed)
         if policy.allow is not None:
@@ -465,12 +465,6 @@ class Admission:
             policy.name,
             route,
         )
-
-
-def _binary_length(headers: Mapping[bytes, bytes]) -> int | None:
-    """A binary request's ``Inference-Header-Content-Length`` (the parser checked it)."""
-    value = headers.get(_BINARY_HEADER)
-    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 def _noisy_degrade(policy: CompiledPolicy) -> bool:

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final
+from typing import Final
 
 from inference_guard.guard._counts import Counts
 from inference_guard.guard.config import OIP_DATATYPES, SignatureConfig, TensorSpec
@@ -120,18 +120,12 @@ class Signatures:
         #: the metadata lookup (set by the front end); ``None``: nothing is learned
         self.source: MetadataSource | None = None
 
-    async def check(self, path: str, body: bytes, binary_header: int | None) -> None:
-        """Refuse the OIP v2 request ``body`` on ``path`` if it does not match its model."""
+    async def check(self, path: str, inputs: object) -> None:
+        """Refuse an OIP v2 request on ``path`` whose ``inputs`` (as the parser decoded
+        them: the body is not read again) do not match its model."""
         specs = self._config.inputs or await self.lookup(path)
-        if not specs:
-            return
-        header = body if binary_header is None else body[:binary_header]
-        try:
-            doc: Any = json.loads(header)
-        except ValueError:
-            return  # the parser has refused or let through what it could not read
-        if isinstance(doc, dict):
-            check_inputs(doc.get("inputs"), specs)
+        if specs:
+            check_inputs(inputs, specs)
 
     async def prefetch(self, models: Iterable[str]) -> None:
         """Learn the signatures of ``models`` (names) now, as on their first sight."""

@@ -198,4 +198,4 @@ def parse_oip(
         extra["binary"] = True
     if ("parameters" in doc or "outputs" in doc) and _asks_binary_output(doc):
         extra["binary_output"] = True
-    return ParsedRequest("oip_v2", rows, text_tuple, n_rows, extra)
+    return ParsedRequest("oip_v2", rows, text_tuple, n_rows, extra, inputs=inputs)

@@ -34,6 +34,9 @@ class ParsedRequest:
     n_rows: int = 1
     #: format-specific extras (``max_tokens``, ``n``, ``logprobs``, ``binary``, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: OIP v2: the request's ``inputs`` as decoded, for the model-signature check
+    #: (so that nothing decodes the body a second time); ``None`` for other formats
+    inputs: object = field(default=None, repr=False, compare=False)
 
 
 def fail(status: int, reason: str, message: str) -> NoReturn:
