@@ -9,12 +9,21 @@ request where they come together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from inference_guard.guard.decisions import Decision
 from inference_guard.guard.metrics import GuardMetrics
 
 __all__ = ["Counts"]
+
+
+def _uncounted(n_rows: int, seconds: float | None) -> None:
+    """The count of a guard whose metrics are off."""
+
+
+def _unobserved(seconds: float) -> None:
+    """The overhead of a guard whose metrics are off."""
 
 
 class Counts:
@@ -73,6 +82,35 @@ class Counts:
             payload = self._payload_inc(policy, fmt)
             self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
 
+    def allowed_counter(
+        self, policy: str, decision: str, fmt: str
+    ) -> Callable[[int, float | None], None]:
+        """:meth:`allowed` for one ``(policy, decision, fmt)``: ``count(n_rows, seconds)``.
+
+        A fast lane's per-request count, in one call and one deferred batch:
+        the request, its rows, its payload format and, unless ``seconds`` is
+        ``None``, the guard's overhead (as :meth:`overhead` records it). The
+        children are bound when first counted, as :meth:`allowed` makes them: a
+        route no request has taken shows no series.
+        """
+        if not self.enabled:
+            return _uncounted
+        add_all = self._tally.add_all
+        bound: list[Any] = []
+
+        def count(n_rows: int, seconds: float | None) -> None:
+            if not bound:
+                bound.extend((*self._outcome(policy, decision), self._payload_inc(policy, fmt)))
+            requests, rows, payload = bound[:3]
+            if seconds is None:
+                add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
+                return
+            if len(bound) == 3:
+                bound.append(self.child(self.metrics.overhead, policy).observe)
+            add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0), (bound[3], seconds)))
+
+        return count
+
     def outcome(self, policy: str, decision: str, n_rows: int) -> None:
         """A request that ended without a detector decision (``invalid``, ``error``)."""
         if not self.enabled:
@@ -98,6 +136,21 @@ class Counts:
     def exempt(self, policy: str) -> None:
         if self.enabled:
             self._tally.add(self.child(self.metrics.exempt, policy).inc, 1.0)
+
+    def overhead_observer(self, policy: str) -> Callable[[float], None]:
+        """:meth:`overhead` for one policy, its child bound on first use (a front end's,
+        per route)."""
+        if not self.enabled:
+            return _unobserved
+        add = self._tally.add
+        bound: list[Any] = []
+
+        def observe(seconds: float) -> None:
+            if not bound:
+                bound.append(self.child(self.metrics.overhead, policy).observe)
+            add(bound[0], seconds)
+
+        return observe
 
     def overhead(self, policy: str, seconds: float) -> None:
         """The guard's own time on one request (``guard_overhead_seconds``)."""

@@ -165,6 +165,21 @@ class Admission:
         self._detectors.allow(policy, n_rows, fmt)
         return self._fixed_pass(policy, fmt)
 
+    def fixed_verdict(
+        self, policy: CompiledPolicy, fmt: str
+    ) -> tuple[Pass, Callable[[int, float | None], None]]:
+        """:meth:`admit_fixed` for one ``(policy, fmt)``, bound once: the verdict, and
+        ``count(n_rows, seconds)``, which counts an admitted request as
+        :meth:`admit_fixed` does (and the guard's ``seconds`` on it, unless ``None``).
+
+        The same verdict, counted the same, in one call and one deferred batch
+        (the fast lane's, per request).
+        """
+        if policy.allow is None:
+            raise ValueError(f"policy {policy.name!r} has detectors: its verdict is not fixed")
+        count = self._counts.allowed_counter(policy.name, policy.allow.action, fmt)
+        return self._fixed_pass(policy, fmt), count
+
     async def after(self, verdict: Pass, seen: Seen) -> None:
         """:meth:`Guard.after <guard.pipeline.Guard.after>`."""
         policy = verdict.policy

@@ -81,6 +81,12 @@ class Loadout:
         """:meth:`Guard.admit_fixed <guard.pipeline.Guard.admit_fixed>` on this loadout."""
         return self.admission.admit_fixed(policy, fmt, n_rows)
 
+    def fixed_verdict(
+        self, policy: CompiledPolicy, fmt: str
+    ) -> tuple[Pass, Callable[[int, float | None], None]]:
+        """:meth:`admit_fixed` for one ``(policy, fmt)``, bound once: the verdict and its count."""
+        return self.admission.fixed_verdict(policy, fmt)
+
     def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
         """:meth:`Guard.after <guard.pipeline.Guard.after>` on this loadout."""
         return self.admission.after(verdict, seen)

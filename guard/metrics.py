@@ -41,6 +41,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,13 +101,25 @@ class Tally:
     Safe against a scrape from another thread: a flush takes a prefix of the
     pending list under a lock and removes exactly that prefix, so an update
     appended meanwhile is kept for the next flush, never lost or applied twice.
+
+    :meth:`attach` adds a list of values that its owner appends to directly
+    (one C call on the hot path, no Python frame); each flush hands what was
+    appended to the list's ``apply`` in one batch, under the same prefix rule.
+    Its owner appends only alongside an update of its own to the tally, so the
+    list is drained as often as the pending updates are.
     """
 
     def __init__(self) -> None:
         self._pending: list[tuple[Callable[[float], Any], float]] = []
         self._lock = threading.Lock()
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._attached: list[tuple[list[Any], Callable[[list[Any]], Any]]] = []
         atexit.register(_flush_ref, weakref.ref(self))
+
+    def attach(self, values: list[Any], apply: Callable[[list[Any]], Any]) -> None:
+        """Hand what is appended to ``values`` to ``apply`` at each flush (see above)."""
+        with self._lock:
+            self._attached.append((values, apply))
 
     def add(self, update: Callable[[float], Any], value: float) -> None:
         """Defer ``update(value)`` (a bound ``inc`` or ``observe``)."""
@@ -144,6 +157,15 @@ class Tally:
     def flush(self) -> None:
         """Apply every pending update now."""
         with self._lock:
+            for values, apply in self._attached:
+                n = len(values)
+                if n:
+                    batch = values[:n]
+                    del values[:n]
+                    try:
+                        apply(batch)
+                    except Exception:  # one bad value must not cost the others
+                        log.exception("metric update %r(%d values) failed", apply, n)
             pending = self._pending
             n = len(pending)
             if not n:
@@ -361,7 +383,7 @@ class GuardMetrics:
             ("policy", "code_class"),
             registry=r,
         )
-        self._upstream_children: dict[tuple[str, int], Any] = {}
+        self._upstream_statuses: dict[str, list[int]] = {}
         self.reloads = Counter(
             "guard_config_reloads",
             "Config reloads (SIGHUP, POST /-/reload), by result: ok, or error (old config kept).",
@@ -461,13 +483,30 @@ class GuardMetrics:
 
         ``status`` 0 (the app sent no response start) counts as ``other``.
         """
-        key = (policy, status)
-        inc = self._upstream_children.get(key)
-        if inc is None:
-            inc = self.upstream.labels(policy, code_class(status)).inc
-            if len(self._upstream_children) < 4096:  # statuses are the app's: keep it bounded
-                self._upstream_children[key] = inc
-        self.tally.add(inc, 1.0)
+        self.upstream_statuses(policy).append(status)
+        if _running_loop() is None:
+            self.tally.flush()
+
+    def upstream_statuses(self, policy: str) -> list[int]:
+        """The list a front end appends the app's statuses to, for one policy.
+
+        ``guard_upstream_responses_total`` counts them at each flush of the
+        tally (:meth:`Tally.attach`): appending costs the request one C call.
+        The front end appends only for a request it also counts otherwise.
+        """
+        statuses = self._upstream_statuses.get(policy)
+        if statuses is None:
+            statuses = self._upstream_statuses[policy] = []
+            self.tally.attach(statuses, partial(self._count_statuses, policy))
+        return statuses
+
+    def _count_statuses(self, policy: str, statuses: list[int]) -> None:
+        by_class: dict[str, int] = {}
+        for status in statuses:
+            label = code_class(status) if type(status) is int else "other"
+            by_class[label] = by_class.get(label, 0) + 1
+        for label, n in by_class.items():
+            self.upstream.labels(policy, label).inc(n)
 
     def store_event(self, kind: str, backend: str) -> None:
         """Store events: ``error``, ``fallback``, ``eviction``, ``flag_overflow``, breaker moves."""

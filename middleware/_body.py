@@ -16,8 +16,10 @@ model).
 from __future__ import annotations
 
 import asyncio
+import types
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine, Generator
+from types import CoroutineType
 from typing import Any, TypeVar
 
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
@@ -85,15 +87,32 @@ _WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
 )
 
 
-async def within(work: Awaitable[T], timeout: float) -> T:
-    """``await work``, or :func:`body_timeout` raised once ``timeout`` seconds have passed."""
+def _watchdog() -> tuple[asyncio.Task[Any], _Watchdog]:
+    """The running task and its event loop's watchdog (the last loop's is remembered)."""
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - always inside a task under an ASGI server
-        raise RuntimeError("within() needs a running task")
+        raise RuntimeError("a body deadline needs a running task")
     loop = task.get_loop()
+    last = _LAST_DOG[0]
+    if last is not None and last.loop is loop:
+        return task, last
     dog = _WATCHDOGS.get(loop)
     if dog is None:
         dog = _WATCHDOGS[loop] = _Watchdog(loop)
+    _LAST_DOG[0] = dog
+    return task, dog
+
+
+#: the watchdog of the loop last asked for (one loop per process, as a rule)
+_LAST_DOG: list[_Watchdog | None] = [None]
+
+
+async def within(work: Awaitable[T], timeout: float, *, shown: float | None = None) -> T:
+    """``await work``, or :func:`body_timeout` raised once ``timeout`` seconds have passed.
+
+    ``shown``: the timeout the refusal names, when ``timeout`` is what was left of it.
+    """
+    task, dog = _watchdog()
     dog.watch(task, timeout)
     try:
         return await work
@@ -101,10 +120,36 @@ async def within(work: Awaitable[T], timeout: float) -> T:
         if task not in dog.expired:
             raise  # someone else's cancellation
         task.uncancel()
-        raise body_timeout(timeout) from None
+        raise body_timeout(timeout if shown is None else shown) from None
     finally:
         dog.reads.pop(task, None)
         dog.expired.discard(task)
+
+
+@types.coroutine
+def _rest_of(step: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T]:
+    """Await what is left of the coroutine ``step``, stepped once by hand to ``pending``.
+
+    What ``await`` does with a coroutine (PEP 380's ``yield from``), from its
+    second step on: what it yields goes to the task, what the task sends or
+    throws goes back to it, and its return value is the result.
+    """
+    while True:
+        try:
+            sent = yield pending
+        except GeneratorExit:
+            step.close()
+            raise
+        except BaseException as exc:  # a cancellation: thrown into the coroutine
+            try:
+                pending = step.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                pending = step.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 async def receive_within(receive: Receive, timeout: float | None) -> Message:
@@ -136,7 +181,16 @@ class BodyReader:
     with the real stream, so a request is never lost.
     """
 
-    __slots__ = ("_chunks", "_error", "_receive", "_started", "complete", "limit", "timeout")
+    __slots__ = (
+        "_chunks",
+        "_deadline",
+        "_error",
+        "_receive",
+        "_started",
+        "complete",
+        "limit",
+        "timeout",
+    )
 
     def __init__(self, receive: Receive, limit: int, timeout: float | None = None) -> None:
         self._receive = receive
@@ -145,6 +199,7 @@ class BodyReader:
         self._chunks: list[bytes] = []
         self._error: Exception | None = None
         self._started = False
+        self._deadline: float | None = None
         self.complete = False
 
     async def read(self, declared: bytes | None = None) -> bytes:
@@ -157,43 +212,73 @@ class BodyReader:
             return self._chunks[0] if self._chunks else b""
         if self._error is not None:
             raise self._error
+        limit = self.limit
         try:
-            check_length(declared, self.limit)
+            if declared is not None and not (
+                declared.isdigit() and len(declared) <= 19 and int(declared) <= limit
+            ):
+                check_length(declared, limit)  # raises: 400 or 413
             self._started = True
-            if self.timeout is None:
-                return await self._read()
-            return await within(self._read(), self.timeout)
+            receive, chunks, size = self._receive, self._chunks, 0
+            while True:
+                # Step receive() once by hand: a message that is there already (the
+                # usual case: a small body comes with the headers) costs no deadline.
+                # Only a receive that has to wait is awaited under it.
+                step = receive()
+                if type(step) is CoroutineType:
+                    try:
+                        pending = step.send(None)
+                    except StopIteration as done:
+                        message = done.value
+                    else:
+                        message = await self._wait(_rest_of(step, pending))
+                else:  # another awaitable (ASGI allows any): awaited under the deadline
+                    message = await self._wait(step)
+                mtype = message["type"]
+                if mtype == "http.disconnect":
+                    raise ClientDisconnected()
+                if mtype != "http.request":
+                    continue
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    chunks.append(chunk)
+                    if size > limit:
+                        raise PayloadError(
+                            413, "body_too_large", f"request body exceeds {limit} bytes"
+                        )
+                if not message.get("more_body", False):
+                    break
         except Exception as exc:
             self._error = exc
             raise
+        self.complete = True
+        if len(chunks) > 1:
+            self._chunks = [b"".join(chunks)]
+        return self._chunks[0] if self._chunks else b""
+
+    async def _wait(self, message: Awaitable[Message]) -> Message:
+        """A message the client has yet to send, awaited until the body's deadline.
+
+        The deadline is set when the first message has to be waited for: until
+        then the client kept no one waiting.
+        """
+        timeout = self.timeout
+        if timeout is None:
+            return await message
+        now = asyncio.get_running_loop().time()
+        if self._deadline is None:
+            self._deadline = now + timeout
+        left = self._deadline - now
+        if left <= 0:
+            if isinstance(message, Coroutine):
+                message.close()
+            raise body_timeout(timeout)
+        return await within(message, left, shown=timeout)
 
     def for_app(self) -> Receive:
         """The ``receive`` to hand the app: :meth:`replay` once anything was read."""
         return self.replay() if self._started else self._receive
-
-    async def _read(self) -> bytes:
-        size = 0
-        while True:
-            message = await self._receive()
-            mtype = message["type"]
-            if mtype == "http.disconnect":
-                raise ClientDisconnected()
-            if mtype != "http.request":
-                continue
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                self._chunks.append(chunk)
-                if size > self.limit:
-                    raise PayloadError(
-                        413, "body_too_large", f"request body exceeds {self.limit} bytes"
-                    )
-            if not message.get("more_body", False):
-                break
-        self.complete = True
-        if len(self._chunks) > 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0] if self._chunks else b""
 
     def replay(self) -> Receive:
         """A ``receive`` for the app: the consumed bytes first, then the live stream."""

@@ -46,19 +46,18 @@ def draw_request_id(draw: Callable[[], str]) -> str:
         return os.urandom(12).hex()
 
 
-def with_request_id(
-    send: Send, request_id: str, on_status: Callable[[int], None] | None = None
-) -> Send:
+def with_request_id(send: Send, request_id: str, statuses: list[int] | None = None) -> Send:
     """``send``, with the guard's request id on the answer (the app's own gives way).
 
-    ``on_status`` is told the app's status as its answer starts.
+    The app's status is appended to ``statuses`` as its answer starts
+    (:meth:`GuardMetrics.upstream_statuses <guard.metrics.GuardMetrics.upstream_statuses>`).
     """
     header = (_RID, request_id.encode())
 
     async def wrapped(message: Any) -> None:
         if message["type"] == "http.response.start":
-            if on_status is not None:
-                on_status(message.get("status", 0))
+            if statuses is not None:
+                statuses.append(message.get("status", 0))
             headers = list(message.get("headers", ()))
             if _RID in dict(headers):  # the app's own id gives way to the guard's
                 headers = [h for h in headers if h[0] != _RID]

@@ -15,8 +15,8 @@ the app, the consumed body replayed unchanged, its answer watched or rewritten
 by an :class:`~middleware.answer_capture.AnswerCapture` and handed to
 :meth:`Guard.after <guard.pipeline.Guard.after>`. Parsing payloads, identity,
 detectors, rewriting answers: all the engine's (``guard/``, formats in
-``guard/payload/``). The fast lane (:mod:`middleware.fast_lane`) gives the
-engine's verdict on plain requests to lean policies in a few C calls.
+``guard/payload/``). The fast lane (:mod:`middleware.fast_lane`) serves plain
+requests to lean policies, whose verdict is fixed, in a few C calls.
 Everything else (non-http scopes, routes no policy matches) passes straight
 through; the metrics endpoint answers scrapes from ``metrics.allow_from``, and
 so does ``POST /-/reload`` (:mod:`middleware.reload`).
@@ -31,10 +31,9 @@ new front.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -42,17 +41,16 @@ from prometheus_client import CollectorRegistry
 
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.engine import Pass, Request, Verdict
-from inference_guard.guard.errors import ClientDisconnected, PayloadError
-from inference_guard.guard.identity import forwarded_applied, peer_host
+from inference_guard.guard.errors import ClientDisconnected
 from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.pipeline import Guard
 from inference_guard.guard.policy import CompiledPolicy
 from inference_guard.middleware._body import BodyReader
 from inference_guard.middleware._request_ids import draw_request_id, request_ids, with_request_id
 from inference_guard.middleware.answer_capture import AnswerCapture, identity_encoding
-from inference_guard.middleware.fast_lane import FastLane, lean_policies
+from inference_guard.middleware.fast_lane import CarryOut, FastLane, lean_policies
 from inference_guard.middleware.metadata_source import metadata_source
-from inference_guard.middleware.metrics_endpoint import serve_metrics
+from inference_guard.middleware.metrics_endpoint import may_scrape, networks, serve_metrics
 from inference_guard.middleware.refusals import send_refusal
 from inference_guard.middleware.reload import RELOAD_PATH, SighupReload, serve_reload
 from inference_guard.middleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -72,6 +70,16 @@ class _Front(NamedTuple):
     fast_lane: FastLane
     #: the policies whose plain requests take the fast lane (read when routing)
     lean_policies: frozenset[str]
+
+
+class _Route(NamedTuple):
+    """A policy route's handler's own: its policy, and what it binds once."""
+
+    policy: CompiledPolicy
+    #: ``guard_overhead_seconds`` of the policy
+    overhead: Callable[[float], None]
+    #: the app's statuses, for ``guard_upstream_responses_total`` (``None``: metrics off)
+    statuses: list[int] | None
 
 
 class GuardMiddleware:
@@ -116,9 +124,7 @@ class GuardMiddleware:
             else Guard(self.config, registry=registry, clock=clock, source=source)
         )
         self._metrics_path = self.config.metrics.path if self.config.metrics.enabled else ""
-        self._metrics_networks = tuple(
-            ipaddress.ip_network(c, strict=False) for c in self.config.metrics.allow_from
-        )
+        self._metrics_networks = networks(self.config.metrics.allow_from)
         self._limits = self.config.limits
         # request ids must not count requests for the client (a counter leaks volume)
         self._request_id = request_ids().__next__
@@ -198,16 +204,22 @@ class GuardMiddleware:
         policy = front.loadout.match(method, path)
         if policy is None:
             return self._unguarded
+        counts = self.guard.counts
+        statuses = self.guard.metrics.upstream_statuses(policy.name) if counts.enabled else None
+        route = _Route(policy, counts.overhead_observer(policy.name), statuses)
+        carry_out = partial(self._carry_out, front.loadout, route)
         lane = front.fast_lane
         fmt = lane.format_of(path) if policy.name in front.lean_policies else None
-        return partial(self._guarded, front, policy, fmt)
+        if fmt is not None:
+            return lane.bind(policy, fmt, self.app, carry_out, statuses, self._request_id)
+        return partial(self._guarded, carry_out)
 
     async def _unguarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = draw_request_id(self._request_id)
         await self.app(scope, receive, with_request_id(send, request_id))
 
     async def _scrape(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._may_scrape(scope):
+        if not may_scrape(self.guard.identifier, self._metrics_networks, scope):
             await self._not_here(scope, receive, send)
             return
         # this process's deferred updates first (a multiprocess scrape reads files)
@@ -215,7 +227,7 @@ class GuardMiddleware:
         await serve_metrics(self.guard.metrics.registry, send)
 
     async def _reload(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._may_scrape(scope):
+        if not may_scrape(self.guard.identifier, self._metrics_networks, scope):
             await self._not_here(scope, receive, send)
             return
         await serve_reload(self.guard, send)
@@ -226,28 +238,39 @@ class GuardMiddleware:
         await handler(scope, receive, send)
 
     async def _guarded(
-        self,
-        front: _Front,
-        policy: CompiledPolicy,
-        fast: str | None,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
+        self, carry_out: CarryOut, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        """A request on a policy route: the engine's verdict, carried out.
-
-        ``fast`` names the format whose plain requests the fast lane may accept.
-        """
-        request_id = draw_request_id(self._request_id)
+        """A request on a policy route without a fast lane: the engine's verdict, carried out."""
+        try:
+            request_id = self._request_id()
+        except ValueError:  # the generator is busy in another thread
+            request_id = draw_request_id(self._request_id)
         started = time.perf_counter()
         limits = self._limits
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
-        verdict: Verdict | None = None
-        if fast is not None:
-            verdict = await front.fast_lane.admit(policy, fast, scope, reader)
+        await carry_out(scope, reader, send, request_id, started, None)
+
+    async def _carry_out(
+        self,
+        loadout: Loadout,
+        route: _Route,
+        scope: Scope,
+        reader: BodyReader,
+        send: Send,
+        request_id: str,
+        started: float,
+        verdict: Verdict | None,
+    ) -> None:
+        """The engine's verdict (asked for here when ``verdict`` is ``None``), carried out.
+
+        The guard's overhead is recorded here (and, for what it serves whole, in
+        the fast lane): before a refusal is sent, or a request the guard is done
+        with is passed on; for an answer to watch or rewrite, once the engine has
+        handled it, the app's own time left out (and not at all when the app raises).
+        """
         if verdict is None:
             request = Request(
-                policy,
+                route.policy,
                 scope["method"],
                 scope["path"],
                 scope.get("headers", ()),
@@ -256,47 +279,28 @@ class GuardMiddleware:
                 reader,
             )
             try:
-                verdict = await front.loadout.admit(request)
+                verdict = await loadout.admit(request)
             except ClientDisconnected:
                 return  # no one to answer
-        await self._respond(
-            front.loadout, policy, verdict, scope, reader.for_app(), send, request_id, started
-        )
-
-    async def _respond(
-        self,
-        loadout: Loadout,
-        policy: CompiledPolicy,
-        verdict: Verdict,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request_id: str,
-        started: float,
-    ) -> None:
-        """Carry out a verdict: send the refusal, or pass the request on to the app.
-
-        The guard's overhead is recorded here and nowhere else: before a refusal
-        is sent, or a request the guard is done with is passed on; for an answer
-        to watch or rewrite, once the engine has handled it, the app's own time
-        left out (and not at all when the app raises).
-        """
-        watched = verdict if isinstance(verdict, Pass) and not verdict.untouched else None
-        if watched is not None:
-            started += await self._watch(loadout, watched, scope, receive, send, request_id)
-        if verdict.counted:
-            self.guard.counts.overhead(policy.name, time.perf_counter() - started)
-        if watched is not None:
-            return
-        if isinstance(verdict, Pass):
-            count = partial(self.guard.metrics.count_upstream, policy.name)
-            await self.app(scope, receive, with_request_id(send, request_id, count))
-        else:
+        if not isinstance(verdict, Pass):
+            if verdict.counted:
+                route.overhead(time.perf_counter() - started)
             await send_refusal(send, verdict)
+        elif verdict.untouched:
+            if verdict.counted:
+                route.overhead(time.perf_counter() - started)
+            send = with_request_id(send, request_id, route.statuses)
+            await self.app(scope, reader.for_app(), send)
+        else:
+            receive = reader.for_app()
+            started += await self._watch(loadout, route, verdict, scope, receive, send, request_id)
+            if verdict.counted:
+                route.overhead(time.perf_counter() - started)
 
     async def _watch(
         self,
         loadout: Loadout,
+        route: _Route,
         verdict: Pass,
         scope: Scope,
         receive: Receive,
@@ -312,36 +316,7 @@ class GuardMiddleware:
         app_started = time.perf_counter()
         await self.app(scope, receive, capture.send)
         app_seconds = time.perf_counter() - app_started
-        self.guard.metrics.count_upstream(verdict.policy.name, capture.status)
+        if route.statuses is not None:
+            route.statuses.append(capture.status)
         await loadout.after(verdict, capture.seen())
         return app_seconds
-
-    def _may_scrape(self, scope: Scope) -> bool:
-        """Whether the client may read the metrics, or reload: its address is in
-        ``metrics.allow_from``.
-
-        The address is the one client identity uses (``X-Forwarded-For`` only
-        from trusted proxies). A request without a client address (a unix
-        socket, where anyone behind the front proxy could be asking) and spoofed
-        or conflicting headers mean no.
-        """
-        peer = scope.get("client")
-        if peer is None:  # no address to check (a unix socket): no endpoint
-            return False
-        try:
-            address = ipaddress.ip_address(
-                self.guard.identifier.client_ip(
-                    self._headers(scope),
-                    peer_host(peer),
-                    forwarded_applied=forwarded_applied(peer),
-                )
-            )
-        except (PayloadError, ValueError, TypeError, IndexError):
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self._metrics_networks)
-
-    def _headers(self, scope: Scope) -> dict[bytes, bytes]:
-        """The request's headers by name, as the engine reads them (repeats joined)."""
-        return self.guard.identifier.read_headers(scope.get("headers", ()))

@@ -1,17 +1,28 @@
-"""The fast lane: plain requests to a policy whose verdict is fixed, accepted in a few C calls.
+"""The fast lane: plain requests to a policy whose verdict is fixed, served in a few C calls.
 
 Contract. On a *lean* policy (:func:`lean_policies`: no detectors, no
 quarantine, no capture, validation on, the built-in formats) and a path that
 names a format with a plain reader (OIP v2, KServe v1:
-:data:`guard.payload._plain.READERS`), :meth:`FastLane.admit` returns, for a
-plain request, exactly the verdict :meth:`Guard.admit
-<guard.pipeline.Guard.admit>` would return, counted exactly as ``admit`` counts
-it. For every other request, valid or not, and on any failure of its own, it
-returns ``None`` having refused and counted nothing, and the caller asks
-``admit``, which gives the exact verdict and reason from the same body reader
-(a second read gives the same body, or the same error). The lane only ever
-accepts, and only what ``admit`` accepts; differential tests hold it to that
-(``tests/middleware/test_lean_lane.py``).
+:data:`guard.payload._plain.READERS`), the handler :meth:`FastLane.bind`
+returns serves a request exactly as the front end would with the verdict of
+:meth:`Guard.admit <guard.pipeline.Guard.admit>`, counted exactly as ``admit``
+counts it:
+
+* a plain request gets the policy's one verdict (:meth:`Loadout.fixed_verdict
+  <guard.loadout.Loadout.fixed_verdict>`, the verdict and count of
+  :meth:`Guard.admit_fixed <guard.pipeline.Guard.admit_fixed>`). When the
+  answer is left untouched, the lane passes the request on itself: the
+  request, its rows, its format and the guard's overhead counted in one batch,
+  the app's status counted as it answers, the request id on the answer, the
+  consumed body replayed as it came. Any other verdict (answers rounded) goes
+  to the front end's ``carry_out`` to be carried out as any other;
+* every other request, valid or not, and any failure of the lane's own, goes
+  to ``carry_out`` with no verdict, having refused and counted nothing: the
+  front end asks ``admit``, which gives the exact verdict and reason from the
+  same body reader (a second read gives the same body, or the same error).
+
+The lane only ever accepts, and only what ``admit`` accepts; differential
+tests hold it to that (``tests/middleware/test_lean_lane.py``).
 
 A plain request has headers (joined by the engine's own rule,
 :meth:`ClientIdentifier.read_headers <guard.identity.ClientIdentifier.read_headers>`),
@@ -21,15 +32,14 @@ goes to ``admit``, and a bad credential is refused as ever), a peer a server
 could report, ``content-type`` ``application/json`` or none, no binary-tensor
 header, a body the shared :class:`~middleware._body.BodyReader` reads whole
 (declared length, cap, deadline), and a body its format's plain reader accepts.
-
-Nothing else is the lane's own: the verdict and its counting are
-:meth:`Guard.admit_fixed <guard.pipeline.Guard.admit_fixed>`'s, and the verdict
-is carried out by the middleware as any other.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from inference_guard.guard.engine import Pass
@@ -39,9 +49,15 @@ from inference_guard.guard.payload.adapters import detect_format
 from inference_guard.guard.pipeline import Guard
 from inference_guard.guard.policy import CompiledPolicy
 from inference_guard.middleware._body import BodyReader
-from inference_guard.middleware.types import Scope
+from inference_guard.middleware._request_ids import draw_request_id, with_request_id
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["FastLane", "lean_policies"]
+__all__ = ["CarryOut", "FastLane", "lean_policies"]
+
+#: the front end's way with a request the lane does not serve whole:
+#: ``carry_out(scope, reader, send, request_id, started, verdict)`` asks the
+#: engine for the verdict when ``verdict`` is ``None``, and carries it out
+CarryOut = Callable[[Scope, BodyReader, Send, str, float, "Pass | None"], Awaitable[None]]
 
 log = logging.getLogger("guard")
 
@@ -78,13 +94,13 @@ def lean_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str
 class FastLane:
     """The lane of one guard; see the module docstring for its contract."""
 
-    __slots__ = ("_admit_fixed", "_guard", "_identity", "_limits")
+    __slots__ = ("_guard", "_identity", "_limits", "_loadout")
 
     def __init__(self, guard: Guard, loadout: Loadout | None = None) -> None:
         self._guard = guard
         # the verdicts of the loadout whose policies the lane is given (a reload's
         # requests in flight finish on theirs)
-        self._admit_fixed = (loadout if loadout is not None else guard.loadout).admit_fixed
+        self._loadout = loadout if loadout is not None else guard.loadout
         self._limits = guard.config.limits
         self._identity = guard.identifier.header_names
 
@@ -94,13 +110,52 @@ class FastLane:
         fmt = detect_format(path)
         return fmt if fmt in READERS else None
 
-    async def admit(
-        self, policy: CompiledPolicy, fmt: str, scope: Scope, reader: BodyReader
-    ) -> Pass | None:
-        """``admit``'s verdict on a plain request; ``None``: ask :meth:`Guard.admit`."""
+    def bind(
+        self,
+        policy: CompiledPolicy,
+        fmt: str,
+        app: ASGIApp,
+        carry_out: CarryOut,
+        statuses: list[int] | None,
+        next_id: Callable[[], str],
+    ) -> ASGIApp:
+        """The handler of a lean policy's route whose path names ``fmt``.
+
+        ``app`` is the protected app, ``carry_out`` the front end's way with
+        every other request and verdict, ``statuses`` where the app's statuses
+        are counted (``None``: not counted), ``next_id`` draws request ids.
+        """
+        verdict, count = self._loadout.fixed_verdict(policy, fmt)
+        serve = partial(self._serve, policy, fmt, verdict, count, app, carry_out, statuses)
+        return partial(serve, next_id)
+
+    async def _serve(
+        self,
+        policy: CompiledPolicy,
+        fmt: str,
+        verdict: Pass,
+        count: Callable[[int, float | None], None],
+        app: ASGIApp,
+        carry_out: CarryOut,
+        statuses: list[int] | None,
+        next_id: Callable[[], str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        try:
+            request_id = next_id()
+        except ValueError:  # the generator is busy in another thread
+            request_id = draw_request_id(next_id)
+        started = time.perf_counter()
+        limits = self._limits
+        reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
             raw: Any = scope.get("headers")
-            headers = self._guard.identifier.read_headers(raw if raw is not None else ())
+            if type(raw) is list and len(headers := dict(raw)) == len(raw):
+                pass  # nothing repeated, the usual case (read_headers' own shortcut)
+            else:
+                headers = self._guard.identifier.read_headers(raw if raw is not None else ())
             if not (
                 headers
                 and type(scope.get("client")) in _PEERS  # else identification fails: admit's call
@@ -108,19 +163,31 @@ class FastLane:
                 and headers.get(b"content-type", _JSON) == _JSON
                 and _BINARY_HEADER not in headers
             ):
-                return None
+                raise _NotPlain
             body = await reader.read(headers.get(b"content-length"))
-        except Exception:  # a refusal, a failure, a disconnect: admit meets it again
-            return None
+        except Exception:  # not plain; a refusal, a failure, a disconnect: admit meets it again
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
         try:
-            n_rows = READERS[fmt](body, self._limits)
+            n_rows = READERS[fmt](body, limits)
         except Exception:  # a reader bug: counted, and admit decides
             self._guard.counts.error("parse")
             log.warning("plain %s reader failed on policy %s", fmt, policy.name, exc_info=True)
-            return None
+            n_rows = None
         if n_rows is None:
-            return None
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
+        untouched = verdict.untouched
         try:
-            return self._admit_fixed(policy, fmt, n_rows)
+            count(n_rows, time.perf_counter() - started if untouched else None)
         except Exception:  # admit meets the failure again and applies the failure mode
-            return None
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
+        if untouched:  # counted, overhead included: straight on to the app
+            await app(scope, reader.for_app(), with_request_id(send, request_id, statuses))
+        else:
+            await carry_out(scope, reader, send, request_id, started, verdict)
+
+
+class _NotPlain(Exception):
+    """The request is not plain: the full path decides."""

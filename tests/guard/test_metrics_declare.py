@@ -208,6 +208,21 @@ def test_upstream_answers_counted_by_status_class() -> None:
     assert classes == ["1xx", "2xx", "5xx", "other", "other"]
 
 
+def test_statuses_appended_on_the_hot_path_are_counted_at_the_next_flush() -> None:
+    """A front end appends the app's statuses to a list (one C call); the tally counts them."""
+    m = declared()
+    statuses = m.upstream_statuses("inference")
+    assert m.upstream_statuses("inference") is statuses  # one list per policy, reloads too
+    statuses.extend([200, 503, "200", None])  # an app's odd status counts as "other"
+    assert value(m, "guard_upstream_responses_total", policy="inference", code_class="2xx") == 1
+    assert value(m, "guard_upstream_responses_total", policy="inference", code_class="other") == 2
+    assert statuses == []  # drained by the flush the scrape ran
+    statuses.append(201)
+    m.tally.flush()
+    m.tally.flush()  # counted once, not once per flush
+    assert value(m, "guard_upstream_responses_total", policy="inference", code_class="2xx") == 2
+
+
 # ------------------------------------------------------------------ score buckets
 
 

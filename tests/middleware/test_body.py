@@ -89,6 +89,75 @@ def test_reader_without_a_deadline_reads_the_whole_body() -> None:
     assert asyncio.run(BodyReader(receive, limit=100).read()) == b"[1,2]"
 
 
+def test_a_message_that_waits_is_read_whole_after_suspending() -> None:
+    """receive() is stepped once by hand; one that has to wait is resumed under the deadline,
+    its value, and what the task sends and throws into it, passed through."""
+    chunks = [b"[1,", b"2,", b"3]"]
+
+    async def receive() -> Message:
+        await asyncio.sleep(0)  # a bare yield: the task reschedules it
+        await asyncio.sleep(0.01)  # a future: the task waits for it
+        body = chunks.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    assert asyncio.run(BodyReader(receive, limit=100, timeout=5).read()) == b"[1,2,3]"
+
+
+def test_a_trickled_body_is_cut_at_the_deadline_of_the_whole_body() -> None:
+    """Each message comes in time, the whole body does not: 408 once the deadline passes."""
+    sent = []
+
+    async def receive() -> Message:
+        await asyncio.sleep(0.03)
+        sent.append(1)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    reader = BodyReader(receive, limit=10_000, timeout=0.2)
+    with pytest.raises(PayloadError) as err:
+        asyncio.run(reader.read())
+    assert err.value.reason == "body_timeout" and "0.2 s" in err.value.message
+    assert 3 <= len(sent) <= 9  # cut near the deadline, not per message
+
+
+@pytest.mark.parametrize("resolves", [True, False])
+def test_a_receive_returning_another_awaitable_is_read_under_the_deadline(
+    resolves: bool,
+) -> None:
+    """ASGI allows a receive returning any awaitable (here a Future), not only a coroutine."""
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+
+        def receive() -> asyncio.Future[Message]:
+            future: asyncio.Future[Message] = loop.create_future()
+            if resolves:
+                loop.call_later(0.01, future.set_result, {"type": "http.request", "body": b"[7]"})
+            return future
+
+        return await BodyReader(receive, limit=100, timeout=0.1).read()  # type: ignore[arg-type]
+
+    if resolves:
+        assert asyncio.run(main()) == b"[7]"
+    else:
+        with pytest.raises(PayloadError) as err:
+            asyncio.run(main())
+        assert err.value.status == 408
+
+
+def test_a_failing_receive_is_the_readers_error_again() -> None:
+    async def receive() -> Message:
+        raise OSError("connection reset")
+
+    async def main() -> None:
+        reader = BodyReader(receive, limit=100, timeout=1)
+        with pytest.raises(OSError):
+            await reader.read()
+        with pytest.raises(OSError):  # a second read meets the same error
+            await reader.read()
+
+    asyncio.run(main())
+
+
 def test_body_timeout_is_configured_and_validated() -> None:
     assert GuardConfig.load(None).limits.body_timeout_s == 5.0
     assert GuardConfig.load({"limits": {"body_timeout_s": 0.5}}).limits.body_timeout_s == 0.5

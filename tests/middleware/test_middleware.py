@@ -535,9 +535,10 @@ def test_internal_error_fails_open_with_body_replayed(
         raise RuntimeError("bug in the guard")
 
     # with detectors the verdict comes from decide(), without them from allow(),
-    # on the fast lane (plain OIP v2 JSON) too
+    # on the fast lane (plain OIP v2 JSON) from the count bound to its route
     monkeypatch.setattr(mw.guard, "decide", boom)
     monkeypatch.setattr(mw.guard, "allow", boom_sync)
+    monkeypatch.setattr(mw.guard.counts, "allowed_counter", lambda *a: boom_sync)
     raw = json.dumps(v2_body([[1.0, 2.0]])).encode()
     r = client.post(V2, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 200
