@@ -33,10 +33,11 @@ import secrets
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,10 +59,13 @@ __all__ = [
     "Session",
     "Traffic",
     "calibrate_profile",
+    "run_to_completion",
     "session_minima",
     "simulate_sessions",
     "traffic_from_capture",
 ]
+
+T = TypeVar("T")
 
 #: what each simulated client is
 SESSION_KINDS: Final = ("ordinary", "health_probe", "retrier", "batch_job", "one_class")
@@ -362,6 +366,23 @@ async def _boundary_windows(
     return windows
 
 
+def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end from synchronous code, inside a running event loop or not.
+
+    Calibration is synchronous, but may be called from a loop's thread: an ASGI
+    server calling an app factory (``uvicorn --factory``) that calibrates at its
+    first start. ``asyncio.run`` refuses to nest, so there the work runs on a
+    loop of its own in a helper thread, and the caller waits (a start-up step:
+    the server serves nothing until its app exists).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with ThreadPoolExecutor(1, thread_name_prefix="guard-calibrate") as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
 def calibrate_profile(
     spec: DetectorSpec,
     data: ReferenceData,
@@ -455,7 +476,9 @@ def calibrate_profile(
             if spec.type == "boundary":
                 det = build(tmp, _placeholder("boundary"), None)
                 assert isinstance(det, BoundaryDetector)
-                windows = asyncio.run(_boundary_windows(det, fit_sessions, rows, probs, labels))
+                windows = run_to_completion(
+                    _boundary_windows(det, fit_sessions, rows, probs, labels)
+                )
                 if len(windows) < 2:
                     raise DataError(
                         f"{spec.key or spec.type}: too little reference data for a "
@@ -465,7 +488,7 @@ def calibrate_profile(
                 use_rate = "anomaly_rate_source" in spec.params
                 baseline = _baseline(windows, anomaly_fpr if use_rate else None, det.window)
             det = build(tmp, _placeholder(spec.type), baseline)
-            minima = asyncio.run(
+            minima = run_to_completion(
                 session_minima(det, fit_sessions, rows, probabilities=probs, labels=labels)
             )
             threshold, note = _bounded(spec.type, threshold_at_fpr(minima, target_fpr), spec)
@@ -477,7 +500,7 @@ def calibrate_profile(
                     f"score the threshold rests on, were {', '.join(lowest)}: check they are benign"
                 )
             det = build(tmp, threshold, baseline)
-            checked = asyncio.run(
+            checked = run_to_completion(
                 session_minima(det, check_sessions, rows, probabilities=probs, labels=labels)
             )
     finally:

@@ -301,3 +301,24 @@ def test_thresholds_can_be_set_on_recorded_traffic(tmp_path: Path) -> None:
     assert (report.sessions, report.check_sessions) == (20, 10)
     assert "recorded clients" in report.note and "client-" in report.note
     assert set(report.by_kind) == {"recorded"}
+
+
+def test_calibration_runs_its_async_steps_from_inside_a_running_loop() -> None:
+    """An ASGI server may call an app factory that calibrates (``uvicorn --factory``
+    with a cold cache) from its event loop's thread, where asyncio.run refuses."""
+    import asyncio
+    import threading
+
+    from inference_guard.guard.sessions import run_to_completion
+
+    async def work() -> tuple[int, str]:
+        await asyncio.sleep(0)
+        return 42, threading.current_thread().name
+
+    assert run_to_completion(work())[0] == 42  # no loop: run here
+
+    async def factory() -> tuple[int, str]:  # what the server's loop runs
+        return run_to_completion(work())
+
+    value, thread = asyncio.run(factory())
+    assert value == 42 and thread.startswith("guard-calibrate")
