@@ -227,8 +227,8 @@ class Admission:
         body = await request.body.read(headers.get(b"content-length"))
         parsed = self._parse(policy, body, path=request.path, headers=headers)
         signatures = self._signatures.get(policy.name)
-        if signatures is not None and parsed.fmt == "oip_v2":
-            await signatures.check(request.path, parsed.inputs)
+        if signatures is not None:
+            await signatures.check(request.path, parsed)
         if policy.rewrites or policy.observes:
             check_readable_answer(parsed)
         if policy.allow is not None:

@@ -1,4 +1,4 @@
-"""OIP v2 model signatures: the inputs a model takes, checked before it runs.
+"""Model signatures: the inputs a model takes, checked before it runs.
 
 A policy with ``signature: {learn: true}`` learns each model's inputs (name,
 datatype, shape with ``-1`` wildcards) from the Open Inference Protocol's
@@ -6,7 +6,10 @@ metadata endpoint ``GET /v2/models/{name}[/versions/{v}]``, on first sight of
 the model and again once ``ttl_s`` has passed; ``signature: {inputs: [...]}``
 gives them instead. A request whose inputs do not match is refused with 400
 ``bad_type`` (a datatype) or ``bad_shape`` (a name, a rank or a size) before
-the model sees it.
+the model sees it. A model of one numeric input also has the untyped row
+formats (KServe v1 ``instances``, MLflow, a JSON array) checked against it: no
+strings or objects, the input's rank and number of values per row
+(:func:`check_rows`); a KServe v1 route's model is looked up by its name.
 
 The front end supplies the lookup (:data:`MetadataSource`): the ASGI
 middleware asks the app it wraps, in process, which in ``guard proxy`` is the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,9 +31,9 @@ from typing import Final
 
 from inference_guard.guard._counts import Counts
 from inference_guard.guard.config import OIP_DATATYPES, SignatureConfig, TensorSpec
-from inference_guard.guard.payload._request import fail
+from inference_guard.guard.payload._request import ParsedRequest, fail
 
-__all__ = ["MetadataSource", "Signatures", "check_inputs", "parse_metadata"]
+__all__ = ["MetadataSource", "Signatures", "check_inputs", "check_rows", "parse_metadata"]
 
 log = logging.getLogger("guard")
 
@@ -37,6 +41,10 @@ log = logging.getLogger("guard")
 MetadataSource = Callable[[str], Awaitable[tuple[int, bytes]]]
 
 _INFER: Final = re.compile(r"(/v2/models/[^/]+(?:/versions/[^/]+)?)/infer/?\Z")
+#: a KServe v1 route: its model's OIP v2 metadata is read from ``/v2/models/{name}``
+_PREDICT: Final = re.compile(r"/v1/models/([^/:]+):predict\Z")
+#: the untyped row formats a one-input signature also checks (:func:`check_rows`)
+ROW_FORMATS: Final = frozenset({"kserve_v1", "tf_columns", "mlflow", "json_array"})
 #: most models whose signature is remembered (names are client-chosen); past it,
 #: models not seen yet are not looked up
 _MAX_MODELS: Final = 1024
@@ -102,6 +110,49 @@ def check_inputs(inputs: object, specs: tuple[TensorSpec, ...]) -> None:
         fail(400, "bad_shape", f"the model's input {missing[0]!r} is missing")
 
 
+def check_rows(parsed: ParsedRequest, specs: tuple[TensorSpec, ...]) -> None:
+    """Refuse an untyped row request (KServe v1, MLflow, a JSON array) that a model of
+    one numeric input ``specs`` cannot take.
+
+    These formats name no datatype, so what the parser found stands for it:
+    strings (``texts``) or objects (neither rows nor texts) where the model takes
+    numbers are 400 ``bad_type``; rows whose instances have another rank than the
+    input's, or another number of values, are 400 ``bad_shape``. A signature of
+    several inputs, or of a ``BYTES`` input, does not say how such rows map onto
+    it: nothing is checked then.
+    """
+    if len(specs) != 1 or specs[0].datatype == "BYTES":
+        return
+    spec = specs[0]
+    if parsed.rows is None:
+        what = "strings" if parsed.texts else "objects"
+        fail(400, "bad_type", f"the model takes {spec.datatype} numbers, not {what}")
+    rank = _instance_rank(parsed.inputs)
+    if rank is not None and len(spec.shape) >= 1 and rank != len(spec.shape) - 1:
+        wanted = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        fail(400, "bad_shape", f"the model's input has shape {wanted}: rows of rank {rank}")
+    per_row = spec.shape[1:]
+    if all(d >= 0 for d in per_row):
+        width = math.prod(per_row)
+        if parsed.rows.shape[1] != width:
+            fail(400, "bad_shape", f"the model takes rows of {width} values")
+
+
+def _instance_rank(instances: object) -> int | None:
+    """The rank of the first instance of a decoded list of instances (``None``: not known).
+
+    The parser has checked that the instances form a regular tensor, so the first
+    one's nesting is every one's.
+    """
+    if not isinstance(instances, list) or not instances:
+        return None
+    rank, level = 0, instances[0]
+    while isinstance(level, list) and level:
+        rank += 1
+        level = level[0]
+    return rank
+
+
 class Signatures:
     """One policy's signatures: given, or learned and cached per model for ``ttl_s``."""
 
@@ -120,12 +171,19 @@ class Signatures:
         #: the metadata lookup (set by the front end); ``None``: nothing is learned
         self.source: MetadataSource | None = None
 
-    async def check(self, path: str, inputs: object) -> None:
-        """Refuse an OIP v2 request on ``path`` whose ``inputs`` (as the parser decoded
-        them: the body is not read again) do not match its model."""
-        specs = self._config.inputs or await self.lookup(path)
-        if specs:
-            check_inputs(inputs, specs)
+    async def check(self, path: str, parsed: ParsedRequest) -> None:
+        """Refuse a request on ``path`` that its model cannot take: an OIP v2 request
+        whose ``inputs`` (as the parser decoded them: the body is not read again) do
+        not match, or an untyped row request (:data:`ROW_FORMATS`) that a one-input
+        numeric model cannot take (:func:`check_rows`)."""
+        if parsed.fmt == "oip_v2":
+            specs = self._config.inputs or await self.lookup(path)
+            if specs:
+                check_inputs(parsed.inputs, specs)
+        elif parsed.fmt in ROW_FORMATS:
+            specs = self._config.inputs or await self.lookup(path)
+            if specs:
+                check_rows(parsed, specs)
 
     async def prefetch(self, models: Iterable[str]) -> None:
         """Learn the signatures of ``models`` (names) now, as on their first sight."""
@@ -134,10 +192,16 @@ class Signatures:
 
     async def lookup(self, path: str) -> tuple[TensorSpec, ...] | None:
         """The learned inputs of the model ``path`` infers on (``None``: not known)."""
-        m = _INFER.search(path)
-        if m is None or not self._config.learn:
+        if not self._config.learn:
             return None
-        model = m.group(1)
+        m = _INFER.search(path)
+        if m is not None:
+            model = m.group(1)
+        else:
+            v1 = _PREDICT.search(path)
+            if v1 is None:
+                return None
+            model = f"/v2/models/{v1.group(1)}"
         now = self._clock()
         hit = self._cache.get(model)
         if hit is not None and hit[0] > now:

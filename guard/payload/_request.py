@@ -34,8 +34,9 @@ class ParsedRequest:
     n_rows: int = 1
     #: format-specific extras (``max_tokens``, ``n``, ``logprobs``, ``binary``, ...)
     extra: dict[str, Any] = field(default_factory=dict)
-    #: OIP v2: the request's ``inputs`` as decoded, for the model-signature check
-    #: (so that nothing decodes the body a second time); ``None`` for other formats
+    #: what the model-signature check reads, as decoded (so that nothing decodes the
+    #: body a second time): OIP v2's ``inputs``, KServe v1's and MLflow's list of
+    #: instances; ``None`` for other formats
     inputs: object = field(default=None, repr=False, compare=False)
 
 

@@ -69,16 +69,21 @@ def _columns(value: object, limits: LimitsConfig) -> Classified:
     return Classified(chosen.rows, tuple(texts), chosen.n_rows)
 
 
-def _result(fmt: str, c: Classified, limits: LimitsConfig) -> ParsedRequest:
+def _result(
+    fmt: str, c: Classified, limits: LimitsConfig, instances: object = None
+) -> ParsedRequest:
+    """``instances``: the decoded list the rows came from, kept for the signature check
+    (the rank of an instance, which the row matrix no longer shows)."""
     check_texts(c.texts, limits)
-    return ParsedRequest(fmt, c.rows, c.texts, c.n_rows)
+    return ParsedRequest(fmt, c.rows, c.texts, c.n_rows, inputs=instances)
 
 
 def parse_kserve(doc: object, limits: LimitsConfig) -> ParsedRequest:
     """KServe v1 / TF Serving: ``instances`` (row form), ``inputs`` (column form), ``examples``."""
     body = _object(doc)
     if "instances" in body:
-        return _result("kserve_v1", _instances(body["instances"], limits, "'instances'"), limits)
+        instances = body["instances"]
+        return _result("kserve_v1", _instances(instances, limits, "'instances'"), limits, instances)
     if "inputs" in body:
         return _result("tf_columns", _columns(body["inputs"], limits), limits)
     if "examples" in body:
@@ -135,7 +140,7 @@ def parse_mlflow(doc: object, limits: LimitsConfig) -> ParsedRequest:
         c = _instances(value, limits, "'instances'")
     else:
         c = _columns(value, limits)
-    return _result("mlflow", c, limits)
+    return _result("mlflow", c, limits, value if key in ("instances", "inputs") else None)
 
 
 def parse_json_array(doc: list[Any], limits: LimitsConfig) -> ParsedRequest:

@@ -104,3 +104,57 @@ def test_learned_signatures_are_cached_for_their_ttl() -> None:
         "guard_errors_total", {"component": "signature"}
     )
     assert errors == 2  # "gone" once per TTL, version 2 once
+
+
+def _parsed(path: str, doc: object) -> object:
+    from inference_guard.guard.payload.adapters import parse_request
+
+    cfg = GuardConfig.default()
+    return parse_request(
+        json.dumps(doc).encode(),
+        path=path,
+        content_type="application/json",
+        headers={},
+        limits=cfg.limits,
+    )
+
+
+V1 = "/v1/models/m:predict"
+
+
+@pytest.mark.parametrize(
+    ("path", "doc", "reason"),
+    [
+        (V1, {"instances": [[1, 2, 3, 4]]}, None),
+        (V1, {"instances": [[1, 2, 3]]}, "bad_shape"),  # another width
+        (V1, {"instances": [1, 2, 3, 4]}, "bad_shape"),  # a vector: instances of rank 0
+        (V1, {"instances": [[[1, 2], [3, 4]]]}, "bad_shape"),  # instances of rank 2
+        (V1, {"instances": ["seven", "eight"]}, "bad_type"),  # strings
+        (V1, {"instances": [{"a": 1}]}, "bad_type"),  # objects
+        ("/v1/models/m:classify", {"examples": [{"a": 1}]}, "bad_type"),
+        ("/invocations", {"dataframe_split": {"data": [[1, 2, 3, 4]]}}, None),
+        ("/invocations", {"dataframe_split": {"data": [[1, 2, 3, 4, 5]]}}, "bad_shape"),
+        ("/invocations", {"instances": [[[1, 2, 3, 4]]]}, "bad_shape"),
+        ("/invocations", {"dataframe_records": [{"a": "x", "b": 1}]}, "bad_type"),
+    ],
+)
+def test_untyped_rows_are_held_to_a_one_input_signature(
+    path: str, doc: object, reason: str | None
+) -> None:
+    from inference_guard.guard.signatures import check_rows
+
+    parsed = _parsed(path, doc)
+    if reason is None:
+        check_rows(parsed, SPECS)  # type: ignore[arg-type]
+        return
+    with pytest.raises(PayloadError) as refused:
+        check_rows(parsed, SPECS)  # type: ignore[arg-type]
+    assert (refused.value.status, refused.value.reason) == (400, reason)
+
+
+def test_rows_are_not_checked_against_what_does_not_say_how_they_map() -> None:
+    from inference_guard.guard.signatures import check_rows
+
+    parsed = _parsed(V1, {"instances": ["seven"]})
+    check_rows(parsed, (TensorSpec("t", "BYTES", (-1,)),))  # type: ignore[arg-type]
+    check_rows(parsed, (*SPECS, TensorSpec("y", "FP32", (-1, 1))))  # type: ignore[arg-type]

@@ -84,3 +84,33 @@ def test_no_metadata_endpoint_leaves_the_guard_working(
     assert total(registry, "guard_errors", component="signature") == 1
     warned = [r for r in caplog.records if "/v2/models/other" in r.getMessage()]
     assert len(warned) == 1
+
+
+def test_kserve_v1_rows_are_held_to_the_signature_learned_for_the_model(model: Any) -> None:
+    """A KServe v1 route's model is looked up by name on the OIP v2 metadata endpoint; its
+    one FP32 input of shape [-1, 64] then says what rows it takes."""
+    registry = CollectorRegistry()
+    config = {
+        "audit": {"enabled": False},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": ["/v2/models/*/infer", "/v1/models/*"],
+                "signature": {"learn": True},
+            }
+        ],
+    }
+    mw = GuardMiddleware(model, config=config, registry=registry)
+    v1 = "/v1/models/digits:predict"
+    ok = request(mw, v1, json.dumps({"instances": [[0.0] * 64]}).encode(), headers=[JSON_CT])
+    assert ok.status == 200, ok.body
+    for doc, reason in [
+        ({"instances": [[0.0] * 32]}, "bad_shape"),
+        ({"instances": [[[0.0] * 8] * 8]}, "bad_shape"),
+        ({"instances": ["seven"]}, "bad_type"),
+    ]:
+        res = request(mw, v1, json.dumps(doc).encode(), headers=[JSON_CT])
+        assert res.status == 400, (doc, res.body)
+    assert total(registry, "guard_invalid_requests", reason="bad_shape") == 2
+    assert total(registry, "guard_invalid_requests", reason="bad_type") == 1
+    assert total(registry, "guard_errors", component="signature") == 0
