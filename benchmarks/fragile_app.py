@@ -20,6 +20,10 @@ Factories for ``uvicorn --factory``:
 ``benchmarks.fragile_app:fragile_default``
     behind ``GuardMiddleware`` with the guard's defaults (``GuardConfig.default()``:
     validation on every well-known inference route, answers rounded);
+``benchmarks.fragile_app:fragile_signed``
+    behind ``GuardMiddleware`` with the defaults plus the model's signature
+    (:data:`SIGNATURE`: one FP32 input ``x`` of shape ``[-1, 64]``, as an OIP
+    v2 server would declare it), which also holds KServe v1 and MLflow rows;
 ``benchmarks.fragile_app:fragile_demo``
     behind the demo policy (``guard/demo.yaml``), calibrated as ``guard demo``
     calibrates it.
@@ -105,6 +109,21 @@ def build_fragile_app(model: DigitsModel | None = None) -> Starlette:
 def fragile() -> ASGIApp:
     """The careless server, bare."""
     return build_fragile_app()
+
+
+#: the digits model's signature as an OIP v2 server declares it (the corpus's name for it)
+SIGNATURE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]}
+
+
+def fragile_signed() -> ASGIApp:
+    """The careless server behind the guard's defaults and the model's signature."""
+    from inference_guard.guard.config import GuardConfig
+
+    default = GuardConfig.default().policies[0]
+    config = {
+        "policies": [{"name": default.name, "routes": list(default.routes), "signature": SIGNATURE}]
+    }
+    return GuardMiddleware(build_fragile_app(), config=config)
 
 
 def fragile_default() -> ASGIApp:

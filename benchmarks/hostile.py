@@ -79,9 +79,12 @@ SERVERS: dict[str, tuple[str, bool]] = {
     "guarded_demo": ("inference_guard.middleware.demo:build_demo_app", True),
     "fragile": ("benchmarks.fragile_app:fragile", False),
     "fragile_guarded": ("benchmarks.fragile_app:fragile_default", True),
+    "fragile_signed": ("benchmarks.fragile_app:fragile_signed", True),
 }
 #: the app crashes behind this server are compared with the bare ``fragile`` one's
-BARE, BEHIND = "fragile", "fragile_guarded"
+BARE, BEHIND, SIGNED = "fragile", "fragile_guarded", "fragile_signed"
+#: the servers with the fragile app behind the guard
+BEHIND_ALL = (BEHIND, SIGNED)
 #: client source addresses: the corpus's clients
 SOURCES = tuple(f"127.77.{i // 256}.{i % 256}" for i in range(1024))
 #: crashes behind the guard that only the model's signature rules out, by the fragile app's
@@ -122,6 +125,8 @@ class Served:
     how: Counter[str] = field(default_factory=Counter)
     #: requests whose answer the guard made itself (``cache-control: no-store``), by status
     guard_made: Counter[int] = field(default_factory=Counter)
+    #: the indices of those requests
+    refused_at: set[int] = field(default_factory=set)
     #: the fragile app's own account of each 5xx (``Type: message``), by request index
     crash: dict[int, str] = field(default_factory=dict)
     #: counter samples from /metrics, before and after the corpus
@@ -160,15 +165,24 @@ class Run:
     def crashers(self) -> list[int]:
         return self.fivexx(BARE)
 
-    def residual(self) -> list[int]:
-        """Crashers that still get a 5xx or no answer behind the guard."""
-        behind = self.served[BEHIND].status
-        return [i for i in self.crashers() if behind[i] == 0 or behind[i] >= 500]
+    def residual(self, behind: str = BEHIND) -> list[int]:
+        """Crashers that still get a 5xx or no answer behind the guard (server ``behind``)."""
+        status = self.served[behind].status
+        return [i for i in self.crashers() if status[i] == 0 or status[i] >= 500]
 
-    def unexplained(self) -> list[int]:
+    def unexplained(self, behind: str = BEHIND) -> list[int]:
         """The residual outside the :data:`SIGNATURE` categories: what validation let through."""
-        crash = self.served[BEHIND].crash
-        return [i for i in self.residual() if reading(crash.get(i, "")) == "other"]
+        crash = self.served[behind].crash
+        return [i for i in self.residual(behind) if reading(crash.get(i, "")) == "other"]
+
+    def refused_servable(self, behind: str = SIGNED) -> list[int]:
+        """Requests the bare app answered 2xx that the guard (``behind``) refused itself."""
+        bare, served = self.served[BARE].status, self.served[behind]
+        return [
+            i
+            for i, s in enumerate(served.status)
+            if 200 <= bare[i] < 300 and 400 <= s < 500 and i in served.refused_at
+        ]
 
     def guard_faults(self) -> dict[str, list[int]]:
         """Per guarded server, the 5xx and missing answers that are the guard's doing."""
@@ -177,7 +191,7 @@ class Run:
         for name, served in self.served.items():
             if served.guarded:
                 bad = self.fivexx(name)
-                out[name] = [i for i in bad if name != BEHIND or i not in crashers]
+                out[name] = [i for i in bad if name not in BEHIND_ALL or i not in crashers]
         return out
 
 
@@ -319,6 +333,7 @@ def _record(served: Served, i: int, outcome: Outcome) -> None:
     served.how[outcome.how] += 1
     if outcome.no_store:
         served.guard_made[status] += 1
+        served.refused_at.add(i)
     if status >= 500 or status == 0:
         served.crash[i] = _signature(outcome.body) if status else outcome.how
 
@@ -403,7 +418,11 @@ def write_findings(result: Run, path: Path) -> int:
     (:meth:`Run.unexplained`).
     """
     found = [(name, i, "guard fault") for name, idx in result.guard_faults().items() for i in idx]
-    found += [(BEHIND, i, "crash through the guard") for i in result.unexplained()]
+    found += [
+        (name, i, "crash through the guard")
+        for name in BEHIND_ALL
+        for i in result.unexplained(name)
+    ]
     lines = []
     for name, i, what in found:
         served = result.served[name]
@@ -494,46 +513,67 @@ def _counters(served: Served) -> str:
 
 def _targets(result: Run, findings: int) -> list[str]:
     n = result.n
-    crashers, residual = result.crashers(), result.residual()
+    crashers = result.crashers()
     faults = result.guard_faults()
     demo = _classes(result.served["guarded_demo"].status)
-    behind = result.served[BEHIND].status
-    fate = Counter("5xx" if behind[i] >= 500 else str(behind[i] or "no answer") for i in crashers)
-    met = len(residual) < 0.01 * len(crashers)
-    return [
+    lines = [
         f"- guarded demo: **{demo['5xx']} 5xx, {demo['none']} exchanges without an answer** "
         f"over {n} requests (target 0 and 0: {'NOT met' if faults['guarded_demo'] else 'met'})",
         f"- fragile app bare: {len(crashers)} crashers ({_pct(len(crashers), n)} of the corpus) "
         "get a 5xx or no answer",
-        f"- behind the guard: **{len(residual)} of the {len(crashers)} crashers "
-        f"({_pct(len(residual), len(crashers))})** still get a 5xx or no answer (target < 1 %: "
-        f"{'met' if met else 'NOT met'}); what the crashers get behind the guard: "
-        + ", ".join(f"{k} {v}" for k, v in fate.most_common()),
-        f"- of those, outside the signature categories below: {len(result.unexplained())}",
-        "- behind the guard, 5xx or no answer on requests the bare app survives: "
-        f"{len(faults[BEHIND])}",
-        f"- findings (both of the above) written to `{FINDINGS.relative_to(ROOT)}`: {findings}",
     ]
+    for name, what in ((BEHIND, "the guard's defaults"), (SIGNED, "defaults + signature")):
+        residual = result.residual(name)
+        behind = result.served[name].status
+        fate = Counter(
+            "5xx" if behind[i] >= 500 else str(behind[i] or "no answer") for i in crashers
+        )
+        met = len(residual) < 0.01 * len(crashers)
+        lines += [
+            f"- behind {what} (`{name}`): **{len(residual)} of the {len(crashers)} crashers "
+            f"({_pct(len(residual), len(crashers))})** still get a 5xx or no answer "
+            f"(target < 1 %: {'met' if met else 'NOT met'}); what the crashers get: "
+            + ", ".join(f"{k} {v}" for k, v in fate.most_common()),
+            "  - of those, outside the signature categories below: "
+            f"{len(result.unexplained(name))}",
+            f"  - 5xx or no answer on requests the bare app survives: {len(faults[name])}",
+        ]
+    refused = result.refused_servable(SIGNED)
+    by_kind = Counter(result.kinds[i].split(":")[0] for i in refused)
+    lines += [
+        f"- the price of the signature: requests the bare app answered 2xx that `{SIGNED}` "
+        f"refuses itself: {len(refused)} ({_pct(len(refused), n)} of the corpus"
+        + (
+            ", by kind: " + ", ".join(f"{k} {v}" for k, v in by_kind.most_common())
+            if refused
+            else ""
+        )
+        + "); each is well-formed for some model, and not for this one",
+        f"- findings (guard faults, and crashes through the guard outside the signature "
+        f"categories) written to `{FINDINGS.relative_to(ROOT)}`: {findings}",
+    ]
+    return lines
 
 
 def _by_kind(result: Run) -> list[str]:
     demo = result.served["guarded_demo"].status
-    crash_set, residual_set = set(result.crashers()), set(result.residual())
+    crash_set = set(result.crashers())
+    residual_sets = {name: set(result.residual(name)) for name in BEHIND_ALL}
     per_kind: dict[str, list[int]] = {}
     for i, kind in enumerate(result.kinds):
         per_kind.setdefault(kind.split(":")[0], []).append(i)
     lines = [
         "| kind | requests | guarded_demo 4xx | guarded_demo 5xx or none | fragile bare: crashes "
-        "| behind the guard: still crash |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| behind the defaults: still crash | behind defaults + signature: still crash |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in KINDS:
         idx = per_kind.get(kind, [])
         d4 = sum(1 for i in idx if 400 <= demo[i] < 500)
         d5 = sum(1 for i in idx if demo[i] == 0 or demo[i] >= 500)
         crashes = sum(1 for i in idx if i in crash_set)
-        still = sum(1 for i in idx if i in residual_set)
-        lines.append(f"| {kind} | {len(idx)} | {d4} | {d5} | {crashes} | {still} |")
+        still = [sum(1 for i in idx if i in residual_sets[name]) for name in BEHIND_ALL]
+        lines.append(f"| {kind} | {len(idx)} | {d4} | {d5} | {crashes} | {still[0]} | {still[1]} |")
     return lines
 
 
@@ -543,12 +583,13 @@ READING = (
     "- `guarded_demo`'s 4xx include the demo model app's own 400s and 404s (it checks its "
     "input, and serves no OpenAI or MLflow route): its line says that the guard adds no 5xx "
     "and loses no answer, not which layer refused what.",
-    "- The residual is the signature gap. `GuardConfig.default()` checks the wire format "
-    "(JSON, encodings, finite numbers, shapes consistent with their data, types, sizes) but "
-    "not the model's input signature (one numeric input of rank 2 and width 64), so a "
-    "well-formed request for another model passes and the careless app crashes on it. "
-    "Teaching the guard the signature (worked on separately) is what closes the four "
-    "categories; the rest, listed request by request, are findings.",
+    "- Behind the defaults, the residual is the signature gap. `GuardConfig.default()` "
+    "checks the wire format (JSON, encodings, finite numbers, shapes consistent with their "
+    "data, types, sizes) but not the model's input signature (one numeric input of rank 2 "
+    "and width 64), so a well-formed request for another model passes and the careless app "
+    "crashes on it. `fragile_signed` is the same guard told the signature (`signature:`; "
+    "`learn: true` reads it from a model server's metadata endpoint, which the careless app "
+    "does not have); what crashes through it, listed request by request, are findings.",
     "- Tracebacks in a guarded server's log that end in `h11._util.LocalProtocolError: can't "
     "handle event type Response when role=SERVER and state=MUST_CLOSE` are uvicorn's (h11): "
     "on a malformed chunk uvicorn answers 400 itself, and an app that then answers without "
@@ -569,16 +610,16 @@ def reading(signature: str) -> str:
     )
 
 
-def _residual(result: Run) -> list[str]:
-    crash = result.served[BEHIND].crash
-    residual = result.residual()
+def _residual(result: Run, behind: str) -> list[str]:
+    crash = result.served[behind].crash
+    residual = result.residual(behind)
     if not residual:
         return ["None."]
     readings = Counter(reading(crash.get(i, "")) for i in residual)
     groups = Counter((result.kinds[i].split(":")[0], crash.get(i, "?")) for i in residual)
     lines = [
-        "Each of these is well-formed for *some* model, and only the model's signature, "
-        "which the guard does not know yet, rules it out (the known gap):",
+        "Each of these is well-formed for *some* model, and only the model's signature "
+        "rules it out:",
         "",
         *(f"- {k}: {text}: {readings[k]}" for k, (_, text) in SIGNATURE.items()),
         "",
@@ -589,7 +630,7 @@ def _residual(result: Run) -> list[str]:
         "|---|---|---|---:|",
     ]
     lines += [f"| {k} | `{sig}` | {reading(sig)} | {v} |" for (k, sig), v in groups.most_common(30)]
-    other = result.unexplained()
+    other = result.unexplained(behind)
     if other:
         lines += [
             "",
@@ -630,7 +671,7 @@ def report(result: Run, cmd: str, findings: int) -> str:
             f"- machine: {machine()}",
             f"- date: {today()}; the corpus took {result.seconds:.0f} s; code at {_revision()}",
             f"- corpus: {result.n} requests, seed {result.seed} (`benchmarks/hostile_corpus.py`), "
-            "each sent to all three servers at once on a fresh connection, "
+            "each sent to all four servers at once on a fresh connection, "
             f"{result.concurrency} requests in flight, from 1024 loopback addresses in turn",
             "- servers (uvicorn, 1 worker each, `--no-proxy-headers`): `guarded_demo` = "
             "`inference_guard.middleware.demo:build_demo_app` (what `guard demo` serves: "
@@ -638,7 +679,9 @@ def report(result: Run, cmd: str, findings: int) -> str:
             "`fragile` = a careless digits server that validates nothing "
             "(`benchmarks/fragile_app.py`), bare; `fragile_guarded` = the same behind "
             "`GuardMiddleware` with no config (`GuardConfig.default()`: validation and "
-            "rounding, no detectors)",
+            "rounding, no detectors); `fragile_signed` = the same, the policy also given "
+            "the model's signature (one FP32 input `x` of shape `[-1, 64]`, "
+            "`benchmarks/fragile_app.py`), which holds KServe v1 and MLflow rows too",
             "",
             "### Answers",
             "",
@@ -656,9 +699,13 @@ def report(result: Run, cmd: str, findings: int) -> str:
             "",
             *_by_kind(result),
             "",
-            "### The residual: crashers that still crash the app behind the guard",
+            "### The residual: crashers that still crash the app behind the guard's defaults",
             "",
-            *_residual(result),
+            *_residual(result, BEHIND),
+            "",
+            "### The residual behind the defaults and the model's signature",
+            "",
+            *_residual(result, SIGNED),
             "",
             "What crashes the fragile app bare, most common first: "
             + "; ".join(f"`{sig}` {v}" for sig, v in bare.most_common(12)),

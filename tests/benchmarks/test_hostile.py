@@ -52,12 +52,12 @@ def test_crashes_behind_the_guard_are_read_by_the_fragile_apps_exception() -> No
 
 @pytest.mark.e2e
 def test_a_small_run_finds_no_guard_fault_and_crashes_the_bare_app() -> None:
-    """Three real servers, 400 corpus requests each (a first run calibrates the demo, ~30 s)."""
+    """Four real servers, 400 corpus requests each (a first run calibrates the demo, ~30 s)."""
     result = hostile.run(400, seed=1)
     demo, behind = result.served["guarded_demo"], result.served[hostile.BEHIND]
     assert demo.how == {"answered": 400}, demo.how
     assert all(0 < s < 500 for s in demo.status)
-    assert result.guard_faults() == {"guarded_demo": [], hostile.BEHIND: []}
+    assert result.guard_faults() == {"guarded_demo": [], hostile.BEHIND: [], hostile.SIGNED: []}
     # the harness can fail: the careless app does crash bare, and the guard stops most of it
     crashers, residual = result.crashers(), result.residual()
     assert len(crashers) > 100, len(crashers)
@@ -72,3 +72,11 @@ def test_a_small_run_finds_no_guard_fault_and_crashes_the_bare_app() -> None:
     assert demo.tracebacks == 0, demo.traceback_tails
     assert behind.tracebacks == len(residual)  # the app's own crashes, logged by uvicorn
     assert "## Hostile traffic (issue 13)" in hostile.report(result, "test", 0)
+    # told the model's signature, the guard stops the rest: nothing gets through it that
+    # crashes the app, and what it refuses that the bare app served is for another model
+    signed = result.served[hostile.SIGNED]
+    assert result.residual(hostile.SIGNED) == [], [
+        signed.crash[i] for i in result.residual(hostile.SIGNED)
+    ]
+    assert signed.tracebacks == 0, signed.traceback_tails
+    assert result.refused_servable() != []  # FP64 and INT32 requests: not this model's FP32
