@@ -22,8 +22,9 @@ Factories for ``uvicorn --factory``:
     validation on every well-known inference route, answers rounded);
 ``benchmarks.fragile_app:fragile_signed``
     behind ``GuardMiddleware`` with the defaults plus the model's signature
-    (:data:`SIGNATURE`: one FP32 input ``x`` of shape ``[-1, 64]``, as an OIP
-    v2 server would declare it), which also holds KServe v1 and MLflow rows;
+    (:data:`SIGNATURE`: one FP32 input ``input-0`` of shape ``[-1, 64]``, what the
+    demo's model server declares for the same model), which also holds KServe v1
+    and MLflow rows;
 ``benchmarks.fragile_app:fragile_demo``
     behind the demo policy (``guard/demo.yaml``), calibrated as ``guard demo``
     calibrates it.
@@ -111,8 +112,8 @@ def fragile() -> ASGIApp:
     return build_fragile_app()
 
 
-#: the digits model's signature as an OIP v2 server declares it (the corpus's name for it)
-SIGNATURE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]}
+#: the digits model's signature, as the demo's model server declares it (GET /v2/models/digits)
+SIGNATURE = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}
 
 
 def fragile_signed() -> ASGIApp:

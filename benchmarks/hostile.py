@@ -548,7 +548,8 @@ def _targets(result: Run, findings: int) -> list[str]:
             if refused
             else ""
         )
-        + "); each is well-formed for some model, and not for this one",
+        + "); each is well-formed for some model, and not for this one (another input "
+        "name or datatype: the careless app reads whatever comes, an OIP server does not)",
         f"- findings (guard faults, and crashes through the guard outside the signature "
         f"categories) written to `{FINDINGS.relative_to(ROOT)}`: {findings}",
     ]
@@ -680,8 +681,9 @@ def report(result: Run, cmd: str, findings: int) -> str:
             "(`benchmarks/fragile_app.py`), bare; `fragile_guarded` = the same behind "
             "`GuardMiddleware` with no config (`GuardConfig.default()`: validation and "
             "rounding, no detectors); `fragile_signed` = the same, the policy also given "
-            "the model's signature (one FP32 input `x` of shape `[-1, 64]`, "
-            "`benchmarks/fragile_app.py`), which holds KServe v1 and MLflow rows too",
+            "the model's signature (one FP32 input `input-0` of shape `[-1, 64]`, what the "
+            "demo's model server declares; `benchmarks/fragile_app.py`), which holds KServe v1 "
+            "and MLflow rows too",
             "",
             "### Answers",
             "",

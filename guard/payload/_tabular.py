@@ -69,6 +69,13 @@ def _columns(value: object, limits: LimitsConfig) -> Classified:
     return Classified(chosen.rows, tuple(texts), chosen.n_rows)
 
 
+def _one_column(columns: object) -> object:
+    """The instances of a TF column-form ``inputs``: the list itself, or a lone column's."""
+    if isinstance(columns, dict) and len(columns) == 1:
+        return next(iter(columns.values()))
+    return columns if isinstance(columns, list) else None
+
+
 def _result(
     fmt: str, c: Classified, limits: LimitsConfig, instances: object = None
 ) -> ParsedRequest:
@@ -85,7 +92,8 @@ def parse_kserve(doc: object, limits: LimitsConfig) -> ParsedRequest:
         instances = body["instances"]
         return _result("kserve_v1", _instances(instances, limits, "'instances'"), limits, instances)
     if "inputs" in body:
-        return _result("tf_columns", _columns(body["inputs"], limits), limits)
+        columns = body["inputs"]
+        return _result("tf_columns", _columns(columns, limits), limits, _one_column(columns))
     if "examples" in body:
         examples = _list(body["examples"], "'examples'")
         check_rows(len(examples), limits)
@@ -140,7 +148,8 @@ def parse_mlflow(doc: object, limits: LimitsConfig) -> ParsedRequest:
         c = _instances(value, limits, "'instances'")
     else:
         c = _columns(value, limits)
-    return _result("mlflow", c, limits, value if key in ("instances", "inputs") else None)
+    instances = value if key == "instances" else _one_column(value) if key == "inputs" else None
+    return _result("mlflow", c, limits, instances)
 
 
 def parse_json_array(doc: list[Any], limits: LimitsConfig) -> ParsedRequest:

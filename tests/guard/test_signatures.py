@@ -158,3 +158,18 @@ def test_rows_are_not_checked_against_what_does_not_say_how_they_map() -> None:
     parsed = _parsed(V1, {"instances": ["seven"]})
     check_rows(parsed, (TensorSpec("t", "BYTES", (-1,)),))  # type: ignore[arg-type]
     check_rows(parsed, (*SPECS, TensorSpec("y", "FP32", (-1, 1))))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"inputs": [[[1, 2], [3, 4]]]},  # column form, a list
+        {"inputs": {"x": [[[1, 2], [3, 4]]]}},  # column form, one named column
+    ],
+)
+def test_the_rank_of_column_form_instances_is_checked_too(doc: object) -> None:
+    from inference_guard.guard.signatures import check_rows
+
+    with pytest.raises(PayloadError) as refused:
+        check_rows(_parsed(V1, doc), SPECS)  # type: ignore[arg-type]
+    assert refused.value.reason == "bad_shape"
