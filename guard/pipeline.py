@@ -47,6 +47,7 @@ from inference_guard.guard.registry import BuildContext
 from inference_guard.guard.reload import ReloadResult, check_frozen
 from inference_guard.guard.signatures import MetadataSource, Signatures
 from inference_guard.guard.stores import Store, store_from_uri
+from inference_guard.guard.stores.base import EvictionPolicy
 from inference_guard.guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard"]
@@ -117,6 +118,8 @@ class Guard:
         )
         if base.backend == "memory":
             return base
+        if isinstance(base, EvictionPolicy):
+            _check_eviction(base, self.metrics)
         return ResilientStore.from_config(
             base, self.config.state, clock=self.clock, on_event=self.metrics.store_event
         )
@@ -525,6 +528,45 @@ class Guard:
         await asyncio.to_thread(self.audit.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+
+
+#: Redis maxmemory-policy values, the closed set a metric label takes (else "other")
+_REDIS_POLICIES = frozenset(
+    {
+        "noeviction",
+        *(f"{keys}-{how}" for keys in ("allkeys", "volatile") for how in ("lru", "lfu", "random")),
+        "volatile-ttl",
+    }
+)
+
+
+def _check_eviction(store: EvictionPolicy, metrics: GuardMetrics) -> None:
+    """Say at start-up, in the log and in ``guard_store_eviction_policy``, whether the
+    shared store may evict the guard's keys: a quarantine evicted early lets its
+    client back in, an evicted rate key is a fresh budget."""
+    backend = str(getattr(store, "backend", "redis"))
+    policy = store.eviction_policy()
+    if policy is None:
+        log.info(
+            "%s maxmemory-policy could not be read (CONFIG GET refused?): make sure it is "
+            "noeviction, or quarantines may be evicted before they expire",
+            backend,
+        )
+        return
+    evicts = EvictionPolicy.evicts(policy)
+    metrics.store_eviction_policy.set(
+        backend, policy if policy in _REDIS_POLICIES else "other", evicts
+    )
+    if evicts:
+        log.warning(
+            "%s maxmemory-policy is %s: under memory pressure Redis may evict the guard's "
+            "keys, quarantines and detector standings included, so a quarantined client "
+            "could be let back in early and a rate budget start afresh. Set "
+            "maxmemory-policy noeviction on a Redis instance of the guard's own (the policy "
+            "is per instance, not per database) and size its maxmemory",
+            backend,
+            policy,
+        )
 
 
 def _address_layer(policy: CompiledPolicy, ip: str, subnet: str) -> str:
