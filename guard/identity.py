@@ -216,12 +216,16 @@ class ClientIdentifier:
             ip_id = self.hash("ip", ip)
             exempt = bool(self._exempt_nets) and self._in_exempt_net(ip)
             return ClientId(ip_id, "ip", exempt, ip_id, self.subnet_id(ip))
-        # a keyed client's forwarded header decides only its address layers, so a
-        # spoofed one costs no 400 here: the peer, which sent it, is the address
+        # a keyed client's forwarded header decides only its address layers, so one
+        # spoofed by an untrusted peer costs no 400 here: that peer is the address.
+        # A trusted proxy's chain that does not parse is refused as for anyone: its
+        # peer, the proxy, would hand the client a shared, unquarantined address
         try:
             ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
             sure = True
         except PayloadError:
+            if self._is_trusted(peer or "unknown"):
+                raise
             ip, sure = peer or "unknown", False
         exempt = False
         if self._exempt_keys or self._exempt_nets:

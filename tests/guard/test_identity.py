@@ -156,3 +156,10 @@ def test_a_keyed_clients_spoofed_forwarded_header_costs_no_400() -> None:
     i = ident()
     c = i.identify({b"x-api-key": b"k", b"x-forwarded-for": b"1.1.1.1"}, "203.0.113.5")
     assert c.ip == i.hash("ip", "203.0.113.5")
+    # a trusted proxy's chain decides the address of a keyed client too, and one that
+    # does not parse is refused: the proxy's own address is no client's
+    proxied = ident(trusted_proxies=("10.0.0.0/8",))
+    chain = {b"x-api-key": b"k", b"x-forwarded-for": b"198.51.100.7, 10.0.0.9"}
+    assert proxied.identify(chain, "10.0.0.2").ip == proxied.hash("ip", "198.51.100.7")
+    with pytest.raises(PayloadError):
+        proxied.identify({b"x-api-key": b"k", b"x-forwarded-for": b"junk, 1.2.3.4"}, "10.0.0.2")
