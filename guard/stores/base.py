@@ -68,6 +68,6 @@ class EvictionPolicy(ABC):
         """Whether ``policy`` may evict a key: every Redis policy but ``noeviction``.
 
         ``allkeys-*`` evicts any key; ``volatile-*`` evicts keys with a TTL, and
-        every quarantine, standing and rate key the guard writes has one.
+        every quarantine and rate key the guard writes has one.
         """
         return policy != "noeviction"
