@@ -51,6 +51,11 @@ class Query:
     request_id: str = ""
     #: free-form extras an adapter may attach (e.g. ``max_tokens`` for token cost)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: keyed hash of the client's address, whatever credential it presented
+    #: (``""``: not known; what is keyed on it then falls back to ``client``)
+    ip: str = ""
+    #: keyed hash of the client's subnet (``""``: not known)
+    subnet: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,9 @@ cost is taken from all of them only when all admit the request: a request
 refused by a daily quota does not eat into the per-second budget, and a refused
 request costs nothing.
 
-Budgets are kept per client, per client and policy, or per policy (a global
-ceiling that protects the model itself). State keys hold the client's keyed
+Budgets are kept per client, per client and policy, per policy (a global
+ceiling that protects the model itself), or per address or subnet: a ceiling
+above the client that a new API key does not reset. State keys hold the client's keyed
 hash, never its raw identity. The store (``memory://`` or ``redis://``) does
 the arithmetic atomically; this module only builds keys, costs and headers.
 
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 #: whose budget a request draws on
-KEY_MODES: tuple[str, ...] = ("client", "client_policy", "policy")
+KEY_MODES: tuple[str, ...] = ("client", "client_policy", "policy", "ip", "subnet")
 #: what a request costs
 COST_MODES: tuple[str, ...] = ("rows", "constant", "tokens")
 #: most limits one detector may check
@@ -297,10 +298,13 @@ class RateLimitDetector(Detector):
     limits : sequence of GcraLimit, WindowLimit or NamedLimit
         Checked together; unnamed limits are advertised as ``name`` (one limit)
         or ``name-<index>``.
-    key : {"client", "client_policy", "policy"}, default="client"
+    key : {"client", "client_policy", "policy", "ip", "subnet"}, default="client"
         Whose budget: one per client (shared by every policy whose rate
-        detector has this ``name``), one per client within the policy, or one
-        for the whole policy (protecting the model from everyone together).
+        detector has this ``name``), one per client within the policy, one
+        for the whole policy (protecting the model from everyone together), or
+        one per address or subnet (``Query.ip``, ``Query.subnet``; the client's
+        when the query carries none): a ceiling that holds whatever credential
+        each request presents.
     cost : {"rows", "constant", "tokens"}, default="rows"
         What a request costs.
     cost_constant : int, default=1
@@ -387,8 +391,10 @@ class RateLimitDetector(Detector):
             self._key_prefix = f"rate:{{{name}:c:"
         elif key == "client_policy":
             self._key_prefix = f"rate:{{{name}:cp:"
-        else:
+        elif key == "policy":
             self._key_prefix = f"rate:{{{name}:p:"
+        else:
+            self._key_prefix = f"rate:{{{name}:{key[0]}:"
         self._single = len(named) == 1
         self._suffix0, self._limit0 = self._suffixes[0]
         self._item0 = f'"{named[0].name}";r='
@@ -399,7 +405,10 @@ class RateLimitDetector(Detector):
             return self._key_prefix + query.client + "}"
         if self.key == "client_policy":
             return self._key_prefix + query.policy + ":" + query.client + "}"
-        return self._key_prefix + query.policy + "}"
+        if self.key == "policy":
+            return self._key_prefix + query.policy + "}"
+        layer = query.ip if self.key == "ip" else query.subnet
+        return self._key_prefix + (layer or query.client) + "}"
 
     def _headers(self, states: Sequence[RateState]) -> tuple[tuple[str, str], ...]:
         if self._single:

@@ -2,7 +2,8 @@
 
 Each is asked for its samples when the registry is collected (a scrape):
 :class:`BuildInfo` (``guard_build_info``), :class:`QuarantinedClients`
-(``guard_quarantined_clients``, counted by the state store) and, in
+(``guard_quarantined_clients``, counted by the state store),
+:class:`StoreEvictionPolicy` (``guard_store_eviction_policy``) and, in
 multiprocess mode, :class:`WithLocal`, which serves every worker's samples from
 ``PROMETHEUS_MULTIPROC_DIR`` and adds the scraping worker's own families that no
 worker writes there (see :mod:`guard.metrics`).
@@ -22,7 +23,13 @@ from prometheus_client.registry import Collector
 
 from inference_guard.guard.errors import StateError
 
-__all__ = ["QUARANTINE_CACHE_S", "BuildInfo", "QuarantinedClients", "WithLocal"]
+__all__ = [
+    "QUARANTINE_CACHE_S",
+    "BuildInfo",
+    "QuarantinedClients",
+    "StoreEvictionPolicy",
+    "WithLocal",
+]
 
 log = logging.getLogger("guard")
 
@@ -47,6 +54,33 @@ class BuildInfo(Collector):
         )
         if self._labels is not None:
             family.add_metric(self._labels, 1.0)
+        return [family]
+
+
+class StoreEvictionPolicy(Collector):
+    """``guard_store_eviction_policy{backend, policy}``: the shared store's, read at start-up.
+
+    1 when the policy lets the store evict the guard's keys (quarantines and
+    standings included), 0 when it cannot (Redis ``noeviction``); absent for
+    the memory store, or when it could not be read.
+    """
+
+    def __init__(self) -> None:
+        self._sample: tuple[str, str, bool] | None = None
+
+    def set(self, backend: str, policy: str, evicts: bool) -> None:
+        self._sample = (backend, policy, evicts)
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "guard_store_eviction_policy",
+            "The shared store's eviction policy (Redis maxmemory-policy, read at start-up): "
+            "1 when it may evict the guard's keys, quarantines included; 0 when it cannot.",
+            labels=("backend", "policy"),
+        )
+        if self._sample is not None:
+            backend, policy, evicts = self._sample
+            family.add_metric((backend, policy), 1.0 if evicts else 0.0)
         return [family]
 
 

@@ -66,7 +66,13 @@ class Detectors(Protocol):
         """Some policy quarantines clients."""
 
     async def check_quarantine(
-        self, policy: CompiledPolicy, client: str, *, exempt: bool = False
+        self,
+        policy: CompiledPolicy,
+        client: str,
+        *,
+        exempt: bool = False,
+        ip: str = "",
+        subnet: str = "",
     ) -> Decision | None: ...
 
     async def decide(
@@ -215,7 +221,9 @@ class Admission:
         """The decision on an identified client's request, with what it was read into."""
         policy = request.policy
         quarantined = (
-            await self._detectors.check_quarantine(policy, client.id, exempt=client.exempt)
+            await self._detectors.check_quarantine(
+                policy, client.id, exempt=client.exempt, ip=client.ip, subnet=client.subnet
+            )
             if self._detectors.quarantine_enabled
             else None
         )
@@ -387,6 +395,8 @@ class Admission:
                 n_rows=1,
                 now=self._clock(),
                 request_id=request.request_id,
+                ip=client.ip,
+                subnet=client.subnet,
             )
         return Query(
             client=client.id,
@@ -398,6 +408,8 @@ class Admission:
             now=self._clock(),
             request_id=request.request_id,
             extra=parsed.extra,
+            ip=client.ip,
+            subnet=client.subnet,
         )
 
     def _captured(

@@ -29,6 +29,7 @@ from inference_guard.guard.pointer import parse_pointer
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "IDENTITY_SOURCES",
     "OIP_DATATYPES",
     "SHARED_STORE_SCHEMES",
     "AuditConfig",
@@ -81,14 +82,31 @@ def short_hash_key(env: str) -> str:
     )
 
 
+#: the credentials ``client_identity.source`` may name, and the address (always last)
+IDENTITY_SOURCES: tuple[str, ...] = ("api_key", "bearer", "ip")
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityConfig:
-    """How a client is identified. Raw keys are only ever kept as keyed hashes."""
+    """How a client is identified. Raw keys are only ever kept as keyed hashes.
 
-    #: headers that carry an API key, checked in order
+    ``source`` names the credentials the app authenticates; the rule is in
+    :mod:`guard.identity`. A credential the list does not name is never read, so
+    it never makes a new identity.
+    """
+
+    #: the credentials that identify a client (``api_key``, ``bearer``), then ``ip``, the
+    #: address, for a request that presents none of them (always last, always there)
+    source: tuple[str, ...] = ("api_key", "bearer", "ip")
+    #: headers that carry an API key (source ``api_key``)
     api_key_headers: tuple[str, ...] = ("x-api-key",)
-    #: use ``Authorization: Bearer <token>`` when no API-key header is present
+    #: read ``Authorization: Bearer <token>`` (source ``bearer``); ``false`` takes
+    #: ``bearer`` out of the default ``source``
     bearer: bool = True
+    #: prefix length of an IPv4 client's subnet (rate ``key: subnet``, ``quarantine_address``)
+    subnet_ipv4: int = 24
+    #: prefix length of an IPv6 client's subnet
+    subnet_ipv6: int = 64
     #: environment variable holding the secret for hashing client ids (HMAC-SHA256)
     hash_key_env: str = "GUARD_HASH_KEY"
     #: CIDRs of reverse proxies whose forwarded header is honoured
@@ -348,6 +366,12 @@ class PolicyConfig:
     shadow: bool = False
     #: seconds a blocked client stays blocked (0: no quarantine)
     quarantine_s: float = 0.0
+    #: the address layer quarantined with a client: its ``ip``, its ``subnet``
+    #: (``client_identity.subnet_ipv4``/``subnet_ipv6``), or ``off``. Whatever
+    #: credential a request then presents, from there it is refused
+    quarantine_address: Literal["ip", "subnet", "off"] = "ip"
+    #: seconds the address stays quarantined (``None``: ``quarantine_s``)
+    quarantine_address_s: float | None = None
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     #: overrides the global failure mode for this policy
     failure_mode: FailureMode | None = None
@@ -697,8 +721,11 @@ class _Validator:
             raw,
             key,
             {
+                "source",
                 "api_key_headers",
                 "bearer",
+                "subnet_ipv4",
+                "subnet_ipv6",
                 "hash_key_env",
                 "trusted_proxies",
                 "forwarded_header",
@@ -707,9 +734,13 @@ class _Validator:
         )
         d = IdentityConfig()
         headers = self.strings(m, key, "api_key_headers", d.api_key_headers, check=_check_header)
+        bearer = self.boolean(m, key, "bearer", d.bearer)
         return IdentityConfig(
+            source=self.sources(m, key, headers, bearer),
             api_key_headers=tuple(h.lower() for h in headers),
-            bearer=self.boolean(m, key, "bearer", d.bearer),
+            bearer=bearer,
+            subnet_ipv4=self.prefix_length(m, key, "subnet_ipv4", d.subnet_ipv4, 32),
+            subnet_ipv6=self.prefix_length(m, key, "subnet_ipv6", d.subnet_ipv6, 128),
             hash_key_env=self.string(m, key, "hash_key_env", d.hash_key_env, nonempty=True),
             trusted_proxies=self.strings(
                 m, key, "trusted_proxies", d.trusted_proxies, check=_check_cidr
@@ -721,6 +752,55 @@ class _Validator:
                 m, key, "reject_untrusted_forwarded", d.reject_untrusted_forwarded
             ),
         )
+
+    def sources(
+        self, m: Mapping[str, Any], key: str, headers: tuple[str, ...], bearer: bool
+    ) -> tuple[str, ...]:
+        """``client_identity.source``, checked, with ``ip`` last (see :mod:`guard.identity`).
+
+        Without it, the sources the legacy keys enable: ``api_key`` when
+        ``api_key_headers`` names a header, ``bearer`` unless ``bearer: false``.
+        """
+        sk = _join(key, "source")
+        if "source" not in m:
+            legacy = ("api_key",) if headers else ()
+            return (*legacy, *(("bearer",) if bearer else ()), "ip")
+        raw = m["source"]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items:
+            self.fail(sk, f"must be one of {', '.join(IDENTITY_SOURCES)} or a list of them")
+            return IdentityConfig().source
+        out: list[str] = []
+        for i, item in enumerate(items):
+            ik = f"{sk}[{i}]" if isinstance(raw, list) else sk
+            if item not in IDENTITY_SOURCES:
+                self.fail(ik, f"must be one of {', '.join(IDENTITY_SOURCES)}, got {item!r}")
+            elif item in out:
+                self.fail(ik, f"{item!r} is listed twice")
+            elif "ip" in out:
+                self.fail(
+                    ik,
+                    "ip must come last: the address identifies every request, so a source "
+                    "after it would never be read",
+                )
+            else:
+                out.append(item)
+        if "api_key" in out and not headers:
+            self.fail(sk, "names api_key, but api_key_headers is empty")
+        if "bearer" in out and not bearer:
+            self.fail(sk, "names bearer, but bearer is false")
+        if "ip" not in out:
+            out.append("ip")
+        return tuple(out)
+
+    def prefix_length(
+        self, m: Mapping[str, Any], key: str, name: str, default: int, bits: int
+    ) -> int:
+        value = self.integer(m, key, name, default, minimum=1)
+        if value > bits:
+            self.fail(_join(key, name), f"must be a prefix length of 1 to {bits}, got {value}")
+            return default
+        return value
 
     def limits(self, raw: object, key: str) -> LimitsConfig:
         m = self.mapping(
@@ -855,6 +935,8 @@ class _Validator:
                 "detectors",
                 "shadow",
                 "quarantine_s",
+                "quarantine_address",
+                "quarantine_address_s",
                 "degrade",
                 "failure_mode",
                 "payload",
@@ -901,12 +983,30 @@ class _Validator:
             detectors=tuple(detectors),
             shadow=self.boolean(m, key, "shadow", False),
             quarantine_s=self.number(m, key, "quarantine_s", 0.0),
+            quarantine_address=self.quarantine_address(m, key),
+            quarantine_address_s=(
+                None
+                if m.get("quarantine_address_s") is None
+                else self.number(m, key, "quarantine_address_s", 0.0)
+            ),
             degrade=self.degrade(m.get("degrade"), _join(key, "degrade")),
             failure_mode=failure_mode,
             payload=self.payload(m.get("payload"), _join(key, "payload")),
             unknown_format=self.unknown_format(m, key),
             signature=self.signature(m.get("signature"), _join(key, "signature")),
         )
+
+    def quarantine_address(self, m: Mapping[str, Any], key: str) -> Literal["ip", "subnet", "off"]:
+        value = m.get("quarantine_address", "ip")
+        if value == "subnet":
+            return "subnet"
+        if value == "off" or value is False:  # YAML 1.1 reads a bare off as false
+            return "off"
+        if value != "ip":
+            self.fail(
+                _join(key, "quarantine_address"), f"must be one of ip, subnet, off, got {value!r}"
+            )
+        return "ip"
 
     def signature(self, raw: object, key: str) -> SignatureConfig:
         m = self.mapping(raw, key, {"learn", "ttl_s", "inputs"})

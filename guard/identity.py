@@ -1,12 +1,34 @@
 """Client identity: who is asking, as a keyed hash.
 
-A client is its API key (from a configured header, or an ``Authorization:
-Bearer`` token) or, failing that, its IP address. The raw key never leaves this
-module: it is turned at once into ``HMAC-SHA256(secret, kind + ":" + value)``,
-truncated to 128 bits. The secret comes from the environment variable named by
-``client_identity.hash_key_env``; it must be the same on every worker and
-replica that share state, and if it is unset a random per-process secret is used
-(with a warning), which is right for a single process only.
+A client is the credential its app authenticates or, failing that, its IP
+address. ``client_identity.source`` names those credentials: ``api_key`` (the
+``api_key_headers``), ``bearer`` (``Authorization: Bearer``), then ``ip``. The
+rule:
+
+- A credential the list does not name is never read: adding one to a request
+  changes nothing, so it never makes a new identity.
+- A request that presents one listed credential is that credential's client; one
+  that presents none is its address's client.
+- A request that presents two *different* listed credentials (an ``x-api-key``
+  beside a bearer token, or two API-key headers) is refused, 400 ``bad_header``.
+  The guard cannot know which of the two the app will authenticate, and any
+  fixed preference would let a client pick the unauthenticated one: a
+  quarantined bearer client would add a random ``x-api-key`` and be someone
+  new. The same value in two places is one credential.
+
+Whatever the credential, every client also carries its address's identity
+(:attr:`ClientId.ip`, the id an address-identified client has) and its
+subnet's (:attr:`ClientId.subnet`, the address cut to ``subnet_ipv4`` /
+``subnet_ipv6`` bits): the layers above the client that rate ceilings
+(``key: ip | subnet``) and address quarantine key on, so that a new key
+changes neither.
+
+The raw key never leaves this module: it is turned at once into
+``HMAC-SHA256(secret, kind + ":" + value)``, truncated to 128 bits. The secret
+comes from the environment variable named by ``client_identity.hash_key_env``;
+it must be the same on every worker and replica that share state, and if it is
+unset a random per-process secret is used (with a warning), which is right for
+a single process only.
 
 ``X-Forwarded-For`` is honoured only when the TCP peer is a configured trusted
 proxy; the client is then the right-most address in the chain that is not
@@ -52,6 +74,7 @@ log = logging.getLogger("guard.identity")
 _MAX_KEY_LEN = 4096
 _MEMO_SIZE = 4096
 _MAX_FORWARDED_LEN = 2048
+_TWO_CREDENTIALS = "two different credentials in one request"
 #: headers that may carry an identity whatever the config names (see ``header_names``)
 _CREDENTIAL_LIKE = (b"authorization", b"x-forwarded-for")
 
@@ -68,6 +91,11 @@ class ClientId(NamedTuple):
     source: str
     #: listed in ``exempt:``: detected and recorded, never enforced against
     exempt: bool = False
+    #: keyed hash of the client's address, whatever credential it presented (the
+    #: ``id`` of an address-identified client); ``""`` when not known
+    ip: str = ""
+    #: keyed hash of the client's subnet (``client_identity.subnet_ipv4``/``subnet_ipv6``)
+    subnet: str = ""
 
 
 class ClientIdentifier:
@@ -99,7 +127,15 @@ class ClientIdentifier:
         self._secret = secret
         # hashing costs microseconds; clients repeat, so keep a bounded memo of recent ids
         self._memo: dict[tuple[str, bytes | str], str] = {}
+        # address -> its subnet's id (parsing an address costs more than the lookup)
+        self._subnets: dict[str, str] = {}
         self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
+        #: the credentials read, in the configured order (``ip`` is the fallback)
+        self._sources = tuple(
+            s
+            for s in config.source
+            if (s == "api_key" and self._headers) or (s == "bearer" and config.bearer)
+        )
         self._forwarded = config.forwarded_header.encode("latin-1")
         #: every header that carries (or may carry) an identity: the configured key
         #: headers, the forwarded header, ``authorization`` and ``x-forwarded-for``
@@ -171,45 +207,84 @@ class ClientIdentifier:
         ``headers`` maps lower-case header names to values; repeated headers must
         already be joined (the middleware rejects conflicting repeats).
         ``forwarded_applied``: the server says it took ``peer`` from the forwarded
-        header itself (see :meth:`client_ip`).
+        header itself (see :meth:`client_ip`). Two different listed credentials
+        are refused (the rule in the module docstring).
         """
-        key: bytes | None = None
-        source = "api_key"
-        for name in self._headers:
-            value = headers.get(name)
-            if value is not None:
-                key = self._check_key(value, name.decode())
-                break
-        if key is None and self.config.bearer:
-            auth = headers.get(b"authorization")
-            if auth is not None and auth[:7].lower() == b"bearer ":
-                key = self._check_key(auth[7:].strip(), "authorization")
-                source = "bearer"
-        if key is not None:
-            if not (self._exempt_keys or self._exempt_nets):
-                return ClientId(self.hash("key", key), source)
-            exempt = hashlib.sha256(key).digest() in self._exempt_keys or (
-                bool(self._exempt_nets) and self._exempt_address(headers, peer, forwarded_applied)
-            )
-            return ClientId(self.hash("key", key), source, exempt)
-        ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
-        if self._exempt_nets:
-            return ClientId(self.hash("ip", ip), "ip", self._in_exempt_net(ip))
-        return ClientId(self.hash("ip", ip), "ip")
-
-    def _exempt_address(
-        self, headers: Mapping[bytes, bytes], peer: str | None, forwarded_applied: bool
-    ) -> bool:
-        """Whether a key-identified client's address is exempt; a doubtful address is not.
-
-        A keyed client's forwarded header is otherwise ignored, so a spoofed
-        one must not cost it a 400 here: it only fails to exempt.
-        """
+        key, source = self._credential(headers) if self._sources else (None, "ip")
+        if key is None:
+            ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
+            ip_id = self.hash("ip", ip)
+            exempt = bool(self._exempt_nets) and self._in_exempt_net(ip)
+            return ClientId(ip_id, "ip", exempt, ip_id, self.subnet_id(ip))
+        # a keyed client's forwarded header decides only its address layers, so one
+        # spoofed by an untrusted peer costs no 400 here: that peer is the address.
+        # A trusted proxy's chain that does not parse is refused as for anyone: its
+        # peer, the proxy, would hand the client a shared, unquarantined address
         try:
             ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
+            sure = True
         except PayloadError:
-            return False
-        return self._in_exempt_net(ip)
+            if self._is_trusted(peer or "unknown"):
+                raise
+            ip, sure = peer or "unknown", False
+        exempt = False
+        if self._exempt_keys or self._exempt_nets:
+            # a doubtful address never exempts
+            exempt = hashlib.sha256(key).digest() in self._exempt_keys or (
+                sure and bool(self._exempt_nets) and self._in_exempt_net(ip)
+            )
+        return ClientId(
+            self.hash("key", key), source, exempt, self.hash("ip", ip), self.subnet_id(ip)
+        )
+
+    def _credential(self, headers: Mapping[bytes, bytes]) -> tuple[bytes | None, str]:
+        """The one listed credential the request presents, and its source; ``(None, "ip")``."""
+        found: bytes | None = None
+        found_source = "ip"
+        for source in self._sources:
+            if source == "api_key":
+                for name in self._headers:
+                    value = headers.get(name)
+                    if value is not None:
+                        key = self._check_key(value, name.decode())
+                        if found is None:
+                            found, found_source = key, source
+                        elif key != found:
+                            raise PayloadError(400, "bad_header", _TWO_CREDENTIALS)
+            else:
+                auth = headers.get(b"authorization")
+                if auth is not None and auth[:7].lower() == b"bearer ":
+                    key = self._check_key(auth[7:].strip(), "authorization")
+                    if found is None:
+                        found, found_source = key, source
+                    elif key != found:
+                        raise PayloadError(400, "bad_header", _TWO_CREDENTIALS)
+        return found, found_source
+
+    def subnet_id(self, ip: str) -> str:
+        """The keyed hash of the subnet ``ip`` lies in (an IPv4-mapped address as IPv4)."""
+        cached = self._subnets.get(ip)
+        if cached is not None:
+            return cached
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            net = ip  # not an address (a unix socket's "unknown"): its own subnet
+        else:
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            bits = (
+                self.config.subnet_ipv4
+                if isinstance(addr, ipaddress.IPv4Address)
+                else self.config.subnet_ipv6
+            )
+            net = str(ipaddress.ip_network((addr, bits), strict=False))
+        subnet = self.hash("subnet", net)
+        subnets = self._subnets
+        if len(subnets) >= _MEMO_SIZE:
+            del subnets[next(iter(subnets))]
+        subnets[ip] = subnet
+        return subnet
 
     def _in_exempt_net(self, ip: str) -> bool:
         try:

@@ -24,7 +24,8 @@ samples there and ``/metrics`` on any worker aggregates all of them (see
 :func:`exposition`). The families no worker writes to that directory come
 from the worker answering the scrape: ``guard_build_info`` (the same in every
 worker), ``guard_quarantined_clients`` (read from the store: with ``redis://``
-the shared count; with ``memory://`` that worker's own quarantines) and the
+the shared count; with ``memory://`` that worker's own quarantines),
+``guard_store_eviction_policy`` (read from Redis at start-up) and the
 ``process_*`` families, summed over the live workers
 (:mod:`guard._process_metrics`).
 """
@@ -48,7 +49,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from inference_guard.guard._collectors import BuildInfo, QuarantinedClients, WithLocal
+from inference_guard.guard._collectors import (
+    BuildInfo,
+    QuarantinedClients,
+    StoreEvictionPolicy,
+    WithLocal,
+)
 from inference_guard.guard._process_metrics import ProcessMetrics
 from inference_guard.guard.errors import PayloadError
 
@@ -397,6 +403,9 @@ class GuardMetrics:
         r.register(self.build_info)
         self.quarantined_now = QuarantinedClients()
         r.register(self.quarantined_now)
+        #: the shared store's eviction policy, set once it is read at start-up
+        self.store_eviction_policy = StoreEvictionPolicy()
+        r.register(self.store_eviction_policy)
         try:
             r.register(ProcessMetrics())
         except ValueError:  # the registry has process metrics already (prometheus' default one)

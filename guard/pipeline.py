@@ -47,6 +47,7 @@ from inference_guard.guard.registry import BuildContext
 from inference_guard.guard.reload import ReloadResult, check_frozen
 from inference_guard.guard.signatures import MetadataSource, Signatures
 from inference_guard.guard.stores import Store, store_from_uri
+from inference_guard.guard.stores.base import EvictionPolicy
 from inference_guard.guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard"]
@@ -117,6 +118,8 @@ class Guard:
         )
         if base.backend == "memory":
             return base
+        if isinstance(base, EvictionPolicy):
+            _check_eviction(base, self.metrics)
         return ResilientStore.from_config(
             base, self.config.state, clock=self.clock, on_event=self.metrics.store_event
         )
@@ -291,19 +294,34 @@ class Guard:
     # ------------------------------------------------------------------ before the model
 
     async def check_quarantine(
-        self, policy: CompiledPolicy, client: str, *, exempt: bool = False
+        self,
+        policy: CompiledPolicy,
+        client: str,
+        *,
+        exempt: bool = False,
+        ip: str = "",
+        subnet: str = "",
     ) -> Decision | None:
-        """A block decision when ``client`` is in quarantine, else ``None``.
+        """A block decision when ``client``, or its address layer, is in quarantine.
 
-        Called right after the client is identified, before the body is read or
-        parsed, so a quarantined client costs almost nothing and no parser path
-        can let it through. Shadow policies neither quarantine nor enforce it,
-        and an exempt client is never refused by it.
+        ``ip`` and ``subnet`` are the client's address layers (:class:`ClientId`);
+        the one the policy's ``quarantine_address`` names is checked too, so a
+        client quarantined at an address stays refused there whatever
+        credential it presents next. Called right after the client is
+        identified, before the body is read or parsed, so a quarantined client
+        costs almost nothing and no parser path can let it through. Shadow
+        policies neither quarantine nor enforce it, and an exempt client is
+        never refused by it. Returns ``None`` otherwise.
         """
         if not self.quarantine_enabled or policy.config.shadow or exempt:
             return None
+        layer = _address_layer(policy, ip, subnet)
         try:
-            if await self.store.get(_QUARANTINE_PREFIX + client) is None:
+            if await self.store.get(_QUARANTINE_PREFIX + client) is None and (
+                not layer
+                or layer == client
+                or await self.store.get(_QUARANTINE_PREFIX + layer) is None
+            ):
                 return None
         except StateError:
             self._failed(policy, "store")
@@ -361,7 +379,9 @@ class Guard:
         shadow = policy.config.shadow
         enforced = not (shadow or exempt)
         if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
-            quarantined = await self.quarantine(policy, query.client)
+            quarantined = await self.quarantine(
+                policy, query.client, ip=query.ip, subnet=query.subnet
+            )
         row_detectors = policy.row_detectors
         decision = Decision(
             action=intended if enforced else Action.ALLOW,
@@ -403,10 +423,24 @@ class Guard:
         if policy.failure_mode is FailureMode.FAIL_CLOSED:
             raise FailClosed(component)
 
-    async def quarantine(self, policy: CompiledPolicy, client: str) -> bool:
-        """Quarantine ``client`` for the policy's TTL; False if the store failed."""
+    async def quarantine(
+        self, policy: CompiledPolicy, client: str, *, ip: str = "", subnet: str = ""
+    ) -> bool:
+        """Quarantine ``client`` for the policy's TTL; False if the store failed.
+
+        With ``ip`` (``subnet``) and the policy's ``quarantine_address: ip``
+        (``subnet``), the address layer the evidence came from is quarantined
+        too, for ``quarantine_address_s`` (default ``quarantine_s``): its key is
+        the id an address-identified client there has, kept like any other
+        quarantine (in the memory store's flag table, in Redis's index).
+        """
+        cfg = policy.config
+        layer = _address_layer(policy, ip, subnet)
         try:
-            await self.store.set(_QUARANTINE_PREFIX + client, b"1", policy.config.quarantine_s)
+            await self.store.set(_QUARANTINE_PREFIX + client, b"1", cfg.quarantine_s)
+            ttl = cfg.quarantine_s if cfg.quarantine_address_s is None else cfg.quarantine_address_s
+            if layer and layer != client and ttl > 0:
+                await self.store.set(_QUARANTINE_PREFIX + layer, b"1", ttl)
         except StateError:
             self.counts.error("store")
             return False
@@ -458,7 +492,9 @@ class Guard:
         quarantined = False
         enforced = not (policy.config.shadow or exempt)
         if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
-            quarantined = await self.quarantine(policy, query.client)
+            quarantined = await self.quarantine(
+                policy, query.client, ip=query.ip, subnet=query.subnet
+            )
         decision = Decision(
             action=intended if enforced else Action.ALLOW,
             intended=intended,
@@ -492,6 +528,55 @@ class Guard:
         await asyncio.to_thread(self.audit.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
+
+
+#: Redis maxmemory-policy values, the closed set a metric label takes (else "other")
+_REDIS_POLICIES = frozenset(
+    {
+        "noeviction",
+        *(f"{keys}-{how}" for keys in ("allkeys", "volatile") for how in ("lru", "lfu", "random")),
+        "volatile-ttl",
+    }
+)
+
+
+def _check_eviction(store: EvictionPolicy, metrics: GuardMetrics) -> None:
+    """Say at start-up, in the log and in ``guard_store_eviction_policy``, whether the
+    shared store may evict the guard's keys: a quarantine evicted early lets its
+    client back in, an evicted rate key is a fresh budget."""
+    backend = str(getattr(store, "backend", "redis"))
+    policy = store.eviction_policy()
+    if policy is None:
+        log.info(
+            "%s maxmemory-policy could not be read (CONFIG GET refused?): make sure it is "
+            "noeviction, or quarantines may be evicted before they expire",
+            backend,
+        )
+        return
+    evicts = EvictionPolicy.evicts(policy)
+    metrics.store_eviction_policy.set(
+        backend, policy if policy in _REDIS_POLICIES else "other", evicts
+    )
+    if evicts:
+        log.warning(
+            "%s maxmemory-policy is %s: under memory pressure Redis may evict the guard's "
+            "keys, quarantines and detector standings included, so a quarantined client "
+            "could be let back in early and a rate budget start afresh. Set "
+            "maxmemory-policy noeviction on a Redis instance of the guard's own (the policy "
+            "is per instance, not per database) and size its maxmemory",
+            backend,
+            policy,
+        )
+
+
+def _address_layer(policy: CompiledPolicy, ip: str, subnet: str) -> str:
+    """The address layer ``policy`` quarantines with a client (``""``: none)."""
+    where = policy.config.quarantine_address
+    if where == "ip":
+        return ip
+    if where == "subnet":
+        return subnet
+    return ""
 
 
 async def _close(detectors: list[Detector]) -> None:

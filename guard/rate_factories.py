@@ -5,7 +5,7 @@
     - type: rate
       action: throttle
       params:
-        key: client            # client | client_policy | policy
+        key: client            # client | client_policy | policy | ip | subnet
         cost: rows             # rows | constant | tokens
         cost_constant: 1       # only with cost: constant
         limits:

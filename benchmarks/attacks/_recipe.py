@@ -80,11 +80,14 @@ def demo_policy() -> dict[str, Any]:
 
 
 def recipe(calibration_dir: str | Path) -> dict[str, Any]:
-    """The demo policy minus its rate limit, pointed at ``calibration_dir``."""
+    """The demo policy minus its rate limits and address quarantine, at ``calibration_dir``."""
     cfg = demo_policy()
     cfg["calibration_dir"] = str(calibration_dir)
     for policy in cfg["policies"]:
         policy["detectors"] = [d for d in policy.get("detectors", []) if d["type"] != "rate"]
+        # every simulated client runs in-process from one address: what is measured is
+        # each client's own detection, so a quarantine stays with the client's key
+        policy["quarantine_address"] = "off"
     return cfg
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-__all__ = ["QUARANTINE_PREFIX", "QuarantineCount", "Store"]
+__all__ = ["QUARANTINE_PREFIX", "EvictionPolicy", "QuarantineCount", "Store"]
 
 #: the keys of quarantined clients: ``quarantine:<client id>`` (written by the engine)
 QUARANTINE_PREFIX = "quarantine:"
@@ -50,3 +50,24 @@ class QuarantineCount(ABC):
 
     @abstractmethod
     def quarantined_now(self) -> int: ...
+
+
+class EvictionPolicy(ABC):
+    """Optional capability: whether the backend may evict keys under memory pressure.
+
+    Read once, synchronously, when the guard starts (a shared store that
+    evicts could drop a quarantine before its TTL and let the client back in).
+    """
+
+    @abstractmethod
+    def eviction_policy(self) -> str | None:
+        """The backend's policy (Redis ``maxmemory-policy``), or ``None`` when unreadable."""
+
+    @staticmethod
+    def evicts(policy: str) -> bool:
+        """Whether ``policy`` may evict a key: every Redis policy but ``noeviction``.
+
+        ``allkeys-*`` evicts any key; ``volatile-*`` evicts keys with a TTL, and
+        every quarantine and rate key the guard writes has one.
+        """
+        return policy != "noeviction"

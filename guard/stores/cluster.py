@@ -146,6 +146,10 @@ class RedisClusterStore(RedisStore):
             )
         super().__init__(config, max_connections=max_connections)
 
+    def eviction_policy(self) -> str | None:
+        """Not read on a cluster (each node has its own): ``None``; check every node."""
+        return None
+
     def _open(self, config: StateConfig, *, max_connections: int, max_batch: int) -> None:
         try:
             nodes, options = parse_cluster_url(config.store)

@@ -49,7 +49,12 @@ from inference_guard.guard.config import StateConfig
 from inference_guard.guard.errors import ConfigurationError, StateError
 from inference_guard.guard.stores._batch import AutoPipeline, Command, Script
 from inference_guard.guard.stores._ratemath import check_acquire
-from inference_guard.guard.stores.base import QUARANTINE_PREFIX, QuarantineCount, Store
+from inference_guard.guard.stores.base import (
+    QUARANTINE_PREFIX,
+    EvictionPolicy,
+    QuarantineCount,
+    Store,
+)
 from inference_guard.guard.stores.rate import RateLimitStore
 
 __all__ = ["RedisStore", "load_script"]
@@ -75,7 +80,7 @@ def _limit_args(limit: RateLimit) -> tuple[bytes, str, int]:
 QUARANTINE_INDEX = "quarantine-index"
 
 
-class RedisStore(Store, RateLimitStore, QuarantineCount):
+class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
     """A store in Redis; one instance (one set of connections) per process and event loop.
 
     At most ``max_connections`` connections carry batches at once; a batch
@@ -186,6 +191,29 @@ class RedisStore(Store, RateLimitStore, QuarantineCount):
         except ValueError as exc:  # a URL the async pool accepted but this client refuses
             raise StateError(self.backend, "quarantined_now", "bad URL") from exc
         return int(count)
+
+    def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy`` (``CONFIG GET``), or ``None`` when unreadable.
+
+        For start-up, on a short-lived synchronous connection: blocks for at
+        most ``StateConfig.timeout_s`` seconds. A managed Redis that refuses
+        ``CONFIG`` (or a server that does not answer) gives ``None``.
+        """
+        try:
+            client = redis.Redis.from_url(
+                self._url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+            try:
+                reply = client.config_get("maxmemory-policy")
+            finally:
+                client.close()
+        except (RedisError, OSError, ValueError):
+            return None
+        for name, value in dict(reply).items():
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            if (name.decode() if isinstance(name, bytes) else name) == "maxmemory-policy":
+                return text
+        return None
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         px = 0 if ttl is None else _ms(ttl)

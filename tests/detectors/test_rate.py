@@ -290,7 +290,7 @@ def test_detector_validates_its_parameters() -> None:
     store = MemoryStore()
     limits = [WindowLimit(1, 1.0)]
     with pytest.raises(ValueError, match="key"):
-        RateLimitDetector("r", store=store, limits=limits, key="ip")
+        RateLimitDetector("r", store=store, limits=limits, key="address")
     with pytest.raises(ValueError, match="cost"):
         RateLimitDetector("r", store=store, limits=limits, cost="bytes")
     with pytest.raises(ValueError, match="cost_constant"):
@@ -356,7 +356,7 @@ def test_factory_accepts_the_example_from_a_config_file() -> None:
             "policies[0].detectors[1].params.limits[1].per",
         ),
         ({**EXAMPLE, "window": 3}, "policies[0].detectors[1].params.window"),
-        ({**EXAMPLE, "key": "ip"}, "policies[0].detectors[1].params.key"),
+        ({**EXAMPLE, "key": "address"}, "policies[0].detectors[1].params.key"),
         ({**EXAMPLE, "cost": "bytes"}, "policies[0].detectors[1].params.cost"),
         ({**EXAMPLE, "fallback": "disk"}, "policies[0].detectors[1].params.fallback"),
         ({**EXAMPLE, "cost_constant": 5}, "policies[0].detectors[1].params.cost_constant"),
@@ -375,7 +375,7 @@ def test_factory_names_the_bad_key(params: dict[str, Any], path: str) -> None:
 
 
 def test_factory_collects_every_problem() -> None:
-    params = {**EXAMPLE, "key": "ip", "limits": [{"rate": -1, "per": "1s"}]}
+    params = {**EXAMPLE, "key": "address", "limits": [{"rate": -1, "per": "1s"}]}
     with pytest.raises(ConfigurationError) as info:
         build_detector(_spec(params), BuildContext(store=MemoryStore()))
     assert [k for k, _ in info.value.problems] == [

@@ -97,6 +97,58 @@ def test_unknown_keys_and_wrong_types_are_named_by_key_path() -> None:
     assert "unknown key" in found["extra"]
 
 
+def test_identity_sources_and_address_layers() -> None:
+    ident = GuardConfig.load(None).client_identity
+    # without source, the credentials the legacy keys enable, then the address
+    assert ident.source == ("api_key", "bearer", "ip")
+    assert (ident.subnet_ipv4, ident.subnet_ipv6) == (24, 64)
+    legacy = GuardConfig.from_dict({"client_identity": {"bearer": False}})
+    assert legacy.client_identity.source == ("api_key", "ip")
+    none = GuardConfig.from_dict({"client_identity": {"api_key_headers": [], "bearer": False}})
+    assert none.client_identity.source == ("ip",)
+    # one name or a list; ip is implied last
+    one = GuardConfig.from_dict({"client_identity": {"source": "bearer"}})
+    assert one.client_identity.source == ("bearer", "ip")
+    listed = GuardConfig.from_dict({"client_identity": {"source": ["bearer", "api_key", "ip"]}})
+    assert listed.client_identity.source == ("bearer", "api_key", "ip")
+    policy = GuardConfig.load(None).policies[0]
+    assert policy.quarantine_address == "ip" and policy.quarantine_address_s is None
+    off = GuardConfig.from_dict(
+        {"policies": [{"name": "p", "quarantine_address": False, "quarantine_address_s": 30}]}
+    ).policies[0]
+    assert (off.quarantine_address, off.quarantine_address_s) == ("off", 30.0)
+
+
+@pytest.mark.parametrize(
+    ("identity", "key", "says"),
+    [
+        ({"source": "cookie"}, "client_identity.source", "must be one of api_key, bearer, ip"),
+        ({"source": []}, "client_identity.source", "must be one of api_key, bearer, ip"),
+        ({"source": ["ip", "bearer"]}, "client_identity.source[1]", "ip must come last"),
+        ({"source": ["bearer", "bearer"]}, "client_identity.source[1]", "listed twice"),
+        ({"source": ["bearer"], "bearer": False}, "client_identity.source", "bearer is false"),
+        (
+            {"source": ["api_key"], "api_key_headers": []},
+            "client_identity.source",
+            "api_key_headers is empty",
+        ),
+        ({"subnet_ipv4": 33}, "client_identity.subnet_ipv4", "prefix length of 1 to 32"),
+        ({"subnet_ipv6": 0}, "client_identity.subnet_ipv6", "must be >= 1"),
+    ],
+)
+def test_bad_identity_sources_are_named(identity: dict[str, object], key: str, says: str) -> None:
+    found = problems({"client_identity": identity})
+    assert says in found[key], found
+
+
+def test_bad_address_quarantine_is_named() -> None:
+    found = problems(
+        {"policies": [{"name": "p", "quarantine_address": "nat", "quarantine_address_s": -1}]}
+    )
+    assert "must be one of ip, subnet, off" in found["policies[0].quarantine_address"]
+    assert ">= 0" in found["policies[0].quarantine_address_s"]
+
+
 def test_duplicate_names_are_refused() -> None:
     found = problems({"policies": [{"name": "a", "detectors": ["rate", "rate"]}, {"name": "a"}]})
     assert "policies[0].detectors[1].name" in found

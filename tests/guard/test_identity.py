@@ -85,3 +85,81 @@ def test_chain_the_server_already_resolved_gives_the_peer() -> None:
     assert i.identify({xff: b"10.9.9.9, 203.0.113.5"}, "203.0.113.5", **applied) == (
         i.identify({}, "203.0.113.5")
     )
+
+
+# ------------------------------------------------------------------ client_identity.source
+
+BEARER = {b"authorization": b"Bearer the-authenticated-token"}
+
+
+def test_two_different_listed_credentials_are_refused() -> None:
+    """A bearer client that adds an x-api-key must not become someone new: 400."""
+    for headers in (
+        {**BEARER, b"x-api-key": b"random-1"},
+        {b"x-api-key": b"k1", b"api-key": b"k2"},
+    ):
+        with pytest.raises(PayloadError) as info:
+            ident(api_key_headers=("x-api-key", "api-key")).identify(headers, "203.0.113.5")
+        assert info.value.status == 400 and info.value.reason == "bad_header"
+        assert "two different credentials" in info.value.message
+    # the same credential in two places is one credential
+    same = ident().identify({**BEARER, b"x-api-key": b"the-authenticated-token"}, None)
+    assert same.id == ident().identify(BEARER, None).id
+
+
+def test_a_source_not_listed_never_makes_an_identity() -> None:
+    bearer_only = ident(source=("bearer", "ip"))
+    base = bearer_only.identify(BEARER, "203.0.113.5")
+    assert base.source == "bearer"
+    # an x-api-key beside the token changes nothing, whatever it holds (even malformed)
+    for key in (b"random-1", b"random-2", b""):
+        c = bearer_only.identify({**BEARER, b"x-api-key": key}, "203.0.113.5")
+        assert c == base
+    # keys alone are not read: the address is the client, however many keys it rotates
+    by_ip = {bearer_only.identify({b"x-api-key": k}, "203.0.113.5") for k in (b"a", b"b", b"c")}
+    assert by_ip == {bearer_only.identify({}, "203.0.113.5")}
+    assert next(iter(by_ip)).source == "ip"
+    # source: ip reads no credential at all
+    ip_only = ident(source=("ip",))
+    assert ip_only.identify({**BEARER, b"x-api-key": b"k"}, "203.0.113.5").source == "ip"
+    # bearer: false (the legacy switch) leaves bearer out of the default list
+    no_bearer = ident(bearer=False)
+    assert no_bearer.identify({**BEARER, b"x-api-key": b"k"}, None).source == "api_key"
+
+
+def test_every_client_carries_its_address_layers() -> None:
+    i = ident()
+    by_ip = i.identify({}, "203.0.113.5")
+    keyed = i.identify({b"x-api-key": b"k1"}, "203.0.113.5")
+    other_key = i.identify({b"x-api-key": b"k2"}, "203.0.113.5")
+    # a key changes the client, not its address: the address layer is the id an
+    # address-identified client there has
+    assert keyed.id != other_key.id
+    assert keyed.ip == other_key.ip == by_ip.ip == by_ip.id
+    neighbour = i.identify({}, "203.0.113.200")
+    elsewhere = i.identify({}, "198.51.100.5")
+    assert neighbour.ip != by_ip.ip and neighbour.subnet == by_ip.subnet == keyed.subnet
+    assert elsewhere.subnet != by_ip.subnet
+    # IPv6 by /64; an IPv4-mapped address is its IPv4 address's subnet
+    v6 = i.identify({}, "2001:db8:1:2::1")
+    assert v6.subnet == i.identify({}, "2001:db8:1:2:ffff::9").subnet
+    assert v6.subnet != i.identify({}, "2001:db8:1:3::1").subnet
+    assert i.identify({}, "::ffff:203.0.113.9").subnet == by_ip.subnet
+    # the prefix lengths are configured
+    wide = ident(subnet_ipv4=16)
+    assert wide.identify({}, "203.0.1.1").subnet == wide.identify({}, "203.0.200.1").subnet
+    assert i.identify({}, "203.0.1.1").subnet != i.identify({}, "203.0.200.1").subnet
+
+
+def test_a_keyed_clients_spoofed_forwarded_header_costs_no_400() -> None:
+    """Its address layer is then the peer that sent it, and it is never exempt by it."""
+    i = ident()
+    c = i.identify({b"x-api-key": b"k", b"x-forwarded-for": b"1.1.1.1"}, "203.0.113.5")
+    assert c.ip == i.hash("ip", "203.0.113.5")
+    # a trusted proxy's chain decides the address of a keyed client too, and one that
+    # does not parse is refused: the proxy's own address is no client's
+    proxied = ident(trusted_proxies=("10.0.0.0/8",))
+    chain = {b"x-api-key": b"k", b"x-forwarded-for": b"198.51.100.7, 10.0.0.9"}
+    assert proxied.identify(chain, "10.0.0.2").ip == proxied.hash("ip", "198.51.100.7")
+    with pytest.raises(PayloadError):
+        proxied.identify({b"x-api-key": b"k", b"x-forwarded-for": b"junk, 1.2.3.4"}, "10.0.0.2")

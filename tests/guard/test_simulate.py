@@ -143,6 +143,9 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "name": "wine",
                 "routes": ["/v2/models/wine/infer"],
                 "quarantine_s": 600,
+                # every simulated client runs from 127.0.0.1: quarantine the key alone,
+                # so that the next run, a new key, is a new client
+                "quarantine_address": "off",
                 "detectors": [
                     {"type": "envelope", "action": "flag", "params": {"track_rate": True}},
                     {

@@ -349,6 +349,9 @@ def demo(
     audit = tmp / "audit.jsonl"
     cfg["audit"] = {"path": str(audit)}
     cfg["state"] = {"max_keys": 400}
+    # every fuzzed client comes from the one test peer: quarantine keys alone, or the
+    # first block would refuse everyone after it
+    cfg["policies"][0]["quarantine_address"] = "off"
     for det in cfg["policies"][0]["detectors"]:
         if det["type"] in ("near_duplicate", "prada", "boundary"):
             det.setdefault("params", {})["max_clients"] = 40
