@@ -20,6 +20,12 @@ Three facts keep the readers short:
   document's keys and numbers hold neither: a body without both bytes holds no
   booleans (an ``int`` operand makes each search one ``memchr``).
 
+Nor does a reader take a body the full parser would treat differently for its
+cost: one over the parse budget (:mod:`guard.payload._budget`, checked before
+decoding, as the full parser checks it), one whose matrix holds more than
+``max_values`` numbers, or one larger than ``offload_bytes``, which the full
+parser reads in a worker thread, off the event loop.
+
 And one trap: orjson keeps the last of two equal keys, so the decoded document
 need not show all the body holds (``{"instances": [[[...deep...]]],
 "instances": [[1]]}`` decodes as plain). A reader therefore counts the body's
@@ -36,6 +42,7 @@ import orjson
 
 from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.payload._binary import NUMPY_DTYPES
+from inference_guard.guard.payload._budget import json_budget_exceeded
 from inference_guard.guard.payload._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
@@ -60,7 +67,7 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
     too, with the same ``n_rows``, no texts and no extras. It never raises.
     """
     # a plain document nests exactly 4 deep (object, inputs, tensor, data)
-    if len(body) > limits.max_body_bytes or limits.max_json_depth < 4:
+    if _not_for_the_lane(body, limits) or limits.max_json_depth < 4:
         return None
     try:
         doc = orjson.loads(body)
@@ -88,7 +95,9 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
             return None
         count = math.prod(shape)
         data: Any = tensor.get("data")
-        if count == 0 or len(data) != count or _R in body or _L in body:
+        if count == 0 or count > limits.max_values:
+            return None
+        if len(data) != count or _R in body or _L in body:
             return None  # (no booleans: see the module docstring)
         sum(data)  # numbers only, hence finite
         # the matrix finish_rows would build: 0-D is one value, 1-D one row, else batch x rest
@@ -112,7 +121,7 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
     never raises.
     """
     # a plain document nests exactly 3 deep (object, instances, row)
-    if len(body) > limits.max_body_bytes or limits.max_json_depth < 3:
+    if _not_for_the_lane(body, limits) or limits.max_json_depth < 3:
         return None
     try:
         doc = orjson.loads(body)
@@ -132,7 +141,7 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         if len(widths) != 1 or n_rows > limits.max_rows:
             return None
         (width,) = widths
-        if not 1 <= width <= limits.max_features:
+        if not 1 <= width <= limits.max_features or n_rows * width > limits.max_values:
             return None
         sum(map(sum, instances))  # numbers only, hence finite
         if body.count(_OPEN_LIST) != 1 + n_rows or body.count(_OPEN_OBJECT) != 1:
@@ -140,6 +149,17 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         return n_rows
     except TypeError:
         return None
+
+
+def _not_for_the_lane(body: bytes, limits: LimitsConfig) -> bool:
+    """Too large for the lane (read off the loop by the full parser), or over the budget."""
+    size = len(body)
+    return (
+        size > limits.max_body_bytes
+        or size > limits.offload_bytes
+        or json_budget_exceeded(body, limits) is not None
+    )
+
 
 #: the plain reader of each format that has one
 READERS = {"oip_v2": plain_oip_rows, "kserve_v1": plain_kserve_rows}
