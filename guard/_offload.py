@@ -31,7 +31,7 @@ from typing import TypeVar
 from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.errors import PayloadError
 
-__all__ = ["WORKERS", "ParseOffload"]
+__all__ = ["THREAD_PREFIX", "WORKERS", "ParseOffload"]
 
 T = TypeVar("T")
 

@@ -115,8 +115,8 @@ class LimitsConfig:
     #: is the dearest value to decode: 1024 rows of lists fit, a million do not
     max_json_containers: int = 1 << 13
     #: JSON object keys in one body, counted before decoding; 413 past it (1024 MLflow
-    #: records of 32 columns fit)
-    max_json_keys: int = 1 << 15
+    #: records of 16 columns fit, with 1024 keys to spare; a key costs about what a list does)
+    max_json_keys: int = 17 << 10
     #: JSON values in one body, scalars and containers, counted before decoding; 413 past it
     max_json_elements: int = 1 << 17
     #: numbers in one request's matrix, rows x features (each numeric OIP tensor on its

@@ -18,8 +18,10 @@ three counts are bounded (``limits:`` in the config):
 Counting is vectorised (numpy compares and counts a megabyte in about 0.1 ms);
 a body shorter than every budget cannot exceed one and is not looked at. A
 byte inside a string literal is not structure, but counting it only
-overestimates: the exact count, outside the literals, is taken only when the
-estimate is over a budget. Past a budget the body is refused with 413
+overestimates. When that estimate is over a budget, the bytes inside string
+literals are counted too (from the quotes' positions), which gives a lower
+bound; only when the two bounds disagree are the literals cut out for the
+exact count. Past a budget the body is refused with 413
 (``too_many_containers``, ``too_many_keys`` or ``too_many_elements``) and is never
 decoded.
 
@@ -50,23 +52,40 @@ def outside_strings(body: bytes, delete: bytes) -> NDArray[np.uint8]:
 
     ``delete`` must keep the quote. Escaped backslashes, then escaped quotes, are
     dropped first (in valid JSON a backslash always starts an escape, so
-    left-to-right pairing is exact); then the quotes pair up left to right. A
-    few strings are cut out by slicing; many, by their parity: a byte is inside
+    left-to-right pairing is exact); then the quotes pair up left to right.
+    When no string holds a kept byte only the quotes go; else a few strings are
+    cut out by slicing, many by their parity: a byte is inside
     a string literal exactly when an odd number of quotes precede it (the parity
     of a ``uint8`` running sum survives its overflow).
     """
-    if b"\\" in body:
-        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    arr = np.frombuffer(body.translate(None, delete), dtype=np.uint8)
+    arr = _structure(body, delete)
     is_quote = arr == _QUOTE
     quotes = np.flatnonzero(is_quote)
     if not quotes.size:
         return arr
+    if not _inside(arr, quotes):
+        return arr[~is_quote]  # no string holds a kept byte (keys, say): only the quotes go
     if quotes.size <= _FEW_QUOTES:
         ends = [-1, *quotes.tolist(), arr.size]  # (a last quote left open runs to the end)
         return np.concatenate([arr[ends[i] + 1 : ends[i + 1]] for i in range(0, len(ends) - 1, 2)])
     outside = ((np.cumsum(is_quote, dtype=np.uint8) & 1) == 0) & ~is_quote
     return arr[outside]
+
+
+def _structure(body: bytes, delete: bytes) -> NDArray[np.uint8]:
+    """``body`` without its escaped backslashes and quotes, nor the bytes in ``delete``."""
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return np.frombuffer(body.translate(None, delete), dtype=np.uint8)
+
+
+def _inside(arr: NDArray[np.uint8], quotes: NDArray[np.intp] | None = None) -> int:
+    """How many of ``arr``'s bytes (kept bytes and quotes) lie inside string literals."""
+    if quotes is None:
+        quotes = np.flatnonzero(arr == _QUOTE)
+    if quotes.size % 2:
+        quotes = np.append(quotes, arr.size)  # a last string left open runs to the end
+    return int((quotes[1::2] - quotes[::2] - 1).sum())
 
 
 def _counts(arr: NDArray[np.uint8]) -> tuple[int, int, int]:
@@ -104,9 +123,17 @@ def json_budget_exceeded(body: bytes, limits: LimitsConfig) -> str | None:
     """
     if len(body) < min(limits.max_json_containers, limits.max_json_keys, limits.max_json_elements):
         return None  # fewer bytes than any budget allows
-    over = _over(_counts(np.frombuffer(body, dtype=np.uint8)), limits)
+    upper = _counts(np.frombuffer(body, dtype=np.uint8))
+    over = _over(upper, limits)
     if over is None or b'"' not in body:
         return over  # the estimate is an upper bound, and exact when no string holds a byte
+    # the counted bytes inside strings make a lower bound: when both bounds say the same,
+    # so does the exact count (an attack's strings rarely hold structure)
+    inside = _inside(_structure(body, _NOT_COUNTED))
+    containers, keys, commas = upper
+    lower = (max(0, containers - inside), max(0, keys - inside), max(0, commas - inside))
+    if _over(lower, limits) == over:
+        return over
     return _over(_counts(outside_strings(body, _NOT_COUNTED)), limits)
 
 

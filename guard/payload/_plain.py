@@ -20,11 +20,13 @@ Three facts keep the readers short:
   document's keys and numbers hold neither: a body without both bytes holds no
   booleans (an ``int`` operand makes each search one ``memchr``).
 
-Nor does a reader take a body the full parser would treat differently for its
-cost: one over the parse budget (:mod:`guard.payload._budget`, checked before
-decoding, as the full parser checks it), one whose matrix holds more than
-``max_values`` numbers, or one larger than ``offload_bytes``, which the full
-parser reads in a worker thread, off the event loop.
+Nor does a reader take a body over the parse budget (:mod:`guard.payload._budget`,
+checked before decoding, as the full parser checks it) or one whose matrix
+holds more than ``max_values`` numbers. Within the budget a reader's cost is
+bounded (one ``orjson.loads`` and a sum: a few ms for the largest body the
+defaults accept), so it reads on the event loop whatever the body's size:
+a worker thread would not free the loop during that one C call, which holds
+the GIL, and the full parser it would hand the body to costs twice as much.
 
 And one trap: orjson keeps the last of two equal keys, so the decoded document
 need not show all the body holds (``{"instances": [[[...deep...]]],
@@ -152,13 +154,8 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
 
 
 def _not_for_the_lane(body: bytes, limits: LimitsConfig) -> bool:
-    """Too large for the lane (read off the loop by the full parser), or over the budget."""
-    size = len(body)
-    return (
-        size > limits.max_body_bytes
-        or size > limits.offload_bytes
-        or json_budget_exceeded(body, limits) is not None
-    )
+    """Too large, or over the parse budget: the full parser's to refuse."""
+    return len(body) > limits.max_body_bytes or json_budget_exceeded(body, limits) is not None
 
 
 #: the plain reader of each format that has one
