@@ -63,13 +63,16 @@ def outside_strings(body: bytes, delete: bytes) -> NDArray[np.uint8]:
     quotes = np.flatnonzero(is_quote)
     if not quotes.size:
         return arr
+    kept: NDArray[np.uint8]
     if not _inside(arr, quotes):
-        return arr[~is_quote]  # no string holds a kept byte (keys, say): only the quotes go
+        kept = arr[~is_quote]  # no string holds a kept byte (keys, say): only the quotes go
+        return kept
     if quotes.size <= _FEW_QUOTES:
         ends = [-1, *quotes.tolist(), arr.size]  # (a last quote left open runs to the end)
         return np.concatenate([arr[ends[i] + 1 : ends[i + 1]] for i in range(0, len(ends) - 1, 2)])
     outside = ((np.cumsum(is_quote, dtype=np.uint8) & 1) == 0) & ~is_quote
-    return arr[outside]
+    kept = arr[outside]
+    return kept
 
 
 def _structure(body: bytes, delete: bytes) -> NDArray[np.uint8]:
