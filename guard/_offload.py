@@ -52,10 +52,6 @@ class ParseOffload:
         # threads start on first use; an idle executor dropped on reload ends its threads
         self._executor: ThreadPoolExecutor | None = None
 
-    def offloads(self, size: int) -> bool:
-        """Whether a body of ``size`` bytes is parsed off the loop."""
-        return size > self._threshold
-
     async def run(self, size: int, parse: Callable[[], T]) -> T:
         """``parse()``, in a worker thread when ``size`` is over the threshold.
 
