@@ -1,7 +1,8 @@
 """Rate and quota limits: denial of ML service and cost harvesting (AML.T0029, AML.T0034).
 
 Attack tools batch their queries, so a request costs what it asks of the model:
-its rows by default (a batch of 100 rows is 100 queries), a constant, or for
+its rows by default (a batch of 100 rows is 100 queries), its values (rows x
+features: one 65 000-wide row costs what 65 000 one-feature rows do), a constant, or for
 text an approximate token count (prompt characters / 4, plus ``max_tokens``
 times ``n`` completions). Every limit of a detector is checked at once and the
 cost is taken from all of them only when all admit the request: a request
@@ -45,7 +46,7 @@ __all__ = [
 #: whose budget a request draws on
 KEY_MODES: tuple[str, ...] = ("client", "client_policy", "policy", "ip", "subnet")
 #: what a request costs
-COST_MODES: tuple[str, ...] = ("rows", "constant", "tokens")
+COST_MODES: tuple[str, ...] = ("rows", "constant", "tokens", "values")
 #: most limits one detector may check
 MAX_LIMITS = 16
 #: largest cost charged for one request (a store accepts up to 2**40)
@@ -253,15 +254,20 @@ def _count(value: object, default: int) -> int:
 
 
 def request_cost(query: Query, mode: str = "rows", constant: int = 1) -> int:
-    """What ``query`` costs under ``mode`` (``rows``, ``constant`` or ``tokens``).
+    """What ``query`` costs under ``mode`` (``rows``, ``constant``, ``tokens`` or ``values``).
 
-    ``rows``: the request's row (or prompt) count, at least 1. ``constant``:
+    ``rows``: the request's row (or prompt) count, at least 1. ``values``: the
+    numbers in its matrix (rows x features), or its row count when it carries
+    no matrix (texts, opaque payloads), at least 1. ``constant``:
     ``constant``. ``tokens``: prompt characters / 4, rounded up, plus
     ``extra["max_tokens"]`` (0 if absent) times ``extra["n"]`` (1 if absent),
     at least 1. The result is capped at ``2**40``.
 
     >>> request_cost(Query("c", "p", None, n_rows=100))
     100
+    >>> import numpy as np
+    >>> request_cost(Query("c", "p", np.zeros((2, 500)), n_rows=2), "values")
+    1000
     >>> request_cost(Query("c", "p", None, texts=("x" * 10,), extra={"max_tokens": 8, "n": 2}),
     ...              "tokens")
     19
@@ -275,6 +281,8 @@ def request_cost(query: Query, mode: str = "rows", constant: int = 1) -> int:
         max_tokens = _count(query.extra.get("max_tokens", 0), 0)
         n = max(1, _count(query.extra.get("n", 1), 1))
         cost = max(1, -(-chars // 4) + max_tokens * n)
+    elif mode == "values":
+        cost = max(1, query.n_rows if query.rows is None else int(query.rows.size))
     else:
         raise ValueError(f"cost must be one of {', '.join(COST_MODES)}, got {mode!r}")
     return min(cost, MAX_COST)
@@ -305,8 +313,10 @@ class RateLimitDetector(Detector):
         one per address or subnet (``Query.ip``, ``Query.subnet``; the client's
         when the query carries none): a ceiling that holds whatever credential
         each request presents.
-    cost : {"rows", "constant", "tokens"}, default="rows"
-        What a request costs.
+    cost : {"rows", "constant", "tokens", "values"}, default="rows"
+        What a request costs (:func:`request_cost`). ``values`` charges a wide
+        row for its width; a second detector (another ``name``) can charge the
+        same clients per row as well.
     cost_constant : int, default=1
         The cost of every request when ``cost="constant"``.
 

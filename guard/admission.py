@@ -21,6 +21,7 @@ from typing import Protocol
 
 from inference_guard.detectors.base import Answer, Query
 from inference_guard.guard._counts import Counts
+from inference_guard.guard._offload import ParseOffload
 from inference_guard.guard.audit import AuditLog
 from inference_guard.guard.capture import CapturedRequest, CaptureLog
 from inference_guard.guard.config import DegradeConfig, GuardConfig
@@ -124,6 +125,8 @@ class Admission:
         self._clock = clock
         self._wall_clock = wall_clock
         self._limits = config.limits
+        # large bodies are parsed in a worker thread, with a deadline
+        self._offload = ParseOffload(config.limits)
         # everyone's answers are coarsened without the noise kept for degraded clients
         self._always: dict[str, Rewrite | None] = {
             p.name: Rewrite(replace(p.degrade, noise=0.0)) if p.degrade.always else None
@@ -233,7 +236,9 @@ class Admission:
             query = self._query(request, client, None)
             return await self._detectors.decide(policy, query, exempt=client.exempt), None, query
         body = await request.body.read(headers.get(b"content-length"))
-        parsed = self._parse(policy, body, path=request.path, headers=headers)
+        parsed = await self._offload.run(
+            len(body), lambda: self._parse(policy, body, path=request.path, headers=headers)
+        )
         signatures = self._signatures.get(policy.name)
         if signatures is not None:
             await signatures.check(request.path, parsed)

@@ -129,6 +129,21 @@ class LimitsConfig:
     max_response_bytes: int = 8 << 20  #: answers larger than this are not parsed (passed through)
     #: seconds for the whole body to arrive once the guard starts reading it; 408 past that
     body_timeout_s: float = 5.0
+    #: JSON lists and objects in one body, counted before decoding; 413 past it. A list
+    #: is the dearest value to decode: 1024 rows of lists fit, a million do not
+    max_json_containers: int = 1 << 13
+    #: JSON object keys in one body, counted before decoding; 413 past it (1024 MLflow
+    #: records of 16 columns fit, with 1024 keys to spare; a key costs about what a list does)
+    max_json_keys: int = 17 << 10
+    #: JSON values in one body, scalars and containers, counted before decoding; 413 past it
+    max_json_elements: int = 1 << 17
+    #: numbers in one request's matrix, rows x features (each numeric OIP tensor on its
+    #: own), checked before the matrix is built; 413 past it (1024 rows of 64 fit)
+    max_values: int = 1 << 16
+    #: bodies larger than this are parsed in a worker thread, off the event loop
+    offload_bytes: int = 1 << 16
+    #: seconds an offloaded parse may take, queueing included; 503 ``parse_timeout`` past it
+    parse_timeout_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -814,6 +829,12 @@ class _Validator:
                 "max_text_chars",
                 "max_response_bytes",
                 "body_timeout_s",
+                "max_json_containers",
+                "max_json_keys",
+                "max_json_elements",
+                "max_values",
+                "offload_bytes",
+                "parse_timeout_s",
             },
         )
         d = LimitsConfig()
@@ -827,6 +848,18 @@ class _Validator:
                 m, key, "max_response_bytes", d.max_response_bytes, minimum=0
             ),
             body_timeout_s=self.number(m, key, "body_timeout_s", d.body_timeout_s, minimum=0.001),
+            max_json_containers=self.integer(
+                m, key, "max_json_containers", d.max_json_containers, minimum=1
+            ),
+            max_json_keys=self.integer(m, key, "max_json_keys", d.max_json_keys, minimum=1),
+            max_json_elements=self.integer(
+                m, key, "max_json_elements", d.max_json_elements, minimum=1
+            ),
+            max_values=self.integer(m, key, "max_values", d.max_values, minimum=1),
+            offload_bytes=self.integer(m, key, "offload_bytes", d.offload_bytes, minimum=0),
+            parse_timeout_s=self.number(
+                m, key, "parse_timeout_s", d.parse_timeout_s, minimum=0.001
+            ),
         )
 
     def metrics(self, raw: object, key: str) -> MetricsConfig:

@@ -53,7 +53,8 @@ class ConfigurationError(GuardError, ValueError):
 class PayloadError(GuardError):
     """An inference request the guard refuses before the model sees it.
 
-    ``status`` is the HTTP status to answer (400, 408, 413 or 415), ``reason`` a label
+    ``status`` is the HTTP status to answer (400, 408, 413 or 415; 503 for a parse
+    that ran out of time, ``parse_timeout``), ``reason`` a label
     from a small closed set (used as a metric label) and ``message`` the text the
     client receives. The message never echoes the payload back.
     """
@@ -75,6 +76,11 @@ class PayloadError(GuardError):
             "bad_header",
             "unknown_format",
             "body_timeout",
+            "too_many_containers",
+            "too_many_keys",
+            "too_many_elements",
+            "too_many_values",
+            "parse_timeout",
         }
     )
 

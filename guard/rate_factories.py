@@ -6,7 +6,7 @@
       action: throttle
       params:
         key: client            # client | client_policy | policy | ip | subnet
-        cost: rows             # rows | constant | tokens
+        cost: rows             # rows | values (rows x features) | constant | tokens
         cost_constant: 1       # only with cost: constant
         limits:
           - {rate: 20, per: 1s, burst: 40}                       # GCRA

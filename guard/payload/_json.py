@@ -30,6 +30,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from inference_guard.guard.config import LimitsConfig
+from inference_guard.guard.payload._budget import (
+    check_json_budget,
+    json_budget_exceeded,
+    outside_strings,
+)
 from inference_guard.guard.payload._request import fail
 
 __all__ = [
@@ -43,9 +49,10 @@ __all__ = [
 _BOM = b"\xef\xbb\xbf"
 #: every byte but the brackets and the quote, for ``bytes.translate(None, delete)``
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
-#: a string literal once escapes are gone and only structure bytes are left
-_STRING = re.compile(rb'"[^"]*"')
-_OPEN = (ord("["), ord("{"))
+#: each byte's step in nesting depth: +1 for an opener, -1 for a closer
+_STEPS = np.zeros(256, dtype=np.int8)
+_STEPS[list(b"[{")] = 1
+_STEPS[list(b"]}")] = -1
 #: in a valid JSON text, left to right: an escaped backslash (skipped), a surrogate
 #: pair (skipped), or a surrogate escape that is not part of a pair (lone)
 _SURROGATE_ESCAPE = re.compile(
@@ -84,26 +91,19 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 
     Depth counts containers: ``[[1]]`` has depth 2. When the document holds no
     more brackets than ``limit`` the answer is known without looking further.
-    Otherwise every pass is a C loop over the bytes: drop escaped backslashes,
-    then escaped quotes (in valid JSON a backslash always starts an escape, so
-    left-to-right pairing is exact), keep only brackets and quotes, cut out the
-    string literals, and take the running bracket depth in numpy.
+    Otherwise it is all vectorised: keep only the brackets outside string literals
+    (:func:`guard.payload._budget.outside_strings`) and take their running depth
+    in numpy.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    if b"\\" in body:
-        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    structure = body.translate(None, _NOT_STRUCTURE)
-    if b'"' in structure:
-        structure = _STRING.sub(b"", structure)
-    arr = np.frombuffer(structure, dtype=np.uint8)
+    arr = outside_strings(body, _NOT_STRUCTURE)
     if not arr.size:
         return False
-    steps = np.where((arr == _OPEN[0]) | (arr == _OPEN[1]), 1, -1)
-    return int(np.cumsum(steps).max()) > limit
+    return int(np.cumsum(_STEPS.take(arr), dtype=np.int32).max()) > limit
 
 
-def load_json(body: bytes, *, max_depth: int) -> Any:
+def load_json(body: bytes, *, max_depth: int, budget: LimitsConfig | None = None) -> Any:
     """Decode an untrusted request body; raise :class:`PayloadError` on anything wrong.
 
     Parameters
@@ -112,6 +112,9 @@ def load_json(body: bytes, *, max_depth: int) -> Any:
         The raw bytes, already known to be within the body-size limit.
     max_depth
         Deepest container nesting accepted.
+    budget
+        Limits whose parse budget (``max_json_containers``, ``max_json_elements``)
+        is checked on the bytes before they are decoded (:mod:`guard.payload._budget`).
 
     Returns
     -------
@@ -120,6 +123,12 @@ def load_json(body: bytes, *, max_depth: int) -> Any:
     """
     if body.startswith(_BOM):
         body = body[len(_BOM) :]
+    if budget is not None and json_budget_exceeded(body, budget) is not None:
+        # refused undecoded; a run of openers deeper than the limit says so, the more
+        # telling reason (a proof of depth that costs no more than finding it)
+        if b"[" * (max_depth + 1) in body and json_depth_exceeds(body, max_depth):
+            fail(400, "too_deep", f"JSON nesting deeper than {max_depth} levels")
+        check_json_budget(body, budget)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -56,12 +56,17 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
     return size
 
 
-def _json_tensor(data: object, dims: list[int], count: int, datatype: str) -> NDArray[np.float64]:
+def _json_tensor(
+    data: object, dims: list[int], count: int, datatype: str, limits: LimitsConfig
+) -> NDArray[np.float64]:
     if not isinstance(data, list):
         fail(400, "bad_type", "an input's 'data' must be a list")
     found = leaves(data)
     if len(found.values) != count:
         fail(400, "bad_shape", "an input's data does not match its shape")
+    if count > limits.max_values:
+        # before numpy converts it; rows and features first, as finish_rows checks them
+        _rows_of(dims, count, limits)
     arr = to_float(data, found, allow_bool=datatype == "BOOL", what=f"a {datatype} input")
     return arr.reshape(dims)
 
@@ -175,7 +180,7 @@ def parse_oip(
             if not counted:  # the row count comes from the first numeric input, as below
                 n_rows, counted = tensor_rows, True
         elif numeric:
-            arr = _json_tensor(tensor["data"], dims, count, datatype)
+            arr = _json_tensor(tensor["data"], dims, count, datatype, limits)
         elif datatype == "BYTES":
             strings = _json_strings(tensor["data"], count)
             texts.extend(strings or ())

@@ -20,6 +20,14 @@ Three facts keep the readers short:
   document's keys and numbers hold neither: a body without both bytes holds no
   booleans (an ``int`` operand makes each search one ``memchr``).
 
+Nor does a reader take a body over the parse budget (:mod:`guard.payload._budget`,
+checked before decoding, as the full parser checks it) or one whose matrix
+holds more than ``max_values`` numbers. Within the budget a reader's cost is
+bounded (one ``orjson.loads`` and a sum: a few ms for the largest body the
+defaults accept), so it reads on the event loop whatever the body's size:
+a worker thread would not free the loop during that one C call, which holds
+the GIL, and the full parser it would hand the body to costs twice as much.
+
 And one trap: orjson keeps the last of two equal keys, so the decoded document
 need not show all the body holds (``{"instances": [[[...deep...]]],
 "instances": [[1]]}`` decodes as plain). A reader therefore counts the body's
@@ -36,6 +44,7 @@ import orjson
 
 from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.payload._binary import NUMPY_DTYPES
+from inference_guard.guard.payload._budget import json_budget_exceeded
 from inference_guard.guard.payload._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
@@ -60,7 +69,7 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
     too, with the same ``n_rows``, no texts and no extras. It never raises.
     """
     # a plain document nests exactly 4 deep (object, inputs, tensor, data)
-    if len(body) > limits.max_body_bytes or limits.max_json_depth < 4:
+    if _not_for_the_lane(body, limits) or limits.max_json_depth < 4:
         return None
     try:
         doc = orjson.loads(body)
@@ -88,7 +97,9 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
             return None
         count = math.prod(shape)
         data: Any = tensor.get("data")
-        if count == 0 or len(data) != count or _R in body or _L in body:
+        if count == 0 or count > limits.max_values:
+            return None
+        if len(data) != count or _R in body or _L in body:
             return None  # (no booleans: see the module docstring)
         sum(data)  # numbers only, hence finite
         # the matrix finish_rows would build: 0-D is one value, 1-D one row, else batch x rest
@@ -112,7 +123,7 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
     never raises.
     """
     # a plain document nests exactly 3 deep (object, instances, row)
-    if len(body) > limits.max_body_bytes or limits.max_json_depth < 3:
+    if _not_for_the_lane(body, limits) or limits.max_json_depth < 3:
         return None
     try:
         doc = orjson.loads(body)
@@ -132,7 +143,7 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         if len(widths) != 1 or n_rows > limits.max_rows:
             return None
         (width,) = widths
-        if not 1 <= width <= limits.max_features:
+        if not 1 <= width <= limits.max_features or n_rows * width > limits.max_values:
             return None
         sum(map(sum, instances))  # numbers only, hence finite
         if body.count(_OPEN_LIST) != 1 + n_rows or body.count(_OPEN_OBJECT) != 1:
@@ -140,6 +151,12 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         return n_rows
     except TypeError:
         return None
+
+
+def _not_for_the_lane(body: bytes, limits: LimitsConfig) -> bool:
+    """Too large, or over the parse budget: the full parser's to refuse."""
+    return len(body) > limits.max_body_bytes or json_budget_exceeded(body, limits) is not None
+
 
 #: the plain reader of each format that has one
 READERS = {"oip_v2": plain_oip_rows, "kserve_v1": plain_kserve_rows}

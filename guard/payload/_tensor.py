@@ -24,6 +24,7 @@ __all__ = [
     "Leaves",
     "check_finite",
     "check_matrix_shape",
+    "check_values",
     "classify",
     "finish_rows",
     "finite_sum",
@@ -123,6 +124,16 @@ def check_matrix_shape(n_rows: int, n_features: int, limits: LimitsConfig, what:
         fail(400, "too_many_features", f"rows are wider than {limits.max_features} features")
     if n_features < 1:
         fail(400, "bad_shape", f"{what} has rows without features")
+    check_values(n_rows * n_features, limits)
+
+
+def check_values(n_values: int, limits: LimitsConfig) -> None:
+    """413 ``too_many_values`` past ``max_values`` numbers (rows x features) in one matrix.
+
+    Called as soon as the count is known, before numpy converts anything.
+    """
+    if n_values > limits.max_values:
+        fail(413, "too_many_values", f"the request carries more than {limits.max_values} values")
 
 
 def valid_without_numpy(data: list[Any], found: Leaves, *, allow_bool: bool, what: str) -> bool:
@@ -204,6 +215,7 @@ def classify(
     if not found.values:
         fail(400, "bad_shape", f"{what} is empty")
     if found.types <= _NUMBER_OR_BOOL:
+        check_values(len(found.values), limits)
         arr = to_float(data, found, allow_bool=True, what=what)
         rows = finish_rows(arr, limits, one_d_is_row=one_d_is_row, what=what)
         return Classified(rows, (), rows.shape[0])

@@ -187,7 +187,8 @@ def parse_request(
     Raises
     ------
     PayloadError
-        413 ``body_too_large`` / ``too_many_rows`` / ``text_too_long``, 415
+        413 ``body_too_large`` / ``too_many_rows`` / ``text_too_long`` /
+        ``too_many_containers`` / ``too_many_elements`` / ``too_many_values``, 415
         ``unsupported_media_type``, or 400 ``bad_encoding``, ``invalid_json``,
         ``too_deep``, ``non_finite``, ``bad_shape``, ``bad_type``,
         ``too_many_features``, ``bad_header``. No other exception escapes.
@@ -211,12 +212,14 @@ def parse_request(
         if _media(content_type) != _OCTET and not is_json_media_type(content_type):
             fail(415, "unsupported_media_type", "binary requests must be application/octet-stream")
         header, tensors = split_body(body, header_length)
-        return parse_oip(load_json(header, max_depth=limits.max_json_depth), limits, tensors)
+        return parse_oip(
+            load_json(header, max_depth=limits.max_json_depth, budget=limits), limits, tensors
+        )
     if not is_json_media_type(content_type):
         if fmt is None:
             return ParsedRequest("unknown", None)
         fail(415, "unsupported_media_type", "this endpoint takes application/json")
-    doc = load_json(body, max_depth=limits.max_json_depth)
+    doc = load_json(body, max_depth=limits.max_json_depth, budget=limits)
     if fmt is None:
         fmt = _body_format(doc)
         if fmt == "json_array":

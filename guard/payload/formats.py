@@ -26,7 +26,7 @@ from inference_guard.guard.config import DegradeConfig, LimitsConfig, PayloadCon
 from inference_guard.guard.payload._json import is_json_media_type, load_json, load_json_lenient
 from inference_guard.guard.payload._probabilities import prob_matrix
 from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
-from inference_guard.guard.payload._tensor import finish_rows, leaves, to_float
+from inference_guard.guard.payload._tensor import check_values, finish_rows, leaves, to_float
 from inference_guard.guard.payload.degrade import RowNoise, coarsen, perturb
 from inference_guard.guard.pointer import MISSING, parse_pointer, replace_at, resolve
 
@@ -136,7 +136,7 @@ class PointerFormat:
     ) -> ParsedRequest:
         if not is_json_media_type(content_type):
             fail(415, "unsupported_media_type", "this endpoint takes application/json")
-        doc = load_json(body, max_depth=limits.max_json_depth)
+        doc = load_json(body, max_depth=limits.max_json_depth, budget=limits)
         raw_rows = MISSING if self._rows is None else resolve(doc, self._rows)
         raw_texts = MISSING if self._texts is None else resolve(doc, self._texts)
         if raw_rows is MISSING and raw_texts is MISSING:
@@ -233,6 +233,7 @@ def _rows(value: object, limits: LimitsConfig, what: str) -> NDArray[np.float64]
     found = leaves(value)
     if not found.values:
         fail(400, "bad_shape", f"{what} is empty")
+    check_values(len(found.values), limits)
     arr = to_float(value, found, allow_bool=True, what=what)
     return finish_rows(arr, limits, one_d_is_row=True, what=what)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from inference_guard.detectors.base import Query
@@ -29,6 +30,10 @@ DAY = 86400.0
 
 def q(client: str = "c0ffee", policy: str = "api", n_rows: int = 1, **kw: Any) -> Query:
     return Query(client=client, policy=policy, rows=None, n_rows=n_rows, **kw)
+
+
+def matrix(n_rows: int, n_features: int) -> Query:
+    return Query(client="c0ffee", policy="api", rows=np.zeros((n_rows, n_features)), n_rows=n_rows)
 
 
 # ---------------------------------------------------------------- parsing
@@ -149,6 +154,16 @@ def test_cost_by_rows_constant_and_tokens() -> None:
         request_cost(q(), "bytes")
 
 
+def test_cost_by_values_charges_a_wide_row_for_its_width() -> None:
+    wide = matrix(1, 65_000)
+    assert request_cost(wide, "values") == 65_000
+    assert request_cost(wide, "rows") == 1
+    assert request_cost(matrix(3, 4), "values") == 12
+    # no matrix (texts, an opaque payload): its rows
+    assert request_cost(q(texts=("a", "b"), n_rows=2), "values") == 2
+    assert request_cost(q(n_rows=0), "values") == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "cost"),
     [
@@ -260,6 +275,18 @@ async def test_constant_and_token_costs(backend: Backend) -> None:
     prompt = q(texts=("x" * 200,), extra={"max_tokens": 40})  # 50 + 40
     assert not (await tokens.inspect(prompt)).anomalous
     assert (await tokens.inspect(prompt)).anomalous
+
+
+@pytest.mark.anyio
+async def test_values_cost_drains_the_budget_by_width(backend: Backend) -> None:
+    limits = [WindowLimit(limit=100_000, period=HOUR)]
+    values = RateLimitDetector("v", store=backend.store, limits=limits, cost="values")
+    rows = RateLimitDetector("r", store=backend.store, limits=limits, cost="rows")
+    wide = matrix(1, 65_000)
+    assert not (await values.inspect(wide)).anomalous
+    assert (await values.inspect(wide)).anomalous  # 130 000 values asked of 100 000
+    for _ in range(3):
+        assert not (await rows.inspect(wide)).anomalous  # per row, each costs 1
 
 
 @pytest.mark.anyio
