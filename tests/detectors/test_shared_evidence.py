@@ -29,6 +29,7 @@ from inference_guard.guard.extraction_factories import build_boundary, build_pra
 from inference_guard.guard.factory import BuildContext
 from inference_guard.guard.stores.memory import MemoryStore
 from inference_guard.guard.stores.redis import RedisStore
+from inference_guard.guard.stores.resilient import ResilientStore
 from tests.detectors import test_boundary, test_fingerprint, test_prada
 from tests.stores_fixture import REDIS_URL, Backend, delete_prefix, redis_prefix, server_client
 
@@ -288,3 +289,21 @@ async def test_factories_draw_a_shared_projection_from_the_salt(
     # a per-process store: nothing shared, the seed left as configured
     local = build_prada(spec, BuildContext(store=MemoryStore()))
     assert isinstance(local, PradaDetector) and local.seed is None and local.shared is None
+
+
+@pytest.mark.anyio
+async def test_the_circuit_breaker_passes_the_capability_through(redis_store: RedisStore) -> None:
+    config = StateConfig(store="redis://", breaker_failures=1, breaker_reset_s=60.0)
+    shared = ResilientStore.from_config(redis_store, config)
+    assert shared.shares_evidence and SharedLog.of(shared, "t:z") is not None
+    assert not ResilientStore.from_config(MemoryStore(), config).shares_evidence
+    dead = RedisStore(StateConfig(store="redis://127.0.0.1:1/0", timeout_s=0.2))
+    down = ResilientStore.from_config(dead, config)
+    log = SharedLog.of(down, "t:z")
+    assert log is not None
+    with pytest.raises(StateError):
+        await log.exchange("c", [np.array([1])])
+    # with a memory fallback, nothing is shared and nothing fails
+    fallback = SharedLog.of(down.with_memory_fallback(), "t:z")
+    assert fallback is not None and await fallback.exchange("c", [np.array([1])]) == []
+    await dead.aclose()
