@@ -189,6 +189,9 @@ class BoundaryDetector(Detector):
         Seconds a flag lasts in the shared store after it was last confirmed.
     seed : int or None
         Seed of the feature subset for wide rows.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
     share_entries, share_rows, share_ttl_s : int, int, float
         With a store that shares evidence (``redis://``): the evidence log's
         length in requests (default 1024), the rows of one request shared
@@ -254,6 +257,7 @@ class BoundaryDetector(Detector):
         max_clients: int = 10_000,
         flag_ttl_s: float | None = 3600.0,
         seed: int | None = None,
+        share: bool = True,
         share_entries: int = 1024,
         share_rows: int = 256,
         share_ttl_s: float = 600.0,
@@ -297,12 +301,16 @@ class BoundaryDetector(Detector):
         ] = OrderedDict()
         # most classes any answer showed (probabilities' width, labels), or the configured count
         self._classes_seen = 0 if n_classes is None else min(n_classes, max_classes)
-        self._log = SharedLog.of(
-            store,
-            f"boundary:{name}",
-            max_entries=share_entries,
-            max_rows=share_rows,
-            ttl=share_ttl_s,
+        self._log = (
+            SharedLog.of(
+                store,
+                f"boundary:{name}",
+                max_entries=share_entries,
+                max_rows=share_rows,
+                ttl=share_ttl_s,
+            )
+            if share
+            else None
         )
 
     @property

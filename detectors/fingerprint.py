@@ -474,6 +474,9 @@ class NearDuplicateDetector(Detector):
         Clients tracked per process (least recently used evicted).
     flag_ttl_s : float or None, default=3600
         Seconds a flag lasts in the shared store after it was last confirmed.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
     share_entries, share_rows, share_ttl_s : int, int, float
         With a store that shares evidence (``redis://``): the evidence log's
         length in requests (default 1024), the rows of one request shared
@@ -553,6 +556,7 @@ class NearDuplicateDetector(Detector):
         bucket_size: int = 8,
         max_clients: int = 10_000,
         flag_ttl_s: float | None = 3600.0,
+        share: bool = True,
         share_entries: int = 1024,
         share_rows: int = 256,
         share_ttl_s: float = 600.0,
@@ -587,12 +591,16 @@ class NearDuplicateDetector(Detector):
         self._index = _Index(max_rows, fingerprint_size, bucket_size)
         self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
         self._standing = SharedStanding(store, f"near_duplicate:{name}", flag_ttl_s)
-        self._log = SharedLog.of(
-            store,
-            f"near_duplicate:{name}",
-            max_entries=share_entries,
-            max_rows=share_rows,
-            ttl=share_ttl_s,
+        self._log = (
+            SharedLog.of(
+                store,
+                f"near_duplicate:{name}",
+                max_entries=share_entries,
+                max_rows=share_rows,
+                ttl=share_ttl_s,
+            )
+            if share
+            else None
         )
         # digests keyed by the salt: every worker with the same salt agrees on them
         self._digest_keys = self.fingerprinter.digest_keys()

@@ -183,6 +183,9 @@ class PradaDetector(Detector):
     seed : int or None
         Seed of the projection matrix. Workers that share evidence must
         project alike: with a sharing store and no seed, rows are not shared.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
     share_entries, share_rows, share_ttl_s : int, int, float
         With a store that shares evidence (``redis://``): the evidence log's
         length in requests (default 1024), the rows of one request shared
@@ -254,6 +257,7 @@ class PradaDetector(Detector):
         max_clients: int = 1000,
         flag_ttl_s: float | None = 3600.0,
         seed: int | None = None,
+        share: bool = True,
         share_entries: int = 1024,
         share_rows: int = 256,
         share_ttl_s: float = 600.0,
@@ -296,7 +300,7 @@ class PradaDetector(Detector):
         self._projections: OrderedDict[int, _F32 | None] = OrderedDict()
         self._log = (
             None
-            if seed is None
+            if seed is None or not share
             else SharedLog.of(
                 store,
                 f"prada:{name}",

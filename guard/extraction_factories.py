@@ -71,6 +71,7 @@ as anything compares them across processes.
 
 With a ``redis://`` store the three detectors share their evidence between
 workers and replicas (:mod:`detectors.shared_evidence`); each takes
+``share`` (``false``: keep the evidence per worker, share flags only),
 ``share_entries`` (requests the log keeps, 1024), ``share_rows`` (rows of one
 request shared, 256) and ``share_ttl_s`` (600). Workers must agree on how
 rows are projected (``prada``) and which features are covered (``boundary``,
@@ -109,7 +110,7 @@ DEFAULT_SALT_ENV: Final = "GUARD_FINGERPRINT_SALT"
 _MIN_SALT_BYTES: Final = 16
 _MAX_INDEX_ROWS: Final = 1 << 20
 #: the parameters of the evidence shared between workers (every extraction detector)
-_SHARE_PARAMS: Final = frozenset({"share_entries", "share_rows", "share_ttl_s"})
+_SHARE_PARAMS: Final = frozenset({"share", "share_entries", "share_rows", "share_ttl_s"})
 
 
 class _Params:
@@ -199,6 +200,9 @@ class _Params:
         )
         return None if value is None else int(value)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        return bool(self._read(name, default, lambda v: isinstance(v, bool), "true or false"))
+
     def string(self, name: str, default: str) -> str:
         return str(
             self._read(
@@ -240,6 +244,7 @@ def _is_num(v: Any) -> bool:
 def _share(p: _Params) -> dict[str, Any]:
     """The evidence log's size, rows per request and TTL (used with a sharing store)."""
     return {
+        "share": p.boolean("share", True),
         "share_entries": p.integer("share_entries", 1024, 1, 1 << 20),
         "share_rows": p.integer("share_rows", 256, 1, 1 << 16),
         "share_ttl_s": p.number("share_ttl_s", 600.0, low=0.0, low_open=True),

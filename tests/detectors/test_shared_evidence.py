@@ -280,7 +280,12 @@ async def test_factories_draw_a_shared_projection_from_the_salt(
     assert isinstance(a, PradaDetector) and isinstance(b, PradaDetector)
     assert a.seed is not None and a.seed == b.seed and a.shared is not None
     wide = build_boundary(DetectorSpec(type="boundary", name="b", params={"threshold": -6.0}), ctx)
-    assert isinstance(wide, BoundaryDetector) and wide.seed == a.seed
+    assert isinstance(wide, BoundaryDetector) and wide.seed == a.seed and wide.shared is not None
+    # share: false keeps the evidence per worker (flags are still shared)
+    kept = build_prada(
+        DetectorSpec(type="prada", name="p", params={"delta": 0.9, "share": False}), ctx
+    )
+    assert isinstance(kept, PradaDetector) and kept.shared is None
     monkeypatch.delenv("GUARD_FINGERPRINT_SALT")
     with caplog.at_level(logging.WARNING, logger="guard.extraction_factories"):
         alone = build_prada(spec, ctx)
