@@ -12,8 +12,9 @@ a TTL so a flag expires on its own. Every key starts with
 state they may evict (the ``memory://`` store's flag table).
 
 With a shared store, a client flagged by one worker is flagged by all of them
-on its next request, even if its traffic is spread so that no single worker
-saw enough to decide.
+on its next request. The evidence behind the flags is shared too, compactly
+and one request late (:mod:`detectors.shared_evidence`), so that traffic spread
+over the workers convicts as early as traffic seen by one.
 """
 
 from __future__ import annotations
