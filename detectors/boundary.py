@@ -388,8 +388,9 @@ class BoundaryDetector(Detector):
         if self._log is not None:
             try:
                 others = await self._log.exchange(query.client, _pack(summary, self.bins))
-            except BaseException:
-                await self._add_rows(query.client, summary)  # kept all the same
+            except Exception:
+                # the store failed: this worker's evidence is kept all the same
+                await self._add_rows(query.client, summary)
                 raise
             for client, arrays in others:
                 unpacked = _unpack(arrays, self.bins)
