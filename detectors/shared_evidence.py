@@ -167,11 +167,22 @@ class SharedLog:
         self.malformed = 0
 
     @classmethod
-    def of(cls, store: KeyValueStore, namespace: str, **kwargs: int | float) -> SharedLog | None:
+    def of(
+        cls,
+        store: KeyValueStore,
+        namespace: str,
+        *,
+        max_entries: int = 1024,
+        max_rows: int = 256,
+        ttl: float = 600.0,
+        count: int = 64,
+    ) -> SharedLog | None:
         """A log for ``store`` if it shares evidence between processes, else ``None``."""
-        if isinstance(store, EvidenceStore) and store.shares_evidence:
-            return cls(store, namespace, **kwargs)  # type: ignore[arg-type]
-        return None
+        if not (isinstance(store, EvidenceStore) and store.shares_evidence):
+            return None
+        return cls(
+            store, namespace, max_entries=max_entries, max_rows=max_rows, ttl=ttl, count=count
+        )
 
     async def exchange(self, client: str, arrays: Sequence[NDArray[np.generic]]) -> list[Evidence]:
         """Share this request's evidence; the other workers' since the last exchange, in order.

@@ -114,6 +114,9 @@ def test_entries_round_trip_and_garbage_does_not_parse() -> None:
     arrays = [np.arange(3, dtype=np.int64), np.ones((2, 4), dtype=np.float32)]
     client, back = decode(encode("c1", arrays)) or ("", [])
     assert client == "c1" and all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))
+    empty = [np.zeros(0, dtype=np.int64), np.zeros((0, 50), dtype=np.uint64)]
+    client, back = decode(encode("c2", empty)) or ("", [])
+    assert client == "c2" and [a.shape for a in back] == [(0,), (0, 50)]
     data = encode("c1", arrays)
     for bad in (b"", b"\x00", data[:-1], data + b"x", b"\xff" * 40):
         assert decode(bad) is None
