@@ -46,10 +46,12 @@ data (:class:`detectors.profile.TrafficProfile`, ``guard calibrate``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from collections import OrderedDict
-from typing import ClassVar, NamedTuple
+from collections.abc import Coroutine
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -65,6 +67,8 @@ from inference_guard.detectors.store import KeyValueStore
 __all__ = ["Fingerprinter", "NearDuplicateDetector"]
 
 _U64 = NDArray[np.uint64]
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 # index entries: tag (high 32 bits of the hash) | slot | generation of the slot's row
 _SLOT_BITS = 20
 _GEN_BITS = 12
@@ -629,15 +633,30 @@ class NearDuplicateDetector(Detector):
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
         own = cross = 0
+        read = False
+        shared: float | None = None
         if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
-            own, cross = await self._learn(query.client, rows)
+            if self._log is None:
+                own, cross = await self._learn(query.client, rows)
+            else:
+                # the standing is read beside the exchange: one pipelined round trip for both
+                (own, cross), shared = await _both(
+                    self._learn(query.client, rows),
+                    self._standing.score(query.policy, query.client),
+                )
+                read = True
             local = self._score(self._clients.get_or_create(query.client))
             if local < self.threshold:
                 await self._standing.flag(query.policy, query.client, local)
         else:
             peeked = self._clients.peek(query.client)
             local = 1.0 if peeked is None else self._score(peeked)
-        resolved = await self._standing.resolve(query.policy, query.client, local, self.threshold)
+        if read:
+            resolved = self._standing.pick(local, shared, self.threshold)
+        else:
+            resolved = await self._standing.resolve(
+                query.policy, query.client, local, self.threshold
+            )
         score = local if resolved is None else resolved
         if score >= self.threshold:
             return DetectorResult(self.name, score, self.threshold, False)
@@ -758,6 +777,16 @@ class NearDuplicateDetector(Detector):
         share = float(state.own.sum()) / max(state.n, self.min_rows)
         evidence = max(share, float(state.runs.max()) / self.run_scale)
         return max(0.0, 1.0 - evidence)
+
+
+async def _both(first: Coroutine[Any, Any, _A], second: Coroutine[Any, Any, _B]) -> tuple[_A, _B]:
+    """Await two coroutines together (their store calls leave in one batch); raise the first
+    error only once both are done, so no failure is left unretrieved."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return a, b
 
 
 def _pack_fingerprints(fps: list[_U64], size: int) -> tuple[_U64, NDArray[np.int32]]:

@@ -77,7 +77,13 @@ class SharedStanding:
         """
         if local is not None and local < threshold:
             return local
-        shared = await self.score(policy, client)
+        return self.pick(local, await self.score(policy, client), threshold)
+
+    @staticmethod
+    def pick(local: float | None, shared: float | None, threshold: float) -> float | None:
+        """What :meth:`resolve` answers, given the shared score already read."""
+        if local is not None and local < threshold:
+            return local
         if shared is not None and (local is None or shared < local):
             return shared
         return local
