@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import ClassVar, Protocol, Self
+from typing import ClassVar, NamedTuple, Protocol, Self
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -64,6 +64,7 @@ from inference_guard.detectors.base import Answer, Detector, DetectorResult, Que
 from inference_guard.detectors.client_map import ClientMap
 from inference_guard.detectors.profile import feature_ranges
 from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
 
@@ -94,6 +95,31 @@ class AnomalyRateSource(Protocol):
     async def rate(self, client: str) -> tuple[int, int]:
         """``(anomalous rows, rows)`` recently seen from ``client``."""
         ...
+
+
+class _Rows(NamedTuple):
+    """What a window needs of some rows and their answers (the evidence workers share)."""
+
+    #: per row: 1 the top-1 probability was below ``p_low``, 0 it was not, -1 no probabilities
+    low: NDArray[np.int8]
+    #: per row: the predicted class (meaningless when ``n_classes`` is 0)
+    labels: NDArray[np.int64]
+    #: the answer's number of classes (probabilities' width, or the largest label + 1);
+    #: 0 when it carried no class
+    n_classes: int
+    #: per row and covered feature: its cell, 0 below ``low`` .. ``bins + 1`` at or above
+    #: ``high`` (``None``: coverage is off)
+    cells: NDArray[np.intp] | None
+
+    def part(self, part: slice) -> _Rows:
+        labels = self.labels[part]
+        n_classes = self.n_classes
+        if n_classes and labels.shape[0] and self.low[part][0] < 0:
+            # labels only: as many classes as this part's largest label says
+            n_classes = int(labels.max(initial=0)) + 1
+        return _Rows(
+            self.low[part], labels, n_classes, None if self.cells is None else self.cells[part]
+        )
 
 
 class _Window:
@@ -163,9 +189,24 @@ class BoundaryDetector(Detector):
         Seconds a flag lasts in the shared store after it was last confirmed.
     seed : int or None
         Seed of the feature subset for wide rows.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
+    share_entries, share_rows, share_ttl_s : int, int, float
+        With a store that shares evidence (``redis://``): the evidence log's
+        length in requests (default 1024), the rows of one request shared
+        (default 256) and its TTL (default 600 s); see
+        :mod:`detectors.shared_evidence`.
 
     Notes
     -----
+    With a sharing store every worker counts every client's windows: each
+    request's per-row summary (the coverage cell of each covered feature, one
+    byte each, whether the answer was low-confidence, the predicted class)
+    goes to the evidence log, and each worker adds the others' to its own
+    windows before its own. Exact repeats are left out by the worker that
+    received them (a row repeated on several workers counts once per worker).
+
     Cost per row is ``O(min(d, max_coverage_features))``. Memory per tracked
     client: ``min(d, max_coverage_features) * (bins + 2)`` bytes of coverage
     bitmap plus 8 bytes per class: 1.3 KB measured for the digits model
@@ -216,6 +257,10 @@ class BoundaryDetector(Detector):
         max_clients: int = 10_000,
         flag_ttl_s: float | None = 3600.0,
         seed: int | None = None,
+        share: bool = True,
+        share_entries: int = 1024,
+        share_rows: int = 256,
+        share_ttl_s: float = 600.0,
     ) -> None:
         super().__init__(name)
         if window < 2:
@@ -256,6 +301,22 @@ class BoundaryDetector(Detector):
         ] = OrderedDict()
         # most classes any answer showed (probabilities' width, labels), or the configured count
         self._classes_seen = 0 if n_classes is None else min(n_classes, max_classes)
+        self._log = (
+            SharedLog.of(
+                store,
+                f"boundary:{name}",
+                max_entries=share_entries,
+                max_rows=share_rows,
+                ttl=share_ttl_s,
+            )
+            if share
+            else None
+        )
+
+    @property
+    def shared(self) -> SharedLog | None:
+        """The evidence log shared with other workers (``None``: this process only)."""
+        return self._log
 
     @property
     def clients(self) -> ClientMap[_Window]:
@@ -323,28 +384,47 @@ class BoundaryDetector(Detector):
             n = rows.shape[0]
             if n == 0:
                 return None
-        finished = False
-        start = 0
-        while start < n:  # split the request where a window ends
-            stop = min(n, start + self.window - state.n)
-            part = slice(start, stop)
-            self._update(state, rows[part], _slice_answer(answer, part))
-            if state.n == self.window:
-                signals = self._signals(state)
-                if self.anomaly_rate is not None and "anomaly_rate" in self.baseline:
-                    bad, total = await self.anomaly_rate.rate(query.client)
-                    if total >= self.window:
-                        signals["anomaly_rate"] = bad / total
-                state.last = signals
-                state.reset()
-                finished = True
-            start = stop
+        summary = self._summary(rows, answer)
+        if self._log is not None:
+            try:
+                others = await self._log.exchange(query.client, _pack(summary, self.bins))
+            except Exception:
+                # the store failed: this worker's evidence is kept all the same
+                await self._add_rows(query.client, summary)
+                raise
+            for client, arrays in others:
+                unpacked = _unpack(arrays, self.bins)
+                if unpacked is not None:
+                    await self._add_rows(client, unpacked)
+        finished = await self._add_rows(query.client, summary)
+        state = self._clients.get_or_create(query.client)
         if not finished or state.last is None:
             return None
         score = self._score(state.last)
         if score < self.threshold:
             await self._standing.flag(query.policy, query.client, score)
         return self._result(score, state.last, query.n_rows)
+
+    async def _add_rows(self, client: str, rows: _Rows) -> bool:
+        """Add a client's rows to its windows, scoring each one they finish; True if any."""
+        state = self._clients.get_or_create(client)
+        n = rows.low.shape[0]
+        finished = False
+        start = 0
+        while start < n:  # split the request where a window ends
+            stop = min(n, start + self.window - state.n)
+            self._add(state, rows.part(slice(start, stop)))
+            if state.n == self.window:
+                signals = self._signals(state)
+                if self.anomaly_rate is not None and "anomaly_rate" in self.baseline:
+                    bad, total = await self.anomaly_rate.rate(client)
+                    if total >= self.window:
+                        signals["anomaly_rate"] = bad / total
+                state.last = signals
+                state.reset()
+                finished = True
+            start = stop
+        return finished
 
     def last_signals(self, client: str) -> dict[str, float] | None:
         """The signals of ``client``'s last complete window in this process, if any."""
@@ -367,24 +447,37 @@ class BoundaryDetector(Detector):
 
     def _update(self, state: _Window, rows: NDArray[np.float64], answer: Answer) -> None:
         """Add a chunk of rows (none past the window's end) to the client's counts."""
+        self._add(state, self._summary(rows, answer))
+
+    def _summary(self, rows: NDArray[np.float64], answer: Answer) -> _Rows:
+        """What the windows need of ``rows`` and their answers."""
         n = rows.shape[0]
-        state.n += n
         probs = answer.probabilities
+        low = np.full(n, -1, dtype=np.int8)
         if probs is not None:
-            state.n_prob += n
-            state.low += int(np.count_nonzero(probs.max(axis=1) < self.p_low))
-            labels = np.argmax(probs, axis=1)
+            low[:] = probs.max(axis=1) < self.p_low
+            labels = np.asarray(np.argmax(probs, axis=1), dtype=np.int64)
             n_classes = probs.shape[1]
         elif answer.labels is not None:
             labels = np.asarray(answer.labels, dtype=np.int64)
             n_classes = int(labels.max(initial=0)) + 1
         else:
-            labels = None
+            labels = np.zeros(n, dtype=np.int64)
             n_classes = 0
-        if labels is not None:
-            labels = labels[(labels >= 0) & (labels < self.max_classes)]
+        cells = None if self._range is None else self._cells(rows, *self._range)
+        return _Rows(low, labels, n_classes, cells)
+
+    def _add(self, state: _Window, rows: _Rows) -> None:
+        """Add summarised rows (none past the window's end) to the client's counts."""
+        n = rows.low.shape[0]
+        state.n += n
+        with_probs = rows.low >= 0
+        state.n_prob += int(np.count_nonzero(with_probs))
+        state.low += int(np.count_nonzero(rows.low == 1))
+        if rows.n_classes > 0:
+            labels = rows.labels[(rows.labels >= 0) & (rows.labels < self.max_classes)]
             # labels alone do not tell how many classes the model has: remember the most seen
-            n_classes = max(self._classes_seen, min(n_classes, self.max_classes))
+            n_classes = max(self._classes_seen, min(rows.n_classes, self.max_classes))
             self._classes_seen = n_classes
             counts = state.classes
             if counts is None or counts.shape[0] < n_classes:
@@ -393,8 +486,12 @@ class BoundaryDetector(Detector):
                     grown[: counts.shape[0]] = counts
                 state.classes = counts = grown
             counts += np.bincount(labels, minlength=counts.shape[0])[: counts.shape[0]]
-        if self._range is not None:
-            self._cover(state, rows, *self._range)
+        cells = rows.cells
+        if cells is not None:
+            f = cells.shape[1]
+            if state.cover is None or state.cover.shape[0] != f:
+                state.cover = np.zeros((f, self.bins + 2), dtype=bool)
+            state.cover[np.arange(f), cells] = True
 
     def _layout(
         self, width: int, low: NDArray[np.float64], high: NDArray[np.float64]
@@ -414,24 +511,18 @@ class BoundaryDetector(Detector):
                 self._layouts.popitem(last=False)
         return layout
 
-    def _cover(
-        self,
-        state: _Window,
-        rows: NDArray[np.float64],
-        low: NDArray[np.float64],
-        high: NDArray[np.float64],
-    ) -> None:
+    def _cells(
+        self, rows: NDArray[np.float64], low: NDArray[np.float64], high: NDArray[np.float64]
+    ) -> NDArray[np.intp]:
+        """Per row and covered feature: its cell, 0 below ``low``, ``bins + 1`` from ``high``."""
         subset, lows, per_unit = self._layout(rows.shape[1], low, high)
         x = rows if subset is None else rows[:, subset]
-        f = x.shape[1]
-        if state.cover is None or state.cover.shape[0] != f:
-            state.cover = np.zeros((f, self.bins + 2), dtype=bool)
         scaled = (x - lows) * per_unit
         # bin -1 (below low) and bin ``bins`` (at or above high) become the edge cells;
         # fmax sends NaN below low (it returns the non-NaN operand)
         np.fmax(scaled, -1.0, out=scaled)
         np.fmin(scaled, float(self.bins), out=scaled)
-        state.cover[np.arange(f), np.floor(scaled).astype(np.intp) + 1] = True
+        return np.floor(scaled).astype(np.intp) + 1
 
     def _signals(self, state: _Window) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -510,9 +601,38 @@ def _select_answer(answer: Answer, keep: NDArray[np.bool_]) -> Answer:
     )
 
 
-def _slice_answer(answer: Answer, part: slice) -> Answer:
-    return Answer(
-        status=answer.status,
-        labels=None if answer.labels is None else answer.labels[part],
-        probabilities=None if answer.probabilities is None else answer.probabilities[part],
+def _pack(rows: _Rows, bins: int) -> list[NDArray[np.generic]]:
+    n_classes = np.array([rows.n_classes], dtype=np.int64)
+    # a cell fits a byte for up to 254 bins, the usual case
+    dtype = np.uint8 if bins + 1 < 256 else np.int32
+    cells = np.zeros((rows.low.shape[0], 0)) if rows.cells is None else rows.cells
+    return [rows.low, rows.labels, n_classes, cells.astype(dtype)]
+
+
+def _unpack(arrays: list[NDArray[np.generic]], bins: int) -> _Rows | None:
+    """Another worker's summarised rows; ``None`` if they do not fit this detector."""
+    if len(arrays) != 4:
+        return None
+    low, labels, n_classes, raw_cells = arrays
+    if raw_cells.dtype not in (np.uint8, np.int32):
+        return None
+    cells = np.asarray(raw_cells, dtype=np.intp)
+    n = low.shape[0]
+    if (
+        low.dtype != np.int8
+        or labels.dtype != np.int64
+        or labels.shape != (n,)
+        or n_classes.dtype != np.int64
+        or n_classes.shape != (1,)
+        or n_classes[0] < 0
+        or cells.ndim != 2
+        or cells.shape[0] != n
+        or (cells.size and not ((cells >= 0) & (cells <= bins + 1)).all())
+    ):
+        return None
+    return _Rows(
+        np.asarray(low, dtype=np.int8),
+        np.asarray(labels, dtype=np.int64),
+        int(n_classes[0]),
+        None if cells.shape[1] == 0 else cells,
     )

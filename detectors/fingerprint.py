@@ -46,10 +46,12 @@ data (:class:`detectors.profile.TrafficProfile`, ``guard calibrate``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from collections import OrderedDict
-from typing import ClassVar, NamedTuple
+from collections.abc import Coroutine
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -57,13 +59,16 @@ from numpy.typing import ArrayLike, NDArray
 from inference_guard.detectors.base import Detector, DetectorResult, Query
 from inference_guard.detectors.client_map import ClientMap
 from inference_guard.detectors.profile import feature_ranges
-from inference_guard.detectors.repeats import RecentRows, row_digests
+from inference_guard.detectors.repeats import RecentRows, digest_keys, row_digests
+from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["Fingerprinter", "NearDuplicateDetector"]
 
 _U64 = NDArray[np.uint64]
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 # index entries: tag (high 32 bits of the hash) | slot | generation of the slot's row
 _SLOT_BITS = 20
 _GEN_BITS = 12
@@ -160,6 +165,10 @@ class Fingerprinter:
         self._layouts: OrderedDict[
             int, tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]
         ] = OrderedDict()
+
+    def digest_keys(self) -> NDArray[np.uint64]:
+        """Keys for :func:`~detectors.repeats.row_digests` drawn from the salt (secret too)."""
+        return digest_keys(self._key)
 
     def _layout(
         self, width: int
@@ -335,9 +344,7 @@ class _Index:
         self.next_slot = (slot + 1) % self.max_rows
         return slot
 
-    def own_run(
-        self, fp: _U64, slots: NDArray[np.intp], fraction: float, digest: int
-    ) -> int:
+    def own_run(self, fp: _U64, slots: NDArray[np.intp], fraction: float, digest: int) -> int:
         """The longest own run among ``slots`` (the client's recent rows) that ``fp`` extends.
 
         The same test as :meth:`match` (``fraction`` of the larger fingerprint,
@@ -471,9 +478,25 @@ class NearDuplicateDetector(Detector):
         Clients tracked per process (least recently used evicted).
     flag_ttl_s : float or None, default=3600
         Seconds a flag lasts in the shared store after it was last confirmed.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
+    share_entries, share_rows, share_ttl_s : int, int, float
+        With a store that shares evidence (``redis://``): the evidence log's
+        length in requests (default 1024), the rows of one request shared
+        (default 256) and its TTL (default 600 s); see
+        :mod:`detectors.shared_evidence`.
 
     Notes
     -----
+    With a sharing store every worker indexes every worker's rows: each
+    request's fingerprints (and keyed digests of its rows, under a key drawn
+    from the salt, so every worker tells exact repeats apart alike) go to the
+    evidence log, and each worker adds the others' to its own index before
+    it scores a request. The index is then global across workers and
+    replicas, not only within a process. Fingerprinting stays with the worker
+    that received the row; indexing is done by every worker.
+
     Memory: the index holds at least ``2 * fingerprint_size`` entries of 8
     bytes per indexed row (buckets rounded up to a power of two), the row's
     fingerprint at 4 bytes a hash (to compare a client's new rows with its own)
@@ -537,6 +560,10 @@ class NearDuplicateDetector(Detector):
         bucket_size: int = 8,
         max_clients: int = 10_000,
         flag_ttl_s: float | None = 3600.0,
+        share: bool = True,
+        share_entries: int = 1024,
+        share_rows: int = 256,
+        share_ttl_s: float = 600.0,
     ) -> None:
         super().__init__(name)
         if not 0.0 < match_fraction <= 1.0:
@@ -568,6 +595,19 @@ class NearDuplicateDetector(Detector):
         self._index = _Index(max_rows, fingerprint_size, bucket_size)
         self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
         self._standing = SharedStanding(store, f"near_duplicate:{name}", flag_ttl_s)
+        self._log = (
+            SharedLog.of(
+                store,
+                f"near_duplicate:{name}",
+                max_entries=share_entries,
+                max_rows=share_rows,
+                ttl=share_ttl_s,
+            )
+            if share
+            else None
+        )
+        # digests keyed by the salt: every worker with the same salt agrees on them
+        self._digest_keys = self.fingerprinter.digest_keys()
 
     def __repr__(self) -> str:  # never show derived key material
         return f"{type(self).__name__}(name={self.name!r})"
@@ -585,27 +625,38 @@ class NearDuplicateDetector(Detector):
     def _new_client(self) -> _Client:
         return _Client(self.max_rows_per_client, self.recent_rows)
 
+    @property
+    def shared(self) -> SharedLog | None:
+        """The evidence log shared with other workers (``None``: this process only)."""
+        return self._log
+
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
         own = cross = 0
+        read = False
+        shared: float | None = None
         if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
-            state = self._clients.get_or_create(query.client)
-            digests = row_digests(rows)
-            # exact repeats of the client's recent rows are not even fingerprinted
-            fresh = np.flatnonzero(state.recent.fresh_digests(digests))
-            if fresh.shape[0]:
-                fps = self.fingerprinter.fingerprints(rows[fresh])
-                for i, fp in zip(fresh.tolist(), fps, strict=True):
-                    own_run, other = self._row(state, fp, query.client, int(digests[i]))
-                    own += own_run > 0
-                    cross += other
-            local = self._score(state)
+            if self._log is None:
+                own, cross = await self._learn(query.client, rows)
+            else:
+                # the standing is read beside the exchange: one pipelined round trip for both
+                (own, cross), shared = await _both(
+                    self._learn(query.client, rows),
+                    self._standing.score(query.policy, query.client),
+                )
+                read = True
+            local = self._score(self._clients.get_or_create(query.client))
             if local < self.threshold:
                 await self._standing.flag(query.policy, query.client, local)
         else:
             peeked = self._clients.peek(query.client)
             local = 1.0 if peeked is None else self._score(peeked)
-        resolved = await self._standing.resolve(query.policy, query.client, local, self.threshold)
+        if read:
+            resolved = self._standing.pick(local, shared, self.threshold)
+        else:
+            resolved = await self._standing.resolve(
+                query.policy, query.client, local, self.threshold
+            )
         score = local if resolved is None else resolved
         if score >= self.threshold:
             return DetectorResult(self.name, score, self.threshold, False)
@@ -619,6 +670,60 @@ class NearDuplicateDetector(Detector):
             f"{cross} matched other clients' rows",
             rows_flagged=own,
         )
+
+    async def _learn(self, client: str, rows: NDArray[np.float64]) -> tuple[int, int]:
+        """Fingerprint a request's fresh rows and index them (after the other workers' rows).
+
+        Returns how many of them matched the client's own earlier rows, and
+        how many matched other clients' rows.
+        """
+        state = self._clients.get_or_create(client)
+        digests = row_digests(rows, self._digest_keys)
+        log = self._log
+        if log is None:
+            # exact repeats of the client's recent rows are not even fingerprinted
+            fresh = np.flatnonzero(state.recent.fresh_digests(digests))
+            if fresh.shape[0] == 0:
+                return 0, 0
+            fps = self.fingerprinter.fingerprints(rows[fresh])
+            return self._ingest(state, client, digests[fresh], fps)
+        todo = np.flatnonzero(~state.recent.known(digests))
+        fps = self.fingerprinter.fingerprints(rows[todo]) if todo.shape[0] else []
+        mine = digests[todo]
+        try:
+            others = await log.exchange(
+                client, [mine, *_pack_fingerprints(fps, self.fingerprinter.size)]
+            )
+        except BaseException:
+            # the store failed: this worker's evidence is kept all the same
+            self._apply(client, mine, fps)
+            raise
+        for other, arrays in others:
+            unpacked = _unpack(arrays, self.fingerprinter.size)
+            if unpacked is not None:
+                self._apply(other, *unpacked)
+        return self._apply(client, mine, fps)
+
+    def _apply(self, client: str, digests: NDArray[np.int64], fps: list[_U64]) -> tuple[int, int]:
+        """Index a client's rows, leaving out exact repeats of its recent rows."""
+        state = self._clients.get_or_create(client)
+        fresh = state.recent.fresh_digests(digests)
+        return self._ingest(
+            state,
+            client,
+            digests[fresh],
+            [fp for fp, keep in zip(fps, fresh.tolist(), strict=True) if keep],
+        )
+
+    def _ingest(
+        self, state: _Client, client: str, digests: NDArray[np.int64], fps: list[_U64]
+    ) -> tuple[int, int]:
+        own = cross = 0
+        for digest, fp in zip(digests.tolist(), fps, strict=True):
+            own_run, other = self._row(state, fp, client, digest)
+            own += own_run > 0
+            cross += other
+        return own, cross
 
     def _row(
         self, state: _Client, fp: NDArray[np.uint64], client: str, digest: int
@@ -672,3 +777,45 @@ class NearDuplicateDetector(Detector):
         share = float(state.own.sum()) / max(state.n, self.min_rows)
         evidence = max(share, float(state.runs.max()) / self.run_scale)
         return max(0.0, 1.0 - evidence)
+
+
+async def _both(first: Coroutine[Any, Any, _A], second: Coroutine[Any, Any, _B]) -> tuple[_A, _B]:
+    """Await two coroutines together (their store calls leave in one batch); raise the first
+    error only once both are done, so no failure is left unretrieved."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return a, b
+
+
+def _pack_fingerprints(fps: list[_U64], size: int) -> tuple[_U64, NDArray[np.int32]]:
+    """Fingerprints of up to ``size`` hashes as one ``(n, size)`` matrix and their lengths."""
+    out = np.zeros((len(fps), size), dtype=np.uint64)
+    lengths = np.zeros(len(fps), dtype=np.int32)
+    for i, fp in enumerate(fps):
+        out[i, : fp.shape[0]] = fp
+        lengths[i] = fp.shape[0]
+    return out, lengths
+
+
+def _unpack(
+    arrays: list[NDArray[np.generic]], size: int
+) -> tuple[NDArray[np.int64], list[_U64]] | None:
+    """Another worker's digests and fingerprints, or ``None`` when they do not fit this index."""
+    if len(arrays) != 3:
+        return None
+    if [a.dtype.str for a in arrays] != ["<i8", "<u8", "<i4"]:
+        return None
+    digests = np.asarray(arrays[0], dtype=np.int64)
+    matrix = np.asarray(arrays[1], dtype=np.uint64)
+    lengths = np.asarray(arrays[2], dtype=np.int32)
+    n = digests.shape[0]
+    if (
+        matrix.ndim != 2
+        or matrix.shape != (n, size)
+        or lengths.shape != (n,)
+        or (n and not ((lengths >= 1) & (lengths <= size)).all())
+    ):
+        return None
+    return digests, [matrix[i, : int(k)] for i, k in enumerate(lengths.tolist())]

@@ -31,6 +31,7 @@ from scipy.stats import shapiro
 from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 from inference_guard.detectors.client_map import ClientMap
 from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
 
@@ -180,10 +181,25 @@ class PradaDetector(Detector):
     flag_ttl_s : float or None, default=3600
         Seconds a flag lasts in the shared store after it was last confirmed.
     seed : int or None
-        Seed of the projection matrix.
+        Seed of the projection matrix. Workers that share evidence must
+        project alike: with a sharing store and no seed, rows are not shared.
+    share : bool, default=True
+        With a store that shares evidence (``redis://``), share it; ``False``
+        keeps this worker's evidence to itself (only flags are shared).
+    share_entries, share_rows, share_ttl_s : int, int, float
+        With a store that shares evidence (``redis://``): the evidence log's
+        length in requests (default 1024), the rows of one request shared
+        (default 256) and its TTL (default 600 s); see
+        :mod:`detectors.shared_evidence`.
 
     Notes
     -----
+    With a sharing store every worker keeps every client's class sets and
+    distances: each request's projected rows and predicted classes (32
+    floats and a class per row) go to the evidence log, and each worker runs
+    the others' through its own state before its own. Exact repeats are then
+    told by the projected row, across workers.
+
     Cost per row is ``O(set size * proj_dim)``: at most ``max_set * proj_dim``
     multiply-adds, whatever the history. Memory per tracked client is at most
     ``max_set_rows * (min(d, proj_dim) * 4 + 8)`` bytes of set rows plus
@@ -241,6 +257,10 @@ class PradaDetector(Detector):
         max_clients: int = 1000,
         flag_ttl_s: float | None = 3600.0,
         seed: int | None = None,
+        share: bool = True,
+        share_entries: int = 1024,
+        share_rows: int = 256,
+        share_ttl_s: float = 600.0,
     ) -> None:
         super().__init__(name)
         if not 0.0 < delta <= 1.0:
@@ -278,6 +298,22 @@ class PradaDetector(Detector):
         self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
         self._standing = SharedStanding(store, f"prada:{name}", flag_ttl_s)
         self._projections: OrderedDict[int, _F32 | None] = OrderedDict()
+        self._log = (
+            None
+            if seed is None or not share
+            else SharedLog.of(
+                store,
+                f"prada:{name}",
+                max_entries=share_entries,
+                max_rows=share_rows,
+                ttl=share_ttl_s,
+            )
+        )
+
+    @property
+    def shared(self) -> SharedLog | None:
+        """The evidence log shared with other workers (``None``: this process only)."""
+        return self._log
 
     @property
     def threshold(self) -> float:
@@ -323,29 +359,72 @@ class PradaDetector(Detector):
         labels = _predicted(answer, rows.shape[0])
         if labels is None:
             return None
-        state = self._clients.get_or_create(query.client)
-        if state.width not in (-1, rows.shape[1]):
-            # the client changed row width: its distances no longer compare, start over
-            self._clients.pop(query.client)
-            state = self._clients.get_or_create(query.client)
-        state.width = rows.shape[1]
+        if self._log is not None:
+            return await self._observe_shared(self._log, query, rows, labels)
+        state = self._client(query.client, rows.shape[1])
         fresh = state.recent.fresh(rows)
         if not fresh.all():
             rows, labels = rows[fresh], labels[fresh]
             if rows.shape[0] == 0:
                 return self._result(state.score, query.n_rows)
-        proj = self._projection(rows.shape[1])
-        scale = self.feature_scale
-        if scale is not None and scale.shape[0] == rows.shape[1]:
-            rows = rows / scale
-        with np.errstate(all="ignore"):  # rows beyond float32 become inf and are skipped below
-            z_all = rows.astype(np.float32) if proj is None else rows.astype(np.float32) @ proj
+        z_all = self._project(rows)
         tested = False
         for i in np.flatnonzero(np.isfinite(z_all).all(axis=1)).tolist():
             tested |= self._row(state, z_all[i], int(labels[i]))
         if tested and state.score < self.delta:
             await self._standing.flag(query.policy, query.client, state.score)
         return self._result(state.score, query.n_rows)
+
+    def _client(self, client: str, width: int) -> _Client:
+        state = self._clients.get_or_create(client)
+        if state.width not in (-1, width):
+            # the client changed row width: its distances no longer compare, start over
+            self._clients.pop(client)
+            state = self._clients.get_or_create(client)
+        state.width = width
+        return state
+
+    def _project(self, rows: NDArray[np.float64]) -> _F32:
+        proj = self._projection(rows.shape[1])
+        scale = self.feature_scale
+        if scale is not None and scale.shape[0] == rows.shape[1]:
+            rows = rows / scale
+        with np.errstate(all="ignore"):  # rows beyond float32 become inf and are skipped
+            return rows.astype(np.float32) if proj is None else rows.astype(np.float32) @ proj
+
+    async def _observe_shared(
+        self, log: SharedLog, query: Query, rows: NDArray[np.float64], labels: NDArray[np.int64]
+    ) -> DetectorResult:
+        """Share the request's projected rows; run the others' through, then this one's."""
+        z_all = self._project(rows)
+        ok = np.isfinite(z_all).all(axis=1)
+        z, labels = z_all[ok], labels[ok]
+        width = np.array([rows.shape[1]], dtype=np.int64)
+        try:
+            others = await log.exchange(query.client, [z, labels, width])
+        except BaseException:
+            self._apply(query.client, rows.shape[1], z, labels)  # kept all the same
+            raise
+        tested = False
+        for client, arrays in others:
+            unpacked = _unpack(arrays, self.proj_dim)
+            if unpacked is not None:
+                hit = self._apply(client, *unpacked)
+                tested |= hit and client == query.client
+        tested |= self._apply(query.client, rows.shape[1], z, labels)
+        state = self._clients.get_or_create(query.client)
+        if tested and state.score < self.delta:
+            await self._standing.flag(query.policy, query.client, state.score)
+        return self._result(state.score, query.n_rows)
+
+    def _apply(self, client: str, width: int, z: _F32, labels: NDArray[np.int64]) -> bool:
+        """Run a client's projected rows through its state; True when a test ran."""
+        state = self._client(client, width)
+        fresh = state.recent.fresh(z.astype(np.float64))
+        tested = False
+        for i in np.flatnonzero(fresh).tolist():
+            tested |= self._row(state, z[i], int(labels[i]))
+        return tested
 
     def _row(self, state: _Client, z: _F32, label: int) -> bool:
         """Process one projected row; True when a test ran."""
@@ -413,3 +492,24 @@ def _predicted(answer: Answer, n_rows: int) -> NDArray[np.int64] | None:
     if probs is not None and probs.ndim == 2 and probs.shape[0] == n_rows and probs.shape[1] > 0:
         return np.asarray(np.argmax(probs, axis=1), dtype=np.int64)
     return None
+
+
+def _unpack(
+    arrays: list[NDArray[np.generic]], proj_dim: int
+) -> tuple[int, _F32, NDArray[np.int64]] | None:
+    """Another worker's row width, projected rows and classes; ``None`` if they do not fit."""
+    if len(arrays) != 3:
+        return None
+    z, labels, width = arrays
+    if width.dtype != np.int64 or width.shape != (1,) or width[0] < 1:
+        return None
+    if (
+        z.dtype != np.float32
+        or z.ndim != 2
+        or z.shape[1] != min(int(width[0]), proj_dim)
+        or labels.dtype != np.int64
+        or labels.shape != (z.shape[0],)
+        or not np.isfinite(z).all()
+    ):
+        return None
+    return int(width[0]), np.asarray(z, dtype=np.float32), np.asarray(labels, dtype=np.int64)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["RecentRows", "row_digests"]
+__all__ = ["RecentRows", "digest_keys", "row_digests"]
 
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -46,17 +46,29 @@ def _mix(v: NDArray[np.uint64]) -> NDArray[np.uint64]:
     return v
 
 
-def row_digests(rows: NDArray[np.float64]) -> NDArray[np.int64]:
+def digest_keys(seed: int) -> NDArray[np.uint64]:
+    """Digest keys drawn from ``seed``: processes given the same secret seed agree on digests."""
+    return np.random.default_rng([seed, 0x64]).integers(
+        0, 1 << 63, size=_KEYS.shape, dtype=np.uint64
+    )
+
+
+def row_digests(
+    rows: NDArray[np.float64], keys: NDArray[np.uint64] | None = None
+) -> NDArray[np.int64]:
     """One keyed 64-bit digest per row of its exact float64 values (``-0.0`` equals ``0.0``).
 
     Each value's bits are keyed by its position and mixed, then the mixed
     words are summed: rows equal to the bit are equal, and two different rows
     share a digest with probability about ``2**-64`` whatever their values.
-    Vectorised: a few numpy passes per request.
+    Vectorised: a few numpy passes per request. ``keys`` (from
+    :func:`digest_keys`) replace this process's own secret keys, so that
+    several processes sharing the secret compare digests.
     """
     data = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 -> 0.0
     width = data.shape[1]
-    keys = _KEYS[:, np.arange(width) % _KEYS.shape[1]]
+    table = _KEYS if keys is None else keys
+    keys = table[:, np.arange(width) % table.shape[1]]
     words = data.view(np.uint64) ^ keys[0]
     words += keys[1] * np.uint64(width)  # rows of other widths differ too
     with np.errstate(over="ignore"):
@@ -79,6 +91,10 @@ class RecentRows:
     @property
     def nbytes(self) -> int:
         return int(self._ring.nbytes)
+
+    def known(self, digests: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which digests are among the recent ones (remembering nothing)."""
+        return np.isin(digests, self._ring[: self.n])
 
     def fresh_digests(self, digests: NDArray[np.int64]) -> NDArray[np.bool_]:
         """Which digests were not among the recent ones (remembering the fresh ones)."""

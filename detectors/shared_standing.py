@@ -12,8 +12,9 @@ a TTL so a flag expires on its own. Every key starts with
 state they may evict (the ``memory://`` store's flag table).
 
 With a shared store, a client flagged by one worker is flagged by all of them
-on its next request, even if its traffic is spread so that no single worker
-saw enough to decide.
+on its next request. The evidence behind the flags is shared too, compactly
+and one request late (:mod:`detectors.shared_evidence`), so that traffic spread
+over the workers convicts as early as traffic seen by one.
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ class SharedStanding:
         """
         if local is not None and local < threshold:
             return local
-        shared = await self.score(policy, client)
+        return self.pick(local, await self.score(policy, client), threshold)
+
+    @staticmethod
+    def pick(local: float | None, shared: float | None, threshold: float) -> float | None:
+        """What :meth:`resolve` answers, given the shared score already read."""
+        if local is not None and local < threshold:
+            return local
         if shared is not None and (local is None or shared < local):
             return shared
         return local

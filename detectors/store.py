@@ -11,6 +11,10 @@ Rate limiting is an optional capability, :class:`RateStore`: atomic GCRA and
 sliding-window checks over one or several limits at once. The limits are the
 immutable values :class:`GcraLimit` and :class:`WindowLimit`; every check
 answers with a :class:`RateState`.
+
+Sharing evidence between workers is another, :class:`EvidenceStore`: a bounded,
+expiring log each worker appends a request's compact evidence to and reads the
+others' from, in one round trip (:mod:`detectors.shared_evidence`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
+    "EvidenceStore",
     "GcraLimit",
     "KeyValueStore",
     "RateCheck",
@@ -185,5 +190,38 @@ class RateStore(Protocol):
         """Check every limit at once; consume ``cost`` from all of them only if all admit.
 
         Returns one :class:`RateState` per check, in order. Keys must be distinct.
+        """
+        ...
+
+
+@runtime_checkable
+class EvidenceStore(Protocol):
+    """A store that carries the extraction detectors' evidence between processes.
+
+    ``redis://`` (and ``redis+cluster://``) stores share it; a per-process store
+    answers ``shares_evidence = False`` and the detectors then keep their
+    evidence to themselves, exactly as without this capability.
+    """
+
+    #: whether appended entries reach other processes (``False``: do not call :meth:`exchange`)
+    shares_evidence: bool
+
+    async def exchange(
+        self,
+        key: str,
+        entry: bytes,
+        cursor: bytes,
+        *,
+        max_entries: int,
+        ttl: float,
+        count: int,
+    ) -> tuple[bytes, list[bytes]]:
+        """Append ``entry`` to the log at ``key`` and read what was appended since ``cursor``.
+
+        The log keeps its last ``max_entries`` entries and expires ``ttl``
+        seconds after the last append. Returns the new cursor and at most
+        ``count`` entries appended after ``cursor`` and before ``entry``, oldest
+        first (``cursor == b""``: the last ``count`` entries before ``entry``).
+        The caller's own earlier entries are among them: it tells them apart.
         """
         ...

@@ -68,10 +68,21 @@ The fingerprint salt is a secret, read from the environment variable named by
 ``salt_env`` and never logged. Without it each process draws a random salt and
 logs a warning: fingerprints then differ between workers, which matters as soon
 as anything compares them across processes.
+
+With a ``redis://`` store the three detectors share their evidence between
+workers and replicas (:mod:`detectors.shared_evidence`); each takes
+``share`` (``false``: keep the evidence per worker, share flags only),
+``share_entries`` (requests the log keeps, 1024), ``share_rows`` (rows of one
+request shared, 256) and ``share_ttl_s`` (600). Workers must agree on how
+rows are projected (``prada``) and which features are covered (``boundary``,
+wide rows): without an explicit ``seed`` both draw theirs from the
+fingerprint salt (``GUARD_FINGERPRINT_SALT``), which is a secret; without
+that either, ``prada`` shares nothing and says so in the log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -98,6 +109,8 @@ log = logging.getLogger("guard.extraction_factories")
 DEFAULT_SALT_ENV: Final = "GUARD_FINGERPRINT_SALT"
 _MIN_SALT_BYTES: Final = 16
 _MAX_INDEX_ROWS: Final = 1 << 20
+#: the parameters of the evidence shared between workers (every extraction detector)
+_SHARE_PARAMS: Final = frozenset({"share", "share_entries", "share_rows", "share_ttl_s"})
 
 
 class _Params:
@@ -187,6 +200,9 @@ class _Params:
         )
         return None if value is None else int(value)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        return bool(self._read(name, default, lambda v: isinstance(v, bool), "true or false"))
+
     def string(self, name: str, default: str) -> str:
         return str(
             self._read(
@@ -223,6 +239,40 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _share(p: _Params) -> dict[str, Any]:
+    """The evidence log's size, rows per request and TTL (used with a sharing store)."""
+    return {
+        "share": p.boolean("share", True),
+        "share_entries": p.integer("share_entries", 1024, 1, 1 << 20),
+        "share_rows": p.integer("share_rows", 256, 1, 1 << 16),
+        "share_ttl_s": p.number("share_ttl_s", 600.0, low=0.0, low_open=True),
+    }
+
+
+def _shared_seed(p: _Params, spec: DetectorSpec, ctx: BuildContext) -> int | None:
+    """``params.seed``, else the context's; with a sharing store and neither, one from the salt.
+
+    Workers that share evidence must draw the same random projection (and
+    feature subset); the salt is a secret every worker already shares, so the
+    projection stays unknown to clients.
+    """
+    seed = p.seed("seed", ctx.seed)
+    if seed is not None or not getattr(ctx.store, "shares_evidence", False):
+        return seed
+    raw = os.environ.get(DEFAULT_SALT_ENV, "").encode("utf-8")
+    if len(raw) < _MIN_SALT_BYTES:
+        log.warning(
+            "%s detector %r: the store is shared but neither params.seed nor %s is set; "
+            "workers draw different projections, so this detector's evidence is not shared",
+            spec.type,
+            spec.name,
+            DEFAULT_SALT_ENV,
+        )
+        return None
+    digest = hashlib.blake2b(raw, digest_size=8, person=b"ig-shared-seed").digest()
+    return int.from_bytes(digest, "little")
 
 
 def load_profile(spec: DetectorSpec, ctx: BuildContext) -> TrafficProfile | None:
@@ -276,6 +326,7 @@ _PRADA_PARAMS: Final = frozenset(
         "max_clients",
         "flag_ttl_s",
         "seed",
+        *_SHARE_PARAMS,
     }
 )
 
@@ -308,7 +359,8 @@ def build_prada(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "outlier_sigma": p.number("outlier_sigma", 3.0, low=0.0, low_open=True),
         "max_clients": p.integer("max_clients", 1000, 1),
         "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
-        "seed": p.seed("seed", ctx.seed),
+        "seed": _shared_seed(p, spec, ctx),
+        **_share(p),
     }
     p.done()
     if profile is not None:
@@ -337,6 +389,7 @@ _ND_PARAMS: Final = frozenset(
         "bucket_size",
         "max_clients",
         "flag_ttl_s",
+        *_SHARE_PARAMS,
     }
 )
 
@@ -393,6 +446,7 @@ def build_near_duplicate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "bucket_size": bucket_size,
         "max_clients": p.integer("max_clients", 10_000, 1),
         "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
+        **_share(p),
     }
     p.done()
     low: Any
@@ -429,6 +483,7 @@ _BOUNDARY_PARAMS: Final = frozenset(
         "max_clients",
         "flag_ttl_s",
         "seed",
+        *_SHARE_PARAMS,
     }
 )
 
@@ -497,7 +552,8 @@ def build_boundary(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         "threshold": p.finite("threshold", -6.0 if profile is None else profile.threshold),
         "max_clients": p.integer("max_clients", 10_000, 1),
         "flag_ttl_s": p.ttl("flag_ttl_s", 3600.0),
-        "seed": p.seed("seed", ctx.seed),
+        "seed": _shared_seed(p, spec, ctx),
+        **_share(p),
     }
     p.done()
     tracker = None

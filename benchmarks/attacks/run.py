@@ -2,6 +2,13 @@
 
 Run: ``python benchmarks/attacks/run.py [--quick] [--only NAME ...]``
 
+``--workers N [--store redis://...]`` runs the scaling part instead
+(:mod:`.workers`): JbDA, uniform Knockoff, HopSkipJump, Boundary and HopSkipJump
+over 10 keys,
+plus the hard-case benign clients, against 1 and N uvicorn workers sharing a
+Redis store, dealt round-robin (section ``attacks-workers``; default
+deployment ``digits-linear``).
+
 ``--quick`` runs three deployments (one per data set, both model families among
 them) with fewer evasion inputs, Knockoff rows and benign clients: a few
 minutes. ``guard calibrate`` simulates benign sessions for every stateful
@@ -417,7 +424,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="deployments to run")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="instead: 1 vs N uvicorn workers sharing --store, requests dealt round-robin",
+    )
+    parser.add_argument(
+        "--store",
+        default="redis://127.0.0.1:6379/13",
+        help="the Redis URL the workers share (with --workers; keys under a fresh prefix, "
+        "deleted afterwards)",
+    )
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        _scaling(args, argv)
+        return
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")
     os.environ.update(ENV)
@@ -432,6 +454,25 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         _report.plot(results)
         write_section("attacks", text)
+
+
+def _scaling(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from benchmarks.attacks.workers import run_workers
+
+    if args.workers < 2:
+        raise SystemExit("--workers must be at least 2 (1 worker is always measured beside it)")
+    warnings.simplefilter("ignore")
+    np.seterr(all="ignore")
+    os.environ.update(ENV)
+    words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/attacks/run.py", *words])
+    victims = deployments(args.only or ["digits-linear"], args.seed)
+    text = run_workers(
+        victims, workers=args.workers, store=args.store, seed=args.seed, command=command
+    )
+    print(text)
+    if not args.no_write:
+        write_section("attacks-workers", text)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,27 @@ class Store(ABC):
     @abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int: ...
 
+    #: whether :meth:`exchange` carries evidence to other processes (a shared backend)
+    shares_evidence: bool = False
+
+    async def exchange(
+        self,
+        key: str,
+        entry: bytes,
+        cursor: bytes,
+        *,
+        max_entries: int,
+        ttl: float,
+        count: int,
+    ) -> tuple[bytes, list[bytes]]:
+        """Append to an evidence log and read the others' entries
+        (:class:`detectors.store.EvidenceStore`).
+
+        A store that does not share keeps nothing and reads nothing: the
+        detectors only call this when :attr:`shares_evidence` is true.
+        """
+        return cursor, []
+
     async def ping(self) -> bool:
         """Whether the backend answers. Memory always does."""
         return True

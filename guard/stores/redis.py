@@ -89,6 +89,7 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
     """
 
     backend = "redis"
+    shares_evidence = True
     #: keep the quarantine index (flag.lua): two keys in one script, so one Redis only
     indexes_quarantines: ClassVar[bool] = True
 
@@ -110,6 +111,7 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
         self._incr = Script(load_script("incr"))
         self._flag = Script(load_script("flag"))
         self._flag_count = load_script("flag_count")
+        self._evidence = Script(load_script("evidence"))
         self._open(config, max_connections=max_connections, max_batch=max_batch)
 
     def _open(self, config: StateConfig, *, max_connections: int, max_batch: int) -> None:
@@ -152,7 +154,13 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
             script = self._flag
             px = 0 if ttl is None else _ms(ttl)
             command: Command = (
-                b"EVALSHA", script.sha, 2, self.prefix + key, self._index, value, px
+                b"EVALSHA",
+                script.sha,
+                2,
+                self.prefix + key,
+                self._index,
+                value,
+                px,
             )
             await self._call("set", command, script)
             return
@@ -247,6 +255,35 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
             )
         except (TypeError, ValueError, IndexError) as exc:
             raise StateError(self.backend, "acquire", "unexpected script reply") from exc
+
+    async def exchange(
+        self,
+        key: str,
+        entry: bytes,
+        cursor: bytes,
+        *,
+        max_entries: int,
+        ttl: float,
+        count: int,
+    ) -> tuple[bytes, list[bytes]]:
+        """Append to an evidence log and read the others' entries: one script, one key."""
+        script = self._evidence
+        command: Command = (
+            b"EVALSHA",
+            script.sha,
+            1,
+            self.prefix + key,
+            entry,
+            cursor,
+            max_entries,
+            _ms(ttl),
+            count,
+        )
+        raw = await self._call("exchange", command, script)
+        try:
+            return bytes(raw[0]), [bytes(e) for e in raw[1:]]
+        except (TypeError, IndexError) as exc:
+            raise StateError(self.backend, "exchange", "unexpected script reply") from exc
 
     async def ping(self) -> bool:
         """Whether Redis answers ``PING`` within the time budget."""

@@ -297,6 +297,27 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
         """Atomic multi-limit check on the backend (or on the fallback while it is down)."""
         return await self._call("acquire", lambda s: _rate(s).acquire(checks, cost=cost))
 
+    @property
+    def shares_evidence(self) -> bool:  # type: ignore[override]
+        """Whether the backend carries evidence between processes."""
+        return self.inner.shares_evidence
+
+    async def exchange(
+        self,
+        key: str,
+        entry: bytes,
+        cursor: bytes,
+        *,
+        max_entries: int,
+        ttl: float,
+        count: int,
+    ) -> tuple[bytes, list[bytes]]:
+        """Exchange evidence through the backend (a fallback store shares nothing)."""
+        return await self._call(
+            "exchange",
+            lambda s: s.exchange(key, entry, cursor, max_entries=max_entries, ttl=ttl, count=count),
+        )
+
     def quarantined_now(self) -> int:
         """The backend's count of quarantined clients.
 

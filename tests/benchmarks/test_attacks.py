@@ -418,3 +418,64 @@ def test_targets_say_plainly_what_is_not_met() -> None:
     assert "**NOT met** (0 of 1): missed b Knockoff, uniform" in text
     assert "benign clients enforced against ≤ 0.5 %: **NOT met** (3 of 100, 3.0 %)" in text
     assert "extraction attacks (closed-world Knockoff aside) ≤ 100: **NOT met** (never" in text
+
+
+# --------------------------------------------------------------------------- across workers
+
+
+def test_the_workers_policies_keep_the_extraction_detectors_and_can_stop_sharing() -> None:
+    from pathlib import Path
+
+    from benchmarks.attacks._recipe import Deployment, recipe
+    from benchmarks.attacks.workers import DETECTORS, policy_config
+
+    dep = Deployment(victim("wine", "linear"), recipe("/tmp/c"), Path("/tmp"), "", [])
+    full = policy_config(dep, "recipe")
+    assert full == dep.config
+    cut = policy_config(dep, "extraction", share=False)
+    kept = cut["policies"][0]["detectors"]
+    assert sorted(d["type"] for d in kept) == sorted(DETECTORS)
+    assert all(d["params"]["share"] is False for d in kept)
+    assert "share" not in str(dep.config)  # the deployment's own config is left alone
+
+
+def test_round_robin_deals_requests_over_the_servers_in_turn() -> None:
+    import http.server
+    import threading
+
+    from benchmarks.attacks.workers import RoundRobin
+
+    hits: list[int] = []
+
+    def handler(i: int) -> type[http.server.BaseHTTPRequestHandler]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                hits.append(i)
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.send_header("X-Request-Id", str(i))
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(i)) for i in range(3)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    rr = RoundRobin([f"http://127.0.0.1:{s.server_address[1]}" for s in servers])
+    try:
+        got = [rr.post("/x", b"{}", {"content-type": "application/json"}) for _ in range(7)]
+    finally:
+        rr.close()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert hits == [0, 1, 2, 0, 1, 2, 0]
+    assert [h["x-request-id"] for _, h, _ in got] == ["0", "1", "2", "0", "1", "2", "0"]
+    assert all(status == 200 and body == b"ok" for status, _, body in got)
