@@ -109,8 +109,10 @@ def test_kserve_v1_rows_are_held_to_the_signature_learned_for_the_model(model: A
         ({"instances": [[[0.0] * 8] * 8]}, "bad_shape"),
         ({"instances": ["seven"]}, "bad_type"),
     ]:
+        before = total(registry, "guard_invalid_requests", reason=reason)
         res = request(mw, v1, json.dumps(doc).encode(), headers=[JSON_CT])
         assert res.status == 400, (doc, res.body)
+        assert total(registry, "guard_invalid_requests", reason=reason) == before + 1
     assert total(registry, "guard_invalid_requests", reason="bad_shape") == 2
     assert total(registry, "guard_invalid_requests", reason="bad_type") == 1
     assert total(registry, "guard_errors", component="signature") == 0
