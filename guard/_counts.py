@@ -96,18 +96,22 @@ class Counts:
         if not self.enabled:
             return _uncounted
         add_all = self._tally.add_all
-        bound: list[Any] = []
+        requests: Any = None
+        rows: Any = None
+        payload: Any = None
+        overhead: Any = None
 
         def count(n_rows: int, seconds: float | None) -> None:
-            if not bound:
-                bound.extend((*self._outcome(policy, decision), self._payload_inc(policy, fmt)))
-            requests, rows, payload = bound[:3]
+            nonlocal requests, rows, payload, overhead
+            if requests is None:
+                requests, rows = self._outcome(policy, decision)
+                payload = self._payload_inc(policy, fmt)
             if seconds is None:
                 add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
                 return
-            if len(bound) == 3:
-                bound.append(self.child(self.metrics.overhead, policy).observe)
-            add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0), (bound[3], seconds)))
+            if overhead is None:
+                overhead = self.child(self.metrics.overhead, policy).observe
+            add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0), (overhead, seconds)))
 
         return count
 

@@ -126,8 +126,7 @@ class FastLane:
         are counted (``None``: not counted), ``next_id`` draws request ids.
         """
         verdict, count = self._loadout.fixed_verdict(policy, fmt)
-        serve = partial(self._serve, policy, fmt, verdict, count, app, carry_out, statuses)
-        return partial(serve, next_id)
+        return partial(self._serve, policy, fmt, verdict, count, app, carry_out, statuses, next_id)
 
     async def _serve(
         self,
