@@ -269,10 +269,11 @@ def test_alerts_and_dashboard_in_a_real_prometheus(
         assert alerts["GuardClientQuarantined"]["labels"]["severity"] == "critical"
         assert alerts["GuardAttackSuspected"]["labels"]["detector"] == "anomaly_rate"
         assert set(alerts) == {"GuardAttackSuspected", "GuardClientQuarantined"}, alerts
+        # the attacker's key, and its address with it (the demo's quarantine_address: ip)
         wait_for(
-            lambda: prom.query('guard_quarantined_clients{policy="inference"} == 1'),
+            lambda: prom.query('guard_quarantined_clients{policy="inference"} == 2'),
             5,
-            "one client in quarantine, read from the store",
+            "the attacker's key and address in quarantine, read from the store",
         )
 
     # every dashboard expression parses and returns data; stat panels a finite number
