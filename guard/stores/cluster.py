@@ -226,7 +226,9 @@ class RedisClusterStore(RedisStore):
             # messages may quote the command, keys included: name the kind only
             raise StateError(self.backend, operation, type(exc).__name__) from exc
 
-    async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
         """Check every limit in one Lua script on one node; the keys must share a hash tag."""
         if len(checks) > 1:
             prefix = self.prefix
@@ -236,7 +238,7 @@ class RedisClusterStore(RedisStore):
                     "on a Redis Cluster the keys of one acquire must share a hash tag, "
                     "like rate:{client}:0g and rate:{client}:1w"
                 )
-        return await super().acquire(checks, cost=cost)
+        return await super().acquire_lease(checks, cost=cost, lease=lease)
 
     async def ping(self) -> bool:
         """Whether every master answers ``PING`` within the time budget."""

@@ -48,7 +48,7 @@ from inference_guard.detectors.store import GcraLimit, RateCheck, RateLimit, Rat
 from inference_guard.guard.config import StateConfig
 from inference_guard.guard.errors import ConfigurationError, StateError
 from inference_guard.guard.stores._batch import AutoPipeline, Command, Script
-from inference_guard.guard.stores._ratemath import check_acquire
+from inference_guard.guard.stores._ratemath import MAX_COST, check_acquire
 from inference_guard.guard.stores.base import (
     QUARANTINE_PREFIX,
     EvictionPolicy,
@@ -233,17 +233,44 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Check every limit in one Lua script; consume ``cost`` only if all admit."""
+        return (await self.acquire_lease(checks, cost=cost, lease=0))[0]
+
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
+        """:meth:`acquire` and, when every limit has room to spare, ``lease`` more units.
+
+        One Lua script, one round trip: the lease is granted only with an
+        admitted request and only while every limit keeps at least half its
+        capacity after ``cost + lease`` (see ``lua/acquire.lua``).
+        """
         check_acquire(checks, cost)
+        if type(lease) is not int or not 0 <= lease <= MAX_COST:
+            raise ValueError(f"lease must be an integer in [0, {MAX_COST}], got {lease!r}")
         script = self._acquire
         prefix = self.prefix
-        keys: list[Any] = [b"EVALSHA", script.sha, len(checks)]
-        args: list[Any] = [cost]
-        for key, limit in checks:
-            keys.append(prefix + key)
-            args += _limit_args(limit)
-        raw = await self._call("acquire", (*keys, *args), script)
+        n = len(checks)
+        if n == 1:
+            key, limit = checks[0]
+            command: Command = (
+                b"EVALSHA",
+                script.sha,
+                1,
+                prefix + key,
+                cost,
+                lease,
+                *_limit_args(limit),
+            )
+        else:
+            keys: list[Any] = [b"EVALSHA", script.sha, n]
+            args: list[Any] = [cost, lease]
+            for key, limit in checks:
+                keys.append(prefix + key)
+                args += _limit_args(limit)
+            command = (*keys, *args)
+        raw = await self._call("acquire", command, script)
         try:
-            return tuple(
+            states = tuple(
                 RateState(
                     bool(int(raw[i])),
                     int(raw[i + 1]),
@@ -251,8 +278,9 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
                     float(raw[i + 3]),
                     int(raw[i + 4]),
                 )
-                for i in range(0, 5 * len(checks), 5)
+                for i in range(0, 5 * n, 5)
             )
+            return states, int(raw[5 * n])
         except (TypeError, ValueError, IndexError) as exc:
             raise StateError(self.backend, "acquire", "unexpected script reply") from exc
 

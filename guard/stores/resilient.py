@@ -297,6 +297,14 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
         """Atomic multi-limit check on the backend (or on the fallback while it is down)."""
         return await self._call("acquire", lambda s: _rate(s).acquire(checks, cost=cost))
 
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
+        """:meth:`acquire` with a lease on the backend (none from a memory fallback)."""
+        return await self._call(
+            "acquire", lambda s: _rate(s).acquire_lease(checks, cost=cost, lease=lease)
+        )
+
     @property
     def shares_evidence(self) -> bool:  # type: ignore[override]
         """Whether the backend carries evidence between processes."""
