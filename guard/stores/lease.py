@@ -135,6 +135,8 @@ class LeasedRateStore(RateLimitStore):
         self.max_entries = max_entries
         self._clock = clock
         self._table: dict[object, _Entry] = {}
+        # keys with a lease request in flight
+        self._pending: set[object] = set()
         # per set of limits: (units leased, seconds held, per-unit reset of each limit)
         self._plans: dict[object, tuple[int, float, tuple[float, ...]]] = {}
         #: checks sent to the shared store
@@ -175,13 +177,23 @@ class LeasedRateStore(RateLimitStore):
                 return _spent(entry, now)
         units, held, per_unit = self._plan(limits)
         self.remote += 1
-        if units > 0:
-            states, granted = await self.inner.acquire_lease(checks, cost=cost, lease=units)
+        pending = self._pending
+        if units > 0 and ident not in pending:
+            # one lease request per key at a time: concurrent ones are checked exactly
+            pending.add(ident)
+            try:
+                states, granted = await self.inner.acquire_lease(checks, cost=cost, lease=units)
+            finally:
+                pending.discard(ident)
         else:
             states, granted = await self.inner.acquire(checks, cost=cost), 0
         if granted > 0:
+            left = granted
+            entry = self._table.get(ident)
+            if entry is not None and not entry.refused and now < entry.expires:
+                left += entry.left  # what remained, less than one request: kept, not lost
             self._keep(
-                ident, _Entry(limits, now + held, states, now, granted, granted, False, 0, per_unit)
+                ident, _Entry(limits, now + held, states, now, left, left, False, 0, per_unit)
             )
         elif held > 0 and not all(state.allowed for state in states):
             retry = max(state.retry_after for state in states if not state.allowed)
