@@ -226,6 +226,14 @@ class RedisClusterStore(RedisStore):
             # messages may quote the command, keys included: name the kind only
             raise StateError(self.backend, operation, type(exc).__name__) from exc
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` when the keys share a slot; else one ``GET`` per key, all at once
+        (each to its own node: the round trips overlap)."""
+        prefix = self.prefix
+        if len({key_slot((prefix + key).encode("utf-8")) for key in keys}) <= 1:
+            return await super().get_many(keys)
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
     async def acquire_lease(
         self, checks: Sequence[RateCheck], *, cost: int, lease: int
     ) -> tuple[tuple[RateState, ...], int]:

@@ -149,6 +149,12 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
         value = await self._call("get", (b"GET", self.prefix + key))
         return None if value is None else bytes(value)
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values at ``keys`` with one ``MGET``: one round trip."""
+        prefix = self.prefix
+        values = await self._call("get", (b"MGET", *(prefix + key for key in keys)))
+        return [None if value is None else bytes(value) for value in values]
+
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
             script = self._flag

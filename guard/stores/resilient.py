@@ -284,6 +284,9 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda s: s.get(key))
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self._call("get", lambda s: s.get_many(keys))
+
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         await self._call("set", lambda s: s.set(key, value, ttl))
 
