@@ -190,7 +190,12 @@ class LeasedRateStore(RateLimitStore):
         if granted > 0:
             left = granted
             entry = self._table.get(ident)
-            if entry is not None and not entry.refused and now < entry.expires:
+            if (
+                entry is not None
+                and not entry.refused
+                and now < entry.expires
+                and entry.limits == limits
+            ):
                 left += entry.left  # what remained, less than one request: kept, not lost
             self._keep(
                 ident, _Entry(limits, now + held, states, now, left, left, False, 0, per_unit)
@@ -219,6 +224,10 @@ def _spent(entry: _Entry, now: float) -> tuple[RateState, ...]:
     """The states after this process spent part of its lease (an estimate for the headers)."""
     used = entry.granted - entry.left
     elapsed = now - entry.sent
+    if len(entry.states) == 1:  # the usual single limit, without a generator
+        state = entry.states[0]
+        reset = state.reset_after + used * entry.per_unit[0] - elapsed
+        return (RateState(True, max(0, state.remaining - used), 0.0, max(0.0, reset), state.limit),)
     return tuple(
         RateState(
             True,
