@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         "- guard: one policy, `validate: false`, `degrade: {always: false}` (answers untouched, "
         "as with slowapi), only a `rate` detector (throttle, cost rows, "
         "GCRA; its defaults: on Redis, local leases of 1 % of the burst held ≤ 1 s and "
-        "local repeats of a refusal), audit log off, metrics on; slowapi: `SlowAPIASGIMiddleware`, one default "
+        "local repeats of a refusal), audit log off, metrics on; slowapi: "
+        "`SlowAPIASGIMiddleware`, one default "
         "limit, `get_remote_address`, fixed window, headers off (its defaults)",
         f"- method: uvicorn, 1 worker per variant, all variants up at once; {rounds} rounds, "
         f"variant order rotated each round; per round and variant {n_seq} sequential "

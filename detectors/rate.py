@@ -445,7 +445,7 @@ class RateLimitDetector(Detector):
         if self._single:
             states = await self.store.acquire(((base + self._suffix0, self._limit0),), cost=cost)
             state = states[0]
-            headers = (
+            headers: tuple[tuple[str, str], ...] = (
                 self._policy_item,
                 ("RateLimit", f"{self._item0}{state.remaining};t={math.ceil(state.reset_after)}"),
             )

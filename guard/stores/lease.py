@@ -36,6 +36,11 @@ rounded down; no lease at all when that is below 1):
   client can be refused up to ``W * L`` units early; a GCRA budget earns them
   back with time.
 
+A process asks for at most one lease per key at a time (checks of the same
+key made meanwhile are exact, lease-free ones), and a new lease keeps what
+remained of the last (less than one request's cost), so a process never holds
+more than ``L`` units plus that remainder.
+
 The default ``lease`` is 1 % of the smallest capacity, held at most
 ``lease_s = 1`` second and never longer than a tenth of the shortest limit's
 window: with 8 processes, at most 8 % of a burst. The table is bounded
