@@ -14,7 +14,13 @@ per request, not the answers. A script error fails only its own caller.
 
 Rate limits are timed by the Redis server's ``TIME`` inside the script, so every
 worker and replica agrees on time whatever their own clocks say; the injected
-clock is not used here.
+clock is not used here. The same script can also grant a *lease* (units the
+caller spends locally, :mod:`guard.stores.lease`) with an admitted check, only
+while every limit keeps half its capacity; :meth:`RedisStore.acquire` never
+asks for one.
+
+:meth:`RedisStore.get_many` reads several keys with one ``MGET`` (the quarantine
+check: a client's flag and its address's, one round trip).
 
 Quarantine keys (``quarantine:<client>``) are also indexed by expiry in one
 sorted set (``<key_prefix>quarantine-index``, kept by ``flag.lua`` as they are
