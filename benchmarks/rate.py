@@ -613,6 +613,17 @@ def main(argv: list[str] | None = None) -> None:
             )
         p = inproc[scenario.name]
         over = {k: p[k][0] - p["bare"][0] for k in p}
+        if scenario.status == 200:
+            # time per request over HTTP: 1 / throughput; 2x needs half of slowapi-redis's
+            budget = 0.5 / rps["slowapi-redis"] - 1.0 / rps["bare"]
+            lines.append(
+                f"- what 2x asks here: at most {us(budget)} µs per request over bare "
+                f"(half of slowapi-redis's {us(1 / rps['slowapi-redis'])} µs per request "
+                f"over HTTP, less bare's {us(1 / rps['bare'])} µs); in process the guard on "
+                f"Redis adds {us(over['guard-redis'])} µs of CPU, as on memory "
+                f"({us(over['guard-memory'])} µs), so what is left is the guard's own "
+                "per-request path, not the store"
+            )
         lines.append(
             f"- in process, scenario {scenario.name}, CPU per request over bare: guard-redis "
             f"{us(over['guard-redis'])} µs, guard-redis-exact (no leases) "
