@@ -408,6 +408,7 @@ class RateLimitDetector(Detector):
         self._single = len(named) == 1
         self._suffix0, self._limit0 = self._suffixes[0]
         self._item0 = f'"{named[0].name}";r='
+        self._policy_item = ("RateLimit-Policy", self._policy_header)
 
     def _base_key(self, query: Query) -> str:
         # the {...} hash tag keeps a client's keys in one Redis Cluster slot
@@ -438,11 +439,16 @@ class RateLimitDetector(Detector):
             cost = n_rows if 1 <= n_rows <= MAX_COST else min(max(1, n_rows), MAX_COST)
         else:
             cost = request_cost(query, self.cost, self.cost_constant)
-        base = self._base_key(query)
+        base = (
+            self._key_prefix + query.client + "}" if self.key == "client" else self._base_key(query)
+        )
         if self._single:
             states = await self.store.acquire(((base + self._suffix0, self._limit0),), cost=cost)
-            headers = self._headers(states)
             state = states[0]
+            headers: tuple[tuple[str, str], ...] = (
+                self._policy_item,
+                ("RateLimit", f"{self._item0}{state.remaining};t={math.ceil(state.reset_after)}"),
+            )
             if state.allowed:
                 return DetectorResult(
                     self.name, state.remaining / state.limit, 0.0, False, headers=headers

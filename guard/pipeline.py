@@ -316,13 +316,22 @@ class Guard:
         if not self.quarantine_enabled or policy.config.shadow or exempt:
             return None
         layer = _address_layer(policy, ip, subnet)
+        store = self.store
         try:
-            if await self.store.get(_QUARANTINE_PREFIX + client) is None and (
-                not layer
-                or layer == client
-                or await self.store.get(_QUARANTINE_PREFIX + layer) is None
-            ):
-                return None
+            if not layer or layer == client:
+                if await store.get(_QUARANTINE_PREFIX + client) is None:
+                    return None
+            else:
+                # both flags in one round trip where the store batches reads (Redis MGET)
+                keys = (_QUARANTINE_PREFIX + client, _QUARANTINE_PREFIX + layer)
+                get_many = getattr(store, "get_many", None)
+                values = (
+                    await get_many(keys)
+                    if get_many is not None
+                    else [await store.get(key) for key in keys]
+                )
+                if values[0] is None and values[1] is None:
+                    return None
         except StateError:
             self._failed(policy, "store")
             return None

@@ -12,10 +12,20 @@
           - {rate: 20, per: 1s, burst: 40}                       # GCRA
           - {limit: 10000, per: 1d, algorithm: sliding_window}
         fallback: none         # none | memory
+        lease: 0.01            # shared stores: share of the smallest capacity leased at once
+        lease_s: 1s            # longest a lease or a local refusal is held
 
 ``fallback: memory`` keeps limiting per process, in a bounded memory store,
 while the shared store is unavailable (instead of applying the policy's failure
 mode).
+
+On a shared store (``redis://``, ``redis+cluster://``) the detector checks
+through :class:`guard.stores.lease.LeasedRateStore`: a client with plenty of
+room gets ``lease`` of the smallest capacity (rounded down) in one script and
+this process spends it locally; a refused client is refused again locally
+until its ``retry_after`` or ``lease_s``. ``lease: 0`` checks every admitted
+request in the store; ``lease: 0`` with ``lease_s: 0`` checks every request
+there.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from inference_guard.detectors.rate import (
     LimitSpecError,
     NamedLimit,
     RateLimitDetector,
+    parse_duration,
 )
 from inference_guard.detectors.rate import parse_limits as _parse_limits
 from inference_guard.detectors.store import RateStore
@@ -38,11 +49,17 @@ from inference_guard.guard.config import DetectorSpec
 from inference_guard.guard.errors import ConfigurationError
 from inference_guard.guard.factory import BuildContext, DetectorFactory
 from inference_guard.guard.stores.base import Store
+from inference_guard.guard.stores.lease import DEFAULT_LEASE, DEFAULT_LEASE_S, LeasedRateStore
+from inference_guard.guard.stores.rate import RateLimitStore
 from inference_guard.guard.stores.resilient import CircuitBreaker, ResilientStore
 
 __all__ = ["FACTORIES", "build_rate"]
 
-_PARAMS = frozenset({"key", "cost", "cost_constant", "limits", "fallback"})
+_PARAMS = frozenset({"key", "cost", "cost_constant", "limits", "fallback", "lease", "lease_s"})
+#: largest ``lease`` share accepted (a lease is a small part of a budget)
+_MAX_LEASE = 0.1
+#: longest ``lease_s`` accepted
+_MAX_LEASE_S = 60.0
 _FALLBACKS = ("none", "memory")
 
 
@@ -106,9 +123,30 @@ def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
             limits = _parse_limits(params["limits"], default_name=spec.name)
         except LimitSpecError as exc:
             problems += [(f"{base}.{path}", problem) for path, problem in exc.problems]
+    lease = params.get("lease", DEFAULT_LEASE)
+    if (
+        isinstance(lease, bool)
+        or not isinstance(lease, int | float)
+        or not 0 <= lease <= _MAX_LEASE
+    ):
+        problems.append((f"{base}.lease", f"must be a number in [0, {_MAX_LEASE}], got {lease!r}"))
+        lease = 0.0
+    lease_s = DEFAULT_LEASE_S
+    if "lease_s" in params:
+        try:
+            lease_s = 0.0 if params["lease_s"] in (0, "0") else parse_duration(params["lease_s"])
+        except ValueError as exc:
+            problems.append((f"{base}.lease_s", str(exc)))
+        else:
+            if lease_s > _MAX_LEASE_S:
+                problems.append((f"{base}.lease_s", f"must be at most {_MAX_LEASE_S:g}s"))
     if problems:
         raise ConfigurationError(problems[0][0], problems[0][1], problems=problems)
     store = _rate_store(ctx.store, fallback, base)
+    if (lease > 0 or lease_s > 0) and getattr(store, "backend", "memory") != "memory":
+        if not isinstance(store, RateLimitStore):
+            raise ConfigurationError(base, "the configured state store does not support leases")
+        store = LeasedRateStore(store, lease=float(lease), lease_s=lease_s, clock=ctx.clock)
     return RateLimitDetector(
         spec.name, store=store, limits=limits, key=key, cost=cost, cost_constant=cost_constant
     )

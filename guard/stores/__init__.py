@@ -7,6 +7,7 @@ are imported lazily by :func:`store_from_uri`.
 from __future__ import annotations
 
 from inference_guard.guard.stores.base import Store
+from inference_guard.guard.stores.lease import LeasedRateStore
 from inference_guard.guard.stores.memory import MemoryStore
 from inference_guard.guard.stores.rate import RateLimitStore
 from inference_guard.guard.stores.resilient import BreakerState, CircuitBreaker, ResilientStore
@@ -15,6 +16,7 @@ from inference_guard.guard.stores.uri import store_from_uri
 __all__ = [
     "BreakerState",
     "CircuitBreaker",
+    "LeasedRateStore",
     "MemoryStore",
     "RateLimitStore",
     "ResilientStore",

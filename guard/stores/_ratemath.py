@@ -4,6 +4,10 @@
 the two in step (the shared test suite runs every case against both). A step
 reads the limit's stored state and returns what the limit answers plus the state
 to store if the request is admitted; nothing is written on a rejection.
+
+The script's lease (``ARGV[2]``: units taken with an admitted check for the
+caller to spend locally, :mod:`guard.stores.lease`) has no twin here: a
+per-process store never grants one.
 """
 
 from __future__ import annotations

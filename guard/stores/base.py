@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 __all__ = ["QUARANTINE_PREFIX", "EvictionPolicy", "QuarantineCount", "Store"]
 
@@ -20,6 +21,11 @@ class Store(ABC):
 
     @abstractmethod
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values at ``keys``, in order (``None`` where absent): one round trip where
+        the backend can (Redis ``MGET``); this default reads them one by one."""
+        return [await self.get(key) for key in keys]
 
     @abstractmethod
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None: ...

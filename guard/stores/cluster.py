@@ -226,7 +226,17 @@ class RedisClusterStore(RedisStore):
             # messages may quote the command, keys included: name the kind only
             raise StateError(self.backend, operation, type(exc).__name__) from exc
 
-    async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` when the keys share a slot; else one ``GET`` per key, all at once
+        (each to its own node: the round trips overlap)."""
+        prefix = self.prefix
+        if len({key_slot((prefix + key).encode("utf-8")) for key in keys}) <= 1:
+            return await super().get_many(keys)
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
         """Check every limit in one Lua script on one node; the keys must share a hash tag."""
         if len(checks) > 1:
             prefix = self.prefix
@@ -236,7 +246,7 @@ class RedisClusterStore(RedisStore):
                     "on a Redis Cluster the keys of one acquire must share a hash tag, "
                     "like rate:{client}:0g and rate:{client}:1w"
                 )
-        return await super().acquire(checks, cost=cost)
+        return await super().acquire_lease(checks, cost=cost, lease=lease)
 
     async def ping(self) -> bool:
         """Whether every master answers ``PING`` within the time budget."""

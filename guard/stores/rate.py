@@ -30,6 +30,20 @@ class RateLimitStore(ABC):
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """One :class:`RateState` per check, in order; consume ``cost`` only if all admit."""
 
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
+        """:meth:`acquire`, and perhaps ``lease`` more units for the caller to spend locally.
+
+        Returns the states (those of ``cost`` alone) and the units granted:
+        ``lease`` or 0. A shared store grants a lease only with an admitted
+        request and only while every limit keeps at least half its capacity
+        after ``cost + lease`` are taken (:mod:`guard.stores.lease` spends it).
+        This default, for per-process stores, never grants one: the check is
+        local already.
+        """
+        return await self.acquire(checks, cost=cost), 0
+
     async def gcra(
         self, key: str, *, rate: float, period: float, burst: int, cost: int
     ) -> RateState:

@@ -14,7 +14,13 @@ per request, not the answers. A script error fails only its own caller.
 
 Rate limits are timed by the Redis server's ``TIME`` inside the script, so every
 worker and replica agrees on time whatever their own clocks say; the injected
-clock is not used here.
+clock is not used here. The same script can also grant a *lease* (units the
+caller spends locally, :mod:`guard.stores.lease`) with an admitted check, only
+while every limit keeps half its capacity; :meth:`RedisStore.acquire` never
+asks for one.
+
+:meth:`RedisStore.get_many` reads several keys with one ``MGET`` (the quarantine
+check: a client's flag and its address's, one round trip).
 
 Quarantine keys (``quarantine:<client>``) are also indexed by expiry in one
 sorted set (``<key_prefix>quarantine-index``, kept by ``flag.lua`` as they are
@@ -48,7 +54,7 @@ from inference_guard.detectors.store import GcraLimit, RateCheck, RateLimit, Rat
 from inference_guard.guard.config import StateConfig
 from inference_guard.guard.errors import ConfigurationError, StateError
 from inference_guard.guard.stores._batch import AutoPipeline, Command, Script
-from inference_guard.guard.stores._ratemath import check_acquire
+from inference_guard.guard.stores._ratemath import MAX_COST, check_acquire
 from inference_guard.guard.stores.base import (
     QUARANTINE_PREFIX,
     EvictionPolicy,
@@ -149,6 +155,12 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
         value = await self._call("get", (b"GET", self.prefix + key))
         return None if value is None else bytes(value)
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values at ``keys`` with one ``MGET``: one round trip."""
+        prefix = self.prefix
+        values = await self._call("get", (b"MGET", *(prefix + key for key in keys)))
+        return [None if value is None else bytes(value) for value in values]
+
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         if self.indexes_quarantines and key.startswith(QUARANTINE_PREFIX):
             script = self._flag
@@ -233,17 +245,44 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Check every limit in one Lua script; consume ``cost`` only if all admit."""
+        return (await self.acquire_lease(checks, cost=cost, lease=0))[0]
+
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
+        """:meth:`acquire` and, when every limit has room to spare, ``lease`` more units.
+
+        One Lua script, one round trip: the lease is granted only with an
+        admitted request and only while every limit keeps at least half its
+        capacity after ``cost + lease`` (see ``lua/acquire.lua``).
+        """
         check_acquire(checks, cost)
+        if type(lease) is not int or not 0 <= lease <= MAX_COST:
+            raise ValueError(f"lease must be an integer in [0, {MAX_COST}], got {lease!r}")
         script = self._acquire
         prefix = self.prefix
-        keys: list[Any] = [b"EVALSHA", script.sha, len(checks)]
-        args: list[Any] = [cost]
-        for key, limit in checks:
-            keys.append(prefix + key)
-            args += _limit_args(limit)
-        raw = await self._call("acquire", (*keys, *args), script)
+        n = len(checks)
+        if n == 1:
+            key, limit = checks[0]
+            command: Command = (
+                b"EVALSHA",
+                script.sha,
+                1,
+                prefix + key,
+                cost,
+                lease,
+                *_limit_args(limit),
+            )
+        else:
+            keys: list[Any] = [b"EVALSHA", script.sha, n]
+            args: list[Any] = [cost, lease]
+            for key, limit in checks:
+                keys.append(prefix + key)
+                args += _limit_args(limit)
+            command = (*keys, *args)
+        raw = await self._call("acquire", command, script)
         try:
-            return tuple(
+            states = tuple(
                 RateState(
                     bool(int(raw[i])),
                     int(raw[i + 1]),
@@ -251,8 +290,9 @@ class RedisStore(Store, RateLimitStore, QuarantineCount, EvictionPolicy):
                     float(raw[i + 3]),
                     int(raw[i + 4]),
                 )
-                for i in range(0, 5 * len(checks), 5)
+                for i in range(0, 5 * n, 5)
             )
+            return states, int(raw[5 * n])
         except (TypeError, ValueError, IndexError) as exc:
             raise StateError(self.backend, "acquire", "unexpected script reply") from exc
 

@@ -284,6 +284,9 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda s: s.get(key))
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self._call("get", lambda s: s.get_many(keys))
+
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         await self._call("set", lambda s: s.set(key, value, ttl))
 
@@ -296,6 +299,14 @@ class ResilientStore(Store, RateLimitStore, QuarantineCount):
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Atomic multi-limit check on the backend (or on the fallback while it is down)."""
         return await self._call("acquire", lambda s: _rate(s).acquire(checks, cost=cost))
+
+    async def acquire_lease(
+        self, checks: Sequence[RateCheck], *, cost: int, lease: int
+    ) -> tuple[tuple[RateState, ...], int]:
+        """:meth:`acquire` with a lease on the backend (none from a memory fallback)."""
+        return await self._call(
+            "acquire", lambda s: _rate(s).acquire_lease(checks, cost=cost, lease=lease)
+        )
 
     @property
     def shares_evidence(self) -> bool:  # type: ignore[override]

@@ -22,6 +22,7 @@ from inference_guard.guard.decisions import Action
 from inference_guard.guard.errors import ConfigurationError, StateError
 from inference_guard.guard.registry import BuildContext, build_detector
 from inference_guard.guard.stores import MemoryStore, ResilientStore, store_from_uri
+from inference_guard.guard.stores.lease import LeasedRateStore
 from tests.stores_fixture import Backend, FakeClock
 
 HOUR = 3600.0
@@ -416,10 +417,16 @@ def test_factory_wires_the_memory_fallback() -> None:
     shared = ResilientStore.from_config(store_from_uri(config), config)
     det = build_detector(_spec({**EXAMPLE, "fallback": "memory"}), BuildContext(store=shared))
     assert isinstance(det, RateLimitDetector)
-    assert isinstance(det.store, ResilientStore) and det.store.breaker is shared.breaker
-    assert isinstance(det.store.fallback, MemoryStore) and det.store.fallback.max_keys == 123
+    # a shared store is checked through local leases, in front of the breaker
+    assert isinstance(det.store, LeasedRateStore)
+    view = det.store.inner
+    assert isinstance(view, ResilientStore) and view.breaker is shared.breaker
+    assert isinstance(view.fallback, MemoryStore) and view.fallback.max_keys == 123
     plain = build_detector(_spec(EXAMPLE), BuildContext(store=shared))
-    assert isinstance(plain, RateLimitDetector) and plain.store is shared
+    assert isinstance(plain, RateLimitDetector) and isinstance(plain.store, LeasedRateStore)
+    assert plain.store.inner is shared
+    exact = build_detector(_spec({**EXAMPLE, "lease": 0, "lease_s": 0}), BuildContext(store=shared))
+    assert isinstance(exact, RateLimitDetector) and exact.store is shared
     memory = MemoryStore()
     same = build_detector(_spec({**EXAMPLE, "fallback": "memory"}), BuildContext(store=memory))
     assert isinstance(same, RateLimitDetector) and same.store is memory

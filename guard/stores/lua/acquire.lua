@@ -6,15 +6,23 @@
 --
 -- KEYS[i]          state key of limit i
 -- ARGV[1]          cost (integer >= 0)
--- ARGV[3i-1 .. 3i+1] for limit i: kind, a, b
+-- ARGV[2]          lease (integer >= 0): extra units to take for the caller to
+--                  spend locally (guard/stores/lease.py); 0 for a plain check
+-- ARGV[3i .. 3i+2] for limit i: kind, a, b
 --     kind "g" (GCRA):           a = emission interval (s), b = burst
 --     kind "w" (sliding window): a = period (s),            b = limit
 --
 -- Returns 5 values per limit: allowed (1/0), remaining, retry_after,
--- reset_after, capacity. Floats are returned as strings (Lua numbers would be
--- truncated to integers). The cost is consumed from every limit only when
--- every limit admits it; a refused request writes nothing, and every limit
--- then reports its state as it stands.
+-- reset_after, capacity; then the lease granted (0 or ARGV[2]). Floats are
+-- returned as strings (Lua numbers would be truncated to integers). The cost
+-- is consumed from every limit only when every limit admits it; a refused
+-- request writes nothing, and every limit then reports its state as it stands.
+--
+-- The lease is granted only with an admitted request, and only when every
+-- limit would still hold at least half its capacity after cost + lease are
+-- taken: a bucket below half full is checked request by request, exactly.
+-- The states returned are those of the cost alone (the leased units are the
+-- caller's, still available to it).
 
 if redis.replicate_commands then
   redis.replicate_commands()  -- Redis < 5: TIME before writes needs effects replication
@@ -24,6 +32,7 @@ local EPS = 1e-9
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cost = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -99,9 +108,9 @@ local out = {}
 local writes = {}
 local all_allowed = true
 for i = 1, #KEYS do
-  local kind = ARGV[3 * i - 1]
-  local a = tonumber(ARGV[3 * i])
-  local b = tonumber(ARGV[3 * i + 1])
+  local kind = ARGV[3 * i]
+  local a = tonumber(ARGV[3 * i + 1])
+  local b = tonumber(ARGV[3 * i + 2])
   local res, write, ttl
   if kind == 'g' then
     res, write = gcra(KEYS[i], a, b, cost)
@@ -122,22 +131,50 @@ for i = 1, #KEYS do
 end
 
 if all_allowed then
+  local granted = 0
+  if lease > 0 then
+    -- the same check for cost + lease, with half of every limit kept back
+    local leased = {}
+    granted = lease
+    for i = 1, #KEYS do
+      local kind = ARGV[3 * i]
+      local a = tonumber(ARGV[3 * i + 1])
+      local b = tonumber(ARGV[3 * i + 2])
+      local res, write, ttl
+      if kind == 'g' then
+        res, write = gcra(KEYS[i], a, b, cost + lease)
+      else
+        res, write, ttl = window(KEYS[i], a, b, cost + lease)
+      end
+      if res[1] == 0 or res[2] < b / 2 then
+        granted = 0
+        break
+      end
+      if write ~= nil then
+        leased[#leased + 1] = {write, ttl, KEYS[i]}
+      end
+    end
+    if granted > 0 then
+      writes = leased
+    end
+  end
   for _, item in ipairs(writes) do
     redis.call(unpack(item[1]))
     if item[2] ~= nil then
       redis.call('PEXPIRE', item[3], item[2])
     end
   end
+  out[#out + 1] = granted
   return out
 end
 
 -- refused: limits that would have admitted it report their state untouched
 for i = 1, #KEYS do
   if out[5 * i - 4] == 1 then
-    local a = tonumber(ARGV[3 * i])
-    local b = tonumber(ARGV[3 * i + 1])
+    local a = tonumber(ARGV[3 * i + 1])
+    local b = tonumber(ARGV[3 * i + 2])
     local res
-    if ARGV[3 * i - 1] == 'g' then
+    if ARGV[3 * i] == 'g' then
       res = gcra(KEYS[i], a, b, 0)
     else
       res = window(KEYS[i], a, b, 0)
@@ -147,4 +184,5 @@ for i = 1, #KEYS do
     end
   end
 end
+out[#out + 1] = 0
 return out

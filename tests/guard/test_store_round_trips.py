@@ -1,0 +1,109 @@
+"""How many commands a request costs the shared store: reads batched, rate checks leased.
+
+``get_many`` runs on every backend; the per-request counts read the Redis
+store's own count of commands sent (``AutoPipeline.commands``), on a real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from redis.crc import key_slot
+
+from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.engine import Pass, Refusal, Request
+from inference_guard.guard.pipeline import Guard
+from inference_guard.guard.stores.redis import RedisStore
+from tests.stores_fixture import Backend
+
+pytestmark = pytest.mark.anyio
+
+V2 = "/v2/models/m/infer"
+BODY = json.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 1.0]}]}
+).encode()
+
+
+async def test_get_many_reads_every_key_in_order(backend: Backend) -> None:
+    store = backend.store
+    # on a cluster these land in different slots: one GET per node, at once
+    keys = ["quarantine:a", "quarantine:b", "absent", "quarantine:{x}"]
+    assert len({key_slot((backend.prefix + k).encode()) for k in keys}) > 1
+    await store.set("quarantine:a", b"1", 60)
+    await store.set("quarantine:{x}", b"2", 60)
+    assert await store.get_many(keys) == [b"1", None, None, b"2"]
+    assert await store.get_many(["absent"]) == [None]
+
+
+class Body:
+    async def read(self, declared: bytes | None) -> bytes:
+        return BODY
+
+
+def _guard(backend: Backend, tmp_path: Path) -> Guard:
+    data = {
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": [V2],
+                "quarantine_s": 600,
+                "quarantine_address": "ip",
+                "detectors": [
+                    {
+                        "type": "rate",
+                        "action": "throttle",
+                        "params": {"limits": [{"rate": 1000, "per": "1h", "burst": 1000}]},
+                    }
+                ],
+            }
+        ],
+    }
+    return Guard(
+        GuardConfig.from_dict(data),
+        registry=CollectorRegistry(),
+        clock=time.monotonic,
+        store=backend.store,
+        identity_secret=b"round-trip-test",
+    )
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_request_costs_one_command_when_its_budget_has_room(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Quarantine (client and address, one MGET) plus the rate check (leased): one command."""
+    store = backend.store
+    assert isinstance(store, RedisStore)
+    guard = _guard(backend, tmp_path)
+    policy = guard.match("POST", V2)
+    assert policy is not None
+    headers = [(b"content-type", b"application/json"), (b"x-api-key", b"k1")]
+
+    async def one() -> int:
+        before = store._pipeline.commands
+        verdict = await guard.admit(
+            Request(policy, "POST", V2, headers, ("10.1.2.3", 5000), "rid", Body())
+        )
+        assert isinstance(verdict, Pass)
+        return store._pipeline.commands - before
+
+    # the first: MGET and the rate script, which takes a lease of 10 (1 % of 1000)
+    assert await one() == 2
+    # the next ten spend the lease: only the quarantine read goes to Redis
+    assert [await one() for _ in range(10)] == [1] * 10
+    assert await one() == 2  # a new lease
+    # the address layer's flag is read in the same MGET: a fresh key there is refused
+    address = guard.identifier.identify({}, "10.1.2.3").ip
+    assert address and await guard.quarantine(policy, "someone", ip=address)
+    fresh = [(b"content-type", b"application/json"), (b"x-api-key", b"k2")]
+    before = store._pipeline.commands
+    verdict = await guard.admit(
+        Request(policy, "POST", V2, fresh, ("10.1.2.3", 5000), "rid", Body())
+    )
+    assert isinstance(verdict, Refusal) and verdict.status == 403
+    assert store._pipeline.commands - before == 1
