@@ -69,7 +69,10 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
     too, with the same ``n_rows``, no texts and no extras. It never raises.
     """
     # a plain document nests exactly 4 deep (object, inputs, tensor, data)
-    if _not_for_the_lane(body, limits) or limits.max_json_depth < 4:
+    known = _KNOWN
+    if known[0] is not limits:
+        known = _know(limits)
+    if (len(body) >= known[1] and _not_for_the_lane(body, limits)) or known[2] < 4:
         return None
     try:
         doc = orjson.loads(body)
@@ -123,7 +126,10 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
     never raises.
     """
     # a plain document nests exactly 3 deep (object, instances, row)
-    if _not_for_the_lane(body, limits) or limits.max_json_depth < 3:
+    known = _KNOWN
+    if known[0] is not limits:
+        known = _know(limits)
+    if (len(body) >= known[1] and _not_for_the_lane(body, limits)) or known[2] < 3:
         return None
     try:
         doc = orjson.loads(body)
@@ -156,6 +162,24 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
 def _not_for_the_lane(body: bytes, limits: LimitsConfig) -> bool:
     """Too large, or over the parse budget: the full parser's to refuse."""
     return len(body) > limits.max_body_bytes or json_budget_exceeded(body, limits) is not None
+
+
+def _know(limits: LimitsConfig) -> tuple[LimitsConfig, int, int]:
+    """``limits``, the shortest body :func:`_not_for_the_lane` may refuse, and the depth
+    limit; remembered for the next request (one config's limits, as a rule)."""
+    global _KNOWN
+    shortest = min(
+        limits.max_body_bytes + 1,
+        limits.max_json_containers,
+        limits.max_json_keys,
+        limits.max_json_elements,
+    )
+    _KNOWN = (limits, shortest, limits.max_json_depth)
+    return _KNOWN
+
+
+#: the limits last read by :func:`_know`, and what it made of them
+_KNOWN: tuple[LimitsConfig | None, int, int] = (None, 0, 0)
 
 
 #: the plain reader of each format that has one
