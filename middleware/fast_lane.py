@@ -126,13 +126,18 @@ class FastLane:
         are counted (``None``: not counted), ``next_id`` draws request ids.
         """
         verdict, count = self._loadout.fixed_verdict(policy, fmt)
-        return partial(self._serve, policy, fmt, verdict, count, app, carry_out, statuses, next_id)
+        # what the lane does with a plain request, decided once: pass it on itself, or not
+        untouched = verdict.untouched
+        return partial(
+            self._serve, policy, fmt, verdict, untouched, count, app, carry_out, statuses, next_id
+        )
 
     async def _serve(
         self,
         policy: CompiledPolicy,
         fmt: str,
         verdict: Pass,
+        untouched: bool,
         count: Callable[[int, float | None], None],
         app: ASGIApp,
         carry_out: CarryOut,
@@ -176,7 +181,6 @@ class FastLane:
         if n_rows is None:
             await carry_out(scope, reader, send, request_id, started, None)
             return
-        untouched = verdict.untouched
         try:
             count(n_rows, time.perf_counter() - started if untouched else None)
         except Exception:  # admit meets the failure again and applies the failure mode
