@@ -168,7 +168,10 @@ class FastLane:
                 and _BINARY_HEADER not in headers
             ):
                 raise _NotPlain
-            body = await reader.read(headers.get(b"content-length"))
+            declared = headers.get(b"content-length")
+            body = reader.read_now(declared)
+            if body is None:  # not there whole yet, or not a plain body: read() goes on
+                body = await reader.read(declared)
         except Exception:  # not plain; a refusal, a failure, a disconnect: admit meets it again
             await carry_out(scope, reader, send, request_id, started, None)
             return
