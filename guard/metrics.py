@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
 import hashlib
 import json
@@ -510,10 +511,15 @@ class GuardMetrics:
         return statuses
 
     def _count_statuses(self, policy: str, statuses: list[int]) -> None:
+        seen: Iterable[tuple[Any, int]]
+        try:  # a flush's statuses are mostly one or two values: classify each once
+            seen = collections.Counter(statuses).items()
+        except TypeError:  # an unhashable status
+            seen = [(status, 1) for status in statuses]
         by_class: dict[str, int] = {}
-        for status in statuses:
+        for status, n in seen:
             label = code_class(status) if type(status) is int else "other"
-            by_class[label] = by_class.get(label, 0) + 1
+            by_class[label] = by_class.get(label, 0) + n
         for label, n in by_class.items():
             self.upstream.labels(policy, label).inc(n)
 
