@@ -59,8 +59,10 @@ def with_request_id(send: Send, request_id: str, statuses: list[int] | None = No
             if statuses is not None:
                 statuses.append(message.get("status", 0))
             headers = list(message.get("headers", ()))
-            if _RID in dict(headers):  # the app's own id gives way to the guard's
-                headers = [h for h in headers if h[0] != _RID]
+            for name, _ in headers:
+                if name == _RID:  # the app's own id gives way to the guard's
+                    headers = [h for h in headers if h[0] != _RID]
+                    break
             headers.append(header)
             message["headers"] = headers
         await send(message)
