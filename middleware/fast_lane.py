@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.engine import Pass
 from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.payload._plain import READERS
@@ -129,13 +130,24 @@ class FastLane:
         # what the lane does with a plain request, decided once: pass it on itself, or not
         untouched = verdict.untouched
         return partial(
-            self._serve, policy, fmt, verdict, untouched, count, app, carry_out, statuses, next_id
+            self._serve,
+            policy,
+            fmt,
+            READERS[fmt],
+            verdict,
+            untouched,
+            count,
+            app,
+            carry_out,
+            statuses,
+            next_id,
         )
 
     async def _serve(
         self,
         policy: CompiledPolicy,
         fmt: str,
+        read_rows: Callable[[bytes, LimitsConfig], int | None],
         verdict: Pass,
         untouched: bool,
         count: Callable[[int, float | None], None],
@@ -176,7 +188,7 @@ class FastLane:
             await carry_out(scope, reader, send, request_id, started, None)
             return
         try:
-            n_rows = READERS[fmt](body, limits)
+            n_rows = read_rows(body, limits)
         except Exception:  # a reader bug: counted, and admit decides
             self._guard.counts.error("parse")
             log.warning("plain %s reader failed on policy %s", fmt, policy.name, exc_info=True)
