@@ -13,7 +13,9 @@ body read on demand by a :class:`~middleware._body.BodyReader`), asks
 verdict back into ASGI messages: a refusal is sent as it is; a pass goes on to
 the app, the consumed body replayed unchanged, its answer watched or rewritten
 by an :class:`~middleware.answer_capture.AnswerCapture` and handed to
-:meth:`Guard.after <guard.pipeline.Guard.after>`. Parsing payloads, identity,
+:meth:`Guard.after <guard.pipeline.Guard.after>` (as :meth:`Admission.settle
+<guard.admission.Admission.settle>`, which spares an answer only rewritten a
+coroutine). Parsing payloads, identity,
 detectors, rewriting answers: all the engine's (``guard/``, formats in
 ``guard/payload/``). The fast lane (:mod:`middleware.fast_lane`) serves plain
 requests to lean policies, whose verdict is fixed, in a few C calls.
