@@ -189,6 +189,7 @@ class BodyReader:
         "_chunks",
         "_deadline",
         "_error",
+        "_message",
         "_next",
         "_receive",
         "_started",
@@ -207,6 +208,8 @@ class BodyReader:
         self._deadline: float | None = None
         #: what read_now took and left to read: a message, or a receive to await
         self._next: _Taken | None = None
+        #: the one message read_now read the body from, replayed as it came
+        self._message: Message | None = None
         self.complete = False
 
     def read_now(self, declared: bytes | None = None) -> bytes | None:
@@ -247,6 +250,7 @@ class BodyReader:
         ):
             if body:
                 self._chunks.append(body)
+            self._message = message
             self.complete = True
             return body
         self._next = _Taken(message, None, None)
@@ -340,13 +344,18 @@ class BodyReader:
         return self.replay() if self._started else self._receive
 
     def replay(self) -> Receive:
-        """A ``receive`` for the app: the consumed bytes first, then the live stream."""
+        """A ``receive`` for the app: the consumed bytes first, then the live stream.
+
+        A body :meth:`read_now` took from one message is replayed as that message.
+        """
         chunks = self._chunks
-        first: Message | None = {
-            "type": "http.request",
-            "body": chunks[0] if len(chunks) == 1 else b"".join(chunks),
-            "more_body": not self.complete,
-        }
+        first = self._message
+        if first is None:
+            first = {
+                "type": "http.request",
+                "body": chunks[0] if len(chunks) == 1 else b"".join(chunks),
+                "more_body": not self.complete,
+            }
         upstream = self._receive
 
         async def receive() -> Message:

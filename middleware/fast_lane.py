@@ -37,9 +37,9 @@ header, a body the shared :class:`~middleware._body.BodyReader` reads whole
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 from inference_guard.guard.config import LimitsConfig
@@ -163,7 +163,7 @@ class FastLane:
             request_id = next_id()
         except ValueError:  # the generator is busy in another thread
             request_id = draw_request_id(next_id)
-        started = time.perf_counter()
+        started = perf_counter()
         limits = self._limits
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
@@ -197,7 +197,7 @@ class FastLane:
             await carry_out(scope, reader, send, request_id, started, None)
             return
         try:
-            count(n_rows, time.perf_counter() - started if untouched else None)
+            count(n_rows, perf_counter() - started if untouched else None)
         except Exception:  # admit meets the failure again and applies the failure mode
             await carry_out(scope, reader, send, request_id, started, None)
             return
