@@ -13,15 +13,27 @@ validation, answers rounded to 2 decimals) under ``/<variant>/``. The served fac
 revision's own ``middleware.asgi.GuardMiddleware`` and ``middleware.demo``, so an
 old revision needs no benchmark code of its own.
 
-Rounds alternate between the two servers. In each round a sequential Python client
-alternates between the variants request by request, and every guarded request is
-paired with the bare request of the same cycle. Reported per revision:
+Two measurements, both revisions side by side in each:
 
-* the median paired difference ("added"), for ``guarded`` and for ``default``;
-* the range of the per-round medians;
-* ``bare_again``'s paired difference: the noise floor.
+1. In process, first (the deciding figure: over HTTP this 2-core shared host's
+   noise is larger than the difference between revisions). Each revision runs in
+   a worker process of its own (``benchmarks/_ab_inprocess.py``, importing only
+   that revision), which calls ``bare`` (a no-op app answering what the demo model
+   answers to the request), ``guarded`` and ``default`` directly, ``n`` calls per
+   variant in a shuffled order, and reports CPU time per call
+   (``time.thread_time``). Rounds alternate between the two workers. Reported
+   per revision: the median over rounds of each guarded variant's CPU time per
+   call minus ``bare``'s in the same round, and its range; and head minus base,
+   paired round by round.
+2. Over HTTP: rounds alternate between the two servers. In each round a
+   sequential Python client alternates between the variants request by request,
+   and every guarded request is paired with the bare request of the same cycle.
+   Reported per revision: the median paired difference ("added"), for
+   ``guarded`` and for ``default``; the range of the per-round medians;
+   ``bare_again``'s paired difference: the noise floor.
 
-Results go to benchmarks/RESULTS.md (section ``overhead-ab``).
+Results go to benchmarks/RESULTS.md (section ``overhead-ab``, or
+``overhead-ab-kserve`` with ``--protocol kserve_v1``).
 """
 
 from __future__ import annotations
@@ -65,6 +77,73 @@ PROTOCOLS: dict[str, Callable[[], tuple[str, bytes]]] = {
     "oip_v2": lambda: (PATH, request_body()),
     "kserve_v1": _kserve_request,
 }
+
+
+class _Worker:
+    """One revision's in-process measurer (``benchmarks/_ab_inprocess.py``), over pipes."""
+
+    def __init__(self, env: dict[str, str], path: str, body: bytes, n: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve().parent / "_ab_inprocess.py")],
+            env={**os.environ, **env},
+            cwd=tempfile.gettempdir(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._send(json.dumps({"path": path, "body": body.decode("latin-1"), "n": n}))
+        if self._line() != "ready":
+            raise RuntimeError("the in-process worker did not start")
+
+    def round(self) -> dict[str, float]:
+        self._send("round")
+        out: dict[str, float] = json.loads(self._line())
+        return out
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process worker exited ({self.proc.wait()})")
+        return line.strip()
+
+
+def in_process(
+    envs: dict[str, dict[str, str]], path: str, body: bytes, rounds: int, n: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per revision and guarded variant: the per-round CPU seconds per call over ``bare``.
+
+    Rounds alternate between the revisions' workers (the first to go alternates too).
+    """
+    workers: dict[str, _Worker] = {}
+    try:
+        for label, env in envs.items():
+            workers[label] = _Worker(env, path, body, n)
+        added: dict[str, dict[str, list[float]]] = {
+            label: {"guarded": [], "default": []} for label in workers
+        }
+        labels = list(workers)
+        for i in range(rounds):
+            for label in labels if i % 2 == 0 else labels[::-1]:
+                cpu = workers[label].round()
+                for v in ("guarded", "default"):
+                    added[label][v].append(cpu[v] - cpu["bare"])
+        return added
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
 @contextlib.contextmanager
 def checkout(rev: str | None) -> Iterator[tuple[Path, str]]:
     """A directory holding ``rev`` (``None``: the working tree), and its short hash."""
@@ -101,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     rounds, n = (2, 200) if args.quick else (6, 500)
+    cpu_rounds, cpu_n = (5, 500) if args.quick else (31, 2000)
     path, body = PROTOCOLS[args.protocol]()
     started = time.time()
     paths = {v: f"/{v}{path}" for v in VARIANTS}
@@ -110,14 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     noise: dict[str, list[float]] = {}
     per_round: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
-        urls: dict[str, str] = {}
+        envs: dict[str, dict[str, str]] = {}
         for rev in (args.base, args.head):
             tree, label = stack.enter_context(checkout(rev))
             # the revision's own packages first; this file's directory for the factory
-            env = {
+            envs[label] = {
                 "PYTHONPATH": os.pathsep.join([str(tree), bench_dir]),
                 "BENCH_AB_TREE": str(tree.resolve()),
             }
+        cpu = in_process(envs, path, body, cpu_rounds, cpu_n)
+        urls: dict[str, str] = {}
+        for label, env in envs.items():
             # from a neutral directory: python -m puts the cwd first on sys.path
             urls[label] = stack.enter_context(
                 serve("_ab_app:app", env=env, cwd=Path(tempfile.gettempdir()))
@@ -148,9 +231,34 @@ def main(argv: list[str] | None = None) -> None:
         f"- request: `POST {path}`, one 64-feature row",
         f"- machine: {machine()}",
         f"- date: {today()}; took {time.time() - started:.0f} s",
-        f"- method: see the script's docstring; {rounds} rounds of {n} alternating requests "
+        f"- method: see the script's docstring; over HTTP, {rounds} rounds of {n} alternating "
+        f"requests per variant and revision; in process, {cpu_rounds} rounds of {cpu_n} calls "
         "per variant and revision; validation only: the guard validates payloads and leaves "
         "answers untouched; defaults: no config (validation, answers rounded to 2 decimals)",
+        "",
+        "In process (CPU time per call over the bare app, the deciding figure on a shared host):",
+        "",
+        "| revision | validation only: added CPU per call (µs) | per-round range (µs) "
+        "| defaults: added CPU per call (µs) | per-round range (µs) |",
+        "|---|---:|---|---:|---|",
+    ]
+    for label, by_variant in cpu.items():
+        g, d = by_variant["guarded"], by_variant["default"]
+        lines.append(
+            f"| {label} | **{median(g) * 1e6:.1f}** | {_span(g)} "
+            f"| **{median(d) * 1e6:.1f}** | {_span(d)} |"
+        )
+    base_label, head_label = list(cpu)
+    lines.append("")
+    for v, name in (("guarded", "validation only"), ("default", "defaults")):
+        paired = [h - b for h, b in zip(cpu[head_label][v], cpu[base_label][v], strict=True)]
+        lines.append(
+            f"- {name}: head minus base, paired by round: "
+            f"**{median(paired) * 1e6:+.1f} µs** (per-round {_span(paired)} µs)"
+        )
+    lines += [
+        "",
+        "Over HTTP (round trip of a guarded request minus the bare one of the same cycle):",
         "",
         "| revision | validation only: added p50 over HTTP, paired (µs) "
         "| per-round medians (µs) | defaults: added p50 (µs) | noise floor (µs) |",
@@ -165,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     write_section("overhead-ab" if args.protocol == "oip_v2" else "overhead-ab-kserve", text)
+
+
+def _span(seconds: list[float]) -> str:
+    """``min to max`` of per-round figures, in µs."""
+    return f"{min(seconds) * 1e6:.1f} to {max(seconds) * 1e6:.1f}"
 
 
 if __name__ == "__main__":

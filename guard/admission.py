@@ -15,9 +15,9 @@ the answer to a pass. :class:`guard.pipeline.Guard` offers both as
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from inference_guard.detectors.base import Answer, Query
 from inference_guard.guard._counts import Counts
@@ -191,12 +191,25 @@ class Admission:
 
     async def after(self, verdict: Pass, seen: Seen) -> None:
         """:meth:`Guard.after <guard.pipeline.Guard.after>`."""
-        policy = verdict.policy
+        watched = self.settle(verdict, seen)
+        if watched is not None:
+            await watched
+
+    def settle(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None] | None:
+        """:meth:`after`, its synchronous part done now: what remains (a watched
+        answer's detectors and capture line) to await, or ``None``.
+
+        For a front end's hot path: an answer only rewritten costs no coroutine.
+        """
         if verdict.rewrite is not None:
-            self._counts.degraded(policy.name, seen.rewrite)
-        watch = verdict.watch
-        if watch is None:
-            return
+            self._counts.degraded(verdict.policy.name, seen.rewrite)
+        if verdict.watch is None:
+            return None
+        return self._watched(verdict, verdict.watch, seen)
+
+    async def _watched(self, verdict: Pass, watch: Watch, seen: Seen) -> None:
+        """What :meth:`after` does with a watched answer."""
+        policy = verdict.policy
         answer = self._answer(verdict, seen)
         if watch.query is not None and 200 <= seen.status < 300:
             try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
 import hashlib
 import json
@@ -510,10 +511,16 @@ class GuardMetrics:
         return statuses
 
     def _count_statuses(self, policy: str, statuses: list[int]) -> None:
+        # a flush's statuses are mostly one or two values: classify each (type, value) once
+        seen: Iterable[tuple[tuple[type, Any], int]]
+        try:
+            seen = collections.Counter(zip(map(type, statuses), statuses, strict=True)).items()
+        except TypeError:  # an unhashable status
+            seen = [((type(status), status), 1) for status in statuses]
         by_class: dict[str, int] = {}
-        for status in statuses:
-            label = code_class(status) if type(status) is int else "other"
-            by_class[label] = by_class.get(label, 0) + 1
+        for (kind, status), n in seen:
+            label = code_class(status) if kind is int else "other"
+            by_class[label] = by_class.get(label, 0) + n
         for label, n in by_class.items():
             self.upstream.labels(policy, label).inc(n)
 

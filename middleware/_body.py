@@ -20,7 +20,7 @@ import types
 import weakref
 from collections.abc import Awaitable, Coroutine, Generator
 from types import CoroutineType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.middleware.types import Message, Receive
@@ -179,12 +179,18 @@ class BodyReader:
     happens (a 413, a guard failure half-way), :meth:`replay` gives the app a
     ``receive`` that first yields exactly what was consumed and then continues
     with the real stream, so a request is never lost.
+
+    :meth:`read_now` is the fast lane's way in: the usual small body, there
+    already in one message, read with no coroutine of the reader's own;
+    anything else is left for :meth:`read` to go on with.
     """
 
     __slots__ = (
         "_chunks",
         "_deadline",
         "_error",
+        "_message",
+        "_next",
         "_receive",
         "_started",
         "complete",
@@ -200,7 +206,55 @@ class BodyReader:
         self._error: Exception | None = None
         self._started = False
         self._deadline: float | None = None
+        #: what read_now took and left to read: a message, or a receive to await
+        self._next: _Taken | None = None
+        #: the one message read_now read the body from, replayed as it came
+        self._message: Message | None = None
         self.complete = False
+
+    def read_now(self, declared: bytes | None = None) -> bytes | None:
+        """The whole body when it came in one message that is there already, else ``None``.
+
+        ``None`` refuses nothing and loses nothing: whatever this took (a
+        message, a receive still waiting, a failure) :meth:`read` goes on with,
+        its declared length checked there, so a ``None`` is followed by :meth:`read`.
+        Only on a reader nothing has read yet.
+        """
+        if self._started or (
+            declared is not None
+            and not (declared.isdigit() and len(declared) <= 19 and int(declared) <= self.limit)
+        ):
+            return None
+        self._started = True
+        try:
+            step = self._receive()
+            if type(step) is not CoroutineType:
+                self._next = _Taken(None, step, None)
+                return None
+            try:
+                pending = step.send(None)
+            except StopIteration as done:
+                message = done.value
+            else:
+                self._next = _Taken(None, step, pending)
+                return None
+        except Exception as exc:  # read raises it
+            self._error = exc
+            return None
+        if (
+            type(message) is dict
+            and message.get("type") == "http.request"
+            and not message.get("more_body", False)
+            and type(body := message.get("body", b"")) is bytes
+            and len(body) <= self.limit
+        ):
+            if body:
+                self._chunks.append(body)
+            self._message = message
+            self.complete = True
+            return body
+        self._next = _Taken(message, None, None)
+        return None
 
     async def read(self, declared: bytes | None = None) -> bytes:
         """The whole body, its declared length (``Content-Length``) checked first.
@@ -220,20 +274,29 @@ class BodyReader:
                 check_length(declared, limit)  # raises: 400 or 413
             self._started = True
             receive, chunks, size = self._receive, self._chunks, 0
+            taken, self._next = self._next, None
             while True:
-                # Step receive() once by hand: a message that is there already (the
-                # usual case: a small body comes with the headers) costs no deadline.
-                # Only a receive that has to wait is awaited under it.
-                step = receive()
-                if type(step) is CoroutineType:
-                    try:
-                        pending = step.send(None)
-                    except StopIteration as done:
-                        message = done.value
-                    else:
-                        message = await self._wait(_rest_of(step, pending))
-                else:  # another awaitable (ASGI allows any): awaited under the deadline
-                    message = await self._wait(step)
+                if taken is not None:  # what read_now took
+                    message, waiting, pending = taken
+                    taken = None
+                    if waiting is not None:
+                        message = await self._wait(
+                            waiting if pending is None else _rest_of(waiting, pending)
+                        )
+                else:
+                    # Step receive() once by hand: a message that is there already (the
+                    # usual case: a small body comes with the headers) costs no deadline.
+                    # Only a receive that has to wait is awaited under it.
+                    step = receive()
+                    if type(step) is CoroutineType:
+                        try:
+                            pending = step.send(None)
+                        except StopIteration as done:
+                            message = done.value
+                        else:
+                            message = await self._wait(_rest_of(step, pending))
+                    else:  # another awaitable (ASGI allows any): awaited under the deadline
+                        message = await self._wait(step)
                 mtype = message["type"]
                 if mtype == "http.disconnect":
                     raise ClientDisconnected()
@@ -281,17 +344,36 @@ class BodyReader:
         return self.replay() if self._started else self._receive
 
     def replay(self) -> Receive:
-        """A ``receive`` for the app: the consumed bytes first, then the live stream."""
-        pending: list[bytes] | None = [b"".join(self._chunks)]
-        complete = self.complete
+        """A ``receive`` for the app: the consumed bytes first, then the live stream.
+
+        A body :meth:`read_now` took from one message is replayed as that message.
+        """
+        chunks = self._chunks
+        first = self._message
+        if first is None:
+            first = {
+                "type": "http.request",
+                "body": chunks[0] if len(chunks) == 1 else b"".join(chunks),
+                "more_body": not self.complete,
+            }
         upstream = self._receive
 
         async def receive() -> Message:
-            nonlocal pending
-            if pending is not None:
-                body = pending[0]
-                pending = None
-                return {"type": "http.request", "body": body, "more_body": not complete}
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
             return await upstream()
 
         return receive
+
+
+class _Taken(NamedTuple):
+    """What :meth:`BodyReader.read_now` took and did not read."""
+
+    #: a message received and not read (``None``: none)
+    message: Any
+    #: a receive still to await: an awaitable, or a coroutine stepped once
+    waiting: Any
+    #: what the stepped coroutine yielded (``None``: not stepped)
+    pending: Any

@@ -13,7 +13,9 @@ body read on demand by a :class:`~middleware._body.BodyReader`), asks
 verdict back into ASGI messages: a refusal is sent as it is; a pass goes on to
 the app, the consumed body replayed unchanged, its answer watched or rewritten
 by an :class:`~middleware.answer_capture.AnswerCapture` and handed to
-:meth:`Guard.after <guard.pipeline.Guard.after>`. Parsing payloads, identity,
+:meth:`Guard.after <guard.pipeline.Guard.after>` (as :meth:`Admission.settle
+<guard.admission.Admission.settle>`, which spares an answer only rewritten a
+coroutine). Parsing payloads, identity,
 detectors, rewriting answers: all the engine's (``guard/``, formats in
 ``guard/payload/``). The fast lane (:mod:`middleware.fast_lane`) serves plain
 requests to lean policies, whose verdict is fixed, in a few C calls.
@@ -33,14 +35,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
 from inference_guard.guard.config import GuardConfig
-from inference_guard.guard.engine import Pass, Request, Verdict
+from inference_guard.guard.engine import Pass, Request, Seen, Verdict
 from inference_guard.guard.errors import ClientDisconnected
 from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.pipeline import Guard
@@ -80,6 +82,8 @@ class _Route(NamedTuple):
     overhead: Callable[[float], None]
     #: the app's statuses, for ``guard_upstream_responses_total`` (``None``: metrics off)
     statuses: list[int] | None
+    #: :meth:`Admission.settle <guard.admission.Admission.settle>` of the loadout
+    settle: Callable[[Pass, Seen], Coroutine[Any, Any, None] | None]
 
 
 class GuardMiddleware:
@@ -206,7 +210,8 @@ class GuardMiddleware:
             return self._unguarded
         counts = self.guard.counts
         statuses = self.guard.metrics.upstream_statuses(policy.name) if counts.enabled else None
-        route = _Route(policy, counts.overhead_observer(policy.name), statuses)
+        settle = front.loadout.admission.settle
+        route = _Route(policy, counts.overhead_observer(policy.name), statuses, settle)
         carry_out = partial(self._carry_out, front.loadout, route)
         lane = front.fast_lane
         fmt = lane.format_of(path) if policy.name in front.lean_policies else None
@@ -286,37 +291,27 @@ class GuardMiddleware:
             if verdict.counted:
                 route.overhead(time.perf_counter() - started)
             await send_refusal(send, verdict)
-        elif verdict.untouched:
+            return
+        if verdict.untouched:
             if verdict.counted:
                 route.overhead(time.perf_counter() - started)
             send = with_request_id(send, request_id, route.statuses)
             await self.app(scope, reader.for_app(), send)
-        else:
-            receive = reader.for_app()
-            started += await self._watch(loadout, route, verdict, scope, receive, send, request_id)
-            if verdict.counted:
-                route.overhead(time.perf_counter() - started)
-
-    async def _watch(
-        self,
-        loadout: Loadout,
-        route: _Route,
-        verdict: Pass,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request_id: str,
-    ) -> float:
-        """Pass the request on, the answer captured as the verdict asks; the app's seconds."""
+            return
+        # the answer watched or rewritten as the verdict asks; the app's own time left out
         capture = AnswerCapture(
             send, verdict, request_id, limit=self._limits.max_response_bytes, path=scope["path"]
         )
+        receive = reader.for_app()
         if verdict.rewrite is not None or verdict.watch is not None:
             scope = identity_encoding(scope)
         app_started = time.perf_counter()
         await self.app(scope, receive, capture.send)
-        app_seconds = time.perf_counter() - app_started
+        started += time.perf_counter() - app_started
         if route.statuses is not None:
             route.statuses.append(capture.status)
-        await loadout.after(verdict, capture.seen())
-        return app_seconds
+        watched = route.settle(verdict, capture.seen())
+        if watched is not None:
+            await watched
+        if verdict.counted:
+            route.overhead(time.perf_counter() - started)

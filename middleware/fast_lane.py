@@ -37,11 +37,12 @@ header, a body the shared :class:`~middleware._body.BodyReader` reads whole
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 
+from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.engine import Pass
 from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.payload._plain import READERS
@@ -126,13 +127,29 @@ class FastLane:
         are counted (``None``: not counted), ``next_id`` draws request ids.
         """
         verdict, count = self._loadout.fixed_verdict(policy, fmt)
-        return partial(self._serve, policy, fmt, verdict, count, app, carry_out, statuses, next_id)
+        # what the lane does with a plain request, decided once: pass it on itself, or not
+        untouched = verdict.untouched
+        return partial(
+            self._serve,
+            policy,
+            fmt,
+            READERS[fmt],
+            verdict,
+            untouched,
+            count,
+            app,
+            carry_out,
+            statuses,
+            next_id,
+        )
 
     async def _serve(
         self,
         policy: CompiledPolicy,
         fmt: str,
+        read_rows: Callable[[bytes, LimitsConfig], int | None],
         verdict: Pass,
+        untouched: bool,
         count: Callable[[int, float | None], None],
         app: ASGIApp,
         carry_out: CarryOut,
@@ -146,7 +163,7 @@ class FastLane:
             request_id = next_id()
         except ValueError:  # the generator is busy in another thread
             request_id = draw_request_id(next_id)
-        started = time.perf_counter()
+        started = perf_counter()
         limits = self._limits
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
@@ -163,12 +180,15 @@ class FastLane:
                 and _BINARY_HEADER not in headers
             ):
                 raise _NotPlain
-            body = await reader.read(headers.get(b"content-length"))
+            declared = headers.get(b"content-length")
+            body = reader.read_now(declared)
+            if body is None:  # not there whole yet, or not a plain body: read() goes on
+                body = await reader.read(declared)
         except Exception:  # not plain; a refusal, a failure, a disconnect: admit meets it again
             await carry_out(scope, reader, send, request_id, started, None)
             return
         try:
-            n_rows = READERS[fmt](body, limits)
+            n_rows = read_rows(body, limits)
         except Exception:  # a reader bug: counted, and admit decides
             self._guard.counts.error("parse")
             log.warning("plain %s reader failed on policy %s", fmt, policy.name, exc_info=True)
@@ -176,9 +196,8 @@ class FastLane:
         if n_rows is None:
             await carry_out(scope, reader, send, request_id, started, None)
             return
-        untouched = verdict.untouched
         try:
-            count(n_rows, time.perf_counter() - started if untouched else None)
+            count(n_rows, perf_counter() - started if untouched else None)
         except Exception:  # admit meets the failure again and applies the failure mode
             await carry_out(scope, reader, send, request_id, started, None)
             return

@@ -21,6 +21,7 @@ import numpy as np
 from inference_guard.detectors.base import Answer
 from inference_guard.guard.config import DegradeConfig
 from inference_guard.guard.payload._binary import NUMPY_DTYPES
+from inference_guard.guard.payload._json import dump_compact
 from inference_guard.guard.payload.adapters import read_answer_doc
 from inference_guard.guard.payload.degrade import RowNoise, degrade_doc
 
@@ -118,5 +119,5 @@ def _encode(doc: dict[str, Any], binaries: _Binaries) -> tuple[bytes, int]:
             params = out["parameters"] = {}
         params["binary_data_size"] = len(raw)
         blobs.append(raw)
-    header = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    header = dump_compact(doc)
     return header + b"".join(blobs), len(header)

@@ -39,6 +39,7 @@ from inference_guard.guard.payload._budget import (
 from inference_guard.guard.payload._request import fail
 
 __all__ = [
+    "dump_compact",
     "has_lone_surrogate",
     "is_json_media_type",
     "json_depth_exceeds",
@@ -72,6 +73,13 @@ def _reject_constant(_name: str) -> Any:
 
 _STRICT = json.JSONDecoder(parse_constant=_reject_constant)
 _LENIENT = json.JSONDecoder()
+#: ``json.dumps(..., separators=(",", ":"))`` builds an encoder per call; one serves all
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def dump_compact(doc: Any) -> bytes:
+    """``json.dumps(doc, separators=(",", ":")).encode("utf-8")``, byte for byte."""
+    return _COMPACT.encode(doc).encode("utf-8")
 
 
 def is_json_media_type(content_type: str | None) -> bool:

@@ -49,7 +49,6 @@ from inference_guard.guard.payload._oip import MAX_DIMS
 
 __all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
 
-_INT = frozenset({int})
 #: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
 _PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
 _PLAIN_DOC_KEYS = frozenset({"inputs", "id"})
@@ -69,20 +68,23 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
     too, with the same ``n_rows``, no texts and no extras. It never raises.
     """
     # a plain document nests exactly 4 deep (object, inputs, tensor, data)
-    if _not_for_the_lane(body, limits) or limits.max_json_depth < 4:
+    known = _KNOWN
+    if known[0] is not limits:
+        known = _know(limits)
+    if (len(body) >= known[1] and _not_for_the_lane(body, limits)) or known[2] < 4:
         return None
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None  # the full reading classifies the refusal (or accepts what only json reads)
     try:
-        if type(doc) is not dict or not doc.keys() <= _PLAIN_DOC_KEYS:
+        if type(doc) is not dict or not _PLAIN_DOC_KEYS.issuperset(doc):
             return None
         inputs = doc.get("inputs")
         if type(inputs) is not list or len(inputs) != 1:
             return None
         tensor = inputs[0]
-        if type(tensor) is not dict or not tensor.keys() <= _PLAIN_TENSOR_KEYS:
+        if type(tensor) is not dict or not _PLAIN_TENSOR_KEYS.issuperset(tensor):
             return None
         shape = tensor.get("shape")
         if (
@@ -91,17 +93,18 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
             or type(tensor.get("name", "")) is not str
             or type(doc.get("id", "")) is not str
             or len(shape) > MAX_DIMS
-            or not set(map(type, shape)) <= _INT
-            or (shape and min(shape) < 0)
         ):
             return None
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                return None
         count = math.prod(shape)
         data: Any = tensor.get("data")
         if count == 0 or count > limits.max_values:
             return None
         if len(data) != count or _R in body or _L in body:
             return None  # (no booleans: see the module docstring)
-        sum(data)  # numbers only, hence finite
+        sum(data, 0.0)  # numbers only, hence finite (a float start: the float loop at once)
         # the matrix finish_rows would build: 0-D is one value, 1-D one row, else batch x rest
         n_rows: int = shape[0] if len(shape) >= 2 else 1
         if n_rows > limits.max_rows or count // n_rows > limits.max_features:
@@ -123,7 +126,10 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
     never raises.
     """
     # a plain document nests exactly 3 deep (object, instances, row)
-    if _not_for_the_lane(body, limits) or limits.max_json_depth < 3:
+    known = _KNOWN
+    if known[0] is not limits:
+        known = _know(limits)
+    if (len(body) >= known[1] and _not_for_the_lane(body, limits)) or known[2] < 3:
         return None
     try:
         doc = orjson.loads(body)
@@ -145,7 +151,8 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
         (width,) = widths
         if not 1 <= width <= limits.max_features or n_rows * width > limits.max_values:
             return None
-        sum(map(sum, instances))  # numbers only, hence finite
+        for row in instances:
+            sum(row, 0.0)  # numbers only, hence finite (a float start: the float loop at once)
         if body.count(_OPEN_LIST) != 1 + n_rows or body.count(_OPEN_OBJECT) != 1:
             return None  # brackets the document does not show (see the module docstring)
         return n_rows
@@ -156,6 +163,24 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
 def _not_for_the_lane(body: bytes, limits: LimitsConfig) -> bool:
     """Too large, or over the parse budget: the full parser's to refuse."""
     return len(body) > limits.max_body_bytes or json_budget_exceeded(body, limits) is not None
+
+
+def _know(limits: LimitsConfig) -> tuple[LimitsConfig, int, int]:
+    """``limits``, the shortest body :func:`_not_for_the_lane` may refuse, and the depth
+    limit; remembered for the next request (one config's limits, as a rule)."""
+    global _KNOWN
+    shortest = min(
+        limits.max_body_bytes + 1,
+        limits.max_json_containers,
+        limits.max_json_keys,
+        limits.max_json_elements,
+    )
+    _KNOWN = (limits, shortest, limits.max_json_depth)
+    return _KNOWN
+
+
+#: the limits last read by :func:`_know`, and what it made of them
+_KNOWN: tuple[LimitsConfig | None, int, int] = (None, 0, 0)
 
 
 #: the plain reader of each format that has one

@@ -15,7 +15,6 @@ perturbed answer, at any batch position; the key is ``GUARD_NOISE_KEY``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -27,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inference_guard.guard.config import DegradeConfig
-from inference_guard.guard.payload._json import load_json_lenient
+from inference_guard.guard.payload._json import dump_compact, load_json_lenient
 from inference_guard.guard.payload._probabilities import (
     Found,
     from_list,
@@ -375,6 +374,6 @@ def degrade_response(
             return None
         if not changed:
             return body
-        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+        return dump_compact(doc)
     except Exception:  # an odd answer is passed through, never turned into a 500
         return None

@@ -15,7 +15,6 @@ always ``custom``, never the pointer text.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -23,7 +22,12 @@ from numpy.typing import NDArray
 
 from inference_guard.detectors.base import Answer
 from inference_guard.guard.config import DegradeConfig, LimitsConfig, PayloadConfig
-from inference_guard.guard.payload._json import is_json_media_type, load_json, load_json_lenient
+from inference_guard.guard.payload._json import (
+    dump_compact,
+    is_json_media_type,
+    load_json,
+    load_json_lenient,
+)
 from inference_guard.guard.payload._probabilities import prob_matrix
 from inference_guard.guard.payload._request import ParsedRequest, check_rows, check_texts, fail
 from inference_guard.guard.payload._tensor import check_values, finish_rows, leaves, to_float
@@ -169,7 +173,7 @@ class PointerFormat:
             if done is None:
                 return None
             root, changed = done
-            return json.dumps(root, separators=(",", ":")).encode("utf-8") if changed else body
+            return dump_compact(root) if changed else body
         except Exception:  # an odd answer is passed through, never turned into a 500
             return None
 

@@ -9,13 +9,12 @@ model's own answer, before any rounding or noise. It never raises.
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
 from inference_guard.detectors.base import Answer
 from inference_guard.guard.config import DegradeConfig
 from inference_guard.guard.payload._binary_answer import review_binary
-from inference_guard.guard.payload._json import load_json_lenient
+from inference_guard.guard.payload._json import dump_compact, load_json_lenient
 from inference_guard.guard.payload.adapters import read_answer_doc
 from inference_guard.guard.payload.degrade import RowNoise, degrade_doc
 from inference_guard.guard.payload.formats import PayloadFormat
@@ -116,6 +115,6 @@ def _rewrite(
         if done is None:
             return None
         root, changed = done
-        return json.dumps(root, separators=(",", ":")).encode("utf-8") if changed else body
+        return dump_compact(root) if changed else body
     except Exception:  # an odd answer is passed through, never turned into a 500
         return None

@@ -285,6 +285,30 @@ def test_after_lets_observing_detectors_read_the_answer(
     assert len(watcher.answers) == 1
 
 
+def test_settle_counts_a_rewrite_at_once_and_leaves_only_a_watched_answer_to_await(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """Admission.settle: after()'s synchronous part, a coroutine only for what remains."""
+    guard = engine(registry, tmp_path)  # the defaults: every answer rounded, nothing watched
+    verdict = passed(admit(guard, Body(v2_body(CALM))))
+    assert verdict.rewrite is not None and verdict.watch is None
+    settle = guard.loadout.admission.settle
+    assert settle(verdict, Seen(200, "application/json", ANSWER, None, "degraded")) is None
+    degraded = {"policy": "inference", "outcome": "degraded"}
+    assert sample(registry, "guard_degraded_responses_total", **degraded) == 1
+
+    watching = engine(
+        CollectorRegistry(), tmp_path, detectors=[{"type": "test-observe", "name": "obs"}]
+    )
+    watcher = watching.policies[0].detectors[0].detector
+    assert isinstance(watcher, fakes.ObservingDetector)
+    watched = passed(admit(watching, Body(v2_body(CALM))))
+    rest = watching.loadout.admission.settle(watched, Seen(200, "application/json", ANSWER))
+    assert rest is not None and watcher.answers == []  # the detectors read it when awaited
+    asyncio.run(rest)
+    assert len(watcher.answers) == 1
+
+
 def test_an_answer_is_decoded_once_for_rewriting_and_reading(
     registry: CollectorRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

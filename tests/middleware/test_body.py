@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from inference_guard.guard.config import GuardConfig
-from inference_guard.guard.errors import PayloadError
+from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.middleware._body import BodyReader, receive_within
 from inference_guard.middleware.asgi import GuardMiddleware
 from inference_guard.middleware.types import Message
@@ -156,6 +156,115 @@ def test_a_failing_receive_is_the_readers_error_again() -> None:
             await reader.read()
 
     asyncio.run(main())
+
+
+def messages(*sent: Message, wait: bool = False) -> Any:
+    """A ``receive`` giving ``sent`` in turn, each after a suspension when ``wait``."""
+    queue = list(sent)
+
+    async def receive() -> Message:
+        if wait:
+            await asyncio.sleep(0.005)
+        return queue.pop(0)
+
+    return receive
+
+
+async def _replayed(reader: BodyReader) -> list[Message]:
+    """What the app gets from ``reader.for_app()`` until the body ends."""
+    receive, got = reader.for_app(), []
+    while True:
+        got.append(await receive())
+        if not got[-1].get("more_body"):
+            return got
+
+
+def test_read_now_takes_a_body_there_already_and_replays_it() -> None:
+    async def main() -> None:
+        sent = {"type": "http.request", "body": b"[1]"}
+        reader = BodyReader(messages(sent), 100, 1)
+        assert reader.read_now(b"3") == b"[1]" and reader.complete
+        assert await reader.read() == b"[1]"  # a second read: the same body
+        (replayed,) = await _replayed(reader)
+        assert replayed is sent  # as it came
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("sent", "wait", "expected"),
+    [
+        # more to come: read() goes on from the first chunk
+        (({"type": "http.request", "body": b"[1,", "more_body": True},
+          {"type": "http.request", "body": b"2]"}), False, b"[1,2]"),
+        # a receive that has to wait: read() awaits it under the deadline
+        (({"type": "http.request", "body": b"[3]"},), True, b"[3]"),
+        # another message first (ASGI lets a server send others): skipped by read()
+        (({"type": "http.other"}, {"type": "http.request", "body": b"[4]"}), False, b"[4]"),
+    ],
+)  # fmt: skip
+def test_read_now_leaves_what_it_took_to_read(
+    sent: tuple[Message, ...], wait: bool, expected: bytes
+) -> None:
+    async def main() -> None:
+        reader = BodyReader(messages(*sent, wait=wait), 100, 1)
+        assert reader.read_now() is None
+        assert await reader.read() == expected
+        assert b"".join(m["body"] for m in await _replayed(reader)) == expected
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("sent", "declared", "error"),
+    [
+        ({"type": "http.disconnect"}, None, ClientDisconnected),
+        ({"type": "http.request", "body": b"x" * 101}, None, PayloadError),  # 413
+        ({"type": "http.request", "body": b"[1]"}, b"1x", PayloadError),  # 400: never read
+        ({"type": "http.request", "body": b"[1]"}, b"101", PayloadError),  # 413: never read
+    ],
+)
+def test_read_now_leaves_a_refusal_to_read(
+    sent: Message, declared: bytes | None, error: type[Exception]
+) -> None:
+    async def main() -> None:
+        reader = BodyReader(messages(sent), 100, 1)
+        assert reader.read_now(declared) is None
+        with pytest.raises(error):
+            await reader.read(declared)
+        with pytest.raises(error):  # again
+            await reader.read(declared)
+
+    asyncio.run(main())
+
+
+def test_read_now_leaves_a_failing_receive_to_read() -> None:
+    def receive() -> Any:
+        raise OSError("connection reset")
+
+    async def main() -> None:
+        reader = BodyReader(receive, limit=100, timeout=1)
+        assert reader.read_now() is None
+        with pytest.raises(OSError):
+            await reader.read()
+
+    asyncio.run(main())
+
+
+def test_read_now_leaves_another_awaitable_to_read() -> None:
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+
+        def receive() -> asyncio.Future[Message]:
+            future: asyncio.Future[Message] = loop.create_future()
+            loop.call_later(0.01, future.set_result, {"type": "http.request", "body": b"[7]"})
+            return future
+
+        reader = BodyReader(receive, limit=100, timeout=1)  # type: ignore[arg-type]
+        assert reader.read_now() is None
+        return await reader.read()
+
+    assert asyncio.run(main()) == b"[7]"
 
 
 def test_body_timeout_is_configured_and_validated() -> None:

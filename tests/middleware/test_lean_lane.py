@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import inference_guard.guard.admission as engine_module
+import inference_guard.middleware.fast_lane as fast_lane_module
 from inference_guard.guard.errors import PayloadError
 from inference_guard.middleware._request_ids import request_ids as _request_ids
 from inference_guard.middleware.asgi import GuardMiddleware
@@ -166,6 +167,21 @@ def test_plain_request_skips_the_full_parser(monkeypatch: pytest.MonkeyPatch) ->
     assert res.status == 400 and calls == [V2]
     flat = request(lean, V1, b'{"instances": [1, 2]}', headers=[JSON_CT])
     assert flat.status == 400 and calls == [V2, V1]
+
+
+def test_a_failing_plain_reader_is_counted_and_the_full_path_decides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in a plain reader (bound once per route) loses no request."""
+
+    def broken(body: bytes, limits: Any) -> int | None:
+        raise RuntimeError("a reader bug")
+
+    monkeypatch.setitem(fast_lane_module.READERS, "oip_v2", broken)
+    (lean, echo), _ = lean_and_full()
+    assert request(lean, V2, PLAIN, headers=[JSON_CT]).status == 200
+    assert echo.bodies == [PLAIN]
+    assert total(lean.registry, "guard_errors", component="parse") == 1
 
 
 @pytest.mark.parametrize(

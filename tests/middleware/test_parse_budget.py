@@ -200,10 +200,13 @@ def test_a_wide_row_is_charged_per_value(cost: str, statuses: list[int]) -> None
 
 
 def test_offloaded_parses_share_a_few_threads(parse_threads: list[str]) -> None:
-    before = threading.active_count()
+    # the threads this guard starts (earlier guards' idle pools may end meanwhile)
+    before = set(threading.enumerate())
     mw = guarded(limits={"offload_bytes": 0})
     body = b'{"instances": [[1, 2]], "parameters": {}}'  # not plain: the full parser
     for _ in range(10):
         assert request(mw, V1, body, headers=[JSON_CT]).status == 200
     assert len(parse_threads) == 10 and all(n.startswith(THREAD_PREFIX) for n in parse_threads)
-    assert 1 <= threading.active_count() - before <= WORKERS
+    started = [t for t in threading.enumerate() if t not in before]
+    assert 1 <= len(started) <= WORKERS
+    assert all(t.name.startswith(THREAD_PREFIX) for t in started)
