@@ -386,6 +386,9 @@ class RateLimitDetector(Detector):
         self.key = key
         self.cost = cost
         self.cost_constant = cost_constant
+        #: whether :meth:`inspect` reads the request's matrix (only to cost its
+        #: values): otherwise the guard may count the rows without building it
+        self.reads_rows = cost == "values"
         # one state key per limit; the algorithm letter keeps a reconfigured limit
         # from reading another algorithm's state
         self._suffixes = tuple(

@@ -47,7 +47,7 @@ from inference_guard.guard.payload.adapters import (
 )
 from inference_guard.guard.payload.degrade import RowNoise, noise_key
 from inference_guard.guard.payload.formats import PayloadFormat
-from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.guard.policy import CompiledPolicy, detectors_may_degrade
 from inference_guard.guard.signatures import Signatures
 
 __all__ = ["Admission", "Detectors"]
@@ -135,6 +135,16 @@ class Admission:
         # a degraded client's noise is a keyed function of (client, row): the key, when
         # some policy can degrade with noise
         self._noise_key = noise_key() if any(map(_noisy_degrade, policies)) else None
+        # per policy, whether anything reads the request's matrix (a detector, the
+        # capture log, a degraded answer's row-keyed noise): without it, OIP v2 rows
+        # are counted and checked but no matrix is built
+        self._want_rows: dict[str, bool] = {
+            p.name: capture is not None
+            or p.observes
+            or (_noisy_degrade(p) and detectors_may_degrade(p.detectors))
+            or any(getattr(a.detector, "reads_rows", True) for a in p.detectors)
+            for p in policies
+        }
         # the one verdict on every admitted request of a policy without detectors, by format
         self._fixed: dict[tuple[str, str], Pass] = {}
         # per policy, the route patterns already warned about an unknown format
@@ -380,7 +390,7 @@ class Admission:
                 content_type=ctype,
                 headers=str_headers,
                 limits=self._limits,
-                want_rows=bool(policy.detectors) or self._capture is not None,
+                want_rows=self._want_rows.get(policy.name, True),
                 payload=self._payloads.get(policy.name),
             )
         except PayloadError:

@@ -10,7 +10,7 @@ from inference_guard.detectors.base import Detector, DetectorResult
 from inference_guard.guard.config import PolicyConfig
 from inference_guard.guard.decisions import Action, Decision, FailureMode
 
-__all__ = ["Armed", "CompiledPolicy", "compile_routes"]
+__all__ = ["Armed", "CompiledPolicy", "compile_routes", "detectors_may_degrade"]
 
 
 class Armed(NamedTuple):
@@ -35,6 +35,15 @@ class Armed(NamedTuple):
             if margin < below and stronger.severity > action.severity:
                 action = stronger
         return action
+
+
+def detectors_may_degrade(detectors: tuple[Armed, ...]) -> bool:
+    """Whether one of ``detectors`` may ask for ``degrade`` (its action or an escalation)."""
+    return any(
+        a.action is Action.DEGRADE
+        or any(e is Action.DEGRADE for _, e in (*a.escalate, *a.escalate_margin))
+        for a in detectors
+    )
 
 
 def compile_routes(patterns: tuple[str, ...]) -> re.Pattern[str]:
@@ -99,11 +108,7 @@ class CompiledPolicy:
         detectors: tuple[Armed, ...],
         default_failure_mode: FailureMode,
     ) -> CompiledPolicy:
-        degrade_possible = config.degrade.always or any(
-            a.action is Action.DEGRADE
-            or any(e is Action.DEGRADE for _, e in (*a.escalate, *a.escalate_margin))
-            for a in detectors
-        )
+        degrade_possible = config.degrade.always or detectors_may_degrade(detectors)
         return cls(
             config=config,
             name=config.name,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from inference_guard.middleware.types import Send
@@ -46,15 +46,23 @@ def draw_request_id(draw: Callable[[], str]) -> str:
         return os.urandom(12).hex()
 
 
-def with_request_id(send: Send, request_id: str, statuses: list[int] | None = None) -> Send:
+def with_request_id(
+    send: Send,
+    request_id: str,
+    statuses: list[int] | None = None,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+) -> Send:
     """``send``, with the guard's request id on the answer (the app's own gives way).
 
-    The app's status is appended to ``statuses`` as its answer starts
+    ``extra`` headers (a verdict's rate-limit fields, encoded) go on the answer
+    too, each replacing any of the app's under the same name. The app's status is
+    appended to ``statuses`` as its answer starts
     (:meth:`GuardMetrics.upstream_statuses <guard.metrics.GuardMetrics.upstream_statuses>`).
     A plain function handing back ``send``'s own awaitable: ``await send(message)``
     costs the app no coroutine of the guard's per message.
     """
-    header = (_RID, request_id.encode())
+    added = [(_RID, request_id.encode()), *extra]
+    own = frozenset(name for name, _ in added)
 
     def wrapped(message: Any) -> Awaitable[None]:
         if message["type"] == "http.response.start":
@@ -62,10 +70,10 @@ def with_request_id(send: Send, request_id: str, statuses: list[int] | None = No
                 statuses.append(message.get("status", 0))
             headers = list(message.get("headers", ()))
             for name, _ in headers:
-                if name == _RID:  # the app's own id gives way to the guard's
-                    headers = [h for h in headers if h[0] != _RID]
+                if name in own:  # the app's own id (or rate fields) give way to the guard's
+                    headers = [h for h in headers if h[0] not in own]
                     break
-            headers.append(header)
+            headers.extend(added)
             message["headers"] = headers
         return send(message)
 

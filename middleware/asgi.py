@@ -292,10 +292,11 @@ class GuardMiddleware:
                 route.overhead(time.perf_counter() - started)
             await send_refusal(send, verdict)
             return
-        if verdict.untouched:
+        if verdict.rewrite is None and verdict.watch is None:
+            # the answer untouched but for the request id (and rate fields): no capture
             if verdict.counted:
                 route.overhead(time.perf_counter() - started)
-            send = with_request_id(send, request_id, route.statuses)
+            send = with_request_id(send, request_id, route.statuses, verdict.headers)
             await self.app(scope, reader.for_app(), send)
             return
         # the answer watched or rewritten as the verdict asks; the app's own time left out

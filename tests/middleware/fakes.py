@@ -74,7 +74,10 @@ class BrokenDetector(Detector):
 
 def _fixed(spec: DetectorSpec, ctx: BuildContext) -> Detector:
     p: Mapping[str, Any] = spec.params
-    return FixedDetector(spec.name, p.get("fire_at"), p.get("retry_after"))
+    detector = FixedDetector(spec.name, p.get("fire_at"), p.get("retry_after"))
+    if "reads_rows" in p:  # declares whether it reads the request's matrix
+        detector.reads_rows = bool(p["reads_rows"])
+    return detector
 
 
 register_detector("test-fixed", _fixed, replace=True)
