@@ -37,12 +37,14 @@ benchmarks/RESULTS.md (section ``full-policy``). About 2 minutes with the
 defaults.
 
 ``--profile LABEL`` profiles instead: a server running ``full_demo`` alone, under
-wrk load (many clients), sampled by py-spy (``pip install py-spy``) for
+wrk load (``--workload``, many clients by default), sampled by py-spy
+(``pip install py-spy``) for
 ``--seconds`` x 4 seconds at 250 Hz with native frames off; the top frames by
 own time and by total time, grouped per function, go to the section
 ``full-policy-profile`` under the heading LABEL (``before``, ``after``: each
 label keeps its own table), and the raw py-spy stacks to
-``$TMPDIR/full-policy-<label>.txt``.
+``$TMPDIR/full-policy-<label>.txt``. ``--profile LABEL --from-raw FILE`` tables
+stacks recorded earlier (another revision's, served from its own checkout).
 """
 
 from __future__ import annotations
@@ -270,17 +272,24 @@ def summarise(
     return samples, [(k, v / samples) for k, v in parts.items()], best(own), best(total)
 
 
-def profile_table(label: str, raw: str, header: str) -> str:
+def profile_table(label: str, raw: str, header: str, rps: float | None = None) -> str:
+    """The tables of one profile; with the run's requests/s, each component's µs per
+    request too (the worker busy all along: its samples' share of 1/rps)."""
     samples, parts, own, total = summarise(raw, 15)
     lines = [
         f"### {label}",
         "",
         header.format(samples=samples),
         "",
-        "| component | share of samples |",
-        "|---|---:|",
+        "| component | share of samples | µs per request |",
+        "|---|---:|---:|",
     ]
-    lines += [f"| {name} | {share:.1%} |" for name, share in parts]
+    lines += [
+        f"| {name} | {share:.1%} | {'n/a' if not rps else f'{share * 1e6 / rps:.0f}'} |"
+        for name, share in parts
+    ]
+    if rps:
+        lines.append(f"| **all** | 100% | **{1e6 / rps:.0f}** |")
     lines += [
         "",
         "| own time: function | share | total time: guard function | share |",
@@ -291,8 +300,8 @@ def profile_table(label: str, raw: str, header: str) -> str:
     return "\n".join(lines)
 
 
-def profile(label: str, seconds: int, pin: bool) -> None:
-    """py-spy on a server running ``full_demo`` alone, under wrk load (many clients)."""
+def profile(label: str, seconds: int, pin: bool, workload: str = "many clients") -> None:
+    """py-spy on a server running ``full_demo`` alone, under wrk load (``workload``)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise SystemExit("py-spy is not installed (pip install py-spy)")
@@ -300,7 +309,10 @@ def profile(label: str, seconds: int, pin: bool) -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     path = f"/full_demo{PATH}"
     script = tmp / f"full-policy-{os.getpid()}-profile.lua"
-    script.write_text(wrk_script(path, base_rows(), ""))
+    if workload == "one row":
+        script.write_text(wrk_script(path, None, bodies(1)[0]))
+    else:
+        script.write_text(wrk_script(path, base_rows(), ""))
     raw = tmp / f"full-policy-{label}.txt"
     duration = 4 * seconds
     try:
@@ -313,7 +325,8 @@ def profile(label: str, seconds: int, pin: bool) -> None:
             load = subprocess.Popen(
                 ["taskset", "-c", str(wrk_cpu)] * (wrk_cpu is not None)
                 + ["wrk", "-t1", "-c16", f"-d{duration + 4}s", "-s", str(script), url + path],
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             time.sleep(1)
             subprocess.run(
@@ -321,14 +334,19 @@ def profile(label: str, seconds: int, pin: bool) -> None:
                  "--format", "raw", "--output", str(raw), "--nonblocking"],
                 check=True, capture_output=True,
             )
-            load.wait()
+            out, _ = load.communicate()
     finally:
         script.unlink(missing_ok=True)
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out or "")
+    rps = float(found.group(1)) if found else None
+    if rps:
+        raw.with_suffix(".rps").write_text(f"{rps}\n")
     header = (
         f"- {today()}; `python benchmarks/full_policy.py --profile {label}`; {{samples}} "
-        f"samples over {duration} s of wrk -c16 (many clients), py-spy 250 Hz, idle left out"
+        f"samples over {duration} s of wrk -c16 ({workload}), py-spy 250 Hz, idle left out; "
+        + (f"{rps:.0f} requests/s" if rps else "requests/s not known")
     )
-    text = profile_table(label, raw.read_text(), header)
+    text = profile_table(label, raw.read_text(), header, rps)
     print(text)
     _write_profile(label, text)
 
@@ -345,9 +363,13 @@ def _listening_pid(port: int) -> int:
 _PROFILE_HEAD = """## Where the full policy's time goes (issue 15)
 
 py-spy on a uvicorn worker serving the whole demo policy (shadow mode) under
-`wrk -c16` with many clients (see `full-policy`). *Own*: samples whose innermost
-frame is the function; *total*: samples with the function anywhere on the stack
-(one function per row, grouped over its lines)."""
+`wrk -t1 -c16`, pinned as in `full-policy`, for the workload named (see
+`full-policy`). *Before* is the code before issue 15's cost work (its raw stacks
+summarised with `--from-raw`), *after* this revision's. A component's µs per
+request is its share of the samples times the time a request took (the worker
+busy all along, 1/throughput). *Own*: samples whose innermost frame is the
+function; *total*: samples with the function anywhere on the stack (one
+function per row, grouped over its lines)."""
 
 
 def _write_profile(label: str, text: str) -> None:
@@ -375,12 +397,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
     parser.add_argument("--profile", metavar="LABEL", help="py-spy the full policy instead")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="many clients",
+        help="with --profile: the workload profiled (default: many clients)",
+    )
+    parser.add_argument(
+        "--from-raw",
+        metavar="FILE",
+        help="with --profile: summarise py-spy raw stacks recorded earlier (another revision's)",
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     seconds = args.seconds or (2 if args.quick else 4)
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    if args.profile and args.from_raw:
+        raw = Path(args.from_raw)
+        rps_file = raw.with_suffix(".rps")
+        rps = float(rps_file.read_text()) if rps_file.exists() else None
+        header = (
+            f"- {today()}; py-spy raw stacks from `{raw.name}`: {{samples}} samples"
+            + (f"; {rps:.0f} requests/s" if rps else "")
+        )
+        text = profile_table(args.profile, raw.read_text(), header, rps)
+        print(text)
+        _write_profile(args.profile, text)
+        return
     if args.profile:
-        profile(args.profile, seconds, pin)
+        profile(args.profile, seconds, pin, args.workload)
         return
     server_cpu, wrk_cpu = (0, 1) if pin else (None, None)
     started = time.time()

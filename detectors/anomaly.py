@@ -154,7 +154,7 @@ class RowAnomalyDetector(Detector):
         self.n_features = int(model.n_features_in_)
         # the scores of the last single rows scored, by their exact bytes (the model is
         # fixed, so a repeated row scores the same): health probes, retries and popular
-        # inputs are scored once. Oldest out first; a few hundred KB at most
+        # inputs are scored once. Emptied when full; a few hundred KB at most
         self._scored: dict[bytes, float] = {}
 
     async def inspect(self, query: Query) -> DetectorResult:
@@ -185,7 +185,9 @@ class RowAnomalyDetector(Detector):
                 if not math.isfinite(worst_or_none):
                     worst_or_none = UNSCORABLE
                 if len(scored) >= _SCORED_ROWS:
-                    del scored[next(iter(scored))]  # the oldest
+                    # start afresh: O(1), where dropping the oldest of a dict one at a
+                    # time makes finding the oldest slower and slower
+                    scored.clear()
                 scored[key] = worst_or_none
             if worst_or_none is not None:
                 worst = worst_or_none

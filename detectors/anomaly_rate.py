@@ -132,7 +132,7 @@ class AnomalyRateTracker:
             prev_bad = await self._get_int(prev_bad_key)
             if ended is not None:
                 if len(ended) >= _ENDED_CLIENTS and client not in ended:
-                    del ended[next(iter(ended))]  # the oldest
+                    ended.clear()  # O(1); the clients still active read theirs again
                 ended[client] = (bucket - 1, prev_total, prev_bad)
         total = await self._get_int(cur_all) + weight_prev * prev_total
         bad = await self._get_int(cur_bad) + weight_prev * prev_bad

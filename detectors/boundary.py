@@ -86,6 +86,9 @@ DEFAULT_BASELINE: Mapping[str, tuple[float, float]] = {
 }
 
 _MIN_STD = 1e-3  # a baseline std is never taken below this: no infinite z-scores
+# the fresh-row mask of a single fresh row (read-only)
+_ONE_FRESH = np.ones(1, dtype=bool)
+_ONE_FRESH.flags.writeable = False
 _MAX_WIDTHS = 4  # feature subsets kept for this many row widths (a model has one)
 
 
@@ -383,7 +386,13 @@ class BoundaryDetector(Detector):
         if not _answer_fits(answer, n):
             return None
         state = self._clients.get_or_create(query.client)
-        fresh = state.recent.fresh_digests(query_digests(query, rows))
+        digests = query_digests(query, rows)
+        if n == 1:  # a single row: a repeat (a health probe, a retry) carries nothing new
+            if not state.recent.fresh_one(int(digests[0])):
+                return None
+            fresh = _ONE_FRESH
+        else:
+            fresh = state.recent.fresh_digests(digests)
         if not fresh.all():
             rows, answer = rows[fresh], _select_answer(answer, fresh)
             n = rows.shape[0]

@@ -41,6 +41,9 @@ _F32 = NDArray[np.float32]
 _T = TypeVar("_T", bound=np.generic)
 # projection matrices kept for this many distinct row widths (a model has one)
 _MAX_WIDTHS = 4
+# the fresh-row mask of a single fresh row (read-only)
+_ONE_FRESH = np.ones(1, dtype=bool)
+_ONE_FRESH.flags.writeable = False
 
 
 class _ClassSet:
@@ -368,9 +371,15 @@ class PradaDetector(Detector):
             assert labels is not None
             return await self._observe_shared(self._log, query, rows, labels)
         state = self._client(query.client, rows.shape[1])
-        fresh = state.recent.fresh_digests(query_digests(query, rows))
-        if not fresh.any():  # exact repeats only (a health probe, a retry): nothing new
-            return self._result(state.score, query.n_rows)
+        digests = query_digests(query, rows)
+        if digests.shape[0] == 1:  # a single row: a plain bool, no array
+            if not state.recent.fresh_one(int(digests[0])):
+                return self._result(state.score, query.n_rows)  # a repeat: nothing new
+            fresh = _ONE_FRESH
+        else:
+            fresh = state.recent.fresh_digests(digests)
+            if not fresh.any():  # exact repeats only (a health probe, a retry): nothing new
+                return self._result(state.score, query.n_rows)
         labels = _predicted(answer, rows.shape[0])
         assert labels is not None
         if not fresh.all():

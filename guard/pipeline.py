@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -104,10 +103,14 @@ class Observations:
     ) -> None:
         self._apply = apply
         self._on_drop = on_drop
-        self._items: deque[Observation] = deque()
+        self._items: list[Observation] = []
+        # whose verdicts wait for each queued item (:func:`_waits_for`), in step with it
+        self._keys: list[tuple[str, ...]] = []
         # client, address and subnet ids with observations waiting, and how many
         self._waiting: dict[str, int] = {}
-        self._running: asyncio.Future[None] | None = None
+        # the loop a drain is running on (awaiting the store), and what its waiters await
+        self._busy: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -147,8 +150,10 @@ class Observations:
                 self._on_drop(item)
             return False
         self._items.append(item)
+        ids = _waits_for(item)
+        self._keys.append(ids)
         waiting = self._waiting
-        for key in _waits_for(item):
+        for key in ids:
             waiting[key] = waiting.get(key, 0) + 1
         return True
 
@@ -179,33 +184,34 @@ class Observations:
     async def drain(self) -> None:
         """Apply every waiting observation (after the drain already running, if any)."""
         while self._items:
-            running = self._running
-            if (
-                running is not None
-                and not running.done()
-                and running.get_loop() is _running_loop()
-            ):
-                await running  # its batch is applied; then what came after it
+            busy = self._busy
+            if busy is not None and busy is _running_loop():
+                # a drain is applying its batch (awaiting the store): wait for it, then
+                # apply what came after it
+                waiter = self._done
+                if waiter is None:
+                    waiter = self._done = busy.create_future()
+                await waiter
                 continue
-            # (a drain still marked running on a loop that is gone lost its batch with it)
-            loop = asyncio.get_running_loop()
-            done: asyncio.Future[None] = loop.create_future()
-            self._running = done
-            batch = list(self._items)
-            self._items.clear()
+            # (a drain still marked busy on a loop that is gone lost its batch with it)
+            self._busy = asyncio.get_running_loop()
+            items, keys = self._items, self._keys
+            self._items, self._keys = [], []
             try:
-                await self._apply(batch)
+                await self._apply(items)
             except Exception:
-                log.exception("applying %d queued observations failed", len(batch))
+                log.exception("applying %d queued observations failed", len(items))
             finally:
-                self._release(batch)
-                self._running = None
-                done.set_result(None)
+                self._release(keys)
+                self._busy = None
+                waiter, self._done = self._done, None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
 
-    def _release(self, batch: Sequence[Observation]) -> None:
+    def _release(self, keys: Sequence[tuple[str, ...]]) -> None:
         waiting = self._waiting
-        for item in batch:
-            for key in _waits_for(item):
+        for ids in keys:
+            for key in ids:
                 left = waiting.get(key, 0) - 1
                 if left > 0:
                     waiting[key] = left
