@@ -173,6 +173,23 @@ def full_demo_config(calibration_dir: str) -> dict[str, Any]:
     return config
 
 
+def full_demo_shadow_config(calibration_dir: str) -> dict[str, Any]:
+    """The whole demo policy (guard/demo.yaml) as shipped, in shadow mode.
+
+    Every detector runs on every request and is counted, nothing is enforced:
+    the rate limits, quarantines and degraded answers of the policy are
+    decided and left unapplied, so a load generator is never refused and
+    every request pays for every detector (issue 15's full-policy figure).
+    Answers are still rounded for everyone (``degrade.always``).
+    """
+    from inference_guard.middleware.demo import demo_config
+
+    config = demo_config(calibration_dir)
+    config["audit"] = {"enabled": False}
+    config["policies"][0]["shadow"] = True
+    return config
+
+
 def anomaly() -> ASGIApp:
     """The guard with the input-anomaly detectors (issue 4's 100 µs target)."""
     config = anomaly_config(tempfile.mkdtemp(prefix="bench-anomaly-"))
@@ -252,6 +269,7 @@ SIDE_BY_SIDE: tuple[str, ...] = (
     "guarded",
     "guarded_defaults",
     "anomaly",
+    "full_demo",
     "metrics_only",
     "starlette_exporter",
 )
@@ -262,7 +280,8 @@ def side_by_side() -> ASGIApp:
 
     ``BENCH_VARIANTS`` (comma-separated names from :data:`SIDE_BY_SIDE`) picks
     which; default all. ``bare_again`` is a second, identical bare app: its
-    latency against ``bare`` is the method's own noise floor.
+    latency against ``bare`` is the method's own noise floor. ``full_demo`` is
+    the whole demo policy in shadow mode (:func:`full_demo_shadow_config`).
     """
     from inference_guard.middleware.demo import train_digits_model
 
@@ -288,6 +307,8 @@ def side_by_side() -> ASGIApp:
         }.get(name)
         if name == "anomaly":
             config = anomaly_config(tempfile.mkdtemp(prefix="bench-anomaly-"))
+        if name == "full_demo":
+            config = full_demo_shadow_config(tempfile.mkdtemp(prefix="bench-demo-"))
         return GuardMiddleware(build_model_app(model), config=config, registry=CollectorRegistry())
 
     variants = {name: build(name) for name in wanted}

@@ -48,6 +48,37 @@ __all__ = ["UNSCORABLE", "RowAnomalyDetector", "RowModel", "TextAnomalyDetector"
 #: score given to rows that cannot be scored (wrong width, NaN, infinity)
 UNSCORABLE = -1e9
 
+#: single rows whose scores a row detector keeps (by the row's exact bytes)
+_SCORED_ROWS = 512
+
+
+def row_magnitude(query: Query, rows: NDArray[np.float64]) -> float:
+    """``max |x|`` over the request's rows (NaN when one is NaN), once per request.
+
+    Every row detector of a policy checks it before scoring; the first
+    computes it, the others read it from the query's memo.
+    """
+    memo = query.memo
+    found = memo.get("magnitude")
+    if found is not None and found[0] is rows:
+        magnitude: float = found[1]
+        return magnitude
+    magnitude = float(np.abs(rows).max())
+    memo["magnitude"] = (rows, magnitude)
+    return magnitude
+
+
+def row_bytes(query: Query, rows: NDArray[np.float64]) -> bytes:
+    """The request's rows as bytes (the key of a row's cached scores), once per request."""
+    memo = query.memo
+    found = memo.get("bytes")
+    if found is not None and found[0] is rows:
+        raw: bytes = found[1]
+        return raw
+    raw = rows.tobytes()
+    memo["bytes"] = (rows, raw)
+    return raw
+
 
 class RowModel(Protocol):
     """What :class:`RowAnomalyDetector` needs from a fitted row model."""
@@ -121,6 +152,10 @@ class RowAnomalyDetector(Detector):
         self.tracker = tracker
         self.threshold = float(model.offset_)
         self.n_features = int(model.n_features_in_)
+        # the scores of the last single rows scored, by their exact bytes (the model is
+        # fixed, so a repeated row scores the same): health probes, retries and popular
+        # inputs are scored once. Emptied when full; a few hundred KB at most
+        self._scored: dict[bytes, float] = {}
 
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
@@ -140,12 +175,22 @@ class RowAnomalyDetector(Detector):
             )
         if n == 1 and self._score_row is not None and rows.dtype == np.float64:
             # the hot path: a finite, modest row (NaN fails the comparison; other
-            # rows take the careful path below) is scored as a vector, to a float
-            row = rows[0]
-            if float(np.abs(row).max()) <= _CLIP:
-                worst = float(self._score_row(row))
-                if not math.isfinite(worst):
-                    worst = UNSCORABLE
+            # rows take the careful path below) is scored as a vector, to a float;
+            # a row scored lately (the same bytes) is not scored again
+            key = row_bytes(query, rows)
+            scored = self._scored
+            worst_or_none = scored.get(key)
+            if worst_or_none is None and row_magnitude(query, rows) <= _CLIP:
+                worst_or_none = float(self._score_row(rows[0]))
+                if not math.isfinite(worst_or_none):
+                    worst_or_none = UNSCORABLE
+                if len(scored) >= _SCORED_ROWS:
+                    # start afresh: O(1), where dropping the oldest of a dict one at a
+                    # time makes finding the oldest slower and slower
+                    scored.clear()
+                scored[key] = worst_or_none
+            if worst_or_none is not None:
+                worst = worst_or_none
                 if worst < threshold:
                     if self.tracker is not None:
                         await self.tracker.record(query.client, anomalous=1, total=1)
@@ -156,7 +201,7 @@ class RowAnomalyDetector(Detector):
                     await self.tracker.record(query.client, anomalous=0, total=1)
                 return DetectorResult(self.name, worst, threshold, False, "", 0)
         # one reduction tells finite-and-modest rows apart (NaN fails the comparison)
-        if float(np.abs(rows).max()) <= _CLIP:
+        if row_magnitude(query, rows) <= _CLIP:
             scores = np.asarray(self._score_checked(rows), dtype=np.float64)
             if n == 1:  # the hot path: plain floats, no more reductions
                 worst = float(scores[0])

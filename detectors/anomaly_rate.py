@@ -37,6 +37,9 @@ from inference_guard.detectors.store import KeyValueStore
 
 __all__ = ["AnomalyRateDetector", "AnomalyRateTracker"]
 
+#: clients whose previous window's counts a tracker keeps (memory:// only)
+_ENDED_CLIENTS = 2048
+
 
 class AnomalyRateTracker:
     """Counts rows seen and rows flagged per client, in the given store.
@@ -89,6 +92,13 @@ class AnomalyRateTracker:
         self.window_s = float(window_s)
         self._clock = clock
         self._prefix = f"anomaly_rate:{namespace}:{self.window_s:g}:"
+        # per client, the previous window's counts once read: a window that has ended
+        # takes no more rows in a store of this process's own (memory://), so they are
+        # read once per window instead of once per request. A shared store takes other
+        # workers' late rows: read every time there
+        self._ended: dict[str, tuple[int, int, int]] | None = (
+            {} if getattr(store, "backend", None) == "memory" else None
+        )
 
     def _keys(self, client: str, bucket: int) -> tuple[str, str]:
         base = f"{self._prefix}{client}:{bucket}"
@@ -112,10 +122,20 @@ class AnomalyRateTracker:
         bucket = math.floor(position)
         weight_prev = 1.0 - (position - bucket)
         cur_all, cur_bad = self._keys(client, bucket)
-        prev_all, prev_bad = self._keys(client, bucket - 1)
-        values = [await self._get_int(k) for k in (cur_all, cur_bad, prev_all, prev_bad)]
-        total = values[0] + weight_prev * values[2]
-        bad = values[1] + weight_prev * values[3]
+        ended = self._ended
+        known = None if ended is None else ended.get(client)
+        if known is not None and known[0] == bucket - 1:
+            prev_total, prev_bad = known[1], known[2]
+        else:
+            prev_all_key, prev_bad_key = self._keys(client, bucket - 1)
+            prev_total = await self._get_int(prev_all_key)
+            prev_bad = await self._get_int(prev_bad_key)
+            if ended is not None:
+                if len(ended) >= _ENDED_CLIENTS and client not in ended:
+                    ended.clear()  # O(1); the clients still active read theirs again
+                ended[client] = (bucket - 1, prev_total, prev_bad)
+        total = await self._get_int(cur_all) + weight_prev * prev_total
+        bad = await self._get_int(cur_bad) + weight_prev * prev_bad
         return round(bad), round(total)
 
     async def _get_int(self, key: str) -> int:

@@ -19,8 +19,9 @@ policy compares like with like, and one Grafana panel can show any detector.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,6 +57,10 @@ class Query:
     ip: str = ""
     #: keyed hash of the client's subnet (``""``: not known)
     subnet: str = ""
+    #: what detectors computed from this request for each other (the rows' digests,
+    #: scaled rows, row scores), so that the work is done once per request; never
+    #: compared or shown. Keys are the computing module's; values are read-only
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +75,12 @@ class Answer:
     probabilities: NDArray[np.float64] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DetectorResult:
-    """A detector's verdict on one request (or on the client, after it)."""
+class DetectorResult(NamedTuple):
+    """A detector's verdict on one request (or on the client, after it).
+
+    Immutable; a named tuple (a detector returns one per request, and a tuple
+    costs a quarter of a frozen dataclass to make).
+    """
 
     #: name of the detector instance (as configured), a metric label
     detector: str
@@ -124,6 +132,26 @@ class Detector(ABC):
     async def observe(self, query: Query, answer: Answer) -> DetectorResult | None:
         """Learn from the model's answer; return a result to escalate, else ``None``."""
         return None
+
+    async def observe_many(
+        self, items: Sequence[tuple[Query, Answer]]
+    ) -> list[DetectorResult | Exception | None]:
+        """:meth:`observe` of several answers, in order: one outcome per item.
+
+        The guard drains its observation queue through this call, so that a
+        detector can share the per-row work of a batch (one projection, one
+        set of digests). Its state must end as if :meth:`observe` had been
+        called on each item in turn, and each item's outcome be what that
+        call would have returned. An item whose observation raised gets the
+        exception as its outcome; the others are still observed.
+        """
+        out: list[DetectorResult | Exception | None] = []
+        for query, answer in items:
+            try:
+                out.append(await self.observe(query, answer))
+            except Exception as exc:  # the guard counts it, as for observe()
+                out.append(exc)
+        return out
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (connections, files). Called once at shutdown."""

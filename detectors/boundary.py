@@ -63,7 +63,7 @@ from numpy.typing import ArrayLike, NDArray
 from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 from inference_guard.detectors.client_map import ClientMap
 from inference_guard.detectors.profile import feature_ranges
-from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.repeats import RecentRows, query_digests
 from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
@@ -86,6 +86,9 @@ DEFAULT_BASELINE: Mapping[str, tuple[float, float]] = {
 }
 
 _MIN_STD = 1e-3  # a baseline std is never taken below this: no infinite z-scores
+# the fresh-row mask of a single fresh row (read-only)
+_ONE_FRESH = np.ones(1, dtype=bool)
+_ONE_FRESH.flags.writeable = False
 _MAX_WIDTHS = 4  # feature subsets kept for this many row widths (a model has one)
 
 
@@ -295,6 +298,8 @@ class BoundaryDetector(Detector):
         self.seed = seed
         self._clients: ClientMap[_Window] = ClientMap(max_clients, _Window)
         self._standing = SharedStanding(store, f"boundary:{name}", flag_ttl_s)
+        # the verdict on a client without a complete window (immutable: one for all)
+        self._ok = DetectorResult.ok(self.name, 0.0, self.threshold)
         self._features: OrderedDict[int, NDArray[np.intp] | None] = OrderedDict()
         self._layouts: OrderedDict[
             int, tuple[NDArray[np.intp] | None, NDArray[np.float64], NDArray[np.float64]]
@@ -367,7 +372,10 @@ class BoundaryDetector(Detector):
         local = None if state is None or state.last is None else self._score(state.last)
         score = await self._standing.resolve(query.policy, query.client, local, self.threshold)
         if score is None:
-            return DetectorResult.ok(self.name, 0.0, self.threshold)
+            ok = self._ok
+            if ok.threshold != self.threshold or ok.detector != self.name:  # changed since
+                ok = self._ok = DetectorResult.ok(self.name, 0.0, self.threshold)
+            return ok
         return self._result(score, state.last if state is not None else None, query.n_rows)
 
     async def observe(self, query: Query, answer: Answer) -> DetectorResult | None:
@@ -378,7 +386,13 @@ class BoundaryDetector(Detector):
         if not _answer_fits(answer, n):
             return None
         state = self._clients.get_or_create(query.client)
-        fresh = state.recent.fresh(rows)
+        digests = query_digests(query, rows)
+        if n == 1:  # a single row: a repeat (a health probe, a retry) carries nothing new
+            if not state.recent.fresh_one(int(digests[0])):
+                return None
+            fresh = _ONE_FRESH
+        else:
+            fresh = state.recent.fresh_digests(digests)
         if not fresh.all():
             rows, answer = rows[fresh], _select_answer(answer, fresh)
             n = rows.shape[0]

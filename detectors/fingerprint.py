@@ -59,7 +59,7 @@ from numpy.typing import ArrayLike, NDArray
 from inference_guard.detectors.base import Detector, DetectorResult, Query
 from inference_guard.detectors.client_map import ClientMap
 from inference_guard.detectors.profile import feature_ranges
-from inference_guard.detectors.repeats import RecentRows, digest_keys, row_digests
+from inference_guard.detectors.repeats import RecentRows, digest_keys, query_digests
 from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
@@ -79,6 +79,8 @@ _GEN_MASK = np.uint64((1 << _GEN_BITS) - 1)
 # generations cycle through 0..4094; 4095 marks an empty entry (slot 0), never live
 _GEN_CYCLE = (1 << _GEN_BITS) - 1
 _EMPTY = np.uint64(0xFFFFFFFF00000000 | _GEN_CYCLE)
+# a slot's generation before its first row: no 12-bit value, and (x + 1) % cycle == 0
+_NO_GEN = _GEN_CYCLE * 257 - 1
 # window hashes are exact integers in float64 arithmetic: |q| <= 2**20, coefficients < 2**27,
 # at most 32 terms, so every sum stays below 2**53
 _Q_LIMIT = float(1 << 20)
@@ -87,6 +89,8 @@ _MAX_WINDOW = 32
 _MAX_WIDTHS = 4  # per-width offsets kept for this many row widths (a model has one)
 _RECENT_DIGESTS = 64  # a client's last distinct rows remembered to spot exact repeats
 _OWN_ROWS = 32  # a client's last indexed rows compared with each new row of its own
+# positions of the scratch table that tells which hashes of earlier rows a new row shares
+_TABLE_MASK = (1 << 12) - 1
 
 
 def _spread(h: _U64) -> _U64:
@@ -201,15 +205,22 @@ class Fingerprinter:
         np.fmax(q, -_Q_LIMIT, out=q)
         np.fmin(q, _Q_LIMIT, out=q)
         np.floor(q, out=q)
-        h = q[:, windows] @ self._coef[: windows.shape[1]]
+        coef = self._coef[: windows.shape[1]]
+        # one row: the windows' sums as one correlation (exact: integers below 2**53)
+        h = np.correlate(q[0], coef)[None, :] if q.shape[0] == 1 else q[:, windows] @ coef
         return _spread(h.astype(np.int64).view(np.uint64) ^ self._mask)
 
     def fingerprints(self, rows: NDArray[np.float64]) -> list[_U64]:
         """One fingerprint per row: its largest ``size`` distinct window hashes, ascending."""
-        h = np.sort(self.hashes(rows), axis=1)
-        keep = np.ones(h.shape, dtype=bool)
-        keep[:, 1:] = h[:, 1:] != h[:, :-1]
-        return [row[k][-self.size :] for row, k in zip(h, keep, strict=True)]
+        h = self.hashes(rows)
+        h.sort(axis=1)
+        keep = np.empty(h.shape, dtype=bool)
+        keep[:, 0] = True
+        np.not_equal(h[:, 1:], h[:, :-1], out=keep[:, 1:])
+        size = self.size
+        if h.shape[0] == 1:
+            return [h[0][keep[0]][-size:]]
+        return [row[k][-size:] for row, k in zip(h, keep, strict=True)]
 
 
 class _Probe(NamedTuple):
@@ -223,6 +234,8 @@ class _Probe(NamedTuple):
     entries: _U64
     #: which of them still point at an indexed row
     live: NDArray[np.bool_]
+    #: the slot each entry points at
+    slots: NDArray[np.intp]
 
 
 class _Match(NamedTuple):
@@ -270,7 +283,9 @@ class _Index:
         self.pos_mask = np.uint8(bucket_size - 1)
         self.entries = np.full((n_buckets, bucket_size), _EMPTY, dtype=np.uint64)
         self.cursor = np.zeros(n_buckets, dtype=np.uint8)
-        self.slot_gen = np.full(max_rows, -1, dtype=np.int64)
+        # generations compared with entries' low bits without a cast; the initial value is
+        # no generation (above 12 bits) and the first one drawn from it is 0
+        self.slot_gen = np.full(max_rows, _NO_GEN, dtype=np.uint64)
         self.slot_size = np.zeros(max_rows, dtype=np.int64)
         self.slot_run = np.zeros(max_rows, dtype=np.int64)
         #: each slot's fingerprint (the hashes' high 32 bits, ascending, left-aligned)
@@ -282,6 +297,12 @@ class _Index:
         self.slot_digest = np.zeros(max_rows, dtype=np.int64)
         self.next_slot = 0
         self.generation = 0
+        # scratch membership table of :meth:`_in`: a fingerprint's tags by their low bits;
+        # an empty position holds a value whose low bits differ from the position's
+        self._empty = np.arange(_TABLE_MASK + 1, dtype=np.uint32) ^ np.uint32(1)
+        self._table = self._empty.copy()
+        #: per fingerprint length: which of the ``size`` positions it fills
+        self._valid = np.arange(size)[None, :] < np.arange(size + 1)[:, None]
 
     @property
     def nbytes(self) -> int:
@@ -303,8 +324,8 @@ class _Index:
         buckets = (fp & self.bucket_mask).astype(np.intp)
         entries = self.entries[buckets]
         slots = ((entries >> _GEN_BITS) & _SLOT_MASK).astype(np.intp)
-        live = self.slot_gen[slots] == (entries & _GEN_MASK).astype(np.int64)
-        return _Probe(buckets, (fp >> _TAG_SHIFT) << _TAG_SHIFT, entries, live)
+        live = self.slot_gen[slots] == (entries & _GEN_MASK)
+        return _Probe(buckets, fp & _TAG_MASK, entries, live, slots)
 
     def match(self, probe: _Probe, fraction: float, digest: int, client: str) -> _Match:
         """The longest run among an indexed row's near-duplicates, and whose rows they are.
@@ -315,83 +336,132 @@ class _Index:
         input, a retry or a popular public example teaches an attacker nothing
         new. Probing attacks send *perturbed* rows, which still match.
         """
-        found = probe.entries[probe.live & ((probe.entries & _TAG_MASK) == probe.tags[:, None])]
+        hit = (probe.entries & _TAG_MASK) == probe.tags[:, None]
+        hit &= probe.live
         n = probe.buckets.shape[0]
-        m = found.shape[0]
         need = math.ceil(fraction * n)  # shared hashes any match needs, at the least
+        found = probe.slots[hit]
+        m = found.shape[0]
         if m < need:
             return _NO_MATCH
-        slots = np.sort(((found >> _GEN_BITS) & _SLOT_MASK).astype(np.intp))
-        # the common, cheap case: no slot appears ``need`` times
-        if not (slots[need - 1 :] == slots[: m - need + 1]).any():
+        slots = np.sort(found)
+        # a slot needs ``need`` hits: it then fills ``need`` consecutive sorted positions
+        long = slots[need - 1 :][slots[need - 1 :] == slots[: m - need + 1]]
+        if long.shape[0] == 0:  # the common, cheap case: no slot has enough
             return _NO_MATCH
-        uniq, counts = np.unique(slots, return_counts=True)
-        ok = counts >= np.ceil(fraction * np.maximum(self.slot_size[uniq], n))
-        if not ok.any():
-            return _NO_MATCH
-        winners = uniq[ok]
-        if (self.slot_digest[winners] == digest).any():
-            return _REPEAT
-        owners = self.slot_owner
-        return _Match(
-            run=int(self.slot_run[winners].max()),
-            cross=any(owners[int(w)] != client for w in winners),
-            repeat=False,
+        slot_size, slot_digest, slot_run, owners = (
+            self.slot_size,
+            self.slot_digest,
+            self.slot_run,
+            self.slot_owner,
         )
+        run = 0
+        cross = matched = False
+        for slot in np.unique(long).tolist() if long.shape[0] > 1 else (int(long[0]),):
+            # the larger of the two fingerprints decides how many hits make a match
+            hits = int(np.count_nonzero(slots == slot))
+            if hits < math.ceil(fraction * max(int(slot_size[slot]), n)):
+                continue
+            if int(slot_digest[slot]) == digest:
+                return _REPEAT
+            matched = True
+            run = max(run, int(slot_run[slot]))
+            cross = cross or owners[slot] != client
+        if not matched:
+            return _NO_MATCH
+        return _Match(run=run, cross=cross, repeat=False)
 
     def new_slot(self) -> int:
         slot = self.next_slot
         self.next_slot = (slot + 1) % self.max_rows
         return slot
 
-    def own_run(self, fp: _U64, slots: NDArray[np.intp], fraction: float, digest: int) -> int:
-        """The longest own run among ``slots`` (the client's recent rows) that ``fp`` extends.
+    def own_run(
+        self, tags: NDArray[np.uint32], slots: NDArray[np.intp], fraction: float, digest: int
+    ) -> int:
+        """The longest own run among ``slots`` (the client's recent rows) that ``tags`` extends.
 
-        The same test as :meth:`match` (``fraction`` of the larger fingerprint,
-        on the hashes' high 32 bits, as the index's tags), against the
-        client's own rows directly: however many other clients' rows came in
-        between, they are found. ``-1``: an exact copy (a repeat).
+        ``tags`` are the new row's hashes' high 32 bits, ascending (as the index
+        keeps fingerprints). The same test as :meth:`match` (``fraction`` of the
+        larger fingerprint, on the hashes' high 32 bits, as the index's tags),
+        against the client's own rows directly: however many other clients'
+        rows came in between, they are found. ``-1``: an exact copy (a repeat).
         """
         if slots.shape[0] == 0:
             return 0
-        n = fp.shape[0]
-        tags = (fp >> _TAG_SHIFT).astype(np.uint32)  # ascending, as fp is
-        held = self.slot_fp[slots]
+        n = tags.shape[0]
         sizes = self.slot_size[slots]
-        pos = np.minimum(np.searchsorted(tags, held), n - 1)
-        shared = ((tags[pos] == held) & (np.arange(self.size) < sizes[:, None])).sum(axis=1)
+        hit = self._in(tags, self.slot_fp[slots])
+        if int(sizes.min()) < self.size:  # short fingerprints: their padding is not theirs
+            hit &= self._valid[sizes]
+        shared = hit.sum(axis=1)
         near = shared >= np.ceil(fraction * np.maximum(sizes, n))
         if not near.any():
             return 0
-        if (self.slot_digest[slots[near]] == digest).any():
+        near_slots = slots[near]
+        if (self.slot_digest[near_slots] == digest).any():
             return -1
-        return int(self.slot_own_run[slots[near]].max())
+        return int(self.slot_own_run[near_slots].max())
+
+    def _in(self, tags: NDArray[np.uint32], held: NDArray[np.uint32]) -> NDArray[np.bool_]:
+        """Which of ``held`` are among ``tags`` (ascending): ``held``'s shape, booleans.
+
+        One lookup in a scratch table addressed by a hash's low bits, when no
+        two of ``tags`` share a position there (the usual case); else a binary
+        search. An empty position holds a value whose low bits are not its
+        own, so nothing matches it.
+        """
+        table = self._table
+        at = (tags & _TABLE_MASK).astype(np.intp)
+        table[at] = tags
+        found: NDArray[np.bool_]
+        try:
+            if bool((table[at] == tags).all()):
+                found = table[(held & _TABLE_MASK).astype(np.intp)] == held
+                return found
+        finally:
+            table[at] = self._empty[at]
+        pos = np.minimum(np.searchsorted(tags, held), tags.shape[0] - 1)
+        found = tags[pos] == held
+        return found
 
     def insert(
-        self, probe: _Probe, slot: int, owner: str, found: _Match, own_run: int, digest: int
+        self,
+        probe: _Probe,
+        tags: NDArray[np.uint32],
+        slot: int,
+        owner: str,
+        found: _Match,
+        own_run: int,
+        digest: int,
     ) -> int:
         """Store a fingerprint in ``slot`` (evicting what was there); its generation.
 
-        In each bucket the entry goes to a dead position (empty, or a row since
-        evicted) when there is one, else over the oldest: live entries are only
-        lost when a bucket holds ``bucket_size`` live rows, so a client that
-        recycles its own slots does not churn other clients' entries out.
+        ``tags`` are its hashes' high 32 bits. In each bucket the entry goes to
+        a dead position (empty, or a row since evicted) when there is one, else
+        over the oldest: live entries are only lost when a bucket holds
+        ``bucket_size`` live rows, so a client that recycles its own slots does
+        not churn other clients' entries out.
         """
         gen = (int(self.slot_gen[slot]) + 1) % _GEN_CYCLE
         self.slot_gen[slot] = gen
-        self.slot_size[slot] = probe.buckets.shape[0]
+        n = tags.shape[0]
+        self.slot_size[slot] = n
         self.slot_run[slot] = max(found.run, own_run) + 1
         self.slot_own_run[slot] = own_run + 1
-        fp = probe.tags >> _TAG_SHIFT
-        self.slot_fp[slot, : fp.shape[0]] = fp.astype(np.uint32)
+        self.slot_fp[slot, :n] = tags
         self.slot_owner[slot] = owner
         self.slot_digest[slot] = digest
         buckets = probe.buckets
-        full = probe.live.all(axis=1)
-        pos = np.where(full, self.cursor[buckets] & self.pos_mask, np.argmin(probe.live, axis=1))
+        live = probe.live
+        full = live.all(axis=1)
+        if full.any():
+            pos = np.where(full, self.cursor[buckets] & self.pos_mask, np.argmin(live, axis=1))
+            self.cursor[buckets[full]] += np.uint8(1)
+        else:
+            pos = np.argmin(live, axis=1)
         # two hashes of one row in one bucket: the second write wins (rare: ~S^2/2B)
         self.entries[buckets, pos] = probe.tags | np.uint64((slot << _GEN_BITS) | gen)
-        self.cursor[buckets[full]] += np.uint8(1)
         return gen
 
     def holds(self, slot: int, gen: int) -> bool:
@@ -411,11 +481,12 @@ class _Client:
         "pos",
         "recent",
         "runs",
+        "score",
     )
 
     def __init__(self, cap: int, window: int) -> None:
         self.own_slot = np.zeros(cap, dtype=np.int32)
-        self.own_gen = np.zeros(cap, dtype=np.int16)  # generations are < 4095
+        self.own_gen = np.zeros(cap, dtype=np.uint16)  # generations are < 4095
         self.own_head = 0
         self.own_n = 0
         #: per recent row: it is a near-duplicate of one of the client's own earlier rows
@@ -425,6 +496,8 @@ class _Client:
         self.pos = 0
         self.n = 0
         self.recent = RecentRows(_RECENT_DIGESTS)
+        #: the client's score as of its last indexed row (``None``: to compute)
+        self.score: float | None = 1.0
 
 
 class NearDuplicateDetector(Detector):
@@ -637,11 +710,11 @@ class NearDuplicateDetector(Detector):
         shared: float | None = None
         if rows is not None and rows.ndim == 2 and rows.shape[0] > 0 and rows.shape[1] > 0:
             if self._log is None:
-                own, cross = await self._learn(query.client, rows)
+                own, cross = await self._learn(query, rows)
             else:
                 # the standing is read beside the exchange: one pipelined round trip for both
                 (own, cross), shared = await _both(
-                    self._learn(query.client, rows),
+                    self._learn(query, rows),
                     self._standing.score(query.policy, query.client),
                 )
                 read = True
@@ -671,17 +744,26 @@ class NearDuplicateDetector(Detector):
             rows_flagged=own,
         )
 
-    async def _learn(self, client: str, rows: NDArray[np.float64]) -> tuple[int, int]:
+    async def _learn(self, query: Query, rows: NDArray[np.float64]) -> tuple[int, int]:
         """Fingerprint a request's fresh rows and index them (after the other workers' rows).
 
         Returns how many of them matched the client's own earlier rows, and
         how many matched other clients' rows.
         """
+        client = query.client
         state = self._clients.get_or_create(client)
-        digests = row_digests(rows, self._digest_keys)
         log = self._log
+        # digests under this process's keys unless they are shared (then the salt's, which
+        # every worker holds): the other detectors that skip repeats reuse them
+        digests = query_digests(query, rows, None if log is None else self._digest_keys)
         if log is None:
             # exact repeats of the client's recent rows are not even fingerprinted
+            if digests.shape[0] == 1:
+                if not state.recent.fresh_one(int(digests[0])):
+                    return 0, 0
+                return self._ingest(
+                    state, client, digests, self.fingerprinter.fingerprints(rows)
+                )
             fresh = np.flatnonzero(state.recent.fresh_digests(digests))
             if fresh.shape[0] == 0:
                 return 0, 0
@@ -738,14 +820,20 @@ class NearDuplicateDetector(Detector):
         found = index.match(probe, self.match_fraction, digest, client)
         if found.repeat:
             return 0, False
+        tags = (fp >> _TAG_SHIFT).astype(np.uint32)  # ascending, as fp is
         cap = self.max_rows_per_client
         head = state.own_head
         k = min(state.own_n, _OWN_ROWS)
         if k:
-            recent = (head - 1 - np.arange(k)) % cap
-            slots = state.own_slot[recent].astype(np.intp)
-            live = index.slot_gen[slots] == state.own_gen[recent]
-            own_run = index.own_run(fp, slots[live], self.match_fraction, digest)
+            # the client's last k rows (in any order: only the longest run counts)
+            if head >= k:
+                own_slot, own_gen = state.own_slot[head - k : head], state.own_gen[head - k : head]
+            else:
+                recent = (head - 1 - np.arange(k)) % cap
+                own_slot, own_gen = state.own_slot[recent], state.own_gen[recent]
+            slots = own_slot.astype(np.intp)
+            live = index.slot_gen[slots] == own_gen
+            own_run = index.own_run(tags, slots[live], self.match_fraction, digest)
             if own_run < 0:
                 return 0, False
         else:
@@ -755,7 +843,7 @@ class NearDuplicateDetector(Detector):
             slot = int(state.own_slot[head])  # at its cap, a client recycles its own oldest slot
         if slot < 0:
             slot = index.new_slot()
-        state.own_gen[head] = index.insert(probe, slot, client, found, own_run, digest)
+        state.own_gen[head] = index.insert(probe, tags, slot, client, found, own_run, digest)
         state.own_slot[head] = slot
         state.own_head = (head + 1) % cap
         state.own_n = min(state.own_n + 1, cap)
@@ -768,15 +856,22 @@ class NearDuplicateDetector(Detector):
         )
         state.pos = (pos + 1) % self.recent_rows
         state.n = min(state.n + 1, self.recent_rows)
+        state.score = None
         return own_run, found.cross
 
     def _score(self, state: _Client) -> float:
         """``1 - evidence``: the share of own near-duplicates, or the longest (weighted) run."""
+        score = state.score
+        if score is not None:
+            return score
         if state.n == 0:
-            return 1.0
-        share = float(state.own.sum()) / max(state.n, self.min_rows)
-        evidence = max(share, float(state.runs.max()) / self.run_scale)
-        return max(0.0, 1.0 - evidence)
+            score = 1.0
+        else:
+            share = float(state.own.sum()) / max(state.n, self.min_rows)
+            evidence = max(share, float(state.runs.max()) / self.run_scale)
+            score = max(0.0, 1.0 - evidence)
+        state.score = score
+        return score
 
 
 async def _both(first: Coroutine[Any, Any, _A], second: Coroutine[Any, Any, _B]) -> tuple[_A, _B]:

@@ -30,7 +30,7 @@ from scipy.stats import shapiro
 
 from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 from inference_guard.detectors.client_map import ClientMap
-from inference_guard.detectors.repeats import RecentRows
+from inference_guard.detectors.repeats import RecentRows, query_digests
 from inference_guard.detectors.shared_evidence import SharedLog
 from inference_guard.detectors.shared_standing import SharedStanding
 from inference_guard.detectors.store import KeyValueStore
@@ -41,6 +41,9 @@ _F32 = NDArray[np.float32]
 _T = TypeVar("_T", bound=np.generic)
 # projection matrices kept for this many distinct row widths (a model has one)
 _MAX_WIDTHS = 4
+# the fresh-row mask of a single fresh row (read-only)
+_ONE_FRESH = np.ones(1, dtype=bool)
+_ONE_FRESH.flags.writeable = False
 
 
 class _ClassSet:
@@ -297,6 +300,8 @@ class PradaDetector(Detector):
         self.seed = seed
         self._clients: ClientMap[_Client] = ClientMap(max_clients, self._new_client)
         self._standing = SharedStanding(store, f"prada:{name}", flag_ttl_s)
+        # the verdict on a client not seen yet (immutable: one for all)
+        self._ok = DetectorResult.ok(self.name, 1.0, self.delta)
         self._projections: OrderedDict[int, _F32 | None] = OrderedDict()
         self._log = (
             None
@@ -349,24 +354,36 @@ class PradaDetector(Detector):
         local = None if state is None else state.score
         score = await self._standing.resolve(query.policy, query.client, local, self.delta)
         if score is None:
-            return DetectorResult.ok(self.name, 1.0, self.delta)
+            ok = self._ok
+            if ok.threshold != self.delta or ok.detector != self.name:  # changed since
+                ok = self._ok = DetectorResult.ok(self.name, 1.0, self.delta)
+            return ok
         return self._result(score, query.n_rows)
 
     async def observe(self, query: Query, answer: Answer) -> DetectorResult | None:
         rows = query.rows
         if rows is None or rows.ndim != 2 or rows.shape[0] == 0 or answer.status >= 400:
             return None
-        labels = _predicted(answer, rows.shape[0])
-        if labels is None:
+        if not _has_classes(answer, rows.shape[0]):
             return None
         if self._log is not None:
+            labels = _predicted(answer, rows.shape[0])
+            assert labels is not None
             return await self._observe_shared(self._log, query, rows, labels)
         state = self._client(query.client, rows.shape[1])
-        fresh = state.recent.fresh(rows)
+        digests = query_digests(query, rows)
+        if digests.shape[0] == 1:  # a single row: a plain bool, no array
+            if not state.recent.fresh_one(int(digests[0])):
+                return self._result(state.score, query.n_rows)  # a repeat: nothing new
+            fresh = _ONE_FRESH
+        else:
+            fresh = state.recent.fresh_digests(digests)
+            if not fresh.any():  # exact repeats only (a health probe, a retry): nothing new
+                return self._result(state.score, query.n_rows)
+        labels = _predicted(answer, rows.shape[0])
+        assert labels is not None
         if not fresh.all():
             rows, labels = rows[fresh], labels[fresh]
-            if rows.shape[0] == 0:
-                return self._result(state.score, query.n_rows)
         z_all = self._project(rows)
         tested = False
         for i in np.flatnonzero(np.isfinite(z_all).all(axis=1)).tolist():
@@ -481,6 +498,15 @@ def _grown(a: NDArray[_T], size: int, fill: float = 0.0) -> NDArray[_T]:
     out = np.full((size, *a.shape[1:]), fill, dtype=a.dtype)
     out[: a.shape[0]] = a
     return out
+
+
+def _has_classes(answer: Answer, n_rows: int) -> bool:
+    """Whether :func:`_predicted` finds a class per row in ``answer`` (without computing them)."""
+    labels = answer.labels
+    if labels is not None and labels.shape == (n_rows,) and labels.dtype.kind in "iu":
+        return True
+    probs = answer.probabilities
+    return probs is not None and probs.ndim == 2 and probs.shape[0] == n_rows and probs.shape[1] > 0
 
 
 def _predicted(answer: Answer, n_rows: int) -> NDArray[np.int64] | None:

@@ -24,16 +24,23 @@ Examples
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["RecentRows", "digest_keys", "row_digests"]
+if TYPE_CHECKING:
+    from inference_guard.detectors.base import Query
+
+__all__ = ["PROCESS_KEYS", "RecentRows", "digest_keys", "query_digests", "row_digests"]
 
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 # per-process secret keys: which rows share a digest is not the client's to know
 _KEYS = np.random.default_rng().integers(0, 1 << 63, size=(2, 1 << 12), dtype=np.uint64)
+#: this process's own digest keys (what ``keys=None`` means)
+PROCESS_KEYS = _KEYS
 
 
 def _mix(v: NDArray[np.uint64]) -> NDArray[np.uint64]:
@@ -53,6 +60,39 @@ def digest_keys(seed: int) -> NDArray[np.uint64]:
     )
 
 
+#: per-width constants of :func:`row_digests`, per key table: (table, position keys,
+#: width keys); a model has one width, so a few entries
+_Layout = tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]]
+_LAYOUTS: dict[tuple[int, int], _Layout] = {}
+_MAX_LAYOUTS = 16
+_MASK64 = (1 << 64) - 1
+
+
+def _layout(
+    table: NDArray[np.uint64], width: int
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+    """The keys of each position of a ``width``-wide row, and the width's own keys."""
+    key = (id(table), width)
+    layout = _LAYOUTS.get(key)
+    if layout is None or layout[0] is not table:
+        keys = table[:, np.arange(width) % table.shape[1]]
+        with np.errstate(over="ignore"):
+            layout = (table, np.ascontiguousarray(keys[0]), keys[1] * np.uint64(width))
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout[1], layout[2]
+
+
+def _mix_int(v: int) -> int:
+    """:func:`_mix` of one 64-bit word, in Python ints (a single row's digest)."""
+    v ^= v >> 30
+    v = (v * 0xBF58476D1CE4E5B9) & _MASK64
+    v ^= v >> 27
+    v = (v * 0x94D049BB133111EB) & _MASK64
+    return v ^ (v >> 31)
+
+
 def row_digests(
     rows: NDArray[np.float64], keys: NDArray[np.uint64] | None = None
 ) -> NDArray[np.int64]:
@@ -61,19 +101,43 @@ def row_digests(
     Each value's bits are keyed by its position and mixed, then the mixed
     words are summed: rows equal to the bit are equal, and two different rows
     share a digest with probability about ``2**-64`` whatever their values.
-    Vectorised: a few numpy passes per request. ``keys`` (from
+    Vectorised: a few numpy passes per request (unsigned integer arithmetic
+    wraps silently, so no error state is switched). ``keys`` (from
     :func:`digest_keys`) replace this process's own secret keys, so that
     several processes sharing the secret compare digests.
     """
-    data = np.ascontiguousarray(rows, dtype=np.float64) + 0.0  # -0.0 -> 0.0
+    data = np.add(rows, 0.0, dtype=np.float64)  # a fresh C-ordered copy; -0.0 -> 0.0
     width = data.shape[1]
-    table = _KEYS if keys is None else keys
-    keys = table[:, np.arange(width) % table.shape[1]]
-    words = data.view(np.uint64) ^ keys[0]
-    words += keys[1] * np.uint64(width)  # rows of other widths differ too
-    with np.errstate(over="ignore"):
-        mixed = _mix(words)
-        return _mix(mixed.sum(axis=1, dtype=np.uint64)).view(np.int64)
+    position, of_width = _layout(_KEYS if keys is None else keys, width)
+    words = data.view(np.uint64)
+    words ^= position
+    words += of_width  # rows of other widths differ too
+    summed = _mix(words).sum(axis=1, dtype=np.uint64)
+    if summed.shape[0] == 1:  # one row: the last mix in Python ints is cheaper
+        v = _mix_int(int(summed[0]))
+        return np.array([v - (1 << 64) if v >> 63 else v], dtype=np.int64)
+    return _mix(summed).view(np.int64)
+
+
+def query_digests(
+    query: Query, rows: NDArray[np.float64], keys: NDArray[np.uint64] | None = None
+) -> NDArray[np.int64]:
+    """:func:`row_digests` of ``rows`` (``query.rows``), computed once per request and key.
+
+    Every detector that leaves exact repeats out asks for the same digests of
+    the same request: the first computes them, the others read them from the
+    query's memo (keyed by the key table, so detectors under different keys
+    never share). Treat the result as read-only.
+    """
+    memo = query.memo
+    key = ("digests", id(_KEYS if keys is None else keys))
+    found = memo.get(key)
+    if found is not None and found[0] is rows:
+        digests: NDArray[np.int64] = found[1]
+        return digests
+    digests = row_digests(rows, keys)
+    memo[key] = (rows, digests)
+    return digests
 
 
 class RecentRows:
@@ -112,3 +176,14 @@ class RecentRows:
     def fresh(self, rows: NDArray[np.float64]) -> NDArray[np.bool_]:
         """Which rows are not exact repeats of the client's recent rows (or of earlier ones)."""
         return self.fresh_digests(row_digests(rows))
+
+    def fresh_one(self, digest: int) -> bool:
+        """:meth:`fresh_digests` of a single digest, as a bool (a single-row request)."""
+        n = self.n
+        ring = self._ring
+        if n and (ring[:n] == digest).any():
+            return False
+        ring[self.head] = digest
+        self.head = (self.head + 1) % ring.shape[0]
+        self.n = min(n + 1, ring.shape[0])
+        return True

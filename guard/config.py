@@ -41,6 +41,7 @@ __all__ = [
     "IdentityConfig",
     "LimitsConfig",
     "MetricsConfig",
+    "ObservationConfig",
     "PayloadConfig",
     "PolicyConfig",
     "SignatureConfig",
@@ -144,6 +145,32 @@ class LimitsConfig:
     offload_bytes: int = 1 << 16
     #: seconds an offloaded parse may take, queueing included; 503 ``parse_timeout`` past it
     parse_timeout_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationConfig:
+    """The observation queue: answers on their way to the detectors that learn from them.
+
+    The detectors that learn from the model's answers (``prada``, ``boundary``)
+    judge the client's *next* requests, so the guard queues what they must see
+    and applies it in batches, off the request that was answered. An
+    observation is applied at the latest when the next request of the same
+    client, address or subnet is judged, when ``batch`` are waiting, or
+    ``max_delay_s`` after it was queued, whichever comes first (README,
+    "The observation queue"). Read at start-up and on reload.
+    """
+
+    #: observations applied together; 1 applies each at once, after its answer (no queue)
+    batch: int = 32
+    #: observations waiting at most; one more is dropped, counted in
+    #: ``guard_observations_dropped_total`` (only a stalled store lets the queue fill)
+    max_pending: int = 4096
+    #: seconds an observation may wait for a batch when nothing else drains the queue
+    max_delay_s: float = 0.02
+
+    @property
+    def queued(self) -> bool:
+        return self.batch > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +442,8 @@ class GuardConfig:
     exempt: ExemptConfig = field(default_factory=ExemptConfig)
     #: traffic recording for ``guard replay`` (off by default)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    #: the observation queue (answers for the detectors that learn from them)
+    observation: ObservationConfig = field(default_factory=ObservationConfig)
 
     @classmethod
     def default(cls) -> GuardConfig:
@@ -661,9 +690,11 @@ class _Validator:
                 "calibration_dir",
                 "exempt",
                 "capture",
+                "observation",
             },
         )
         identity = self.identity(top.get("client_identity"), "client_identity")
+        observation = self.observation(top.get("observation"), "observation")
         exempt = self.exempt(top.get("exempt"), "exempt")
         capture = self.capture(top.get("capture"), "capture")
         limits = self.limits(top.get("limits"), "limits")
@@ -703,6 +734,21 @@ class _Validator:
             calibration_dir=calibration_dir,
             exempt=exempt,
             capture=capture,
+            observation=observation,
+        )
+
+    def observation(self, raw: object, key: str) -> ObservationConfig:
+        m = self.mapping(raw, key, {"batch", "max_pending", "max_delay_s"})
+        d = ObservationConfig()
+        batch = self.integer(m, key, "batch", d.batch, minimum=1)
+        max_pending = self.integer(m, key, "max_pending", max(d.max_pending, batch), minimum=1)
+        if max_pending < batch:
+            self.fail(_join(key, "max_pending"), f"must be >= batch ({batch}), got {max_pending}")
+            max_pending = batch
+        return ObservationConfig(
+            batch=batch,
+            max_pending=max_pending,
+            max_delay_s=self.number(m, key, "max_delay_s", d.max_delay_s, minimum=0.0),
         )
 
     def exempt(self, raw: object, key: str) -> ExemptConfig:

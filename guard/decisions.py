@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from inference_guard.detectors.base import DetectorResult
 
@@ -52,9 +52,8 @@ class FailClosed(Exception):
         super().__init__(component)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The policy's verdict on one request."""
+class Decision(NamedTuple):
+    """The policy's verdict on one request (immutable; a tuple, made once per request)."""
 
     #: what the guard enforces (``allow`` in shadow mode whatever was intended)
     action: Action

@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -179,19 +180,32 @@ class Tally:
                 return
             batch = pending[:n]
             del pending[:n]
-            # a counter's increments add up: one inc() per counter instead of one per update
+            # a counter's increments add up: one inc() per counter instead of one per update;
+            # a histogram's observations are bucketed together: one inc() per bucket touched
             sums: dict[Callable[[float], Any], float] = {}
+            observed: dict[Callable[[float], Any], list[float]] = {}
             for update, value in batch:
-                try:
-                    summable = type(getattr(update, "__self__", None)) is Counter and value >= 0
-                except TypeError:  # not a number: applied alone, so that its failure is logged
-                    summable = False
-                if summable:
-                    sums[update] = sums.get(update, 0.0) + value
-                else:
-                    _apply(update, value)
+                kind = type(getattr(update, "__self__", None))
+                if kind is Counter:
+                    try:
+                        summable = value >= 0
+                    except TypeError:  # not a number: applied alone, so its failure is logged
+                        summable = False
+                    if summable:
+                        sums[update] = sums.get(update, 0.0) + value
+                        continue
+                elif kind is Histogram and isinstance(value, float):
+                    held = observed.get(update)
+                    if held is None:
+                        observed[update] = [value]
+                    else:
+                        held.append(value)
+                    continue
+                _apply(update, value)
             for update, total in sums.items():
                 _apply(update, total)
+            for update, held_values in observed.items():
+                _observe_all(update, held_values)
 
     # the Collector protocol: collecting the registry applies what is pending first
     def collect(self) -> list[Any]:
@@ -207,6 +221,37 @@ def _apply(update: Callable[[float], Any], value: float) -> None:
         update(value)
     except Exception:  # one bad value must not cost the others, nor a request
         log.exception("metric update %r(%r) failed", update, value)
+
+
+def _observe_all(observe: Callable[[float], Any], values: list[float]) -> None:
+    """``observe(v)`` for each of ``values`` (a histogram child's), bucketed in one pass.
+
+    What ``Histogram.observe`` does one value at a time (the sum, then the
+    first bucket whose bound is at or above the value; a NaN joins the sum and
+    no bucket), with one ``inc`` per bucket touched. Falls back to ``observe``
+    per value on a histogram of another make.
+    """
+    hist = getattr(observe, "__self__", None)
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total_of = getattr(hist, "_sum", None)
+    if bounds is None or buckets is None or total_of is None or len(bounds) != len(buckets):
+        for value in values:
+            _apply(observe, value)
+        return
+    try:
+        counts = [0] * len(bounds)
+        n = len(bounds)
+        for value in values:
+            i = bisect_left(bounds, value)
+            if i < n and value == value:  # NaN: in no bucket (and bisect cannot place it)
+                counts[i] += 1
+        total_of.inc(sum(values))
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+    except Exception:  # one bad value must not cost the others, nor a request
+        log.exception("metric update %r(%d values) failed", observe, len(values))
 
 
 def _flush_ref(ref: weakref.ref[Tally]) -> None:
@@ -384,6 +429,13 @@ class GuardMetrics:
             "Capture lines dropped because the writer fell behind or could not write.",
             registry=r,
         )
+        self.observations_dropped = Counter(
+            "guard_observations_dropped",
+            "Answers the detectors that learn from them never saw: the observation queue "
+            "was full (observation.max_pending).",
+            ("policy",),
+            registry=r,
+        )
         self.upstream = Counter(
             "guard_upstream_responses",
             "Answers of the protected app (the model), by status class.",
@@ -447,6 +499,7 @@ class GuardMetrics:
             for cls in CODE_CLASSES:
                 self.upstream.labels(p, cls)
             self.quarantined.labels(p)
+            self.observations_dropped.labels(p)
             self.exempt.labels(p)
             self.overhead.labels(p)
             for spec in policy.detectors:

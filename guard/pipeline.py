@@ -21,9 +21,9 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
@@ -33,7 +33,7 @@ from inference_guard.guard._counts import Counts
 from inference_guard.guard.admission import Admission
 from inference_guard.guard.audit import AuditLog
 from inference_guard.guard.capture import CaptureLog
-from inference_guard.guard.config import GuardConfig
+from inference_guard.guard.config import GuardConfig, ObservationConfig
 from inference_guard.guard.decisions import Action, Decision, FailClosed, FailureMode
 from inference_guard.guard.engine import Pass, Request, Seen, Verdict
 from inference_guard.guard.errors import ConfigurationError, StateError
@@ -50,11 +50,251 @@ from inference_guard.guard.stores import Store, store_from_uri
 from inference_guard.guard.stores.base import EvictionPolicy
 from inference_guard.guard.stores.resilient import ResilientStore
 
-__all__ = ["FailClosed", "Guard"]
+__all__ = ["FailClosed", "Guard", "Observation", "Observations", "QueuedDetectors"]
 
 log = logging.getLogger("guard")
 
 _QUARANTINE_PREFIX = "quarantine:"
+
+#: the running event loop or None, without raising
+_running_loop = asyncio.events._get_running_loop
+
+
+class Observation(NamedTuple):
+    """One answer for the detectors that learn from answers (``Guard.observe``'s arguments)."""
+
+    policy: CompiledPolicy
+    query: Query
+    answer: Answer
+    client_source: str
+    exempt: bool = False
+
+
+class Observations:
+    """The observation queue: answers waiting for the detectors that learn from them.
+
+    The detectors that learn from answers judge the client's *next* requests,
+    so what they must see waits here and is applied in batches (``apply``,
+    :meth:`Guard.observe_batch`), where they share the per-row work. An
+    observation is applied at the latest
+
+    * before the next verdict on a request of the same client (:meth:`pending`:
+      the front drains first), so every verdict sees all of its own client's
+      earlier answers, exactly as without the queue; and, where the policy
+      quarantines by address (``quarantine_address``, enforced), before the
+      next verdict on any request from that address or subnet, so that a
+      quarantine an answer decides is in force there as without the queue;
+    * when ``batch`` observations are waiting (drained right after the answer
+      that completed the batch);
+    * ``max_delay_s`` after it was queued (a timer on the running loop), so a
+      quiet service still shares its standings and quarantines promptly.
+
+    At most ``max_pending`` wait; past that (a drain stalled on a slow store)
+    an observation is dropped and ``on_drop`` counts it. One drain runs at a
+    time: a caller that needs the queue empty waits for the running one.
+    """
+
+    def __init__(
+        self,
+        apply: Callable[[Sequence[Observation]], Awaitable[object]],
+        config: ObservationConfig,
+        *,
+        on_drop: Callable[[Observation], None] | None = None,
+    ) -> None:
+        self._apply = apply
+        self._on_drop = on_drop
+        self._items: list[Observation] = []
+        # whose verdicts wait for each queued item (:func:`_waits_for`), in step with it
+        self._keys: list[tuple[str, ...]] = []
+        # client, address and subnet ids with observations waiting, and how many
+        self._waiting: dict[str, int] = {}
+        # the loop a drain is running on (awaiting the store), and what its waiters await
+        self._busy: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: observations dropped because ``max_pending`` were waiting
+        self.dropped = 0
+        self.configure(config)
+
+    def configure(self, config: ObservationConfig) -> None:
+        """Take (re)loaded settings; what waits stays queued."""
+        self.batch = config.batch
+        self.max_pending = config.max_pending
+        self.max_delay_s = config.max_delay_s
+
+    @property
+    def queued(self) -> bool:
+        """Whether observations are queued at all (``batch`` > 1)."""
+        return self.batch > 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def pending(self, client: str, ip: str = "", subnet: str = "") -> bool:
+        """Whether an observation that this client's verdict must see has not been applied:
+        one of the client's own, or one that may quarantine its address or subnet."""
+        waiting = self._waiting
+        if not waiting:
+            return False
+        return client in waiting or (ip != "" and ip in waiting) or (
+            subnet != "" and subnet in waiting
+        )
+
+    def put(self, item: Observation) -> bool:
+        """Queue ``item``; ``False`` (and counted) when ``max_pending`` are waiting."""
+        if len(self._items) >= self.max_pending:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(item)
+            return False
+        self._items.append(item)
+        ids = _waits_for(item)
+        self._keys.append(ids)
+        waiting = self._waiting
+        for key in ids:
+            waiting[key] = waiting.get(key, 0) + 1
+        return True
+
+    async def submit(self, item: Observation) -> None:
+        """Queue ``item``, draining now when a batch is complete, else by the timer."""
+        if not self.put(item):
+            return
+        if len(self._items) >= self.batch:
+            await self.drain()
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = _running_loop()
+        if loop is None:
+            return
+        if self._timer is not None and self._timer_loop is loop and not self._timer.cancelled():
+            return
+        self._timer_loop = loop
+        self._timer = loop.call_later(self.max_delay_s, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer_loop is loop:
+            self._timer = None
+        if self._items and (self._task is None or self._task.done()):
+            self._task = loop.create_task(self.drain())
+
+    async def drain(self) -> None:
+        """Apply every waiting observation (after the drain already running, if any)."""
+        while self._items:
+            busy = self._busy
+            if busy is not None and busy is _running_loop():
+                # a drain is applying its batch (awaiting the store): wait for it, then
+                # apply what came after it
+                waiter = self._done
+                if waiter is None:
+                    waiter = self._done = busy.create_future()
+                await waiter
+                continue
+            # (a drain still marked busy on a loop that is gone lost its batch with it)
+            self._busy = asyncio.get_running_loop()
+            items, keys = self._items, self._keys
+            self._items, self._keys = [], []
+            try:
+                await self._apply(items)
+            except Exception:
+                log.exception("applying %d queued observations failed", len(items))
+            finally:
+                self._release(keys)
+                self._busy = None
+                waiter, self._done = self._done, None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+    def _release(self, keys: Sequence[tuple[str, ...]]) -> None:
+        waiting = self._waiting
+        for ids in keys:
+            for key in ids:
+                left = waiting.get(key, 0) - 1
+                if left > 0:
+                    waiting[key] = left
+                else:
+                    waiting.pop(key, None)
+
+
+def _waits_for(item: Observation) -> tuple[str, ...]:
+    """Whose next verdict must wait for ``item``: its client, and the address layer the
+    policy would quarantine with it (an enforcing policy with ``quarantine_address``)."""
+    query, policy = item.query, item.policy
+    cfg = policy.config
+    if item.exempt or cfg.shadow or cfg.quarantine_s <= 0:
+        return (query.client,)
+    layer = _address_layer(policy, query.ip, query.subnet)
+    return (query.client, layer) if layer and layer != query.client else (query.client,)
+
+
+class QueuedDetectors:
+    """The engine as a front end's admission sees it, answers going through the queue.
+
+    :meth:`observe` queues the answer (:class:`Observations`); the verdicts
+    (:meth:`check_quarantine`, :meth:`decide`) first apply what is queued for
+    the same client, address or subnet, so that no verdict misses its own
+    client's earlier answers. With ``observation.batch: 1`` every answer is
+    observed at once, as :meth:`Guard.observe` does.
+    """
+
+    def __init__(self, guard: Guard, observations: Observations) -> None:
+        self._guard = guard
+        self._observations = observations
+
+    @property
+    def quarantine_enabled(self) -> bool:
+        return self._guard.quarantine_enabled
+
+    async def check_quarantine(
+        self,
+        policy: CompiledPolicy,
+        client: str,
+        *,
+        exempt: bool = False,
+        ip: str = "",
+        subnet: str = "",
+    ) -> Decision | None:
+        if self._observations.pending(client, ip, subnet):
+            await self._observations.drain()
+        return await self._guard.check_quarantine(
+            policy, client, exempt=exempt, ip=ip, subnet=subnet
+        )
+
+    async def decide(
+        self, policy: CompiledPolicy, query: Query, *, exempt: bool = False
+    ) -> Decision:
+        if self._observations.pending(query.client, query.ip, query.subnet):
+            await self._observations.drain()
+        return await self._guard.decide(policy, query, exempt=exempt)
+
+    def allow(self, policy: CompiledPolicy, n_rows: int, fmt: str | None = None) -> Decision:
+        return self._guard.allow(policy, n_rows, fmt)
+
+    async def observe(
+        self,
+        policy: CompiledPolicy,
+        query: Query,
+        answer: Answer,
+        *,
+        client_source: str,
+        exempt: bool = False,
+    ) -> Decision | None:
+        """Queue the answer for the detectors that learn from it; ``None`` (not decided yet).
+
+        With the queue off (``observation.batch: 1``), :meth:`Guard.observe`.
+        """
+        observations = self._observations
+        if not observations.queued:
+            if len(observations):  # queued before a reload turned the queue off
+                await observations.drain()
+            return await self._guard.observe(
+                policy, query, answer, client_source=client_source, exempt=exempt
+            )
+        await observations.submit(Observation(policy, query, answer, client_source, exempt))
+        return None
 
 
 class Guard:
@@ -98,6 +338,13 @@ class Guard:
             calibration_dir=Path(config.calibration_dir) if config.calibration_dir else None,
             limits=config.limits,
         )
+        #: answers on their way to the detectors that learn from them (README, "The
+        #: observation queue"); a front end's admission reaches the engine through
+        #: ``_front``, which queues them and applies them before the client's next verdict
+        self._observations = Observations(
+            self.observe_batch, config.observation, on_drop=self._observation_dropped
+        )
+        self._front = QueuedDetectors(self, self._observations)
         # where model signatures are learned (``signature: {learn: true}``); the front
         # end sets it (set_metadata_source), and every loadout's signatures read it
         self._metadata_source: MetadataSource | None = None
@@ -176,7 +423,7 @@ class Guard:
         return Admission(
             config,
             policies,
-            self,
+            self._front,
             counts=self.counts,
             identifier=self.identifier,
             audit=self.audit,
@@ -246,7 +493,10 @@ class Guard:
         to_close, self._retired = self._retired, dropped
         # the swap: one reference; a request holding the old loadout finishes on it
         self.loadout, self._ctx, self.config = new, ctx, config
+        self._observations.configure(config.observation)
         _log_unnamed_routes(new.policies)
+        # observations queued for the detectors about to close are applied first
+        await self._observations.drain()
         await _close(to_close)
         now = {f"{p}/{d}" for p, d, _ in new.built}
         return ReloadResult(
@@ -423,6 +673,9 @@ class Guard:
         self.counts.allowed(policy.name, decision.action, n_rows, fmt)
         return decision
 
+    def _observation_dropped(self, item: Observation) -> None:
+        self.counts.child(self.metrics.observations_dropped, item.policy.name).inc()
+
     def _failed(self, policy: CompiledPolicy, component: str) -> None:
         self.counts.error(component)
         if component == "store":
@@ -474,29 +727,76 @@ class Guard:
         detector that fires here changes the decision on the client's next request
         (by quarantine; an ``exempt`` client is never quarantined). Returns the
         decision that was recorded, or ``None`` when nothing fired.
+
+        This applies the observation at once. A front end's answers go through
+        the observation queue instead (:meth:`drain`, README "The observation
+        queue"), which applies them in batches with :meth:`observe_batch`.
         """
-        fired: list[tuple[str, Action]] = []
-        results: list[DetectorResult] = []
+        item = Observation(policy, query, answer, client_source, exempt)
+        return (await self.observe_batch((item,)))[0]
+
+    async def observe_batch(self, items: Sequence[Observation]) -> list[Decision | None]:
+        """:meth:`observe` of several answers, in order: the decision recorded for each.
+
+        Every detector sees the batch in one call (``observe_many``), so it can
+        share the per-row work; its state ends as if the answers had been
+        observed one by one, and so do quarantines, audit lines and counts.
+        """
+        out: list[Decision | None] = []
+        start = 0
+        while start < len(items):  # runs of one policy (a reload may split a batch)
+            policy = items[start].policy
+            stop = start + 1
+            while stop < len(items) and items[stop].policy is policy:
+                stop += 1
+            out.extend(await self._observe_run(policy, items[start:stop]))
+            start = stop
+        return out
+
+    async def _observe_run(
+        self, policy: CompiledPolicy, items: Sequence[Observation]
+    ) -> list[Decision | None]:
+        n = len(items)
+        results: list[list[DetectorResult]] = [[] for _ in range(n)]
+        fired: list[list[tuple[str, Action]]] = [[] for _ in range(n)]
+        pairs = [(item.query, item.answer) for item in items]
         for armed in policy.detectors:
             det = armed.detector
             if not det.observes_answers:
                 continue
             try:
-                result = await det.observe(query, answer)
-            except StateError:
-                self.counts.error("store")
-                continue
-            except Exception:
-                log.exception("detector %s failed in observe", det.name)
-                self.counts.error("detector")
-                continue
-            if result is None:
-                continue
-            results.append(result)
-            if result.anomalous:
-                fired.append((det.name, armed.action_for(result)))
-        if not fired:
-            return None
+                outcomes = await det.observe_many(pairs)
+            except Exception as exc:  # a detector's own bug: every item failed with it
+                outcomes = [exc] * n
+            for k, outcome in enumerate(outcomes):
+                if outcome is None:
+                    continue
+                if isinstance(outcome, BaseException):
+                    if isinstance(outcome, StateError):
+                        self.counts.error("store")
+                    else:
+                        log.error("detector %s failed in observe", det.name, exc_info=outcome)
+                        self.counts.error("detector")
+                    continue
+                results[k].append(outcome)
+                if outcome.anomalous:
+                    fired[k].append((det.name, armed.action_for(outcome)))
+        out: list[Decision | None] = []
+        for k, item in enumerate(items):
+            out.append(
+                await self._observed(policy, item, results[k], fired[k]) if fired[k] else None
+            )
+        return out
+
+    async def _observed(
+        self,
+        policy: CompiledPolicy,
+        item: Observation,
+        results: list[DetectorResult],
+        fired: list[tuple[str, Action]],
+    ) -> Decision:
+        """Record what fired on one observed answer (quarantine, counts, audit line)."""
+        query, exempt = item.query, item.exempt
         intended = max((a for _, a in fired), key=lambda a: a.severity)
         quarantined = False
         enforced = not (policy.config.shadow or exempt)
@@ -520,14 +820,26 @@ class Guard:
             decision,
             request_id=query.request_id,
             client=query.client,
-            client_source=client_source,
+            client_source=item.client_source,
             techniques=self.techniques,
             n_rows=query.n_rows,
             reason="after_answer",
         )
         return decision
 
+    # ------------------------------------------------------------------ the observation queue
+
+    @property
+    def observations(self) -> Observations:
+        """The observation queue a front end's answers go through."""
+        return self._observations
+
+    async def drain(self) -> None:
+        """Apply every queued observation now (tests, shutdown, a front end's idle hook)."""
+        await self._observations.drain()
+
     async def aclose(self) -> None:
+        await self._observations.drain()
         await _close(self.loadout.detectors() + self._retired)
         self._retired = []
         self.metrics.tally.flush()

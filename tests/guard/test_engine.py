@@ -275,6 +275,7 @@ def test_after_lets_observing_detectors_read_the_answer(
     verdict = passed(admit(guard, Body(v2_body(CALM, CALM))))
     assert verdict.watch is not None and verdict.watch.query is not None
     asyncio.run(guard.after(verdict, Seen(200, "application/json", ANSWER)))
+    asyncio.run(guard.drain())  # answers reach observers through the observation queue
     (answer,) = watcher.answers
     assert answer.status == 200 and answer.labels is not None
     assert answer.labels.tolist() == [1, 0]
@@ -282,6 +283,7 @@ def test_after_lets_observing_detectors_read_the_answer(
     assert np.allclose(answer.probabilities[0], [0.1234567, 0.7654321, 0.1111112])
     # an error answer is not learnt from
     asyncio.run(guard.after(verdict, Seen(500, "application/json", b'{"error": "x"}')))
+    asyncio.run(guard.drain())
     assert len(watcher.answers) == 1
 
 
@@ -330,6 +332,7 @@ def test_an_answer_is_decoded_once_for_rewriting_and_reading(
     assert reviewed.answer is not None  # read before rounding: the model's own numbers
     asyncio.run(guard.after(verdict, Seen(200, "application/json", ANSWER, reviewed, "degraded")))
     assert decoded == [ANSWER]
+    asyncio.run(guard.drain())
     (answer,) = watcher.answers
     assert answer.probabilities is not None
     assert answer.probabilities[0, 0] == pytest.approx(0.1234567)

@@ -9,6 +9,7 @@ stateful detector is handed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -223,6 +224,7 @@ def test_stateful_detectors_observe_argmax_labels(
     assert client.post("/score", json={"features": [[1.0], [2.0]]}).status_code == 200
     watcher = mw.guard.policies[0].detectors[0].detector
     assert isinstance(watcher, ObservingDetector)
+    asyncio.run(mw.guard.drain())  # answers reach observers through the observation queue
     (answer,) = watcher.answers
     assert answer.labels is not None and answer.labels.tolist() == [2, 0]
     assert answer.probabilities is not None

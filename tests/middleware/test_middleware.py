@@ -332,6 +332,7 @@ def test_observing_detector_sees_parsed_answer(tmp_path: Path, registry: Collect
     assert client.post(V2, json=v2_body([[1.0], [2.0]])).status_code == 200
     det = mw.guard.policies[0].detectors[0][0]
     assert isinstance(det, ObservingDetector)
+    asyncio.run(mw.guard.drain())  # answers reach observers through the observation queue
     answer = det.answers[0]
     assert answer.labels is not None and answer.labels.tolist() == [1, 0]
     assert answer.probabilities is not None and answer.probabilities.shape == (2, 3)
