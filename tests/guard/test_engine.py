@@ -308,6 +308,7 @@ def test_settle_counts_a_rewrite_at_once_and_leaves_only_a_watched_answer_to_awa
     rest = watching.loadout.admission.settle(watched, Seen(200, "application/json", ANSWER))
     assert rest is not None and watcher.answers == []  # the detectors read it when awaited
     asyncio.run(rest)
+    asyncio.run(watching.drain())  # queued for the detectors, applied in a batch
     assert len(watcher.answers) == 1
 
 
