@@ -40,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "REDIS_SKIP",
     "REDIS_URL",
+    "SHARED_BACKENDS",
     "Backend",
     "FakeClock",
     "anyio_backend",
@@ -115,6 +116,9 @@ BACKENDS = [
     pytest.param("redis", id="redis", marks=[pytest.mark.redis, REDIS_SKIP]),
     pytest.param("redis-cluster", id="redis-cluster", marks=[pytest.mark.redis]),
 ]
+
+#: the backends state is shared on (every process sees the same), for what a memory store never does
+SHARED_BACKENDS = [p for p in BACKENDS if p.id != "memory"]
 
 
 def _ci() -> bool:

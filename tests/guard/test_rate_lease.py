@@ -27,7 +27,7 @@ from inference_guard.guard.stores import MemoryStore
 from inference_guard.guard.stores.lease import LeasedRateStore, lease_units
 from inference_guard.guard.stores.rate import RateLimitStore
 from inference_guard.guard.stores.redis import RedisStore
-from tests.stores_fixture import Backend, FakeClock
+from tests.stores_fixture import SHARED_BACKENDS, Backend, FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -36,9 +36,8 @@ HOUR = 3600.0
 SLOW = GcraLimit(rate=1.0, period=HOUR, burst=1000)
 
 
-def _shared(backend: Backend) -> None:
-    if backend.name == "memory":
-        pytest.skip("a per-process store grants no lease: nothing to share")
+#: a per-process store grants no lease (nothing to share): these run on Redis and the cluster only
+shared = pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
 
 
 async def _twin(backend: Backend) -> RedisStore:
@@ -50,7 +49,6 @@ async def _twin(backend: Backend) -> RedisStore:
 
 @pytest.fixture
 async def twin(backend: Backend) -> AsyncIterator[RedisStore]:
-    _shared(backend)
     store = await _twin(backend)
     try:
         yield store
@@ -79,8 +77,8 @@ async def test_a_lease_is_taken_from_the_shared_budget(backend: Backend) -> None
     assert after.remaining == 1000 - 1 - 10 - 1
 
 
+@shared
 async def test_no_lease_below_half_of_a_limit_and_none_with_a_refusal(backend: Backend) -> None:
-    _shared(backend)
     store = _store(backend)
     small = GcraLimit(rate=1.0, period=HOUR, burst=100)
     # 100 - 40 - 10 = 50 left: exactly half, granted
@@ -95,8 +93,8 @@ async def test_no_lease_below_half_of_a_limit_and_none_with_a_refusal(backend: B
     assert state.remaining == 49  # the refused request took nothing, lease included
 
 
+@shared
 async def test_a_multi_limit_lease_needs_room_in_every_limit(backend: Backend) -> None:
-    _shared(backend)
     store = _store(backend)
     roomy = GcraLimit(rate=1.0, period=HOUR, burst=1000)
     tight = WindowLimit(limit=20, period=HOUR)
@@ -115,6 +113,7 @@ def _leased(store: RateLimitStore, clock: FakeClock, *, lease: float = 0.01) -> 
     return LeasedRateStore(store, lease=lease, lease_s=1.0, clock=clock)
 
 
+@shared
 async def test_round_trips_drop_while_the_budget_has_room(
     backend: Backend, twin: RedisStore
 ) -> None:
@@ -134,6 +133,7 @@ async def test_round_trips_drop_while_the_budget_has_room(
     assert shared.remaining == 1000 - 11 * leased.remote  # every leased unit came from Redis
 
 
+@shared
 async def test_enforcement_is_exact_near_the_limit(backend: Backend, twin: RedisStore) -> None:
     """Two processes with leases and one without share a budget: exactly the budget passes."""
     clock = FakeClock()
@@ -160,6 +160,7 @@ async def test_enforcement_is_exact_near_the_limit(backend: Backend, twin: Redis
         await plain.aclose()
 
 
+@shared
 async def test_overshoot_stays_within_a_lease_per_process(
     backend: Backend, twin: RedisStore
 ) -> None:
@@ -192,6 +193,7 @@ async def test_overshoot_stays_within_a_lease_per_process(
         await plain.aclose()
 
 
+@shared
 async def test_a_lease_expires_and_a_refusal_is_repeated_locally(
     backend: Backend, twin: RedisStore
 ) -> None:
@@ -219,8 +221,8 @@ async def test_a_lease_expires_and_a_refusal_is_repeated_locally(
     assert leased.remote == remote + 3
 
 
+@shared
 async def test_concurrent_checks_take_one_lease_at_a_time(backend: Backend) -> None:
-    _shared(backend)
     clock = FakeClock()
     leased = _leased(_store(backend), clock)
     results = await asyncio.gather(*(leased.acquire([("k", SLOW)], cost=1) for _ in range(50)))
@@ -230,16 +232,16 @@ async def test_concurrent_checks_take_one_lease_at_a_time(backend: Backend) -> N
     assert state.remaining == 1000 - 50 - 10
 
 
+@shared
 async def test_the_table_is_bounded(backend: Backend) -> None:
-    _shared(backend)
     leased = LeasedRateStore(_store(backend), max_entries=3, clock=FakeClock())
     for i in range(6):
         await leased.acquire([(f"k{i}", SLOW)], cost=1)
     assert len(leased) == 3
 
 
+@shared
 async def test_a_lease_lasts_a_tenth_of_a_short_window_at_most(backend: Backend) -> None:
-    _shared(backend)
     clock = FakeClock()
     leased = _leased(_store(backend), clock, lease=0.1)
     fast = GcraLimit(rate=1000.0, period=1.0, burst=100)  # empties in 0.1 s
@@ -261,8 +263,8 @@ def _spec(params: dict[str, object]) -> DetectorSpec:
 LIMITS = [{"rate": 1, "per": "1h", "burst": 1000}]
 
 
+@shared
 async def test_the_detector_spends_a_lease(backend: Backend) -> None:
-    _shared(backend)
     det = build_detector(_spec({"limits": LIMITS}), BuildContext(store=backend.store))
     assert isinstance(det, RateLimitDetector) and isinstance(det.store, LeasedRateStore)
     results = [await det.inspect(Query("client", "p", None, n_rows=1)) for _ in range(30)]
