@@ -37,15 +37,15 @@ rounded down; no lease at all when that is below 1):
   back with time.
 
 A process asks for at most one lease per key at a time (checks of the same
-key made meanwhile are exact, lease-free ones), and a new lease keeps what
-remained of the last (less than one request's cost), so a process never holds
-more than ``L`` units plus that remainder.
+key made meanwhile are exact, lease-free ones), and a new lease replaces the
+last: what remained of it (less than one request's cost) is lost, not carried,
+so a process never holds more than ``L`` units, all leased within ``lease_s``.
 
 The default ``lease`` is 1 % of the smallest capacity, held at most
 ``lease_s = 1`` second and never longer than a tenth of the shortest limit's
 window: with 8 processes, at most 8 % of a burst. The table is bounded
-(``max_entries``; the oldest entry is dropped first, which loses at most its
-lease). The headers of a request answered from a lease are estimates: the
+(``max_entries``; the entry renewed longest ago is dropped first, which loses
+at most its lease). The headers of a request answered from a lease are estimates: the
 state of the leasing check less what this process has spent since, blind to
 other processes and to the refill.
 """
@@ -193,17 +193,10 @@ class LeasedRateStore(RateLimitStore):
         else:
             states, granted = await self.inner.acquire(checks, cost=cost), 0
         if granted > 0:
-            left = granted
-            entry = self._table.get(ident)
-            if (
-                entry is not None
-                and not entry.refused
-                and now < entry.expires
-                and entry.limits == limits
-            ):
-                left += entry.left  # what remained, less than one request: kept, not lost
+            # what remained of the last lease (less than this request's cost) is lost,
+            # not carried: units spent locally were all leased within ``lease_s``
             self._keep(
-                ident, _Entry(limits, now + held, states, now, left, left, False, 0, per_unit)
+                ident, _Entry(limits, now + held, states, now, granted, granted, False, 0, per_unit)
             )
         elif held > 0 and not all(state.allowed for state in states):
             retry = max(state.retry_after for state in states if not state.allowed)
@@ -216,8 +209,9 @@ class LeasedRateStore(RateLimitStore):
 
     def _keep(self, ident: object, entry: _Entry) -> None:
         table = self._table
-        if ident not in table and len(table) >= self.max_entries:
-            # the oldest entry goes: a lease lost is budget left unspent, never over-admission
+        if table.pop(ident, None) is None and len(table) >= self.max_entries:
+            # the least recently renewed entry goes (a key renewed moves to the end): a
+            # lease lost is budget left unspent, never over-admission
             del table[next(iter(table))]
         table[ident] = entry
 

@@ -292,3 +292,38 @@ def test_bad_lease_params_are_named(params: dict[str, object], key: str) -> None
     with pytest.raises(ConfigurationError) as info:
         build_detector(_spec({"limits": LIMITS, **params}), BuildContext(store=MemoryStore()))
     assert info.value.key == key
+
+
+@shared
+async def test_a_renewed_lease_is_dropped_last_when_the_table_is_full(backend: Backend) -> None:
+    clock = FakeClock()
+    leased = LeasedRateStore(_store(backend), lease=0.01, lease_s=1.0, max_entries=2, clock=clock)
+    await leased.acquire([("k0", SLOW)], cost=1)  # a lease of 10
+    await leased.acquire([("k1", SLOW)], cost=1)
+    for _ in range(11):  # k0 spends its lease, then renews it
+        await leased.acquire([("k0", SLOW)], cost=1)
+    remote = leased.remote
+    await leased.acquire([("k2", SLOW)], cost=1)  # the table is full: k1 goes, not k0
+    await leased.acquire([("k0", SLOW)], cost=1)
+    assert leased.remote == remote + 1  # k0 still spends locally
+    await leased.acquire([("k1", SLOW)], cost=1)
+    assert leased.remote == remote + 2
+
+
+@shared
+async def test_what_remained_of_a_lease_is_not_carried_into_the_next(backend: Backend) -> None:
+    clock = FakeClock()
+    leased = _leased(_store(backend), clock)  # leases of 10
+    await leased.acquire([("k", SLOW)], cost=4)  # remote: 4 and a lease of 10
+    await leased.acquire([("k", SLOW)], cost=4)  # 6 left
+    await leased.acquire([("k", SLOW)], cost=4)  # 2 left: less than a request
+    remote = leased.remote
+    await leased.acquire([("k", SLOW)], cost=4)  # remote again: a new lease of 10, the 2 lost
+    assert leased.remote == remote + 1
+    await leased.acquire([("k", SLOW)], cost=4)
+    await leased.acquire([("k", SLOW)], cost=4)  # 2 left
+    assert leased.remote == remote + 1
+    await leased.acquire([("k", SLOW)], cost=4)  # carried, 12 would have served this one
+    assert leased.remote == remote + 2
+    (state,) = await _store(backend).acquire([("k", SLOW)], cost=0)
+    assert state.remaining == 1000 - 3 * 4 - 3 * 10  # three remote checks, each taking a lease
