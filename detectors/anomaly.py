@@ -154,7 +154,8 @@ class RowAnomalyDetector(Detector):
         self.n_features = int(model.n_features_in_)
         # the scores of the last single rows scored, by their exact bytes (the model is
         # fixed, so a repeated row scores the same): health probes, retries and popular
-        # inputs are scored once. Emptied when full; a few hundred KB at most
+        # inputs are scored once. Emptied when full (512 rows): at most 512 x 8 x n_features
+        # bytes of keys, e.g. 256 KB at 64 features, 12 MB at 3 072
         self._scored: dict[bytes, float] = {}
 
     async def inspect(self, query: Query) -> DetectorResult:
@@ -170,8 +171,12 @@ class RowAnomalyDetector(Detector):
                 )
             await self._record(query, n, n)
             return DetectorResult(
-                self.name, min(UNSCORABLE, threshold - 1.0), threshold, True,
-                reason=f"width {rows.shape[-1]} != {self.n_features}", rows_flagged=n,
+                self.name,
+                min(UNSCORABLE, threshold - 1.0),
+                threshold,
+                True,
+                reason=f"width {rows.shape[-1]} != {self.n_features}",
+                rows_flagged=n,
             )
         if n == 1 and self._score_row is not None and rows.dtype == np.float64:
             # the hot path: a finite, modest row (NaN fails the comparison; other

@@ -165,6 +165,9 @@ class ObservationConfig:
     #: observations waiting at most; one more is dropped, counted in
     #: ``guard_observations_dropped_total`` (only a stalled store lets the queue fill)
     max_pending: int = 4096
+    #: bytes the waiting observations may hold at most (their rows, answers and texts,
+    #: estimated); past it an observation is dropped and counted the same way
+    max_pending_bytes: int = 64 * 1024 * 1024
     #: seconds an observation may wait for a batch when nothing else drains the queue
     max_delay_s: float = 0.02
 
@@ -738,7 +741,7 @@ class _Validator:
         )
 
     def observation(self, raw: object, key: str) -> ObservationConfig:
-        m = self.mapping(raw, key, {"batch", "max_pending", "max_delay_s"})
+        m = self.mapping(raw, key, {"batch", "max_pending", "max_pending_bytes", "max_delay_s"})
         d = ObservationConfig()
         batch = self.integer(m, key, "batch", d.batch, minimum=1)
         max_pending = self.integer(m, key, "max_pending", max(d.max_pending, batch), minimum=1)
@@ -748,6 +751,9 @@ class _Validator:
         return ObservationConfig(
             batch=batch,
             max_pending=max_pending,
+            max_pending_bytes=self.integer(
+                m, key, "max_pending_bytes", d.max_pending_bytes, minimum=1
+            ),
             max_delay_s=self.number(m, key, "max_delay_s", d.max_delay_s, minimum=0.0),
         )
 

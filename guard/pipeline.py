@@ -80,7 +80,9 @@ class Observations:
 
     * before the next verdict on a request of the same client (:meth:`pending`:
       the front drains first), so every verdict sees all of its own client's
-      earlier answers, exactly as without the queue; and, where the policy
+      earlier answers, exactly as without the queue (in this process: other
+      workers see what an answer writes to the shared store, a quarantine
+      included, once the queue drains); and, where the policy
       quarantines by address (``quarantine_address``, enforced), before the
       next verdict on any request from that address or subnet, so that a
       quarantine an answer decides is in force there as without the queue;
@@ -111,6 +113,11 @@ class Observations:
         # the loop a drain is running on (awaiting the store), and what its waiters await
         self._busy: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
+        # the task applying the batch in flight (a drain it starts itself returns at once)
+        self._drainer: asyncio.Task[Any] | None = None
+        # about how many bytes the waiting observations hold (rows, their memo, answers)
+        self._bytes = 0
+        self._sizes: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -122,6 +129,7 @@ class Observations:
         """Take (re)loaded settings; what waits stays queued."""
         self.batch = config.batch
         self.max_pending = config.max_pending
+        self.max_pending_bytes = config.max_pending_bytes
         self.max_delay_s = config.max_delay_s
 
     @property
@@ -138,18 +146,24 @@ class Observations:
         waiting = self._waiting
         if not waiting:
             return False
-        return client in waiting or (ip != "" and ip in waiting) or (
-            subnet != "" and subnet in waiting
+        return (
+            client in waiting
+            or (ip != "" and ip in waiting)
+            or (subnet != "" and subnet in waiting)
         )
 
     def put(self, item: Observation) -> bool:
-        """Queue ``item``; ``False`` (and counted) when ``max_pending`` are waiting."""
-        if len(self._items) >= self.max_pending:
-            self.dropped += 1
-            if self._on_drop is not None:
-                self._on_drop(item)
+        """Queue ``item``; ``False`` (and counted) when ``max_pending`` observations, or
+        ``max_pending_bytes`` of them, are waiting (one alone is always queued)."""
+        size = _observation_bytes(item)
+        if self._items and (
+            len(self._items) >= self.max_pending or self._bytes + size > self.max_pending_bytes
+        ):
+            self._lost((item,))
             return False
         self._items.append(item)
+        self._sizes.append(size)
+        self._bytes += size
         ids = _waits_for(item)
         self._keys.append(ids)
         waiting = self._waiting
@@ -158,13 +172,24 @@ class Observations:
         return True
 
     async def submit(self, item: Observation) -> None:
-        """Queue ``item``, draining now when a batch is complete, else by the timer."""
+        """Queue ``item``, draining now when a batch is complete, else by the timer.
+
+        The batch is applied in a task of its own, so that a caller cancelled
+        meanwhile (a client gone, a server shutting down) does not cut it short.
+        """
         if not self.put(item):
             return
         if len(self._items) >= self.batch:
-            await self.drain()
+            await asyncio.shield(self.drain())
         else:
             self._schedule()
+
+    def _lost(self, items: Sequence[Observation]) -> None:
+        """Count observations that will never be applied."""
+        self.dropped += len(items)
+        if self._on_drop is not None:
+            for item in items:
+                self._on_drop(item)
 
     def _schedule(self) -> None:
         loop = _running_loop()
@@ -182,10 +207,18 @@ class Observations:
             self._task = loop.create_task(self.drain())
 
     async def drain(self) -> None:
-        """Apply every waiting observation (after the drain already running, if any)."""
-        while self._items:
+        """Apply every waiting observation, waiting first for a batch in flight.
+
+        On return nothing queued before the call is left unapplied, so a verdict
+        that drains sees every answer it waits for, even one a concurrent drain
+        (the timer's, another request's) had taken and was still applying. A
+        drain started by the batch being applied returns at once.
+        """
+        while True:
             busy = self._busy
             if busy is not None and busy is _running_loop():
+                if asyncio.current_task() is self._drainer:
+                    return
                 # a drain is applying its batch (awaiting the store): wait for it, then
                 # apply what came after it
                 waiter = self._done
@@ -193,17 +226,25 @@ class Observations:
                     waiter = self._done = busy.create_future()
                 await waiter
                 continue
+            if not self._items:
+                return
             # (a drain still marked busy on a loop that is gone lost its batch with it)
             self._busy = asyncio.get_running_loop()
+            self._drainer = asyncio.current_task()
             items, keys = self._items, self._keys
-            self._items, self._keys = [], []
+            self._items, self._keys, self._sizes, self._bytes = [], [], [], 0
             try:
                 await self._apply(items)
+            except asyncio.CancelledError:
+                # cut short (a shutdown): counted as dropped, some may have been applied
+                self._lost(items)
+                raise
             except Exception:
                 log.exception("applying %d queued observations failed", len(items))
             finally:
                 self._release(keys)
                 self._busy = None
+                self._drainer = None
                 waiter, self._done = self._done, None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
@@ -217,6 +258,20 @@ class Observations:
                     waiting[key] = left
                 else:
                     waiting.pop(key, None)
+
+
+def _observation_bytes(item: Observation) -> int:
+    """About what a waiting observation holds: its rows twice (the matrix and the
+    per-request memo's copy of its bytes), its answer's probabilities, its texts."""
+    query, answer = item.query, item.answer
+    size = 512
+    if query.rows is not None:
+        size += 2 * query.rows.nbytes
+    if answer.probabilities is not None:
+        size += answer.probabilities.nbytes
+    if answer.labels is not None:
+        size += answer.labels.nbytes
+    return size + sum(map(len, query.texts))
 
 
 def _waits_for(item: Observation) -> tuple[str, ...]:

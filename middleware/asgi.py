@@ -304,8 +304,7 @@ class GuardMiddleware:
             send, verdict, request_id, limit=self._limits.max_response_bytes, path=scope["path"]
         )
         receive = reader.for_app()
-        if verdict.rewrite is not None or verdict.watch is not None:
-            scope = identity_encoding(scope)
+        scope = identity_encoding(scope)  # the answer is read: not compressed
         app_started = time.perf_counter()
         await self.app(scope, receive, capture.send)
         started += time.perf_counter() - app_started

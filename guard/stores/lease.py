@@ -200,6 +200,17 @@ class LeasedRateStore(RateLimitStore):
             )
         elif held > 0 and not all(state.allowed for state in states):
             retry = max(state.retry_after for state in states if not state.allowed)
+            current = self._table.get(ident)
+            if (
+                current is not None
+                and not current.refused
+                and current.left > 0
+                and now < current.expires
+                and current.limits == limits
+            ):
+                # a lease granted while this check was in flight: its units were taken
+                # from the budget already, so they stay this process's to spend
+                return states
             if retry > 0:
                 hold = min(retry, held)
                 self._keep(

@@ -364,6 +364,7 @@ def test_a_full_queue_drops_and_counts_the_newest(tmp_path: Path) -> None:
                 )
             )
             await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the batch's drain runs in a task of its own (shielded)
         assert seen == [4]
         for i in range(4, 14):  # 6 fit while the drain stalls, 4 are dropped
             guard._observations.put(
@@ -402,11 +403,116 @@ def test_a_quiet_queue_drains_by_its_timer() -> None:
     asyncio.run(run())
 
 
+def test_a_drain_waits_for_the_batch_another_drain_is_applying() -> None:
+    """A verdict that drains must see its client's answer even while a concurrent
+    drain (the timer's, another request's) holds it, waiting on a slow store."""
+    store_answers = asyncio.Event()
+    applied: list[str] = []
+
+    async def slow_apply(batch: Any) -> None:
+        await store_answers.wait()
+        applied.extend(o.query.client for o in batch)
+
+    obs = Observations(slow_apply, ObservationConfig(batch=8, max_pending=8, max_delay_s=9.0))
+
+    async def run() -> None:
+        obs.put(item("a"))
+        timer_drain = asyncio.create_task(obs.drain())
+        await asyncio.sleep(0)  # it took "a" and waits on the store
+        assert len(obs) == 0 and obs.pending("a")
+        verdict_drain = asyncio.create_task(obs.drain())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not verdict_drain.done()  # not before "a" is applied
+        store_answers.set()
+        await verdict_drain
+        assert applied == ["a"] and not obs.pending("a")
+        await timer_drain
+
+    asyncio.run(run())
+
+
+def test_a_drain_started_by_the_batch_being_applied_returns_at_once() -> None:
+    calls: list[int] = []
+
+    async def apply(batch: Any) -> None:
+        calls.append(len(batch))
+        await obs.drain()  # e.g. a detector that ends up in the engine again
+
+    obs = Observations(apply, ObservationConfig(batch=8, max_pending=8, max_delay_s=9.0))
+
+    async def run() -> None:
+        obs.put(item("a"))
+        await asyncio.wait_for(obs.drain(), timeout=5.0)
+
+    asyncio.run(run())
+    assert calls == [1]
+
+
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    """``max_pending_bytes``: large batches' rows fill it before ``max_pending`` does."""
+    dropped: list[str] = []
+    obs = Observations(
+        lambda batch: asyncio.sleep(0),
+        ObservationConfig(batch=100, max_pending=100, max_delay_s=9.0, max_pending_bytes=40_000),
+        on_drop=lambda o: dropped.append(o.query.client),
+    )
+    rows = np.zeros((1024, 2))  # 16 KiB, held twice (the matrix and its memo's bytes)
+    big = [item(f"big{i}")._replace(query=Query(f"big{i}", "inference", rows)) for i in range(3)]
+    assert obs.put(big[0]) is True
+    assert obs.put(big[1]) is False  # 2 x 32 KiB would pass 40 000 bytes
+    assert obs.put(item("small")) is True
+    assert dropped == ["big1"] and obs.dropped == 1 and len(obs) == 2
+    lone = Observations(
+        lambda batch: asyncio.sleep(0),
+        ObservationConfig(batch=100, max_pending=100, max_delay_s=9.0, max_pending_bytes=1),
+    )
+    assert lone.put(big[2]) is True  # one alone is always queued: its request was admitted
+
+
+def test_a_batch_cut_short_by_cancellation_is_counted_as_dropped() -> None:
+    dropped: list[str] = []
+
+    async def never(batch: Any) -> None:
+        await asyncio.Event().wait()
+
+    obs = Observations(
+        never,
+        ObservationConfig(batch=8, max_pending=8, max_delay_s=9.0),
+        on_drop=lambda o: dropped.append(o.query.client),
+    )
+
+    async def run() -> None:
+        obs.put(item("a"))
+        obs.put(item("b"))
+        drain = asyncio.create_task(obs.drain())
+        await asyncio.sleep(0)
+        drain.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await drain
+        assert not obs.pending("a") and not obs.pending("b")
+
+    asyncio.run(run())
+    assert sorted(dropped) == ["a", "b"] and obs.dropped == 2
+
+
 def test_the_observation_section_is_validated() -> None:
     assert GuardConfig.from_dict({}).observation == ObservationConfig()
     cfg = GuardConfig.from_dict({"observation": {"batch": 1}}).observation
     assert cfg.batch == 1 and not cfg.queued
-    for bad in ({"batch": 0}, {"max_pending": 2, "batch": 8}, {"max_delay_s": -1}, {"x": 1}):
+    assert (
+        GuardConfig.from_dict(
+            {"observation": {"max_pending_bytes": 1024}}
+        ).observation.max_pending_bytes
+        == 1024
+    )
+    for bad in (
+        {"batch": 0},
+        {"max_pending": 2, "batch": 8},
+        {"max_delay_s": -1},
+        {"max_pending_bytes": 0},
+        {"x": 1},
+    ):
         with pytest.raises(Exception, match="observation"):
             GuardConfig.from_dict({"observation": bad})
 

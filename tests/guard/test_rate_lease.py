@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -327,3 +328,41 @@ async def test_what_remained_of_a_lease_is_not_carried_into_the_next(backend: Ba
     assert leased.remote == remote + 2
     (state,) = await _store(backend).acquire([("k", SLOW)], cost=0)
     assert state.remaining == 1000 - 3 * 4 - 3 * 10  # three remote checks, each taking a lease
+
+
+class _HeldExact:
+    """The store, with its exact (lease-free) checks held until released."""
+
+    def __init__(self, inner: RateLimitStore) -> None:
+        self.inner = inner
+        self.release = asyncio.Event()
+
+    async def acquire(self, checks: Any, *, cost: int) -> Any:
+        await self.release.wait()
+        return await self.inner.acquire(checks, cost=cost)
+
+    async def acquire_lease(self, checks: Any, *, cost: int, lease: int) -> Any:
+        return await self.inner.acquire_lease(checks, cost=cost, lease=lease)
+
+
+@shared
+async def test_a_refusal_in_flight_does_not_drop_a_lease_granted_meanwhile(
+    backend: Backend,
+) -> None:
+    """Two checks of one key at once: the first takes a lease, the second goes exact
+    and comes back refused (others spent the budget meanwhile). The leased units
+    were taken from the budget: they stay this process's to spend."""
+    held = _HeldExact(_store(backend))
+    leased = LeasedRateStore(held, lease=0.01, lease_s=1.0, clock=FakeClock())  # type: ignore[arg-type]
+    with_lease = asyncio.create_task(leased.acquire([("k", SLOW)], cost=1))
+    exact = asyncio.create_task(leased.acquire([("k", SLOW)], cost=1))
+    (first,) = await with_lease
+    assert first.allowed and leased._table["k"].left == 10
+    # the rest of the budget goes elsewhere: 1000 - 1 - 10 left
+    (drained,) = await _store(backend).acquire([("k", SLOW)], cost=989)
+    assert drained.allowed and drained.remaining == 0
+    held.release.set()
+    (second,) = await exact
+    assert not second.allowed
+    spent = [await leased.acquire([("k", SLOW)], cost=1) for _ in range(11)]
+    assert [s.allowed for (s,) in spent] == [True] * 10 + [False]
