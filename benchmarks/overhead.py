@@ -63,6 +63,7 @@ from benchmarks._harness import (
     machine,
     median,
     pct,
+    post_scope,
     raw_alternating_latencies,
     serve,
     today,
@@ -121,24 +122,7 @@ def in_process_apps() -> dict[str, ASGIApp]:
 
 
 async def _call_times(app: ASGIApp, body: bytes, n: int) -> list[float]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
+    scope: dict[str, Any] = post_scope(PATH, body)
     status: list[int] = []
 
     async def receive() -> dict[str, Any]:

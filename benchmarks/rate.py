@@ -81,6 +81,7 @@ from benchmarks._harness import (
     machine,
     median,
     pct,
+    post_scope,
     serve,
     today,
     write_section,
@@ -344,24 +345,7 @@ def in_process_app(variant: str, scenario: Scenario, prefix: str) -> Any:
 
 
 async def _drive(app: Any, body: bytes, n: int, concurrency: int = 16) -> list[int]:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
+    scope = post_scope(PATH, body)
     status: list[int] = []
 
     async def receive() -> dict[str, Any]:
