@@ -56,6 +56,7 @@ import ipaddress
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -125,10 +126,13 @@ class ClientIdentifier:
                 )
                 secret = secrets.token_bytes(32)
         self._secret = secret
-        # hashing costs microseconds; clients repeat, so keep a bounded memo of recent ids
-        self._memo: dict[tuple[str, bytes | str], str] = {}
+        # hashing costs microseconds; clients repeat, so keep a bounded memo of recent
+        # ids, oldest out first: an OrderedDict, whose popitem(last=False) stays O(1)
+        # under churn (deleting a plain dict's first key makes the next lookup of the
+        # first key scan past every slot deleted before it)
+        self._memo: OrderedDict[tuple[str, bytes | str], str] = OrderedDict()
         # address -> its subnet's id (parsing an address costs more than the lookup)
-        self._subnets: dict[str, str] = {}
+        self._subnets: OrderedDict[str, str] = OrderedDict()
         self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
         #: the credentials read, in the configured order (``ip`` is the fallback)
         self._sources = tuple(
@@ -160,7 +164,7 @@ class ClientIdentifier:
         memo = self._memo
         if len(memo) >= _MEMO_SIZE:
             # bounded: drop the oldest entry (dicts keep insertion order)
-            del memo[next(iter(memo))]
+            memo.popitem(last=False)
         memo[memo_key] = digest[:32]
         return digest[:32]
 
@@ -282,7 +286,7 @@ class ClientIdentifier:
         subnet = self.hash("subnet", net)
         subnets = self._subnets
         if len(subnets) >= _MEMO_SIZE:
-            del subnets[next(iter(subnets))]
+            subnets.popitem(last=False)
         subnets[ip] = subnet
         return subnet
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -139,7 +140,8 @@ class LeasedRateStore(RateLimitStore):
         self.lease_s = lease_s
         self.max_entries = max_entries
         self._clock = clock
-        self._table: dict[object, _Entry] = {}
+        # least recently renewed first (popitem(last=False) stays O(1) as keys churn)
+        self._table: OrderedDict[object, _Entry] = OrderedDict()
         # keys with a lease request in flight
         self._pending: set[object] = set()
         # per set of limits: (units leased, seconds held, per-unit reset of each limit)
@@ -223,7 +225,7 @@ class LeasedRateStore(RateLimitStore):
         if table.pop(ident, None) is None and len(table) >= self.max_entries:
             # the least recently renewed entry goes (a key renewed moves to the end): a
             # lease lost is budget left unspent, never over-admission
-            del table[next(iter(table))]
+            table.popitem(last=False)
         table[ident] = entry
 
     def __len__(self) -> int:

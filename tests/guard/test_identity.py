@@ -163,3 +163,22 @@ def test_a_keyed_clients_spoofed_forwarded_header_costs_no_400() -> None:
     assert proxied.identify(chain, "10.0.0.2").ip == proxied.hash("ip", "198.51.100.7")
     with pytest.raises(PayloadError):
         proxied.identify({b"x-api-key": b"k", b"x-forwarded-for": b"junk, 1.2.3.4"}, "10.0.0.2")
+
+
+def test_the_id_memos_stay_bounded_and_agree_with_a_fresh_hash_under_churn() -> None:
+    """An address flood (every request a new client) keeps the memos at their bound,
+    the oldest ids going first, and a memoised id is the one a fresh hash gives."""
+    from inference_guard.guard import identity
+
+    c = ident()
+    bound = identity._MEMO_SIZE
+    first = c.identify({}, "198.51.100.1").id
+    for i in range(2 * bound):
+        c.identify({}, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+    assert len(c._memo) <= bound and len(c._subnets) <= bound
+    assert ("ip", "198.51.100.1") not in c._memo  # the oldest went first
+    recent = (
+        f"10.{(2 * bound - 1) >> 16 & 255}.{(2 * bound - 1) >> 8 & 255}.{(2 * bound - 1) & 255}"
+    )
+    assert ("ip", recent) in c._memo
+    assert c.identify({}, "198.51.100.1").id == first  # hashed again, the same id
