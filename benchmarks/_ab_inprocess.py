@@ -29,28 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import _ab_app
+from _harness import post_scope  # this script's folder: the head's, whatever revision runs
 from prometheus_client import CollectorRegistry
-
-
-def _scope(path: str, body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
 
 
 class _Canned:
@@ -117,7 +97,7 @@ def main() -> None:
     demo = importlib.import_module(f"{root}middleware.demo")
     if not str(Path(asgi.__file__).resolve()).startswith(str(tree) + os.sep):
         raise RuntimeError(f"measuring {asgi.__file__}, not the revision in {tree}")
-    scope = _scope(path, body)
+    scope = post_scope(path, body)
     loop = asyncio.new_event_loop()
     model_app = demo.build_model_app(demo.train_digits_model())
     canned = _Canned(*loop.run_until_complete(_answer(model_app, scope, body)))
