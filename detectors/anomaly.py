@@ -39,6 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
 from inference_guard.detectors.base import Detector, DetectorResult, Query
+from inference_guard.detectors.repeats import row_bytes
 
 #: inputs are clipped to this magnitude before scoring (no overflow anywhere)
 _CLIP = 1e12
@@ -66,18 +67,6 @@ def row_magnitude(query: Query, rows: NDArray[np.float64]) -> float:
     magnitude = float(np.abs(rows).max())
     memo["magnitude"] = (rows, magnitude)
     return magnitude
-
-
-def row_bytes(query: Query, rows: NDArray[np.float64]) -> bytes:
-    """The request's rows as bytes (the key of a row's cached scores), once per request."""
-    memo = query.memo
-    found = memo.get("bytes")
-    if found is not None and found[0] is rows:
-        raw: bytes = found[1]
-        return raw
-    raw = rows.tobytes()
-    memo["bytes"] = (rows, raw)
-    return raw
 
 
 class RowModel(Protocol):

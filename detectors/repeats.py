@@ -24,6 +24,7 @@ Examples
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,15 +33,13 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     from inference_guard.detectors.base import Query
 
-__all__ = ["PROCESS_KEYS", "RecentRows", "digest_keys", "query_digests", "row_digests"]
+__all__ = ["RecentRows", "digest_keys", "query_digests", "row_bytes", "row_digests"]
 
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 # per-process secret keys: which rows share a digest is not the client's to know
 _KEYS = np.random.default_rng().integers(0, 1 << 63, size=(2, 1 << 12), dtype=np.uint64)
-#: this process's own digest keys (what ``keys=None`` means)
-PROCESS_KEYS = _KEYS
 
 
 def _mix(v: NDArray[np.uint64]) -> NDArray[np.uint64]:
@@ -68,9 +67,7 @@ _MAX_LAYOUTS = 16
 _MASK64 = (1 << 64) - 1
 
 
-def _layout(
-    table: NDArray[np.uint64], width: int
-) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+def _layout(table: NDArray[np.uint64], width: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
     """The keys of each position of a ``width``-wide row, and the width's own keys."""
     key = (id(table), width)
     layout = _LAYOUTS.get(key)
@@ -130,13 +127,62 @@ def query_digests(
     never share). Treat the result as read-only.
     """
     memo = query.memo
-    key = ("digests", id(_KEYS if keys is None else keys))
+    table = _KEYS if keys is None else keys
+    key = ("digests", id(table))
     found = memo.get(key)
     if found is not None and found[0] is rows:
         digests: NDArray[np.int64] = found[1]
         return digests
-    digests = row_digests(rows, keys)
+    if rows.ndim == 2 and rows.shape[0] == 1 and rows.dtype == np.float64:
+        digests = _one_row_digest(table, row_bytes(query, rows), rows)
+    else:
+        digests = row_digests(rows, keys)
     memo[key] = (rows, digests)
+    return digests
+
+
+def row_bytes(query: Query, rows: NDArray[np.float64]) -> bytes:
+    """The request's rows as bytes (the key of a row's cached results), once per request."""
+    memo = query.memo
+    found = memo.get("bytes")
+    if found is not None and found[0] is rows:
+        raw: bytes = found[1]
+        return raw
+    raw = rows.tobytes()
+    memo["bytes"] = (rows, raw)
+    return raw
+
+
+#: the digests of the last single float64 rows, by key table and exact bytes: a
+#: repeated row (a health probe, a retry, a popular input) is digested once. Each
+#: entry holds its table, so a table's ``id`` cannot be reused while it is here
+_ONE_ROW: OrderedDict[tuple[int, bytes], tuple[NDArray[np.uint64], NDArray[np.int64]]] = (
+    OrderedDict()
+)
+#: entries of :data:`_ONE_ROW`: at most 1 024 x 8 x n_features bytes of keys
+#: (512 KB at 64 features)
+_ONE_ROW_MAX = 1024
+
+
+def _one_row_digest(
+    table: NDArray[np.uint64], raw: bytes, rows: NDArray[np.float64]
+) -> NDArray[np.int64]:
+    """:func:`row_digests` of one float64 row whose bytes are ``raw``, memoised.
+
+    The bytes of a float64 row fix its width and every value (``-0.0`` and
+    ``0.0`` differ in bytes and share a digest, so both keys are right). The
+    result is shared between requests: treat it as read-only.
+    """
+    key = (id(table), raw)
+    found = _ONE_ROW.get(key)
+    if found is not None and found[0] is table:
+        _ONE_ROW.move_to_end(key)
+        return found[1]
+    digests = row_digests(rows, table)
+    digests.flags.writeable = False
+    _ONE_ROW[key] = (table, digests)
+    if len(_ONE_ROW) > _ONE_ROW_MAX:
+        _ONE_ROW.popitem(last=False)
     return digests
 
 

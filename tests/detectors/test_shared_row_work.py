@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from inference_guard.detectors import repeats
-from inference_guard.detectors.anomaly import RowAnomalyDetector, row_bytes, row_magnitude
+from inference_guard.detectors.anomaly import RowAnomalyDetector, row_magnitude
 from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
 from inference_guard.detectors.base import DetectorResult, Query
 from inference_guard.detectors.fingerprint import _Index
@@ -24,6 +24,7 @@ from inference_guard.detectors.repeats import (
     RecentRows,
     digest_keys,
     query_digests,
+    row_bytes,
     row_digests,
 )
 from inference_guard.guard.stores.memory import MemoryStore
@@ -86,6 +87,7 @@ def test_a_query_s_digests_are_computed_once_per_key(monkeypatch: pytest.MonkeyP
         return real(rows, keys)
 
     monkeypatch.setattr(repeats, "row_digests", counting)
+    repeats._ONE_ROW.clear()
     rows = np.arange(12.0).reshape(3, 4)
     q = Query("c", "p", rows, n_rows=3)
     first = query_digests(q, rows)
@@ -97,6 +99,42 @@ def test_a_query_s_digests_are_computed_once_per_key(monkeypatch: pytest.MonkeyP
     # a fresh query starts with an empty memo, and queries compare without it
     q2 = Query("c", "p", rows, n_rows=3)
     assert q2.memo == {} and q2 == q
+
+
+def test_single_rows_are_digested_once_across_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = repeats.row_digests
+
+    def counting(rows: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
+        calls.append(rows.shape[0])
+        return real(rows, keys)
+
+    monkeypatch.setattr(repeats, "row_digests", counting)
+    repeats._ONE_ROW.clear()
+    keys = digest_keys(7)
+    row = np.array([[0.0, 1.5, -2.0, 3.0]])
+    first = query_digests(Query("a", "p", row, n_rows=1), row)
+    # another request (another client) with the same row: the digest is remembered
+    again = query_digests(Query("b", "p", row.copy(), n_rows=1), row.copy())
+    assert again.tolist() == first.tolist() == real(row).tolist() and calls == [1]
+    assert not again.flags.writeable  # shared between requests
+    # -0.0 has other bytes and the same digest; other keys, another digest
+    signed = np.array([[-0.0, 1.5, -2.0, 3.0]])
+    assert query_digests(Query("a", "p", signed, n_rows=1), signed).tolist() == first.tolist()
+    salted = query_digests(Query("a", "p", row, n_rows=1), row, keys)
+    assert salted.tolist() == real(row, keys).tolist() != first.tolist() and calls == [1, 1, 1]
+    # float32 rows whose bytes equal a float64 row's are not served its digest
+    f32 = np.frombuffer(row.tobytes(), dtype=np.float32).reshape(1, 8)
+    got = query_digests(Query("a", "p", f32, n_rows=1), f32)
+    assert got.tolist() == real(f32).tolist() != first.tolist()
+    # bounded: the oldest rows are forgotten first
+    for i in range(repeats._ONE_ROW_MAX + 5):
+        r = np.array([[float(i), 9.0]])
+        query_digests(Query("a", "p", r, n_rows=1), r)
+    assert len(repeats._ONE_ROW) == repeats._ONE_ROW_MAX
+    n = len(calls)
+    query_digests(Query("a", "p", row, n_rows=1), row)
+    assert len(calls) == n + 1  # evicted, digested again
 
 
 def test_fresh_one_is_fresh_digests_of_one() -> None:
