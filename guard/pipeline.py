@@ -704,7 +704,7 @@ class Guard:
             results=tuple(results),
             fired=tuple(fired),
             retry_after=retry_after if intended is Action.THROTTLE and enforced else None,
-            headers=tuple(headers),
+            headers=tuple(headers) if len(headers) <= 2 else _combined(headers),
             quarantined=quarantined,
             shadow=shadow,
             exempt=exempt,
@@ -943,6 +943,35 @@ def _check_eviction(store: EvictionPolicy, metrics: GuardMetrics) -> None:
             backend,
             policy,
         )
+
+
+#: header fields that are structured-field lists, which :func:`_combined` joins
+_LIST_FIELDS = frozenset({"ratelimit", "ratelimit-policy"})
+
+
+def _combined(headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Header fields of several detectors, one field line per list-valued name.
+
+    Two rate detectors each give a ``RateLimit-Policy`` and a ``RateLimit``
+    field. Both are structured-field lists, which a recipient may join with a
+    comma, so one line of each (where the first one was) says the same as
+    several, and costs the server and the client one header each, not one per
+    detector. Any other field a detector asks for is kept as it came.
+    """
+    out: list[tuple[str, str]] = []
+    at: dict[str, int] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key not in _LIST_FIELDS:
+            out.append((name, value))
+            continue
+        i = at.get(key)
+        if i is None:
+            at[key] = len(out)
+            out.append((name, value))
+        else:
+            out[i] = (out[i][0], f"{out[i][1]}, {value}")
+    return tuple(out)
 
 
 def _address_layer(policy: CompiledPolicy, ip: str, subnet: str) -> str:

@@ -147,6 +147,55 @@ def test_rate_limit_headers_ride_on_a_pass(registry: CollectorRegistry, tmp_path
     assert verdict.headers == ((b"ratelimit", b'"fake";r=1;t=1'),)
 
 
+def test_several_rate_limits_answer_in_one_field_line_each(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    def rate(name: str, *limits: dict[str, Any]) -> dict[str, Any]:
+        params = {"key": "client", "cost": "rows", "limits": list(limits)}
+        return {"type": "rate", "name": name, "action": "throttle", "params": params}
+
+    guard = engine(
+        registry,
+        tmp_path,
+        detectors=[
+            rate("per-key", {"rate": 10, "per": "1s", "burst": 20}, {"limit": 100, "per": "1d"}),
+            fixed("flag"),
+            rate("ceiling", {"rate": 50, "per": "1s", "burst": 50}),
+        ],
+    )
+    verdict = passed(admit(guard, Body(v2_body(CALM))))
+    names = [name for name, _ in verdict.headers]
+    assert names == [b"ratelimit-policy", b"ratelimit"]
+    headers = dict(verdict.headers)
+    assert headers[b"ratelimit-policy"] == (
+        b'"per-key-0";q=20;w=2, "per-key-1";q=100;w=86400, "ceiling";q=50;w=1'
+    )
+    items = headers[b"ratelimit"].decode().split(", ")
+    assert [i.split(";")[0] for i in items] == ['"per-key-0"', '"per-key-1"', '"fake"', '"ceiling"']
+    assert items[0].startswith('"per-key-0";r=19;') and items[3].startswith('"ceiling";r=49;')
+
+
+def test_only_list_valued_fields_are_joined() -> None:
+    from inference_guard.guard.pipeline import _combined
+
+    got = _combined(
+        [
+            ("RateLimit-Policy", '"a";q=1;w=1'),
+            ("X-Other", "1"),
+            ("RateLimit", '"a";r=0;t=1'),
+            ("ratelimit-policy", '"b";q=2;w=1'),
+            ("X-Other", "2"),
+            ("RateLimit", '"b";r=1;t=1'),
+        ]
+    )
+    assert got == (
+        ("RateLimit-Policy", '"a";q=1;w=1, "b";q=2;w=1'),
+        ("X-Other", "1"),
+        ("RateLimit", '"a";r=0;t=1, "b";r=1;t=1'),
+        ("X-Other", "2"),
+    )
+
+
 # ------------------------------------------------------------------ admit: refusals
 
 
