@@ -31,14 +31,23 @@ def check_acquire(checks: Sequence[RateCheck], cost: int) -> None:
         isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST
     ):
         raise ValueError(f"cost must be an integer in [0, {MAX_COST}], got {cost!r}")
-    if not checks:
+    n = len(checks)
+    if not n:
         raise ValueError("acquire needs at least one limit")
-    if len(checks) > 1:
+    if n == 2:  # the usual pair (a rate and a daily cap): no set to build
+        if checks[0][0] == checks[1][0]:
+            raise ValueError("acquire keys must be distinct")
+    elif n > 2:
         keys = [key for key, _ in checks]
         if len(set(keys)) != len(keys):
             raise ValueError("acquire keys must be distinct")
     for _, limit in checks:
-        if type(limit) is not GcraLimit and not isinstance(limit, GcraLimit | WindowLimit):
+        kind = type(limit)
+        if (
+            kind is not GcraLimit
+            and kind is not WindowLimit
+            and not isinstance(limit, GcraLimit | WindowLimit)
+        ):
             raise TypeError(f"unsupported limit {limit!r}")
 
 

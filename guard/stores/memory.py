@@ -275,12 +275,10 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
     ) -> tuple[RateState, tuple[float, _Value] | None]:
         item = self._live(key, now)
         stored = None if item is None else item[1]
-        if isinstance(limit, GcraLimit):
-            tat = stored.at if isinstance(stored, _Tat) else None
+        if type(limit) is GcraLimit or isinstance(limit, GcraLimit):
+            tat = stored.at if type(stored) is _Tat else None
             state, new_tat = gcra_step(tat, now, limit, cost)
             return state, ((new_tat, _Tat(new_tat)) if new_tat > now else None)
-        prior = (
-            (stored.index, stored.current, stored.previous) if isinstance(stored, _Window) else None
-        )
+        prior = (stored.index, stored.current, stored.previous) if type(stored) is _Window else None
         state, (index, cur, prev), expires = window_step(prior, now, limit, cost)
         return state, (expires, _Window(index, cur, prev))
