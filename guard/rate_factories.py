@@ -133,8 +133,11 @@ def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
         lease = 0.0
     lease_s = DEFAULT_LEASE_S
     if "lease_s" in params:
+        raw = params["lease_s"]
         try:
-            lease_s = 0.0 if params["lease_s"] in (0, "0") else parse_duration(params["lease_s"])
+            if isinstance(raw, bool):  # `false` is no duration (and would compare equal to 0)
+                raise ValueError(f"must be a duration such as 1s or 0, got {raw!r}")
+            lease_s = 0.0 if raw in (0, "0") else parse_duration(raw)
         except ValueError as exc:
             problems.append((f"{base}.lease_s", str(exc)))
         else:

@@ -287,6 +287,8 @@ def test_memory_is_never_leased() -> None:
         ({"lease": True}, "d.params.lease"),
         ({"lease_s": "forever"}, "d.params.lease_s"),
         ({"lease_s": "2m"}, "d.params.lease_s"),
+        ({"lease_s": False}, "d.params.lease_s"),  # not 0, though False == 0
+        ({"lease_s": True}, "d.params.lease_s"),
     ],
 )
 def test_bad_lease_params_are_named(params: dict[str, object], key: str) -> None:
