@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from inference_guard.detectors.base import Detector, DetectorResult, Query
-from inference_guard.detectors.store import GcraLimit, RateLimit, RateState, RateStore, WindowLimit
+from inference_guard.detectors.store import GcraLimit, RateLimit, RateStore, WindowLimit
 
 __all__ = [
     "COST_MODES",
@@ -411,6 +411,7 @@ class RateLimitDetector(Detector):
         self._single = len(named) == 1
         self._suffix0, self._limit0 = self._suffixes[0]
         self._item0 = f'"{named[0].name}";r='
+        self._items = tuple(f'"{n.name}";r=' for n in named)
         self._policy_item = ("RateLimit-Policy", self._policy_header)
 
     def _base_key(self, query: Query) -> str:
@@ -423,17 +424,6 @@ class RateLimitDetector(Detector):
             return self._key_prefix + query.policy + "}"
         layer = query.ip if self.key == "ip" else query.subnet
         return self._key_prefix + (layer or query.client) + "}"
-
-    def _headers(self, states: Sequence[RateState]) -> tuple[tuple[str, str], ...]:
-        if self._single:
-            s = states[0]
-            current = f"{self._item0}{s.remaining};t={math.ceil(s.reset_after)}"
-            return (("RateLimit-Policy", self._policy_header), ("RateLimit", current))
-        current = ", ".join(
-            f'"{n.name}";r={s.remaining};t={math.ceil(s.reset_after)}'
-            for n, s in zip(self.limits, states, strict=True)
-        )
-        return (("RateLimit-Policy", self._policy_header), ("RateLimit", current))
 
     async def inspect(self, query: Query) -> DetectorResult:
         """Check the request against every limit, consuming its cost only if all admit it."""
@@ -460,10 +450,22 @@ class RateLimitDetector(Detector):
             states = await self.store.acquire(
                 [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
             )
-            headers = self._headers(states)
-        if all(s.allowed for s in states):
-            score = min(s.remaining / s.limit for s in states)
-            return DetectorResult(self.name, score, 0.0, False, headers=headers)
+            # one pass: the RateLimit items, and whether (and how tightly) every limit admits
+            ceil = math.ceil
+            items = []
+            admitted = True
+            score = 1.0
+            for item, s in zip(self._items, states, strict=True):
+                items.append(f"{item}{s.remaining};t={ceil(s.reset_after)}")
+                if s.allowed:
+                    left = s.remaining / s.limit
+                    if left < score:
+                        score = left
+                else:
+                    admitted = False
+            headers = (self._policy_item, ("RateLimit", ", ".join(items)))
+            if admitted:
+                return DetectorResult(self.name, score, 0.0, False, headers=headers)
         refused = [(n, s) for n, s in zip(self.limits, states, strict=True) if not s.allowed]
         score = max(-1.0, min(min((s.remaining - cost) / s.limit for _, s in refused), -1e-9))
         retry_after = max(s.retry_after for _, s in refused)
