@@ -14,6 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
+from inference_guard.detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
+from inference_guard.detectors.base import Query
 from inference_guard.guard.config import GuardConfig
 from inference_guard.guard.engine import Pass, Refusal, Request
 from inference_guard.guard.pipeline import Guard
@@ -107,3 +109,29 @@ async def test_a_request_costs_one_command_when_its_budget_has_room(
     )
     assert isinstance(verdict, Refusal) and verdict.status == 403
     assert store._pipeline.commands - before == 1
+
+
+async def test_the_anomaly_share_reads_every_tracker_at_once(backend: Backend) -> None:
+    """Three row detectors' counters, both windows: one command on Redis (MGET), the same
+    rates on every backend as reading each tracker alone."""
+    store = backend.store
+    now = [6000.0 - 15.0]  # the previous window, three quarters of it still in view
+    trackers = [
+        AnomalyRateTracker(store, namespace=name, window_s=60, clock=lambda: now[0])
+        for name in ("envelope", "mahalanobis", "knn")
+    ]
+    for i, tracker in enumerate(trackers):
+        await tracker.record("client", anomalous=4 * i, total=20)
+    now[0] = 6000.0 + 15.0
+    for i, tracker in enumerate(trackers):
+        await tracker.record("client", anomalous=i, total=10)
+    detector = AnomalyRateDetector("share", trackers, max_rate=0.2, min_rows=5)
+    # (one Redis pipelines; a cluster reads each slot's keys on its own node, at once)
+    one = store if type(store) is RedisStore else None
+    before = one._pipeline.commands if one is not None else 0
+    result = await detector.inspect(Query("client", "p", None))
+    if one is not None:
+        assert one._pipeline.commands - before == 1
+    # knn: 2 + 8 x 0.75 = 8 of 10 + 20 x 0.75 = 25 rows
+    assert result.anomalous and result.score == pytest.approx(-8 / 25)
+    assert [await t.rate("client") for t in trackers] == [(0, 25), (round(1 + 3.0), 25), (8, 25)]
