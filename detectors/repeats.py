@@ -189,7 +189,7 @@ def _one_row_digest(
 class RecentRows:
     """The digests of one client's last ``size`` distinct rows."""
 
-    __slots__ = ("_ring", "head", "n")
+    __slots__ = ("_ring", "head", "last", "n")
 
     def __init__(self, size: int = 64) -> None:
         if size < 1:
@@ -197,6 +197,9 @@ class RecentRows:
         self._ring = np.zeros(size, dtype=np.int64)
         self.head = 0
         self.n = 0
+        #: the digest remembered last (``None``: none yet): the usual repeat (a probe,
+        #: a retry) repeats the client's latest row, and is known without the ring
+        self.last: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -217,6 +220,7 @@ class RecentRows:
             ring[self.head] = d
             self.head = (self.head + 1) % ring.shape[0]
             self.n = min(self.n + 1, ring.shape[0])
+            self.last = d
         return out
 
     def fresh(self, rows: NDArray[np.float64]) -> NDArray[np.bool_]:
@@ -225,6 +229,8 @@ class RecentRows:
 
     def fresh_one(self, digest: int) -> bool:
         """:meth:`fresh_digests` of a single digest, as a bool (a single-row request)."""
+        if digest == self.last:
+            return False
         n = self.n
         ring = self._ring
         if n and (ring[:n] == digest).any():
@@ -232,4 +238,5 @@ class RecentRows:
         ring[self.head] = digest
         self.head = (self.head + 1) % ring.shape[0]
         self.n = min(n + 1, ring.shape[0])
+        self.last = digest
         return True

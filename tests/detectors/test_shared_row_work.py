@@ -137,12 +137,25 @@ def test_single_rows_are_digested_once_across_requests(monkeypatch: pytest.Monke
     assert len(calls) == n + 1  # evicted, digested again
 
 
-def test_fresh_one_is_fresh_digests_of_one() -> None:
-    a, b = RecentRows(4), RecentRows(4)
-    stream = [1, 2, 1, 3, 4, 5, 1, 2, 2, 6, 7, 8, 9, 1]
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_fresh_one_is_fresh_digests_of_one(size: int) -> None:
+    a, b = RecentRows(size), RecentRows(size)
+    stream = [1, 2, 1, 3, 4, 5, 1, 2, 2, 6, 7, 8, 9, 1, 1, 9, 8, 7, 6, 6, 0]
+    got = []
     for d in stream:
-        assert a.fresh_one(d) == bool(b.fresh_digests(np.array([d], dtype=np.int64))[0])
-    assert a.known(np.array([9, 2], dtype=np.int64)).tolist() == [True, False]
+        fresh = a.fresh_one(d)
+        assert fresh == bool(b.fresh_digests(np.array([d], dtype=np.int64))[0])
+        got.append(fresh)
+    # what a plain list of the last `size` distinct digests says
+    recent: list[int] = []
+    expected = []
+    for d in stream:
+        expected.append(d not in recent)
+        if d not in recent:
+            recent = [*recent, d][-size:]
+    assert got == expected
+    assert a.known(np.array(recent, dtype=np.int64)).all()
+    assert not a.known(np.array([-1], dtype=np.int64)).any()
 
 
 def test_magnitude_and_bytes_are_memoised_per_rows() -> None:
