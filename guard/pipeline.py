@@ -815,10 +815,8 @@ class Guard:
         results: list[list[DetectorResult]] = [[] for _ in range(n)]
         fired: list[list[tuple[str, Action]]] = [[] for _ in range(n)]
         pairs = [(item.query, item.answer) for item in items]
-        for armed in policy.detectors:
+        for armed in policy.observers:
             det = armed.detector
-            if not det.observes_answers:
-                continue
             try:
                 outcomes = await det.observe_many(pairs)
             except Exception as exc:  # a detector's own bug: every item failed with it

@@ -100,6 +100,8 @@ class CompiledPolicy:
     #: the detectors whose flags are per row: a decision that only they flagged is
     #: counted, not audited (:attr:`Decision.row_flags_only`)
     row_detectors: frozenset[str] = frozenset()
+    #: the detectors that learn from answers, in config order
+    observers: tuple[Armed, ...] = ()
 
     @classmethod
     def build(
@@ -133,6 +135,7 @@ class CompiledPolicy:
                 shadow=config.shadow,
             ),
             row_detectors=frozenset(a.detector.name for a in detectors if a.detector.per_row),
+            observers=tuple(a for a in detectors if a.detector.observes_answers),
         )
 
     def matches(self, method: str, path: str) -> bool:
