@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 from inference_guard.detectors.base import Detector, DetectorResult, Query
 from inference_guard.detectors.store import KeyValueStore
@@ -97,7 +96,8 @@ class AnomalyRateTracker:
         # takes no more rows in a store of this process's own (memory://), so they are
         # read once per window instead of once per request. A shared store takes other
         # workers' late rows: read every time there
-        self._ended: dict[str, tuple[int, int, int]] | None = (
+        # (the previous bucket, its (total, bad), and the current bucket's keys)
+        self._ended: dict[str, tuple[int, tuple[int, int], tuple[str, ...]]] | None = (
             {} if getattr(store, "backend", None) == "memory" else None
         )
 
@@ -122,18 +122,19 @@ class AnomalyRateTracker:
         return (await read_rates((self,), client))[0]
 
     def _plan(self, client: str) -> _Plan:
-        """What :meth:`rate` must read for ``client`` now: the current window's two keys,
-        and the previous window's unless this process already knows its counts."""
+        """What :meth:`rate` must read for ``client`` now: ``(tracker, client, bucket,
+        weight of the previous window, its (total, bad) when known, keys to read)``:
+        the current window's two keys, and the previous window's unless this process
+        already knows its counts (memory:// only, :attr:`_ended`)."""
         position = self._clock() / self.window_s
         bucket = math.floor(position)
         weight_prev = 1.0 - (position - bucket)
         ended = self._ended
-        known = None if ended is None else ended.get(client)
-        if known is not None and known[0] == bucket - 1:
-            return _Plan(
-                self, client, bucket, weight_prev, (known[1], known[2]), self._keys(client, bucket)
-            )
-        return _Plan(
+        if ended is not None:
+            known = ended.get(client)
+            if known is not None and known[0] == bucket - 1:
+                return (self, client, bucket, weight_prev, known[1], known[2])
+        return (
             self,
             client,
             bucket,
@@ -144,31 +145,26 @@ class AnomalyRateTracker:
 
     def _finish(self, plan: _Plan, values: Sequence[bytes | None]) -> tuple[int, int]:
         """The rate from what :meth:`_plan` asked for (``values``, in its keys' order)."""
+        _, client, bucket, weight_prev, prev, keys = plan
         cur_total, cur_bad = _as_count(values[0]), _as_count(values[1])
-        if plan.ended is not None:
-            prev_total, prev_bad = plan.ended
+        if prev is not None:
+            prev_total, prev_bad = prev
         else:
             prev_total, prev_bad = _as_count(values[2]), _as_count(values[3])
             ended = self._ended
             if ended is not None:
-                client = plan.client
                 if len(ended) >= _ENDED_CLIENTS and client not in ended:
                     ended.clear()  # O(1); the clients still active read theirs again
-                ended[client] = (plan.bucket - 1, prev_total, prev_bad)
-        total = cur_total + plan.weight_prev * prev_total
-        bad = cur_bad + plan.weight_prev * prev_bad
-        return round(bad), round(total)
+                # the previous window's counts, and the current window's keys with them
+                ended[client] = (bucket - 1, (prev_total, prev_bad), keys[:2])
+        return (
+            round(cur_bad + weight_prev * prev_bad),
+            round(cur_total + weight_prev * prev_total),
+        )
 
 
-class _Plan(NamedTuple):
-    tracker: AnomalyRateTracker
-    client: str
-    bucket: int
-    weight_prev: float
-    #: the previous window's (total, bad), when known without reading
-    ended: tuple[int, int] | None
-    #: the keys to read: current all, bad; then previous all, bad unless ``ended``
-    keys: tuple[str, ...]
+#: :meth:`AnomalyRateTracker._plan`'s answer
+_Plan = tuple["AnomalyRateTracker", str, int, float, "tuple[int, int] | None", "tuple[str, ...]"]
 
 
 def _as_count(raw: bytes | None) -> int:
@@ -189,21 +185,20 @@ async def read_rates(trackers: Sequence[AnomalyRateTracker], client: str) -> lis
     per key.
     """
     plans = [tracker._plan(client) for tracker in trackers]
-    stores = {id(tracker.store) for tracker in trackers}
-    out: list[tuple[int, int]] = []
-    if len(stores) == 1:
-        store = trackers[0].store
-        keys = [key for plan in plans for key in plan.keys]
+    store = trackers[0].store
+    if len(plans) == 1 or all(tracker.store is store for tracker in trackers):
+        keys: list[str] = []
+        for plan in plans:
+            keys += plan[5]
         values = await _get_many(store, keys)
+        out: list[tuple[int, int]] = []
         at = 0
         for plan in plans:
-            n = len(plan.keys)
-            out.append(plan.tracker._finish(plan, values[at : at + n]))
+            n = len(plan[5])
+            out.append(plan[0]._finish(plan, values[at : at + n]))
             at += n
         return out
-    for plan in plans:
-        out.append(plan.tracker._finish(plan, await _get_many(plan.tracker.store, plan.keys)))
-    return out
+    return [plan[0]._finish(plan, await _get_many(plan[0].store, plan[5])) for plan in plans]
 
 
 async def _get_many(store: KeyValueStore, keys: Sequence[str]) -> Sequence[bytes | None]:
