@@ -412,6 +412,7 @@ class RateLimitDetector(Detector):
         self._suffix0, self._limit0 = self._suffixes[0]
         self._item0 = f'"{named[0].name}";r='
         self._items = tuple(f'"{n.name}";r=' for n in named)
+        self._quoted = tuple(repr(n.name) for n in named)
         self._policy_item = ("RateLimit-Policy", self._policy_header)
 
     def _base_key(self, query: Query) -> str:
@@ -466,21 +467,33 @@ class RateLimitDetector(Detector):
             headers = (self._policy_item, ("RateLimit", ", ".join(items)))
             if admitted:
                 return DetectorResult(self.name, score, 0.0, False, headers=headers)
-        refused = [(n, s) for n, s in zip(self.limits, states, strict=True) if not s.allowed]
-        score = max(-1.0, min(min((s.remaining - cost) / s.limit for _, s in refused), -1e-9))
-        retry_after = max(s.retry_after for _, s in refused)
-        too_big = [(n, s) for n, s in refused if cost > s.limit]
-        tightest, state = (
-            too_big[0]
-            if too_big
-            else min(refused, key=lambda ns: (ns[1].remaining - cost) / ns[1].limit)
-        )
-        if too_big:
-            reason = f"cost {cost} exceeds the capacity {state.limit} of limit {tightest.name!r}"
+        # one pass over the refusing limits: the tightest (the first whose cost does not
+        # fit at all, else the one furthest over), the longest wait, the lowest score
+        tightest = -1
+        tight = math.inf
+        too_big = -1
+        retry_after = 0.0
+        for i, s in enumerate(states):
+            if s.allowed:
+                continue
+            over = (s.remaining - cost) / s.limit
+            if over < tight:
+                tight, tightest = over, i
+            if s.retry_after > retry_after:
+                retry_after = s.retry_after
+            if too_big < 0 and cost > s.limit:
+                too_big = i
+        score = max(-1.0, min(tight, -1e-9))
+        if too_big >= 0:
+            state = states[too_big]
+            reason = (
+                f"cost {cost} exceeds the capacity {state.limit} of limit {self._quoted[too_big]}"
+            )
             # it never fits: don't invite an immediate retry of the same request
             retry_after = max(retry_after, _NEVER_FITS_RETRY_S)
         else:
-            reason = f"limit {tightest.name!r} exceeded: cost {cost}, {state.remaining} left"
+            state = states[tightest]
+            reason = f"limit {self._quoted[tightest]} exceeded: cost {cost}, {state.remaining} left"
         return DetectorResult(
             self.name,
             score,

@@ -239,6 +239,35 @@ async def test_daily_quota_refusal_does_not_eat_the_burst(backend: Backend) -> N
 
 
 @pytest.mark.anyio
+async def test_several_refusing_limits_name_the_tightest_and_the_longest_wait(
+    backend: Backend,
+) -> None:
+    det = RateLimitDetector(
+        "rate",
+        store=backend.store,
+        limits=[
+            NamedLimit("hourly", WindowLimit(limit=12, period=HOUR)),
+            NamedLimit("burst", GcraLimit(rate=1, period=60.0, burst=10)),
+            NamedLimit("daily", WindowLimit(limit=13, period=DAY)),
+        ],
+    )
+    assert not (await det.inspect(q(n_rows=8))).anomalous  # 4, 2 and 5 left
+    refused = await det.inspect(q(n_rows=5))
+    # 'hourly' and 'burst' refuse ('daily' has room); 'burst' is further over (2 - 5 of 10
+    # against 4 - 5 of 12), though not the first
+    assert refused.anomalous and refused.score == pytest.approx(-0.3)
+    assert refused.reason == "limit 'burst' exceeded: cost 5, 2 left"
+    # the longest wait is the hourly window's, not the tightest limit's (3 minutes)
+    assert refused.retry_after is not None and refused.retry_after > 600
+    # a cost no limit of them can ever hold names the first that cannot, not the tightest
+    never = await det.inspect(q(n_rows=11))
+    assert never.reason == "cost 11 exceeds the capacity 10 of limit 'burst'"
+    huge = await det.inspect(q(n_rows=14))
+    assert huge.reason == "cost 14 exceeds the capacity 12 of limit 'hourly'"
+    assert huge.score == -1.0 and huge.retry_after is not None and huge.retry_after >= 1.0
+
+
+@pytest.mark.anyio
 async def test_budgets_per_client_per_client_policy_and_per_policy(backend: Backend) -> None:
     limits = [WindowLimit(limit=2, period=HOUR)]
     per_client = RateLimitDetector("c", store=backend.store, limits=limits, key="client")
