@@ -303,7 +303,7 @@ class QueuedDetectors:
     def quarantine_enabled(self) -> bool:
         return self._guard.quarantine_enabled
 
-    async def check_quarantine(
+    def check_quarantine(
         self,
         policy: CompiledPolicy,
         client: str,
@@ -311,18 +311,29 @@ class QueuedDetectors:
         exempt: bool = False,
         ip: str = "",
         subnet: str = "",
-    ) -> Decision | None:
+    ) -> Coroutine[Any, Any, Decision | None]:
+        # the engine's own coroutine when nothing waits (no second frame per request)
         if self._observations.pending(client, ip, subnet):
-            await self._observations.drain()
+            return self._drained_check(policy, client, exempt, ip, subnet)
+        return self._guard.check_quarantine(policy, client, exempt=exempt, ip=ip, subnet=subnet)
+
+    async def _drained_check(
+        self, policy: CompiledPolicy, client: str, exempt: bool, ip: str, subnet: str
+    ) -> Decision | None:
+        await self._observations.drain()
         return await self._guard.check_quarantine(
             policy, client, exempt=exempt, ip=ip, subnet=subnet
         )
 
-    async def decide(
+    def decide(
         self, policy: CompiledPolicy, query: Query, *, exempt: bool = False
-    ) -> Decision:
+    ) -> Coroutine[Any, Any, Decision]:
         if self._observations.pending(query.client, query.ip, query.subnet):
-            await self._observations.drain()
+            return self._drained_decide(policy, query, exempt)
+        return self._guard.decide(policy, query, exempt=exempt)
+
+    async def _drained_decide(self, policy: CompiledPolicy, query: Query, exempt: bool) -> Decision:
+        await self._observations.drain()
         return await self._guard.decide(policy, query, exempt=exempt)
 
     def allow(self, policy: CompiledPolicy, n_rows: int, fmt: str | None = None) -> Decision:
