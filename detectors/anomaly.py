@@ -141,11 +141,11 @@ class RowAnomalyDetector(Detector):
         self.tracker = tracker
         self.threshold = float(model.offset_)
         self.n_features = int(model.n_features_in_)
-        # the scores of the last single rows scored, by their exact bytes (the model is
+        # the results of the last single rows scored, by their exact bytes (the model is
         # fixed, so a repeated row scores the same): health probes, retries and popular
         # inputs are scored once. Emptied when full (512 rows): at most 512 x 8 x n_features
         # bytes of keys, e.g. 256 KB at 64 features, 12 MB at 3 072
-        self._scored: dict[bytes, float] = {}
+        self._scored: dict[bytes, DetectorResult] = {}
 
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
@@ -173,27 +173,26 @@ class RowAnomalyDetector(Detector):
             # a row scored lately (the same bytes) is not scored again
             key = row_bytes(query, rows)
             scored = self._scored
-            worst_or_none = scored.get(key)
-            if worst_or_none is None and row_magnitude(query, rows) <= _CLIP:
-                worst_or_none = float(self._score_row(rows[0]))
-                if not math.isfinite(worst_or_none):
-                    worst_or_none = UNSCORABLE
+            result = scored.get(key)
+            if result is None and row_magnitude(query, rows) <= _CLIP:
+                worst = float(self._score_row(rows[0]))
+                if not math.isfinite(worst):
+                    worst = UNSCORABLE
+                result = (
+                    DetectorResult(self.name, worst, threshold, True, "1/1 rows below threshold", 1)
+                    if worst < threshold
+                    else DetectorResult(self.name, worst, threshold, False, "", 0)
+                )
                 if len(scored) >= _SCORED_ROWS:
                     # start afresh: O(1), where dropping the oldest of a dict one at a
                     # time makes finding the oldest slower and slower
                     scored.clear()
-                scored[key] = worst_or_none
-            if worst_or_none is not None:
-                worst = worst_or_none
-                if worst < threshold:
-                    if self.tracker is not None:
-                        await self.tracker.record(query.client, anomalous=1, total=1)
-                    return DetectorResult(
-                        self.name, worst, threshold, True, "1/1 rows below threshold", 1
-                    )
+                scored[key] = result
+            if result is not None:
+                # (results are immutable: a repeated row's is handed out again)
                 if self.tracker is not None:
-                    await self.tracker.record(query.client, anomalous=0, total=1)
-                return DetectorResult(self.name, worst, threshold, False, "", 0)
+                    await self.tracker.record(query.client, anomalous=result.rows_flagged, total=1)
+                return result
         # one reduction tells finite-and-modest rows apart (NaN fails the comparison)
         if row_magnitude(query, rows) <= _CLIP:
             scores = np.asarray(self._score_checked(rows), dtype=np.float64)
