@@ -24,7 +24,7 @@ from inference_guard.guard._counts import Counts
 from inference_guard.guard._offload import ParseOffload
 from inference_guard.guard.audit import AuditLog
 from inference_guard.guard.capture import CapturedRequest, CaptureLog
-from inference_guard.guard.config import DegradeConfig, GuardConfig
+from inference_guard.guard.config import DegradeConfig, GuardConfig, LimitsConfig
 from inference_guard.guard.decisions import Action, Decision, FailClosed
 from inference_guard.guard.engine import (
     Pass,
@@ -40,9 +40,11 @@ from inference_guard.guard.engine import (
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.guard.identity import ClientId, ClientIdentifier, forwarded_applied, peer_host
 from inference_guard.guard.payload._json import is_json_media_type
+from inference_guard.guard.payload._plain import READERS
 from inference_guard.guard.payload.adapters import (
     ParsedRequest,
     check_readable_answer,
+    detect_format,
     parse_request,
 )
 from inference_guard.guard.payload.degrade import RowNoise, noise_key
@@ -145,6 +147,9 @@ class Admission:
             or any(getattr(a.detector, "reads_rows", True) for a in p.detectors)
             for p in policies
         }
+        # per format, the plain reader that counts a plain body's rows when nothing reads
+        # more of the request (guard.payload._plain)
+        self._plain_readers: Mapping[str, Callable[[bytes, LimitsConfig], int | None]] = READERS
         # the one verdict on every admitted request of a policy without detectors, by format
         self._fixed: dict[tuple[str, str], Pass] = {}
         # per policy, the route patterns already warned about an unknown format
@@ -259,9 +264,11 @@ class Admission:
             query = self._query(request, client, None)
             return await self._detectors.decide(policy, query, exempt=client.exempt), None, query
         body = await request.body.read(headers.get(b"content-length"))
-        parsed = await self._offload.run(
-            len(body), lambda: self._parse(policy, body, path=request.path, headers=headers)
-        )
+        parsed = self._plain(policy, body, request.path, headers)
+        if parsed is None:
+            parsed = await self._offload.run(
+                len(body), lambda: self._parse(policy, body, path=request.path, headers=headers)
+            )
         signatures = self._signatures.get(policy.name)
         if signatures is not None:
             await signatures.check(request.path, parsed)
@@ -370,6 +377,43 @@ class Admission:
         if answer.status != seen.status:
             return Answer(seen.status, answer.labels, answer.probabilities)
         return answer
+
+    def _plain(
+        self, policy: CompiledPolicy, body: bytes, path: str, headers: Mapping[bytes, bytes]
+    ) -> ParsedRequest | None:
+        """A plain body's rows counted, when nothing reads more of it; else ``None``.
+
+        For a policy with detectors of which nothing reads the matrix nor the
+        decoded inputs (no detector reading rows, no capture, no row-keyed noise,
+        no custom payload, no model signature; a rate limit costing rows, say): a
+        plain OIP v2 or KServe v1 JSON body (the usual one) is then counted by
+        its format's plain reader (:mod:`guard.payload._plain`), which accepts
+        only what :func:`parse_request` accepts, with the same format and row
+        count, no texts and no extras, and returns ``None`` for anything else (the
+        full parser's to accept or refuse). Its cost is bounded by the parse
+        budget, so it reads on the event loop whatever the body's size, as the
+        fast lane does.
+        """
+        if (
+            self._want_rows.get(policy.name, True)
+            or policy.allow is not None  # no detectors: the fast lane's plain reader ran
+            or headers.get(b"content-type", b"application/json") != b"application/json"
+            or _BINARY_HEADER in headers
+            or self._payloads.get(policy.name) is not None
+            or self._signatures.get(policy.name) is not None
+        ):
+            return None
+        fmt = detect_format(path)
+        read_rows = self._plain_readers.get(fmt) if fmt is not None else None
+        if read_rows is None or fmt is None:
+            return None
+        try:
+            n_rows = read_rows(body, self._limits)
+        except Exception:  # a reader bug: counted, and the full parser decides
+            self._counts.error("parse")
+            log.warning("plain %s reader failed on policy %s", fmt, policy.name, exc_info=True)
+            return None
+        return None if n_rows is None else ParsedRequest(fmt, None, (), n_rows)
 
     def _parse(
         self, policy: CompiledPolicy, body: bytes, *, path: str, headers: Mapping[bytes, bytes]

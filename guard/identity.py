@@ -133,6 +133,9 @@ class ClientIdentifier:
         self._memo: OrderedDict[tuple[str, bytes | str], str] = OrderedDict()
         # address -> its subnet's id (parsing an address costs more than the lookup)
         self._subnets: OrderedDict[str, str] = OrderedDict()
+        # the identity of a client that presents no credential nor forwarded header, by
+        # its peer address (bounded like the memos above)
+        self._peers: OrderedDict[str | None, ClientId] = OrderedDict()
         self._headers = tuple(h.encode("latin-1") for h in config.api_key_headers)
         #: the credentials read, in the configured order (``ip`` is the fallback)
         self._sources = tuple(
@@ -216,10 +219,21 @@ class ClientIdentifier:
         """
         key, source = self._credential(headers) if self._sources else (None, "ip")
         if key is None:
+            if self._forwarded not in headers:
+                # the peer is the client (client_ip), and its identity a function of it
+                known = self._peers.get(peer)
+                if known is not None:
+                    return known
             ip = self.client_ip(headers, peer, forwarded_applied=forwarded_applied)
             ip_id = self.hash("ip", ip)
             exempt = bool(self._exempt_nets) and self._in_exempt_net(ip)
-            return ClientId(ip_id, "ip", exempt, ip_id, self.subnet_id(ip))
+            client = ClientId(ip_id, "ip", exempt, ip_id, self.subnet_id(ip))
+            if self._forwarded not in headers:
+                peers = self._peers
+                if len(peers) >= _MEMO_SIZE:
+                    peers.popitem(last=False)
+                peers[peer] = client
+            return client
         # a keyed client's forwarded header decides only its address layers, so one
         # spoofed by an untrusted peer costs no 400 here: that peer is the address.
         # A trusted proxy's chain that does not parse is refused as for anyone: its

@@ -40,11 +40,13 @@ from inference_guard.guard.payload._request import fail
 
 __all__ = [
     "dump_compact",
+    "dump_decoded",
     "has_lone_surrogate",
     "is_json_media_type",
     "json_depth_exceeds",
     "load_json",
     "load_json_lenient",
+    "load_json_lenient_checked",
 ]
 
 _BOM = b"\xef\xbb\xbf"
@@ -80,6 +82,39 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 def dump_compact(doc: Any) -> bytes:
     """``json.dumps(doc, separators=(",", ":")).encode("utf-8")``, byte for byte."""
     return _COMPACT.encode(doc).encode("utf-8")
+
+
+#: what appears in orjson's encoding of any float whose ``repr`` it does not match (one
+#: in exponent form: nonzero and below 1e-4 or from 1e16 in magnitude), and of NaN and
+#: the infinities (``null``); ``\x7f``, which ``json`` escapes and orjson does not
+_NOT_AS_JSON = (b"e-", b"e+", b"0.0000", b"null", b"\x7f")
+
+
+def dump_decoded(doc: Any) -> bytes:
+    """:func:`dump_compact` byte for byte, through orjson when that gives the same bytes.
+
+    For a document orjson decoded (its strings valid, its numbers finite, its
+    keys strings), perhaps rewritten with Python ints, floats, strings, lists
+    and dicts. orjson encodes ASCII strings, ints, ``true``/``false`` and floats
+    exactly as ``json`` does, but for four things, each of which this sees in
+    orjson's bytes and then takes ``json``'s: non-ASCII text (``json`` escapes
+    it), ``\\x7f`` (likewise), a float in exponent form (``json`` writes
+    ``1e-05`` and ``1e+16``; orjson ``0.00001`` and ``1e+16``, and whatever the
+    form, its bytes hold ``e-``, ``e+`` or ``0.0000``), and NaN or an infinity
+    (orjson writes ``null``). Anything orjson refuses (an integer past 64 bits, a
+    lone surrogate, another type) is left to ``json`` too. A string that merely
+    holds one of those markers costs the slower encoder, never other bytes.
+    """
+    try:
+        out = orjson.dumps(doc)
+    except TypeError:  # orjson.JSONEncodeError
+        return dump_compact(doc)
+    if not out.isascii():
+        return dump_compact(doc)
+    for marker in _NOT_AS_JSON:
+        if marker in out:
+            return dump_compact(doc)
+    return out
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -174,6 +209,23 @@ def has_lone_surrogate(body: bytes) -> bool:
     followed by the letters ``ud800``, not a surrogate.
     """
     return any(m.group(1) is not None for m in _SURROGATE_ESCAPE.finditer(body))
+
+
+def load_json_lenient_checked(body: bytes, content_type: str | None) -> tuple[Any | None, bool]:
+    """:func:`load_json_lenient`, and whether orjson decoded it (no NaN, no infinity, no
+    lone surrogate in it: what :func:`dump_decoded` takes)."""
+    if not is_json_media_type(content_type):
+        return None, False
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
+    try:
+        return orjson.loads(body), True
+    except orjson.JSONDecodeError:
+        pass  # NaN or Infinity from a model, a lone surrogate, 1e999: the lenient reading
+    try:
+        return _LENIENT.decode(body.decode("utf-8")), False
+    except (ValueError, RecursionError, MemoryError):
+        return None, False
 
 
 def load_json_lenient(body: bytes, content_type: str | None) -> Any | None:

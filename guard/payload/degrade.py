@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import threading
@@ -56,6 +57,7 @@ _RNG = np.random.default_rng()  # unseeded on purpose: the attacker must not pre
 _PROCESS_KEY: list[bytes] = []
 _PROCESS_KEY_LOCK = threading.Lock()
 _TWO_PI = 2.0 * np.pi
+_INT_OR_FLOAT = frozenset({int, float})
 
 
 def noise_key(env: str = NOISE_KEY_ENV) -> bytes:
@@ -225,9 +227,11 @@ def _round_v2_fast(outputs: list[Any], spec: DegradeConfig) -> bool:
         data = out.get("data")
         if not isinstance(data, list) or not data:
             return False
-        if not all(type(x) is float or type(x) is int for x in data):
+        if not _INT_OR_FLOAT.issuperset(map(type, data)):
             return False  # nested, or not numbers: the general route validates it
-        if not all(0.0 <= x <= 1.0 for x in data):
+        # numbers only: each is in [0, 1] when the least and the greatest are and none
+        # is NaN (which min and max may pass over, and which makes the sum NaN)
+        if not (min(data) >= 0.0 and max(data) <= 1.0 and not math.isnan(sum(data))):
             return False  # not probabilities (scores, logits): left alone as before
         d = spec.decimals
         out["data"] = [round(x, d) + 0.0 for x in data]

@@ -14,7 +14,11 @@ from typing import Any, NamedTuple
 from inference_guard.detectors.base import Answer
 from inference_guard.guard.config import DegradeConfig
 from inference_guard.guard.payload._binary_answer import review_binary
-from inference_guard.guard.payload._json import dump_compact, load_json_lenient
+from inference_guard.guard.payload._json import (
+    dump_compact,
+    dump_decoded,
+    load_json_lenient_checked,
+)
 from inference_guard.guard.payload.adapters import read_answer_doc
 from inference_guard.guard.payload.degrade import RowNoise, degrade_doc
 from inference_guard.guard.payload.formats import PayloadFormat
@@ -83,7 +87,7 @@ def review_answer(
         )
         return Reviewed(new_body, read_answer, length)
     try:
-        doc = load_json_lenient(body, content_type)
+        doc, strict = load_json_lenient_checked(body, content_type)
     except Exception:  # an odd answer is neither read nor rewritten, never a 500
         return Reviewed()
     answer = None
@@ -94,7 +98,7 @@ def review_answer(
             answer = None
     new = None
     if spec is not None and doc is not None:
-        new = _rewrite(body, doc, fmt, payload, spec, noise)
+        new = _rewrite(body, doc, fmt, payload, spec, noise, strict=strict)
     return Reviewed(new, answer)
 
 
@@ -105,7 +109,16 @@ def _rewrite(
     payload: PayloadFormat | None,
     spec: DegradeConfig,
     noise: RowNoise | None,
+    *,
+    strict: bool = False,
 ) -> bytes | None:
+    """The rewritten answer, ``body`` when nothing changed, ``None`` when not understood.
+
+    ``strict``: orjson decoded ``doc``; a built-in format's rewrite then puts
+    only Python numbers, strings, lists and dicts in it, so it may be encoded
+    through :func:`dump_decoded`. A custom payload's rewrite is encoded by
+    ``json``, whatever it put there.
+    """
     try:
         if payload is not None:  # the policy's own shape: its answers hold probabilities there
             done = payload.rewrite_doc(doc, spec=spec, noise=noise)
@@ -115,6 +128,8 @@ def _rewrite(
         if done is None:
             return None
         root, changed = done
-        return dump_compact(root) if changed else body
+        if not changed:
+            return body
+        return dump_decoded(root) if strict and payload is None else dump_compact(root)
     except Exception:  # an odd answer is passed through, never turned into a 500
         return None

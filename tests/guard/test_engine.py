@@ -370,13 +370,13 @@ def test_an_answer_is_decoded_once_for_rewriting_and_reading(
     verdict = passed(admit(guard, Body(v2_body(CALM, CALM))))
     assert verdict.rewrite is not None and verdict.watch is not None  # rounded and observed
     decoded: list[bytes] = []
-    real = review_module.load_json_lenient
+    real = review_module.load_json_lenient_checked
 
     def counting(body: bytes, content_type: str | None) -> Any:
         decoded.append(body)
         return real(body, content_type)
 
-    monkeypatch.setattr(review_module, "load_json_lenient", counting)
+    monkeypatch.setattr(review_module, "load_json_lenient_checked", counting)
     reviewed = verdict.review(ANSWER, "application/json")  # what the front end does
     assert reviewed.body is not None and b"0.77" in reviewed.body
     assert reviewed.answer is not None  # read before rounding: the model's own numbers

@@ -182,3 +182,40 @@ def test_the_id_memos_stay_bounded_and_agree_with_a_fresh_hash_under_churn() -> 
     )
     assert ("ip", recent) in c._memo
     assert c.identify({}, "198.51.100.1").id == first  # hashed again, the same id
+
+
+def _outcome(c: ClientIdentifier, headers: dict[bytes, bytes], peer: str | None) -> object:
+    try:
+        return c.identify(headers, peer)
+    except PayloadError as exc:  # a forwarded header from an untrusted peer
+        return (exc.status, exc.reason)
+
+
+@pytest.mark.parametrize("exempt", [None, ["203.0.113.0/28", "2001:db8::/64"]])
+def test_a_peer_remembered_is_identified_as_afresh(exempt: list[str] | None) -> None:
+    """The memo of address-identified clients gives what identifying anew gives."""
+    from inference_guard.guard.config import ExemptConfig
+
+    exempt_config = ExemptConfig(cidrs=exempt) if exempt else None  # type: ignore[arg-type]
+    config = IdentityConfig(trusted_proxies=["10.0.0.0/8"])  # type: ignore[arg-type]
+    peers = ["203.0.113.5", "203.0.113.77", "2001:db8::1", "::ffff:203.0.113.5", "10.1.2.3", None]
+    forwarded = {b"x-forwarded-for": b"198.51.100.9"}
+    remembering = ClientIdentifier(config, secret=SECRET, exempt=exempt_config)
+    for _ in range(3):  # the first round fills the memo, the others read it
+        for peer in peers:
+            for headers in ({}, {b"accept": b"*/*"}, forwarded):
+                fresh = ClientIdentifier(config, secret=SECRET, exempt=exempt_config)
+                expected = _outcome(fresh, headers, peer)
+                assert _outcome(remembering, headers, peer) == expected, (peer, headers)
+    # a trusted proxy's forwarded client is never taken for the proxy itself
+    assert remembering.identify(forwarded, "10.1.2.3").ip == remembering.hash("ip", "198.51.100.9")
+    assert remembering.identify({}, "10.1.2.3").ip == remembering.hash("ip", "10.1.2.3")
+
+
+def test_the_peer_memo_stays_bounded() -> None:
+    from inference_guard.guard import identity as identity_module
+
+    c = ident()
+    for i in range(identity_module._MEMO_SIZE + 50):
+        c.identify({}, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+    assert len(c._peers) == identity_module._MEMO_SIZE

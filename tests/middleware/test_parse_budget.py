@@ -136,20 +136,23 @@ def test_a_plain_body_over_offload_bytes_stays_in_the_lane(parse_threads: list[s
     assert res.status == 200
     assert parse_threads == []  # the full parser never ran
     assert total(mw.registry, "guard_rows", decision="allow") == 200
-    # a detector's policy has no lane: the full parser, in a worker thread
-    rated = guarded(
-        limits={"offload_bytes": 0},
-        policies=[
-            {
-                "name": "p",
-                "detectors": [
-                    {"type": "rate", "params": {"limits": [{"rate": 1000, "per": "1s"}]}}
-                ],
-            }
-        ],
-    )
+    # a policy whose detectors only count rows reads a plain body the same way, on the loop
+    rate = {"type": "rate", "params": {"limits": [{"rate": 1000, "per": "1s"}]}}
+    rated = guarded(limits={"offload_bytes": 0}, policies=[{"name": "p", "detectors": [rate]}])
     assert request(rated, V1, body, headers=[JSON_CT]).status == 200
+    assert parse_threads == []
+    # a body that is not plain goes to the full parser, in a worker thread
+    not_plain = json.dumps({"instances": [[1, 2]] * 200, "parameters": {}}).encode()
+    assert request(rated, V1, not_plain, headers=[JSON_CT]).status == 200
     assert len(parse_threads) == 1 and parse_threads[0].startswith(THREAD_PREFIX)
+    # and so does every body of a policy whose detector reads the rows
+    values = {
+        "type": "rate",
+        "params": {"cost": "values", "limits": [{"rate": 10**6, "per": "1s"}]},
+    }
+    reader = guarded(limits={"offload_bytes": 0}, policies=[{"name": "p", "detectors": [values]}])
+    assert request(reader, V1, body, headers=[JSON_CT]).status == 200
+    assert len(parse_threads) == 2 and parse_threads[1].startswith(THREAD_PREFIX)
 
 
 def test_a_parse_past_its_deadline_is_refused_503_and_counted(
