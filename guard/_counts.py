@@ -1,21 +1,28 @@
 """The engine's per-request metric updates, with their label children bound once.
 
 prometheus_client's ``.labels()`` validates and hashes its labels on every
-call; a request's few updates would cost more than its detectors. So the
-children are looked up once and kept, and the hot-path updates are deferred
-through the metrics' tally (:class:`guard.metrics.GuardMetrics`), one batch per
-request where they come together.
+call, and each ``inc()`` or ``observe()`` takes a lock of its own: a request's
+dozen updates would cost more than its detectors. So the children are looked
+up once, each with the plain total of the metrics' tally
+(:class:`guard.metrics.Tally`) that stands in for it, and a request's updates
+are a few additions to those totals under one lock; the tally applies them to
+prometheus_client in batches.
 """
 
 from __future__ import annotations
 
+import logging
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
+from inference_guard.detectors.base import DetectorResult
 from inference_guard.guard.decisions import Decision
-from inference_guard.guard.metrics import GuardMetrics
+from inference_guard.guard.metrics import CounterTotal, GuardMetrics, HistogramBuckets
 
 __all__ = ["Counts"]
+
+log = logging.getLogger("guard")
 
 
 def _uncounted(n_rows: int, seconds: float | None) -> None:
@@ -34,12 +41,16 @@ class Counts:
         #: ``metrics.enabled``: the per-request counts are kept at all
         self.enabled = enabled
         self._tally = metrics.tally
+        self._lock = metrics.tally.lock
         self._children: dict[tuple[str, ...], Any] = {}
-        # pre-bound children for the per-request metrics, keyed without the metric name
-        self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._score_children: dict[str, Any] = {}
-        self._overhead_children: dict[str, Any] = {}
-        self._payload_children: dict[tuple[str, str], Any] = {}
+        # the tally's totals for the per-request metrics, keyed without the metric name
+        self._outcomes: dict[tuple[str, str], tuple[CounterTotal, CounterTotal]] = {}
+        self._detections: dict[tuple[str, str, str], CounterTotal] = {}
+        self._scores: dict[str, HistogramBuckets] = {}
+        self._overheads: dict[str, HistogramBuckets] = {}
+        self._payloads: dict[tuple[str, str], CounterTotal] = {}
+        self._degraded: dict[tuple[str, str], CounterTotal] = {}
+        self._exempt: dict[str, CounterTotal] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once."""
@@ -54,33 +65,47 @@ class Counts:
         """A detector decision: the request and its rows, what fired, every score margin."""
         if not self.enabled:
             return
-        requests, rows = self._outcome(policy, decision.action)
-        updates: list[tuple[Any, float]] = [(requests, 1.0), (rows, n_rows)]
-        for name, action in decision.fired:
-            inc = self.child(self.metrics.detections, policy, name, str(action)).inc
-            updates.append((inc, 1.0))
-        scores = self._score_children
-        for r in decision.results:
-            margin = r.score - r.threshold
-            if margin == margin:  # skip NaN
-                observe = scores.get(r.detector)
-                if observe is None:
-                    observe = scores[r.detector] = self.child(
-                        self.metrics.score, r.detector
-                    ).observe
-                updates.append((observe, margin))
-        self._tally.add_all(updates)  # one request's updates in one batch
+        pair = self._outcomes.get((policy, decision.action))
+        requests, rows = pair if pair is not None else self._outcome(policy, decision.action)
+        scores = self._scores
+        with self._lock:
+            requests.value += 1.0
+            try:
+                rows.value += n_rows if n_rows >= 0 else rows.refuse(n_rows)
+            except TypeError:
+                rows.refuse(n_rows)
+            for name, action in decision.fired:
+                self._detection(policy, name, action).value += 1.0
+            for r in decision.results:
+                # as Histogram.observe would, less its lock and scan; a NaN margin is skipped
+                try:
+                    margin = r.score - r.threshold
+                    if margin != margin:
+                        continue
+                    buckets = scores.get(r.detector)
+                    if buckets is None:
+                        buckets = self._score(r.detector)
+                    i = bisect_left(buckets.bounds, margin)
+                    total_margin = buckets.sum + margin
+                except Exception:  # a score that is not a number costs only itself
+                    self._unplaced(r)
+                    continue
+                buckets.counts[i] += 1
+                buckets.sum = total_margin
+        self._tally.counted()
 
     def allowed(self, policy: str, decision: str, n_rows: int, fmt: str | None) -> None:
         """A fixed verdict: the request, its rows and (with ``fmt``) its payload format."""
         if not self.enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        if fmt is None:
-            self._tally.add_all(((requests, 1.0), (rows, n_rows)))
-        else:
-            payload = self._payload_inc(policy, fmt)
-            self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
+        payload = None if fmt is None else self._payload(policy, fmt)
+        with self._lock:
+            requests.value += 1.0
+            rows.add(n_rows)
+            if payload is not None:
+                payload.value += 1.0
+        self._tally.counted()
 
     def allowed_counter(
         self, policy: str, decision: str, fmt: str
@@ -95,23 +120,35 @@ class Counts:
         """
         if not self.enabled:
             return _uncounted
-        add_all = self._tally.add_all
-        requests: Any = None
-        rows: Any = None
-        payload: Any = None
-        overhead: Any = None
+        lock = self._lock
+        counted = self._tally.counted
+        bound: list[Any] = []  # requests, rows, payload (totals), then overhead (buckets)
 
         def count(n_rows: int, seconds: float | None) -> None:
-            nonlocal requests, rows, payload, overhead
-            if requests is None:
-                requests, rows = self._outcome(policy, decision)
-                payload = self._payload_inc(policy, fmt)
-            if seconds is None:
-                add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
-                return
-            if overhead is None:
-                overhead = self.child(self.metrics.overhead, policy).observe
-            add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0), (overhead, seconds)))
+            if not bound:
+                bound.extend(self._outcome(policy, decision))
+                bound.append(self._payload(policy, fmt))
+                bound.append(self._overhead(policy))
+            requests, rows, payload, overhead = bound
+            with lock:
+                requests.value += 1.0
+                payload.value += 1.0
+                try:
+                    rows.value += n_rows if n_rows >= 0 else rows.refuse(n_rows)
+                except TypeError:
+                    rows.refuse(n_rows)
+                if seconds is not None:
+                    # HistogramBuckets.add, inlined
+                    try:
+                        i = bisect_left(overhead.bounds, seconds)
+                        total = overhead.sum + seconds
+                    except TypeError:
+                        overhead.refuse(seconds)
+                    else:
+                        if seconds == seconds:
+                            overhead.counts[i] += 1
+                        overhead.sum = total
+            counted()
 
         return count
 
@@ -120,9 +157,11 @@ class Counts:
         if not self.enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        self._tally.add(requests, 1.0)
-        if n_rows:
-            self._tally.add(rows, n_rows)
+        with self._lock:
+            requests.value += 1.0
+            if n_rows:
+                rows.add(n_rows)
+        self._tally.counted()
 
     def error(self, component: str) -> None:
         self.child(self.metrics.errors, component).inc()
@@ -132,57 +171,114 @@ class Counts:
 
     def payload(self, policy: str, fmt: str) -> None:
         if self.enabled:
-            self._tally.add(self._payload_inc(policy, fmt), 1.0)
+            total = self._payloads.get((policy, fmt))
+            if total is None:
+                total = self._payload(policy, fmt)
+            with self._lock:
+                total.value += 1.0
+            self._tally.counted()
 
     def degraded(self, policy: str, outcome: str) -> None:
-        self._tally.add(self.child(self.metrics.degraded, policy, outcome).inc, 1.0)
+        total = self._degraded.get((policy, outcome))
+        if total is None:
+            total = self._degraded[policy, outcome] = self._total(
+                self.metrics.degraded, policy, outcome
+            )
+        with self._lock:
+            total.value += 1.0
+        self._tally.counted()
 
     def exempt(self, policy: str) -> None:
         if self.enabled:
-            self._tally.add(self.child(self.metrics.exempt, policy).inc, 1.0)
+            total = self._exempt.get(policy)
+            if total is None:
+                total = self._exempt[policy] = self._total(self.metrics.exempt, policy)
+            with self._lock:
+                total.value += 1.0
+            self._tally.counted()
 
     def overhead_observer(self, policy: str) -> Callable[[float], None]:
         """:meth:`overhead` for one policy, its child bound on first use (a front end's,
         per route)."""
         if not self.enabled:
             return _unobserved
-        add = self._tally.add
-        bound: list[Any] = []
+        lock = self._lock
+        counted = self._tally.counted
+        bound: list[HistogramBuckets] = []
 
         def observe(seconds: float) -> None:
             if not bound:
-                bound.append(self.child(self.metrics.overhead, policy).observe)
-            add(bound[0], seconds)
+                bound.append(self._overhead(policy))
+            buckets = bound[0]
+            with lock:
+                # HistogramBuckets.add, inlined
+                try:
+                    i = bisect_left(buckets.bounds, seconds)
+                    total = buckets.sum + seconds
+                except TypeError:
+                    buckets.refuse(seconds)
+                else:
+                    if seconds == seconds:
+                        buckets.counts[i] += 1
+                    buckets.sum = total
+            counted()
 
         return observe
 
     def overhead(self, policy: str, seconds: float) -> None:
         """The guard's own time on one request (``guard_overhead_seconds``)."""
         if self.enabled:
-            observe = self._overhead_children.get(policy)
-            if observe is None:
-                observe = self._overhead_children[policy] = self.child(
-                    self.metrics.overhead, policy
-                ).observe
-            self._tally.add(observe, seconds)
+            buckets = self._overhead(policy)
+            with self._lock:
+                buckets.add(seconds)
+            self._tally.counted()
 
-    def _outcome(self, policy: str, decision: str) -> tuple[Any, Any]:
-        # the bound inc() of the two children, for the tally
+    def _unplaced(self, result: DetectorResult) -> None:
+        # a margin the buckets cannot take: observed alone, its failure logged
+        try:
+            self.child(self.metrics.score, result.detector).observe(result.score - result.threshold)
+        except Exception:
+            log.exception("metric update of %r's score failed", result.detector)
+
+    def _total(self, metric: Any, *labels: str) -> CounterTotal:
+        return self._tally.total(self.child(metric, *labels))
+
+    def _outcome(self, policy: str, decision: str) -> tuple[CounterTotal, CounterTotal]:
+        # the totals of the two children (requests, rows)
         key = (policy, decision)
-        pair = self._outcome_children.get(key)
+        pair = self._outcomes.get(key)
         if pair is None:
             label = str(decision)
             m = self.metrics
-            pair = (
-                self.child(m.requests, policy, label).inc,
-                self.child(m.rows, policy, label).inc,
-            )
-            self._outcome_children[key] = pair
+            pair = (self._total(m.requests, policy, label), self._total(m.rows, policy, label))
+            self._outcomes[key] = pair
         return pair
 
-    def _payload_inc(self, policy: str, fmt: str) -> Any:
+    def _detection(self, policy: str, name: str, action: str) -> CounterTotal:
+        key = (policy, name, action)
+        total = self._detections.get(key)
+        if total is None:
+            total = self._detections[key] = self._total(
+                self.metrics.detections, policy, name, str(action)
+            )
+        return total
+
+    def _score(self, detector: str) -> HistogramBuckets:
+        buckets = self._tally.histogram(self.child(self.metrics.score, detector))
+        self._scores[detector] = buckets
+        return buckets
+
+    def _overhead(self, policy: str) -> HistogramBuckets:
+        buckets = self._overheads.get(policy)
+        if buckets is None:
+            buckets = self._overheads[policy] = self._tally.histogram(
+                self.child(self.metrics.overhead, policy)
+            )
+        return buckets
+
+    def _payload(self, policy: str, fmt: str) -> CounterTotal:
         key = (policy, fmt)
-        inc = self._payload_children.get(key)
-        if inc is None:
-            inc = self._payload_children[key] = self.child(self.metrics.payloads, policy, fmt).inc
-        return inc
+        total = self._payloads.get(key)
+        if total is None:
+            total = self._payloads[key] = self._total(self.metrics.payloads, policy, fmt)
+        return total

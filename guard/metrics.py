@@ -86,29 +86,125 @@ FLUSH_AT = 256
 _running_loop = asyncio.events._get_running_loop
 
 
+class CounterTotal:
+    """One counter child's increments not yet applied: a plain number the hot path adds to.
+
+    Made once per child (:meth:`Tally.total`); updated under :attr:`Tally.lock`
+    (``total.value += n``), read and reset by :meth:`Tally.flush` under the same
+    lock, which then makes one ``inc`` of the sum on the child.
+    """
+
+    __slots__ = ("child", "value")
+
+    def __init__(self, child: Any) -> None:
+        #: the prometheus_client counter child the total is applied to
+        self.child = child
+        #: the increments since the last flush (never negative: see :meth:`add`)
+        self.value: float = 0.0
+
+    def add(self, amount: float) -> None:
+        """``child.inc(amount)``, deferred; under :attr:`Tally.lock`.
+
+        The hot paths inline it as ``total.value += n if n >= 0 else
+        total.refuse(n)``, with :meth:`refuse` for a ``TypeError`` too.
+        """
+        try:
+            self.value += amount if amount >= 0 else self.refuse(amount)
+        except TypeError:
+            self.refuse(amount)
+
+    def refuse(self, amount: Any) -> float:
+        """Apply ``amount`` alone, at once, and return 0 (the amount to add to the total).
+
+        A negative amount or one that is not a number would spoil the others
+        summed with it: alone, its failure is logged and costs only itself.
+        """
+        _apply(self.child.inc, amount)
+        return 0.0
+
+
+class HistogramBuckets:
+    """One histogram child's observations not yet applied: a count per bucket and their sum.
+
+    Made once per child (:meth:`Tally.histogram`) with the child's own upper
+    bounds. An observation is placed as ``Histogram.observe`` places it (the
+    first bucket whose bound is at or above it; a NaN joins the sum and no
+    bucket), found with ``bisect`` instead of a scan. Updated under
+    :attr:`Tally.lock`; :meth:`Tally.flush` applies one ``inc`` to the sum and
+    one per bucket touched.
+    """
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any) -> None:
+        bounds = child._upper_bounds
+        if len(bounds) != len(child._buckets) or not hasattr(child, "_sum"):
+            raise TypeError(f"{child!r} is not a prometheus_client histogram child")
+        #: the prometheus_client histogram child the observations are applied to
+        self.child = child
+        #: the child's upper bounds, the last one +Inf
+        self.bounds: list[float] = list(bounds)
+        #: observations since the last flush, per bucket (not cumulative)
+        self.counts: list[int] = [0] * len(bounds)
+        #: the sum of the observations since the last flush
+        self.sum: float = 0.0
+
+    def add(self, value: float) -> None:
+        """``child.observe(value)``, deferred; under :attr:`Tally.lock`."""
+        try:
+            i = bisect_left(self.bounds, value)
+            total = self.sum + value
+        except TypeError:
+            self.refuse(value)
+            return
+        if value == value:  # NaN: in no bucket (and bisect cannot place it)
+            self.counts[i] += 1
+        self.sum = total
+
+    def refuse(self, value: Any) -> None:
+        """Observe a value that is not a number alone, at once: its failure is logged."""
+        _apply(self.child.observe, value)
+
+
 class Tally:
     """Per-request metric updates, applied to prometheus_client in batches.
 
     Each ``inc()`` or ``observe()`` of prometheus_client validates the metric
-    and takes a lock; the guard makes four or more per request, and on a
+    and takes a lock; the guard makes four to twenty per request, and on a
     served process (cold caches between requests) they cost more than the
-    JSON parse. The hot path therefore only appends ``(update, value)`` here,
-    and the updates are applied, all of them (a counter's increments summed
-    into one ``inc()``, other updates one by one, in order):
+    JSON parse. The hot path therefore only adds to plain numbers kept here,
+    one :class:`CounterTotal` per counter child and one
+    :class:`HistogramBuckets` per histogram child (made when the child is first
+    counted), and the sums are applied, one ``inc()`` per counter and per
+    histogram bucket touched:
 
     * whenever this process's registry is collected (every scrape of
       ``/metrics``, and ``get_sample_value`` in tests): the tally is registered
       in the registry before the guard's metrics, so it runs first;
-    * when :data:`FLUSH_AT` updates are pending;
+    * when :data:`FLUSH_AT` updates (or batches of them, one per request) are
+      pending;
     * at most :data:`FLUSH_AFTER_S` after the first pending one (a timer on
       the running event loop), so that with ``PROMETHEUS_MULTIPROC_DIR`` the
       other workers' samples are never more than a second behind;
     * at interpreter exit.
 
     Outside an event loop (scripts, synchronous tests) updates apply at once.
-    Safe against a scrape from another thread: a flush takes a prefix of the
-    pending list under a lock and removes exactly that prefix, so an update
-    appended meanwhile is kept for the next flush, never lost or applied twice.
+
+    Safe against a scrape from another thread, and against updates from
+    several: the totals are added to under :attr:`lock`, and a flush reads and
+    resets them under it, so an update is in this flush or the next, never
+    lost or applied twice. A flush applies what it took outside that lock (a
+    request waits at most for the read, never for prometheus_client) but
+    inside a second one, so a scrape racing another flush still sees all of it.
+
+    The hot path's protocol: ``with tally.lock:`` add to the totals, then
+    :meth:`counted` (which arms the timer or flushes). :meth:`add` and
+    :meth:`add_all` defer an update of any kind (a bound ``inc`` or
+    ``observe``, or any callable taking one number) to a pending list instead,
+    for the rarer paths: a counter's increments are summed into one ``inc()``
+    at the flush, histogram observations bucketed, other updates applied one
+    by one, in order. A flush takes a prefix of that list and removes exactly
+    that prefix, so an update appended meanwhile is kept for the next flush.
 
     :meth:`attach` adds a list of values that its owner appends to directly
     (one C call on the hot path, no Python frame); each flush hands what was
@@ -119,14 +215,48 @@ class Tally:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Callable[[float], Any], float]] = []
-        self._lock = threading.Lock()
+        #: held while the totals are added to, and while a flush reads and resets them
+        self.lock = threading.Lock()
+        # held by a flush from its read to the end of its applying (see above)
+        self._flushing = threading.Lock()
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._attached: list[tuple[list[Any], Callable[[list[Any]], Any]]] = []
+        self._totals: dict[Any, CounterTotal] = {}
+        self._histograms: dict[Any, HistogramBuckets] = {}
+        # batches counted since the last flush (racy across threads: it only times flushes)
+        self._batches = 0
         atexit.register(_flush_ref, weakref.ref(self))
+
+    def total(self, child: Any) -> CounterTotal:
+        """The total a counter child's increments are added to (made on first call)."""
+        total = self._totals.get(child)
+        if total is None:  # setdefault: one total per child, whichever thread asks first
+            total = self._totals.setdefault(child, CounterTotal(child))
+        return total
+
+    def histogram(self, child: Any) -> HistogramBuckets:
+        """The buckets a histogram child's observations are added to (made on first call)."""
+        buckets = self._histograms.get(child)
+        if buckets is None:
+            buckets = self._histograms.setdefault(child, HistogramBuckets(child))
+        return buckets
+
+    def counted(self) -> None:
+        """Call after adding a batch to the totals (outside :attr:`lock`): arm or flush."""
+        self._batches += 1
+        if self._batches >= FLUSH_AT:
+            self.flush()
+            return
+        loop = _running_loop()
+        if loop is None:
+            self.flush()
+        elif self._timer_loop is not loop:
+            self._timer_loop = loop
+            loop.call_later(FLUSH_AFTER_S, self._on_timer, loop)
 
     def attach(self, values: list[Any], apply: Callable[[list[Any]], Any]) -> None:
         """Hand what is appended to ``values`` to ``apply`` at each flush (see above)."""
-        with self._lock:
+        with self._flushing:
             self._attached.append((values, apply))
 
     def add(self, update: Callable[[float], Any], value: float) -> None:
@@ -164,7 +294,8 @@ class Tally:
 
     def flush(self) -> None:
         """Apply every pending update now."""
-        with self._lock:
+        with self._flushing:
+            sums, observed = self._take()
             for values, apply in self._attached:
                 n = len(values)
                 if n:
@@ -174,38 +305,37 @@ class Tally:
                         apply(batch)
                     except Exception:  # one bad value must not cost the others
                         log.exception("metric update %r(%d values) failed", apply, n)
+            for child, amount in sums:
+                _apply(child.inc, amount)
+            for child, counts, total in observed:
+                _add_buckets(child, counts, total)
             pending = self._pending
             n = len(pending)
-            if not n:
-                return
-            batch = pending[:n]
-            del pending[:n]
-            # a counter's increments add up: one inc() per counter instead of one per update;
-            # a histogram's observations are bucketed together: one inc() per bucket touched
-            sums: dict[Callable[[float], Any], float] = {}
-            observed: dict[Callable[[float], Any], list[float]] = {}
-            for update, value in batch:
-                kind = type(getattr(update, "__self__", None))
-                if kind is Counter:
-                    try:
-                        summable = value >= 0
-                    except TypeError:  # not a number: applied alone, so its failure is logged
-                        summable = False
-                    if summable:
-                        sums[update] = sums.get(update, 0.0) + value
-                        continue
-                elif kind is Histogram and isinstance(value, float):
-                    held = observed.get(update)
-                    if held is None:
-                        observed[update] = [value]
-                    else:
-                        held.append(value)
-                    continue
-                _apply(update, value)
-            for update, total in sums.items():
-                _apply(update, total)
-            for update, held_values in observed.items():
-                _observe_all(update, held_values)
+            if n:
+                batch = pending[:n]
+                del pending[:n]
+                _apply_updates(batch)
+
+    def _take(self) -> tuple[list[tuple[Any, float]], list[tuple[Any, list[int], float]]]:
+        """Read and reset the totals (under :attr:`lock`): what the flush applies."""
+        sums: list[tuple[Any, float]] = []
+        observed: list[tuple[Any, list[int], float]] = []
+        with self.lock:
+            self._batches = 0
+            # list(): a copy made in one C call, should another thread add a child meanwhile
+            for total in list(self._totals.values()):
+                amount = total.value
+                if amount:
+                    sums.append((total.child, amount))
+                    total.value = 0.0
+            for buckets in list(self._histograms.values()):
+                counts = buckets.counts
+                observed_sum = buckets.sum
+                if observed_sum != 0.0 or any(counts):
+                    observed.append((buckets.child, counts, observed_sum))
+                    buckets.counts = [0] * len(counts)
+                    buckets.sum = 0.0
+        return sums, observed
 
     # the Collector protocol: collecting the registry applies what is pending first
     def collect(self) -> list[Any]:
@@ -214,6 +344,48 @@ class Tally:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _apply_updates(batch: list[tuple[Callable[[float], Any], float]]) -> None:
+    """Apply updates deferred with :meth:`Tally.add`: counters summed, histograms bucketed."""
+    # a counter's increments add up: one inc() per counter instead of one per update;
+    # a histogram's observations are bucketed together: one inc() per bucket touched
+    sums: dict[Callable[[float], Any], float] = {}
+    observed: dict[Callable[[float], Any], list[float]] = {}
+    for update, value in batch:
+        kind = type(getattr(update, "__self__", None))
+        if kind is Counter:
+            try:
+                summable = value >= 0
+            except TypeError:  # not a number: applied alone, so its failure is logged
+                summable = False
+            if summable:
+                sums[update] = sums.get(update, 0.0) + value
+                continue
+        elif kind is Histogram and isinstance(value, float):
+            held = observed.get(update)
+            if held is None:
+                observed[update] = [value]
+            else:
+                held.append(value)
+            continue
+        _apply(update, value)
+    for update, total in sums.items():
+        _apply(update, total)
+    for update, held_values in observed.items():
+        _observe_all(update, held_values)
+
+
+def _add_buckets(child: Any, counts: list[int], total: float) -> None:
+    """Apply a flush's :class:`HistogramBuckets` to its child: the sum, then each bucket."""
+    try:
+        child._sum.inc(total)
+        buckets = child._buckets
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+    except Exception:  # one bad child must not cost the others
+        log.exception("metric update %r(%d observations) failed", child, sum(counts))
 
 
 def _apply(update: Callable[[float], Any], value: float) -> None:
