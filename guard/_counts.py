@@ -3,26 +3,31 @@
 prometheus_client's ``.labels()`` validates and hashes its labels on every
 call, and each ``inc()`` or ``observe()`` takes a lock of its own: a request's
 dozen updates would cost more than its detectors. So the children are looked
-up once, each with the plain total of the metrics' tally
+up once, each with the running total of the metrics' tally
 (:class:`guard.metrics.Tally`) that stands in for it, and a request's updates
-are a few additions to those totals under one lock; the tally applies them to
-prometheus_client in batches.
+are a few additions to those totals, without a lock (the event loop's thread
+is their only writer); the tally applies them to prometheus_client in batches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
 from inference_guard.detectors.base import DetectorResult
+from inference_guard.guard import metrics as _metrics
 from inference_guard.guard.decisions import Decision
 from inference_guard.guard.metrics import CounterTotal, GuardMetrics, HistogramBuckets
 
 __all__ = ["Counts"]
 
 log = logging.getLogger("guard")
+
+#: the running event loop or None, without raising (asyncio's low-level accessor, in C)
+_running_loop = asyncio.events._get_running_loop
 
 
 def _uncounted(n_rows: int, seconds: float | None) -> None:
@@ -34,14 +39,19 @@ def _unobserved(seconds: float) -> None:
 
 
 class Counts:
-    """Every count the engine keeps about requests, by policy (and decision, format, ...)."""
+    """Every count the engine keeps about requests, by policy (and decision, format, ...).
+
+    Each per-request method follows the tally's protocol (see
+    :class:`~guard.metrics.Tally`): on the writer loop's thread it adds to the
+    totals and counts one batch; elsewhere (no loop, another thread's loop) it
+    applies its updates at once.
+    """
 
     def __init__(self, metrics: GuardMetrics, *, enabled: bool) -> None:
         self.metrics = metrics
         #: ``metrics.enabled``: the per-request counts are kept at all
         self.enabled = enabled
         self._tally = metrics.tally
-        self._lock = metrics.tally.lock
         self._children: dict[tuple[str, ...], Any] = {}
         # the tally's totals for the per-request metrics, keyed without the metric name
         self._outcomes: dict[tuple[str, str], tuple[CounterTotal, CounterTotal]] = {}
@@ -67,32 +77,55 @@ class Counts:
             return
         pair = self._outcomes.get((policy, decision.action))
         requests, rows = pair if pair is not None else self._outcome(policy, decision.action)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            self._decision_now(policy, decision, n_rows)
+            return
+        requests.value += 1.0
+        try:
+            rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
+        except TypeError:
+            rows.apply_now(n_rows)
+        for name, action in decision.fired:
+            self._detection(policy, name, action).value += 1.0
         scores = self._scores
-        with self._lock:
-            requests.value += 1.0
+        for r in decision.results:
+            # as Histogram.observe would, less its lock and scan; a NaN margin is skipped
             try:
-                rows.value += n_rows if n_rows >= 0 else rows.refuse(n_rows)
-            except TypeError:
-                rows.refuse(n_rows)
-            for name, action in decision.fired:
-                self._detection(policy, name, action).value += 1.0
-            for r in decision.results:
-                # as Histogram.observe would, less its lock and scan; a NaN margin is skipped
-                try:
-                    margin = r.score - r.threshold
-                    if margin != margin:
-                        continue
-                    buckets = scores.get(r.detector)
-                    if buckets is None:
-                        buckets = self._score(r.detector)
-                    i = bisect_left(buckets.bounds, margin)
-                    total_margin = buckets.sum + margin
-                except Exception:  # a score that is not a number costs only itself
-                    self._unplaced(r)
+                margin = r.score - r.threshold
+                if margin != margin:
                     continue
-                buckets.counts[i] += 1
-                buckets.sum = total_margin
-        self._tally.counted()
+                buckets = scores.get(r.detector)
+                if buckets is None:
+                    buckets = self._score(r.detector)
+                i = bisect_left(buckets.bounds, margin)
+                total_margin = buckets.sum + margin
+            except Exception:  # a score that is not a number costs only itself
+                self._unplaced(r)
+                continue
+            buckets.counts[i] += 1
+            buckets.sum = total_margin
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
+
+    def _decision_now(self, policy: str, decision: Decision, n_rows: int) -> None:
+        # decision(), applied at once (not the writer's thread)
+        requests, rows = self._outcome(policy, decision.action)
+        requests.apply_now(1.0)
+        rows.apply_now(n_rows)
+        for name, action in decision.fired:
+            self._detection(policy, name, action).apply_now(1.0)
+        for r in decision.results:
+            try:
+                margin = r.score - r.threshold
+                if margin != margin:
+                    continue
+                buckets = self._scores.get(r.detector) or self._score(r.detector)
+            except Exception:
+                self._unplaced(r)
+                continue
+            buckets.apply_now(margin)
 
     def allowed(self, policy: str, decision: str, n_rows: int, fmt: str | None) -> None:
         """A fixed verdict: the request, its rows and (with ``fmt``) its payload format."""
@@ -100,12 +133,20 @@ class Counts:
             return
         requests, rows = self._outcome(policy, decision)
         payload = None if fmt is None else self._payload(policy, fmt)
-        with self._lock:
-            requests.value += 1.0
-            rows.add(n_rows)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            requests.apply_now(1.0)
+            rows.apply_now(n_rows)
             if payload is not None:
-                payload.value += 1.0
-        self._tally.counted()
+                payload.apply_now(1.0)
+            return
+        requests.value += 1.0
+        rows.add(n_rows)
+        if payload is not None:
+            payload.value += 1.0
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def allowed_counter(
         self, policy: str, decision: str, fmt: str
@@ -120,8 +161,7 @@ class Counts:
         """
         if not self.enabled:
             return _uncounted
-        lock = self._lock
-        counted = self._tally.counted
+        tally = self._tally
         bound: list[Any] = []  # requests, rows, payload (totals), then overhead (buckets)
 
         def count(n_rows: int, seconds: float | None) -> None:
@@ -130,25 +170,33 @@ class Counts:
                 bound.append(self._payload(policy, fmt))
                 bound.append(self._overhead(policy))
             requests, rows, payload, overhead = bound
-            with lock:
-                requests.value += 1.0
-                payload.value += 1.0
-                try:
-                    rows.value += n_rows if n_rows >= 0 else rows.refuse(n_rows)
-                except TypeError:
-                    rows.refuse(n_rows)
+            if _running_loop() is not tally.writer and not tally.enter():
+                requests.apply_now(1.0)
+                rows.apply_now(n_rows)
+                payload.apply_now(1.0)
                 if seconds is not None:
-                    # HistogramBuckets.add, inlined
-                    try:
-                        i = bisect_left(overhead.bounds, seconds)
-                        total = overhead.sum + seconds
-                    except TypeError:
-                        overhead.refuse(seconds)
-                    else:
-                        if seconds == seconds:
-                            overhead.counts[i] += 1
-                        overhead.sum = total
-            counted()
+                    overhead.apply_now(seconds)
+                return
+            requests.value += 1.0
+            payload.value += 1.0
+            try:
+                rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
+            except TypeError:
+                rows.apply_now(n_rows)
+            if seconds is not None:
+                # HistogramBuckets.add, inlined
+                try:
+                    i = bisect_left(overhead.bounds, seconds)
+                    total = overhead.sum + seconds
+                except TypeError:
+                    overhead.apply_now(seconds)
+                else:
+                    if seconds == seconds:
+                        overhead.counts[i] += 1
+                    overhead.sum = total
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
         return count
 
@@ -157,11 +205,18 @@ class Counts:
         if not self.enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        with self._lock:
-            requests.value += 1.0
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            requests.apply_now(1.0)
             if n_rows:
-                rows.add(n_rows)
-        self._tally.counted()
+                rows.apply_now(n_rows)
+            return
+        requests.value += 1.0
+        if n_rows:
+            rows.add(n_rows)
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def error(self, component: str) -> None:
         self.child(self.metrics.errors, component).inc()
@@ -174,9 +229,14 @@ class Counts:
             total = self._payloads.get((policy, fmt))
             if total is None:
                 total = self._payload(policy, fmt)
-            with self._lock:
-                total.value += 1.0
-            self._tally.counted()
+            tally = self._tally
+            if _running_loop() is not tally.writer and not tally.enter():
+                total.apply_now(1.0)
+                return
+            total.value += 1.0
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
     def degraded(self, policy: str, outcome: str) -> None:
         total = self._degraded.get((policy, outcome))
@@ -184,44 +244,43 @@ class Counts:
             total = self._degraded[policy, outcome] = self._total(
                 self.metrics.degraded, policy, outcome
             )
-        with self._lock:
-            total.value += 1.0
-        self._tally.counted()
+        self._count(total)
 
     def exempt(self, policy: str) -> None:
         if self.enabled:
             total = self._exempt.get(policy)
             if total is None:
                 total = self._exempt[policy] = self._total(self.metrics.exempt, policy)
-            with self._lock:
-                total.value += 1.0
-            self._tally.counted()
+            self._count(total)
 
     def overhead_observer(self, policy: str) -> Callable[[float], None]:
         """:meth:`overhead` for one policy, its child bound on first use (a front end's,
         per route)."""
         if not self.enabled:
             return _unobserved
-        lock = self._lock
-        counted = self._tally.counted
+        tally = self._tally
         bound: list[HistogramBuckets] = []
 
         def observe(seconds: float) -> None:
             if not bound:
                 bound.append(self._overhead(policy))
             buckets = bound[0]
-            with lock:
-                # HistogramBuckets.add, inlined
-                try:
-                    i = bisect_left(buckets.bounds, seconds)
-                    total = buckets.sum + seconds
-                except TypeError:
-                    buckets.refuse(seconds)
-                else:
-                    if seconds == seconds:
-                        buckets.counts[i] += 1
-                    buckets.sum = total
-            counted()
+            if _running_loop() is not tally.writer and not tally.enter():
+                buckets.apply_now(seconds)
+                return
+            # HistogramBuckets.add, inlined
+            try:
+                i = bisect_left(buckets.bounds, seconds)
+                total = buckets.sum + seconds
+            except TypeError:
+                buckets.apply_now(seconds)
+            else:
+                if seconds == seconds:
+                    buckets.counts[i] += 1
+                buckets.sum = total
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
         return observe
 
@@ -229,9 +288,25 @@ class Counts:
         """The guard's own time on one request (``guard_overhead_seconds``)."""
         if self.enabled:
             buckets = self._overhead(policy)
-            with self._lock:
-                buckets.add(seconds)
-            self._tally.counted()
+            tally = self._tally
+            if _running_loop() is not tally.writer and not tally.enter():
+                buckets.apply_now(seconds)
+                return
+            buckets.add(seconds)
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
+
+    def _count(self, total: CounterTotal) -> None:
+        # one counter's increment, as its own batch
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            total.apply_now(1.0)
+            return
+        total.value += 1.0
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def _unplaced(self, result: DetectorResult) -> None:
         # a margin the buckets cannot take: observed alone, its failure logged

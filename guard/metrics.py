@@ -68,7 +68,10 @@ __all__ = [
     "DECISIONS",
     "FLUSH_AFTER_S",
     "FLUSH_AT",
+    "NO_WRITER",
+    "CounterTotal",
     "GuardMetrics",
+    "HistogramBuckets",
     "Tally",
     "code_class",
     "config_sha",
@@ -86,55 +89,66 @@ FLUSH_AT = 256
 _running_loop = asyncio.events._get_running_loop
 
 
-class CounterTotal:
-    """One counter child's increments not yet applied: a plain number the hot path adds to.
+#: :attr:`Tally.writer` while no loop is: no running loop (nor None) is it
+NO_WRITER = object()
 
-    Made once per child (:meth:`Tally.total`); updated under :attr:`Tally.lock`
-    (``total.value += n``), read and reset by :meth:`Tally.flush` under the same
-    lock, which then makes one ``inc`` of the sum on the child.
+
+class CounterTotal:
+    """One counter child's increments: a running total the hot path adds to.
+
+    Made once per child (:meth:`Tally.total`). Only the thread of the tally's
+    :attr:`~Tally.writer` loop adds to :attr:`value`, and only a flush reads
+    it: the flush applies what was added since :attr:`applied` (one ``inc``)
+    and moves :attr:`applied` up. Reading a number is atomic, so an addition
+    racing a flush is in this flush or the next, never lost or applied twice,
+    with no lock on the hot path.
     """
 
-    __slots__ = ("child", "value")
+    __slots__ = ("applied", "child", "value")
 
     def __init__(self, child: Any) -> None:
         #: the prometheus_client counter child the total is applied to
         self.child = child
-        #: the increments since the last flush (never negative: see :meth:`add`)
+        #: everything added so far (never less than before: see :meth:`apply_now`)
         self.value: float = 0.0
+        #: the part of :attr:`value` a flush has applied to the child
+        self.applied: float = 0.0
 
     def add(self, amount: float) -> None:
-        """``child.inc(amount)``, deferred; under :attr:`Tally.lock`.
+        """``child.inc(amount)``, deferred (from the writer loop's thread).
 
         The hot paths inline it as ``total.value += n if n >= 0 else
-        total.refuse(n)``, with :meth:`refuse` for a ``TypeError`` too.
+        total.apply_now(n)``, with :meth:`apply_now` for a ``TypeError`` too.
         """
         try:
-            self.value += amount if amount >= 0 else self.refuse(amount)
+            self.value += amount if amount >= 0 else self.apply_now(amount)
         except TypeError:
-            self.refuse(amount)
+            self.apply_now(amount)
 
-    def refuse(self, amount: Any) -> float:
-        """Apply ``amount`` alone, at once, and return 0 (the amount to add to the total).
+    def apply_now(self, amount: Any) -> float:
+        """``child.inc(amount)`` at once, its failure logged; returns 0 (to add to the total).
 
-        A negative amount or one that is not a number would spoil the others
-        summed with it: alone, its failure is logged and costs only itself.
+        For a caller that is not the writer, and for an amount that is negative
+        or not a number: summed with the others it would spoil them, alone its
+        failure costs only itself.
         """
         _apply(self.child.inc, amount)
         return 0.0
 
 
 class HistogramBuckets:
-    """One histogram child's observations not yet applied: a count per bucket and their sum.
+    """One histogram child's observations: running counts per bucket and their sum.
 
     Made once per child (:meth:`Tally.histogram`) with the child's own upper
     bounds. An observation is placed as ``Histogram.observe`` places it (the
     first bucket whose bound is at or above it; a NaN joins the sum and no
-    bucket), found with ``bisect`` instead of a scan. Updated under
-    :attr:`Tally.lock`; :meth:`Tally.flush` applies one ``inc`` to the sum and
-    one per bucket touched.
+    bucket), found with ``bisect`` instead of a scan. Written and read as
+    :class:`CounterTotal` is: a flush applies what the counts and the sum
+    gained since it last looked (one ``inc`` to the sum and one per bucket
+    touched).
     """
 
-    __slots__ = ("bounds", "child", "counts", "sum")
+    __slots__ = ("applied_counts", "applied_sum", "bounds", "child", "counts", "sum")
 
     def __init__(self, child: Any) -> None:
         bounds = child._upper_bounds
@@ -144,26 +158,47 @@ class HistogramBuckets:
         self.child = child
         #: the child's upper bounds, the last one +Inf
         self.bounds: list[float] = list(bounds)
-        #: observations since the last flush, per bucket (not cumulative)
+        #: observations so far, per bucket (not cumulative)
         self.counts: list[int] = [0] * len(bounds)
-        #: the sum of the observations since the last flush
+        #: the sum of the observations so far
         self.sum: float = 0.0
+        #: what a flush has applied of :attr:`counts` and :attr:`sum`
+        self.applied_counts: list[int] = [0] * len(bounds)
+        self.applied_sum: float = 0.0
 
     def add(self, value: float) -> None:
-        """``child.observe(value)``, deferred; under :attr:`Tally.lock`."""
+        """``child.observe(value)``, deferred (from the writer loop's thread)."""
         try:
             i = bisect_left(self.bounds, value)
             total = self.sum + value
         except TypeError:
-            self.refuse(value)
+            self.apply_now(value)
             return
         if value == value:  # NaN: in no bucket (and bisect cannot place it)
             self.counts[i] += 1
         self.sum = total
 
-    def refuse(self, value: Any) -> None:
-        """Observe a value that is not a number alone, at once: its failure is logged."""
+    def apply_now(self, value: Any) -> None:
+        """``child.observe(value)`` at once, its failure logged (as
+        :meth:`CounterTotal.apply_now`)."""
         _apply(self.child.observe, value)
+
+    def take(self) -> tuple[list[int], float] | None:
+        """What the counts and the sum gained since the last take (a flush's, serialised)."""
+        counts = list(self.counts)  # one C call: a consistent copy, whatever the writer does
+        total = self.sum
+        applied = self.applied_counts
+        gained = [now - before for now, before in zip(counts, applied, strict=True)]
+        before_sum = self.applied_sum
+        if total == before_sum or (total != total and before_sum != before_sum):
+            gained_sum = 0.0  # nothing new (an infinite sum stays what it is; NaN too)
+        else:
+            gained_sum = total - before_sum  # inf - finite: inf; inf - inf (a -inf came): NaN
+        if gained_sum == 0.0 and not any(gained):
+            return None
+        self.applied_counts = counts
+        self.applied_sum = total
+        return gained, gained_sum
 
 
 class Tally:
@@ -175,8 +210,8 @@ class Tally:
     JSON parse. The hot path therefore only adds to plain numbers kept here,
     one :class:`CounterTotal` per counter child and one
     :class:`HistogramBuckets` per histogram child (made when the child is first
-    counted), and the sums are applied, one ``inc()`` per counter and per
-    histogram bucket touched:
+    counted), and what they gained is applied, one ``inc()`` per counter and
+    per histogram bucket touched:
 
     * whenever this process's registry is collected (every scrape of
       ``/metrics``, and ``get_sample_value`` in tests): the tally is registered
@@ -188,23 +223,32 @@ class Tally:
       other workers' samples are never more than a second behind;
     * at interpreter exit.
 
-    Outside an event loop (scripts, synchronous tests) updates apply at once.
+    The totals have one writer: the event loop in :attr:`writer`, whose thread
+    adds to them without a lock (see :class:`CounterTotal`); a flush, from any
+    thread, only reads them. The hot path's protocol is therefore::
 
-    Safe against a scrape from another thread, and against updates from
-    several: the totals are added to under :attr:`lock`, and a flush reads and
-    resets them under it, so an update is in this flush or the next, never
-    lost or applied twice. A flush applies what it took outside that lock (a
-    request waits at most for the read, never for prometheus_client) but
-    inside a second one, so a scrape racing another flush still sees all of it.
+        if running_loop() is tally.writer or tally.enter():
+            ...add to the totals...
+            tally.batches += 1
+            if tally.batches >= FLUSH_AT:
+                tally.flush()
+        else:
+            ...apply at once (apply_now)...
 
-    The hot path's protocol: ``with tally.lock:`` add to the totals, then
-    :meth:`counted` (which arms the timer or flushes). :meth:`add` and
-    :meth:`add_all` defer an update of any kind (a bound ``inc`` or
-    ``observe``, or any callable taking one number) to a pending list instead,
-    for the rarer paths: a counter's increments are summed into one ``inc()``
-    at the flush, histogram observations bucketed, other updates applied one
-    by one, in order. A flush takes a prefix of that list and removes exactly
-    that prefix, so an update appended meanwhile is kept for the next flush.
+    :meth:`enter` makes the calling thread's loop the writer when no other
+    loop can still be writing (none is, it is closed, or it is this thread's
+    own, stopped), and arms the timer. Outside an event loop (scripts,
+    synchronous tests), or from a second loop running in another thread,
+    updates apply at once. Flushes are serialised by a lock: a scrape racing
+    another flush waits for it, so it still sees all that was counted before it.
+
+    :meth:`add` and :meth:`add_all` defer an update of any kind (a bound
+    ``inc`` or ``observe``, or any callable taking one number) to a pending
+    list instead, for the rarer paths: a counter's increments are summed into
+    one ``inc()`` at the flush, histogram observations bucketed, other updates
+    applied one by one, in order. A flush takes a prefix of that list and
+    removes exactly that prefix, so an update appended meanwhile is kept for
+    the next flush.
 
     :meth:`attach` adds a list of values that its owner appends to directly
     (one C call on the hot path, no Python frame); each flush hands what was
@@ -215,16 +259,20 @@ class Tally:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Callable[[float], Any], float]] = []
-        #: held while the totals are added to, and while a flush reads and resets them
-        self.lock = threading.Lock()
-        # held by a flush from its read to the end of its applying (see above)
+        #: the loop whose thread adds to the totals (see above); :data:`NO_WRITER`: none
+        #: yet, or idle (never None: outside a loop, the running loop is None)
+        self.writer: object = NO_WRITER
+        self._writer_thread = 0
+        # held while the writer changes
+        self._lock = threading.Lock()
+        # held by a flush from its first read to the end of its applying
         self._flushing = threading.Lock()
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._attached: list[tuple[list[Any], Callable[[list[Any]], Any]]] = []
         self._totals: dict[Any, CounterTotal] = {}
         self._histograms: dict[Any, HistogramBuckets] = {}
-        # batches counted since the last flush (racy across threads: it only times flushes)
-        self._batches = 0
+        #: batches added to the totals since the last flush (by the writer; it only times flushes)
+        self.batches = 0
         atexit.register(_flush_ref, weakref.ref(self))
 
     def total(self, child: Any) -> CounterTotal:
@@ -241,18 +289,38 @@ class Tally:
             buckets = self._histograms.setdefault(child, HistogramBuckets(child))
         return buckets
 
-    def counted(self) -> None:
-        """Call after adding a batch to the totals (outside :attr:`lock`): arm or flush."""
-        self._batches += 1
-        if self._batches >= FLUSH_AT:
-            self.flush()
-            return
+    def enter(self) -> bool:
+        """Whether the calling thread may add to the totals now (making its loop the writer).
+
+        Call it only when the running loop is not :attr:`writer`. False outside
+        an event loop, and while another loop that may still write (running,
+        or stopped in another thread) is the writer: apply at once then.
+        """
         loop = _running_loop()
         if loop is None:
-            self.flush()
-        elif self._timer_loop is not loop:
-            self._timer_loop = loop
-            loop.call_later(FLUSH_AFTER_S, self._on_timer, loop)
+            return False
+        me = threading.get_ident()
+        with self._lock:
+            writer = self.writer
+            if isinstance(writer, asyncio.AbstractEventLoop) and writer is not loop:
+                free = writer.is_closed() or (self._writer_thread == me and not writer.is_running())
+                if not free:
+                    return False
+            self.writer = loop
+            self._writer_thread = me
+        loop.call_later(FLUSH_AFTER_S, self._on_writer_timer, loop)
+        return True
+
+    def _on_writer_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        # on the writer's thread: no addition can be under way
+        if self.writer is not loop:
+            return
+        if self.flush():
+            loop.call_later(FLUSH_AFTER_S, self._on_writer_timer, loop)
+        else:  # idle: the next addition enters again, and arms a new timer
+            with self._lock:
+                if self.writer is loop:
+                    self.writer = NO_WRITER
 
     def attach(self, values: list[Any], apply: Callable[[list[Any]], Any]) -> None:
         """Hand what is appended to ``values`` to ``apply`` at each flush (see above)."""
@@ -292,9 +360,10 @@ class Tally:
             self._timer_loop = None
         self.flush()
 
-    def flush(self) -> None:
-        """Apply every pending update now."""
+    def flush(self) -> bool:
+        """Apply every pending update now; whether the totals had gained anything."""
         with self._flushing:
+            self.batches = 0
             sums, observed = self._take()
             for values, apply in self._attached:
                 n = len(values)
@@ -315,26 +384,22 @@ class Tally:
                 batch = pending[:n]
                 del pending[:n]
                 _apply_updates(batch)
+        return bool(sums or observed)
 
     def _take(self) -> tuple[list[tuple[Any, float]], list[tuple[Any, list[int], float]]]:
-        """Read and reset the totals (under :attr:`lock`): what the flush applies."""
+        """What the totals gained since the last flush (under ``_flushing``)."""
         sums: list[tuple[Any, float]] = []
         observed: list[tuple[Any, list[int], float]] = []
-        with self.lock:
-            self._batches = 0
-            # list(): a copy made in one C call, should another thread add a child meanwhile
-            for total in list(self._totals.values()):
-                amount = total.value
-                if amount:
-                    sums.append((total.child, amount))
-                    total.value = 0.0
-            for buckets in list(self._histograms.values()):
-                counts = buckets.counts
-                observed_sum = buckets.sum
-                if observed_sum != 0.0 or any(counts):
-                    observed.append((buckets.child, counts, observed_sum))
-                    buckets.counts = [0] * len(counts)
-                    buckets.sum = 0.0
+        # list(): a copy made in one C call, should another thread add a child meanwhile
+        for total in list(self._totals.values()):
+            now = total.value
+            if now != total.applied:
+                sums.append((total.child, now - total.applied))
+                total.applied = now
+        for buckets in list(self._histograms.values()):
+            gained = buckets.take()
+            if gained is not None:
+                observed.append((buckets.child, *gained))
         return sums, observed
 
     # the Collector protocol: collecting the registry applies what is pending first
