@@ -523,3 +523,42 @@ def test_counts_made_while_a_flush_applies_go_to_the_next_one() -> None:
     asyncio.run(scenario())
     assert seen == [7.0]
     assert raw(child) == 7.0
+
+
+def test_the_timer_is_rearmed_after_an_idle_spell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timer that finds nothing to apply lets the writer go; the next count arms a new one."""
+    monkeypatch.setattr(gm, "FLUSH_AFTER_S", 0.05)
+    m = GuardMetrics(CollectorRegistry())
+    counts = Counts(m, enabled=True)
+    child = m.requests.labels("p", "allow")
+
+    async def scenario() -> list[float]:
+        seen = []
+        counts.allowed("p", "allow", 1, None)
+        await asyncio.sleep(0.3)  # applied, then idle: the writer is let go
+        seen.append(raw(child))
+        idle = m.tally.writer is gm.NO_WRITER
+        counts.allowed("p", "allow", 1, None)
+        seen.append(raw(child))  # deferred again
+        await asyncio.sleep(0.2)
+        seen.append(raw(child))
+        assert idle
+        return seen
+
+    assert asyncio.run(scenario()) == [1.0, 1.0, 2.0]
+
+
+def test_a_new_loop_takes_over_from_a_closed_one() -> None:
+    """One test's loop ends (asyncio.run closes it); the next loop's counts are deferred too."""
+    m = GuardMetrics(CollectorRegistry())
+    counts = Counts(m, enabled=True)
+    child = m.requests.labels("p", "allow")
+
+    async def count() -> float:
+        counts.allowed("p", "allow", 1, None)
+        return raw(child)
+
+    assert asyncio.run(count()) == 0.0
+    assert asyncio.run(count()) == 0.0  # not applied at once: this loop is the writer now
+    m.tally.flush()
+    assert raw(child) == 2.0
