@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import operator
 import os
 import threading
 import weakref
@@ -188,7 +189,7 @@ class HistogramBuckets:
         counts = list(self.counts)  # one C call: a consistent copy, whatever the writer does
         total = self.sum
         applied = self.applied_counts
-        gained = [now - before for now, before in zip(counts, applied, strict=True)]
+        gained = list(map(operator.sub, counts, applied))
         before_sum = self.applied_sum
         if total == before_sum or (total != total and before_sum != before_sum):
             gained_sum = 0.0  # nothing new (an infinite sum stays what it is; NaN too)
