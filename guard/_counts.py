@@ -1,21 +1,33 @@
 """The engine's per-request metric updates, with their label children bound once.
 
 prometheus_client's ``.labels()`` validates and hashes its labels on every
-call; a request's few updates would cost more than its detectors. So the
-children are looked up once and kept, and the hot-path updates are deferred
-through the metrics' tally (:class:`guard.metrics.GuardMetrics`), one batch per
-request where they come together.
+call, and each ``inc()`` or ``observe()`` takes a lock of its own: a request's
+dozen updates would cost more than its detectors. So the children are looked
+up once, each with the running total of the metrics' tally
+(:class:`guard.metrics.Tally`) that stands in for it, and a request's updates
+are a few additions to those totals, without a lock (the event loop's thread
+is their only writer); the tally applies them to prometheus_client in batches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
+from inference_guard.detectors.base import DetectorResult
+from inference_guard.guard import metrics as _metrics
 from inference_guard.guard.decisions import Decision
-from inference_guard.guard.metrics import GuardMetrics
+from inference_guard.guard.metrics import CounterTotal, GuardMetrics, HistogramBuckets
 
 __all__ = ["Counts"]
+
+log = logging.getLogger("guard")
+
+#: the running event loop or None, without raising (asyncio's low-level accessor, in C)
+_running_loop = asyncio.events._get_running_loop
 
 
 def _uncounted(n_rows: int, seconds: float | None) -> None:
@@ -27,7 +39,13 @@ def _unobserved(seconds: float) -> None:
 
 
 class Counts:
-    """Every count the engine keeps about requests, by policy (and decision, format, ...)."""
+    """Every count the engine keeps about requests, by policy (and decision, format, ...).
+
+    Each per-request method follows the tally's protocol (see
+    :class:`~guard.metrics.Tally`): on the writer loop's thread it adds to the
+    totals and counts one batch; elsewhere (no loop, another thread's loop) it
+    applies its updates at once.
+    """
 
     def __init__(self, metrics: GuardMetrics, *, enabled: bool) -> None:
         self.metrics = metrics
@@ -35,11 +53,14 @@ class Counts:
         self.enabled = enabled
         self._tally = metrics.tally
         self._children: dict[tuple[str, ...], Any] = {}
-        # pre-bound children for the per-request metrics, keyed without the metric name
-        self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._score_children: dict[str, Any] = {}
-        self._overhead_children: dict[str, Any] = {}
-        self._payload_children: dict[tuple[str, str], Any] = {}
+        # the tally's totals for the per-request metrics, keyed without the metric name
+        self._outcomes: dict[tuple[str, str], tuple[CounterTotal, CounterTotal]] = {}
+        self._detections: dict[tuple[str, str, str], CounterTotal] = {}
+        self._scores: dict[str, HistogramBuckets] = {}
+        self._overheads: dict[str, HistogramBuckets] = {}
+        self._payloads: dict[tuple[str, str], CounterTotal] = {}
+        self._degraded: dict[tuple[str, str], CounterTotal] = {}
+        self._exempt: dict[str, CounterTotal] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once."""
@@ -54,33 +75,78 @@ class Counts:
         """A detector decision: the request and its rows, what fired, every score margin."""
         if not self.enabled:
             return
-        requests, rows = self._outcome(policy, decision.action)
-        updates: list[tuple[Any, float]] = [(requests, 1.0), (rows, n_rows)]
+        pair = self._outcomes.get((policy, decision.action))
+        requests, rows = pair if pair is not None else self._outcome(policy, decision.action)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            self._decision_now(policy, decision, n_rows)
+            return
+        requests.value += 1.0
+        try:
+            rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
+        except TypeError:
+            rows.apply_now(n_rows)
         for name, action in decision.fired:
-            inc = self.child(self.metrics.detections, policy, name, str(action)).inc
-            updates.append((inc, 1.0))
-        scores = self._score_children
+            self._detection(policy, name, action).value += 1.0
+        scores = self._scores
         for r in decision.results:
-            margin = r.score - r.threshold
-            if margin == margin:  # skip NaN
-                observe = scores.get(r.detector)
-                if observe is None:
-                    observe = scores[r.detector] = self.child(
-                        self.metrics.score, r.detector
-                    ).observe
-                updates.append((observe, margin))
-        self._tally.add_all(updates)  # one request's updates in one batch
+            # as Histogram.observe would, less its lock and scan; a NaN margin is skipped
+            try:
+                margin = r.score - r.threshold
+                if margin != margin:
+                    continue
+                buckets = scores.get(r.detector)
+                if buckets is None:
+                    buckets = self._score(r.detector)
+                i = bisect_left(buckets.bounds, margin)
+                total_margin = buckets.sum + margin
+            except Exception:  # a score that is not a number costs only itself
+                self._unplaced(r)
+                continue
+            buckets.counts[i] += 1
+            buckets.sum = total_margin
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
+
+    def _decision_now(self, policy: str, decision: Decision, n_rows: int) -> None:
+        # decision(), applied at once (not the writer's thread)
+        requests, rows = self._outcome(policy, decision.action)
+        requests.apply_now(1.0)
+        rows.apply_now(n_rows)
+        for name, action in decision.fired:
+            self._detection(policy, name, action).apply_now(1.0)
+        for r in decision.results:
+            try:
+                margin = r.score - r.threshold
+                if margin != margin:
+                    continue
+                buckets = self._scores.get(r.detector) or self._score(r.detector)
+            except Exception:
+                self._unplaced(r)
+                continue
+            buckets.apply_now(margin)
 
     def allowed(self, policy: str, decision: str, n_rows: int, fmt: str | None) -> None:
         """A fixed verdict: the request, its rows and (with ``fmt``) its payload format."""
         if not self.enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        if fmt is None:
-            self._tally.add_all(((requests, 1.0), (rows, n_rows)))
-        else:
-            payload = self._payload_inc(policy, fmt)
-            self._tally.add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
+        payload = None if fmt is None else self._payload(policy, fmt)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            requests.apply_now(1.0)
+            rows.apply_now(n_rows)
+            if payload is not None:
+                payload.apply_now(1.0)
+            return
+        requests.value += 1.0
+        rows.add(n_rows)
+        if payload is not None:
+            payload.value += 1.0
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def allowed_counter(
         self, policy: str, decision: str, fmt: str
@@ -95,23 +161,42 @@ class Counts:
         """
         if not self.enabled:
             return _uncounted
-        add_all = self._tally.add_all
-        requests: Any = None
-        rows: Any = None
-        payload: Any = None
-        overhead: Any = None
+        tally = self._tally
+        bound: list[Any] = []  # requests, rows, payload (totals), then overhead (buckets)
 
         def count(n_rows: int, seconds: float | None) -> None:
-            nonlocal requests, rows, payload, overhead
-            if requests is None:
-                requests, rows = self._outcome(policy, decision)
-                payload = self._payload_inc(policy, fmt)
-            if seconds is None:
-                add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0)))
+            if not bound:
+                bound.extend(self._outcome(policy, decision))
+                bound.append(self._payload(policy, fmt))
+                bound.append(self._overhead(policy))
+            requests, rows, payload, overhead = bound
+            if _running_loop() is not tally.writer and not tally.enter():
+                requests.apply_now(1.0)
+                rows.apply_now(n_rows)
+                payload.apply_now(1.0)
+                if seconds is not None:
+                    overhead.apply_now(seconds)
                 return
-            if overhead is None:
-                overhead = self.child(self.metrics.overhead, policy).observe
-            add_all(((requests, 1.0), (rows, n_rows), (payload, 1.0), (overhead, seconds)))
+            requests.value += 1.0
+            payload.value += 1.0
+            try:
+                rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
+            except TypeError:
+                rows.apply_now(n_rows)
+            if seconds is not None:
+                # HistogramBuckets.add, inlined
+                try:
+                    i = bisect_left(overhead.bounds, seconds)
+                    total = overhead.sum + seconds
+                except TypeError:
+                    overhead.apply_now(seconds)
+                else:
+                    if seconds == seconds:
+                        overhead.counts[i] += 1
+                    overhead.sum = total
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
         return count
 
@@ -120,9 +205,18 @@ class Counts:
         if not self.enabled:
             return
         requests, rows = self._outcome(policy, decision)
-        self._tally.add(requests, 1.0)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            requests.apply_now(1.0)
+            if n_rows:
+                rows.apply_now(n_rows)
+            return
+        requests.value += 1.0
         if n_rows:
-            self._tally.add(rows, n_rows)
+            rows.add(n_rows)
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def error(self, component: str) -> None:
         self.child(self.metrics.errors, component).inc()
@@ -132,57 +226,134 @@ class Counts:
 
     def payload(self, policy: str, fmt: str) -> None:
         if self.enabled:
-            self._tally.add(self._payload_inc(policy, fmt), 1.0)
+            total = self._payloads.get((policy, fmt))
+            if total is None:
+                total = self._payload(policy, fmt)
+            tally = self._tally
+            if _running_loop() is not tally.writer and not tally.enter():
+                total.apply_now(1.0)
+                return
+            total.value += 1.0
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
     def degraded(self, policy: str, outcome: str) -> None:
-        self._tally.add(self.child(self.metrics.degraded, policy, outcome).inc, 1.0)
+        total = self._degraded.get((policy, outcome))
+        if total is None:
+            total = self._degraded[policy, outcome] = self._total(
+                self.metrics.degraded, policy, outcome
+            )
+        self._count(total)
 
     def exempt(self, policy: str) -> None:
         if self.enabled:
-            self._tally.add(self.child(self.metrics.exempt, policy).inc, 1.0)
+            total = self._exempt.get(policy)
+            if total is None:
+                total = self._exempt[policy] = self._total(self.metrics.exempt, policy)
+            self._count(total)
 
     def overhead_observer(self, policy: str) -> Callable[[float], None]:
         """:meth:`overhead` for one policy, its child bound on first use (a front end's,
         per route)."""
         if not self.enabled:
             return _unobserved
-        add = self._tally.add
-        bound: list[Any] = []
+        tally = self._tally
+        bound: list[HistogramBuckets] = []
 
         def observe(seconds: float) -> None:
             if not bound:
-                bound.append(self.child(self.metrics.overhead, policy).observe)
-            add(bound[0], seconds)
+                bound.append(self._overhead(policy))
+            buckets = bound[0]
+            if _running_loop() is not tally.writer and not tally.enter():
+                buckets.apply_now(seconds)
+                return
+            # HistogramBuckets.add, inlined
+            try:
+                i = bisect_left(buckets.bounds, seconds)
+                total = buckets.sum + seconds
+            except TypeError:
+                buckets.apply_now(seconds)
+            else:
+                if seconds == seconds:
+                    buckets.counts[i] += 1
+                buckets.sum = total
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
         return observe
 
     def overhead(self, policy: str, seconds: float) -> None:
         """The guard's own time on one request (``guard_overhead_seconds``)."""
         if self.enabled:
-            observe = self._overhead_children.get(policy)
-            if observe is None:
-                observe = self._overhead_children[policy] = self.child(
-                    self.metrics.overhead, policy
-                ).observe
-            self._tally.add(observe, seconds)
+            buckets = self._overhead(policy)
+            tally = self._tally
+            if _running_loop() is not tally.writer and not tally.enter():
+                buckets.apply_now(seconds)
+                return
+            buckets.add(seconds)
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
 
-    def _outcome(self, policy: str, decision: str) -> tuple[Any, Any]:
-        # the bound inc() of the two children, for the tally
+    def _count(self, total: CounterTotal) -> None:
+        # one counter's increment, as its own batch
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            total.apply_now(1.0)
+            return
+        total.value += 1.0
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
+
+    def _unplaced(self, result: DetectorResult) -> None:
+        # a margin the buckets cannot take: observed alone, its failure logged
+        try:
+            self.child(self.metrics.score, result.detector).observe(result.score - result.threshold)
+        except Exception:
+            log.exception("metric update of %r's score failed", result.detector)
+
+    def _total(self, metric: Any, *labels: str) -> CounterTotal:
+        return self._tally.total(self.child(metric, *labels))
+
+    def _outcome(self, policy: str, decision: str) -> tuple[CounterTotal, CounterTotal]:
+        # the totals of the two children (requests, rows)
         key = (policy, decision)
-        pair = self._outcome_children.get(key)
+        pair = self._outcomes.get(key)
         if pair is None:
             label = str(decision)
             m = self.metrics
-            pair = (
-                self.child(m.requests, policy, label).inc,
-                self.child(m.rows, policy, label).inc,
-            )
-            self._outcome_children[key] = pair
+            pair = (self._total(m.requests, policy, label), self._total(m.rows, policy, label))
+            self._outcomes[key] = pair
         return pair
 
-    def _payload_inc(self, policy: str, fmt: str) -> Any:
+    def _detection(self, policy: str, name: str, action: str) -> CounterTotal:
+        key = (policy, name, action)
+        total = self._detections.get(key)
+        if total is None:
+            total = self._detections[key] = self._total(
+                self.metrics.detections, policy, name, str(action)
+            )
+        return total
+
+    def _score(self, detector: str) -> HistogramBuckets:
+        buckets = self._tally.histogram(self.child(self.metrics.score, detector))
+        self._scores[detector] = buckets
+        return buckets
+
+    def _overhead(self, policy: str) -> HistogramBuckets:
+        buckets = self._overheads.get(policy)
+        if buckets is None:
+            buckets = self._overheads[policy] = self._tally.histogram(
+                self.child(self.metrics.overhead, policy)
+            )
+        return buckets
+
+    def _payload(self, policy: str, fmt: str) -> CounterTotal:
         key = (policy, fmt)
-        inc = self._payload_children.get(key)
-        if inc is None:
-            inc = self._payload_children[key] = self.child(self.metrics.payloads, policy, fmt).inc
-        return inc
+        total = self._payloads.get(key)
+        if total is None:
+            total = self._payloads[key] = self._total(self.metrics.payloads, policy, fmt)
+        return total

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import operator
 import os
 import threading
 import weakref
@@ -68,7 +69,10 @@ __all__ = [
     "DECISIONS",
     "FLUSH_AFTER_S",
     "FLUSH_AT",
+    "NO_WRITER",
+    "CounterTotal",
     "GuardMetrics",
+    "HistogramBuckets",
     "Tally",
     "code_class",
     "config_sha",
@@ -86,29 +90,166 @@ FLUSH_AT = 256
 _running_loop = asyncio.events._get_running_loop
 
 
+#: :attr:`Tally.writer` while no loop is: no running loop (nor None) is it
+NO_WRITER = object()
+
+
+class CounterTotal:
+    """One counter child's increments: a running total the hot path adds to.
+
+    Made once per child (:meth:`Tally.total`). Only the thread of the tally's
+    :attr:`~Tally.writer` loop adds to :attr:`value`, and only a flush reads
+    it: the flush applies what was added since :attr:`applied` (one ``inc``)
+    and moves :attr:`applied` up. Reading a number is atomic, so an addition
+    racing a flush is in this flush or the next, never lost or applied twice,
+    with no lock on the hot path.
+    """
+
+    __slots__ = ("applied", "child", "value")
+
+    def __init__(self, child: Any) -> None:
+        #: the prometheus_client counter child the total is applied to
+        self.child = child
+        #: everything added so far (never less than before: see :meth:`apply_now`)
+        self.value: float = 0.0
+        #: the part of :attr:`value` a flush has applied to the child
+        self.applied: float = 0.0
+
+    def add(self, amount: float) -> None:
+        """``child.inc(amount)``, deferred (from the writer loop's thread).
+
+        The hot paths inline it as ``total.value += n if n >= 0 else
+        total.apply_now(n)``, with :meth:`apply_now` for a ``TypeError`` too.
+        """
+        try:
+            self.value += amount if amount >= 0 else self.apply_now(amount)
+        except TypeError:
+            self.apply_now(amount)
+
+    def apply_now(self, amount: Any) -> float:
+        """``child.inc(amount)`` at once, its failure logged; returns 0 (to add to the total).
+
+        For a caller that is not the writer, and for an amount that is negative
+        or not a number: summed with the others it would spoil them, alone its
+        failure costs only itself.
+        """
+        _apply(self.child.inc, amount)
+        return 0.0
+
+
+class HistogramBuckets:
+    """One histogram child's observations: running counts per bucket and their sum.
+
+    Made once per child (:meth:`Tally.histogram`) with the child's own upper
+    bounds. An observation is placed as ``Histogram.observe`` places it (the
+    first bucket whose bound is at or above it; a NaN joins the sum and no
+    bucket), found with ``bisect`` instead of a scan. Written and read as
+    :class:`CounterTotal` is: a flush applies what the counts and the sum
+    gained since it last looked (one ``inc`` to the sum and one per bucket
+    touched).
+    """
+
+    __slots__ = ("applied_counts", "applied_sum", "bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any) -> None:
+        bounds = child._upper_bounds
+        if len(bounds) != len(child._buckets) or not hasattr(child, "_sum"):
+            raise TypeError(f"{child!r} is not a prometheus_client histogram child")
+        #: the prometheus_client histogram child the observations are applied to
+        self.child = child
+        #: the child's upper bounds, the last one +Inf
+        self.bounds: list[float] = list(bounds)
+        #: observations so far, per bucket (not cumulative)
+        self.counts: list[int] = [0] * len(bounds)
+        #: the sum of the observations so far
+        self.sum: float = 0.0
+        #: what a flush has applied of :attr:`counts` and :attr:`sum`
+        self.applied_counts: list[int] = [0] * len(bounds)
+        self.applied_sum: float = 0.0
+
+    def add(self, value: float) -> None:
+        """``child.observe(value)``, deferred (from the writer loop's thread)."""
+        try:
+            i = bisect_left(self.bounds, value)
+            total = self.sum + value
+        except TypeError:
+            self.apply_now(value)
+            return
+        if value == value:  # NaN: in no bucket (and bisect cannot place it)
+            self.counts[i] += 1
+        self.sum = total
+
+    def apply_now(self, value: Any) -> None:
+        """``child.observe(value)`` at once, its failure logged (as
+        :meth:`CounterTotal.apply_now`)."""
+        _apply(self.child.observe, value)
+
+    def take(self) -> tuple[list[int], float] | None:
+        """What the counts and the sum gained since the last take (a flush's, serialised)."""
+        counts = list(self.counts)  # one C call: a consistent copy, whatever the writer does
+        total = self.sum
+        applied = self.applied_counts
+        gained = list(map(operator.sub, counts, applied))
+        before_sum = self.applied_sum
+        if total == before_sum or (total != total and before_sum != before_sum):
+            gained_sum = 0.0  # nothing new (an infinite sum stays what it is; NaN too)
+        else:
+            gained_sum = total - before_sum  # inf - finite: inf; inf - inf (a -inf came): NaN
+        if gained_sum == 0.0 and not any(gained):
+            return None
+        self.applied_counts = counts
+        self.applied_sum = total
+        return gained, gained_sum
+
+
 class Tally:
     """Per-request metric updates, applied to prometheus_client in batches.
 
     Each ``inc()`` or ``observe()`` of prometheus_client validates the metric
-    and takes a lock; the guard makes four or more per request, and on a
+    and takes a lock; the guard makes four to twenty per request, and on a
     served process (cold caches between requests) they cost more than the
-    JSON parse. The hot path therefore only appends ``(update, value)`` here,
-    and the updates are applied, all of them (a counter's increments summed
-    into one ``inc()``, other updates one by one, in order):
+    JSON parse. The hot path therefore only adds to plain numbers kept here,
+    one :class:`CounterTotal` per counter child and one
+    :class:`HistogramBuckets` per histogram child (made when the child is first
+    counted), and what they gained is applied, one ``inc()`` per counter and
+    per histogram bucket touched:
 
     * whenever this process's registry is collected (every scrape of
       ``/metrics``, and ``get_sample_value`` in tests): the tally is registered
       in the registry before the guard's metrics, so it runs first;
-    * when :data:`FLUSH_AT` updates are pending;
+    * when :data:`FLUSH_AT` updates (or batches of them, one per request) are
+      pending;
     * at most :data:`FLUSH_AFTER_S` after the first pending one (a timer on
       the running event loop), so that with ``PROMETHEUS_MULTIPROC_DIR`` the
       other workers' samples are never more than a second behind;
     * at interpreter exit.
 
-    Outside an event loop (scripts, synchronous tests) updates apply at once.
-    Safe against a scrape from another thread: a flush takes a prefix of the
-    pending list under a lock and removes exactly that prefix, so an update
-    appended meanwhile is kept for the next flush, never lost or applied twice.
+    The totals have one writer: the event loop in :attr:`writer`, whose thread
+    adds to them without a lock (see :class:`CounterTotal`); a flush, from any
+    thread, only reads them. The hot path's protocol is therefore::
+
+        if running_loop() is tally.writer or tally.enter():
+            ...add to the totals...
+            tally.batches += 1
+            if tally.batches >= FLUSH_AT:
+                tally.flush()
+        else:
+            ...apply at once (apply_now)...
+
+    :meth:`enter` makes the calling thread's loop the writer when no other
+    loop can still be writing (none is, it is closed, or it is this thread's
+    own, stopped), and arms the timer. Outside an event loop (scripts,
+    synchronous tests), or from a second loop running in another thread,
+    updates apply at once. Flushes are serialised by a lock: a scrape racing
+    another flush waits for it, so it still sees all that was counted before it.
+
+    :meth:`add` and :meth:`add_all` defer an update of any kind (a bound
+    ``inc`` or ``observe``, or any callable taking one number) to a pending
+    list instead, for the rarer paths: a counter's increments are summed into
+    one ``inc()`` at the flush, histogram observations bucketed, other updates
+    applied one by one, in order. A flush takes a prefix of that list and
+    removes exactly that prefix, so an update appended meanwhile is kept for
+    the next flush.
 
     :meth:`attach` adds a list of values that its owner appends to directly
     (one C call on the hot path, no Python frame); each flush hands what was
@@ -119,14 +260,72 @@ class Tally:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Callable[[float], Any], float]] = []
+        #: the loop whose thread adds to the totals (see above); :data:`NO_WRITER`: none
+        #: yet, or idle (never None: outside a loop, the running loop is None)
+        self.writer: object = NO_WRITER
+        self._writer_thread = 0
+        # held while the writer changes
         self._lock = threading.Lock()
+        # held by a flush from its first read to the end of its applying
+        self._flushing = threading.Lock()
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._attached: list[tuple[list[Any], Callable[[list[Any]], Any]]] = []
+        self._totals: dict[Any, CounterTotal] = {}
+        self._histograms: dict[Any, HistogramBuckets] = {}
+        #: batches added to the totals since the last flush (by the writer; it only times flushes)
+        self.batches = 0
         atexit.register(_flush_ref, weakref.ref(self))
+
+    def total(self, child: Any) -> CounterTotal:
+        """The total a counter child's increments are added to (made on first call)."""
+        total = self._totals.get(child)
+        if total is None:  # setdefault: one total per child, whichever thread asks first
+            total = self._totals.setdefault(child, CounterTotal(child))
+        return total
+
+    def histogram(self, child: Any) -> HistogramBuckets:
+        """The buckets a histogram child's observations are added to (made on first call)."""
+        buckets = self._histograms.get(child)
+        if buckets is None:
+            buckets = self._histograms.setdefault(child, HistogramBuckets(child))
+        return buckets
+
+    def enter(self) -> bool:
+        """Whether the calling thread may add to the totals now (making its loop the writer).
+
+        Call it only when the running loop is not :attr:`writer`. False outside
+        an event loop, and while another loop that may still write (running,
+        or stopped in another thread) is the writer: apply at once then.
+        """
+        loop = _running_loop()
+        if loop is None:
+            return False
+        me = threading.get_ident()
+        with self._lock:
+            writer = self.writer
+            if isinstance(writer, asyncio.AbstractEventLoop) and writer is not loop:
+                free = writer.is_closed() or (self._writer_thread == me and not writer.is_running())
+                if not free:
+                    return False
+            self.writer = loop
+            self._writer_thread = me
+        loop.call_later(FLUSH_AFTER_S, self._on_writer_timer, loop)
+        return True
+
+    def _on_writer_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        # on the writer's thread: no addition can be under way
+        if self.writer is not loop:
+            return
+        if self.flush():
+            loop.call_later(FLUSH_AFTER_S, self._on_writer_timer, loop)
+        else:  # idle: the next addition enters again, and arms a new timer
+            with self._lock:
+                if self.writer is loop:
+                    self.writer = NO_WRITER
 
     def attach(self, values: list[Any], apply: Callable[[list[Any]], Any]) -> None:
         """Hand what is appended to ``values`` to ``apply`` at each flush (see above)."""
-        with self._lock:
+        with self._flushing:
             self._attached.append((values, apply))
 
     def add(self, update: Callable[[float], Any], value: float) -> None:
@@ -162,9 +361,11 @@ class Tally:
             self._timer_loop = None
         self.flush()
 
-    def flush(self) -> None:
-        """Apply every pending update now."""
-        with self._lock:
+    def flush(self) -> bool:
+        """Apply every pending update now; whether the totals had gained anything."""
+        with self._flushing:
+            self.batches = 0
+            sums, observed = self._take()
             for values, apply in self._attached:
                 n = len(values)
                 if n:
@@ -174,38 +375,33 @@ class Tally:
                         apply(batch)
                     except Exception:  # one bad value must not cost the others
                         log.exception("metric update %r(%d values) failed", apply, n)
+            for child, amount in sums:
+                _apply(child.inc, amount)
+            for child, counts, total in observed:
+                _add_buckets(child, counts, total)
             pending = self._pending
             n = len(pending)
-            if not n:
-                return
-            batch = pending[:n]
-            del pending[:n]
-            # a counter's increments add up: one inc() per counter instead of one per update;
-            # a histogram's observations are bucketed together: one inc() per bucket touched
-            sums: dict[Callable[[float], Any], float] = {}
-            observed: dict[Callable[[float], Any], list[float]] = {}
-            for update, value in batch:
-                kind = type(getattr(update, "__self__", None))
-                if kind is Counter:
-                    try:
-                        summable = value >= 0
-                    except TypeError:  # not a number: applied alone, so its failure is logged
-                        summable = False
-                    if summable:
-                        sums[update] = sums.get(update, 0.0) + value
-                        continue
-                elif kind is Histogram and isinstance(value, float):
-                    held = observed.get(update)
-                    if held is None:
-                        observed[update] = [value]
-                    else:
-                        held.append(value)
-                    continue
-                _apply(update, value)
-            for update, total in sums.items():
-                _apply(update, total)
-            for update, held_values in observed.items():
-                _observe_all(update, held_values)
+            if n:
+                batch = pending[:n]
+                del pending[:n]
+                _apply_updates(batch)
+        return bool(sums or observed)
+
+    def _take(self) -> tuple[list[tuple[Any, float]], list[tuple[Any, list[int], float]]]:
+        """What the totals gained since the last flush (under ``_flushing``)."""
+        sums: list[tuple[Any, float]] = []
+        observed: list[tuple[Any, list[int], float]] = []
+        # list(): a copy made in one C call, should another thread add a child meanwhile
+        for total in list(self._totals.values()):
+            now = total.value
+            if now != total.applied:
+                sums.append((total.child, now - total.applied))
+                total.applied = now
+        for buckets in list(self._histograms.values()):
+            gained = buckets.take()
+            if gained is not None:
+                observed.append((buckets.child, *gained))
+        return sums, observed
 
     # the Collector protocol: collecting the registry applies what is pending first
     def collect(self) -> list[Any]:
@@ -214,6 +410,48 @@ class Tally:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _apply_updates(batch: list[tuple[Callable[[float], Any], float]]) -> None:
+    """Apply updates deferred with :meth:`Tally.add`: counters summed, histograms bucketed."""
+    # a counter's increments add up: one inc() per counter instead of one per update;
+    # a histogram's observations are bucketed together: one inc() per bucket touched
+    sums: dict[Callable[[float], Any], float] = {}
+    observed: dict[Callable[[float], Any], list[float]] = {}
+    for update, value in batch:
+        kind = type(getattr(update, "__self__", None))
+        if kind is Counter:
+            try:
+                summable = value >= 0
+            except TypeError:  # not a number: applied alone, so its failure is logged
+                summable = False
+            if summable:
+                sums[update] = sums.get(update, 0.0) + value
+                continue
+        elif kind is Histogram and isinstance(value, float):
+            held = observed.get(update)
+            if held is None:
+                observed[update] = [value]
+            else:
+                held.append(value)
+            continue
+        _apply(update, value)
+    for update, total in sums.items():
+        _apply(update, total)
+    for update, held_values in observed.items():
+        _observe_all(update, held_values)
+
+
+def _add_buckets(child: Any, counts: list[int], total: float) -> None:
+    """Apply a flush's :class:`HistogramBuckets` to its child: the sum, then each bucket."""
+    try:
+        child._sum.inc(total)
+        buckets = child._buckets
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+    except Exception:  # one bad child must not cost the others
+        log.exception("metric update %r(%d observations) failed", child, sum(counts))
 
 
 def _apply(update: Callable[[float], Any], value: float) -> None:
