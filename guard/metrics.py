@@ -548,6 +548,20 @@ def config_sha(config: GuardConfig) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:12]
 
 
+def _check_histogram_internals() -> None:
+    """Fail at start-up, not on a request, when prometheus_client's histograms lack what
+    :class:`HistogramBuckets` reads (their bounds, bucket counters and sum)."""
+    probe = Histogram("guard_selfcheck", "start-up check", registry=None)
+    try:
+        HistogramBuckets(probe)
+    except (AttributeError, TypeError) as exc:
+        raise RuntimeError(
+            "this prometheus_client's histograms lack the bounds, bucket counters and sum "
+            "(_upper_bounds, _buckets, _sum) the guard's metrics apply in bulk; "
+            "install a prometheus-client release the guard supports"
+        ) from exc
+
+
 class GuardMetrics:
     """Every metric the guard exports. Pass ``registry`` to control where they live."""
 
@@ -556,9 +570,20 @@ class GuardMetrics:
         registry: CollectorRegistry | None = None,
         *,
         overhead_buckets: Iterable[float] = (
-            1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1,
+            1e-5,
+            2.5e-5,
+            5e-5,
+            1e-4,
+            2.5e-4,
+            5e-4,
+            1e-3,
+            2.5e-3,
+            5e-3,
+            1e-2,
+            0.1,
         ),
     ) -> None:
+        _check_histogram_internals()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         #: per-request updates, batched (see Tally); registered first so a collect flushes it
@@ -649,7 +674,8 @@ class GuardMetrics:
         self.breaker = Counter(
             "guard_store_breaker_transitions",
             "Circuit-breaker state changes of the shared store (open, half_open, closed).",
-            ("backend", "state"), registry=r,
+            ("backend", "state"),
+            registry=r,
         )
         self.audit_dropped = Counter(
             "guard_audit_dropped",

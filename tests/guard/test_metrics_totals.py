@@ -562,3 +562,18 @@ def test_a_new_loop_takes_over_from_a_closed_one() -> None:
     assert asyncio.run(count()) == 0.0  # not applied at once: this loop is the writer now
     m.tally.flush()
     assert raw(child) == 2.0
+
+
+def test_start_up_refuses_histograms_it_cannot_apply_in_bulk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inference_guard.guard.metrics as metrics_module
+
+    class NoSum(metrics_module.Histogram):
+        def _metric_init(self) -> None:
+            super()._metric_init()
+            del self._sum
+
+    monkeypatch.setattr(metrics_module, "Histogram", NoSum)
+    with pytest.raises(RuntimeError, match="prometheus-client release"):
+        metrics_module.GuardMetrics()
