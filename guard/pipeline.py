@@ -967,6 +967,24 @@ def _combined(headers: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]
     several, and costs the server and the client one header each, not one per
     detector. Any other field a detector asks for is kept as it came.
     """
+    # the usual case, rate detectors' pairs alone (as they spell them): two joins
+    if headers[0][0] == "RateLimit-Policy":
+        policies: list[str] = []
+        currents: list[str] = []
+        for name, value in headers:
+            if name == "RateLimit-Policy":
+                policies.append(value)
+            elif name == "RateLimit":
+                currents.append(value)
+            else:
+                break
+        else:
+            if currents:
+                return (
+                    ("RateLimit-Policy", ", ".join(policies)),
+                    ("RateLimit", ", ".join(currents)),
+                )
+            return (("RateLimit-Policy", ", ".join(policies)),)
     out: list[tuple[str, str]] = []
     at: dict[str, int] = {}
     for name, value in headers:

@@ -273,26 +273,40 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             return (state,)
         states: list[RateState] = []
         writes: list[tuple[str, float, _Value]] = []
+        stored: list[_Value | None] = []
+        admitted = True
         for key, limit in checks:
-            state, write = self._step(key, limit, now, cost)
+            item = self._live(key, now)
+            value = None if item is None else item[1]
+            state, write = self._compute(value, limit, now, cost)
             states.append(state)
-            if write is not None:
+            stored.append(value)
+            if not state.allowed:
+                admitted = False
+            elif write is not None:
                 writes.append((key, *write))
-        if all(state.allowed for state in states):
+        if admitted:
             for key, expires, value in writes:
                 self._put(key, expires, value)
             return tuple(states)
         # refused: the limits that would have admitted it report their state untouched
+        # (computed again at no cost from what was read: nothing was written meanwhile)
         return tuple(
-            state if not state.allowed else self._step(key, limit, now, 0)[0]
-            for state, (key, limit) in zip(states, checks, strict=True)
+            state if not state.allowed else self._compute(value, limit, now, 0)[0]
+            for state, value, (_, limit) in zip(states, stored, checks, strict=True)
         )
 
     def _step(
         self, key: str, limit: RateLimit, now: float, cost: int
     ) -> tuple[RateState, tuple[float, _Value] | None]:
         item = self._live(key, now)
-        stored = None if item is None else item[1]
+        return self._compute(None if item is None else item[1], limit, now, cost)
+
+    @staticmethod
+    def _compute(
+        stored: _Value | None, limit: RateLimit, now: float, cost: int
+    ) -> tuple[RateState, tuple[float, _Value] | None]:
+        """One limit's answer from its stored state, and what to store if admitted."""
         if type(limit) is GcraLimit or isinstance(limit, GcraLimit):
             tat = stored.at if type(stored) is _Tat else None
             state, new_tat = gcra_step(tat, now, limit, cost)
