@@ -808,6 +808,8 @@ class Guard:
         share the per-row work; its state ends as if the answers had been
         observed one by one, and so do quarantines, audit lines and counts.
         """
+        if len(items) == 1:  # the usual drain before a verdict: the client's one answer
+            return await self._observe_run(items[0].policy, items)
         out: list[Decision | None] = []
         start = 0
         while start < len(items):  # runs of one policy (a reload may split a batch)
