@@ -143,7 +143,7 @@ class AnomalyRateTracker:
             self._keys(client, bucket) + self._keys(client, bucket - 1),
         )
 
-    def _finish(self, plan: _Plan, values: Sequence[bytes | None]) -> tuple[int, int]:
+    def _finish(self, plan: _Plan, values: Sequence[bytes | int | None]) -> tuple[int, int]:
         """The rate from what :meth:`_plan` asked for (``values``, in its keys' order)."""
         _, client, bucket, weight_prev, prev, keys = plan
         cur_total, cur_bad = _as_count(values[0]), _as_count(values[1])
@@ -167,9 +167,11 @@ class AnomalyRateTracker:
 _Plan = tuple["AnomalyRateTracker", str, int, float, "tuple[int, int] | None", "tuple[str, ...]"]
 
 
-def _as_count(raw: bytes | None) -> int:
+def _as_count(raw: bytes | int | None) -> int:
     if raw is None:
         return 0
+    if type(raw) is int:
+        return max(raw, 0)
     try:
         return max(int(raw), 0)
     except ValueError:
@@ -201,7 +203,11 @@ async def read_rates(trackers: Sequence[AnomalyRateTracker], client: str) -> lis
     return [plan[0]._finish(plan, await _get_many(plan[0].store, plan[5])) for plan in plans]
 
 
-async def _get_many(store: KeyValueStore, keys: Sequence[str]) -> Sequence[bytes | None]:
+async def _get_many(store: KeyValueStore, keys: Sequence[str]) -> Sequence[bytes | int | None]:
+    counts = getattr(store, "get_counts", None)
+    if counts is not None:  # a store of this process's own: its integers as they are
+        found: Sequence[int | bytes | None] = counts(keys)
+        return found
     get_many = getattr(store, "get_many", None)
     if get_many is not None:
         values: Sequence[bytes | None] = await get_many(keys)

@@ -135,3 +135,18 @@ async def test_the_anomaly_share_reads_every_tracker_at_once(backend: Backend) -
     # knn: 2 + 8 x 0.75 = 8 of 10 + 20 x 0.75 = 25 rows
     assert result.anomalous and result.score == pytest.approx(-8 / 25)
     assert [await t.rate("client") for t in trackers] == [(0, 25), (round(1 + 3.0), 25), (8, 25)]
+
+
+async def test_memory_counts_come_back_as_they_are_kept() -> None:
+    from inference_guard.detectors.store import GcraLimit
+    from inference_guard.guard.errors import StateError
+    from inference_guard.guard.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.incr("n", 5, ttl=60)
+    await store.set("b", b"7", ttl=60)
+    assert store.get_counts(["n", "absent", "b"]) == [5, None, b"7"]
+    assert await store.get_many(["n", "absent", "b"]) == [b"5", None, b"7"]
+    await store.acquire([("r", GcraLimit(rate=1, period=1.0, burst=2))], cost=1)
+    with pytest.raises(StateError):
+        store.get_counts(["r"])
