@@ -287,12 +287,13 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
         if len(checks) == 1:
             # one limit: admitted or refused, its own state is the whole answer
             key, limit = checks[0]
-            state, write = self._step(key, limit, now, cost)
+            item = self._live(key, now)
+            state, write = self._compute(None if item is None else item[1], limit, now, cost)
             if state.allowed and write is not None:
-                self._put(key, *write)
+                self._write(key, write, item is not None)
             return (state,)
         states: list[RateState] = []
-        writes: list[tuple[str, float, _Value]] = []
+        writes: list[tuple[str, tuple[float, _Value], bool]] = []
         stored: list[_Value | None] = []
         admitted = True
         for key, limit in checks:
@@ -304,10 +305,10 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             if not state.allowed:
                 admitted = False
             elif write is not None:
-                writes.append((key, *write))
+                writes.append((key, write, item is not None))
         if admitted:
-            for key, expires, value in writes:
-                self._put(key, expires, value)
+            for key, write, existed in writes:
+                self._write(key, write, existed)
             return tuple(states)
         # refused: the limits that would have admitted it report their state untouched
         # (computed again at no cost from what was read: nothing was written meanwhile)
@@ -316,11 +317,14 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             for state, value, (_, limit) in zip(states, stored, checks, strict=True)
         )
 
-    def _step(
-        self, key: str, limit: RateLimit, now: float, cost: int
-    ) -> tuple[RateState, tuple[float, _Value] | None]:
-        item = self._live(key, now)
-        return self._compute(None if item is None else item[1], limit, now, cost)
+    def _write(self, key: str, item: tuple[float, _Value], existed: bool) -> None:
+        """Store a rate key's new state; one :meth:`_live` just read (and, if it
+        ``existed``, moved it last in the table), so an update in place is all it takes."""
+        data = self._data
+        if existed and key in data:
+            data[key] = item
+        else:
+            self._put(key, *item)
 
     @staticmethod
     def _compute(
