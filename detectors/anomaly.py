@@ -51,6 +51,8 @@ UNSCORABLE = -1e9
 
 #: single rows whose scores a row detector keeps (by the row's exact bytes)
 _SCORED_ROWS = 512
+#: bytes of row keys a row detector's score cache may hold before it starts afresh
+_SCORED_BYTES = 8 << 20
 
 
 def row_magnitude(query: Query, rows: NDArray[np.float64]) -> float:
@@ -143,9 +145,10 @@ class RowAnomalyDetector(Detector):
         self.n_features = int(model.n_features_in_)
         # the results of the last single rows scored, by their exact bytes (the model is
         # fixed, so a repeated row scores the same): health probes, retries and popular
-        # inputs are scored once. Emptied when full (512 rows): at most 512 x 8 x n_features
-        # bytes of keys, e.g. 256 KB at 64 features, 12 MB at 3 072
+        # inputs are scored once. Emptied when full (512 rows, or 8 MiB of keys: 256 KB at
+        # 64 features, a few rows of a very wide model)
         self._scored: dict[bytes, DetectorResult] = {}
+        self._scored_bytes = 0
 
     async def inspect(self, query: Query) -> DetectorResult:
         rows = query.rows
@@ -183,11 +186,13 @@ class RowAnomalyDetector(Detector):
                     if worst < threshold
                     else DetectorResult(self.name, worst, threshold, False, "", 0)
                 )
-                if len(scored) >= _SCORED_ROWS:
+                if len(scored) >= _SCORED_ROWS or self._scored_bytes > _SCORED_BYTES:
                     # start afresh: O(1), where dropping the oldest of a dict one at a
                     # time makes finding the oldest slower and slower
                     scored.clear()
+                    self._scored_bytes = 0
                 scored[key] = result
+                self._scored_bytes += len(key)
             if result is not None:
                 # (results are immutable: a repeated row's is handed out again)
                 if self.tracker is not None:

@@ -133,7 +133,12 @@ def query_digests(
     if found is not None and found[0] is rows:
         digests: NDArray[np.int64] = found[1]
         return digests
-    if rows.ndim == 2 and rows.shape[0] == 1 and rows.dtype == np.float64:
+    if (
+        rows.ndim == 2
+        and rows.shape[0] == 1
+        and rows.dtype == np.float64
+        and rows.shape[1] * 8 <= _ONE_ROW_MAX_BYTES
+    ):
         digests = _one_row_digest(table, row_bytes(query, rows), rows)
     else:
         digests = row_digests(rows, keys)
@@ -159,9 +164,11 @@ def row_bytes(query: Query, rows: NDArray[np.float64]) -> bytes:
 _ONE_ROW: OrderedDict[tuple[int, bytes], tuple[NDArray[np.uint64], NDArray[np.int64]]] = (
     OrderedDict()
 )
-#: entries of :data:`_ONE_ROW`: at most 1 024 x 8 x n_features bytes of keys
-#: (512 KB at 64 features)
+#: entries of :data:`_ONE_ROW`
 _ONE_ROW_MAX = 1024
+#: the widest row remembered, in bytes (1 024 float64 features): at most 8 MiB of keys
+#: whatever rows clients send (wider rows are digested every time)
+_ONE_ROW_MAX_BYTES = 8192
 
 
 def _one_row_digest(

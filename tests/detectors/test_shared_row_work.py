@@ -135,6 +135,13 @@ def test_single_rows_are_digested_once_across_requests(monkeypatch: pytest.Monke
     n = len(calls)
     query_digests(Query("a", "p", row, n_rows=1), row)
     assert len(calls) == n + 1  # evicted, digested again
+    # a wide row is digested every time, never kept: the memo's bytes stay bounded
+    wide = np.ones((1, repeats._ONE_ROW_MAX_BYTES // 8 + 1))
+    before = dict(repeats._ONE_ROW)
+    for _ in range(2):
+        got = query_digests(Query("a", "p", wide, n_rows=1), wide)
+        assert got.tolist() == real(wide).tolist()
+    assert len(calls) == n + 3 and dict(repeats._ONE_ROW) == before
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
@@ -189,6 +196,25 @@ def test_a_repeated_row_gets_the_score_it_got_before() -> None:
 
     asyncio.run(run())
     assert isinstance(det._scored, dict)
+
+
+def test_the_score_cache_of_wide_rows_stays_within_its_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inference_guard.detectors.anomaly as anomaly
+
+    monkeypatch.setattr(anomaly, "_SCORED_BYTES", 4 * 8 * 64)  # room for four 64-wide rows
+    rng = np.random.default_rng(3)
+    det = RowAnomalyDetector("knn", KNNOutlier(n_neighbors=3).fit(rng.normal(size=(200, 64))))
+
+    async def run() -> None:
+        for _ in range(40):
+            x = rng.normal(size=(1, 64))
+            await det.inspect(Query("c", "p", x))
+            assert det._scored_bytes == 8 * 64 * len(det._scored)
+            assert det._scored_bytes <= 5 * 8 * 64
+
+    asyncio.run(run())
 
 
 def test_results_and_decisions_are_immutable() -> None:
