@@ -183,7 +183,10 @@ def _one_row_digest(
     key = (id(table), raw)
     found = _ONE_ROW.get(key)
     if found is not None and found[0] is table:
-        _ONE_ROW.move_to_end(key)
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress on the hot path
+            _ONE_ROW.move_to_end(key)
+        except KeyError:  # evicted meanwhile by a guard running in another thread
+            pass
         return found[1]
     digests = row_digests(rows, table)
     digests.flags.writeable = False

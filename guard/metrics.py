@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from inference_guard.guard._collectors import (
@@ -548,10 +549,22 @@ def config_sha(config: GuardConfig) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:12]
 
 
+_PROBE_LOCK = threading.Lock()
+
+
 def _check_histogram_internals() -> None:
     """Fail at start-up, not on a request, when prometheus_client's histograms lack what
     :class:`HistogramBuckets` reads (their bounds, bucket counters and sum)."""
-    probe = Histogram("guard_selfcheck", "start-up check", registry=None)
+    # the probe's values in memory, whatever the mode: in multiprocess mode a metric made
+    # the usual way writes its samples to PROMETHEUS_MULTIPROC_DIR, and every worker's
+    # scrape would export it
+    with _PROBE_LOCK:
+        saved = prometheus_values.ValueClass
+        prometheus_values.ValueClass = prometheus_values.MutexValue
+        try:
+            probe = Histogram("guard_selfcheck", "start-up check", registry=None)
+        finally:
+            prometheus_values.ValueClass = saved
     try:
         HistogramBuckets(probe)
     except (AttributeError, TypeError) as exc:

@@ -715,7 +715,11 @@ class Guard:
             results=tuple(results),
             fired=tuple(fired),
             retry_after=retry_after if intended is Action.THROTTLE and enforced else None,
-            headers=tuple(headers) if len(headers) <= 2 else _combined(headers),
+            headers=(
+                _combined(headers)
+                if len(headers) > 2 or (len(headers) == 2 and headers[0][0] == headers[1][0])
+                else tuple(headers)
+            ),
             quarantined=quarantined,
             shadow=shadow,
             exempt=exempt,

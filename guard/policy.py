@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from inference_guard.detectors.base import Detector, DetectorResult
@@ -100,8 +100,12 @@ class CompiledPolicy:
     #: the detectors whose flags are per row: a decision that only they flagged is
     #: counted, not audited (:attr:`Decision.row_flags_only`)
     row_detectors: frozenset[str] = frozenset()
-    #: the detectors that learn from answers, in config order
-    observers: tuple[Armed, ...] = ()
+    #: the detectors that learn from answers, in config order (derived from ``detectors``)
+    observers: tuple[Armed, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        observers = tuple(a for a in self.detectors if a.detector.observes_answers)
+        object.__setattr__(self, "observers", observers)
 
     @classmethod
     def build(
@@ -135,7 +139,6 @@ class CompiledPolicy:
                 shadow=config.shadow,
             ),
             row_detectors=frozenset(a.detector.name for a in detectors if a.detector.per_row),
-            observers=tuple(a for a in detectors if a.detector.observes_answers),
         )
 
     def matches(self, method: str, path: str) -> bool:

@@ -175,6 +175,14 @@ def test_several_rate_limits_answer_in_one_field_line_each(
     assert items[0].startswith('"per-key-0";r=19;') and items[3].startswith('"ceiling";r=49;')
 
 
+def test_two_detectors_rate_fields_alone_are_joined_too(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    guard = engine(registry, tmp_path, detectors=[fixed("flag"), {**fixed("flag"), "name": "f2"}])
+    verdict = passed(admit(guard, Body(v2_body(CALM))))
+    assert verdict.headers == ((b"ratelimit", b'"fake";r=1;t=1, "fake";r=1;t=1'),)
+
+
 def test_only_list_valued_fields_are_joined() -> None:
     from inference_guard.guard.pipeline import _combined
 

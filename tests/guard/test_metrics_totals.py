@@ -577,3 +577,12 @@ def test_start_up_refuses_histograms_it_cannot_apply_in_bulk(
     monkeypatch.setattr(metrics_module, "Histogram", NoSum)
     with pytest.raises(RuntimeError, match="prometheus-client release"):
         metrics_module.GuardMetrics()
+
+
+def test_the_start_up_check_leaves_no_series_behind(multiprocess: Path) -> None:
+    GuardMetrics(CollectorRegistry())
+    registry = CollectorRegistry()  # what any worker's scrape reads from the directory
+    MultiProcessCollector(registry, path=str(multiprocess))
+    names = {metric.name for metric in registry.collect()}
+    assert not any("selfcheck" in name for name in names)
+    assert values.ValueClass is not values.MutexValue  # the mode is left as it was
