@@ -216,21 +216,10 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """:meth:`get` of every key, in one call (what Redis does with one ``MGET``)."""
-        now = self._clock()
-        out: list[bytes | None] = []
-        for key in keys:
-            item = self._live(key, now)
-            if item is None:
-                out.append(None)
-                continue
-            value = item[1]
-            if isinstance(value, int):
-                out.append(str(value).encode())
-            elif isinstance(value, bytes):
-                out.append(value)
-            else:
-                raise StateError(self.backend, "get", "the key holds rate-limit state")
-        return out
+        return [
+            str(value).encode() if isinstance(value, int) else value
+            for value in self.get_counts(keys)
+        ]
 
     def get_counts(self, keys: Sequence[str]) -> list[int | bytes | None]:
         """:meth:`get_many` without the coroutine, counters as the integers they are.

@@ -78,16 +78,22 @@ def test_zero_signs_and_keys() -> None:
     assert row_digests(a)[0] != row_digests(np.array([[0.0, 1.0, 0.0]]))[0]
 
 
-def test_a_query_s_digests_are_computed_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row counts :func:`row_digests` is called with from now on (its memo emptied)."""
+    seen: list[int] = []
     real = repeats.row_digests
 
     def counting(rows: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
-        calls.append(rows.shape[0])
+        seen.append(rows.shape[0])
         return real(rows, keys)
 
     monkeypatch.setattr(repeats, "row_digests", counting)
     repeats._ONE_ROW.clear()
+    return seen
+
+
+def test_a_query_s_digests_are_computed_once_per_key(calls: list[int]) -> None:
     rows = np.arange(12.0).reshape(3, 4)
     q = Query("c", "p", rows, n_rows=3)
     first = query_digests(q, rows)
@@ -101,16 +107,8 @@ def test_a_query_s_digests_are_computed_once_per_key(monkeypatch: pytest.MonkeyP
     assert q2.memo == {} and q2 == q
 
 
-def test_single_rows_are_digested_once_across_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = repeats.row_digests
-
-    def counting(rows: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
-        calls.append(rows.shape[0])
-        return real(rows, keys)
-
-    monkeypatch.setattr(repeats, "row_digests", counting)
-    repeats._ONE_ROW.clear()
+def test_single_rows_are_digested_once_across_requests(calls: list[int]) -> None:
+    real = row_digests  # the module's own, not the counting one
     keys = digest_keys(7)
     row = np.array([[0.0, 1.5, -2.0, 3.0]])
     first = query_digests(Query("a", "p", row, n_rows=1), row)
