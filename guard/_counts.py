@@ -184,16 +184,7 @@ class Counts:
             except TypeError:
                 rows.apply_now(n_rows)
             if seconds is not None:
-                # HistogramBuckets.add, inlined
-                try:
-                    i = bisect_left(overhead.bounds, seconds)
-                    total = overhead.sum + seconds
-                except TypeError:
-                    overhead.apply_now(seconds)
-                else:
-                    if seconds == seconds:
-                        overhead.counts[i] += 1
-                    overhead.sum = total
+                overhead.add(seconds)
             tally.batches += 1
             if tally.batches >= _metrics.FLUSH_AT:
                 tally.flush()
@@ -268,16 +259,7 @@ class Counts:
             if _running_loop() is not tally.writer and not tally.enter():
                 buckets.apply_now(seconds)
                 return
-            # HistogramBuckets.add, inlined
-            try:
-                i = bisect_left(buckets.bounds, seconds)
-                total = buckets.sum + seconds
-            except TypeError:
-                buckets.apply_now(seconds)
-            else:
-                if seconds == seconds:
-                    buckets.counts[i] += 1
-                buckets.sum = total
+            buckets.add(seconds)
             tally.batches += 1
             if tally.batches >= _metrics.FLUSH_AT:
                 tally.flush()
