@@ -64,6 +64,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Run the block (a server's start: the child inherits it) on one CPU."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
 def serve(
     factory: str,
     *,

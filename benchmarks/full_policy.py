@@ -50,7 +50,6 @@ stacks recorded earlier (another revision's, served from its own checkout).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -59,14 +58,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks._harness import ROOT, machine, median, serve, today, write_section
+from benchmarks._harness import ROOT, machine, median, pinned, serve, today, write_section
 
 PATH = "/v2/models/digits/infer"
 VARIANTS: tuple[str, ...] = ("bare", "defaults", "full_demo")
@@ -152,7 +150,7 @@ def wrk_script(path: str, base_rows: list[list[float]] | None, one: str) -> str:
         "  end",
         f'  local h = {{["Content-Type"] = "application/json", '
         f'["x-api-key"] = "bench-key-" .. (n % {N_KEYS})}}',
-        "  local body = prefix .. table.concat(row, \",\") .. suffix",
+        '  local body = prefix .. table.concat(row, ",") .. suffix',
         f'  return wrk.format("POST", "{path}", h, body)',
         "end",
     ]
@@ -189,20 +187,6 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def pinned(cpu: int | None) -> Iterator[None]:
-    """Run the block (a server's start: the child inherits it) on one CPU."""
-    if cpu is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def _frame(raw: str) -> str:
     """``func (path/to/module.py:line)`` -> ``module.py:func`` (py-spy's raw frames)."""
     m = re.fullmatch(r"(.*) \((.*?):\d+\)", raw.strip())
@@ -230,8 +214,11 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("guard: parsing the request (`parse_request`)", ("adapters.py:parse_request",)),
     (
         "server: writing answers, reading requests (h11, transport)",
-        ("h11_impl.py:RequestResponseCycle.send", "h11_impl.py:RequestResponseCycle.receive",
-         "asyncio/selector_events.py:"),
+        (
+            "h11_impl.py:RequestResponseCycle.send",
+            "h11_impl.py:RequestResponseCycle.receive",
+            "asyncio/selector_events.py:",
+        ),
     ),
     ("model app (Starlette and the digits model's handler)", ("demo.py:", "starlette/")),
     ("guard: the rest (identity, quarantine, admission, ASGI)", ("middleware/asgi.py:",)),
@@ -316,9 +303,10 @@ def profile(label: str, seconds: int, pin: bool, workload: str = "many clients")
     raw = tmp / f"full-policy-{label}.txt"
     duration = 4 * seconds
     try:
-        with pinned(server_cpu), serve(
-            "benchmarks.apps:side_by_side", env={"BENCH_VARIANTS": "full_demo"}
-        ) as url:
+        with (
+            pinned(server_cpu),
+            serve("benchmarks.apps:side_by_side", env={"BENCH_VARIANTS": "full_demo"}) as url,
+        ):
             run_wrk(url, path, script, 2, wrk_cpu)  # warm-up
             port = url.rsplit(":", 1)[1]
             pid = _listening_pid(int(port))
@@ -330,9 +318,23 @@ def profile(label: str, seconds: int, pin: bool, workload: str = "many clients")
             )
             time.sleep(1)
             subprocess.run(
-                [spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "250",
-                 "--format", "raw", "--output", str(raw), "--nonblocking"],
-                check=True, capture_output=True,
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(duration),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ],
+                check=True,
+                capture_output=True,
             )
             out, _ = load.communicate()
     finally:
@@ -384,9 +386,7 @@ def _write_profile(label: str, text: str) -> None:
             name = part.split("\n", 1)[0].strip()
             sections[name] = "### " + part.strip()
     sections[label] = text.strip()
-    write_section(
-        "full-policy-profile", "\n\n".join([_PROFILE_HEAD, *sections.values()])
-    )
+    write_section("full-policy-profile", "\n\n".join([_PROFILE_HEAD, *sections.values()]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,9 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         raw = Path(args.from_raw)
         rps_file = raw.with_suffix(".rps")
         rps = float(rps_file.read_text()) if rps_file.exists() else None
-        header = (
-            f"- {today()}; py-spy raw stacks from `{raw.name}`: {{samples}} samples"
-            + (f"; {rps:.0f} requests/s" if rps else "")
+        header = f"- {today()}; py-spy raw stacks from `{raw.name}`: {{samples}} samples" + (
+            f"; {rps:.0f} requests/s" if rps else ""
         )
         text = profile_table(args.profile, raw.read_text(), header, rps)
         print(text)

@@ -1,6 +1,7 @@
 """The rate detector against slowapi, memory and Redis stores, side by side.
 
-Run: ``python benchmarks/rate.py [--quick]`` (needs Redis at 127.0.0.1:6379 and ``wrk``)
+Run: ``python benchmarks/rate.py [--quick] [--no-pin]`` (needs Redis at 127.0.0.1:6379
+and ``wrk``)
 
 Variants, all around the same digits model app (``benchmarks/apps.py``), one
 uvicorn worker each, every limit keyed by the client's IP (no API key is sent):
@@ -26,7 +27,9 @@ b. ``over``: 10 requests per hour; after a warm-up every request is refused
 Each scenario interleaves the variants in rounds (the order rotates each round):
 sequential round trips over one keep-alive connection (p50/p99), then ``wrk -t1
 -c16`` for a few seconds (throughput, p99, and the count of non-2xx answers,
-which must be 0 in (a) and every request in (b)). Before measuring, each
+which must be 0 in (a) and every request in (b)). As in ``full_policy.py``, on
+two cores or more every server is pinned to CPU 0 and wrk to CPU 1 (Redis is
+left to the scheduler; ``--no-pin`` leaves everything to it). Before measuring, each
 variant is checked with ``http.client`` to answer the expected status, and
 the Redis variants' commands per request are counted: ``redis-cli monitor``
 records what reaches database 14 while 200 sequential requests go to one
@@ -81,6 +84,7 @@ from benchmarks._harness import (
     machine,
     median,
     pct,
+    pinned,
     post_scope,
     serve,
     today,
@@ -191,7 +195,10 @@ def statuses(url: str, body: bytes, n: int) -> list[int]:
     return out
 
 
-def wrk(url: str, body: bytes, *, seconds: int, connections: int, script: Path) -> WrkRun:
+def wrk(
+    url: str, body: bytes, *, seconds: int, connections: int, script: Path, cpu: int | None
+) -> WrkRun:
+    """One wrk run against ``url`` (on CPU ``cpu`` when not ``None``)."""
     exe = shutil.which("wrk")
     if exe is None:
         raise RuntimeError("wrk is not installed")
@@ -203,6 +210,7 @@ def wrk(url: str, body: bytes, *, seconds: int, connections: int, script: Path) 
     )
     out = subprocess.run(
         [
+            *(["taskset", "-c", str(cpu)] if cpu is not None else []),
             exe,
             "-t1",
             f"-c{connections}",
@@ -283,17 +291,27 @@ class Measured(NamedTuple):
 
 
 def run_scenario(
-    scenario: Scenario, body: bytes, prefix: str, tmp: Path, rounds: int, n: int, wrk_s: int
+    scenario: Scenario,
+    body: bytes,
+    prefix: str,
+    tmp: Path,
+    rounds: int,
+    n: int,
+    wrk_s: int,
+    cpus: tuple[int | None, int | None],
 ) -> Measured:
+    """Every variant of ``scenario`` served at once and measured in rounds; ``cpus``:
+    the CPU of the servers and of wrk (``None``: left to the scheduler)."""
     lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
     thr: dict[str, list[WrkRun]] = {k: [] for k in VARIANTS}
     checked: dict[str, list[int]] = {}
     script = tmp / "post.lua"
     with ExitStack() as stack:
-        urls = {
-            name: stack.enter_context(serve(factory, env=env))
-            for name, factory, env in servers(scenario, prefix, tmp)
-        }
+        with pinned(cpus[0]):  # the servers inherit the CPU; Redis stays unpinned
+            urls = {
+                name: stack.enter_context(serve(factory, env=env))
+                for name, factory, env in servers(scenario, prefix, tmp)
+            }
         for name, url in urls.items():
             expect = 200 if name == "bare" else scenario.status
             statuses(url, body, 20)  # warm-up; in (b) this spends the 10 allowed
@@ -313,7 +331,14 @@ def run_scenario(
                 expect = 200 if name == "bare" else scenario.status
                 lat[name].extend(latencies(urls[name], body, n, expect=expect))
                 thr[name].append(
-                    wrk(urls[name], body, seconds=wrk_s, connections=16, script=script)
+                    wrk(
+                        urls[name],
+                        body,
+                        seconds=wrk_s,
+                        connections=16,
+                        script=script,
+                        cpu=cpus[1],
+                    )
                 )
         errors = {k: guard_errors(urls[k]) for k in guarded}
     return Measured(lat, thr, warm_errors, errors, checked, commands)
@@ -478,7 +503,10 @@ def sane(scenario: Scenario, m: Measured) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
     args = parser.parse_args(argv)
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    cpus: tuple[int | None, int | None] = (0, 1) if pin else (None, None)
     rounds, n_seq, wrk_s = (1, 100, 1) if args.quick else (4, 300, 3)
     body = request_body()
     started = time.time()
@@ -493,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
             for scenario in SCENARIOS:
                 prefix = f"bench-rate:{run_id}:{scenario.name}:"
                 results[scenario.name] = run_scenario(
-                    scenario, body, prefix, Path(tmpdir), rounds, n_seq, wrk_s
+                    scenario, body, prefix, Path(tmpdir), rounds, n_seq, wrk_s, cpus
                 )
                 inproc[scenario.name] = in_process(
                     scenario, body, prefix, 3 if args.quick else 7, 800 if args.quick else 1600
@@ -509,12 +537,20 @@ def main(argv: list[str] | None = None) -> None:
         db.flushdb()
         db.close()
 
-    cmd = f"python benchmarks/rate.py{' --quick' if args.quick else ''}"
+    cmd = (
+        f"python benchmarks/rate.py{' --quick' if args.quick else ''}"
+        f"{' --no-pin' if args.no_pin else ''}"
+    )
     lines = [
         "## Rate limiting: the guard's rate detector vs slowapi",
         "",
         f"- command: `{cmd}`",
-        f"- machine: {machine()}; Redis at 127.0.0.1:6379 (db 14) on the same machine",
+        f"- machine: {machine()}; Redis at 127.0.0.1:6379 (db 14) on the same machine; "
+        + (
+            "every server pinned to CPU 0, wrk to CPU 1, Redis left to the scheduler"
+            if pin
+            else "not pinned"
+        ),
         f"- date: {today()}; took {time.time() - started:.0f} s",
         "- request: one 64-feature row, OIP v2 JSON, `POST /v2/models/digits/infer`, "
         "no API key (every limit is keyed by the client IP)",
