@@ -107,7 +107,7 @@ def test_post_reload_applies_a_new_limit_and_sighup_reloads(tmp_path: Path) -> N
 
 
 def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
-    """400 requests, 8 in flight, while the config is reloaded again and again."""
+    """400 requests or more, 8 in flight, while the config is reloaded again and again."""
     n, in_flight = 400, 8
     with run_server(tmp_path, config=config(100_000)) as srv:
         path = config_file(tmp_path, srv)
@@ -116,10 +116,14 @@ def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
         completed = [0]
         lock = threading.Lock()
 
+        reloaded = threading.Event()
+
         def worker(count: int) -> list[int]:
+            # at least ``count`` requests, and on until the last reload was asked for: a
+            # reload that takes long on a loaded machine still meets requests in flight
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
-            out = []
-            for _ in range(count):
+            out: list[int] = []
+            while len(out) < count or not reloaded.is_set():
                 conn.request("POST", V2, body=body, headers={"content-type": "application/json"})
                 resp = conn.getresponse()
                 resp.read()
@@ -133,6 +137,12 @@ def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
         during: list[int] = []  # requests completed when each reload was asked for
 
         def reloader() -> None:
+            try:
+                reload_six_times()
+            finally:
+                reloaded.set()  # whatever happened, the workers stop
+
+        def reload_six_times() -> None:
             for i in range(1, 7):
                 while completed[0] < i * n // 10:  # the last at 60 %: room to spare
                     time.sleep(0.001)
@@ -152,9 +162,10 @@ def test_reloads_under_load_lose_no_request(tmp_path: Path) -> None:
             results = list(pool.map(worker, [n // in_flight] * in_flight))
             hup.result()
         statuses = Counter(s for r in results for s in r)
-        assert statuses == Counter({200: n}), statuses
+        sent = sum(len(r) for r in results)
+        assert sent >= n and statuses == Counter({200: sent}), statuses
         assert reload_answers == [200, 200, 200]
-        assert all(c < n for c in during), during  # every reload asked for under load
+        assert all(c < sent for c in during), during  # every reload asked for under load
         deadline = time.monotonic() + 10
         while reloads(srv, "ok") < 6:  # the three SIGHUPs too
             assert time.monotonic() < deadline, srv.output()
