@@ -19,7 +19,7 @@ from typing import Any
 
 from inference_guard.detectors.base import DetectorResult
 from inference_guard.guard import metrics as _metrics
-from inference_guard.guard.decisions import Decision
+from inference_guard.guard.decisions import Action, Decision
 from inference_guard.guard.metrics import CounterTotal, GuardMetrics, HistogramBuckets
 
 __all__ = ["Counts"]
@@ -28,6 +28,10 @@ log = logging.getLogger("guard")
 
 #: the running event loop or None, without raising (asyncio's low-level accessor, in C)
 _running_loop = asyncio.events._get_running_loop
+
+
+def _uncounted_margin(n_rows: int, margin: float, seconds: float) -> None:
+    """:meth:`Counts.admitted_counter`'s count with metrics off."""
 
 
 def _uncounted(n_rows: int, seconds: float | None) -> None:
@@ -185,6 +189,54 @@ class Counts:
                 rows.apply_now(n_rows)
             if seconds is not None:
                 overhead.add(seconds)
+            tally.batches += 1
+            if tally.batches >= _metrics.FLUSH_AT:
+                tally.flush()
+
+        return count
+
+    def admitted_counter(
+        self, policy: str, detector: str, fmt: str
+    ) -> Callable[[int, float, float], None]:
+        """What :meth:`payload` and :meth:`decision` count for a request one detector
+        (``detector``) admitted, with nothing fired, bound for one ``(policy, fmt)``:
+        ``count(n_rows, margin, seconds)``.
+
+        The request and its rows (``allow``), its payload format, the detector's
+        score ``margin`` (its score less its threshold) and the guard's overhead
+        ``seconds``, in one call and one deferred batch: a fast lane's count of a
+        request the rate detector admitted at once. A margin that is not a number
+        is left out, as :meth:`decision` leaves it.
+        """
+        if not self.enabled:
+            return _uncounted_margin
+        tally = self._tally
+        bound: list[Any] = []  # requests, rows, payload (totals), score, overhead (buckets)
+
+        def count(n_rows: int, margin: float, seconds: float) -> None:
+            if not bound:
+                bound.extend(self._outcome(policy, Action.ALLOW))
+                bound.append(self._payload(policy, fmt))
+                bound.append(self._scores.get(detector) or self._score(detector))
+                bound.append(self._overhead(policy))
+            requests, rows, payload, score, overhead = bound
+            if _running_loop() is not tally.writer and not tally.enter():
+                requests.apply_now(1.0)
+                rows.apply_now(n_rows)
+                payload.apply_now(1.0)
+                if margin == margin:
+                    score.apply_now(margin)
+                overhead.apply_now(seconds)
+                return
+            requests.value += 1.0
+            payload.value += 1.0
+            try:
+                rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
+            except TypeError:
+                rows.apply_now(n_rows)
+            if margin == margin:
+                score.add(margin)
+            overhead.add(seconds)
             tally.batches += 1
             if tally.batches >= _metrics.FLUSH_AT:
                 tally.flush()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference_guard.detectors.base import Detector
-from inference_guard.guard.admission import Admission
+from inference_guard.guard.admission import Admission, RateGate
 from inference_guard.guard.config import DetectorSpec, GuardConfig
 from inference_guard.guard.engine import Pass, Request, Seen, Verdict
 from inference_guard.guard.factory import BuildContext
@@ -86,6 +86,14 @@ class Loadout:
     ) -> tuple[Pass, Callable[[int, float | None], None]]:
         """:meth:`admit_fixed` for one ``(policy, fmt)``, bound once: the verdict and its count."""
         return self.admission.fixed_verdict(policy, fmt)
+
+    def rate_gated(self, policy: CompiledPolicy) -> bool:
+        """Whether :meth:`rate_gate` gives ``policy`` a gate."""
+        return self.admission.rate_gated(policy)
+
+    def rate_gate(self, policy: CompiledPolicy, fmt: str) -> RateGate | None:
+        """:meth:`Admission.rate_gate <guard.admission.Admission.rate_gate>` of this loadout."""
+        return self.admission.rate_gate(policy, fmt)
 
     def after(self, verdict: Pass, seen: Seen) -> Coroutine[Any, Any, None]:
         """:meth:`Guard.after <guard.pipeline.Guard.after>` on this loadout."""

@@ -50,7 +50,12 @@ from inference_guard.guard.policy import CompiledPolicy
 from inference_guard.middleware._body import BodyReader
 from inference_guard.middleware._request_ids import draw_request_id, request_ids, with_request_id
 from inference_guard.middleware.answer_capture import AnswerCapture, identity_encoding
-from inference_guard.middleware.fast_lane import CarryOut, FastLane, lean_policies
+from inference_guard.middleware.fast_lane import (
+    CarryOut,
+    FastLane,
+    lean_policies,
+    rate_policies,
+)
 from inference_guard.middleware.metadata_source import metadata_source
 from inference_guard.middleware.metrics_endpoint import may_scrape, networks, serve_metrics
 from inference_guard.middleware.refusals import send_refusal
@@ -72,6 +77,8 @@ class _Front(NamedTuple):
     fast_lane: FastLane
     #: the policies whose plain requests take the fast lane (read when routing)
     lean_policies: frozenset[str]
+    #: the policies whose plain requests a rate limit may admit in the fast lane
+    rate_policies: frozenset[str]
 
 
 class _Route(NamedTuple):
@@ -161,7 +168,13 @@ class GuardMiddleware:
     def _new_front(self) -> _Front:
         guard = self.guard
         loadout = guard.loadout
-        return _Front(loadout, {}, FastLane(guard, loadout), lean_policies(guard, loadout))
+        return _Front(
+            loadout,
+            {},
+            FastLane(guard, loadout),
+            lean_policies(guard, loadout),
+            rate_policies(guard, loadout),
+        )
 
     def _reloaded(self) -> _Front:
         """The front of the engine's new loadout, after a reload."""
@@ -214,9 +227,17 @@ class GuardMiddleware:
         route = _Route(policy, counts.overhead_observer(policy.name), statuses, settle)
         carry_out = partial(self._carry_out, front.loadout, route)
         lane = front.fast_lane
-        fmt = lane.format_of(path) if policy.name in front.lean_policies else None
-        if fmt is not None:
-            return lane.bind(policy, fmt, self.app, carry_out, statuses, self._request_id)
+        if policy.name in front.lean_policies:
+            fmt = lane.format_of(path)
+            if fmt is not None:
+                return lane.bind(policy, fmt, self.app, carry_out, statuses, self._request_id)
+        elif policy.name in front.rate_policies:
+            fmt = lane.format_of(path)
+            gate = front.loadout.rate_gate(policy, fmt) if fmt is not None else None
+            if fmt is not None and gate is not None:
+                return lane.bind_rate(
+                    policy, fmt, gate, self.app, carry_out, statuses, self._request_id
+                )
         return partial(self._guarded, carry_out)
 
     async def _unguarded(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -24,11 +24,22 @@ counts it:
 The lane only ever accepts, and only what ``admit`` accepts; differential
 tests hold it to that (``tests/middleware/test_lean_lane.py``).
 
+The rate lane (:meth:`FastLane.bind_rate`). On a policy whose one detector is
+a rate limit that may answer at once (:func:`rate_policies`, :meth:`Loadout.rate_gate
+<guard.loadout.Loadout.rate_gate>`), a plain request from an identified client
+that is not exempt has its rows counted by the plain reader and goes to the
+gate: admitted at once (the memory store, or this process's lease on Redis), it
+is counted there as ``admit`` counts it and passed on by the lane with its rate
+fields; anything else (a refusal, a lease miss, an exempt client, a request
+that is not plain, a failure) goes to ``carry_out`` with no verdict, having
+consumed and counted nothing. Differential tests: ``tests/middleware/test_rate_lane.py``.
+
 A plain request has headers (joined by the engine's own rule,
 :meth:`ClientIdentifier.read_headers <guard.identity.ClientIdentifier.read_headers>`),
-none of which carries an identity (nothing in such a policy is per client, so
-the lane identifies no one; a request with a credential or a forwarding header
-goes to ``admit``, and a bad credential is refused as ever), a peer a server
+none of which carries an identity in the lean lane (nothing in such a policy is
+per client, so the lane identifies no one; a request with a credential or a
+forwarding header goes to ``admit``, and a bad credential is refused as ever;
+the rate lane identifies the client as ``admit`` does), a peer a server
 could report, ``content-type`` ``application/json`` or none, no binary-tensor
 header, a body the shared :class:`~middleware._body.BodyReader` reads whole
 (declared length, cap, deadline), and a body its format's plain reader accepts.
@@ -42,8 +53,10 @@ from functools import partial
 from time import perf_counter
 from typing import Any
 
+from inference_guard.guard.admission import RateGate
 from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.engine import Pass
+from inference_guard.guard.identity import forwarded_applied, peer_host
 from inference_guard.guard.loadout import Loadout
 from inference_guard.guard.payload._plain import READERS
 from inference_guard.guard.payload.adapters import detect_format
@@ -53,7 +66,7 @@ from inference_guard.middleware._body import BodyReader
 from inference_guard.middleware._request_ids import draw_request_id, with_request_id
 from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["CarryOut", "FastLane", "lean_policies"]
+__all__ = ["CarryOut", "FastLane", "lean_policies", "rate_policies"]
 
 #: the front end's way with a request the lane does not serve whole:
 #: ``carry_out(scope, reader, send, request_id, started, verdict)`` asks the
@@ -90,6 +103,18 @@ def lean_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str
         and not p.config.signature.enabled
         and not (p.observes or p.passthrough)
     )
+
+
+def rate_policies(guard: Guard, loadout: Loadout | None = None) -> frozenset[str]:
+    """The policies whose plain requests a rate limit may admit in the fast lane.
+
+    Those :meth:`Loadout.rate_gate <guard.loadout.Loadout.rate_gate>` gives a
+    gate: one ``rate`` detector that may answer at once, answers untouched and
+    unwatched, nothing else read of a request but its row count, no quarantine,
+    no capture. Of ``loadout``'s policies, the guard's running ones by default.
+    """
+    loadout = loadout if loadout is not None else guard.loadout
+    return frozenset(p.name for p in loadout.policies if loadout.rate_gated(p))
 
 
 class FastLane:
@@ -205,6 +230,99 @@ class FastLane:
             await app(scope, reader.for_app(), with_request_id(send, request_id, statuses))
         else:
             await carry_out(scope, reader, send, request_id, started, verdict)
+
+    def bind_rate(
+        self,
+        policy: CompiledPolicy,
+        fmt: str,
+        gate: RateGate,
+        app: ASGIApp,
+        carry_out: CarryOut,
+        statuses: list[int] | None,
+        next_id: Callable[[], str],
+    ) -> ASGIApp:
+        """The handler of a rate-gated policy's route whose path names ``fmt``
+        (:func:`rate_policies`); ``gate`` is the loadout's
+        :meth:`rate_gate <guard.loadout.Loadout.rate_gate>` for it, the rest as in
+        :meth:`bind`."""
+        return partial(
+            self._serve_rate,
+            policy,
+            fmt,
+            READERS[fmt],
+            gate,
+            app,
+            carry_out,
+            statuses,
+            next_id,
+        )
+
+    async def _serve_rate(
+        self,
+        policy: CompiledPolicy,
+        fmt: str,
+        read_rows: Callable[[bytes, LimitsConfig], int | None],
+        gate: RateGate,
+        app: ASGIApp,
+        carry_out: CarryOut,
+        statuses: list[int] | None,
+        next_id: Callable[[], str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        try:
+            request_id = next_id()
+        except ValueError:  # the generator is busy in another thread
+            request_id = draw_request_id(next_id)
+        started = perf_counter()
+        limits = self._limits
+        reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
+        try:
+            raw: Any = scope.get("headers")
+            if type(raw) is list and len(headers := dict(raw)) == len(raw):
+                pass  # nothing repeated, the usual case (read_headers' own shortcut)
+            else:
+                headers = self._guard.identifier.read_headers(raw if raw is not None else ())
+            peer = scope.get("client")
+            if not (
+                headers
+                and type(peer) in _PEERS
+                and headers.get(b"content-type", _JSON) == _JSON
+                and _BINARY_HEADER not in headers
+            ):
+                raise _NotPlain
+            # as admit identifies it (a bad credential raises: admit refuses it)
+            client = self._guard.identifier.identify(
+                headers, peer_host(peer), forwarded_applied=forwarded_applied(peer)
+            )
+            if client.exempt:
+                raise _NotPlain  # counted as exempt, and never enforced: admit's
+            declared = headers.get(b"content-length")
+            body = reader.read_now(declared)
+            if body is None:  # not there whole yet, or not a plain body: read() goes on
+                body = await reader.read(declared)
+        except Exception:  # not plain; a refusal, a failure, a disconnect: admit meets it again
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
+        try:
+            n_rows = read_rows(body, limits)
+        except Exception:  # a reader bug: counted, and admit decides
+            self._guard.counts.error("parse")
+            log.warning("plain %s reader failed on policy %s", fmt, policy.name, exc_info=True)
+            n_rows = None
+        if n_rows is None:
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
+        try:
+            added = gate(client, n_rows, started)
+        except Exception:  # nothing consumed nor counted: admit meets the failure again
+            log.warning("rate lane failed on policy %s", policy.name, exc_info=True)
+            added = None
+        if added is None:  # refused, or a check for the store: admit decides
+            await carry_out(scope, reader, send, request_id, started, None)
+            return
+        await app(scope, reader.for_app(), with_request_id(send, request_id, statuses, added))
 
 
 class _NotPlain(Exception):

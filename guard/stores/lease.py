@@ -163,6 +163,29 @@ class LeasedRateStore(RateLimitStore):
                 self._plans[limits] = plan
         return plan
 
+    answers_now = True
+
+    def acquire_now(
+        self, checks: Sequence[RateCheck], *, cost: int
+    ) -> tuple[RateState, ...] | None:
+        """The answer of this process's lease for the key when it covers ``cost``, else
+        ``None`` (nothing spent: :meth:`acquire` answers, from a local refusal or the store)."""
+        if len(checks) == 1:
+            ident: object = checks[0][0]
+            limits: tuple[RateLimit, ...] = (checks[0][1],)
+        else:
+            ident = tuple(key for key, _ in checks)
+            limits = tuple(limit for _, limit in checks)
+        entry = self._table.get(ident)
+        if entry is None or entry.refused or not 0 < cost <= entry.left:
+            return None
+        now = self._clock()
+        if now >= entry.expires or entry.limits != limits:
+            return None
+        entry.left -= cost
+        self.local += 1
+        return _spent(entry, now)
+
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Answer from this process's lease or refusal for the key, else from the store."""
         if len(checks) == 1:

@@ -71,6 +71,7 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
     """Per-process store. Not shared across workers: use Redis for that."""
 
     backend = "memory"
+    answers_now = True
 
     def __init__(
         self,
@@ -271,6 +272,22 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Check every limit, then consume ``cost`` from all of them only if all admit."""
+        return self._acquire(checks, cost)
+
+    def acquire_now(
+        self, checks: Sequence[RateCheck], *, cost: int
+    ) -> tuple[RateState, ...] | None:
+        """:meth:`acquire`, at once: its states when it admits, else ``None`` (nothing consumed)."""
+        if len(checks) == 1:
+            state = self._acquire(checks, cost)[0]
+            return (state,) if state.allowed else None
+        states = self._acquire(checks, cost)
+        for state in states:
+            if not state.allowed:
+                return None
+        return states
+
+    def _acquire(self, checks: Sequence[RateCheck], cost: int) -> tuple[RateState, ...]:
         check_acquire(checks, cost)
         now = self._clock()
         if len(checks) == 1:

@@ -26,9 +26,25 @@ class RateLimitStore(ABC):
     request consumes nothing.
     """
 
+    #: whether :meth:`acquire_now` may answer (a store whose every check is a round
+    #: trip never does, and a front end need not ask it)
+    answers_now: bool = False
+
     @abstractmethod
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """One :class:`RateState` per check, in order; consume ``cost`` only if all admit."""
+
+    def acquire_now(
+        self, checks: Sequence[RateCheck], *, cost: int
+    ) -> tuple[RateState, ...] | None:
+        """:meth:`acquire`'s answer when it can be given at once and admits, else ``None``.
+
+        An admitting answer has consumed ``cost`` exactly as :meth:`acquire` would;
+        ``None`` has consumed nothing (a refusal, or an answer that needs a round
+        trip): ask :meth:`acquire`. A hot path's shortcut, with no coroutine; this
+        default never answers.
+        """
+        return None
 
     async def acquire_lease(
         self, checks: Sequence[RateCheck], *, cost: int, lease: int

@@ -368,3 +368,84 @@ async def test_a_refusal_in_flight_does_not_drop_a_lease_granted_meanwhile(
     assert not second.allowed
     spent = [await leased.acquire([("k", SLOW)], cost=1) for _ in range(11)]
     assert [s.allowed for (s,) in spent] == [True] * 10 + [False]
+
+
+# ---------------------------------------------------------------- answers at once
+
+
+@shared
+async def test_only_a_lease_answers_at_once(backend: Backend, twin: RedisStore) -> None:
+    """acquire_now spends the lease as acquire does; a miss, a refusal or an expired
+    lease is None, having spent nothing."""
+    clock = FakeClock()
+    leased = _leased(_store(backend), clock)
+    assert leased.answers_now and not _store(backend).answers_now
+    assert _store(backend).acquire_now([("k", SLOW)], cost=1) is None  # Redis: a round trip
+    assert leased.acquire_now([("k", SLOW)], cost=1) is None  # no lease yet
+    assert leased.remote == leased.local == 0
+    (first,) = await leased.acquire([("k", SLOW)], cost=1)  # leases 10 more
+    assert first.remaining == 999
+    now = [leased.acquire_now([("k", SLOW)], cost=1) for _ in range(10)]
+    assert [s[0].remaining for s in now if s is not None] == list(range(998, 988, -1))
+    assert leased.local == 10 and leased.acquire_now([("k", SLOW)], cost=1) is None  # spent
+    assert leased.acquire_now([("k", SLOW)], cost=0) is None  # a cost of 0 is the store's
+    (shared_state,) = await twin.acquire([("k", SLOW)], cost=0)
+    assert shared_state.remaining == 1000 - 11  # all came from the leased units
+    await leased.acquire([("k", SLOW)], cost=1)
+    clock.advance(1.01)
+    assert leased.acquire_now([("k", SLOW)], cost=1) is None  # expired
+    other = GcraLimit(rate=1.0, period=HOUR, burst=2000)
+    assert leased.acquire_now([("k", other)], cost=1) is None  # other limits: another check
+    tiny = GcraLimit(rate=1.0, period=HOUR, burst=1)
+    await leased.acquire([("t", tiny)], cost=1)
+    assert not (await leased.acquire([("t", tiny)], cost=1))[0].allowed  # refusal held
+    local = leased.local
+    assert leased.acquire_now([("t", tiny)], cost=1) is None and leased.local == local
+
+
+async def test_memory_answers_at_once_what_acquire_would() -> None:
+    clock = FakeClock()
+    now, later = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    limits = [("a", GcraLimit(rate=1.0, period=60.0, burst=5)), ("b", WindowLimit(7, 3600.0))]
+    for cost in (2, 2, 1, 2, 1, 3):
+        at_once = now.acquire_now(limits, cost=cost)
+        awaited = await later.acquire(limits, cost=cost)
+        if all(s.allowed for s in awaited):
+            assert at_once == awaited
+        else:  # refused: None, and nothing consumed (the next checks agree)
+            assert at_once is None
+        clock.advance(7.0)
+    assert now.acquire_now([("a", GcraLimit(rate=1.0, period=60.0, burst=5))], cost=9) is None
+
+
+@pytest.mark.parametrize("cost", ["rows", "constant", "values"])
+async def test_the_detector_admits_at_once_as_inspect_would(cost: str) -> None:
+    clock = FakeClock()
+    params: dict[str, object] = {
+        "cost": cost,
+        "limits": [
+            {"name": "fast", "rate": 1, "per": "1m", "burst": 6},
+            {"name": "slow", "limit": 20, "per": "1h", "algorithm": "sliding_window"},
+        ],
+    }
+    if cost == "constant":
+        params["cost_constant"] = 2
+    dets = [
+        build_detector(_spec(params), BuildContext(store=MemoryStore(clock=clock), clock=clock))
+        for _ in range(2)
+    ]
+    at_once, awaited = dets
+    assert isinstance(at_once, RateLimitDetector) and isinstance(awaited, RateLimitDetector)
+    assert at_once.answers_now is (cost in ("rows", "constant"))
+    answered = refused = 0
+    for n_rows in (1, 3, 2, 2, 1, 4):
+        result = at_once.admit_now("client", "p", "ip", "net", n_rows)
+        if result is None:  # not at once: inspect decides, and nothing was spent
+            result = await at_once.inspect(Query("client", "p", None, n_rows=n_rows))
+        else:
+            answered += 1
+        assert result == await awaited.inspect(Query("client", "p", None, n_rows=n_rows))
+        refused += result.anomalous
+        clock.advance(5.0)
+    # both ways taken: some admitted at once, some refused by inspect
+    assert refused >= 2 and answered == (3 if at_once.answers_now else 0)

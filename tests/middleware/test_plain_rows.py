@@ -90,11 +90,17 @@ CONFIGS = pytest.mark.parametrize(
 def with_and_without(
     config: dict[str, Any],
 ) -> tuple[tuple[GuardMiddleware, Echo], tuple[GuardMiddleware, Echo]]:
-    """The same config twice: with the plain readers, and with them switched off."""
+    """The same config twice: with the plain readers, and with them switched off.
+
+    Both without the rate lane (``tests/middleware/test_rate_lane.py``), which
+    counts plain rows before the engine does: what is tested here is the engine's
+    own shortcut.
+    """
     out = []
     for plain in (True, False):
         echo = Echo()
         mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
+        mw._front = mw._front._replace(rate_policies=frozenset())
         admission = mw.guard.loadout.admission
         assert admission._want_rows == {"inference": False}
         if not plain:
