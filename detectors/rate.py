@@ -420,6 +420,9 @@ class RateLimitDetector(Detector):
         self._items = tuple(f'"{n.name}";r=' for n in named)
         self._quoted = tuple(repr(n.name) for n in named)
         self._policy_item = ("RateLimit-Policy", self._policy_header)
+        # the same, as sent on the wire (admit_now)
+        self._policy_wire = (b"ratelimit-policy", self._policy_header.encode("latin-1"))
+        self._item0_wire = self._item0.encode("latin-1")
 
     def _base_key(self, query: Query) -> str:
         return self._key_of(query.client, query.policy, query.ip, query.subnet)
@@ -443,14 +446,16 @@ class RateLimitDetector(Detector):
 
     def admit_now(
         self, client: str, policy: str, ip: str, subnet: str, n_rows: int
-    ) -> DetectorResult | None:
-        """:meth:`inspect`'s result, at once, when the store answers at once and admits.
+    ) -> tuple[float, tuple[tuple[bytes, bytes], ...]] | None:
+        """What :meth:`inspect` answers, at once, when the store answers at once and admits.
 
         The arguments are the :class:`Query` fields :meth:`inspect` reads (for
-        a cost of ``rows`` or ``constant``). An admitting result has consumed the
-        cost exactly as :meth:`inspect` would; ``None`` has consumed nothing (a
-        refusal, a check the store must make remotely, another cost mode): ask
-        :meth:`inspect`. A front end's hot path, with no coroutine.
+        a cost of ``rows`` or ``constant``). An admitted request's answer is the
+        result's ``score`` and its ``headers`` as sent on the wire (lower-case
+        names, latin-1 values), having consumed the cost exactly as
+        :meth:`inspect` would; ``None`` has consumed nothing (a refusal, a check
+        the store must make remotely, another cost mode): ask :meth:`inspect`. A
+        front end's hot path, with no coroutine and no result object.
         """
         acquire_now = getattr(self.store, "acquire_now", None)
         if acquire_now is None:
@@ -464,13 +469,21 @@ class RateLimitDetector(Detector):
         base = self._key_of(client, policy, ip, subnet)
         if self._single:
             states = acquire_now(((base + self._suffix0, self._limit0),), cost=cost)
-        else:
-            states = acquire_now(
-                [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
-            )
+            if states is None:
+                return None
+            state = states[0]
+            value = b"%s%d;t=%d" % (self._item0_wire, state.remaining, math.ceil(state.reset_after))
+            return state.remaining / state.limit, (self._policy_wire, (b"ratelimit", value))
+        states = acquire_now(
+            [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
+        )
         if states is None:
             return None
-        return self._admitted(states)
+        result = self._admitted(states)
+        return result.score, (
+            self._policy_wire,
+            (b"ratelimit", result.headers[1][1].encode("latin-1")),
+        )
 
     def _admitted(self, states: Sequence[RateState]) -> DetectorResult:
         """The result of a check every limit admitted (their ``states``, in order)."""

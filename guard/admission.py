@@ -259,15 +259,17 @@ class Admission:
         counts = self._counts
 
         def gate(client: ClientId, n_rows: int, started: float) -> Headers | None:
-            result = admit_now(client.id, name, client.ip, client.subnet, n_rows)
-            if result is None:
+            admitted = admit_now(client.id, name, client.ip, client.subnet, n_rows)
+            if admitted is None:
                 return None
+            score, fields = admitted
             try:
-                count(n_rows, result.score - result.threshold, perf_counter() - started)
+                # the detector's threshold is 0: its score is the margin
+                count(n_rows, score, perf_counter() - started)
             except Exception:  # admitted (the cost is spent): passed on, the failure counted
                 counts.error("internal")
                 log.exception("counting an admitted request failed on policy %s", name)
-            return encode_headers(result.headers)
+            return fields
 
         return gate
 

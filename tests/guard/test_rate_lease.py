@@ -22,6 +22,7 @@ from inference_guard.detectors.rate import RateLimitDetector
 from inference_guard.detectors.store import GcraLimit, RateLimit, RateStore, WindowLimit
 from inference_guard.guard.config import DetectorSpec, StateConfig
 from inference_guard.guard.decisions import Action
+from inference_guard.guard.engine import encode_headers
 from inference_guard.guard.errors import ConfigurationError
 from inference_guard.guard.registry import BuildContext, build_detector
 from inference_guard.guard.stores import MemoryStore
@@ -439,13 +440,15 @@ async def test_the_detector_admits_at_once_as_inspect_would(cost: str) -> None:
     assert at_once.answers_now is (cost in ("rows", "constant"))
     answered = refused = 0
     for n_rows in (1, 3, 2, 2, 1, 4):
-        result = at_once.admit_now("client", "p", "ip", "net", n_rows)
-        if result is None:  # not at once: inspect decides, and nothing was spent
-            result = await at_once.inspect(Query("client", "p", None, n_rows=n_rows))
-        else:
+        now = at_once.admit_now("client", "p", "ip", "net", n_rows)
+        expected = await awaited.inspect(Query("client", "p", None, n_rows=n_rows))
+        if now is None:  # not at once: inspect decides, and nothing was spent
+            assert await at_once.inspect(Query("client", "p", None, n_rows=n_rows)) == expected
+        else:  # inspect's score (its threshold is 0) and fields, as sent on the wire
             answered += 1
-        assert result == await awaited.inspect(Query("client", "p", None, n_rows=n_rows))
-        refused += result.anomalous
+            assert not expected.anomalous and expected.threshold == 0.0
+            assert now == (expected.score, encode_headers(expected.headers))
+        refused += expected.anomalous
         clock.advance(5.0)
     # both ways taken: some admitted at once, some refused by inspect
     assert refused >= 2 and answered == (3 if at_once.answers_now else 0)
