@@ -57,6 +57,30 @@ def post_scope(path: str, body: bytes) -> dict[str, Any]:
     }
 
 
+#: uvicorn's HTTP implementations a benchmark may ask for (``--http``)
+HTTP_IMPLEMENTATIONS = ("h11", "httptools")
+
+
+def http_implementation(name: str) -> str:
+    """``name`` checked: ``httptools`` must be importable (``pip install httptools``).
+
+    uvicorn takes ``httptools`` when it is installed and ``h11`` otherwise, and
+    the project installs only ``h11`` (uvicorn's own dependency): a benchmark
+    names the one it measures so that its figures say which.
+    """
+    if name not in HTTP_IMPLEMENTATIONS:
+        raise SystemExit(f"--http must be one of {', '.join(HTTP_IMPLEMENTATIONS)}")
+    if name == "httptools":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "--http httptools needs httptools (uvicorn's C HTTP parser, what "
+                "uvicorn[standard] installs): pip install httptools"
+            ) from None
+    return name
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -85,11 +109,15 @@ def serve(
     workers: int = 1,
     ready: str = "/healthz",
     cwd: Path | None = None,
+    http_impl: str = "h11",
 ) -> Iterator[str]:
     """Run ``uvicorn --factory <factory>`` on 127.0.0.1; yield its base URL.
 
     ``cwd`` defaults to the repository root, which ``python -m`` puts first on
     ``sys.path``: pass another directory to serve code from elsewhere.
+    ``http_impl`` is uvicorn's ``--http``: ``h11`` by default, whatever is installed (uvicorn
+    would take ``httptools`` when it is), so that figures never change with the
+    environment; ``httptools`` when a benchmark asks for it.
     """
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -111,6 +139,8 @@ def serve(
         "--log-level",
         "error",
         "--no-access-log",
+        "--http",
+        http_impl,
     ]
     proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env)
     try:

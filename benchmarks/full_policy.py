@@ -64,7 +64,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks._harness import ROOT, machine, median, pinned, serve, today, write_section
+from benchmarks._harness import (
+    HTTP_IMPLEMENTATIONS,
+    ROOT,
+    http_implementation,
+    machine,
+    median,
+    pinned,
+    serve,
+    today,
+    write_section,
+)
 
 PATH = "/v2/models/digits/infer"
 VARIANTS: tuple[str, ...] = ("bare", "defaults", "full_demo")
@@ -396,6 +406,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=None, help="seconds per wrk run (4)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
+    parser.add_argument(
+        "--http",
+        choices=HTTP_IMPLEMENTATIONS,
+        default="h11",
+        help="uvicorn's HTTP implementation (default h11, the one the project installs; "
+        "httptools writes the section full-policy-httptools)",
+    )
     parser.add_argument("--profile", metavar="LABEL", help="py-spy the full policy instead")
     parser.add_argument(
         "--workload",
@@ -427,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         profile(args.profile, seconds, pin, args.workload)
         return
     server_cpu, wrk_cpu = (0, 1) if pin else (None, None)
+    http = http_implementation(args.http)
     started = time.time()
 
     many = base_rows()
@@ -445,7 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     order = random.Random(15)
     env = {"BENCH_VARIANTS": ",".join(SERVED[v] for v in VARIANTS)}
     try:
-        with pinned(server_cpu), serve("benchmarks.apps:side_by_side", env=env) as url:
+        with (
+            pinned(server_cpu),
+            serve("benchmarks.apps:side_by_side", env=env, http_impl=http) as url,
+        ):
             pid = _listening_pid(int(url.rsplit(":", 1)[1]))
             paths = {v: f"/{SERVED[v]}{PATH}" for v in VARIANTS}
             for key, script in scripts.items():  # warm-up
@@ -469,14 +490,16 @@ def main(argv: list[str] | None = None) -> None:
         return median(cpu[key]) if cpu[key] else None
 
     lines = [
-        "## The full demo policy over HTTP: throughput against bare (issue 15)",
+        "## The full demo policy over HTTP: throughput against bare (issue 15)"
+        + ("" if http == "h11" else f" (uvicorn on {http})"),
         "",
-        f"- command: `python benchmarks/full_policy.py{' --quick' if args.quick else ''}`",
+        f"- command: `python benchmarks/full_policy.py{' --quick' if args.quick else ''}"
+        f"{' --http httptools' if http == 'httptools' else ''}`",
         f"- machine: {machine()}; "
         + ("server pinned to CPU 0, wrk to CPU 1" if pin else "not pinned"),
         f"- date: {today()}; took {time.time() - started:.0f} s",
         "- request: one 64-feature row, OIP v2 JSON, `POST /v2/models/digits/infer`; "
-        "uvicorn, 1 worker, every variant in one process under `/<variant>/`; "
+        f"uvicorn ({http}), 1 worker, every variant in one process under `/<variant>/`; "
         f"`wrk -t1 -c16`, {rounds} rounds of {seconds} s per (workload, variant), "
         "shuffled within a round; ratio to bare per round, median (min-max)",
         "- workloads: *one row* (issue 15's): one body from one client, repeated; "
@@ -519,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("full-policy", text)
+        write_section("full-policy" if http == "h11" else f"full-policy-{http}", text)
 
 
 if __name__ == "__main__":

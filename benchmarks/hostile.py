@@ -216,6 +216,9 @@ def _start(name: str, factory: str, log: Path) -> tuple[subprocess.Popen[bytes],
         str(port),
         "--no-proxy-headers",
         "--no-access-log",
+        # h11 whatever else is installed: the findings depend on the HTTP parser
+        "--http",
+        "h11",
         # the bare fragile app's crashes are re-raised for the server to log, a traceback each
         "--log-level",
         "warning" if SERVERS[name][1] else "critical",

@@ -80,7 +80,9 @@ import redis
 import yaml
 
 from benchmarks._harness import (
+    HTTP_IMPLEMENTATIONS,
     _wrk_time,
+    http_implementation,
     machine,
     median,
     pct,
@@ -299,9 +301,11 @@ def run_scenario(
     n: int,
     wrk_s: int,
     cpus: tuple[int | None, int | None],
+    http: str,
 ) -> Measured:
     """Every variant of ``scenario`` served at once and measured in rounds; ``cpus``:
-    the CPU of the servers and of wrk (``None``: left to the scheduler)."""
+    the CPU of the servers and of wrk (``None``: left to the scheduler), ``http``
+    uvicorn's HTTP implementation."""
     lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
     thr: dict[str, list[WrkRun]] = {k: [] for k in VARIANTS}
     checked: dict[str, list[int]] = {}
@@ -309,7 +313,7 @@ def run_scenario(
     with ExitStack() as stack:
         with pinned(cpus[0]):  # the servers inherit the CPU; Redis stays unpinned
             urls = {
-                name: stack.enter_context(serve(factory, env=env))
+                name: stack.enter_context(serve(factory, env=env, http_impl=http))
                 for name, factory, env in servers(scenario, prefix, tmp)
             }
         for name, url in urls.items():
@@ -504,7 +508,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
+    parser.add_argument(
+        "--http",
+        choices=HTTP_IMPLEMENTATIONS,
+        default="h11",
+        help="uvicorn's HTTP implementation (default h11, the one the project installs; "
+        "httptools writes the section rate-httptools)",
+    )
     args = parser.parse_args(argv)
+    http = http_implementation(args.http)
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     cpus: tuple[int | None, int | None] = (0, 1) if pin else (None, None)
     rounds, n_seq, wrk_s = (1, 100, 1) if args.quick else (4, 300, 3)
@@ -521,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
             for scenario in SCENARIOS:
                 prefix = f"bench-rate:{run_id}:{scenario.name}:"
                 results[scenario.name] = run_scenario(
-                    scenario, body, prefix, Path(tmpdir), rounds, n_seq, wrk_s, cpus
+                    scenario, body, prefix, Path(tmpdir), rounds, n_seq, wrk_s, cpus, http
                 )
                 inproc[scenario.name] = in_process(
                     scenario, body, prefix, 3 if args.quick else 7, 800 if args.quick else 1600
@@ -540,9 +552,11 @@ def main(argv: list[str] | None = None) -> None:
     cmd = (
         f"python benchmarks/rate.py{' --quick' if args.quick else ''}"
         f"{' --no-pin' if args.no_pin else ''}"
+        f"{' --http httptools' if http == 'httptools' else ''}"
     )
     lines = [
-        "## Rate limiting: the guard's rate detector vs slowapi",
+        "## Rate limiting: the guard's rate detector vs slowapi"
+        + ("" if http == "h11" else f" (uvicorn on {http})"),
         "",
         f"- command: `{cmd}`",
         f"- machine: {machine()}; Redis at 127.0.0.1:6379 (db 14) on the same machine; "
@@ -560,7 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         "local repeats of a refusal), audit log off, metrics on; slowapi: "
         "`SlowAPIASGIMiddleware`, one default "
         "limit, `get_remote_address`, fixed window, headers off (its defaults)",
-        f"- method: uvicorn, 1 worker per variant, all variants up at once; {rounds} rounds, "
+        f"- method: uvicorn ({http}, `--http {http}`), 1 worker per variant, all variants up "
+        f"at once; {rounds} rounds, "
         f"variant order rotated each round; per round and variant {n_seq} sequential "
         f"keep-alive round trips, then `wrk -t1 -c16 -d{wrk_s}s`; throughput and wrk p99 are "
         "medians of the rounds, sequential p50/p99 pooled over the rounds",
@@ -666,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"- note: {n}" for n in notes]
     text = "\n".join(lines)
     print(text)
-    write_section("rate", text)
+    write_section("rate" if http == "h11" else f"rate-{http}", text)
     if problems:
         sys.exit(1)
 

@@ -183,6 +183,8 @@ def _servers(envs: Sequence[dict[str, str]]) -> Iterator[list[str]]:
                 "--log-level",
                 "error",
                 "--no-access-log",
+                "--http",
+                "h11",  # as every benchmark's server, whatever else is installed
             ]
             full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
             full.pop("PROMETHEUS_MULTIPROC_DIR", None)
