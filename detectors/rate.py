@@ -455,7 +455,9 @@ class RateLimitDetector(Detector):
         names, latin-1 values), having consumed the cost exactly as
         :meth:`inspect` would; ``None`` has consumed nothing (a refusal, a check
         the store must make remotely, another cost mode): ask :meth:`inspect`. A
-        front end's hot path, with no coroutine and no result object.
+        front end's hot path, with no coroutine and no result object. Nothing
+        after the store's check can raise (its states hold finite numbers and a
+        limit of at least 1), so an answer is never lost once the cost is taken.
         """
         acquire_now = getattr(self.store, "acquire_now", None)
         if acquire_now is None:

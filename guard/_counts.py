@@ -166,14 +166,15 @@ class Counts:
         if not self.enabled:
             return _uncounted
         tally = self._tally
-        bound: list[Any] = []  # requests, rows, payload (totals), then overhead (buckets)
+        # (requests, rows, payload totals; overhead buckets), bound on first use; two
+        # threads racing to bind append two equal tuples, and the first is used
+        bound: list[tuple[CounterTotal, CounterTotal, CounterTotal, HistogramBuckets]] = []
 
         def count(n_rows: int, seconds: float | None) -> None:
             if not bound:
-                bound.extend(self._outcome(policy, decision))
-                bound.append(self._payload(policy, fmt))
-                bound.append(self._overhead(policy))
-            requests, rows, payload, overhead = bound
+                requests, rows = self._outcome(policy, decision)
+                bound.append((requests, rows, self._payload(policy, fmt), self._overhead(policy)))
+            requests, rows, payload, overhead = bound[0]
             if _running_loop() is not tally.writer and not tally.enter():
                 requests.apply_now(1.0)
                 rows.apply_now(n_rows)
@@ -211,15 +212,20 @@ class Counts:
         if not self.enabled:
             return _uncounted_margin
         tally = self._tally
-        bound: list[Any] = []  # requests, rows, payload (totals), score, overhead (buckets)
+        # (requests, rows, payload totals; score, overhead buckets), bound on first use
+        # (as in allowed_counter: a race appends a second, equal tuple)
+        bound: list[
+            tuple[CounterTotal, CounterTotal, CounterTotal, HistogramBuckets, HistogramBuckets]
+        ] = []
 
         def count(n_rows: int, margin: float, seconds: float) -> None:
             if not bound:
-                bound.extend(self._outcome(policy, Action.ALLOW))
-                bound.append(self._payload(policy, fmt))
-                bound.append(self._scores.get(detector) or self._score(detector))
-                bound.append(self._overhead(policy))
-            requests, rows, payload, score, overhead = bound
+                requests, rows = self._outcome(policy, Action.ALLOW)
+                score = self._scores.get(detector) or self._score(detector)
+                bound.append(
+                    (requests, rows, self._payload(policy, fmt), score, self._overhead(policy))
+                )
+            requests, rows, payload, score, overhead = bound[0]
             if _running_loop() is not tally.writer and not tally.enter():
                 requests.apply_now(1.0)
                 rows.apply_now(n_rows)

@@ -138,6 +138,8 @@ class LeasedRateStore(RateLimitStore):
         self.backend: str = getattr(inner, "backend", "unknown")
         self.lease = lease
         self.lease_s = lease_s
+        #: whether :meth:`acquire_now` may answer: only with leases on
+        self.answers_now = lease > 0 and lease_s > 0
         self.max_entries = max_entries
         self._clock = clock
         # least recently renewed first (popitem(last=False) stays O(1) as keys churn)
@@ -162,8 +164,6 @@ class LeasedRateStore(RateLimitStore):
             if len(self._plans) < 64:  # a detector has one set of limits; never unbounded
                 self._plans[limits] = plan
         return plan
-
-    answers_now = True
 
     def acquire_now(
         self, checks: Sequence[RateCheck], *, cost: int

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+import inference_guard.middleware.fast_lane as fast_lane_module
 from benchmarks.hostile_corpus import V1, V2, random_request
 from inference_guard.detectors.rate import RateLimitDetector
 from inference_guard.middleware.asgi import GuardMiddleware
-from tests.middleware.test_fuzz import JSON_CT, Echo, Result, drive
+from tests.middleware.test_fuzz import JSON_CT, Echo, Result, drive, total
 from tests.middleware.test_lean_lane import answer
 from tests.stores_fixture import REDIS_SKIP, REDIS_URL, FakeClock
 
@@ -184,6 +185,9 @@ CONFIGS = {
     ),
     "constant_cost": rate_config(cost="constant", cost_constant=4),
     "per_subnet": rate_config(key="subnet"),
+    "per_ip": rate_config(key="ip"),
+    "per_client_in_policy": rate_config(key="client_policy"),
+    "whole_policy": rate_config([{"rate": 60, "per": "1m", "burst": 40}], key="policy"),
     "shadow": rate_config(shadow=True),
 }
 
@@ -250,6 +254,30 @@ def test_a_failing_gate_hands_the_request_to_the_full_path(
     assert lanes.admitted == [3, 3]
 
 
+def test_a_failing_plain_reader_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch, lanes_of: Callable[[dict[str, Any]], Lanes]
+) -> None:
+    """The lane hands the request over; the full path runs the reader again and counts it."""
+
+    def broken(body: bytes, limits: Any) -> int | None:
+        raise RuntimeError("a reader bug")
+
+    monkeypatch.setitem(fast_lane_module.READERS, "oip_v2", broken)
+    lanes = lanes_of(rate_config())
+    path, body = (
+        V2,
+        json.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [1, 2]}]}
+        ).encode(),
+    )
+    for _ in range(2):
+        a, _ = lanes.send(path, body, headers=[JSON_CT])
+        assert a.status == 200  # the full parser's verdict
+    lanes.same_metrics()
+    assert total(lanes.lane.registry, "guard_errors", component="parse") == 2
+    assert lanes.admitted == [2, 2]
+
+
 @pytest.mark.parametrize(
     ("change", "gated"),
     [
@@ -259,12 +287,14 @@ def test_a_failing_gate_hands_the_request_to_the_full_path(
         ({"cost": "values"}, False),  # the matrix is read
         ({"second_detector": True}, False),
         ({"store": "redis-no-leases"}, False),  # every check a round trip
+        ({"store": "redis-refusals-only"}, False),  # no lease: nothing answers at once
+        ({"store": "redis"}, True),
     ],
 )
 def test_lane_only_where_the_gate_applies(
     change: dict[str, Any], gated: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if change.get("store") == "redis-no-leases":
+    if "store" in change:
         if REDIS_URL is None:
             pytest.skip("set GUARD_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/15) to run it")
         monkeypatch.setenv("GUARD_HASH_KEY", "test-rate-lane-hash-key")
@@ -279,9 +309,12 @@ def test_lane_only_where_the_gate_applies(
         second = json.loads(json.dumps(policy["detectors"][0]))
         second["name"] = "rl2"
         policy["detectors"].append(second)
-    if change.get("store") == "redis-no-leases":
+    if "store" in change:
         config["state"]["store"] = REDIS_URL
+    if change.get("store") == "redis-no-leases":
         policy["detectors"][0]["params"].update(lease=0, lease_s=0)
+    if change.get("store") == "redis-refusals-only":
+        policy["detectors"][0]["params"].update(lease=0)
     mw = GuardMiddleware(Echo(), config=config, registry=CollectorRegistry())
     try:
         assert mw._front.rate_policies == ({"inference"} if gated else frozenset())
@@ -290,13 +323,26 @@ def test_lane_only_where_the_gate_applies(
 
 
 @REDIS_SKIP
+@pytest.mark.parametrize(
+    "limits",
+    [
+        [{"rate": 60, "per": "1h", "burst": 1000}],
+        [
+            {"name": "burst", "rate": 60, "per": "1h", "burst": 1000},
+            {"name": "daily", "limit": 5000, "per": "1d", "algorithm": "sliding_window"},
+        ],
+    ],
+    ids=["one_limit", "two_limits"],
+)
 def test_lease_hits_are_admitted_in_the_lane_on_redis(
-    monkeypatch: pytest.MonkeyPatch, lanes_of: Callable[[dict[str, Any]], Lanes]
+    limits: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    lanes_of: Callable[[dict[str, Any]], Lanes],
 ) -> None:
     """On Redis the lane spends the process's lease; a lease miss goes to the engine."""
     assert REDIS_URL is not None
     monkeypatch.setenv("GUARD_HASH_KEY", "test-rate-lane-hash-key")
-    config = rate_config([{"rate": 60, "per": "1h", "burst": 1000}], store=REDIS_URL)
+    config = rate_config(limits, store=REDIS_URL)
     config["policies"][0]["detectors"][0]["params"].update(lease=0.05)  # 50 units a lease
     lanes = lanes_of(config)
     lease_store = lanes.lane.guard.loadout.policies[0].detectors[0].detector.store
