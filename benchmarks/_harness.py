@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import http.client
@@ -59,6 +60,18 @@ def post_scope(path: str, body: bytes) -> dict[str, Any]:
 
 #: uvicorn's HTTP implementations a benchmark may ask for (``--http``)
 HTTP_IMPLEMENTATIONS = ("h11", "httptools")
+
+
+def add_http_argument(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--http``: uvicorn's HTTP implementation (``h11`` by default; ``httptools`` writes
+    the section ``<section>-httptools``)."""
+    parser.add_argument(
+        "--http",
+        choices=HTTP_IMPLEMENTATIONS,
+        default="h11",
+        help="uvicorn's HTTP implementation (default h11, the one the project installs; "
+        f"httptools writes the section {section}-httptools)",
+    )
 
 
 def http_implementation(name: str) -> str:

@@ -65,8 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from benchmarks._harness import (
-    HTTP_IMPLEMENTATIONS,
     ROOT,
+    add_http_argument,
     http_implementation,
     machine,
     median,
@@ -406,13 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=None, help="seconds per wrk run (4)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk")
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
-    parser.add_argument(
-        "--http",
-        choices=HTTP_IMPLEMENTATIONS,
-        default="h11",
-        help="uvicorn's HTTP implementation (default h11, the one the project installs; "
-        "httptools writes the section full-policy-httptools)",
-    )
+    add_http_argument(parser, "full-policy")
     parser.add_argument("--profile", metavar="LABEL", help="py-spy the full policy instead")
     parser.add_argument(
         "--workload",

@@ -80,8 +80,8 @@ import redis
 import yaml
 
 from benchmarks._harness import (
-    HTTP_IMPLEMENTATIONS,
     _wrk_time,
+    add_http_argument,
     http_implementation,
     machine,
     median,
@@ -508,13 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk")
-    parser.add_argument(
-        "--http",
-        choices=HTTP_IMPLEMENTATIONS,
-        default="h11",
-        help="uvicorn's HTTP implementation (default h11, the one the project installs; "
-        "httptools writes the section rate-httptools)",
-    )
+    add_http_argument(parser, "rate")
     args = parser.parse_args(argv)
     http = http_implementation(args.http)
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from inference_guard.detectors.base import DetectorResult
 from inference_guard.guard import metrics as _metrics
 from inference_guard.guard.decisions import Action, Decision
 from inference_guard.guard.metrics import CounterTotal, GuardMetrics, HistogramBuckets
 
-__all__ = ["Counts"]
+__all__ = ["Counts", "LaneCount"]
 
 log = logging.getLogger("guard")
 
@@ -30,11 +31,15 @@ log = logging.getLogger("guard")
 _running_loop = asyncio.events._get_running_loop
 
 
-def _uncounted_margin(n_rows: int, margin: float, seconds: float) -> None:
-    """:meth:`Counts.admitted_counter`'s count with metrics off."""
+class LaneCount(Protocol):
+    """A fast lane's count of one request (:meth:`Counts.allowed_counter`,
+    :meth:`Counts.admitted_counter`): its rows, the guard's ``seconds`` on it
+    (``None``: not timed) and, for a detector's count, its score ``margin``."""
+
+    def __call__(self, n_rows: int, seconds: float | None, margin: float = ...) -> None: ...
 
 
-def _uncounted(n_rows: int, seconds: float | None) -> None:
+def _uncounted(n_rows: int, seconds: float | None, margin: float = math.nan) -> None:
     """The count of a guard whose metrics are off."""
 
 
@@ -152,9 +157,7 @@ class Counts:
         if tally.batches >= _metrics.FLUSH_AT:
             tally.flush()
 
-    def allowed_counter(
-        self, policy: str, decision: str, fmt: str
-    ) -> Callable[[int, float | None], None]:
+    def allowed_counter(self, policy: str, decision: str, fmt: str) -> LaneCount:
         """:meth:`allowed` for one ``(policy, decision, fmt)``: ``count(n_rows, seconds)``.
 
         A fast lane's per-request count, in one call and one deferred batch:
@@ -163,22 +166,53 @@ class Counts:
         children are bound when first counted, as :meth:`allowed` makes them: a
         route no request has taken shows no series.
         """
+        return self._lane_counter(policy, decision, fmt, None)
+
+    def admitted_counter(self, policy: str, detector: str, fmt: str) -> LaneCount:
+        """What :meth:`payload` and :meth:`decision` count for a request one detector
+        (``detector``) admitted, with nothing fired, bound for one ``(policy, fmt)``:
+        ``count(n_rows, seconds, margin)``.
+
+        As :meth:`allowed_counter` (the decision ``allow``), and the detector's
+        score ``margin`` (its score less its threshold) too: a fast lane's count
+        of a request the rate detector admitted at once. A margin that is not a
+        number is left out, as :meth:`decision` leaves it.
+        """
+        return self._lane_counter(policy, Action.ALLOW, fmt, detector)
+
+    def _lane_counter(
+        self, policy: str, decision: str, fmt: str, detector: str | None
+    ) -> LaneCount:
         if not self.enabled:
             return _uncounted
         tally = self._tally
-        # (requests, rows, payload totals; overhead buckets), bound on first use; two
-        # threads racing to bind append two equal tuples, and the first is used
-        bound: list[tuple[CounterTotal, CounterTotal, CounterTotal, HistogramBuckets]] = []
+        # (requests, rows, payload totals; the score (with a detector), overhead buckets),
+        # bound on first use; two threads racing to bind append two equal tuples, and
+        # the first is used
+        bound: list[
+            tuple[
+                CounterTotal, CounterTotal, CounterTotal, HistogramBuckets | None, HistogramBuckets
+            ]
+        ] = []
 
-        def count(n_rows: int, seconds: float | None) -> None:
+        def count(n_rows: int, seconds: float | None, margin: float = math.nan) -> None:
             if not bound:
                 requests, rows = self._outcome(policy, decision)
-                bound.append((requests, rows, self._payload(policy, fmt), self._overhead(policy)))
-            requests, rows, payload, overhead = bound[0]
+                score = (
+                    None
+                    if detector is None
+                    else self._scores.get(detector) or self._score(detector)
+                )
+                bound.append(
+                    (requests, rows, self._payload(policy, fmt), score, self._overhead(policy))
+                )
+            requests, rows, payload, score, overhead = bound[0]
             if _running_loop() is not tally.writer and not tally.enter():
                 requests.apply_now(1.0)
                 rows.apply_now(n_rows)
                 payload.apply_now(1.0)
+                if score is not None and margin == margin:
+                    score.apply_now(margin)
                 if seconds is not None:
                     overhead.apply_now(seconds)
                 return
@@ -188,61 +222,10 @@ class Counts:
                 rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
             except TypeError:
                 rows.apply_now(n_rows)
+            if score is not None and margin == margin:
+                score.add(margin)
             if seconds is not None:
                 overhead.add(seconds)
-            tally.batches += 1
-            if tally.batches >= _metrics.FLUSH_AT:
-                tally.flush()
-
-        return count
-
-    def admitted_counter(
-        self, policy: str, detector: str, fmt: str
-    ) -> Callable[[int, float, float], None]:
-        """What :meth:`payload` and :meth:`decision` count for a request one detector
-        (``detector``) admitted, with nothing fired, bound for one ``(policy, fmt)``:
-        ``count(n_rows, margin, seconds)``.
-
-        The request and its rows (``allow``), its payload format, the detector's
-        score ``margin`` (its score less its threshold) and the guard's overhead
-        ``seconds``, in one call and one deferred batch: a fast lane's count of a
-        request the rate detector admitted at once. A margin that is not a number
-        is left out, as :meth:`decision` leaves it.
-        """
-        if not self.enabled:
-            return _uncounted_margin
-        tally = self._tally
-        # (requests, rows, payload totals; score, overhead buckets), bound on first use
-        # (as in allowed_counter: a race appends a second, equal tuple)
-        bound: list[
-            tuple[CounterTotal, CounterTotal, CounterTotal, HistogramBuckets, HistogramBuckets]
-        ] = []
-
-        def count(n_rows: int, margin: float, seconds: float) -> None:
-            if not bound:
-                requests, rows = self._outcome(policy, Action.ALLOW)
-                score = self._scores.get(detector) or self._score(detector)
-                bound.append(
-                    (requests, rows, self._payload(policy, fmt), score, self._overhead(policy))
-                )
-            requests, rows, payload, score, overhead = bound[0]
-            if _running_loop() is not tally.writer and not tally.enter():
-                requests.apply_now(1.0)
-                rows.apply_now(n_rows)
-                payload.apply_now(1.0)
-                if margin == margin:
-                    score.apply_now(margin)
-                overhead.apply_now(seconds)
-                return
-            requests.value += 1.0
-            payload.value += 1.0
-            try:
-                rows.value += n_rows if n_rows >= 0 else rows.apply_now(n_rows)
-            except TypeError:
-                rows.apply_now(n_rows)
-            if margin == margin:
-                score.add(margin)
-            overhead.add(seconds)
             tally.batches += 1
             if tally.batches >= _metrics.FLUSH_AT:
                 tally.flush()

@@ -265,7 +265,7 @@ class Admission:
             score, fields = admitted
             try:
                 # the detector's threshold is 0: its score is the margin
-                count(n_rows, score, perf_counter() - started)
+                count(n_rows, perf_counter() - started, score)
             except Exception:  # admitted (the cost is spent): passed on, the failure counted
                 counts.error("internal")
                 log.exception("counting an admitted request failed on policy %s", name)

@@ -192,19 +192,9 @@ class FastLane:
         limits = self._limits
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
-            raw: Any = scope.get("headers")
-            if type(raw) is list and len(headers := dict(raw)) == len(raw):
-                pass  # nothing repeated, the usual case (read_headers' own shortcut)
-            else:
-                headers = self._guard.identifier.read_headers(raw if raw is not None else ())
-            if not (
-                headers
-                and type(scope.get("client")) in _PEERS  # else identification fails: admit's call
-                and self._identity.isdisjoint(headers)
-                and headers.get(b"content-type", _JSON) == _JSON
-                and _BINARY_HEADER not in headers
-            ):
-                raise _NotPlain
+            headers = self._plain_headers(scope)
+            if not self._identity.isdisjoint(headers):
+                raise _NotPlain  # a credential or a forwarding header: admit identifies it
             declared = headers.get(b"content-length")
             body = reader.read_now(declared)
             if body is None:  # not there whole yet, or not a plain body: read() goes on
@@ -230,6 +220,28 @@ class FastLane:
             await app(scope, reader.for_app(), with_request_id(send, request_id, statuses))
         else:
             await carry_out(scope, reader, send, request_id, started, verdict)
+
+    def _plain_headers(self, scope: Scope) -> dict[bytes, bytes]:
+        """A plain request's headers, joined as the engine joins them; else raise.
+
+        Plain: some headers, a peer a server could report (else identification
+        fails: admit's call), ``content-type`` ``application/json`` or none, no
+        binary-tensor header. Raises :class:`_NotPlain` otherwise, and what
+        joining raises (conflicting identity headers): admit meets it again.
+        """
+        raw: Any = scope.get("headers")
+        if type(raw) is list and len(headers := dict(raw)) == len(raw):
+            pass  # nothing repeated, the usual case (read_headers' own shortcut)
+        else:
+            headers = self._guard.identifier.read_headers(raw if raw is not None else ())
+        if not (
+            headers
+            and type(scope.get("client")) in _PEERS
+            and headers.get(b"content-type", _JSON) == _JSON
+            and _BINARY_HEADER not in headers
+        ):
+            raise _NotPlain
+        return headers
 
     def bind_rate(
         self,
@@ -279,19 +291,8 @@ class FastLane:
         limits = self._limits
         reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
-            raw: Any = scope.get("headers")
-            if type(raw) is list and len(headers := dict(raw)) == len(raw):
-                pass  # nothing repeated, the usual case (read_headers' own shortcut)
-            else:
-                headers = self._guard.identifier.read_headers(raw if raw is not None else ())
+            headers = self._plain_headers(scope)
             peer = scope.get("client")
-            if not (
-                headers
-                and type(peer) in _PEERS
-                and headers.get(b"content-type", _JSON) == _JSON
-                and _BINARY_HEADER not in headers
-            ):
-                raise _NotPlain
             # as admit identifies it (a bad credential raises: admit refuses it)
             client = self._guard.identifier.identify(
                 headers, peer_host(peer), forwarded_applied=forwarded_applied(peer)

@@ -170,12 +170,7 @@ class LeasedRateStore(RateLimitStore):
     ) -> tuple[RateState, ...] | None:
         """The answer of this process's lease for the key when it covers ``cost``, else
         ``None`` (nothing spent: :meth:`acquire` answers, from a local refusal or the store)."""
-        if len(checks) == 1:
-            ident: object = checks[0][0]
-            limits: tuple[RateLimit, ...] = (checks[0][1],)
-        else:
-            ident = tuple(key for key, _ in checks)
-            limits = tuple(limit for _, limit in checks)
+        ident, limits = _ident(checks)
         entry = self._table.get(ident)
         if entry is None or entry.refused or not 0 < cost <= entry.left:
             return None
@@ -188,12 +183,7 @@ class LeasedRateStore(RateLimitStore):
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Answer from this process's lease or refusal for the key, else from the store."""
-        if len(checks) == 1:
-            ident: object = checks[0][0]
-            limits: tuple[RateLimit, ...] = (checks[0][1],)
-        else:
-            ident = tuple(key for key, _ in checks)
-            limits = tuple(limit for _, limit in checks)
+        ident, limits = _ident(checks)
         now = self._clock()
         entry = self._table.get(ident)
         if entry is not None and now < entry.expires and entry.limits == limits:
@@ -253,6 +243,13 @@ class LeasedRateStore(RateLimitStore):
 
     def __len__(self) -> int:
         return len(self._table)
+
+
+def _ident(checks: Sequence[RateCheck]) -> tuple[object, tuple[RateLimit, ...]]:
+    """The table key of ``checks`` (its one state key, or the tuple of them) and its limits."""
+    if len(checks) == 1:
+        return checks[0][0], (checks[0][1],)
+    return tuple(key for key, _ in checks), tuple(limit for _, limit in checks)
 
 
 def _spent(entry: _Entry, now: float) -> tuple[RateState, ...]:
