@@ -325,6 +325,11 @@ class RateLimitDetector(Detector):
         same clients per row as well.
     cost_constant : int, default=1
         The cost of every request when ``cost="constant"``.
+    headers : bool, default=True
+        Whether results carry the ``RateLimit-Policy`` and ``RateLimit`` fields
+        (IETF draft) for the answer. ``False`` tells clients nothing of their
+        budget (a client pacing its queries just under a limit learns it only
+        from refusals, whose ``Retry-After`` the guard still sends).
 
     Notes
     -----
@@ -361,6 +366,7 @@ class RateLimitDetector(Detector):
         key: str = "client",
         cost: str = "rows",
         cost_constant: int = 1,
+        headers: bool = True,
     ) -> None:
         super().__init__(name)
         if key not in KEY_MODES:
@@ -392,6 +398,8 @@ class RateLimitDetector(Detector):
         self.key = key
         self.cost = cost
         self.cost_constant = cost_constant
+        #: whether results carry the RateLimit fields
+        self.headers = headers
         #: whether :meth:`inspect` reads the request's matrix (only to cost its
         #: values): otherwise the guard may count the rows without building it
         self.reads_rows = cost == "values"
@@ -474,6 +482,8 @@ class RateLimitDetector(Detector):
             if states is None:
                 return None
             state = states[0]
+            if not self.headers:
+                return state.remaining / state.limit, ()
             value = b"%s%d;t=%d" % (self._item0_wire, state.remaining, math.ceil(state.reset_after))
             return state.remaining / state.limit, (self._policy_wire, (b"ratelimit", value))
         states = acquire_now(
@@ -482,6 +492,8 @@ class RateLimitDetector(Detector):
         if states is None:
             return None
         result = self._admitted(states)
+        if not self.headers:
+            return result.score, ()
         return result.score, (
             self._policy_wire,
             (b"ratelimit", result.headers[1][1].encode("latin-1")),
@@ -502,7 +514,9 @@ class RateLimitDetector(Detector):
                         "RateLimit",
                         f"{self._item0}{state.remaining};t={math.ceil(state.reset_after)}",
                     ),
-                ),
+                )
+                if self.headers
+                else (),
             )
         ceil = math.ceil
         score = 1.0
@@ -517,7 +531,7 @@ class RateLimitDetector(Detector):
             score,
             0.0,
             False,
-            headers=(self._policy_item, ("RateLimit", ", ".join(items))),
+            headers=(self._policy_item, ("RateLimit", ", ".join(items))) if self.headers else (),
         )
 
     async def inspect(self, query: Query) -> DetectorResult:
@@ -558,7 +572,9 @@ class RateLimitDetector(Detector):
                     admitted = False
             headers = (self._policy_item, ("RateLimit", ", ".join(items)))
             if admitted:
-                return DetectorResult(self.name, score, 0.0, False, headers=headers)
+                return DetectorResult(
+                    self.name, score, 0.0, False, headers=headers if self.headers else ()
+                )
         # one pass over the refusing limits: the tightest (the first whose cost does not
         # fit at all, else the one furthest over), the longest wait, the lowest score
         tightest = -1
@@ -594,5 +610,5 @@ class RateLimitDetector(Detector):
             reason=reason,
             rows_flagged=query.n_rows,
             retry_after=retry_after,
-            headers=headers,
+            headers=headers if self.headers else (),
         )

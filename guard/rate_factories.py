@@ -55,7 +55,9 @@ from inference_guard.guard.stores.resilient import CircuitBreaker, ResilientStor
 
 __all__ = ["FACTORIES", "build_rate"]
 
-_PARAMS = frozenset({"key", "cost", "cost_constant", "limits", "fallback", "lease", "lease_s"})
+_PARAMS = frozenset(
+    {"key", "cost", "cost_constant", "limits", "fallback", "lease", "lease_s", "headers"}
+)
 #: largest ``lease`` share accepted (a lease is a small part of a budget)
 _MAX_LEASE = 0.1
 #: longest ``lease_s`` accepted
@@ -123,6 +125,10 @@ def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
             limits = _parse_limits(params["limits"], default_name=spec.name)
         except LimitSpecError as exc:
             problems += [(f"{base}.{path}", problem) for path, problem in exc.problems]
+    headers = params.get("headers", True)
+    if not isinstance(headers, bool):
+        problems.append((f"{base}.headers", f"must be true or false, got {headers!r}"))
+        headers = True
     lease = params.get("lease", DEFAULT_LEASE)
     if (
         isinstance(lease, bool)
@@ -151,7 +157,13 @@ def build_rate(spec: DetectorSpec, ctx: BuildContext) -> Detector:
             raise ConfigurationError(base, "the configured state store does not support leases")
         store = LeasedRateStore(store, lease=float(lease), lease_s=lease_s, clock=ctx.clock)
     return RateLimitDetector(
-        spec.name, store=store, limits=limits, key=key, cost=cost, cost_constant=cost_constant
+        spec.name,
+        store=store,
+        limits=limits,
+        key=key,
+        cost=cost,
+        cost_constant=cost_constant,
+        headers=headers,
     )
 
 

@@ -290,6 +290,8 @@ def test_memory_is_never_leased() -> None:
         ({"lease_s": "2m"}, "d.params.lease_s"),
         ({"lease_s": False}, "d.params.lease_s"),  # not 0, though False == 0
         ({"lease_s": True}, "d.params.lease_s"),
+        ({"headers": "no"}, "d.params.headers"),  # a string is not a boolean
+        ({"headers": 0}, "d.params.headers"),
     ],
 )
 def test_bad_lease_params_are_named(params: dict[str, object], key: str) -> None:
@@ -452,3 +454,20 @@ async def test_the_detector_admits_at_once_as_inspect_would(cost: str) -> None:
         clock.advance(5.0)
     # both ways taken: some admitted at once, some refused by inspect
     assert refused >= 2 and answered == (3 if at_once.answers_now else 0)
+
+
+@pytest.mark.parametrize("limits", [LIMITS, [*LIMITS, {"limit": 5, "per": "1h"}]])
+async def test_without_headers_no_result_carries_rate_fields(limits: list[object]) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    det = build_detector(
+        _spec({"limits": limits, "headers": False}), BuildContext(store=store, clock=clock)
+    )
+    assert isinstance(det, RateLimitDetector) and not det.headers
+    results = [await det.inspect(Query("client", "p", None, n_rows=2)) for _ in range(3)]
+    assert [r.anomalous for r in results] == [False, False, len(limits) == 2]
+    assert all(r.headers == () for r in results)
+    # another client's first row: 999 of 1000 left (and 4 of 5 with the second limit)
+    assert det.admit_now("other", "p", "", "", 1) == (0.8 if len(limits) == 2 else 0.999, ())
+    if len(limits) == 2:
+        assert results[2].retry_after is not None and results[2].retry_after > 0

@@ -44,12 +44,14 @@ def rate_config(
     key: str = "client",
     store: str = "memory://",
     cost_constant: int = 1,
+    headers: bool = True,
     **policy: Any,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "key": key,
         "cost": cost,
         **({"cost_constant": cost_constant} if cost == "constant" else {}),
+        **({} if headers else {"headers": False}),
         "limits": limits or [{"rate": 30, "per": "1m", "burst": 12}],
     }
     return {
@@ -189,6 +191,7 @@ CONFIGS = {
     "per_client_in_policy": rate_config(key="client_policy"),
     "whole_policy": rate_config([{"rate": 60, "per": "1m", "burst": 40}], key="policy"),
     "shadow": rate_config(shadow=True),
+    "no_rate_fields": rate_config(headers=False),
 }
 
 
@@ -236,6 +239,21 @@ def test_lane_refusal_is_the_full_paths_and_spends_nothing(
     assert last.status == 200 and last.header(b"ratelimit") == [b'"rl";r=0;t=10800']
     lanes.same_metrics()
     assert lanes.admitted == [1, 3]  # the lane admitted two; the refusal was the engine's
+
+
+def test_without_rate_fields_only_a_refusal_says_when_to_retry(
+    lanes_of: Callable[[dict[str, Any]], Lanes],
+) -> None:
+    lanes = lanes_of(rate_config([{"rate": 1, "per": "1h", "burst": 2}], headers=False))
+    body = json.dumps({"instances": [[1.0, 2.0]] * 2}).encode()
+    ok, _ = lanes.send(V1, body, headers=[JSON_CT])
+    refused, _ = lanes.send(V1, body, headers=[JSON_CT])
+    assert (ok.status, refused.status) == (200, 429)
+    for res in (ok, refused):
+        assert res.header(b"ratelimit") == res.header(b"ratelimit-policy") == []
+    assert refused.header(b"retry-after") == [b"7200"]  # 2 rows at one an hour
+    lanes.same_metrics()
+    assert lanes.admitted == [1, 2]
 
 
 def test_a_failing_gate_hands_the_request_to_the_full_path(
