@@ -271,6 +271,8 @@ class Tally:
         self._flushing = threading.Lock()
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._attached: list[tuple[list[Any], Callable[[list[Any]], Any]]] = []
+        # read at each flush (watch); one that answers False is dropped
+        self._sources: list[Callable[[], bool]] = []
         self._totals: dict[Any, CounterTotal] = {}
         self._histograms: dict[Any, HistogramBuckets] = {}
         #: batches added to the totals since the last flush (by the writer; it only times flushes)
@@ -329,6 +331,16 @@ class Tally:
         with self._flushing:
             self._attached.append((values, apply))
 
+    def watch(self, source: Callable[[], bool]) -> None:
+        """Call ``source()`` at each flush, under the flush's lock, until it returns False.
+
+        For counts that something else keeps (a leased rate store's checks): the
+        source applies what they gained since its last call, at no cost to the
+        path that counts them.
+        """
+        with self._flushing:
+            self._sources.append(source)
+
     def add(self, update: Callable[[float], Any], value: float) -> None:
         """Defer ``update(value)`` (a bound ``inc`` or ``observe``)."""
         pending = self._pending
@@ -376,6 +388,8 @@ class Tally:
                         apply(batch)
                     except Exception:  # one bad value must not cost the others
                         log.exception("metric update %r(%d values) failed", apply, n)
+            if self._sources:
+                self._sources = [source for source in self._sources if _read_source(source)]
             for child, amount in sums:
                 _apply(child.inc, amount)
             for child, counts, total in observed:
@@ -453,6 +467,16 @@ def _add_buckets(child: Any, counts: list[int], total: float) -> None:
                 buckets[i].inc(count)
     except Exception:  # one bad child must not cost the others
         log.exception("metric update %r(%d observations) failed", child, sum(counts))
+
+
+def _read_source(source: Callable[[], bool]) -> bool:
+    """A watched source read once (:meth:`Tally.watch`): whether to keep it; a failure
+    is logged and keeps it."""
+    try:
+        return bool(source())
+    except Exception:
+        log.exception("metric source %r failed", source)
+        return True
 
 
 def _apply(update: Callable[[float], Any], value: float) -> None:
@@ -601,6 +625,8 @@ class GuardMetrics:
         r = self.registry
         #: per-request updates, batched (see Tally); registered first so a collect flushes it
         self.tally = Tally()
+        # the leased rate stores whose checks are exported (watch_rate_checks)
+        self._rate_stores: weakref.WeakSet[Any] = weakref.WeakSet()
         r.register(self.tally)
         self.requests = Counter(
             "guard_requests",
@@ -664,6 +690,13 @@ class GuardMetrics:
             "guard_store_errors",
             "State store operations that failed.",
             ("backend",),
+            registry=r,
+        )
+        self.rate_checks = Counter(
+            "guard_rate_checks",
+            "Rate checks of a detector on a shared store with leases, by where they were "
+            "answered: local (this worker's lease, or its repeat of a refusal) or store.",
+            ("detector", "answered"),
             registry=r,
         )
         self.store_fallback = Counter(
@@ -853,6 +886,36 @@ class GuardMetrics:
             by_class[label] = by_class.get(label, 0) + n
         for label, n in by_class.items():
             self.upstream.labels(policy, label).inc(n)
+
+    def watch_rate_checks(self, detector: str, store: Any) -> None:
+        """Export ``store``'s checks (``local`` and ``remote``, a leased rate store's
+        counts) as ``guard_rate_checks_total{detector, answered}``, read at each flush.
+
+        A store already watched is not watched twice (a reload keeps a detector it
+        did not change); one that is gone stops being read.
+        """
+        if store in self._rate_stores:
+            return
+        self._rate_stores.add(store)
+        local = self.rate_checks.labels(detector, "local")
+        remote = self.rate_checks.labels(detector, "store")
+        ref = weakref.ref(store)
+        seen = [0, 0]
+
+        def source() -> bool:
+            current = ref()
+            if current is None:
+                return False
+            now_local, now_remote = current.local, current.remote
+            if now_local != seen[0]:
+                local.inc(now_local - seen[0])
+                seen[0] = now_local
+            if now_remote != seen[1]:
+                remote.inc(now_remote - seen[1])
+                seen[1] = now_remote
+            return True
+
+        self.tally.watch(source)
 
     def store_event(self, kind: str, backend: str) -> None:
         """Store events: ``error``, ``fallback``, ``eviction``, ``flag_overflow``, breaker moves."""

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from prometheus_client import CollectorRegistry
 
 from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
+from inference_guard.detectors.rate import RateLimitDetector
 from inference_guard.detectors.store import KeyValueStore
 from inference_guard.guard._counts import Counts
 from inference_guard.guard.admission import Admission
@@ -48,6 +49,7 @@ from inference_guard.guard.reload import ReloadResult, check_frozen
 from inference_guard.guard.signatures import MetadataSource, Signatures
 from inference_guard.guard.stores import Store, store_from_uri
 from inference_guard.guard.stores.base import EvictionPolicy
+from inference_guard.guard.stores.lease import LeasedRateStore
 from inference_guard.guard.stores.resilient import ResilientStore
 
 __all__ = ["FailClosed", "Guard", "Observation", "Observations", "QueuedDetectors"]
@@ -419,11 +421,21 @@ class Guard:
         #: the running policies and detectors; a front end takes it once per request.
         #: A reload replaces it in one assignment (:meth:`reload`)
         self.loadout: Loadout = build_loadout(config, self._ctx, self._make_admission)
+        self._watch_rate_checks(self.loadout)
         # detectors a reload replaced, closed at the next reload or at aclose (a request
         # in flight may still be using them)
         self._retired: list[Detector] = []
         self._reload_lock = asyncio.Lock()
         _log_unnamed_routes(self.policies)
+
+    def _watch_rate_checks(self, loadout: Loadout) -> None:
+        """Export where the rate checks of ``loadout``'s leased stores were answered."""
+        if not self.counts.enabled:
+            return
+        for det in loadout.detectors():
+            store = getattr(det, "store", None)
+            if isinstance(det, RateLimitDetector) and isinstance(store, LeasedRateStore):
+                self.metrics.watch_rate_checks(det.name, store)
 
     def _build_store(self) -> KeyValueStore:
         base: Store = store_from_uri(
@@ -554,6 +566,7 @@ class Guard:
         )
         new = build_loadout(config, ctx, self._make_admission, previous=old)
         self.metrics.declare(config, store=self.store)
+        self._watch_rate_checks(new)
         running = {id(d) for d in new.detectors()}
         dropped = [d for d in old.detectors() if id(d) not in running]
         to_close, self._retired = self._retired, dropped

@@ -212,3 +212,43 @@ def test_a_counter_update_that_is_not_a_number_costs_only_itself(
         tally.flush()
     assert raw(counter) == 3.0
     assert any("metric update" in r.getMessage() for r in caplog.records)
+
+
+def test_leased_rate_checks_are_read_at_each_flush() -> None:
+    """guard_rate_checks_total follows a leased store's own counts, read when flushed:
+    watched once however often it is asked, and no longer once the store is gone."""
+    import gc
+
+    from inference_guard.detectors.store import GcraLimit
+    from inference_guard.guard.stores.lease import LeasedRateStore
+    from inference_guard.guard.stores.memory import MemoryStore
+    from tests.conftest import sample
+    from tests.stores_fixture import FakeClock
+
+    metrics = GuardMetrics(CollectorRegistry())
+    tiny = [("k", GcraLimit(rate=1.0, period=3600.0, burst=1))]
+    clock = FakeClock()
+    # a memory store grants no lease: every check goes to it, and a refusal is repeated here
+    leased = LeasedRateStore(MemoryStore(clock=clock), lease=0.01, lease_s=1.0, clock=clock)
+    metrics.watch_rate_checks("rl", leased)
+    metrics.watch_rate_checks("rl", leased)  # a reload that kept the detector
+
+    def checks(answered: str) -> float:
+        return sample(metrics.registry, "guard_rate_checks_total", detector="rl", answered=answered)
+
+    async def spend(store: LeasedRateStore, n: int) -> None:
+        for _ in range(n):
+            await store.acquire(tiny, cost=1)
+
+    asyncio.run(spend(leased, 4))  # admitted, refused by the store, then refused here twice
+    assert (leased.remote, leased.local) == (2, 2)
+    metrics.tally.flush()
+    assert (checks("store"), checks("local")) == (2, 2)
+    asyncio.run(spend(leased, 1))
+    metrics.tally.flush()
+    assert (checks("store"), checks("local")) == (2, 3)
+    del leased
+    gc.collect()
+    metrics.tally.flush()  # the source finds its store gone and is dropped
+    assert metrics.tally._sources == []
+    assert (checks("store"), checks("local")) == (2, 3)

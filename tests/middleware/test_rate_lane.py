@@ -26,6 +26,7 @@ import inference_guard.middleware.fast_lane as fast_lane_module
 from benchmarks.hostile_corpus import V1, V2, random_request
 from inference_guard.detectors.rate import RateLimitDetector
 from inference_guard.middleware.asgi import GuardMiddleware
+from tests.conftest import sample
 from tests.middleware.test_fuzz import JSON_CT, Echo, Result, drive, total
 from tests.middleware.test_lean_lane import answer
 from tests.stores_fixture import REDIS_SKIP, REDIS_URL, FakeClock
@@ -379,6 +380,10 @@ def test_lease_hits_are_admitted_in_the_lane_on_redis(
     lanes.same_metrics()
     # a round trip per lease of 50 units, each with a request: the engine was asked 3 times
     assert lanes.admitted == [3, 120]
+    # and both guards export where the checks were answered (same_metrics: alike)
+    registry = lanes.lane.registry
+    assert sample(registry, "guard_rate_checks_total", detector="rl", answered="store") == 3
+    assert sample(registry, "guard_rate_checks_total", detector="rl", answered="local") == 117
     for prefix in lanes.prefixes:
         assert _redis_keys(prefix), "each guard's budget lives in the shared store"
 
