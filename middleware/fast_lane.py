@@ -31,8 +31,10 @@ that is not exempt has its rows counted by the plain reader and goes to the
 gate: admitted at once (the memory store, or this process's lease on Redis), it
 is counted there as ``admit`` counts it and passed on by the lane with its rate
 fields; anything else (a refusal, a lease miss, an exempt client, a request
-that is not plain, a failure) goes to ``carry_out`` with no verdict, having
-consumed and counted nothing. Differential tests: ``tests/middleware/test_rate_lane.py``.
+that is not plain, a failure before the cost is taken) goes to ``carry_out``
+with no verdict, having consumed and counted nothing. (Once the cost is taken
+the request passes: a failure to count it is counted as an internal error.)
+Differential tests: ``tests/middleware/test_rate_lane.py``.
 
 A plain request has headers (joined by the engine's own rule,
 :meth:`ClientIdentifier.read_headers <guard.identity.ClientIdentifier.read_headers>`),
