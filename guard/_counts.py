@@ -259,16 +259,7 @@ class Counts:
     def payload(self, policy: str, fmt: str) -> None:
         if self.enabled:
             total = self._payloads.get((policy, fmt))
-            if total is None:
-                total = self._payload(policy, fmt)
-            tally = self._tally
-            if _running_loop() is not tally.writer and not tally.enter():
-                total.apply_now(1.0)
-                return
-            total.value += 1.0
-            tally.batches += 1
-            if tally.batches >= _metrics.FLUSH_AT:
-                tally.flush()
+            self._count(total if total is not None else self._payload(policy, fmt))
 
     def degraded(self, policy: str, outcome: str) -> None:
         total = self._degraded.get((policy, outcome))
