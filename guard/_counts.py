@@ -281,35 +281,30 @@ class Counts:
         per route)."""
         if not self.enabled:
             return _unobserved
-        tally = self._tally
         bound: list[HistogramBuckets] = []
 
         def observe(seconds: float) -> None:
             if not bound:
                 bound.append(self._overhead(policy))
-            buckets = bound[0]
-            if _running_loop() is not tally.writer and not tally.enter():
-                buckets.apply_now(seconds)
-                return
-            buckets.add(seconds)
-            tally.batches += 1
-            if tally.batches >= _metrics.FLUSH_AT:
-                tally.flush()
+            self._observe(bound[0], seconds)
 
         return observe
 
     def overhead(self, policy: str, seconds: float) -> None:
         """The guard's own time on one request (``guard_overhead_seconds``)."""
         if self.enabled:
-            buckets = self._overhead(policy)
-            tally = self._tally
-            if _running_loop() is not tally.writer and not tally.enter():
-                buckets.apply_now(seconds)
-                return
-            buckets.add(seconds)
-            tally.batches += 1
-            if tally.batches >= _metrics.FLUSH_AT:
-                tally.flush()
+            self._observe(self._overhead(policy), seconds)
+
+    def _observe(self, buckets: HistogramBuckets, seconds: float) -> None:
+        # one histogram observation, as its own batch (as _count does a counter's)
+        tally = self._tally
+        if _running_loop() is not tally.writer and not tally.enter():
+            buckets.apply_now(seconds)
+            return
+        buckets.add(seconds)
+        tally.batches += 1
+        if tally.batches >= _metrics.FLUSH_AT:
+            tally.flush()
 
     def _count(self, total: CounterTotal) -> None:
         # one counter's increment, as its own batch
