@@ -23,6 +23,9 @@ __all__ = ["MAX_COST", "check_acquire", "gcra_step", "window_step"]
 _EPS = 1e-9
 #: largest cost accepted (doubles, in Lua too, hold integers exactly up to 2**53)
 MAX_COST = 1 << 40
+#: ``RateState(...)`` without the named tuple's Python-level ``__new__`` (every check
+#: makes one or two: the rate limits' hot path)
+_new = tuple.__new__
 
 
 def check_acquire(checks: Sequence[RateCheck], cost: int) -> None:
@@ -59,18 +62,20 @@ def gcra_step(
     Returns the answer and the new arrival time, which is also the moment the
     bucket is full again (the state's expiry).
     """
-    t = limit.interval
+    t = limit.period / limit.rate  # limit.interval, without the property's call
     cap = limit.burst
     base = now if tat is None or tat < now else tat
     # units in the bucket now: capacity less what is still owed
     avail = cap - (base - now) / t
     if cost <= avail + _EPS:
         new_tat = base + cost * t
-        state = RateState(True, max(0, math.floor(avail - cost + _EPS)), 0.0, new_tat - now, cap)
+        state = _new(
+            RateState, (True, max(0, math.floor(avail - cost + _EPS)), 0.0, new_tat - now, cap)
+        )
         return state, new_tat
     need = min(cost, cap)
     retry = max(0.0, (need - avail) * t)
-    state = RateState(False, max(0, math.floor(avail + _EPS)), retry, base - now, cap)
+    state = _new(RateState, (False, max(0, math.floor(avail + _EPS)), retry, base - now, cap))
     return state, base
 
 
@@ -97,12 +102,15 @@ def window_step(
     expires = (index + 2) * period
     if est + cost <= cap + _EPS:
         cur += cost
-        state = RateState(
-            True,
-            max(0, math.floor(cap - est - cost + _EPS)),
-            0.0,
-            _window_reset(cur, prev, frac, period),
-            cap,
+        state = _new(
+            RateState,
+            (
+                True,
+                max(0, math.floor(cap - est - cost + _EPS)),
+                0.0,
+                _window_reset(cur, prev, frac, period),
+                cap,
+            ),
         )
         return state, (index, cur, prev), expires
     need = min(cost, cap)
@@ -117,12 +125,15 @@ def window_step(
         # wait for the next window, then for this window's weight to fade there
         f = 1.0 - (cap - need) / cur
         retry = (1.0 - frac) * period + f * period
-    state = RateState(
-        False,
-        max(0, math.floor(cap - est + _EPS)),
-        max(0.0, retry),
-        _window_reset(cur, prev, frac, period),
-        cap,
+    state = _new(
+        RateState,
+        (
+            False,
+            max(0, math.floor(cap - est + _EPS)),
+            max(0.0, retry),
+            _window_reset(cur, prev, frac, period),
+            cap,
+        ),
     )
     return state, (index, cur, prev), expires
 
