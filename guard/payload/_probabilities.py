@@ -86,6 +86,17 @@ def prob_matrix(value: object, *, named: bool, shape: object = None) -> NDArray[
         return None
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 2:
         return None
+    if named and type(value[0]) is float:
+        # a flat list of numbers (asarray took it): their sum is finite exactly when
+        # every one is (a NaN or an infinity carries into it), unless a finite sum
+        # overflows, which the array check below then settles (an answer's usual
+        # few probabilities: a tenth of the ufunc and reduction's cost)
+        try:
+            total: float = sum(value)
+        except TypeError:  # numeric strings, which asarray converted
+            total = math.nan
+        if total - total == 0.0:
+            return arr
     # NaN fails both comparisons, so the range check also rules out non-finite values
     ok = np.isfinite(arr).all() if named else ((arr >= 0.0) & (arr <= 1.0)).all()
     return arr if ok else None
@@ -96,7 +107,16 @@ def label_vector(value: object) -> NDArray[np.int64] | None:
     if not isinstance(value, list) or not value:
         return None
     flat = value
-    if all(isinstance(v, list) and len(v) == 1 for v in value):
+    if len(value) == 1:  # one row's label (the usual answer): no generator to run
+        first = value[0]
+        if type(first) is int:
+            try:
+                return np.array((first,), dtype=np.int64)
+            except OverflowError:
+                return None
+        if isinstance(first, list) and len(first) == 1:
+            flat = first
+    elif all(isinstance(v, list) and len(v) == 1 for v in value):
         flat = [v[0] for v in value]
     if any(type(v) is not int for v in flat):
         return None

@@ -830,6 +830,43 @@ def test_response_v2_probabilities_and_labels() -> None:
     assert ans.probabilities.tolist() == [[0.1, 0.7, 0.2], [0.6, 0.3, 0.1]]
 
 
+@pytest.mark.parametrize(
+    ("data", "read"),
+    [
+        ([0.25, 0.75], [[0.25, 0.75]]),
+        ([0.25, float("nan")], None),  # one NaN: not probabilities
+        ([float("inf"), 0.5], None),
+        ([1e308, 1e308], [[1e308, 1e308]]),  # finite, though their sum overflows
+        ([0.25, True], [[0.25, 1.0]]),
+    ],
+)
+def test_response_v2_named_probabilities_finite_check(data: list[Any], read: Any) -> None:
+    # one row's named probabilities (the usual answer) take a short cut past numpy's
+    # check: it must accept and refuse exactly what the array check does
+    from inference_guard.guard.payload._probabilities import prob_matrix
+
+    found = prob_matrix(data, named=True, shape=[1, 2])
+    assert (None if found is None else found.tolist()) == read
+    if read is not None:  # and so does a whole answer that holds them
+        doc = {"outputs": [{"name": "probabilities", "shape": [1, 2], "datatype": "FP64",
+                            "data": data}]}
+        assert answer(doc, "oip_v2").probabilities.tolist() == read
+
+
+@pytest.mark.parametrize(
+    ("data", "labels"),
+    [([7], [7]), ([[7]], [7]), ([[1], [2]], [1, 2]), ([2**70], None), ([True], None),
+     ([1.0], None), ([[1.0]], None), (["cat"], None)],
+)
+def test_response_label_vector_shapes(data: list[Any], labels: list[int] | None) -> None:
+    from inference_guard.guard.payload._probabilities import label_vector
+
+    found = label_vector(data)
+    assert (None if found is None else found.tolist()) == labels
+    if found is not None:
+        assert found.dtype == np.int64
+
+
 def test_response_v2_probabilities_only_gives_argmax_labels() -> None:
     doc = {"outputs": [{"name": "output_0", "shape": [2, 2], "datatype": "FP64",
                         "data": [[0.9, 0.1], [0.2, 0.8]]}]}
