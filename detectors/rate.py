@@ -544,21 +544,31 @@ class RateLimitDetector(Detector):
         base = (
             self._key_prefix + query.client + "}" if self.key == "client" else self._base_key(query)
         )
+        # a store that answers at once (memory://) is asked without a coroutine
+        sync = getattr(self.store, "acquire_sync", None)
+        ceil = math.ceil
         if self._single:
-            states = await self.store.acquire(((base + self._suffix0, self._limit0),), cost=cost)
+            check = ((base + self._suffix0, self._limit0),)
+            states = (
+                sync(check, cost=cost)
+                if sync is not None
+                else await self.store.acquire(check, cost=cost)
+            )
             state = states[0]
             if state.allowed:
                 return self._admitted(states)
             headers: tuple[tuple[str, str], ...] = (
                 self._policy_item,
-                ("RateLimit", f"{self._item0}{state.remaining};t={math.ceil(state.reset_after)}"),
+                ("RateLimit", f"{self._item0}{state.remaining};t={ceil(state.reset_after)}"),
             )
         else:
-            states = await self.store.acquire(
-                [(base + suffix, limit) for suffix, limit in self._suffixes], cost=cost
+            checks = [(base + suffix, limit) for suffix, limit in self._suffixes]
+            states = (
+                sync(checks, cost=cost)
+                if sync is not None
+                else await self.store.acquire(checks, cost=cost)
             )
             # one pass: the RateLimit items, and whether (and how tightly) every limit admits
-            ceil = math.ceil
             items = []
             admitted = True
             score = 1.0
@@ -573,7 +583,7 @@ class RateLimitDetector(Detector):
             headers = (self._policy_item, ("RateLimit", ", ".join(items)))
             if admitted:
                 return DetectorResult(
-                    self.name, score, 0.0, False, headers=headers if self.headers else ()
+                    self.name, score, 0.0, False, "", 0, None, headers if self.headers else ()
                 )
         # one pass over the refusing limits: the tightest (the first whose cost does not
         # fit at all, else the one furthest over), the longest wait, the lowest score
@@ -607,8 +617,8 @@ class RateLimitDetector(Detector):
             score,
             0.0,
             True,
-            reason=reason,
-            rows_flagged=query.n_rows,
-            retry_after=retry_after,
-            headers=headers if self.headers else (),
+            reason,
+            query.n_rows,
+            retry_after,
+            headers if self.headers else (),
         )

@@ -274,6 +274,14 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
         """Check every limit, then consume ``cost`` from all of them only if all admit."""
         return self._acquire(checks, cost)
 
+    def acquire_sync(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
+        """:meth:`acquire` without the coroutine: this store answers every check at once.
+
+        For a caller on the event loop's thread (the rate detector's hot path); the
+        same check, atomic for the same reason (it runs to completion).
+        """
+        return self._acquire(checks, cost)
+
     def acquire_now(
         self, checks: Sequence[RateCheck], *, cost: int
     ) -> tuple[RateState, ...] | None:
@@ -287,14 +295,29 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
                 return None
         return states
 
+    def _rate_item(self, key: str, now: float) -> tuple[float, _Value] | None:
+        """:meth:`_live` of a rate key, inlined for the usual one (not a flag's prefix)."""
+        if key.startswith(self._flag_prefixes):
+            return self._live(key, now)
+        data = self._data
+        item = data.get(key)
+        if item is None:
+            return None
+        if item[0] <= now:
+            del data[key]
+            return None
+        data.move_to_end(key)
+        return item
+
     def _acquire(self, checks: Sequence[RateCheck], cost: int) -> tuple[RateState, ...]:
         check_acquire(checks, cost)
         now = self._clock()
+        compute = self._compute
         if len(checks) == 1:
             # one limit: admitted or refused, its own state is the whole answer
             key, limit = checks[0]
-            item = self._live(key, now)
-            state, write = self._compute(None if item is None else item[1], limit, now, cost)
+            item = self._rate_item(key, now)
+            state, write = compute(None if item is None else item[1], limit, now, cost)
             if state.allowed and write is not None:
                 self._write(key, write, item is not None)
             return (state,)
@@ -303,9 +326,9 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
         stored: list[_Value | None] = []
         admitted = True
         for key, limit in checks:
-            item = self._live(key, now)
+            item = self._rate_item(key, now)
             value = None if item is None else item[1]
-            state, write = self._compute(value, limit, now, cost)
+            state, write = compute(value, limit, now, cost)
             states.append(state)
             stored.append(value)
             if not state.allowed:
@@ -318,10 +341,10 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             return tuple(states)
         # refused: the limits that would have admitted it report their state untouched
         # (computed again at no cost from what was read: nothing was written meanwhile)
-        return tuple(
-            state if not state.allowed else self._compute(value, limit, now, 0)[0]
-            for state, value, (_, limit) in zip(states, stored, checks, strict=True)
-        )
+        for i, state in enumerate(states):
+            if state.allowed:
+                states[i] = compute(stored[i], checks[i][1], now, 0)[0]
+        return tuple(states)
 
     def _write(self, key: str, item: tuple[float, _Value], existed: bool) -> None:
         """Store a rate key's new state; one :meth:`_live` just read (and, if it
