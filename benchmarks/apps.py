@@ -190,6 +190,31 @@ def full_demo_shadow_config(calibration_dir: str) -> dict[str, Any]:
     return config
 
 
+#: the demo policy's detectors by what they defend against: ``full_demo-without-<group>``
+#: serves the whole policy less one group (``rounding``: answers no longer rounded for
+#: everyone), so that each group's own cost is the difference (full_policy.py --marginal)
+FULL_DEMO_GROUPS: dict[str, tuple[str, ...]] = {
+    "rate": ("rate", "ip-ceiling", "model-ceiling"),
+    "anomaly": ("envelope", "mahalanobis", "knn", "anomaly_rate"),
+    "extraction": ("near_duplicate", "prada", "boundary"),
+    "rounding": (),
+}
+
+
+def full_demo_without(calibration_dir: str, group: str) -> dict[str, Any]:
+    """:func:`full_demo_shadow_config` less one of :data:`FULL_DEMO_GROUPS`."""
+    config = full_demo_shadow_config(calibration_dir)
+    policy = config["policies"][0]
+    names = FULL_DEMO_GROUPS[group]
+    left = [d for d in policy["detectors"] if d.get("name", d["type"]) not in names]
+    if len(left) != len(policy["detectors"]) - len(names):
+        raise ValueError(f"the demo policy no longer holds every detector of {group!r}: {names}")
+    policy["detectors"] = left
+    if group == "rounding":
+        policy["degrade"] = {**policy["degrade"], "always": False}
+    return config
+
+
 def anomaly() -> ASGIApp:
     """The guard with the input-anomaly detectors (issue 4's 100 µs target)."""
     config = anomaly_config(tempfile.mkdtemp(prefix="bench-anomaly-"))
@@ -262,7 +287,11 @@ class PrefixRouter:
         await app(scope, receive, send)
 
 
-#: the variants :func:`side_by_side` serves, each under ``/<name>/``
+#: ``<WITHOUT><group>``: the demo policy less a group of :data:`FULL_DEMO_GROUPS`
+WITHOUT = "full_demo-without-"
+
+#: the variants :func:`side_by_side` serves, each under ``/<name>/`` (and the
+#: demo policy less each of :data:`FULL_DEMO_GROUPS`, ``full_demo-without-<group>``)
 SIDE_BY_SIDE: tuple[str, ...] = (
     "bare",
     "bare_again",
@@ -278,15 +307,16 @@ SIDE_BY_SIDE: tuple[str, ...] = (
 def side_by_side() -> ASGIApp:
     """Overhead variants in one process, each under ``/<variant>/`` (see PrefixRouter).
 
-    ``BENCH_VARIANTS`` (comma-separated names from :data:`SIDE_BY_SIDE`) picks
-    which; default all. ``bare_again`` is a second, identical bare app: its
+    ``BENCH_VARIANTS`` (comma-separated names from :data:`SIDE_BY_SIDE`, or
+    ``full_demo-without-<group>``) picks which; default all of
+    :data:`SIDE_BY_SIDE`. ``bare_again`` is a second, identical bare app: its
     latency against ``bare`` is the method's own noise floor. ``full_demo`` is
     the whole demo policy in shadow mode (:func:`full_demo_shadow_config`).
     """
     from inference_guard.middleware.demo import train_digits_model
 
     wanted = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v] or list(SIDE_BY_SIDE)
-    unknown = set(wanted) - set(SIDE_BY_SIDE)
+    unknown = set(wanted) - set(SIDE_BY_SIDE) - {f"{WITHOUT}{g}" for g in FULL_DEMO_GROUPS}
     if unknown:
         raise ValueError(f"unknown BENCH_VARIANTS: {sorted(unknown)}")
     model = train_digits_model()
@@ -309,6 +339,9 @@ def side_by_side() -> ASGIApp:
             config = anomaly_config(tempfile.mkdtemp(prefix="bench-anomaly-"))
         if name == "full_demo":
             config = full_demo_shadow_config(tempfile.mkdtemp(prefix="bench-demo-"))
+        if name.startswith(WITHOUT):
+            group = name.removeprefix(WITHOUT)
+            config = full_demo_without(tempfile.mkdtemp(prefix="bench-demo-"), group)
         return GuardMiddleware(build_model_app(model), config=config, registry=CollectorRegistry())
 
     variants = {name: build(name) for name in wanted}

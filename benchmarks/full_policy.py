@@ -36,6 +36,13 @@ and wrk to CPU 1 (``--no-pin`` leaves both to the scheduler). Results go to
 benchmarks/RESULTS.md (section ``full-policy``). About 2 minutes with the
 defaults.
 
+``--marginal`` measures instead what each group of the policy's detectors costs
+on its own (section ``full-policy-marginal``): beside ``bare`` and ``full_demo``,
+the whole policy less one group at a time (the rate limits; the input-anomaly
+detectors; the extraction detectors; the rounding of every answer), one row,
+served and measured as above; a group's cost is the server CPU per request of
+the whole policy less that of the policy without it.
+
 ``--profile LABEL`` profiles instead: a server running ``full_demo`` alone, under
 wrk load (``--workload``, many clients by default), sampled by py-spy
 (``pip install py-spy``) for
@@ -399,6 +406,97 @@ def _write_profile(label: str, text: str) -> None:
     write_section("full-policy-profile", "\n\n".join([_PROFILE_HEAD, *sections.values()]))
 
 
+def marginal(rounds: int, seconds: int, pin: bool, http: str, no_write: bool) -> None:
+    """Each detector group's own cost: the whole policy against the policy without it."""
+    from benchmarks.apps import FULL_DEMO_GROUPS, WITHOUT
+
+    server_cpu, wrk_cpu = (0, 1) if pin else (None, None)
+    started = time.time()
+    variants = ["bare", "full_demo", *(WITHOUT + g for g in FULL_DEMO_GROUPS)]
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    one = bodies(1)[0]
+    scripts = {}
+    for v in variants:
+        script = tmp / f"full-policy-{os.getpid()}-marginal-{v}.lua"
+        script.write_text(wrk_script(f"/{v}{PATH}", None, one))
+        scripts[v] = script
+    rps: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    order = random.Random(15)
+    try:
+        with (
+            pinned(server_cpu),
+            serve(
+                "benchmarks.apps:side_by_side",
+                env={"BENCH_VARIANTS": ",".join(variants)},
+                http_impl=http,
+            ) as url,
+        ):
+            pid = _listening_pid(int(url.rsplit(":", 1)[1]))
+            for v in variants:  # warm-up
+                run_wrk(url, f"/{v}{PATH}", scripts[v], 1, wrk_cpu)
+            for _ in range(rounds):
+                for v in order.sample(variants, len(variants)):
+                    r, used = run_wrk(url, f"/{v}{PATH}", scripts[v], seconds, wrk_cpu, pid)
+                    rps[v].append(r)
+                    if used is not None:
+                        cpu[v].append(used)
+    finally:
+        for script in scripts.values():
+            script.unlink(missing_ok=True)
+    if not all(cpu.values()):
+        raise SystemExit("the server's CPU time could not be read (/proc): no table")
+    c = {v: median(cpu[v]) for v in variants}
+    own = c["full_demo"] - c["bare"]
+    lines = [
+        "## What each part of the full demo policy costs (issue 15)",
+        "",
+        f"- command: `python benchmarks/full_policy.py --marginal"
+        f"{' --http httptools' if http == 'httptools' else ''}`",
+        f"- machine: {machine()}; "
+        + ("server pinned to CPU 0, wrk to CPU 1" if pin else "not pinned"),
+        f"- date: {today()}; took {time.time() - started:.0f} s",
+        f"- as `full-policy`'s *one row* (uvicorn ({http}), 1 worker, every variant in one "
+        f"process, `wrk -t1 -c16`, {rounds} rounds of {seconds} s per variant, shuffled "
+        "within a round), with the demo policy (shadow mode) less one group of detectors "
+        "at a time; server CPU µs per request, median of the rounds",
+        "- a group's cost: the whole policy's CPU per request less that of the policy "
+        "without the group (what serving it adds, its share of the policy's cost over "
+        "bare in the last column); what no group accounts for is the guard's own "
+        "(identity, parsing, reading the answer, the observation queue, metrics)",
+        "",
+        "| variant | req/s (median) | server CPU µs/request | group's cost, µs | "
+        "share of the policy's cost |",
+        "|---|---:|---:|---:|---:|",
+        f"| bare | {median(rps['bare']):.0f} | {c['bare']:.0f} | — | — |",
+        f"| full_demo | {median(rps['full_demo']):.0f} | {c['full_demo']:.0f} | "
+        f"{own:.0f} (the policy over bare) | 100% |",
+    ]
+    accounted = 0.0
+    for g, names in FULL_DEMO_GROUPS.items():
+        v = WITHOUT + g
+        cost = c["full_demo"] - c[v]
+        accounted += cost
+        what = ", ".join(names) if names else "answers not rounded for everyone"
+        lines.append(
+            f"| less {g} ({what}) | {median(rps[v]):.0f} | {c[v]:.0f} | {cost:.0f} | "
+            f"{cost / own:.0%} |"
+        )
+    lines += [
+        "",
+        f"- the groups together: {accounted:.0f} µs of the policy's {own:.0f} µs over "
+        f"bare; the rest, {own - accounted:.0f} µs, is the guard's own work on a request "
+        f"with detectors. Issue 15's target (≥ {TARGET}x bare) allows the policy "
+        f"{c['bare'] * (1 / TARGET - 1):.0f} µs here (bare's own CPU per request)",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not no_write:
+        write_section(
+            "full-policy-marginal" if http == "h11" else f"full-policy-marginal-{http}", text
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s (a smoke run)")
@@ -419,6 +517,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FILE",
         help="with --profile: summarise py-spy raw stacks recorded earlier (another revision's)",
     )
+    parser.add_argument(
+        "--marginal",
+        action="store_true",
+        help="the cost of each group of detectors: the policy less one group at a time",
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     seconds = args.seconds or (2 if args.quick else 4)
@@ -436,6 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile:
         profile(args.profile, seconds, pin, args.workload)
+        return
+    if args.marginal:
+        marginal(rounds, seconds, pin, http_implementation(args.http), args.no_write)
         return
     server_cpu, wrk_cpu = (0, 1) if pin else (None, None)
     http = http_implementation(args.http)
