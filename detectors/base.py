@@ -138,9 +138,10 @@ class Detector(ABC):
     ) -> list[DetectorResult | Exception | None]:
         """:meth:`observe` of several answers, in order: one outcome per item.
 
-        The guard drains its observation queue through this call, so that a
-        detector can share the per-row work of a batch (one projection, one
-        set of digests). Its state must end as if :meth:`observe` had been
+        The guard drains its observation queue through this call when several
+        answers wait (one alone goes to :meth:`observe`), so that a detector
+        can share the per-row work of a batch (one projection, one set of
+        digests). Its state must end as if :meth:`observe` had been
         called on each item in turn, and each item's outcome be what that
         call would have returned. An item whose observation raised gets the
         exception as its outcome; the others are still observed.

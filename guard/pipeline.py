@@ -842,6 +842,8 @@ class Guard:
         self, policy: CompiledPolicy, items: Sequence[Observation]
     ) -> list[Decision | None]:
         n = len(items)
+        if n == 1:
+            return [await self._observe_one(policy, items[0])]
         results: list[list[DetectorResult]] = [[] for _ in range(n)]
         fired: list[list[tuple[str, Action]]] = [[] for _ in range(n)]
         pairs = [(item.query, item.answer) for item in items]
@@ -870,6 +872,30 @@ class Guard:
                 await self._observed(policy, item, results[k], fired[k]) if fired[k] else None
             )
         return out
+
+    async def _observe_one(self, policy: CompiledPolicy, item: Observation) -> Decision | None:
+        """:meth:`_observe_run` of one answer (the usual drain before a verdict): each
+        detector's ``observe``, which its ``observe_many`` of one item must equal."""
+        results: list[DetectorResult] = []
+        fired: list[tuple[str, Action]] = []
+        query, answer = item.query, item.answer
+        for armed in policy.observers:
+            det = armed.detector
+            try:
+                outcome = await det.observe(query, answer)
+            except StateError:
+                self.counts.error("store")
+                continue
+            except Exception as exc:
+                log.error("detector %s failed in observe", det.name, exc_info=exc)
+                self.counts.error("detector")
+                continue
+            if outcome is None:
+                continue
+            results.append(outcome)
+            if outcome.anomalous:
+                fired.append((det.name, armed.action_for(outcome)))
+        return await self._observed(policy, item, results, fired) if fired else None
 
     async def _observed(
         self,

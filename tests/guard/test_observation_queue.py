@@ -25,10 +25,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from inference_guard.detectors.base import Answer, Query
+from inference_guard.detectors.base import Answer, Detector, DetectorResult, Query
 from inference_guard.guard.config import GuardConfig, ObservationConfig
+from inference_guard.guard.decisions import Action
 from inference_guard.guard.engine import Pass, Refusal, Request, Seen, Verdict
+from inference_guard.guard.errors import StateError
 from inference_guard.guard.pipeline import Guard, Observation, Observations
+from inference_guard.guard.registry import register_detector
 from tests.conftest import sample
 
 V2 = "/v2/models/m/infer"
@@ -524,4 +527,117 @@ def item(client: str) -> Observation:
     assert isinstance(policy, CompiledPolicy)
     return Observation(
         policy, Query(client=client, policy=policy.name, rows=None), Answer(200), "t"
+    )
+
+
+class FailingObserver(Detector):
+    """Observes answers and fails: a bug (``kind="bug"``) or a store failure (``"store"``)."""
+
+    observes_answers = True
+
+    def __init__(self, name: str, kind: str) -> None:
+        super().__init__(name)
+        self.kind = kind
+        self.calls = 0
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        return DetectorResult.ok(self.name)
+
+    async def observe(self, query: Query, answer: Answer) -> DetectorResult | None:
+        self.calls += 1
+        if self.kind == "store":
+            raise StateError("redis", "get", "connection refused")
+        raise RuntimeError("observer bug")
+
+
+class FiringObserver(Detector):
+    """Observes every answer and fires on each (``degrade``)."""
+
+    observes_answers = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.clients: list[str] = []
+
+    async def inspect(self, query: Query) -> DetectorResult:
+        return DetectorResult.ok(self.name)
+
+    async def observe(self, query: Query, answer: Answer) -> DetectorResult | None:
+        self.clients.append(query.client)
+        return DetectorResult(self.name, -1.0, 0.0, True, reason="fired")
+
+
+register_detector("test-failing-observer", lambda s, c: FailingObserver(s.name, s.params["kind"]))
+register_detector("test-firing-observer", lambda s, c: FiringObserver(s.name))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_failing_observer_is_counted_and_the_others_still_observe(batch: int) -> None:
+    """Answers applied one at a time (a drain before a verdict) and as a batch of three
+    alike: a bug and a store failure in ``observe`` are counted by component, and the
+    next detector still observes each answer and fires."""
+    registry = CollectorRegistry()
+    guard = Guard(
+        GuardConfig.from_dict(
+            {
+                "audit": {"enabled": False},
+                "policies": [
+                    {
+                        "name": "inference",
+                        "routes": [V2],
+                        "degrade": {"always": False},
+                        "detectors": [
+                            {
+                                "type": "test-failing-observer",
+                                "name": "bug",
+                                "params": {"kind": "bug"},
+                            },
+                            {
+                                "type": "test-failing-observer",
+                                "name": "store",
+                                "params": {"kind": "store"},
+                            },
+                            {"type": "test-firing-observer", "name": "fires", "action": "degrade"},
+                        ],
+                    }
+                ],
+            }
+        ),
+        registry=registry,
+    )
+    policy = guard.policies[0]
+    answer = Answer(labels=np.array([1]), probabilities=np.array([[0.2, 0.8]]))
+    items = [
+        Observation(
+            policy,
+            Query(f"c{i}", policy.name, np.zeros((1, 2)), n_rows=1),
+            answer,
+            "api_key",
+            False,
+        )
+        for i in range(3)
+    ]
+
+    async def run() -> list[Any]:
+        if batch == 1:
+            return [(await guard.observe_batch([item]))[0] for item in items]
+        return await guard.observe_batch(items)
+
+    decisions = asyncio.run(run())
+    detectors = {d.name: d for d in guard.loadout.detectors()}
+    assert detectors["bug"].calls == detectors["store"].calls == 3
+    assert detectors["fires"].clients == ["c0", "c1", "c2"]
+    assert [d.fired for d in decisions] == [(("fires", Action.DEGRADE),)] * 3
+    assert [d.policy for d in decisions] == ["inference"] * 3
+    assert sample(registry, "guard_errors_total", component="detector") == 3
+    assert sample(registry, "guard_errors_total", component="store") == 3
+    assert (
+        sample(
+            registry,
+            "guard_detections_total",
+            policy="inference",
+            detector="fires",
+            action="degrade",
+        )
+        == 3
     )
