@@ -43,7 +43,7 @@ from inference_guard.guard.loadout import Loadout, build_loadout
 from inference_guard.guard.metrics import GuardMetrics, config_sha
 from inference_guard.guard.payload.adapters import pattern_format
 from inference_guard.guard.payload.formats import PayloadFormat
-from inference_guard.guard.policy import CompiledPolicy
+from inference_guard.guard.policy import Armed, CompiledPolicy
 from inference_guard.guard.registry import BuildContext
 from inference_guard.guard.reload import ReloadResult, check_frozen
 from inference_guard.guard.signatures import MetadataSource, Signatures
@@ -848,24 +848,13 @@ class Guard:
         fired: list[list[tuple[str, Action]]] = [[] for _ in range(n)]
         pairs = [(item.query, item.answer) for item in items]
         for armed in policy.observers:
-            det = armed.detector
             try:
-                outcomes = await det.observe_many(pairs)
+                outcomes = await armed.detector.observe_many(pairs)
             except Exception as exc:  # a detector's own bug: every item failed with it
                 outcomes = [exc] * n
             for k, outcome in enumerate(outcomes):
-                if outcome is None:
-                    continue
-                if isinstance(outcome, BaseException):
-                    if isinstance(outcome, StateError):
-                        self.counts.error("store")
-                    else:
-                        log.error("detector %s failed in observe", det.name, exc_info=outcome)
-                        self.counts.error("detector")
-                    continue
-                results[k].append(outcome)
-                if outcome.anomalous:
-                    fired[k].append((det.name, armed.action_for(outcome)))
+                if outcome is not None:
+                    self._take(armed, outcome, results[k], fired[k])
         out: list[Decision | None] = []
         for k, item in enumerate(items):
             out.append(
@@ -880,22 +869,36 @@ class Guard:
         fired: list[tuple[str, Action]] = []
         query, answer = item.query, item.answer
         for armed in policy.observers:
-            det = armed.detector
             try:
-                outcome = await det.observe(query, answer)
-            except StateError:
-                self.counts.error("store")
-                continue
+                outcome: DetectorResult | Exception | None = await armed.detector.observe(
+                    query, answer
+                )
             except Exception as exc:
-                log.error("detector %s failed in observe", det.name, exc_info=exc)
-                self.counts.error("detector")
-                continue
-            if outcome is None:
-                continue
-            results.append(outcome)
-            if outcome.anomalous:
-                fired.append((det.name, armed.action_for(outcome)))
+                outcome = exc
+            if outcome is not None:
+                self._take(armed, outcome, results, fired)
         return await self._observed(policy, item, results, fired) if fired else None
+
+    def _take(
+        self,
+        armed: Armed,
+        outcome: DetectorResult | BaseException,
+        results: list[DetectorResult],
+        fired: list[tuple[str, Action]],
+    ) -> None:
+        """One detector's outcome on one answer: kept (and what fired noted), or its
+        failure counted."""
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, StateError):
+                self.counts.error("store")
+            else:
+                name = armed.detector.name
+                log.error("detector %s failed in observe", name, exc_info=outcome)
+                self.counts.error("detector")
+            return
+        results.append(outcome)
+        if outcome.anomalous:
+            fired.append((armed.detector.name, armed.action_for(outcome)))
 
     async def _observed(
         self,
