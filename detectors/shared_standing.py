@@ -73,9 +73,14 @@ class SharedStanding:
         """The client's standing: this worker's score, or the shared one when it is lower.
 
         The store is read only when the local score does not already flag the
-        client, so a flagged client costs no round trip.
+        client, so a flagged client costs no round trip; nor is it read when the
+        store can tell that it holds no standing at all (``memory://`` while no
+        client is flagged: ``may_hold_flag``).
         """
         if local is not None and local < threshold:
+            return local
+        may_hold = getattr(self.store, "may_hold_flag", None)
+        if may_hold is not None and not may_hold(STANDING_PREFIX):
             return local
         return self.pick(local, await self.score(policy, client), threshold)
 

@@ -117,6 +117,19 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
         """Quarantine and standing flags held in their own table (``max_flag_keys``)."""
         return len(self._flags)
 
+    def may_hold_flag(self, prefix: str) -> bool:
+        """Whether a key starting with ``prefix`` may be held now; ``False`` only when it
+        is certain that none is: ``prefix`` is a flag's, the flag table is empty and no
+        flag ever overflowed into the main table.
+
+        For readers that look a client's flag up on every request (a detector's
+        shared standing): while no client is flagged at all, the usual case, they
+        skip the lookup. Conservative: expired flags not yet dropped count.
+        """
+        if not prefix.startswith(self._flag_prefixes):
+            return True  # kept in the main table with everything else: cannot tell
+        return bool(self._flags) or self.flag_overflows > 0
+
     def quarantined_now(self) -> int:
         """Live ``quarantine:`` keys: the flag table, and the main table if a flag overflowed.
 

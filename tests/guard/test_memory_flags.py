@@ -81,6 +81,46 @@ def test_a_full_flag_table_overflows_new_flags_and_keeps_the_live_ones() -> None
     asyncio.run(main())
 
 
+class CountingStore(MemoryStore):
+    """A memory store that counts the reads of standing keys."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.standing_reads = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.standing_reads += key.startswith(STANDING_PREFIX)
+        return await super().get(key)
+
+
+def test_no_flag_held_skips_the_standing_lookup_and_any_flag_restores_it() -> None:
+    store = CountingStore(max_keys=3, max_flag_keys=1)
+    standing = SharedStanding(store, "prada:p", 60)
+    assert not store.may_hold_flag(STANDING_PREFIX)
+    assert store.may_hold_flag("rate:")  # not a flag's prefix: cannot tell
+
+    async def main() -> None:
+        # nothing flagged anywhere: the local score stands, the store is not read
+        assert await standing.resolve("inference", "c1", 0.9, 0.5) == 0.9
+        assert await standing.resolve("inference", "c1", None, 0.5) is None
+        assert store.standing_reads == 0
+        # another detector's quarantine is a flag too: standings are read again
+        await store.set("quarantine:x", b"1", ttl=60)
+        assert store.may_hold_flag(STANDING_PREFIX)
+        assert await standing.resolve("inference", "c1", 0.9, 0.5) == 0.9
+        assert store.standing_reads == 1
+        await store.delete("quarantine:x")
+        # a standing that overflowed into the main table is found whatever the flag table
+        await store.set("quarantine:y", b"1", ttl=60)
+        await standing.flag("inference", "c2", 0.1)  # the table is full: overflows
+        assert store.flag_overflows == 1
+        await store.delete("quarantine:y")
+        assert not store._flags and store.may_hold_flag(STANDING_PREFIX)
+        assert await standing.resolve("inference", "c2", 0.9, 0.5) == 0.1
+
+    asyncio.run(main())
+
+
 def test_refreshed_flags_keep_the_expiry_heap_bounded() -> None:
     store = MemoryStore(max_flag_keys=4)
 
