@@ -32,7 +32,6 @@ import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from inference_guard.detectors.shared_standing import STANDING_PREFIX
 from inference_guard.detectors.store import GcraLimit, RateCheck, RateLimit, RateState
@@ -48,20 +47,22 @@ _NEVER = float("inf")
 FLAG_PREFIXES = (QUARANTINE_PREFIX, STANDING_PREFIX)
 
 
-@dataclass(slots=True)
-class _Tat:
-    """GCRA state: the theoretical arrival time."""
+class _Tat(float):
+    """GCRA state: the theoretical arrival time (a float of its own type, so that a
+    rate key is told apart from a counter; made for every admitted check)."""
 
-    at: float
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class _Window:
-    """Sliding-window state: window index, its count, the previous window's count."""
+class _Window(tuple[int, int, int]):
+    """Sliding-window state: ``(window index, its count, the previous window's count)``,
+    a tuple of its own type (made for every admitted check, without a Python ``__init__``)."""
 
-    index: int
-    current: int
-    previous: int
+    __slots__ = ()
+
+
+#: ``_Window(...)`` from a 3-tuple, without ``tuple.__new__``'s Python-level wrapper
+_new_window = tuple.__new__
 
 
 _Value = bytes | int | _Tat | _Window
@@ -374,9 +375,9 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
     ) -> tuple[RateState, tuple[float, _Value] | None]:
         """One limit's answer from its stored state, and what to store if admitted."""
         if type(limit) is GcraLimit or isinstance(limit, GcraLimit):
-            tat = stored.at if type(stored) is _Tat else None
+            tat = stored if type(stored) is _Tat else None
             state, new_tat = gcra_step(tat, now, limit, cost)
             return state, ((new_tat, _Tat(new_tat)) if new_tat > now else None)
-        prior = (stored.index, stored.current, stored.previous) if type(stored) is _Window else None
-        state, (index, cur, prev), expires = window_step(prior, now, limit, cost)
-        return state, (expires, _Window(index, cur, prev))
+        prior = stored if type(stored) is _Window else None
+        state, window, expires = window_step(prior, now, limit, cost)
+        return state, (expires, _new_window(_Window, window))
