@@ -110,7 +110,12 @@ class AnomalyRateTracker:
         if total <= 0:
             return
         bucket = math.floor(self._clock() / self.window_s)
-        all_key, bad_key = self._keys(client, bucket)
+        ended = self._ended
+        known = None if ended is None else ended.get(client)
+        if known is not None and known[0] == bucket - 1:
+            all_key, bad_key = known[2]  # this window's keys, kept since they were read
+        else:
+            all_key, bad_key = self._keys(client, bucket)
         # two windows of TTL: a bucket is read while current and while previous
         ttl = 2.0 * self.window_s
         await self.store.incr(all_key, total, ttl=ttl)

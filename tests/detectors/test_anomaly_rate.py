@@ -79,6 +79,29 @@ def test_sliding_window_blends_and_forgets(store: MemoryStore, clock: Clock) -> 
     assert len(store) <= 4  # the counters carry a TTL; expired keys are dropped
 
 
+def test_reads_between_records_change_no_count(clock: Clock) -> None:
+    """A tracker that reads between its records (on memory://, it then keeps a window's
+    keys and the previous window's counts) counts what one that never read does."""
+    read_store, plain_store = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    reading = AnomalyRateTracker(read_store, namespace="knn", window_s=60, clock=clock)
+    plain = AnomalyRateTracker(plain_store, namespace="knn", window_s=60, clock=clock)
+    rng = np.random.default_rng(5)
+
+    async def scenario() -> None:
+        for _ in range(400):
+            clock.now += float(rng.choice([0.5, 7.0, 29.0, 61.0]))
+            client = str(rng.choice(["a", "b", "c"]))
+            bad, total = int(rng.integers(0, 3)), int(rng.integers(1, 4))
+            await reading.record(client, anomalous=bad, total=total)
+            await plain.record(client, anomalous=bad, total=total)
+            if rng.random() < 0.5:
+                fresh = AnomalyRateTracker(plain_store, namespace="knn", window_s=60, clock=clock)
+                assert await reading.rate(client) == await fresh.rate(client)
+
+    run(scenario())
+    assert reading._ended  # the keys and counts were kept: the path under test ran
+
+
 def test_namespaces_and_windows_do_not_mix(store: MemoryStore, clock: Clock) -> None:
     knn = AnomalyRateTracker(store, namespace="knn", window_s=60, clock=clock)
     maha = AnomalyRateTracker(store, namespace="maha", window_s=60, clock=clock)
