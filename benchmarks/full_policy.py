@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         f"- target (issue 15): the full demo policy at ≥ {TARGET}x bare throughput on "
-        f"the single-row request (one row): **{one:.2f}x** "
+        f"the single-row request (one row): **{one:.3f}x** "
         f"({'met' if one >= TARGET else 'NOT met'}); with many clients and fresh rows "
         f"{many:.2f}x",
     ]
