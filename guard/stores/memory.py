@@ -61,10 +61,6 @@ class _Window(tuple[int, int, int]):
     __slots__ = ()
 
 
-#: ``_Window(...)`` from a 3-tuple, without ``tuple.__new__``'s Python-level wrapper
-_new_window = tuple.__new__
-
-
 _Value = bytes | int | _Tat | _Window
 
 
@@ -380,4 +376,4 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             return state, ((new_tat, _Tat(new_tat)) if new_tat > now else None)
         prior = stored if type(stored) is _Window else None
         state, window, expires = window_step(prior, now, limit, cost)
-        return state, (expires, _new_window(_Window, window))
+        return state, (expires, _Window(window))
