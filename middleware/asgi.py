@@ -53,6 +53,7 @@ from inference_guard.middleware.answer_capture import AnswerCapture, identity_en
 from inference_guard.middleware.fast_lane import (
     CarryOut,
     FastLane,
+    begin,
     lean_policies,
     rate_policies,
 )
@@ -267,13 +268,7 @@ class GuardMiddleware:
         self, carry_out: CarryOut, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """A request on a policy route without a fast lane: the engine's verdict, carried out."""
-        try:
-            request_id = self._request_id()
-        except ValueError:  # the generator is busy in another thread
-            request_id = draw_request_id(self._request_id)
-        started = time.perf_counter()
-        limits = self._limits
-        reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
+        request_id, started, reader = begin(self._request_id, self._limits, receive)
         await carry_out(scope, reader, send, request_id, started, None)
 
     async def _carry_out(

@@ -186,13 +186,8 @@ class FastLane:
         receive: Receive,
         send: Send,
     ) -> None:
-        try:
-            request_id = next_id()
-        except ValueError:  # the generator is busy in another thread
-            request_id = draw_request_id(next_id)
-        started = perf_counter()
+        request_id, started, reader = begin(next_id, self._limits, receive)
         limits = self._limits
-        reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
             headers = self._plain_headers(scope)
             if not self._identity.isdisjoint(headers):
@@ -285,13 +280,8 @@ class FastLane:
         receive: Receive,
         send: Send,
     ) -> None:
-        try:
-            request_id = next_id()
-        except ValueError:  # the generator is busy in another thread
-            request_id = draw_request_id(next_id)
-        started = perf_counter()
+        request_id, started, reader = begin(next_id, self._limits, receive)
         limits = self._limits
-        reader = BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s)
         try:
             headers = self._plain_headers(scope)
             peer = scope.get("client")
@@ -324,6 +314,22 @@ class FastLane:
             await carry_out(scope, reader, send, request_id, started, None)
             return
         await app(scope, reader.for_app(), with_request_id(send, request_id, statuses, added))
+
+
+def begin(
+    next_id: Callable[[], str], limits: LimitsConfig, receive: Receive
+) -> tuple[str, float, BodyReader]:
+    """What every guarded request starts with: its id, the moment the guard took it
+    (its overhead is timed from there), and the reader of its body under ``limits``."""
+    try:
+        request_id = next_id()
+    except ValueError:  # the generator is busy in another thread
+        request_id = draw_request_id(next_id)
+    return (
+        request_id,
+        perf_counter(),
+        BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s),
+    )
 
 
 class _NotPlain(Exception):
