@@ -106,8 +106,8 @@ class RowAnomalyDetector(Detector):
     --------
     >>> import asyncio
     >>> import numpy as np
-    >>> from detectors.base import Query
-    >>> from detectors.mahalanobis import MahalanobisOutlier
+    >>> from inference_guard.detectors.base import Query
+    >>> from inference_guard.detectors.mahalanobis import MahalanobisOutlier
     >>> X = np.random.default_rng(0).normal(size=(1000, 4))
     >>> det = RowAnomalyDetector("maha", MahalanobisOutlier().fit(X))
     >>> rows = np.array([[0.0, 0.0, 0.0, 0.0], [9.0, 9.0, -9.0, 9.0]])
@@ -262,9 +262,9 @@ class TextAnomalyDetector(Detector):
     Examples
     --------
     >>> import asyncio
-    >>> from detectors.base import Query
-    >>> from detectors.prompt_corpus import benign_prompts
-    >>> from detectors.text import TextOutlier
+    >>> from inference_guard.detectors.base import Query
+    >>> from inference_guard.detectors.prompt_corpus import benign_prompts
+    >>> from inference_guard.detectors.text import TextOutlier
     >>> det = TextAnomalyDetector("text", TextOutlier().fit(benign_prompts(2000)))
     >>> q = Query(client="c", policy="chat", rows=None, texts=("Hello\\u202eevil",))
     >>> asyncio.run(det.inspect(q)).anomalous

@@ -252,7 +252,7 @@ class AnomalyRateDetector(Detector):
     Examples
     --------
     >>> import asyncio
-    >>> from detectors.base import Query
+    >>> from inference_guard.detectors.base import Query
     >>> class DictStore:  # the guard passes its memory:// or redis:// store
     ...     backend = "dict"
     ...     def __init__(self): self.data = {}

@@ -219,8 +219,8 @@ class BoundaryDetector(Detector):
     --------
     >>> import asyncio
     >>> import numpy as np
-    >>> from detectors.base import Answer, Query
-    >>> from detectors.boundary import BoundaryDetector
+    >>> from inference_guard.detectors.base import Answer, Query
+    >>> from inference_guard.detectors.boundary import BoundaryDetector
     >>> class Store:
     ...     backend = "dict"
     ...     def __init__(self): self.d = {}
@@ -228,8 +228,8 @@ class BoundaryDetector(Detector):
     ...     async def set(self, k, v, ttl=None): self.d[k] = v
     ...     async def delete(self, k): self.d.pop(k, None)
     ...     async def incr(self, k, amount=1, ttl=None): return 0
-    >>> det = BoundaryDetector("boundary", store=Store(), window=20)
-    >>> rows = np.zeros((20, 4))
+    >>> det = BoundaryDetector("boundary", store=Store(), window=20, low=0.0, high=1.0)
+    >>> rows = np.random.default_rng(0).random((20, 4))  # spread over the whole box
     >>> probs = np.tile([0.5, 0.5], (20, 1))  # every answer on the boundary
     >>> async def probe():
     ...     await det.observe(Query("c1", "p", rows, n_rows=20), Answer(probabilities=probs))

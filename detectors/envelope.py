@@ -60,7 +60,7 @@ class FeatureEnvelope(RowOutlierBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from detectors.envelope import FeatureEnvelope
+    >>> from inference_guard.detectors.envelope import FeatureEnvelope
     >>> X = np.random.default_rng(0).integers(0, 17, size=(500, 4)).astype(float)
     >>> env = FeatureEnvelope(target_fpr=0.01).fit(X)
     >>> env.predict([[3.0, 4.0, 5.0, 6.0], [3.0, 4.0, 5.5, 40.0]]).tolist()

@@ -587,8 +587,8 @@ class NearDuplicateDetector(Detector):
     --------
     >>> import asyncio
     >>> import numpy as np
-    >>> from detectors.base import Query
-    >>> from detectors.fingerprint import NearDuplicateDetector
+    >>> from inference_guard.detectors.base import Query
+    >>> from inference_guard.detectors.fingerprint import NearDuplicateDetector
     >>> class Store:
     ...     backend = "dict"
     ...     def __init__(self): self.d = {}

@@ -166,7 +166,7 @@ class IsolationForestOutlier(RowOutlierBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from detectors.iforest import IsolationForestOutlier
+    >>> from inference_guard.detectors.iforest import IsolationForestOutlier
     >>> X = np.random.default_rng(0).normal(size=(1000, 4))
     >>> det = IsolationForestOutlier(n_estimators=50, target_fpr=0.01).fit(X)
     >>> det.predict([[0.0, 0.0, 0.0, 0.0], [6.0, -6.0, 6.0, -6.0]]).tolist()

@@ -63,7 +63,7 @@ class KNNOutlier(RowOutlierBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from detectors.knn import KNNOutlier
+    >>> from inference_guard.detectors.knn import KNNOutlier
     >>> rng = np.random.default_rng(0)
     >>> X = np.vstack([rng.normal(-3, 1, (500, 2)), rng.normal(3, 1, (500, 2))])
     >>> det = KNNOutlier(n_neighbors=5, target_fpr=0.01).fit(X)

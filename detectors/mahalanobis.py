@@ -58,7 +58,7 @@ class MahalanobisOutlier(RowOutlierBase):
     Examples
     --------
     >>> import numpy as np
-    >>> from detectors.mahalanobis import MahalanobisOutlier
+    >>> from inference_guard.detectors.mahalanobis import MahalanobisOutlier
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(2000, 3)) @ np.array([[1.0, 0.9, 0], [0, 0.4, 0], [0, 0, 1]])
     >>> det = MahalanobisOutlier(target_fpr=0.01).fit(X)

@@ -215,8 +215,8 @@ class PradaDetector(Detector):
     --------
     >>> import asyncio
     >>> import numpy as np
-    >>> from detectors.base import Answer, Query
-    >>> from detectors.prada import PradaDetector
+    >>> from inference_guard.detectors.base import Answer, Query
+    >>> from inference_guard.detectors.prada import PradaDetector
     >>> class Store:
     ...     backend = "dict"
     ...     def __init__(self): self.d = {}

@@ -342,9 +342,9 @@ class RateLimitDetector(Detector):
     Examples
     --------
     >>> import asyncio
-    >>> from detectors.base import Query
-    >>> from detectors.store import GcraLimit
-    >>> from guard.stores.memory import MemoryStore
+    >>> from inference_guard.detectors.base import Query
+    >>> from inference_guard.detectors.store import GcraLimit
+    >>> from inference_guard.guard.stores.memory import MemoryStore
     >>> det = RateLimitDetector("rate", store=MemoryStore(),
     ...                         limits=[GcraLimit(rate=20, period=1.0, burst=40)])
     >>> first = asyncio.run(det.inspect(Query("client-hash", "api", None, n_rows=30)))

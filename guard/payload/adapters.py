@@ -195,7 +195,7 @@ def parse_request(
 
     Examples
     --------
-    >>> from guard.config import LimitsConfig
+    >>> from inference_guard.guard.config import LimitsConfig
     >>> body = b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}'
     >>> req = parse_request(body, path="/v2/models/m/infer", content_type="application/json",
     ...                     headers={}, limits=LimitsConfig())

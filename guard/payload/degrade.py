@@ -164,7 +164,7 @@ def coarsen(probs: NDArray[np.float64], spec: DegradeConfig) -> NDArray[np.float
     Examples
     --------
     >>> import numpy as np
-    >>> from guard.config import DegradeConfig
+    >>> from inference_guard.guard.config import DegradeConfig
     >>> coarsen(np.array([[0.123, 0.654, 0.223]]), DegradeConfig(decimals=1, top_k=2)).tolist()
     [[0.0, 0.7, 0.2]]
     """
@@ -364,7 +364,7 @@ def degrade_response(
 
     Examples
     --------
-    >>> from guard.config import DegradeConfig
+    >>> from inference_guard.guard.config import DegradeConfig
     >>> degrade_response(b'{"predictions": [[0.1234, 0.8766]]}', fmt="kserve_v1",
     ...                  content_type="application/json", spec=DegradeConfig(decimals=2, noise=0.0))
     b'{"predictions":[[0.12,0.88]]}'

@@ -108,7 +108,7 @@ class PointerFormat:
 
     Examples
     --------
-    >>> from guard.config import LimitsConfig, PayloadConfig
+    >>> from inference_guard.guard.config import LimitsConfig, PayloadConfig
     >>> fmt = PointerFormat(PayloadConfig(rows="/features", probabilities="/probabilities"))
     >>> fmt.detect({"features": [[1, 2]]}), fmt.detect({"instances": [[1, 2]]})
     (True, False)

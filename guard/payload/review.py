@@ -73,7 +73,7 @@ def review_answer(
 
     Examples
     --------
-    >>> from guard.config import DegradeConfig
+    >>> from inference_guard.guard.config import DegradeConfig
     >>> r = review_answer(b'{"predictions": [[0.1234, 0.8766]]}', "application/json",
     ...                   fmt="kserve_v1", spec=DegradeConfig(decimals=2, noise=0.0), read=True)
     >>> r.body, r.answer.probabilities.tolist()
