@@ -70,6 +70,33 @@ def test_v2_rounding_keeps_flat_data_and_shape() -> None:
     assert out["id"] == "42"
 
 
+@pytest.mark.parametrize("decimals", [0, 1, 2, 3, 6])
+def test_every_format_rounds_a_probability_alike(decimals: int) -> None:
+    """The same probabilities come out the same whatever carries them: a flat OIP v2
+    tensor (the hot path), a nested one, KServe v1 vectors (the array route), and
+    :func:`coarsen`. Values with three decimals, such as 0.015, sit on a tie once
+    scaled and are where a different rounding rule would show."""
+    rng = random.Random(decimals)
+    values = [round(rng.random(), 3) for _ in range(300)] + [rng.random() for _ in range(300)]
+    values += [0.015, 0.125, 0.5, 1.0, 0.0, 0.005, 0.995]
+    rows = [values[i : i + 3] for i in range(0, len(values) - len(values) % 3, 3)]
+    flat = [v for row in rows for v in row]
+    spec = DegradeConfig(decimals=decimals, noise=0.0)
+    by_array = coarsen(np.array(rows), spec).tolist()
+    doc = {
+        "outputs": [
+            {"name": "probabilities", "shape": [len(rows), 3], "datatype": "FP64", "data": flat}
+        ]
+    }
+    fast = degrade(doc, spec, "oip_v2")["outputs"][0]["data"]
+    doc["outputs"][0]["data"] = rows
+    nested = degrade(doc, spec, "oip_v2")["outputs"][0]["data"]
+    v1 = degrade({"predictions": rows}, spec, "kserve_v1")["predictions"]
+    assert [fast[i : i + 3] for i in range(0, len(fast), 3)] == by_array
+    assert nested == by_array
+    assert v1 == by_array
+
+
 def test_v2_nested_data_stays_nested() -> None:
     doc = v2_answer()
     doc["outputs"][0]["data"] = [[0.1234, 0.6543, 0.2223], [0.5, 0.25, 0.25]]
