@@ -55,12 +55,14 @@ def check_acquire(checks: Sequence[RateCheck], cost: int) -> None:
 
 
 def gcra_step(
-    tat: float | None, now: float, limit: GcraLimit, cost: int
+    tat: float | None, now: float, limit: GcraLimit, cost: int, *, probe: bool = False
 ) -> tuple[RateState, float]:
     """One GCRA check. ``tat`` is the stored theoretical arrival time (``None``: fresh).
 
     Returns the answer and the new arrival time, which is also the moment the
-    bucket is full again (the state's expiry).
+    bucket is full again (the state's expiry). With ``probe`` (a request another
+    limit has refused, so nothing is consumed), a limit that would admit it
+    answers its state untouched, as at no cost, and one that would not its refusal.
     """
     t = limit.period / limit.rate  # limit.interval, without the property's call
     cap = limit.burst
@@ -68,6 +70,10 @@ def gcra_step(
     # units in the bucket now: capacity less what is still owed
     avail = cap - (base - now) / t
     if cost <= avail + _EPS:
+        if probe:
+            return _new(
+                RateState, (True, max(0, math.floor(avail + _EPS)), 0.0, base - now, cap)
+            ), base
         new_tat = base + cost * t
         state = _new(
             RateState, (True, max(0, math.floor(avail - cost + _EPS)), 0.0, new_tat - now, cap)
@@ -80,12 +86,19 @@ def gcra_step(
 
 
 def window_step(
-    stored: tuple[int, int, int] | None, now: float, limit: WindowLimit, cost: int
+    stored: tuple[int, int, int] | None,
+    now: float,
+    limit: WindowLimit,
+    cost: int,
+    *,
+    probe: bool = False,
 ) -> tuple[RateState, tuple[int, int, int], float]:
     """One sliding-window check (weighted two-window approximation).
 
     ``stored`` is ``(window index, count in that window, count in the one before)``.
     Returns the answer, the state to store if admitted, and its expiry time.
+    ``probe``: as for :func:`gcra_step` (an admitting limit answers its state at
+    no cost, and nothing is to be stored).
     """
     period = limit.period
     cap = limit.limit
@@ -101,6 +114,18 @@ def window_step(
     est = prev * (1.0 - frac) + cur
     expires = (index + 2) * period
     if est + cost <= cap + _EPS:
+        if probe:
+            state = _new(
+                RateState,
+                (
+                    True,
+                    max(0, math.floor(cap - est - 0 + _EPS)),
+                    0.0,
+                    _window_reset(cur, prev, frac, period),
+                    cap,
+                ),
+            )
+            return state, (index, cur, prev), expires
         cur += cost
         state = _new(
             RateState,

@@ -333,27 +333,31 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             return (state,)
         states: list[RateState] = []
         writes: list[tuple[str, tuple[float, _Value], bool]] = []
-        stored: list[_Value | None] = []
-        admitted = True
-        for key, limit in checks:
+        refused_at = -1
+        for i, (key, limit) in enumerate(checks):
             item = self._rate_item(key, now)
             value = None if item is None else item[1]
-            state, write = compute(value, limit, now, cost)
+            if refused_at < 0:
+                state, write = compute(value, limit, now, cost)
+                if not state.allowed:
+                    refused_at = i
+                elif write is not None:
+                    writes.append((key, write, item is not None))
+            else:
+                # refused already: this limit's state untouched if it would admit the
+                # request, else its refusal (one step tells which)
+                state = self._probe(value, limit, now, cost)
             states.append(state)
-            stored.append(value)
-            if not state.allowed:
-                admitted = False
-            elif write is not None:
-                writes.append((key, write, item is not None))
-        if admitted:
+        if refused_at < 0:
             for key, write, existed in writes:
                 self._write(key, write, existed)
             return tuple(states)
-        # refused: the limits that would have admitted it report their state untouched
-        # (computed again at no cost from what was read: nothing was written meanwhile)
-        for i, state in enumerate(states):
-            if state.allowed:
-                states[i] = compute(stored[i], checks[i][1], now, 0)[0]
+        # refused: the limits before the refusing one admitted it; they report their
+        # state untouched (computed again at no cost: nothing was written meanwhile)
+        for i in range(refused_at):
+            key, limit = checks[i]
+            item = self._rate_item(key, now)
+            states[i] = compute(None if item is None else item[1], limit, now, 0)[0]
         return tuple(states)
 
     def _write(self, key: str, item: tuple[float, _Value], existed: bool) -> None:
@@ -364,6 +368,17 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             data[key] = item
         else:
             self._put(key, *item)
+
+    @staticmethod
+    def _probe(stored: _Value | None, limit: RateLimit, now: float, cost: int) -> RateState:
+        """What one limit answers for a request another limit has refused (see ``probe``
+        in :mod:`guard.stores._ratemath`): nothing is written."""
+        if type(limit) is GcraLimit or isinstance(limit, GcraLimit):
+            return gcra_step(
+                stored if type(stored) is _Tat else None, now, limit, cost, probe=True
+            )[0]
+        prior = stored if type(stored) is _Window else None
+        return window_step(prior, now, limit, cost, probe=True)[0]
 
     @staticmethod
     def _compute(

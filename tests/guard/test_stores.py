@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -36,6 +38,7 @@ from inference_guard.guard.stores import (
     ResilientStore,
     store_from_uri,
 )
+from inference_guard.guard.stores._ratemath import gcra_step, window_step
 from inference_guard.guard.stores.redis import RedisStore, load_script
 from tests.stores_fixture import (
     REDIS_SKIP,
@@ -291,6 +294,74 @@ async def test_memory_store_sweeps_expired_keys_before_evicting() -> None:
     await store.set("new", b"y")
     assert store.evictions == 0
     assert len(store) == 1
+
+
+def _reference_acquire(
+    table: dict[str, Any], checks: list[RateCheck], cost: int, now: float
+) -> tuple[RateState, ...]:
+    """The acquire rule spelt out with the plain steps: every limit checked at ``cost``;
+    all admit: every state stored; else the admitting limits answered again at no cost."""
+    steps = []
+    for key, limit in checks:
+        if isinstance(limit, GcraLimit):
+            tat = table.get(key)
+            state, tat_new = gcra_step(
+                tat if tat is not None and tat > now else None, now, limit, cost
+            )
+            steps.append(
+                (
+                    state,
+                    tat_new,
+                    lambda c, k=key, lim=limit, t=tat: gcra_step(
+                        t if t is not None and t > now else None, now, lim, c
+                    )[0],
+                )
+            )
+        else:
+            stored, expires = table.get(key, (None, 0.0))
+            state, window, exp = window_step(stored if expires > now else None, now, limit, cost)
+            steps.append(
+                (
+                    state,
+                    (window, exp),
+                    lambda c, k=key, lim=limit, s=stored, e=expires: window_step(
+                        s if e > now else None, now, lim, c
+                    )[0],
+                )
+            )
+    if all(s.allowed for s, _, _ in steps):
+        for (key, _), (_, new, _) in zip(checks, steps, strict=True):
+            table[key] = new
+        return tuple(s for s, _, _ in steps)
+    return tuple(again(0) if s.allowed else s for s, _, again in steps)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_memory_acquire_answers_as_the_plain_rule_does(seed: int) -> None:
+    """Random multi-limit traffic (both algorithms, costs that fit, nearly fit and never
+    fit, refusals by any limit): the memory store answers every state, refused or not,
+    exactly as the rule computed step by step (its refusals take a one-pass shortcut)."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    table: dict[str, Any] = {}
+    limits: list[RateLimit] = [
+        GcraLimit(rate=rng.choice([2.0, 5.0, 40.0]), period=1.0, burst=rng.choice([3, 8, 20])),
+        WindowLimit(limit=rng.choice([10, 25, 60]), period=rng.choice([1.0, 5.0])),
+        GcraLimit(rate=1.0, period=rng.choice([0.5, 3.0]), burst=rng.choice([4, 12])),
+        WindowLimit(limit=rng.choice([7, 30]), period=2.0),
+    ]
+    refused = 0
+    for step in range(400):
+        chosen = rng.sample(range(len(limits)), rng.randint(2, len(limits)))
+        checks: list[RateCheck] = [(f"{{c}}k{i}", limits[i]) for i in chosen]
+        cost = rng.choice([0, 1, 1, 1, 2, 3, 7, 25])
+        expected = _reference_acquire(table, checks, cost, clock())
+        got = await store.acquire(checks, cost=cost)
+        assert got == expected, (seed, step, checks, cost)
+        refused += not all(s.allowed for s in got)
+        clock.advance(rng.choice([0.0, 0.01, 0.05, 0.2, 0.7]))
+    assert 40 < refused < 360  # both outcomes, many times over
 
 
 async def test_memory_store_refuses_to_mix_counters_and_rate_state() -> None:
