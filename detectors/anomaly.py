@@ -195,8 +195,11 @@ class RowAnomalyDetector(Detector):
                 self._scored_bytes += len(key)
             if result is not None:
                 # (results are immutable: a repeated row's is handed out again)
-                if self.tracker is not None:
-                    await self.tracker.record(query.client, anomalous=result.rows_flagged, total=1)
+                tracker = self.tracker
+                if tracker is not None and not tracker.record_now(
+                    query.client, result.rows_flagged, 1
+                ):
+                    await tracker.record(query.client, anomalous=result.rows_flagged, total=1)
                 return result
         # one reduction tells finite-and-modest rows apart (NaN fails the comparison)
         if row_magnitude(query, rows) <= _CLIP:
@@ -243,8 +246,9 @@ class RowAnomalyDetector(Detector):
         return scores
 
     async def _record(self, query: Query, flagged: int, total: int) -> None:
-        if self.tracker is not None:
-            await self.tracker.record(query.client, anomalous=flagged, total=total)
+        tracker = self.tracker
+        if tracker is not None and not tracker.record_now(query.client, flagged, total):
+            await tracker.record(query.client, anomalous=flagged, total=total)
 
 
 class TextAnomalyDetector(Detector):

@@ -23,7 +23,10 @@ remembers more than two windows. Keys are
 is the name of the row detector that counts, so several row detectors in one
 policy do not add up each other's rows, and the window length is part of the
 key, so a reader configured with another window reads nothing rather than
-misreading.
+misreading. A store of this process's own (``memory://``) keeps a client's two
+windows under one key, ``anomaly_rate:<namespace>:<window>:<client>``
+(``add_windowed``/``read_windowed``): the same counts, one lookup per request
+where the counters take two to four.
 """
 
 from __future__ import annotations
@@ -35,10 +38,7 @@ from collections.abc import Callable, Sequence
 from inference_guard.detectors.base import Detector, DetectorResult, Query
 from inference_guard.detectors.store import KeyValueStore
 
-__all__ = ["AnomalyRateDetector", "AnomalyRateTracker", "read_rates"]
-
-#: clients whose previous window's counts a tracker keeps (memory:// only)
-_ENDED_CLIENTS = 2048
+__all__ = ["AnomalyRateDetector", "AnomalyRateTracker", "read_rates", "read_rates_now"]
 
 
 class AnomalyRateTracker:
@@ -92,30 +92,42 @@ class AnomalyRateTracker:
         self.window_s = float(window_s)
         self._clock = clock
         self._prefix = f"anomaly_rate:{namespace}:{self.window_s:g}:"
-        # per client, the previous window's counts once read: a window that has ended
-        # takes no more rows in a store of this process's own (memory://), so they are
-        # read once per window instead of once per request. A shared store takes other
-        # workers' late rows: read every time there
-        # (the previous bucket, its (total, bad), and the current bucket's keys)
-        self._ended: dict[str, tuple[int, tuple[int, int], tuple[str, ...]]] | None = (
-            {} if getattr(store, "backend", None) == "memory" else None
+        # a store that keeps a client's two windows under one key, read and written at
+        # once (memory://): the counts there, no counters, no coroutine
+        add = getattr(store, "add_windowed", None)
+        read = getattr(store, "read_windowed", None)
+        self._windowed: tuple[Callable[..., None], Callable[..., tuple[int, ...]]] | None = (
+            (add, read) if callable(add) and callable(read) else None
         )
+        #: whether :meth:`record_now` and :func:`read_rates_now` answer (the store's
+        #: counts are read and written at once)
+        self.answers_now = self._windowed is not None
 
     def _keys(self, client: str, bucket: int) -> tuple[str, str]:
         base = f"{self._prefix}{client}:{bucket}"
         return f"{base}:all", f"{base}:bad"
 
+    def record_now(self, client: str, anomalous: int, total: int) -> bool:
+        """:meth:`record` without the coroutine, where the store answers at once
+        (:attr:`answers_now`); ``False``, having recorded nothing, where it does not."""
+        windowed = self._windowed
+        if windowed is None:
+            return False
+        if total > 0:
+            windowed[0](
+                self._prefix + client,
+                math.floor(self._clock() / self.window_s),
+                total,
+                min(anomalous, total) if anomalous > 0 else 0,
+                2.0 * self.window_s,
+            )
+        return True
+
     async def record(self, client: str, *, anomalous: int, total: int) -> None:
         """Add ``total`` rows, ``anomalous`` of them flagged, to ``client``'s current window."""
-        if total <= 0:
+        if total <= 0 or self.record_now(client, anomalous, total):
             return
-        bucket = math.floor(self._clock() / self.window_s)
-        ended = self._ended
-        known = None if ended is None else ended.get(client)
-        if known is not None and known[0] == bucket - 1:
-            all_key, bad_key = known[2]  # this window's keys, kept since they were read
-        else:
-            all_key, bad_key = self._keys(client, bucket)
+        all_key, bad_key = self._keys(client, math.floor(self._clock() / self.window_s))
         # two windows of TTL: a bucket is read while current and while previous
         ttl = 2.0 * self.window_s
         await self.store.incr(all_key, total, ttl=ttl)
@@ -126,42 +138,37 @@ class AnomalyRateTracker:
         """``(anomalous rows, total rows)`` for ``client`` over about the last window."""
         return (await read_rates((self,), client))[0]
 
-    def _plan(self, client: str) -> _Plan:
-        """What :meth:`rate` must read for ``client`` now: ``(tracker, client, bucket,
-        weight of the previous window, its (total, bad) when known, keys to read)``:
-        the current window's two keys, and the previous window's unless this process
-        already knows its counts (memory:// only, :attr:`_ended`)."""
+    def _rate_now(self, client: str) -> tuple[int, int]:
+        """:meth:`rate` from a store that answers at once (:attr:`answers_now`)."""
         position = self._clock() / self.window_s
         bucket = math.floor(position)
+        assert self._windowed is not None
+        cur_total, cur_bad, prev_total, prev_bad = self._windowed[1](self._prefix + client, bucket)
         weight_prev = 1.0 - (position - bucket)
-        ended = self._ended
-        if ended is not None:
-            known = ended.get(client)
-            if known is not None and known[0] == bucket - 1:
-                return (self, client, bucket, weight_prev, known[1], known[2])
+        return (
+            round(cur_bad + weight_prev * prev_bad),
+            round(cur_total + weight_prev * prev_total),
+        )
+
+    def _plan(self, client: str) -> _Plan:
+        """What :meth:`rate` must read for ``client`` now: ``(tracker, client, bucket,
+        weight of the previous window, keys to read)``: the current window's two
+        keys and the previous window's."""
+        position = self._clock() / self.window_s
+        bucket = math.floor(position)
         return (
             self,
             client,
             bucket,
-            weight_prev,
-            None,
+            1.0 - (position - bucket),
             self._keys(client, bucket) + self._keys(client, bucket - 1),
         )
 
     def _finish(self, plan: _Plan, values: Sequence[bytes | int | None]) -> tuple[int, int]:
         """The rate from what :meth:`_plan` asked for (``values``, in its keys' order)."""
-        _, client, bucket, weight_prev, prev, keys = plan
+        weight_prev = plan[3]
         cur_total, cur_bad = _as_count(values[0]), _as_count(values[1])
-        if prev is not None:
-            prev_total, prev_bad = prev
-        else:
-            prev_total, prev_bad = _as_count(values[2]), _as_count(values[3])
-            ended = self._ended
-            if ended is not None:
-                if len(ended) >= _ENDED_CLIENTS and client not in ended:
-                    ended.clear()  # O(1); the clients still active read theirs again
-                # the previous window's counts, and the current window's keys with them
-                ended[client] = (bucket - 1, (prev_total, prev_bad), keys[:2])
+        prev_total, prev_bad = _as_count(values[2]), _as_count(values[3])
         return (
             round(cur_bad + weight_prev * prev_bad),
             round(cur_total + weight_prev * prev_total),
@@ -169,7 +176,7 @@ class AnomalyRateTracker:
 
 
 #: :meth:`AnomalyRateTracker._plan`'s answer
-_Plan = tuple["AnomalyRateTracker", str, int, float, "tuple[int, int] | None", "tuple[str, ...]"]
+_Plan = tuple["AnomalyRateTracker", str, int, float, "tuple[str, ...]"]
 
 
 def _as_count(raw: bytes | int | None) -> int:
@@ -191,21 +198,35 @@ async def read_rates(trackers: Sequence[AnomalyRateTracker], client: str) -> lis
     them one by one took up to four round trips per tracker); else one ``get``
     per key.
     """
+    now = read_rates_now(trackers, client)
+    if now is not None:
+        return now
     plans = [tracker._plan(client) for tracker in trackers]
     store = trackers[0].store
     if len(plans) == 1 or all(tracker.store is store for tracker in trackers):
         keys: list[str] = []
         for plan in plans:
-            keys += plan[5]
+            keys += plan[4]
         values = await _get_many(store, keys)
         out: list[tuple[int, int]] = []
         at = 0
         for plan in plans:
-            n = len(plan[5])
+            n = len(plan[4])
             out.append(plan[0]._finish(plan, values[at : at + n]))
             at += n
         return out
-    return [plan[0]._finish(plan, await _get_many(plan[0].store, plan[5])) for plan in plans]
+    return [plan[0]._finish(plan, await _get_many(plan[0].store, plan[4])) for plan in plans]
+
+
+def read_rates_now(
+    trackers: Sequence[AnomalyRateTracker], client: str
+) -> list[tuple[int, int]] | None:
+    """:func:`read_rates` at once, where every tracker's store answers at once
+    (``memory://``); ``None`` where one does not."""
+    for tracker in trackers:
+        if tracker._windowed is None:
+            return None
+    return [tracker._rate_now(client) for tracker in trackers]
 
 
 async def _get_many(store: KeyValueStore, keys: Sequence[str]) -> Sequence[bytes | int | None]:
@@ -299,7 +320,10 @@ class AnomalyRateDetector(Detector):
         threshold = -self.max_rate
         bad = total = seen = 0
         rate = -1.0
-        for b, t in await read_rates(self.trackers, query.client):
+        rates = read_rates_now(self.trackers, query.client)
+        if rates is None:
+            rates = await read_rates(self.trackers, query.client)
+        for b, t in rates:
             seen = max(seen, t)
             if t >= self.min_rows and b / t > rate:
                 bad, total, rate = b, t, b / t

@@ -61,7 +61,17 @@ class _Window(tuple[int, int, int]):
     __slots__ = ()
 
 
-_Value = bytes | int | _Tat | _Window
+class _Windows(list[int]):
+    """Two windows of counts under one key, changed in place: ``[window index, its
+    total, its flagged, the previous window's total, its flagged]`` (the anomaly
+    rate's counts, :meth:`MemoryStore.add_windowed`)."""
+
+    __slots__ = ()
+
+
+_Value = bytes | int | _Tat | _Window | _Windows
+#: what :meth:`MemoryStore.read_windowed` answers for a key with no count in either window
+_NO_COUNTS = (0, 0, 0, 0)
 
 
 class MemoryStore(Store, RateLimitStore, QuarantineCount):
@@ -268,7 +278,7 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
             self._put(key, self._expiry(now, ttl), new)
             return new
         old = item[1]
-        if isinstance(old, _Tat | _Window):
+        if isinstance(old, _Tat | _Window | _Windows):
             raise StateError(self.backend, "incr", "the key holds rate-limit state")
         try:
             new = (int(old) if isinstance(old, bytes) else old) + amount
@@ -279,6 +289,55 @@ class MemoryStore(Store, RateLimitStore, QuarantineCount):
         else:
             self._data[key] = (item[0], new)
         return new
+
+    def add_windowed(self, key: str, window: int, total: int, flagged: int, ttl: float) -> None:
+        """Add ``total`` rows, ``flagged`` of them, to window ``window`` of ``key``'s counts.
+
+        A key holds two consecutive windows' counts (``window`` and the one before;
+        older ones no longer count), changed in place: what a shared store keeps as
+        two counters per window (:class:`~detectors.anomaly_rate.AnomalyRateTracker`),
+        here in one key, one lookup per request. ``window`` is the caller's index
+        (its own clock); ``ttl`` is how long the key lives after this write (two
+        windows: then neither of its windows counts). The key is evicted like any
+        other. Raises :class:`StateError` when the key holds another kind of value.
+        """
+        now = self._clock()
+        item = self._rate_item(key, now)
+        if item is None:
+            self._put(key, now + ttl, _Windows((window, total, flagged, 0, 0)))
+            return
+        counts = item[1]
+        if type(counts) is not _Windows:
+            raise StateError(self.backend, "incr", "the key holds another kind of value")
+        if counts[0] != window:
+            if counts[0] == window - 1:  # the window moved on: the current one is previous
+                counts[3] = counts[1]
+                counts[4] = counts[2]
+            else:
+                counts[3] = counts[4] = 0
+            counts[0] = window
+            counts[1] = total
+            counts[2] = flagged
+        else:
+            counts[1] += total
+            counts[2] += flagged
+        self._write(key, (now + ttl, counts), True)
+
+    def read_windowed(self, key: str, window: int) -> tuple[int, int, int, int]:
+        """``(total, flagged)`` of window ``window`` of ``key``'s counts and of the one
+        before, as one tuple (zeros for a window with none; see :meth:`add_windowed`)."""
+        item = self._rate_item(key, self._clock())
+        if item is None:
+            return _NO_COUNTS
+        counts = item[1]
+        if type(counts) is not _Windows:
+            raise StateError(self.backend, "get", "the key holds another kind of value")
+        at = counts[0]
+        if at == window:
+            return (counts[1], counts[2], counts[3], counts[4])
+        if at == window - 1:
+            return (0, 0, counts[1], counts[2])
+        return _NO_COUNTS
 
     async def acquire(self, checks: Sequence[RateCheck], *, cost: int) -> tuple[RateState, ...]:
         """Check every limit, then consume ``cost`` from all of them only if all admit."""

@@ -16,7 +16,6 @@ import pytest
 
 from inference_guard.detectors import repeats
 from inference_guard.detectors.anomaly import RowAnomalyDetector, row_magnitude
-from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
 from inference_guard.detectors.base import DetectorResult, Query
 from inference_guard.detectors.fingerprint import _Index
 from inference_guard.detectors.knn import KNNOutlier
@@ -27,7 +26,6 @@ from inference_guard.detectors.repeats import (
     row_bytes,
     row_digests,
 )
-from inference_guard.guard.stores.memory import MemoryStore
 
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
@@ -224,38 +222,6 @@ def test_results_and_decisions_are_immutable() -> None:
         with pytest.raises(AttributeError):
             setattr(obj, attr, None)
     assert d.results[0].detector == "d" and not d.recorded
-
-
-class _Counts:
-    """A store with no backend name: the tracker reads every window every time."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.inner = store
-
-    async def get(self, key: str) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        return await self.inner.incr(key, amount, ttl)
-
-
-def test_the_previous_window_read_once_gives_the_same_rates() -> None:
-    now = [1000.0]
-    store = MemoryStore(max_keys=10_000, clock=lambda: now[0])
-    cached = AnomalyRateTracker(store, namespace="a", window_s=10.0, clock=lambda: now[0])
-    plain = AnomalyRateTracker(_Counts(store), namespace="a", window_s=10.0, clock=lambda: now[0])
-    assert cached._ended is not None and plain._ended is None
-    rng = np.random.default_rng(3)
-
-    async def run() -> None:
-        for _ in range(3000):
-            now[0] += float(rng.exponential(0.05))
-            client = f"c{rng.integers(5)}"
-            await cached.record(client, anomalous=int(rng.integers(0, 3)), total=2)
-            other = f"c{rng.integers(6)}"
-            assert await cached.rate(other) == await plain.rate(other)
-
-    asyncio.run(run())
 
 
 def test_the_membership_table_agrees_with_a_binary_search() -> None:
