@@ -245,7 +245,8 @@ class Admission:
         (:meth:`RateLimitDetector.admit_now
         <detectors.rate.RateLimitDetector.admit_now>`), the request is counted as
         :meth:`admit` counts it (payload, ``allow``, the score, the overhead) and
-        the answer's rate fields are returned, encoded; otherwise ``None``, having
+        the answer's rate fields are returned, encoded (none in shadow mode, as
+        :meth:`Guard.decide <guard.pipeline.Guard.decide>` sends none); otherwise ``None``, having
         consumed and counted nothing: ask :meth:`admit`, which then decides as
         ever (from a local refusal, or the store).
         """
@@ -257,12 +258,15 @@ class Admission:
         admit_now = detector.admit_now
         name = policy.name
         counts = self._counts
+        shadow = policy.config.shadow
 
         def gate(client: ClientId, n_rows: int, started: float) -> Headers | None:
             admitted = admit_now(client.id, name, client.ip, client.subnet, n_rows)
             if admitted is None:
                 return None
             score, fields = admitted
+            if shadow:
+                fields = ()
             try:
                 # the detector's threshold is 0: its score is the margin
                 count(n_rows, perf_counter() - started, score)

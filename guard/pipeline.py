@@ -680,7 +680,9 @@ class Guard:
         detector is skipped (and counted). Quarantine is checked before, by
         :meth:`check_quarantine`. For an ``exempt`` client every detector runs
         and is counted, and the decision records what was intended, but the
-        enforced action is ``allow`` and nothing is quarantined.
+        enforced action is ``allow`` and nothing is quarantined. Neither an exempt
+        client nor any client of a shadow policy is sent rate fields (the
+        decision's ``headers`` are empty).
         """
         if exempt:
             self.counts.exempt(policy.name)
@@ -693,6 +695,11 @@ class Guard:
         intended = Action.ALLOW
         retry_after: float | None = None
         headers: list[tuple[str, str]] = []
+        shadow = policy.config.shadow
+        # a client nothing is enforced on sees nothing of the guard's limits either:
+        # rate fields would report a budget no one enforces (and make a client that
+        # heeds them slow down), so shadow mode and exempt clients get none
+        enforced = not (shadow or exempt)
         for armed in policy.detectors:
             det = armed.detector
             try:
@@ -705,7 +712,7 @@ class Guard:
                 self._failed(policy, "detector")
                 continue
             results.append(result)
-            if result.headers:
+            if result.headers and enforced:
                 headers.extend(result.headers)
             if result.anomalous:
                 action = armed.action_for(result)
@@ -714,8 +721,6 @@ class Guard:
                     intended = action
                 if action is Action.THROTTLE and result.retry_after is not None:
                     retry_after = max(retry_after or 0.0, result.retry_after)
-        shadow = policy.config.shadow
-        enforced = not (shadow or exempt)
         if intended is Action.BLOCK and enforced and policy.config.quarantine_s > 0:
             quarantined = await self.quarantine(
                 policy, query.client, ip=query.ip, subnet=query.subnet

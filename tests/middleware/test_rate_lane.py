@@ -242,6 +242,33 @@ def test_lane_refusal_is_the_full_paths_and_spends_nothing(
     assert lanes.admitted == [1, 3]  # the lane admitted two; the refusal was the engine's
 
 
+@pytest.mark.parametrize("shadow", [False, True])
+def test_no_rate_fields_where_nothing_is_enforced(
+    shadow: bool, lanes_of: Callable[[dict[str, Any]], Lanes]
+) -> None:
+    """Shadow mode and exempt clients are never throttled: their answers carry no
+    RateLimit fields (a budget no one enforces, read as "slow down" by a client that
+    heeds them), admitted at once or over the limit; an enforced client's carry them."""
+    lanes = lanes_of(rate_config([{"rate": 1, "per": "1h", "burst": 2}], shadow=shadow))
+    body = json.dumps({"instances": [[1.0, 2.0]]}).encode()
+    monitor = [JSON_CT, (b"x-api-key", EXEMPT_KEY)]
+    client = [JSON_CT, (b"x-api-key", KEYS[0])]
+    for i in range(4):  # the budget is 2: the last two are over it
+        watched, _ = lanes.send(V1, body, headers=monitor)
+        ordinary, _ = lanes.send(V1, body, headers=client)
+        assert watched.status == 200
+        assert watched.header(b"ratelimit") == watched.header(b"ratelimit-policy") == []
+        if shadow:
+            assert ordinary.status == 200
+            assert ordinary.header(b"ratelimit") == ordinary.header(b"ratelimit-policy") == []
+        else:
+            assert ordinary.status == (200 if i < 2 else 429)
+            assert ordinary.header(b"ratelimit-policy") == [b'"rl";q=2;w=7200']
+    lanes.same_metrics()
+    # the lane admitted the ordinary client's first two: the lane's path was under test
+    assert lanes.admitted[0] <= lanes.admitted[1] - 2, lanes.admitted
+
+
 def test_without_rate_fields_only_a_refusal_says_when_to_retry(
     lanes_of: Callable[[dict[str, Any]], Lanes],
 ) -> None:
