@@ -9,6 +9,8 @@ driving real detectors built from config by the registry:
 
 * ``rate`` on the ``memory://`` store: GCRA + sliding-window limits, distinct clients;
 * a flood of distinct clients against a small ``max_keys`` cap: memory stays flat;
+* the anomaly rate's counts per client and row detector: memory://'s one key for two
+  windows against the per-window counters a shared store keeps;
 * ``near_duplicate``, ``prada`` and ``boundary``: clients replaying natural digits rows.
 
 Results go to benchmarks/RESULTS.md (section ``memory``).
@@ -28,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import machine, today, write_section
+from inference_guard.detectors.anomaly_rate import AnomalyRateTracker
 from inference_guard.detectors.base import Answer, Detector, Query
 from inference_guard.guard.config import DetectorSpec
 from inference_guard.guard.registry import BuildContext, build_detector
@@ -70,6 +73,43 @@ def rate_bytes_per_key(n_clients: int) -> tuple[float, int]:
     return used / len(store), len(store)
 
 
+class _Counters:
+    """A store with only ``get`` and ``incr``: the per-window counters a shared store
+    (Redis) holds, kept here in a memory store to weigh them alike."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.inner = store
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.inner.get(key)
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        return await self.inner.incr(key, amount, ttl)
+
+
+def anomaly_bytes_per_client(n_clients: int, *, windowed: bool) -> tuple[float, int]:
+    """One row detector's anomaly counts, per client, after a request in each of two
+    windows (some rows flagged): memory://'s one key per client (``windowed``), or the
+    per-window ``all``/``bad`` counters (what Redis keeps), in the same memory store."""
+    store = MemoryStore(max_keys=10 * n_clients)
+    now = [1000.0]
+    tracker = AnomalyRateTracker(
+        store if windowed else _Counters(store),  # type: ignore[arg-type]
+        namespace="knn",
+        window_s=60.0,
+        clock=lambda: now[0],
+    )
+
+    async def drive() -> None:
+        for step in (0.0, 60.0):  # the next window: the previous one's counts still count
+            now[0] += step
+            for i in range(n_clients):
+                await tracker.record(f"{i:032x}", anomalous=1, total=4)
+
+    used = measure(drive)
+    return used / n_clients, len(store)
+
+
 def flood(cap: int, n_clients: int) -> tuple[int, int, int]:
     store = MemoryStore(max_keys=cap)
     det = build("rate", store, **RATE_PARAMS)
@@ -109,6 +149,8 @@ def main() -> None:
     started = time.time()
     per_key, keys = rate_bytes_per_key(20_000)
     cap_keys, evictions, flood_bytes = flood(1_000, 50_000)
+    one_key, one_key_keys = anomaly_bytes_per_client(20_000, windowed=True)
+    counters, counter_keys = anomaly_bytes_per_client(20_000, windowed=False)
     nd = detector_bytes_per_client("near_duplicate", 300, 64, feature_range=[0, 16])
     # explicit thresholds stand in for calibration: memory does not depend on them
     prada = detector_bytes_per_client("prada", 100, 200, delta=0.9)
@@ -131,6 +173,10 @@ def main() -> None:
         f"| flood of 50 000 clients into `max_keys: 1000`: keys kept / evictions | "
         f"{cap_keys} / {evictions} |",
         f"| same flood: memory held at the end | {flood_bytes} |",
+        "| anomaly counts, per client and row detector (two windows, some rows flagged): "
+        f"memory://'s one key ({one_key_keys // 20_000} per client) | {one_key:.0f} |",
+        "| the same counts as per-window counters, what Redis keeps "
+        f"({counter_keys // 20_000} keys per client), in the memory store | {counters:.0f} |",
         f"| `near_duplicate`, per client after 64 rows (excl. the preallocated index) | {nd:.0f} |",
         f"| `prada`, per client after 200 rows | {prada:.0f} |",
         f"| `boundary`, per client after 104 rows | {boundary:.0f} |",
