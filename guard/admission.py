@@ -43,7 +43,7 @@ from inference_guard.guard.engine import (
 from inference_guard.guard.errors import ClientDisconnected, PayloadError
 from inference_guard.guard.identity import ClientId, ClientIdentifier, forwarded_applied, peer_host
 from inference_guard.guard.payload._json import is_json_media_type
-from inference_guard.guard.payload._plain import READERS
+from inference_guard.guard.payload._plain import READERS, REQUESTS
 from inference_guard.guard.payload.adapters import (
     ParsedRequest,
     check_readable_answer,
@@ -157,6 +157,10 @@ class Admission:
         # per format, the plain reader that counts a plain body's rows when nothing reads
         # more of the request (guard.payload._plain)
         self._plain_readers: Mapping[str, Callable[[bytes, LimitsConfig], int | None]] = READERS
+        # and, where something reads the matrix, the request they make of a plain body
+        self._plain_requests: Mapping[
+            str, Callable[[bytes, LimitsConfig], ParsedRequest | None]
+        ] = REQUESTS
         # the one verdict on every admitted request of a policy without detectors, by format
         self._fixed: dict[tuple[str, str], Pass] = {}
         # per policy, the route patterns already warned about an unknown format
@@ -454,22 +458,22 @@ class Admission:
     def _plain(
         self, policy: CompiledPolicy, body: bytes, path: str, headers: Mapping[bytes, bytes]
     ) -> ParsedRequest | None:
-        """A plain body's rows counted, when nothing reads more of it; else ``None``.
+        """A plain body read by its format's plain reader; else ``None``.
 
-        For a policy with detectors of which nothing reads the matrix nor the
-        decoded inputs (no detector reading rows, no capture, no row-keyed noise,
-        no custom payload, no model signature; a rate limit costing rows, say): a
-        plain OIP v2 or KServe v1 JSON body (the usual one) is then counted by
-        its format's plain reader (:mod:`guard.payload._plain`), which accepts
-        only what :func:`parse_request` accepts, with the same format and row
-        count, no texts and no extras, and returns ``None`` for anything else (the
-        full parser's to accept or refuse). Its cost is bounded by the parse
-        budget, so it reads on the event loop whatever the body's size, as the
-        fast lane does.
+        For a policy with detectors, no custom payload and no model signature, a
+        plain OIP v2 or KServe v1 JSON body (the usual one) is read by its
+        format's plain reader (:mod:`guard.payload._plain`), which accepts only
+        what :func:`parse_request` accepts and returns ``None`` for anything else
+        (the full parser's to accept or refuse). Where nothing reads the matrix
+        (no detector reading rows, no capture, no row-keyed noise: a rate limit
+        costing rows, say) its rows are counted, whatever the body's size (its
+        cost is bounded by the parse budget, so it reads on the event loop, as
+        the fast lane does); else, for a body up to ``offload_bytes``, the
+        request the full parser would give is made of what it read, matrix
+        included (:data:`~guard.payload._plain.REQUESTS`).
         """
         if (
-            self._want_rows.get(policy.name, True)
-            or policy.allow is not None  # no detectors: the fast lane's plain reader ran
+            policy.allow is not None  # no detectors: the fast lane's plain reader ran
             or headers.get(b"content-type", b"application/json") != b"application/json"
             or _BINARY_HEADER in headers
             or self._payloads.get(policy.name) is not None
@@ -477,10 +481,15 @@ class Admission:
         ):
             return None
         fmt = detect_format(path)
-        read_rows = self._plain_readers.get(fmt) if fmt is not None else None
-        if read_rows is None or fmt is None:
+        if fmt is None:
             return None
         try:
+            if self._want_rows.get(policy.name, True):
+                read_request = self._plain_requests.get(fmt)
+                return None if read_request is None else read_request(body, self._limits)
+            read_rows = self._plain_readers.get(fmt)
+            if read_rows is None:
+                return None
             n_rows = read_rows(body, self._limits)
         except Exception:  # a reader bug: counted, and the full parser decides
             self._counts.error("parse")

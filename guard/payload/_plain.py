@@ -7,7 +7,10 @@ valid or not, it returns ``None`` and the caller runs the full parser
 (:func:`guard.payload.adapters.parse_request`), which gives the exact verdict and
 refusal reason. Whatever a reader accepts, the full parser accepts too, with
 the same row count, no texts and no extras; differential tests over valid,
-mutated and damaged bodies hold them to that.
+mutated and damaged bodies hold them to that. The engine reads a plain body
+with the same readers for a policy with detectors (:data:`REQUESTS`): what a
+reader accepted, made into the request the full parser would give, matrix
+included; the same tests hold every field to the full parser's.
 
 Three facts keep the readers short:
 
@@ -40,14 +43,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import orjson
 
 from inference_guard.guard.config import LimitsConfig
 from inference_guard.guard.payload._binary import NUMPY_DTYPES
 from inference_guard.guard.payload._budget import json_budget_exceeded
 from inference_guard.guard.payload._oip import MAX_DIMS
+from inference_guard.guard.payload._request import ParsedRequest
 
-__all__ = ["READERS", "plain_kserve_rows", "plain_oip_rows"]
+__all__ = [
+    "READERS",
+    "REQUESTS",
+    "plain_kserve_request",
+    "plain_kserve_rows",
+    "plain_oip_request",
+    "plain_oip_rows",
+]
 
 #: the numeric datatypes whose JSON data is numbers only (``BOOL`` may also carry booleans)
 _PLAIN_DATATYPES = frozenset(NUMPY_DTYPES) - {"BOOL"}
@@ -67,6 +79,31 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
     a batch. Whatever it accepts, ``parse_request`` on an OIP v2 path accepts
     too, with the same ``n_rows``, no texts and no extras. It never raises.
     """
+    found = _read_oip(body, limits)
+    return None if found is None else found[0]
+
+
+def plain_oip_request(body: bytes, limits: LimitsConfig) -> ParsedRequest | None:
+    """What ``parse_request`` gives for a plain OIP v2 request (see :func:`plain_oip_rows`),
+    its matrix included, or ``None``: ask the full parser.
+
+    For bodies up to ``limits.offload_bytes`` (larger ones are the full parser's,
+    in a worker thread). The matrix is the tensor's numbers as float64, one row
+    per item of its first axis (a tensor of one axis or none is one row), as
+    the full parser shapes it. It never raises.
+    """
+    if len(body) > limits.offload_bytes:
+        return None
+    found = _read_oip(body, limits)
+    if found is None:
+        return None
+    n_rows, data, inputs = found
+    rows = np.asarray(data, dtype=np.float64).reshape(n_rows, -1)
+    return ParsedRequest("oip_v2", rows, (), n_rows, {}, inputs=inputs)
+
+
+def _read_oip(body: bytes, limits: LimitsConfig) -> tuple[int, list[Any], list[Any]] | None:
+    """A plain OIP v2 request's row count, its tensor's data and its ``inputs``."""
     # a plain document nests exactly 4 deep (object, inputs, tensor, data)
     known = _KNOWN
     if known[0] is not limits:
@@ -111,7 +148,7 @@ def plain_oip_rows(body: bytes, limits: LimitsConfig) -> int | None:
             return None
         if body.count(_OPEN_LIST) != 3 or body.count(_OPEN_OBJECT) != 2:
             return None  # brackets the document does not show (see the module docstring)
-        return n_rows
+        return n_rows, data, inputs
     except TypeError:  # an unhashable datatype, a string or object where numbers belong
         return None
 
@@ -125,6 +162,28 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
     a KServe v1 path accepts too, as ``kserve_v1`` with the same ``n_rows``. It
     never raises.
     """
+    found = _read_kserve(body, limits)
+    return None if found is None else found[0]
+
+
+def plain_kserve_request(body: bytes, limits: LimitsConfig) -> ParsedRequest | None:
+    """What ``parse_request`` gives for a plain KServe v1 request (see
+    :func:`plain_kserve_rows`), its matrix included (the rows as float64, a
+    boolean as 1 or 0), or ``None``: ask the full parser. For bodies up to
+    ``limits.offload_bytes``, as :func:`plain_oip_request`. It never raises.
+    """
+    if len(body) > limits.offload_bytes:
+        return None
+    found = _read_kserve(body, limits)
+    if found is None:
+        return None
+    n_rows, instances = found
+    rows = np.asarray(instances, dtype=np.float64)
+    return ParsedRequest("kserve_v1", rows, (), n_rows, {}, inputs=instances)
+
+
+def _read_kserve(body: bytes, limits: LimitsConfig) -> tuple[int, list[Any]] | None:
+    """A plain KServe v1 request's row count and its ``instances``."""
     # a plain document nests exactly 3 deep (object, instances, row)
     known = _KNOWN
     if known[0] is not limits:
@@ -155,7 +214,7 @@ def plain_kserve_rows(body: bytes, limits: LimitsConfig) -> int | None:
             sum(row, 0.0)  # numbers only, hence finite (a float start: the float loop at once)
         if body.count(_OPEN_LIST) != 1 + n_rows or body.count(_OPEN_OBJECT) != 1:
             return None  # brackets the document does not show (see the module docstring)
-        return n_rows
+        return n_rows, instances
     except TypeError:
         return None
 
@@ -185,3 +244,5 @@ _KNOWN: tuple[LimitsConfig | None, int, int] = (None, 0, 0)
 
 #: the plain reader of each format that has one
 READERS = {"oip_v2": plain_oip_rows, "kserve_v1": plain_kserve_rows}
+#: the same readers, what they read made into the full parser's request (matrix included)
+REQUESTS = {"oip_v2": plain_oip_request, "kserve_v1": plain_kserve_request}

@@ -1,9 +1,10 @@
-"""Counting a plain request's rows without the full parser, when nothing reads more.
+"""Reading a plain request without the full parser.
 
-A policy whose detectors only count rows (a rate limit costing ``rows``), with no
-capture, no custom payload and no model signature, has its plain OIP v2 and
-KServe v1 bodies counted by the plain readers (:mod:`guard.payload._plain`)
-instead of :func:`~guard.payload.adapters.parse_request`. These tests hold that
+A policy with detectors, no custom payload and no model signature has its plain
+OIP v2 and KServe v1 bodies read by the plain readers (:mod:`guard.payload._plain`)
+instead of :func:`~guard.payload.adapters.parse_request`: their rows counted where
+nothing reads more (a rate limit costing ``rows``), their matrix built where a
+detector reads it (here a rate limit costing ``values``). These tests hold that
 shortcut to the full parser's answers: the same hostile traffic through two
 guards, one with the shortcut and one without, must get the same statuses,
 headers, bodies, replayed bodies and metrics, with validation on and off, and
@@ -34,6 +35,7 @@ from tests.middleware.test_fuzz import (
 )
 from tests.middleware.test_lean_lane import answer as exact_answer
 from tests.middleware.test_lean_lane import counts
+from tests.stores_fixture import FakeClock
 
 #: the seconds in rate-limit fields, which the two guards read at different times
 _SECONDS = re.compile(rb"(;t=|^)\d+$")
@@ -56,7 +58,7 @@ def answer(res: Result) -> tuple[Any, ...]:
     return status, timeless, body
 
 
-def rate_only(*, validate: bool, rate: int, per: str = "60s") -> dict[str, Any]:
+def rate_only(*, validate: bool, rate: int, per: str = "60s", cost: str = "rows") -> dict[str, Any]:
     return {
         "audit": {"enabled": False},
         "policies": [
@@ -68,7 +70,7 @@ def rate_only(*, validate: bool, rate: int, per: str = "60s") -> dict[str, Any]:
                     {
                         "type": "rate",
                         "action": "throttle",
-                        "params": {"cost": "rows", "limits": [{"rate": rate, "per": per}]},
+                        "params": {"cost": cost, "limits": [{"rate": rate, "per": per}]},
                     }
                 ],
             }
@@ -82,29 +84,37 @@ CONFIGS = pytest.mark.parametrize(
         rate_only(validate=False, rate=10_000_000),
         rate_only(validate=True, rate=10_000_000),
         rate_only(validate=True, rate=300, per="1d"),
+        rate_only(validate=True, rate=10_000_000, cost="values"),
+        rate_only(validate=True, rate=3000, per="1d", cost="values"),
     ],
-    ids=["no_validation", "validation", "throttling"],
+    ids=["no_validation", "validation", "throttling", "matrix", "matrix_throttling"],
 )
 
 
 def with_and_without(
     config: dict[str, Any],
 ) -> tuple[tuple[GuardMiddleware, Echo], tuple[GuardMiddleware, Echo]]:
-    """The same config twice: with the plain readers, and with them switched off.
+    """The same config twice: with the plain readers (counting rows, or making the
+    request, matrix included, where a detector reads it), and with them switched off.
 
     Both without the rate lane (``tests/middleware/test_rate_lane.py``), which
     counts plain rows before the engine does: what is tested here is the engine's
     own shortcut.
     """
     out = []
+    clock = FakeClock()
     for plain in (True, False):
         echo = Echo()
-        mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry())
+        # a clock that stands still: a budget spent by hundreds of values a request
+        # refills between the two guards' turns on a real clock, but not on this one
+        mw = GuardMiddleware(echo, config=config, registry=CollectorRegistry(), clock=clock)
         mw._front = mw._front._replace(rate_policies=frozenset())
         admission = mw.guard.loadout.admission
-        assert admission._want_rows == {"inference": False}
+        cost = config["policies"][0]["detectors"][0]["params"]["cost"]
+        assert admission._want_rows == {"inference": cost != "rows"}
         if not plain:
             admission._plain_readers = {}
+            admission._plain_requests = {}
         out.append((mw, echo))
     return out[0], out[1]
 
@@ -191,35 +201,38 @@ def test_a_plain_request_is_counted_without_the_full_parser(
     assert parses == [1]
 
 
-@pytest.mark.parametrize(
-    "detector",
-    [
-        {"type": "rate", "params": {"cost": "values", "limits": [{"rate": 10**6, "per": "60s"}]}},
-    ],
-)
-def test_the_full_parser_reads_when_a_detector_reads_the_rows(
-    detector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+def test_a_detector_reading_the_rows_gets_the_plain_requests_matrix(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = {
-        "audit": {"enabled": False},
-        "policies": [{"name": "inference", "degrade": {"always": False}, "detectors": [detector]}],
-    }
-    mw = GuardMiddleware(Echo(), config=config, registry=CollectorRegistry())
+    """Its matrix made of what the plain reader read, up to ``offload_bytes``; a larger
+    plain body is the full parser's (in a worker thread)."""
+    config = rate_only(validate=True, rate=10**6, cost="values")
+    config["limits"] = {"offload_bytes": 2048}
+    (plain, echo), _ = with_and_without(config)
     parses = full_parses(monkeypatch)
-    body = json.dumps(
-        {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
-    ).encode()
-    assert request(mw, V2, body, headers=[JSON_CT]).status == 200
-    assert parses == [1]
+    for n_rows, parsed in ((3, 0), (60, 1)):  # 3 x 8 values: a small body; 60 x 8: over 2 KiB
+        data = [round(0.1 * i, 1) for i in range(8 * n_rows)]
+        doc = {"inputs": [{"name": "x", "shape": [n_rows, 8], "datatype": "FP64", "data": data}]}
+        body = json.dumps(doc).encode()
+        assert (len(body) > 2048) == bool(parsed)
+        before = len(parses)
+        assert request(plain, V2, body, headers=[JSON_CT]).status == 200
+        assert len(parses) - before == parsed
+        assert echo.bodies[-1] == body
+    got = counts(plain.registry)
+    assert got[("guard_rows", "allow")] == 63
 
 
-def test_a_failing_plain_reader_is_counted_and_the_full_parser_decides() -> None:
-    (plain, echo), _ = with_and_without(rate_only(validate=True, rate=10_000_000))
+@pytest.mark.parametrize("cost", ["rows", "values"])
+def test_a_failing_plain_reader_is_counted_and_the_full_parser_decides(cost: str) -> None:
+    (plain, echo), _ = with_and_without(rate_only(validate=True, rate=10_000_000, cost=cost))
 
-    def broken(body: bytes, limits: Any) -> int | None:
+    def broken(body: bytes, limits: Any) -> Any:
         raise RuntimeError("reader bug")
 
-    plain.guard.loadout.admission._plain_readers = {"oip_v2": broken}
+    admission = plain.guard.loadout.admission
+    admission._plain_readers = {"oip_v2": broken}
+    admission._plain_requests = {"oip_v2": broken}
     body = json.dumps(
         {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     ).encode()

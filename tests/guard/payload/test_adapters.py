@@ -1160,6 +1160,7 @@ def _plain_variants(r: random.Random) -> list[bytes]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: int) -> None:
     """The lean lane's reading: an acceptance must be the full parser's, row count included."""
+    from inference_guard.guard.payload._plain import plain_oip_request
     from inference_guard.guard.payload._plain import plain_oip_rows as plain_rows
 
     limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
@@ -1172,14 +1173,29 @@ def test_plain_rows_only_accepts_what_the_full_parser_accepts(seed: int, depth: 
             )
         except PayloadError:
             full = None
+        request = plain_oip_request(body, limits)
         if n_rows is None:
+            assert request is None, body
             refused_by_full += full is None
             continue
         accepted += 1
         assert full is not None, body
         assert (full.fmt, full.n_rows, full.texts, full.extra) == ("oip_v2", n_rows, (), {}), body
+        _same_request(request, full, body)
     # both sides were exercised: plain acceptances, and bodies only the full parser decides
     assert accepted >= (8 if depth >= 4 else 0) and refused_by_full >= 20
+
+
+def _same_request(plain: ParsedRequest | None, full: ParsedRequest, body: bytes) -> None:
+    """The engine's plain reading of ``body`` is the full parser's, field by field."""
+    assert plain is not None, body
+    fields = ("fmt", "texts", "n_rows", "extra")
+    assert [getattr(plain, f) for f in fields] == [getattr(full, f) for f in fields], body
+    assert plain.rows is not None and full.rows is not None, body
+    assert plain.rows.dtype == full.rows.dtype == np.float64, body
+    assert plain.rows.shape == full.rows.shape and plain.rows.flags.c_contiguous, body
+    assert np.array_equal(plain.rows, full.rows), body
+    assert plain.inputs == full.inputs, body
 
 
 def test_plain_rows_takes_the_usual_encodings() -> None:
@@ -1266,7 +1282,7 @@ def _kserve_variants(r: random.Random) -> list[bytes]:
 def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
     seed: int, depth: int
 ) -> None:
-    from inference_guard.guard.payload._plain import plain_kserve_rows
+    from inference_guard.guard.payload._plain import plain_kserve_request, plain_kserve_rows
 
     limits = LimitsConfig(max_rows=8, max_features=100, max_json_depth=depth)
     accepted = refused_by_full = 0
@@ -1278,7 +1294,9 @@ def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
             )
         except PayloadError:
             full = None
+        request = plain_kserve_request(body, limits)
         if n_rows is None:
+            assert request is None, body
             refused_by_full += full is None
             continue
         accepted += 1
@@ -1286,6 +1304,7 @@ def test_plain_kserve_rows_only_accepts_what_the_full_parser_accepts(
         assert (full.fmt, full.n_rows, full.texts, full.extra) == ("kserve_v1", n_rows, (), {}), (
             body
         )
+        _same_request(request, full, body)
     assert accepted >= (5 if depth >= 3 else 0) and refused_by_full >= 20
 
 
