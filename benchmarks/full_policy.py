@@ -228,7 +228,10 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("guard: metrics (`Tally.flush`)", ("metrics.py:Tally.flush",)),
     ("guard: reading and rewriting the answer (`review_answer`)", ("review.py:review_answer",)),
-    ("guard: parsing the request (`parse_request`)", ("adapters.py:parse_request",)),
+    (
+        "guard: parsing the request (`parse_request`, or the plain reader)",
+        ("adapters.py:parse_request", "admission.py:Admission._plain"),
+    ),
     (
         "server: writing answers, reading requests (h11, transport)",
         (
