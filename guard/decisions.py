@@ -67,7 +67,8 @@ class Decision(NamedTuple):
     fired: tuple[tuple[str, Action], ...] = ()
     #: seconds the client should wait (throttle)
     retry_after: float | None = None
-    #: extra response headers (rate-limit fields), sent whatever the action
+    #: extra response headers (rate-limit fields), sent whatever the action; none in
+    #: shadow mode or for an exempt client (nothing is enforced on them)
     headers: tuple[tuple[str, str], ...] = ()
     #: the client is (now) quarantined
     quarantined: bool = False
