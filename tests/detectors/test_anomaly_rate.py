@@ -125,6 +125,22 @@ def test_windowed_counts_read_as_the_counters_do(clock: Clock) -> None:
     assert len(windowed_store) <= 3  # one key per client
 
 
+def test_windowed_counts_stay_within_the_stores_bound(clock: Clock) -> None:
+    """A flood of client ids keeps at most ``max_keys`` windowed keys (the least recently
+    used evicted and counted); an active client's counts survive it, until they expire."""
+    store = MemoryStore(max_keys=50, clock=clock)
+    tracker = AnomalyRateTracker(store, namespace="knn", window_s=60, clock=clock)
+    for i in range(2000):
+        tracker.record_now(f"flood-{i}", 1, 1)
+        if i % 10 == 0:
+            tracker.record_now("active", 1, 2)  # touched all along: never the least recent
+    assert len(store) == 50 and store.evictions == 2001 - 50  # 2000 flood keys, 1 active
+    assert run(tracker.rate("active")) == (200, 400)
+    clock.now += 121.0  # two windows later: the key has expired, and reading drops it
+    assert run(tracker.rate("active")) == (0, 0)
+    assert len(store) == 49
+
+
 def test_windowed_counts_refuse_another_kind_of_value(store: MemoryStore, clock: Clock) -> None:
     tracker = AnomalyRateTracker(store, namespace="knn", window_s=60, clock=clock)
     run(store.set("anomaly_rate:knn:60:a", b"1"))
