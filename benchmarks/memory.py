@@ -73,9 +73,11 @@ def rate_bytes_per_key(n_clients: int) -> tuple[float, int]:
     return used / len(store), len(store)
 
 
-class _Counters:
-    """A store with only ``get`` and ``incr``: the per-window counters a shared store
-    (Redis) holds, kept here in a memory store to weigh them alike."""
+class CountersOnly:
+    """A store with only ``get`` and ``incr`` over a memory store: an anomaly tracker
+    keeps per-window counters there, as on Redis (a memory store keeps a client's two
+    windows under one key); here to weigh the two alike, and in the tests to hold one
+    to the other."""
 
     def __init__(self, store: MemoryStore) -> None:
         self.inner = store
@@ -94,7 +96,7 @@ def anomaly_bytes_per_client(n_clients: int, *, windowed: bool) -> tuple[float, 
     store = MemoryStore(max_keys=10 * n_clients)
     now = [1000.0]
     tracker = AnomalyRateTracker(
-        store if windowed else _Counters(store),  # type: ignore[arg-type]
+        store if windowed else CountersOnly(store),  # type: ignore[arg-type]
         namespace="knn",
         window_s=60.0,
         clock=lambda: now[0],

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from benchmarks.memory import CountersOnly
 from inference_guard.detectors.anomaly import RowAnomalyDetector
 from inference_guard.detectors.anomaly_rate import AnomalyRateDetector, AnomalyRateTracker
 from inference_guard.detectors.base import Query
@@ -80,20 +81,6 @@ def test_sliding_window_blends_and_forgets(store: MemoryStore, clock: Clock) -> 
     assert len(store) <= 4  # the counters carry a TTL; expired keys are dropped
 
 
-class _Counters:
-    """A store with only ``get`` and ``incr``: the tracker keeps its counters there (what
-    it does on Redis), where on memory:// it keeps a client's two windows under one key."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.inner = store
-
-    async def get(self, key: str) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        return await self.inner.incr(key, amount, ttl)
-
-
 def test_windowed_counts_read_as_the_counters_do(clock: Clock) -> None:
     """memory://'s one key per client (two windows, changed in place) gives every rate the
     per-window counters give, reads interleaved with records, windows skipped and
@@ -101,7 +88,7 @@ def test_windowed_counts_read_as_the_counters_do(clock: Clock) -> None:
     windowed_store = MemoryStore(clock=clock)
     windowed = AnomalyRateTracker(windowed_store, namespace="knn", window_s=60, clock=clock)
     counters = AnomalyRateTracker(
-        _Counters(MemoryStore(clock=clock)), namespace="knn", window_s=60, clock=clock
+        CountersOnly(MemoryStore(clock=clock)), namespace="knn", window_s=60, clock=clock
     )
     assert windowed.answers_now and not counters.answers_now
     rng = np.random.default_rng(5)
