@@ -74,16 +74,22 @@ def rate_bytes_per_key(n_clients: int) -> tuple[float, int]:
 
 
 class CountersOnly:
-    """A store with only ``get`` and ``incr`` over a memory store: an anomaly tracker
-    keeps per-window counters there, as on Redis (a memory store keeps a client's two
-    windows under one key); here to weigh the two alike, and in the tests to hold one
-    to the other."""
+    """A memory store seen as a plain key-value store, without its windowed counts: an
+    anomaly tracker keeps per-window counters there, as on Redis (on the memory store
+    itself it keeps a client's two windows under one key); here to weigh the two
+    alike, and in the tests to hold one to the other."""
 
     def __init__(self, store: MemoryStore) -> None:
         self.inner = store
 
     async def get(self, key: str) -> bytes | None:
         return await self.inner.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        await self.inner.set(key, value, ttl)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         return await self.inner.incr(key, amount, ttl)
@@ -96,7 +102,7 @@ def anomaly_bytes_per_client(n_clients: int, *, windowed: bool) -> tuple[float, 
     store = MemoryStore(max_keys=10 * n_clients)
     now = [1000.0]
     tracker = AnomalyRateTracker(
-        store if windowed else CountersOnly(store),  # type: ignore[arg-type]
+        store if windowed else CountersOnly(store),
         namespace="knn",
         window_s=60.0,
         clock=lambda: now[0],
