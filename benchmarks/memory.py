@@ -79,6 +79,8 @@ class CountersOnly:
     itself it keeps a client's two windows under one key); here to weigh the two
     alike, and in the tests to hold one to the other."""
 
+    backend = "counters"
+
     def __init__(self, store: MemoryStore) -> None:
         self.inner = store
 
