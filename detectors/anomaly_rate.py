@@ -196,11 +196,17 @@ async def read_rates(trackers: Sequence[AnomalyRateTracker], client: str) -> lis
     Trackers on one store are read with one ``get_many`` where the store has it
     (Redis: one ``MGET``, one round trip for every tracker's keys, where reading
     them one by one took up to four round trips per tracker); else one ``get``
-    per key.
+    per key. Trackers whose store answers at once (``memory://``) are read as
+    :func:`read_rates_now` reads them.
     """
     now = read_rates_now(trackers, client)
-    if now is not None:
-        return now
+    return now if now is not None else await _read_rates_stored(trackers, client)
+
+
+async def _read_rates_stored(
+    trackers: Sequence[AnomalyRateTracker], client: str
+) -> list[tuple[int, int]]:
+    """:func:`read_rates` from the trackers' per-window counters."""
     plans = [tracker._plan(client) for tracker in trackers]
     store = trackers[0].store
     if len(plans) == 1 or all(tracker.store is store for tracker in trackers):
@@ -322,7 +328,7 @@ class AnomalyRateDetector(Detector):
         rate = -1.0
         rates = read_rates_now(self.trackers, query.client)
         if rates is None:
-            rates = await read_rates(self.trackers, query.client)
+            rates = await _read_rates_stored(self.trackers, query.client)
         for b, t in rates:
             seen = max(seen, t)
             if t >= self.min_rows and b / t > rate:

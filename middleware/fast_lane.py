@@ -321,12 +321,8 @@ def begin(
 ) -> tuple[str, float, BodyReader]:
     """What every guarded request starts with: its id, the moment the guard took it
     (its overhead is timed from there), and the reader of its body under ``limits``."""
-    try:
-        request_id = next_id()
-    except ValueError:  # the generator is busy in another thread
-        request_id = draw_request_id(next_id)
     return (
-        request_id,
+        draw_request_id(next_id),
         perf_counter(),
         BodyReader(receive, limits.max_body_bytes, limits.body_timeout_s),
     )
