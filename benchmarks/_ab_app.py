@@ -22,6 +22,30 @@ VALIDATION: dict[str, Any] = {
 }
 
 
+def full_demo_config(demo: Any) -> dict[str, Any]:
+    """The demo policy as shipped, calibrated by the revision's own ``demo`` module
+    (``middleware.demo``) into a fresh directory, in shadow mode (every detector runs
+    on every request, nothing is enforced), audit log off: issue 15's full policy."""
+    import tempfile
+
+    config: dict[str, Any] = demo.demo_config(tempfile.mkdtemp(prefix="bench-ab-demo-"))
+    config["audit"] = {"enabled": False}
+    config["policies"][0]["shadow"] = True
+    return config
+
+
+def guarded_variants(policy: str) -> tuple[str, ...]:
+    """The guarded variants of ``BENCH_AB_POLICY`` (``validation``: the two lean ones)."""
+    return ("full_demo",) if policy == "full_demo" else ("guarded", "default")
+
+
+def guard_configs(policy: str, demo: Any) -> dict[str, dict[str, Any] | None]:
+    """Each guarded variant's config (``None``: the guard's defaults)."""
+    if policy == "full_demo":
+        return {"full_demo": full_demo_config(demo)}
+    return {"guarded": VALIDATION, "default": None}
+
+
 def _import_root(tree: Path) -> str:
     """How the revision in ``tree`` is imported: ``"inference_guard."`` or ``""``.
 
@@ -62,8 +86,10 @@ class Router:
 
 
 def app() -> Any:
-    """``bare``, ``bare_again``, ``guarded`` (validation only) and ``default`` (the guard's
-    defaults: validation, answers rounded), from the revision in ``BENCH_AB_TREE``."""
+    """``bare``, ``bare_again`` and the guarded variants, from the revision in
+    ``BENCH_AB_TREE``: ``guarded`` (validation only) and ``default`` (the guard's
+    defaults: validation, answers rounded), or with ``BENCH_AB_POLICY=full_demo``
+    ``full_demo`` (:func:`full_demo_config`)."""
     from prometheus_client import CollectorRegistry
 
     tree = os.environ["BENCH_AB_TREE"]
@@ -76,15 +102,16 @@ def app() -> Any:
     if not served.startswith(tree + os.sep):
         raise RuntimeError(f"serving {served}, not the revision in {tree}")
     model = train_digits_model()
+    configs = guard_configs(os.environ.get("BENCH_AB_POLICY", "validation"), demo)
     return Router(
         {
             "bare": build_model_app(model),
             "bare_again": build_model_app(model),
-            "guarded": GuardMiddleware(
-                build_model_app(model), config=VALIDATION, registry=CollectorRegistry()
-            ),
-            "default": GuardMiddleware(
-                build_model_app(model), config=None, registry=CollectorRegistry()
-            ),
+            **{
+                name: GuardMiddleware(
+                    build_model_app(model), config=config, registry=CollectorRegistry()
+                )
+                for name, config in configs.items()
+            },
         }
     )

@@ -7,12 +7,16 @@ same way). Each revision runs in a process of its own, so two revisions that
 import under the same names never meet; the parent interleaves rounds between
 them over the pipes.
 
-Protocol: one JSON line in (``{"path": ..., "body": <latin-1 str>, "n": ...}``),
-``ready`` out; then per line ``round`` in, one JSON line out: each variant's
-CPU seconds per call (``time.thread_time``) over ``n`` calls, the variants in a
-shuffled order. The downstream app is a no-op that answers what the demo model
-answered to the same request, so that the guard's own work is all that differs
-between ``bare`` and the guarded variants.
+Protocol: one JSON line in (``{"path": ..., "body": <latin-1 str>, "n": ...,
+"policy": ..., "downstream": ...}``), ``ready`` out; then per line ``round`` in,
+one JSON line out: each variant's CPU seconds per call (``time.thread_time``)
+over ``n`` calls, the variants in a shuffled order. The guarded variants are
+:func:`_ab_app.guarded_variants` of ``policy``. With ``downstream`` ``canned``
+the app behind the guard (and ``bare``) is a no-op that answers what the demo
+model answered to the same request, so that the guard's own work is all that
+differs between ``bare`` and the guarded variants; with ``model`` it is the demo
+model app itself, so that the difference also holds what the guard's work costs
+the app (caches the two share), as a served process pays it.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ async def _per_call(app: Any, scope: dict[str, Any], body: bytes, n: int) -> flo
 def main() -> None:
     setup = json.loads(sys.stdin.readline())
     path, body, n = setup["path"], setup["body"].encode("latin-1"), int(setup["n"])
+    policy, downstream = setup.get("policy", "validation"), setup.get("downstream", "canned")
     tree = Path(os.environ["BENCH_AB_TREE"])
     root = _ab_app._import_root(tree)
 
@@ -100,14 +105,14 @@ def main() -> None:
     scope = post_scope(path, body)
     loop = asyncio.new_event_loop()
     model_app = demo.build_model_app(demo.train_digits_model())
-    canned = _Canned(*loop.run_until_complete(_answer(model_app, scope, body)))
-    variants: dict[str, Any] = {
-        "bare": canned,
-        "guarded": asgi.GuardMiddleware(
-            canned, config=_ab_app.VALIDATION, registry=CollectorRegistry()
-        ),
-        "default": asgi.GuardMiddleware(canned, config=None, registry=CollectorRegistry()),
-    }
+    inner = (
+        model_app
+        if downstream == "model"
+        else _Canned(*loop.run_until_complete(_answer(model_app, scope, body)))
+    )
+    variants: dict[str, Any] = {"bare": inner}
+    for name, config in _ab_app.guard_configs(policy, demo).items():
+        variants[name] = asgi.GuardMiddleware(inner, config=config, registry=CollectorRegistry())
     for app in variants.values():  # warm-up
         loop.run_until_complete(_per_call(app, scope, body, max(n // 2, 100)))
     print("ready", flush=True)
@@ -118,6 +123,11 @@ def main() -> None:
         random.shuffle(order)
         out = {v: loop.run_until_complete(_per_call(variants[v], scope, body, n)) for v in order}
         print(json.dumps(out), flush=True)
+    # what the guard left running (the observation queue's timed drain) ends before the loop
+    pending = asyncio.all_tasks(loop)
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=5))
+    loop.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The guard's added latency at two git revisions, measured side by side in one run.
 
-Run: ``python benchmarks/overhead_ab.py --base REV [--head REV] [--quick] [--protocol P]``
+Run: ``python benchmarks/overhead_ab.py --base REV [--head REV] [--quick] [--protocol P]
+[--policy full_demo] [--downstream model]``
 
 On this shared host the same code measures 40-100 µs apart from one hour to the
 next, so a before/after claim needs both revisions measured in the same run.
@@ -13,14 +14,23 @@ validation, answers rounded to 2 decimals) under ``/<variant>/``. The served fac
 revision's own ``middleware.asgi.GuardMiddleware`` and ``middleware.demo``, so an
 old revision needs no benchmark code of its own.
 
+``--policy full_demo`` measures issue 15's full policy instead of the two lean
+variants: one guarded variant, ``full_demo``, the demo policy as shipped,
+calibrated by each revision's own ``middleware.demo.demo_config`` and run in
+shadow mode (every detector on every request, nothing enforced). ``--downstream
+model`` puts the demo model app itself behind the guard in process, in place of
+the no-op (see step 1).
+
 Two measurements, both revisions side by side in each:
 
 1. In process, first (the deciding figure: over HTTP this 2-core shared host's
    noise is larger than the difference between revisions). Each revision runs in
    a worker process of its own (``benchmarks/_ab_inprocess.py``, importing only
    that revision), which calls ``bare`` (a no-op app answering what the demo model
-   answers to the request), ``guarded`` and ``default`` directly, ``n`` calls per
-   variant in a shuffled order, and reports CPU time per call
+   answers to the request; with ``--downstream model`` the model app itself, so
+   that the figure also holds what the guard's work costs the app through the
+   caches they share, as in a served process) and the guarded variants directly,
+   ``n`` calls per variant in a shuffled order, and reports CPU time per call
    (``time.thread_time``). Rounds alternate between the two workers. Reported
    per revision: the median over rounds of each guarded variant's CPU time per
    call minus ``bare``'s in the same round, and its range; and head minus base,
@@ -28,12 +38,13 @@ Two measurements, both revisions side by side in each:
 2. Over HTTP: rounds alternate between the two servers. In each round a
    sequential Python client alternates between the variants request by request,
    and every guarded request is paired with the bare request of the same cycle.
-   Reported per revision: the median paired difference ("added"), for
-   ``guarded`` and for ``default``; the range of the per-round medians;
+   Reported per revision: the median paired difference ("added"), for each
+   guarded variant; the range of the first one's per-round medians;
    ``bare_again``'s paired difference: the noise floor.
 
-Results go to benchmarks/RESULTS.md (section ``overhead-ab``, or
-``overhead-ab-kserve`` with ``--protocol kserve_v1``).
+Results go to benchmarks/RESULTS.md (section ``overhead-ab``; ``-full-demo`` is
+added to its name with ``--policy full_demo``, ``-kserve`` with ``--protocol
+kserve_v1``).
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._ab_app import guarded_variants
 from benchmarks._harness import (
     ROOT,
     alternating_latencies,
@@ -62,7 +74,12 @@ from benchmarks._harness import (
 )
 from benchmarks.overhead import PATH, request_body
 
-VARIANTS = ("bare", "bare_again", "guarded", "default")
+#: what each guarded variant is called in the tables
+NAMES = {
+    "guarded": "validation only",
+    "default": "defaults",
+    "full_demo": "full demo policy (shadow)",
+}
 
 
 def _kserve_request() -> tuple[str, bytes]:
@@ -82,7 +99,9 @@ PROTOCOLS: dict[str, Callable[[], tuple[str, bytes]]] = {
 class _Worker:
     """One revision's in-process measurer (``benchmarks/_ab_inprocess.py``), over pipes."""
 
-    def __init__(self, env: dict[str, str], path: str, body: bytes, n: int) -> None:
+    def __init__(
+        self, env: dict[str, str], path: str, body: bytes, n: int, policy: str, downstream: str
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve().parent / "_ab_inprocess.py")],
             env={**os.environ, **env},
@@ -91,7 +110,14 @@ class _Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self._send(json.dumps({"path": path, "body": body.decode("latin-1"), "n": n}))
+        setup = {
+            "path": path,
+            "body": body.decode("latin-1"),
+            "n": n,
+            "policy": policy,
+            "downstream": downstream,
+        }
+        self._send(json.dumps(setup))
         if self._line() != "ready":
             raise RuntimeError("the in-process worker did not start")
 
@@ -119,24 +145,31 @@ class _Worker:
 
 
 def in_process(
-    envs: dict[str, dict[str, str]], path: str, body: bytes, rounds: int, n: int
+    envs: dict[str, dict[str, str]],
+    path: str,
+    body: bytes,
+    rounds: int,
+    n: int,
+    policy: str = "validation",
+    downstream: str = "canned",
 ) -> dict[str, dict[str, list[float]]]:
     """Per revision and guarded variant: the per-round CPU seconds per call over ``bare``.
 
     Rounds alternate between the revisions' workers (the first to go alternates too).
     """
+    guarded = guarded_variants(policy)
     workers: dict[str, _Worker] = {}
     try:
         for label, env in envs.items():
-            workers[label] = _Worker(env, path, body, n)
+            workers[label] = _Worker(env, path, body, n, policy, downstream)
         added: dict[str, dict[str, list[float]]] = {
-            label: {"guarded": [], "default": []} for label in workers
+            label: {v: [] for v in guarded} for label in workers
         }
         labels = list(workers)
         for i in range(rounds):
             for label in labels if i % 2 == 0 else labels[::-1]:
                 cpu = workers[label].round()
-                for v in ("guarded", "default"):
+                for v in guarded:
                     added[label][v].append(cpu[v] - cpu["bare"])
         return added
     finally:
@@ -178,15 +211,30 @@ def main(argv: list[str] | None = None) -> None:
         default="oip_v2",
         help="the request: OIP v2 (default) or KServe v1, one 64-feature row",
     )
+    parser.add_argument(
+        "--policy",
+        choices=("validation", "full_demo"),
+        default="validation",
+        help="validation only and the defaults (default), or the full demo policy in shadow mode",
+    )
+    parser.add_argument(
+        "--downstream",
+        choices=("canned", "model"),
+        default="canned",
+        help="in process, the app behind the guard: a no-op replaying the model's answer "
+        "(default) or the demo model app itself",
+    )
     args = parser.parse_args(argv)
     rounds, n = (2, 200) if args.quick else (6, 500)
     cpu_rounds, cpu_n = (5, 500) if args.quick else (31, 2000)
     path, body = PROTOCOLS[args.protocol]()
+    guarded = guarded_variants(args.policy)
     started = time.time()
-    paths = {v: f"/{v}{path}" for v in VARIANTS}
+    paths = {v: f"/{v}{path}" for v in ("bare", "bare_again", *guarded)}
     bench_dir = str(Path(__file__).resolve().parent)
-    added: dict[str, list[float]] = {}
-    added_default: dict[str, list[float]] = {}
+    # per revision: each guarded variant's paired differences, and the first one's
+    # per-round medians; the noise floor (bare_again less bare)
+    added: dict[str, dict[str, list[float]]] = {}
     noise: dict[str, list[float]] = {}
     per_round: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
@@ -197,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
             envs[label] = {
                 "PYTHONPATH": os.pathsep.join([str(tree), bench_dir]),
                 "BENCH_AB_TREE": str(tree.resolve()),
+                "BENCH_AB_POLICY": args.policy,
             }
-        cpu = in_process(envs, path, body, cpu_rounds, cpu_n)
+        cpu = in_process(envs, path, body, cpu_rounds, cpu_n, args.policy, args.downstream)
         urls: dict[str, str] = {}
         for label, env in envs.items():
             # from a neutral directory: python -m puts the cwd first on sys.path
@@ -207,72 +256,98 @@ def main(argv: list[str] | None = None) -> None:
             )
         for label, url in urls.items():
             alternating_latencies(url, paths, body, 300)  # warm-up
-            added[label], noise[label], per_round[label] = [], [], []
-            added_default[label] = []
+            added[label] = {v: [] for v in guarded}
+            noise[label], per_round[label] = [], []
         for _ in range(rounds):
             for label, url in urls.items():
                 lat = alternating_latencies(url, paths, body, n)
-                diffs = [g - b for g, b in zip(lat["guarded"], lat["bare"], strict=True)]
-                added[label].extend(diffs)
-                per_round[label].append(median(diffs))
-                added_default[label].extend(
-                    d - b for d, b in zip(lat["default"], lat["bare"], strict=True)
-                )
+                for v in guarded:
+                    diffs = [g - b for g, b in zip(lat[v], lat["bare"], strict=True)]
+                    added[label][v].extend(diffs)
+                    if v == guarded[0]:
+                        per_round[label].append(median(diffs))
                 noise[label].extend(
                     a - b for a, b in zip(lat["bare_again"], lat["bare"], strict=True)
                 )
+    full = args.policy == "full_demo"
+    flags = "".join(
+        (
+            f" --head {args.head}" if args.head else "",
+            " --quick" if args.quick else "",
+            f" --protocol {args.protocol}" if args.protocol != "oip_v2" else "",
+            f" --policy {args.policy}" if full else "",
+            f" --downstream {args.downstream}" if args.downstream != "canned" else "",
+        )
+    )
+    what = (
+        "full demo policy: guard/demo.yaml as shipped, calibrated by each revision's own "
+        "demo_config, in shadow mode (every detector runs, nothing enforced), audit off"
+        if full
+        else "validation only: the guard validates payloads and leaves answers untouched; "
+        "defaults: no config (validation, answers rounded to 2 decimals)"
+    )
+    behind = (
+        "the demo model app itself"
+        if args.downstream == "model"
+        else "a no-op replaying its answer"
+    )
+    title = (
+        "A/B"
+        + (", full demo policy" if full else "")
+        + (", KServe v1" if args.protocol == "kserve_v1" else "")
+    )
     lines = [
-        "## Guard overhead at two revisions (A/B"
-        f"{', KServe v1' if args.protocol == 'kserve_v1' else ''})",
+        f"## Guard overhead at two revisions ({title})",
         "",
-        f"- command: `python benchmarks/overhead_ab.py --base {args.base}"
-        f"{f' --head {args.head}' if args.head else ''}{' --quick' if args.quick else ''}"
-        f"{f' --protocol {args.protocol}' if args.protocol != 'oip_v2' else ''}`",
+        f"- command: `python benchmarks/overhead_ab.py --base {args.base}{flags}`",
         f"- request: `POST {path}`, one 64-feature row",
         f"- machine: {machine()}",
         f"- date: {today()}; took {time.time() - started:.0f} s",
         f"- method: see the script's docstring; over HTTP, {rounds} rounds of {n} alternating "
         f"requests per variant and revision; in process, {cpu_rounds} rounds of {cpu_n} calls "
-        "per variant and revision; validation only: the guard validates payloads and leaves "
-        "answers untouched; defaults: no config (validation, answers rounded to 2 decimals)",
+        f"per variant and revision, behind the guard {behind}; {what}",
         "",
         "In process (CPU time per call over the bare app, the deciding figure on a shared host):",
         "",
-        "| revision | validation only: added CPU per call (µs) | per-round range (µs) "
-        "| defaults: added CPU per call (µs) | per-round range (µs) |",
-        "|---|---:|---|---:|---|",
+        "| revision | "
+        + " | ".join(f"{NAMES[v]}: added CPU per call (µs) | per-round range (µs)" for v in guarded)
+        + " |",
+        "|---|" + "---:|---|" * len(guarded),
     ]
     for label, by_variant in cpu.items():
-        g, d = by_variant["guarded"], by_variant["default"]
-        lines.append(
-            f"| {label} | **{median(g) * 1e6:.1f}** | {_span(g)} "
-            f"| **{median(d) * 1e6:.1f}** | {_span(d)} |"
+        cells = " | ".join(
+            f"**{median(by_variant[v]) * 1e6:.1f}** | {_span(by_variant[v])}" for v in guarded
         )
+        lines.append(f"| {label} | {cells} |")
     base_label, head_label = list(cpu)
     lines.append("")
-    for v, name in (("guarded", "validation only"), ("default", "defaults")):
+    for v in guarded:
         paired = [h - b for h, b in zip(cpu[head_label][v], cpu[base_label][v], strict=True)]
         lines.append(
-            f"- {name}: head minus base, paired by round: "
+            f"- {NAMES[v]}: head minus base, paired by round: "
             f"**{median(paired) * 1e6:+.1f} µs** (per-round {_span(paired)} µs)"
         )
     lines += [
         "",
         "Over HTTP (round trip of a guarded request minus the bare one of the same cycle):",
         "",
-        "| revision | validation only: added p50 over HTTP, paired (µs) "
-        "| per-round medians (µs) | defaults: added p50 (µs) | noise floor (µs) |",
-        "|---|---:|---|---:|---:|",
+        f"| revision | {NAMES[guarded[0]]}: added p50 over HTTP, paired (µs) "
+        "| per-round medians (µs) | "
+        + "".join(f"{NAMES[v]}: added p50 (µs) | " for v in guarded[1:])
+        + "noise floor (µs) |",
+        "|---|---:|---|" + "---:|" * (len(guarded) - 1) + "---:|",
     ]
     for label in added:
+        rest = "".join(f"**{median(added[label][v]) * 1e6:.1f}** | " for v in guarded[1:])
         lines.append(
-            f"| {label} | **{median(added[label]) * 1e6:.1f}** | "
+            f"| {label} | **{median(added[label][guarded[0]]) * 1e6:.1f}** | "
             f"{', '.join(f'{r * 1e6:.1f}' for r in per_round[label])} | "
-            f"**{median(added_default[label]) * 1e6:.1f}** | {median(noise[label]) * 1e6:.1f} |"
+            f"{rest}{median(noise[label]) * 1e6:.1f} |"
         )
     text = "\n".join(lines)
     print(text)
-    write_section("overhead-ab" if args.protocol == "oip_v2" else "overhead-ab-kserve", text)
+    section = "overhead-ab" + ("-full-demo" if full else "")
+    write_section(section + ("-kserve" if args.protocol == "kserve_v1" else ""), text)
 
 
 def _span(seconds: list[float]) -> str:
