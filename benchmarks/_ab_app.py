@@ -25,7 +25,10 @@ VALIDATION: dict[str, Any] = {
 def full_demo_config(demo: Any) -> dict[str, Any]:
     """The demo policy as shipped, calibrated by the revision's own ``demo`` module
     (``middleware.demo``) into a fresh directory, in shadow mode (every detector runs
-    on every request, nothing is enforced), audit log off: issue 15's full policy."""
+    on every request, nothing is enforced), audit log off: issue 15's full policy.
+
+    The twin of ``benchmarks.apps.full_demo_shadow_config``, which builds it from the
+    installed guard; this one must take the revision's own ``demo``."""
     import tempfile
 
     config: dict[str, Any] = demo.demo_config(tempfile.mkdtemp(prefix="bench-ab-demo-"))

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     behind = (
         "the demo model app itself"
         if args.downstream == "model"
-        else "a no-op replaying its answer"
+        else "a no-op replaying the model's answer"
     )
     title = (
         "A/B"
