@@ -156,8 +156,9 @@ class ObservationConfig:
     and applies it in batches, off the request that was answered. An
     observation is applied at the latest when the next request of the same
     client, address or subnet is judged, when ``batch`` are waiting, or
-    ``max_delay_s`` after it was queued, whichever comes first (README,
-    "The observation queue"). Read at start-up and on reload.
+    ``max_delay_s`` after it was queued, whichever comes first, and whatever is
+    left at the server's lifespan shutdown (README, "The observation queue").
+    Read at start-up and on reload.
     """
 
     #: observations applied together; 1 applies each at once, after its answer (no queue)

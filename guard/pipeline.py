@@ -186,6 +186,15 @@ class Observations:
         else:
             self._schedule()
 
+    def abandon(self) -> int:
+        """Give up every waiting observation, counting each as dropped (a shutdown whose
+        drain failed or ran out of time); how many there were."""
+        items, keys = self._items, self._keys
+        self._items, self._keys, self._sizes, self._bytes = [], [], [], 0
+        self._release(keys)
+        self._lost(items)
+        return len(items)
+
     def _lost(self, items: Sequence[Observation]) -> None:
         """Count observations that will never be applied."""
         self.dropped += len(items)

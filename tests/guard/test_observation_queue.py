@@ -452,6 +452,35 @@ def test_a_drain_started_by_the_batch_being_applied_returns_at_once() -> None:
     assert calls == [1]
 
 
+def test_abandoning_the_queue_counts_every_waiting_answer_as_dropped() -> None:
+    """What a shutdown whose drain failed does: nothing waits, nobody's verdict waits
+    for it, and every answer is counted (once) as dropped."""
+    applied: list[Any] = []
+    lost: list[str] = []
+
+    async def apply(batch: Any) -> None:
+        applied.append(batch)
+
+    obs = Observations(
+        apply,
+        ObservationConfig(batch=8, max_pending=8, max_delay_s=9.0),
+        on_drop=lambda item: lost.append(item.query.client),
+    )
+
+    async def run() -> None:
+        await obs.submit(item("a"))
+        await obs.submit(item("b"))
+        await obs.submit(item("a"))
+        assert obs.abandon() == 3
+        assert len(obs) == 0 and not obs.pending("a") and not obs.pending("b")
+        assert obs.dropped == 3 and sorted(lost) == ["a", "a", "b"]
+        await obs.drain()  # nothing left to apply
+        assert obs.abandon() == 0 and obs.dropped == 3
+
+    asyncio.run(run())
+    assert applied == []
+
+
 def test_the_queue_is_bounded_in_bytes_too() -> None:
     """``max_pending_bytes``: large batches' rows fill it before ``max_pending`` does."""
     dropped: list[str] = []
