@@ -23,12 +23,9 @@ Everything else (non-http scopes, routes no policy matches) passes straight
 through; the metrics endpoint answers scrapes from ``metrics.allow_from``, and
 so does ``POST /-/reload`` (:mod:`middleware.reload`).
 
-Shutdown: when the server sends ``lifespan.shutdown`` (after the last request,
-before the wrapped app shuts down), the answers still waiting in the observation
-queue are applied, within :data:`SHUTDOWN_DRAIN_S`, and the metrics batch is
-flushed; what a failed or cut-short drain leaves is counted as dropped
-(``guard_observations_dropped_total``). An app that does not take part in the
-lifespan protocol gets no such message from its server.
+The lifespan scope passes through with the guard's startup and shutdown steps
+(:mod:`middleware.lifespan`: the SIGHUP handler; the observation queue applied
+before the app shuts down).
 
 Reloads: the engine swaps its policies in one assignment
 (:attr:`Guard.loadout <guard.pipeline.Guard.loadout>`). The middleware keeps
@@ -40,8 +37,6 @@ new front.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -66,21 +61,17 @@ from inference_guard.middleware.fast_lane import (
     lean_policies,
     rate_policies,
 )
+from inference_guard.middleware.lifespan import watch_lifespan
 from inference_guard.middleware.metadata_source import metadata_source
 from inference_guard.middleware.metrics_endpoint import may_scrape, networks, serve_metrics
 from inference_guard.middleware.refusals import send_refusal
 from inference_guard.middleware.reload import RELOAD_PATH, SighupReload, serve_reload
-from inference_guard.middleware.types import ASGIApp, Message, Receive, Scope, Send
+from inference_guard.middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["GuardMiddleware"]
 
 #: distinct (method, path) pairs whose handler is remembered
 _ROUTE_MEMO = 1024
-#: the longest the lifespan shutdown waits for the queued observations (the store's own
-#: timeouts bound each call well within it); what is left then is counted as dropped
-SHUTDOWN_DRAIN_S = 10.0
-
-log = logging.getLogger("guard")
 
 
 class _Front(NamedTuple):
@@ -170,7 +161,7 @@ class GuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                receive = self._watch_lifespan(receive)
+                receive = watch_lifespan(receive, self.guard, self._sighup)
             await self.app(scope, receive, send)
             return
         front = self._front
@@ -196,40 +187,6 @@ class GuardMiddleware:
         self.config = self.guard.config  # the running config (its frozen sections unchanged)
         self._front = self._new_front()
         return self._front
-
-    def _watch_lifespan(self, receive: Receive) -> Receive:
-        """``receive`` of the lifespan scope: the SIGHUP handler follows its startup, and
-        its shutdown first applies what the observation queue holds (module docstring)."""
-        sighup = self._sighup
-
-        async def lifespan_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                if sighup is not None:
-                    sighup.install()
-            elif message["type"] == "lifespan.shutdown":
-                if sighup is not None:
-                    sighup.remove()
-                await self._drain_for_shutdown()
-            return message
-
-        return lifespan_receive
-
-    async def _drain_for_shutdown(self) -> None:
-        """Apply the queued observations and flush the metrics; never raises."""
-        guard = self.guard
-        waiting = len(guard.observations)
-        try:
-            await asyncio.wait_for(guard.drain(), SHUTDOWN_DRAIN_S)
-        except Exception:  # a store down or too slow: what is left is counted as dropped
-            left = guard.observations.abandon()
-            log.warning(
-                "applying %d queued observations at shutdown failed; %d dropped",
-                waiting,
-                left,
-                exc_info=True,
-            )
-        guard.metrics.tally.flush()
 
     def _route(self, front: _Front, key: tuple[str, str]) -> ASGIApp:
         """The handler of a ``(method, path)``; remembered (bounded).

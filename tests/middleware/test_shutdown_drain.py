@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from inference_guard.detectors.prada import PradaDetector
-from inference_guard.middleware import asgi
+from inference_guard.middleware import lifespan
 from inference_guard.middleware.asgi import GuardMiddleware
 from tests.conftest import sample
 
@@ -151,11 +151,11 @@ def test_the_shutdown_applies_the_answers_still_queued(registry: CollectorRegist
 
 
 def test_a_drain_that_cannot_finish_counts_what_it_leaves_and_the_shutdown_goes_on(
-    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = App()
     mw = GuardMiddleware(app, config=CONFIG, registry=registry)
-    monkeypatch.setattr(asgi, "SHUTDOWN_DRAIN_S", 0.05)
+    monkeypatch.setattr(lifespan, "SHUTDOWN_DRAIN_S", 0.05)
 
     async def scenario() -> None:
         assert await _request(mw) == 200
@@ -172,4 +172,6 @@ def test_a_drain_that_cannot_finish_counts_what_it_leaves_and_the_shutdown_goes_
     assert app.lifespan == ["lifespan.startup", "lifespan.shutdown"]
     assert len(mw.guard.observations) == 0
     assert mw.guard.observations.dropped == 1
+    warned = "applying 1 queued observations at shutdown failed; 1 dropped"
+    assert warned in caplog.messages, caplog.messages
     assert sample(registry, "guard_observations_dropped_total", policy="inference") == 1
