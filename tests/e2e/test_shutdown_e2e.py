@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from tests.conftest import run_server
+from tests.middleware.test_shutdown_drain import shutdown_config
 from tests.stores_fixture import REDIS_SKIP, REDIS_URL, delete_prefix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, REDIS_SKIP]
@@ -26,29 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis, REDIS_SKIP]
 V2 = "/v2/models/digits/infer"
 ROW = [float(i % 17) for i in range(64)]
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
-
-
-def config(prefix: str) -> dict[str, Any]:
-    return {
-        "audit": {"enabled": False},
-        # nothing drains the one answer but the shutdown: no batch completes, no timer fires
-        "observation": {"batch": 32, "max_delay_s": 3600.0},
-        "state": {"store": REDIS_URL, "key_prefix": prefix},
-        "policies": [
-            {
-                "name": "inference",
-                "routes": [V2],
-                "degrade": {"always": False},
-                "detectors": [
-                    {
-                        "type": "prada",
-                        "action": "flag",
-                        "params": {"delta": 0.96, "min_distances": 40, "seed": 7},
-                    }
-                ],
-            }
-        ],
-    }
 
 
 def evidence_keys(prefix: str) -> list[bytes]:
@@ -67,7 +44,11 @@ def test_a_graceful_shutdown_sends_the_queued_answers_evidence_to_the_shared_sto
     prefix = f"ig-test-shutdown-{uuid.uuid4().hex[:8]}:"
     env = {"GUARD_HASH_KEY": "shutdown-e2e-hash-key-not-secret"}
     try:
-        with run_server(tmp_path, config=config(prefix), env=env) as srv:
+        with run_server(
+            tmp_path,
+            config=shutdown_config(V2, state={"store": REDIS_URL, "key_prefix": prefix}),
+            env=env,
+        ) as srv:
             answer = httpx.post(srv.url + V2, json=BODY, timeout=30)
             assert answer.status_code == 200
             assert "probabilities" in answer.text

@@ -25,25 +25,34 @@ from tests.conftest import sample
 
 V2 = "/v2/models/m/infer"
 WIDTH = 8
-CONFIG: dict[str, Any] = {
-    "audit": {"enabled": False},
-    # nothing drains the one answer but the shutdown: no batch completes, no timer fires
-    "observation": {"batch": 32, "max_delay_s": 3600.0},
-    "policies": [
-        {
-            "name": "inference",
-            "routes": [V2],
-            "degrade": {"always": False},
-            "detectors": [
-                {
-                    "type": "prada",
-                    "action": "degrade",
-                    "params": {"delta": 0.96, "min_distances": 40, "seed": 7},
-                }
-            ],
-        }
-    ],
-}
+
+
+def shutdown_config(route: str, **extra: Any) -> dict[str, Any]:
+    """PRADA (it learns from answers) on ``route``, its answers queued; ``extra``: more
+    top-level sections (``state``, say). Shared with ``tests/e2e/test_shutdown_e2e.py``."""
+    return {
+        "audit": {"enabled": False},
+        # nothing drains the one answer but the shutdown: no batch completes, no timer fires
+        "observation": {"batch": 32, "max_delay_s": 3600.0},
+        "policies": [
+            {
+                "name": "inference",
+                "routes": [route],
+                "degrade": {"always": False},
+                "detectors": [
+                    {
+                        "type": "prada",
+                        "action": "flag",
+                        "params": {"delta": 0.96, "min_distances": 40, "seed": 7},
+                    }
+                ],
+            }
+        ],
+        **extra,
+    }
+
+
+CONFIG = shutdown_config(V2)
 
 
 def _body(rows: np.ndarray) -> bytes:
